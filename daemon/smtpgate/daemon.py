@@ -1,0 +1,173 @@
+"""`smtpgate serve`: a linear start, then serve until a signal.
+
+config -> logging -> spool (locked, recovered before the first connection)
+-> embedded dev upstream (--dev) -> delivery -> intake (own or systemd
+sockets) -> SMTP front door -> READY=1 -> serve. SIGTERM/SIGINT: stop intake,
+let in-flight deliveries finish within the grace period, keep the rest
+queued. SIGHUP: reload the configuration file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+
+from smtpgate import __version__
+from smtpgate.config import Config, ConfigError, load_config, parse_hostport
+from smtpgate.log import get_logger, setup_logging
+
+STATUS_EVERY = 5.0
+PURGE_EVERY = 300.0
+STOP_GRACE = 20.0
+
+
+def delivery_settings(config: Config, dev_port: int | None = None):
+    """Build the delivery layer's settings (upstreams, pool, retries) from the config."""
+    from smtpgate.delivery import DeliverySettings
+    from smtpgate.smtp import UpstreamSettings
+
+    if dev_port is not None and not config.upstream:
+        upstreams = [UpstreamSettings(host="127.0.0.1", port=dev_port, tls="none",
+                                      helo_name=config.helo_name)]
+    else:
+        upstreams = []
+        for value in config.upstream:
+            host, port = parse_hostport(value, "upstream")
+            upstreams.append(UpstreamSettings(
+                host=host, port=port, tls=config.upstream_tls,
+                username=config.upstream_user, password=config.upstream_password,
+                allow_plaintext_auth=config.upstream_allow_plaintext_auth,
+                ca_file=config.upstream_ca_file, verify=config.upstream_verify,
+                helo_name=config.helo_name))
+    return DeliverySettings(
+        upstreams=upstreams,
+        connections_per_upstream=config.connections_per_upstream,
+        max_age=config.max_age,
+        retry_base=config.retry_base,
+        retry_max=config.retry_max,
+        rate_per_minute=config.rate_per_minute,
+    )
+
+
+class Daemon:
+    def __init__(self, config: Config, config_path: str | None, overrides: dict):
+        self.config = config
+        self.config_path = config_path
+        self.overrides = overrides
+        self.log = get_logger()
+        self.stopping = asyncio.Event()
+        self.dev_server = None
+        self.dev_port = None
+        self.smtp_server = None
+
+    async def run(self) -> int:
+        from smtpgate import systemd
+        from smtpgate.delivery import Delivery
+        from smtpgate.server import Intake
+        from smtpgate.spool import Spool
+
+        config = self.config
+        loop = asyncio.get_running_loop()
+        inherited = systemd.listen_fds()
+        self.spool = Spool(config.spool, max_queued=config.max_queued,
+                           min_free_bytes=config.min_free_space,
+                           idempotency_window=config.idempotency_window,
+                           keep_final=config.keep_final)
+        await self.spool.open()
+        if config.dev:
+            from smtpgate.devupstream import start_dev_upstream
+            folder = config.dev_maildir or os.path.join(config.spool, "dev-mail")
+            self.dev_server, self.dev_port = await start_dev_upstream(folder, self.log)
+        self.delivery = Delivery(self.spool, delivery_settings(config, self.dev_port), self.log)
+        await self.delivery.start()
+        self.intake = Intake(config, self.spool, self.delivery, self.log)
+        await self.intake.start(inherited)
+        if config.smtp_listen:
+            from smtpgate.smtp_intake import start_smtp_intake
+            host, port = parse_hostport(config.smtp_listen, "smtp_listen")
+            self.smtp_server = await start_smtp_intake(
+                host, port, enqueue=self._enqueue_raw, tokens=config.tokens,
+                max_message_bytes=config.max_message_size, log=self.log)
+
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self.stopping.set)
+        loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload()))
+        systemd.notify("READY=1", f"STATUS=serving, version {__version__}")
+        self.log.info("started", version=__version__, pid=os.getpid(),
+                      upstreams=config.upstream or (["dev"] if config.dev else []))
+        housekeeping = asyncio.create_task(self._housekeeping(systemd))
+        await self.stopping.wait()
+
+        self.log.info("stopping", grace=STOP_GRACE)
+        systemd.notify("STOPPING=1")
+        housekeeping.cancel()
+        if self.smtp_server is not None:
+            self.smtp_server.close()
+        await self.intake.close(grace=2.0)
+        await self.delivery.stop(STOP_GRACE)
+        if self.dev_server is not None:
+            self.dev_server.close()
+        await self.spool.close()
+        self.log.info("stopped")
+        return 0
+
+    async def _enqueue_raw(self, envelope_from: str, recipients: list[str], raw: bytes) -> str:
+        """The SMTP front door's hand-off: validate as a raw SEND, store durably, return the id."""
+        from smtpgate.message import validate_send
+
+        spec = validate_send({"from": envelope_from, "to": recipients,
+                              "raw": raw.decode("utf-8", "surrogateescape")},
+                             max_message_bytes=self.config.max_message_size)
+        msg_id, _ = await self.spool.enqueue(spec.to_json(), spec.envelope_from,
+                                             spec.recipients, None)
+        self.delivery.wake()
+        return msg_id
+
+    async def _housekeeping(self, systemd) -> None:
+        watchdog = systemd.watchdog_interval()
+        tick = min(STATUS_EVERY, watchdog) if watchdog else STATUS_EVERY
+        last_purge = 0.0
+        while True:
+            if watchdog:
+                systemd.notify("WATCHDOG=1")
+            try:
+                stats = await self.spool.stats()
+                states = stats.get("states", stats)
+                queued = sum(states.get(k, 0) for k in ("queued", "sending", "deferred"))
+                systemd.notify(f"STATUS=queue {queued}, sent {states.get('sent', 0)}, "
+                               f"failed {states.get('failed', 0)}")
+                if time.monotonic() - last_purge > PURGE_EVERY:
+                    last_purge = time.monotonic()
+                    await self.spool.purge(time.time())
+            except Exception:
+                self.log.exception("housekeeping_failed")
+            await asyncio.sleep(tick)
+
+    async def reload(self) -> None:
+        try:
+            config = load_config(self.config_path, self.overrides)
+        except ConfigError as exc:
+            self.log.error("reload_refused", error=str(exc))
+            return
+        # Listening addresses, the spool and --dev need a restart; the rest applies now.
+        self.config.__dict__.update({k: v for k, v in config.__dict__.items()
+                                     if k not in ("listen", "socket", "spool", "dev", "smtp_listen")})
+        self.delivery.reload(delivery_settings(self.config, self.dev_port))
+        self.log.info("reloaded", config=self.config_path)
+
+
+def serve(config_path: str | None, overrides: dict) -> int:
+    """Run the daemon; return the process exit code."""
+    try:
+        config = load_config(config_path, overrides)
+    except ConfigError as exc:
+        print(f"smtpgate: configuration error: {exc}", flush=True, file=__import__("sys").stderr)
+        return 78  # EX_CONFIG
+    setup_logging(config.log_format, config.log_level)
+    try:
+        return asyncio.run(Daemon(config, config_path, overrides).run())
+    except OSError as exc:
+        get_logger().error("start_failed", error=str(exc))
+        return 71  # EX_OSERR

@@ -1,0 +1,39 @@
+"""Structured logs: JSON lines when stderr is not a terminal, readable lines when it is.
+
+Every line about a message carries `msg_id` (bind it with `log.bind(msg_id=...)`).
+Secrets never reach a log call; `redact` exists for values that might hold one.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import structlog
+
+_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
+           "error": logging.ERROR}
+
+
+def setup_logging(fmt: str = "auto", level: str = "info", stream=None) -> None:
+    stream = stream or sys.stderr
+    if fmt == "auto":
+        fmt = "console" if stream.isatty() else "json"
+    renderer = (structlog.dev.ConsoleRenderer(colors=stream.isatty()) if fmt == "console"
+                else structlog.processors.JSONRenderer(ensure_ascii=False))
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
+        logger_factory=structlog.PrintLoggerFactory(stream),
+        cache_logger_on_first_use=True,
+    )
+
+
+def get_logger(**bound):
+    return structlog.get_logger("smtpgate").bind(**bound)
