@@ -1,0 +1,20 @@
+"""The smtpgate line protocol, sans-IO: request parsing and reply formatting.
+
+See PROTOCOL.md for the wire contract and docs/protocol.md for users.
+"""
+
+from . import codes
+from .parser import (
+    FOREIGN_PREFIXES,
+    BadLine,
+    ForeignProtocol,
+    LineParser,
+    LineTooLong,
+    Request,
+)
+from .replies import reply_err, reply_ok
+
+__all__ = [
+    "codes", "LineParser", "Request", "LineTooLong", "ForeignProtocol",
+    "BadLine", "FOREIGN_PREFIXES", "reply_ok", "reply_err",
+]

@@ -1,0 +1,193 @@
+"""Sans-IO parser of the request lines (PROTOCOL.md, "Framing").
+
+Bytes go in with `feed()`, events come out of `next_event()`; the caller owns
+the socket (the shape of h11). A request is one line ending in LF, a CR right
+before the LF is dropped, and `VERB[ ARGUMENT]` splits at the first space.
+
+Memory: the parser holds at most one incomplete line of `max_line` (+1 for a
+CR) bytes plus whatever the caller fed since it last emptied the events.
+A longer line is drained: its bytes are counted and dropped as they arrive
+until its LF, then `LineTooLong(size)` is emitted and the connection goes on.
+
+Cost: the buffer remembers how far it has already looked for an LF (like
+h11's _receivebuffer), so a line arriving one byte at a time, or 1,000
+pipelined requests in one feed, cost O(total bytes), not O(n^2). Deleting the
+front of a bytearray is amortised O(1) in CPython >= 3.4 (bpo-19087).
+
+Foreign protocols: a browser (or a web page forging a request to
+127.0.0.1:2526) or an SMTP client at the wrong port speaks first with
+`GET / HTTP/1.1`, `EHLO ...`, a TLS ClientHello... The prefix is recognised
+as soon as its bytes are in, before the LF, so the server can close the
+connection without waiting for a line that a browser might never finish.
+"""
+
+from dataclasses import dataclass
+
+__all__ = [
+    "LineParser", "Request", "LineTooLong", "ForeignProtocol", "BadLine",
+    "FOREIGN_PREFIXES",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """One request line: `verb` upper-cased ASCII, `arg` the rest (None without a space)."""
+    verb: str
+    arg: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class LineTooLong:
+    """A line longer than max_line was drained; `size` counts its bytes without the LF."""
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class ForeignProtocol:
+    """The line starts like another protocol; `line_start` holds its first bytes (for the log)."""
+    line_start: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class BadLine:
+    """A complete line that is not a request (invalid UTF-8, empty, non-ASCII verb):
+    answer `ERR BAD_REQUEST <reason>`; the connection stays usable."""
+    reason: str
+
+
+# Upper-cased line starts that no request of ours can have. HTTP methods
+# (RFC 9110 9.1 plus PATCH and the HTTP/2 preface "PRI * HTTP/2.0"), request
+# headers a browser sends, SMTP commands (RFC 5321 4.1.1) typed at the wrong
+# port, TLS (a ClientHello record starts 0x16 0x03, RFC 8446 5.1) and SSH.
+# None of our verbs (PING HELLO AUTH SEND STATUS WAIT STATS NOOP HELP QUIT)
+# starts with any of them: HELO differs from HELLO at its fourth byte.
+FOREIGN_PREFIXES: tuple[bytes, ...] = (
+    b"GET ", b"POST ", b"HEAD ", b"PUT ", b"DELETE ", b"OPTIONS ", b"CONNECT ",
+    b"TRACE ", b"PATCH ", b"PRI * HTTP",
+    b"HOST:", b"USER-AGENT:", b"ACCEPT:", b"ORIGIN:", b"REFERER:", b"COOKIE:",
+    b"CONTENT-TYPE:", b"CONTENT-LENGTH:", b"CONNECTION:", b"UPGRADE:",
+    b"EHLO ", b"HELO ", b"MAIL FROM:", b"RCPT TO:", b"STARTTLS ",
+    b"\x16\x03", b"SSH-",
+)
+_LONGEST_PREFIX = max(len(p) for p in FOREIGN_PREFIXES)
+
+
+def _foreign_verdict(head: bytes) -> bool | None:
+    """True if `head` (a line start, upper-cased) is foreign, False if it cannot
+    become foreign, None if more bytes are needed to tell."""
+    if head.startswith(FOREIGN_PREFIXES):
+        return True
+    for prefix in FOREIGN_PREFIXES:
+        if prefix.startswith(head):
+            return None
+    return False
+
+
+class LineParser:
+    """Turns bytes into Request / LineTooLong / ForeignProtocol / BadLine events.
+
+    After a ForeignProtocol event the parser is closed: feed() drops data and
+    next_event() returns None; the caller is expected to close the connection.
+    """
+
+    def __init__(self, max_line: int):
+        if max_line < 1:
+            raise ValueError("max_line must be positive")
+        self.max_line = max_line
+        self._buf = bytearray()
+        self._searched = 0          # bytes of _buf already known to hold no LF
+        self._line_checked = False  # the current line start is known not to be foreign
+        self._draining = False      # inside an over-long line, dropping bytes
+        self._drained = 0           # bytes dropped so far of that line
+        self._too_long: int | None = None  # size of a finished drained line, to emit
+        self.closed = False
+
+    @property
+    def pending_bytes(self) -> int:
+        """Bytes held in the buffer (incomplete line and unread lines); 0 while draining."""
+        return len(self._buf)
+
+    def feed(self, data: bytes) -> None:
+        """Append received bytes. While draining, bytes up to the LF are dropped here."""
+        if self.closed or not data:
+            return
+        if self._draining:
+            lf = data.find(b"\n")
+            if lf < 0:
+                self._drained += len(data)
+                return
+            self._finish_drain(self._drained + lf)
+            data = data[lf + 1:]
+        self._buf += data
+
+    def next_event(self):
+        """Return the next event, or None when more data is needed."""
+        if self.closed:
+            return None
+        if self._too_long is not None:
+            size, self._too_long = self._too_long, None
+            return LineTooLong(size)
+        if self._draining:
+            return None
+        buf = self._buf
+        lf = buf.find(b"\n", self._searched)
+        if lf < 0:
+            return self._incomplete_line()
+        line = bytes(buf[:lf])
+        del buf[:lf + 1]
+        self._searched = 0
+        checked, self._line_checked = self._line_checked, False
+        if line.endswith(b"\r"):
+            line = line[:-1]
+        if len(line) > self.max_line:
+            return LineTooLong(len(line))
+        if not checked and _foreign_verdict((line[:_LONGEST_PREFIX] + b" ").upper()):
+            return self._close(line)
+        return _request_from(line)
+
+    def _incomplete_line(self):
+        """Handle a buffer that holds no LF: early foreign detection, or start draining."""
+        buf = self._buf
+        self._searched = len(buf)
+        if not self._line_checked and buf:
+            # A trailing CR may be the end of a bare "HELO\r\n": undecided yet.
+            head = bytes(buf[:_LONGEST_PREFIX]).upper().rstrip(b"\r")
+            verdict = _foreign_verdict(head)
+            if verdict:
+                return self._close(bytes(buf))
+            if verdict is False or len(buf) >= _LONGEST_PREFIX:
+                self._line_checked = True
+        # max_line + 1: the line may still end in CR LF, and the CR is not counted.
+        if len(buf) > self.max_line + 1:
+            self._draining = True
+            self._drained = len(buf)
+            buf.clear()
+            self._searched = 0
+            self._line_checked = False
+        return None
+
+    def _finish_drain(self, size: int) -> None:
+        self._draining = False
+        self._drained = 0
+        self._too_long = size
+
+    def _close(self, line_start: bytes) -> ForeignProtocol:
+        self.closed = True
+        self._buf.clear()
+        return ForeignProtocol(line_start[:_LONGEST_PREFIX])
+
+
+def _request_from(line: bytes):
+    """Split a complete line (without its terminator) into a Request, or a BadLine."""
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return BadLine(f"request is not valid UTF-8 (byte {exc.start})")
+    verb, space, arg = text.partition(" ")
+    if not verb:
+        return BadLine("empty request line" if not text else "request starts with a space")
+    # str.upper() maps some non-ASCII letters onto ASCII ("ſ" -> "S"), which
+    # would let "ſend" pass as SEND: verbs must be ASCII before upper-casing.
+    if not verb.isascii():
+        return BadLine("verb is not ASCII")
+    return Request(verb.upper(), arg if space else None)
