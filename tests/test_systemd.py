@@ -1,0 +1,246 @@
+"""systemd integration: sd_notify over a real datagram socket, socket
+activation with real inherited descriptors, and the unit files checked by
+systemd-analyze."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import textwrap
+import uuid
+from pathlib import Path
+
+import pytest
+
+from smtpgate import systemd
+
+REPO = Path(__file__).resolve().parent.parent
+UNITS = REPO / "systemd"
+
+
+@pytest.fixture
+def notify_socket(tmp_path):
+    """A bound AF_UNIX datagram socket standing in for systemd's notify socket."""
+    path = tmp_path / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(path))
+    sock.settimeout(5)
+    yield str(path), sock
+    sock.close()
+
+
+def test_notify_sends_one_datagram_of_assignments(notify_socket):
+    path, sock = notify_socket
+    env = {"NOTIFY_SOCKET": path}
+    assert systemd.ready("listening on 127.0.0.1:2526", env=env)
+    assert sock.recv(4096) == b"READY=1\nSTATUS=listening on 127.0.0.1:2526"
+    assert systemd.status("queued=3 last delivery 12:00:01", env=env)
+    assert sock.recv(4096) == b"STATUS=queued=3 last delivery 12:00:01"
+    assert systemd.watchdog(env=env)
+    assert sock.recv(4096) == b"WATCHDOG=1"
+    assert systemd.stopping(env=env)
+    assert sock.recv(4096) == b"STOPPING=1"
+
+
+def test_notify_reaches_an_abstract_socket():
+    name = f"smtpgate-test-{uuid.uuid4().hex}"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(b"\0" + name.encode())
+        sock.settimeout(5)
+        assert systemd.notify("READY=1", env={"NOTIFY_SOCKET": "@" + name})
+        assert sock.recv(4096) == b"READY=1"
+
+
+def test_a_status_text_cannot_forge_another_assignment(notify_socket):
+    path, sock = notify_socket
+    systemd.status("bad\nREADY=1\r\nMAINPID=1", env={"NOTIFY_SOCKET": path})
+    datagram = sock.recv(4096)
+    assert datagram.count(b"\n") == 0
+    assert datagram.startswith(b"STATUS=bad ")
+
+
+def test_notify_without_a_service_manager_is_a_quiet_no(tmp_path):
+    assert systemd.notify("READY=1", env={}) is False
+    assert systemd.notify("READY=1", env={"NOTIFY_SOCKET": ""}) is False
+    assert systemd.notify("READY=1", env={"NOTIFY_SOCKET": "vsock:2:1234"}) is False
+    gone = str(tmp_path / "nobody-listens.sock")
+    assert systemd.notify("READY=1", env={"NOTIFY_SOCKET": gone}) is False
+
+
+def test_watchdog_interval_is_half_the_timeout_for_this_process_only():
+    me = str(os.getpid())
+    assert systemd.watchdog_interval({"WATCHDOG_USEC": "30000000"}) == 15.0
+    assert systemd.watchdog_interval({"WATCHDOG_USEC": "30000000", "WATCHDOG_PID": me}) == 15.0
+    assert systemd.watchdog_interval({"WATCHDOG_USEC": "30000000", "WATCHDOG_PID": "1"}) is None
+    assert systemd.watchdog_interval({"WATCHDOG_USEC": "0"}) is None
+    assert systemd.watchdog_interval({"WATCHDOG_USEC": "soon"}) is None
+    assert systemd.watchdog_interval({}) is None
+
+
+def test_listen_fds_ignores_variables_meant_for_another_process():
+    env = {"LISTEN_PID": "1", "LISTEN_FDS": "2", "LISTEN_FDNAMES": "tcp:unix"}
+    assert systemd.listen_fds(env) == {}
+    assert env == {}, "the variables are removed so that no child takes them"
+    assert systemd.listen_fds({}) == {}
+
+
+def test_listen_fds_refuses_names_that_do_not_match_the_count():
+    env = {"LISTEN_PID": str(os.getpid()), "LISTEN_FDS": "2", "LISTEN_FDNAMES": "tcp"}
+    with pytest.raises(ValueError, match="LISTEN_FDNAMES"):
+        systemd.listen_fds(env)
+    assert env == {}
+
+
+# The child takes the sockets exactly as `smtpgate serve` does at start, then
+# proves they are live listeners: it accepts one connection on each and
+# answers with what it found.
+_CHILD = textwrap.dedent("""
+    import json, os, socket, sys
+    from smtpgate import systemd
+    found = systemd.listen_fds()
+    report = {name: [[s.family.name, s.type.name] for s in socks]
+              for name, socks in found.items()}
+    left = sorted(k for k in os.environ if k.startswith("LISTEN_"))
+    for name in sorted(found):
+        for sock in found[name]:
+            conn, _ = sock.accept()
+            with conn:
+                conn.sendall(json.dumps({"name": name, "found": report,
+                                         "left": left}).encode() + b"\\n")
+""")
+
+
+# What systemd does between fork and exec: move the sockets onto 3, 4, ...
+# and set LISTEN_PID to the pid that will run the daemon (exec keeps it).
+_LAUNCHER = textwrap.dedent("""
+    import os, sys
+    count = int(os.environ["LISTEN_FDS"])
+    parked = [int(fd) for fd in sys.argv[1:1 + count]]
+    for target, fd in enumerate(parked, start=3):
+        os.dup2(fd, target)
+    for fd in parked:
+        os.close(fd)
+    os.environ["LISTEN_PID"] = str(os.getpid())
+    os.execvp(sys.argv[1 + count], sys.argv[1 + count:])
+""")
+
+
+def spawn_socket_activated(argv, named_sockets, env, **popen_args):
+    """Start argv as systemd would: sockets as fds 3, 4, ... plus LISTEN_*."""
+    # Park each socket above any target number first, so that moving one
+    # onto 3 cannot clobber another still waiting to be moved.
+    parked = [fcntl.fcntl(sock.fileno(), fcntl.F_DUPFD_CLOEXEC, 100) for _, sock in named_sockets]
+    env = dict(env,
+               LISTEN_FDS=str(len(named_sockets)),
+               LISTEN_FDNAMES=":".join(name for name, _ in named_sockets))
+    try:
+        return subprocess.Popen(
+            [sys.executable, "-c", _LAUNCHER, *map(str, parked), *argv],
+            env=env, pass_fds=parked, **popen_args)
+    finally:
+        for fd in parked:
+            os.close(fd)
+
+
+def test_listen_fds_takes_inherited_sockets_by_name(tmp_path):
+    tcp = socket.create_server(("127.0.0.1", 0))
+    unix_path = str(tmp_path / "smtpgate.sock")
+    unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    unix.bind(unix_path)
+    unix.listen()
+    child = spawn_socket_activated(
+        [sys.executable, "-c", _CHILD], [("tcp", tcp), ("unix", unix)], dict(os.environ),
+        stderr=subprocess.PIPE)
+    tcp_address = tcp.getsockname()
+    tcp.close()
+    unix.close()
+    try:
+        replies = {}
+        for family, address in ((socket.AF_INET, tcp_address), (socket.AF_UNIX, unix_path)):
+            with socket.socket(family, socket.SOCK_STREAM) as conn:
+                conn.settimeout(10)
+                conn.connect(address)
+                reply = json.loads(conn.makefile("rb").readline())
+                replies[reply["name"]] = reply
+        assert set(replies) == {"tcp", "unix"}
+        assert replies["tcp"]["found"] == {"tcp": [["AF_INET", "SOCK_STREAM"]],
+                                           "unix": [["AF_UNIX", "SOCK_STREAM"]]}
+        assert replies["unix"]["left"] == []
+        assert child.wait(timeout=10) == 0, child.stderr.read().decode()
+    finally:
+        child.kill()
+        child.wait()
+
+
+# --- the unit files ---------------------------------------------------------
+
+UNIT_FILES = ("smtpgate.service", "smtpgate.socket", "smtpgate-tcp.socket")
+
+
+def _units_for_verify(tmp_path) -> Path:
+    """Copies of the units whose ExecStart names the smtpgate installed here.
+
+    `systemd-analyze verify` checks that the ExecStart binary exists; the
+    shipped unit names /usr/local/bin/smtpgate (where `pip install` puts it),
+    which need not exist on a test machine.
+    """
+    installed = Path(sys.executable).parent / "smtpgate"
+    assert installed.exists(), "the smtpgate entry point is not installed (pip install -e .)"
+    folder = tmp_path / "units"
+    folder.mkdir()
+    for name in UNIT_FILES:
+        text = (UNITS / name).read_text()
+        if name.endswith(".service"):
+            assert "ExecStart=/usr/local/bin/smtpgate serve" in text
+            text = text.replace("/usr/local/bin/smtpgate", str(installed))
+        (folder / name).write_text(text)
+    return folder
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
+def test_units_pass_systemd_analyze_verify(tmp_path):
+    folder = _units_for_verify(tmp_path)
+    result = subprocess.run(
+        ["systemd-analyze", "verify", *(str(folder / name) for name in UNIT_FILES)],
+        capture_output=True, text=True, timeout=60,
+        env=dict(os.environ, SYSTEMD_LOG_COLOR="0"))
+    # verify exits 0 even for ignored lines, so silence is the pass mark.
+    assert (result.stdout + result.stderr) == ""
+    assert result.returncode == 0
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
+def test_service_exposure_score_is_at_most_1_5(tmp_path):
+    folder = _units_for_verify(tmp_path)
+    result = subprocess.run(
+        ["systemd-analyze", "security", "--offline=true", "--threshold=15",
+         "--no-pager", str(folder / "smtpgate.service")],
+        capture_output=True, text=True, timeout=60)
+    # With --threshold the exit status is non-zero above 1.5; the last line
+    # states the score ("→ Overall exposure level for smtpgate.service: 1.2 OK").
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr
+    assert "Overall exposure level for smtpgate.service" in result.stdout
+
+
+def test_units_name_the_sockets_as_the_daemon_expects():
+    """server.py looks the inherited sockets up by these names."""
+    socket_unit = (UNITS / "smtpgate.socket").read_text()
+    tcp_unit = (UNITS / "smtpgate-tcp.socket").read_text()
+    assert "FileDescriptorName=unix\n" in socket_unit
+    assert "ListenStream=/run/smtpgate/smtpgate.sock\n" in socket_unit
+    assert "FileDescriptorName=tcp\n" in tcp_unit
+    assert "Service=smtpgate.service\n" in tcp_unit
+
+
+def test_example_config_loads():
+    from smtpgate.config import load_config
+
+    config = load_config(str(UNITS / "smtpgate.toml"))
+    assert config.socket == "/run/smtpgate/smtpgate.sock"
+    assert config.spool == "/var/lib/smtpgate"
+    assert config.listen == ["127.0.0.1:2526"]
