@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Install everything the test suite needs on a fresh Debian machine:
+# the Python package with its test extras, php-cli (the PHP client's tests),
+# a C toolchain, cmocka and valgrind (the C client's tests), swaks (the SMTP
+# front door's tests). Run as root (or with sudo for the apt part).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need=()
+command -v php >/dev/null || need+=(php-cli)
+command -v cc >/dev/null || need+=(gcc libc6-dev)
+command -v make >/dev/null || need+=(make)
+command -v valgrind >/dev/null || need+=(valgrind)
+command -v swaks >/dev/null || need+=(swaks)
+command -v pkg-config >/dev/null || need+=(pkg-config)
+[ -e /usr/include/cmocka.h ] || need+=(libcmocka-dev)
+if [ ${#need[@]} -gt 0 ]; then
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}"
+fi
+python3 -m pip install -q --disable-pip-version-check -e '.[test]'
