@@ -1,0 +1,361 @@
+"""The spool on a real SQLite file in tmp_path: durability, group commit,
+idempotency, back-pressure, recovery, STATUS/WAIT payloads, purge, queue tools."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from smtpgate.spool import RecipientOutcome, Spool, SpoolFull, SpoolLocked, UlidGenerator
+
+SPEC = b'{"from":"app@example.com","to":["a@example.org"],"text":"hi"}'
+RFC3339 = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
+
+
+class Clock:
+    def __init__(self, now: float = 1_800_000_000.0):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+async def opened(path, **kwargs) -> Spool:
+    spool = Spool(path, **{"min_free_bytes": 0, **kwargs})
+    await spool.open()
+    return spool
+
+
+def test_ok_messages_survive_kill_9_of_the_writer_process(tmp_path):
+    """Every id printed after enqueue returned is there after SIGKILL."""
+    script = textwrap.dedent(
+        f"""
+        import asyncio, sys
+        from smtpgate.spool import Spool
+        async def main():
+            spool = Spool({str(tmp_path)!r}, min_free_bytes=0)
+            await spool.open()
+            async def caller(i):
+                n = 0
+                while True:
+                    msg_id, _ = await spool.enqueue(b"spec", "s@x.org", [f"r{{i}}-{{n}}@y.org"])
+                    sys.stdout.write(msg_id + "\\n"); sys.stdout.flush()
+                    n += 1
+            await asyncio.gather(*(caller(i) for i in range(16)))
+        asyncio.run(main())
+        """
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    acknowledged = []
+    try:
+        for line in proc.stdout:
+            acknowledged.append(line.strip())
+            if len(acknowledged) >= 300:
+                break
+    finally:
+        proc.send_signal(signal.SIGKILL)  # no close(), no final flush
+        proc.wait(timeout=10)
+    assert len(acknowledged) >= 300
+
+    async def check():
+        spool = await opened(tmp_path)  # the dead process's lock is gone
+        try:
+            states = [await spool.status(msg_id) for msg_id in acknowledged]
+        finally:
+            await spool.close()
+        return states
+
+    states = run(check())
+    assert all(s is not None and s["state"] == "queued" for s in states)
+
+
+def test_concurrent_enqueues_share_commits(tmp_path):
+    async def main():
+        spool = await opened(tmp_path)
+        results = await asyncio.gather(*(spool.enqueue(SPEC, "s@x.org", ["a@y.org"]) for _ in range(64)))
+        await spool.close()
+        return spool, results
+
+    spool, results = run(main())
+    assert len({msg_id for msg_id, _ in results}) == 64
+    assert spool.operations == 64
+    # one transaction (one fsync) per enqueue would make 64 commits
+    assert spool.commits <= 64 // 4
+
+
+def test_a_failing_operation_does_not_fail_its_batch(tmp_path):
+    async def main():
+        spool = await opened(tmp_path)
+        calls = [spool.enqueue(SPEC, "s@x.org", [f"r{i}@y.org"]) for i in range(9)]
+        calls.insert(4, spool.enqueue(SPEC, "s@x.org", [object()]))  # sqlite cannot bind it
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        stored = [await spool.status(r[0]) for r in results if isinstance(r, tuple)]
+        stats = await spool.stats()
+        await spool.close()
+        return results, stored, stats
+
+    results, stored, stats = run(main())
+    assert isinstance(results[4], Exception)
+    assert len(stored) == 9 and all(s["state"] == "queued" for s in stored)
+    assert stats["states"]["queued"] == 9
+
+
+def test_idempotency_key_returns_first_id_within_window(tmp_path):
+    clock = Clock()
+
+    async def main():
+        spool = await opened(tmp_path, clock=clock, idempotency_window=100)
+        first = await spool.enqueue(SPEC, "s@x.org", ["a@y.org"], "key-1")
+        again = await spool.enqueue(SPEC, "s@x.org", ["a@y.org"], "key-1")
+        same_batch = await asyncio.gather(*(spool.enqueue(SPEC, "s@x.org", ["a@y.org"], "key-2") for _ in range(5)))
+        clock.now += 101
+        after_window = await spool.enqueue(SPEC, "s@x.org", ["a@y.org"], "key-1")
+        stats = await spool.stats()
+        await spool.close()
+        return first, again, same_batch, after_window, stats
+
+    first, again, same_batch, after_window, stats = run(main())
+    assert first[1] is False and again == (first[0], True)
+    assert len({msg_id for msg_id, _ in same_batch}) == 1
+    assert [existing for _, existing in same_batch].count(False) == 1
+    assert after_window[1] is False and after_window[0] != first[0]
+    assert stats["states"]["queued"] == 3  # key-1 twice (window passed) + key-2 once
+    assert stats["counters"]["accepted"] == 3
+
+
+def test_spool_full_when_max_queued_is_reached_and_frees_when_final(tmp_path):
+    async def main():
+        spool = await opened(tmp_path, max_queued=3)
+        ids = [(await spool.enqueue(SPEC, "s@x.org", ["a@y.org"]))[0] for _ in range(3)]
+        with pytest.raises(SpoolFull):
+            await spool.enqueue(SPEC, "s@x.org", ["a@y.org"])
+        await spool.claim_due(1e12, 1)
+        await spool.record_attempt(ids[0], [RecipientOutcome("a@y.org", "sent", "250 ok")])
+        fourth, _ = await spool.enqueue(SPEC, "s@x.org", ["a@y.org"])
+        stats = await spool.stats()
+        await spool.close()
+        return fourth, stats
+
+    fourth, stats = run(main())
+    assert len(fourth) == 26
+    assert stats["states"] == {"queued": 3, "sending": 0, "deferred": 0, "sent": 1, "failed": 0}
+
+
+def test_spool_full_when_disk_is_low_stores_nothing(tmp_path):
+    async def main():
+        spool = await opened(tmp_path)
+        spool.min_free_bytes = 1 << 62  # more than any disk has
+        with pytest.raises(SpoolFull):
+            await spool.enqueue(SPEC, "s@x.org", ["a@y.org"])
+        listing = await spool.list_messages(include_final=True)
+        await spool.close()
+        return listing
+
+    assert run(main()) == []
+
+
+def test_second_spool_on_the_same_directory_is_refused(tmp_path):
+    async def main():
+        first = await opened(tmp_path)
+        with pytest.raises(SpoolLocked, match="in use by another smtpgate"):
+            await opened(tmp_path)
+        await first.close()
+        again = await opened(tmp_path)
+        await again.close()
+
+    run(main())
+
+
+def test_messages_left_sending_by_a_crash_are_queued_again(tmp_path):
+    async def main():
+        spool = await opened(tmp_path)
+        msg_id, _ = await spool.enqueue(SPEC, "s@x.org", ["a@y.org", "b@y.org"])
+        claimed = await spool.claim_due(1e12, 10)
+        assert (await spool.status(msg_id))["state"] == "sending"
+        await spool.close()  # the delivery never recorded its attempt
+        spool = await opened(tmp_path)
+        state = await spool.status(msg_id)
+        again = await spool.claim_due(1e12, 10)
+        await spool.close()
+        return msg_id, claimed, state, again
+
+    msg_id, claimed, state, again = run(main())
+    assert [c.id for c in claimed] == [msg_id]
+    assert state["state"] == "queued"
+    assert [(c.id, c.recipients) for c in again] == [(msg_id, ["a@y.org", "b@y.org"])]
+
+
+def test_status_payload_follows_the_protocol(tmp_path):
+    clock = Clock()
+
+    async def main():
+        spool = await opened(tmp_path, clock=clock)
+        msg_id, _ = await spool.enqueue(SPEC, "s@x.org", ["a@y.org", "b@y.org", "a@y.org"])
+        queued = await spool.status(msg_id)
+        (claimed,) = await spool.claim_due(clock.now, 10)
+        clock.now += 2
+        await spool.record_attempt(
+            msg_id,
+            [
+                RecipientOutcome("a@y.org", "sent", "250 2.0.0 Ok: queued as 4F2"),
+                RecipientOutcome("b@y.org", "deferred", "451 4.3.0 try later"),
+            ],
+            next_attempt=clock.now + 60,
+            possible_duplicate=True,
+        )
+        deferred = await spool.status(msg_id)
+        (retry,) = await spool.claim_due(clock.now + 60, 10)
+        await spool.record_attempt(msg_id, [RecipientOutcome("b@y.org", "failed", "550 5.1.1 no such user")])
+        final = await spool.status(msg_id)
+        missing = await spool.status("01JD3Q7Z8K4W6X2V9N5B0C1T00")
+        await spool.close()
+        return msg_id, queued, claimed, deferred, retry, final, missing
+
+    msg_id, queued, claimed, deferred, retry, final, missing = run(main())
+    assert queued == {
+        "id": msg_id,
+        "state": "queued",
+        "attempts": 0,
+        "created": queued["created"],
+        "updated": queued["created"],
+        "recipients": [
+            {"address": "a@y.org", "state": "queued", "reply": None},
+            {"address": "b@y.org", "state": "queued", "reply": None},
+        ],
+    }
+    assert RFC3339.match(queued["created"])
+    assert claimed.recipients == ["a@y.org", "b@y.org"] and claimed.spec_json == SPEC
+    assert deferred["state"] == "deferred" and deferred["attempts"] == 1
+    assert deferred["next_attempt"] > deferred["updated"] > deferred["created"]
+    assert deferred["possible_duplicate"] is True
+    assert retry.recipients == ["b@y.org"] and retry.possible_duplicate
+    assert final["state"] == "failed" and final["attempts"] == 2 and "next_attempt" not in final
+    assert final["recipients"] == [
+        {"address": "a@y.org", "state": "sent", "reply": "250 2.0.0 Ok: queued as 4F2"},
+        {"address": "b@y.org", "state": "failed", "reply": "550 5.1.1 no such user"},
+    ]
+    assert missing is None
+
+
+def test_wait_final_wakes_on_commit_and_times_out_with_current_state(tmp_path):
+    async def main():
+        spool = await opened(tmp_path)
+        msg_id, _ = await spool.enqueue(SPEC, "s@x.org", ["a@y.org"])
+        timed_out = await spool.wait_final(msg_id, 0.05)
+        waiter = asyncio.create_task(spool.wait_final(msg_id, 3600))
+        await asyncio.sleep(0)
+        await spool.claim_due(1e12, 1)
+        assert not waiter.done()
+        await spool.record_attempt(msg_id, [RecipientOutcome("a@y.org", "sent", "250 ok")])
+        woken = await asyncio.wait_for(waiter, 10)  # far less than the hour asked for
+        already_final = await spool.wait_final(msg_id, 3600)
+        missing = await spool.wait_final("01JD3Q7Z8K4W6X2V9N5B0C1T00", 3600)
+        await spool.close()
+        return timed_out, woken, already_final, missing
+
+    timed_out, woken, already_final, missing = run(main())
+    assert timed_out["state"] == "queued"
+    assert woken["state"] == "sent" and already_final == woken
+    assert missing is None
+
+
+def test_purge_deletes_old_final_messages_and_expired_keys(tmp_path):
+    clock = Clock()
+
+    async def main():
+        spool = await opened(tmp_path, clock=clock, keep_final=1000, idempotency_window=500)
+        old_sent, _ = await spool.enqueue(SPEC, "s@x.org", ["a@y.org"], "k-old")
+        pending, _ = await spool.enqueue(SPEC, "s@x.org", ["a@y.org"])
+        await spool.claim_due(clock.now, 1)
+        await spool.record_attempt(old_sent, [RecipientOutcome("a@y.org", "sent", "250 ok")])
+        clock.now += 900
+        new_failed, _ = await spool.enqueue(SPEC, "s@x.org", ["a@y.org"], "k-new")
+        await spool.claim_due(clock.now, 10)
+        await spool.record_attempt(new_failed, [RecipientOutcome("a@y.org", "failed", "550 no")])
+        await spool.release([pending])
+        clock.now += 200
+        purged = await spool.purge(clock.now)
+        states = {m: await spool.status(m) for m in (old_sent, pending, new_failed)}
+        key_reused = await spool.enqueue(SPEC, "s@x.org", ["a@y.org"], "k-old")
+        key_kept = await spool.enqueue(SPEC, "s@x.org", ["a@y.org"], "k-new")
+        stats = await spool.stats()
+        await spool.close()
+        return old_sent, new_failed, purged, states, key_reused, key_kept, stats
+
+    old_sent, new_failed, purged, states, key_reused, key_kept, stats = run(main())
+    assert purged == (1, 1)
+    assert states[old_sent] is None
+    assert states[new_failed]["state"] == "failed"
+    assert [s["state"] for m, s in states.items() if m not in (old_sent, new_failed)] == ["queued"]
+    assert key_reused[1] is False  # its key expired with the window
+    assert key_kept == (new_failed, True)
+    assert stats["states"]["sent"] == 0 and stats["states"]["failed"] == 1
+
+
+def test_queue_tools_list_retry_delete(tmp_path):
+    clock = Clock()
+
+    async def main():
+        spool = await opened(tmp_path, clock=clock)
+        a, _ = await spool.enqueue(SPEC, "s@x.org", ["a@y.org"])
+        b, _ = await spool.enqueue(SPEC, "s@x.org", ["b@y.org"], "kb")
+        await spool.claim_due(clock.now, 10)
+        for msg_id, rcpt in ((a, "a@y.org"), (b, "b@y.org")):
+            await spool.record_attempt(
+                msg_id, [RecipientOutcome(rcpt, "deferred", "451 later")], next_attempt=clock.now + 3600
+            )
+        not_due = await spool.claim_due(clock.now, 10)
+        listing = await spool.list_messages()
+        retried_one = await spool.retry(a)
+        due_after_retry = await spool.claim_due(clock.now, 10)
+        retried_all = await spool.retry()
+        deleted = await spool.delete(b)
+        deleted_again = await spool.delete(b)
+        new_b = await spool.enqueue(SPEC, "s@x.org", ["b@y.org"], "kb")
+        stats = await spool.stats()
+        await spool.close()
+        return a, b, not_due, listing, retried_one, due_after_retry, retried_all, deleted, deleted_again, new_b, stats
+
+    a, b, not_due, listing, retried_one, due, retried_all, deleted, deleted_again, new_b, stats = run(main())
+    assert not_due == []
+    assert [(m["id"], m["state"], m["attempts"], m["recipients"]) for m in listing] == [
+        (a, "deferred", 1, ["a@y.org"]),
+        (b, "deferred", 1, ["b@y.org"]),
+    ]
+    assert retried_one == 1 and [c.id for c in due] == [a]
+    assert retried_all == 1  # only b is still deferred; a is being sent
+    assert deleted is True and deleted_again is False
+    assert new_b[1] is False and new_b[0] != b  # the deleted message's key is gone
+    assert stats["states"] == {"queued": 1, "sending": 1, "deferred": 0, "sent": 0, "failed": 0}
+    assert stats["counters"]["deferred"] == 2
+
+
+def test_ulids_are_crockford_base32_and_time_ordered():
+    clock = Clock(1_800_000_000.0)
+    gen = UlidGenerator(clock)
+    ids = [gen.new() for _ in range(1000)]  # all in the same millisecond
+    clock.now += 0.001
+    ids.append(gen.new())
+    assert all(re.fullmatch(r"[0-9A-HJKMNP-TV-Z]{26}", i) for i in ids)
+    assert ids == sorted(ids) and len(set(ids)) == len(ids)
+    assert ids[0][:10] == ids[999][:10] != ids[1000][:10]  # 10 chars = 48-bit time
+
+
+def test_spool_files_stay_private(tmp_path):
+    async def main():
+        spool = await opened(tmp_path / "spool")
+        await spool.close()
+
+    run(main())
+    assert os.stat(tmp_path / "spool").st_mode & 0o077 == 0
