@@ -1,0 +1,326 @@
+"""The asyncio driver: pumps bytes between a transport and the sans-IO SmtpClient.
+
+A plain asyncio.Protocol (not StreamReader) feeds every received byte to the
+core at once, even between commands, so an unsolicited reply is noticed when
+it arrives and the connection is marked unusable before the next message.
+Each burst the core queues goes out in one transport.write() on a socket
+with TCP_NODELAY: the last line of a burst never waits for a delayed ACK.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl
+import time
+
+from .core import (
+    NEED_DATA,
+    CommandDone,
+    Delivered,
+    DeliveryResult,
+    SmtpClient,
+    State,
+)
+from .errors import (
+    SmtpConnectError,
+    SmtpConnectionLost,
+    SmtpMessageError,
+    SmtpSessionError,
+    SmtpTimeout,
+    SmtpTlsError,
+)
+from .settings import UpstreamSettings
+
+__all__ = ["SmtpConnection"]
+
+
+class _Protocol(asyncio.Protocol):
+    """Hands transport callbacks to the SmtpConnection that owns it."""
+
+    def __init__(self, owner: SmtpConnection) -> None:
+        self._owner = owner
+
+    def data_received(self, data: bytes) -> None:
+        self._owner._on_data(data)
+
+    def eof_received(self) -> bool:
+        self._owner._on_data(b"")
+        return False  # close the transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._owner._on_data(b"")
+
+    def pause_writing(self) -> None:
+        self._owner._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._owner._write_paused = False
+        self._owner._wake()
+
+
+class SmtpConnection:
+    """One SMTP session to an upstream; use ``await SmtpConnection.open(settings)``.
+
+    Not for concurrent use: one send/reset/noop/quit at a time.
+    """
+
+    def __init__(self, settings: UpstreamSettings) -> None:
+        self.settings = settings
+        self._core = SmtpClient(tls_active=settings.tls == "tls")
+        self._transport: asyncio.Transport | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._write_paused = False
+        self._busy = False
+        self._eof = False
+        self.last_used = time.monotonic()
+
+    # -- public API --------------------------------------------------------------
+
+    @classmethod
+    async def open(cls, settings: UpstreamSettings) -> SmtpConnection:
+        """Connect, read the greeting, EHLO (or HELO), STARTTLS + EHLO, AUTH.
+
+        Raises a SmtpSessionError subclass; the connection is closed then.
+        """
+        conn = cls(settings)
+        await conn._connect()
+        try:
+            await conn._handshake()
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    @property
+    def usable(self) -> bool:
+        """True while the session can take the next command."""
+        return self._transport is not None and self._core.state is State.READY
+
+    @property
+    def extensions(self) -> dict[str, str]:
+        """EHLO keywords (upper case) to their parameters, as last announced."""
+        return self._core.extensions
+
+    async def send(self, mail_from: str, recipients: list[str], data: bytes) -> DeliveryResult:
+        """Run one mail transaction; per-recipient results in the DeliveryResult.
+
+        Raises SmtpMessageError (connection still usable) if the message cannot
+        be sent as given, other SmtpSessionError subclasses (connection closed)
+        for session failures.
+        """
+        self._check_usable()
+        self._core.send_mail(mail_from, recipients, data)
+        event = await self._run()
+        assert isinstance(event, Delivered)
+        return event.result
+
+    async def reset(self) -> None:
+        """Make the session ready for a new message: RSET, only if a transaction may be open."""
+        self._check_usable()
+        if self._core.needs_reset:
+            self._core.rset()
+            await self._run()
+
+    async def noop(self) -> bool:
+        """Check a pooled connection: False (and closed) if it no longer answers 250."""
+        if not self.usable:
+            return False
+        try:
+            self._core.noop()
+            event = await self._run()
+        except SmtpSessionError:
+            return False
+        assert isinstance(event, CommandDone) and event.reply is not None
+        if event.reply.code != 250:
+            self.close()
+            return False
+        return True
+
+    async def quit(self) -> None:
+        """Polite close: QUIT, wait for its reply (errors ignored), close."""
+        try:
+            if self.usable or self._core.state is State.GREETED:
+                self._core.quit()
+                await self._run()
+        except SmtpSessionError:
+            pass
+        finally:
+            if self._transport is not None:
+                self._transport.close()
+                self._transport = None
+
+    def close(self) -> None:
+        """Abrupt close: drop the connection without QUIT."""
+        if self._transport is not None:
+            self._transport.abort()
+            self._transport = None
+
+    async def __aenter__(self) -> SmtpConnection:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.quit()
+
+    # -- session setup -------------------------------------------------------------
+
+    async def _connect(self) -> None:
+        settings = self.settings
+        loop = asyncio.get_running_loop()
+        implicit_tls = settings.tls == "tls"
+        context = settings.make_ssl_context() if implicit_tls else None
+        try:
+            async with asyncio.timeout(settings.timeouts.connect):
+                transport, _ = await loop.create_connection(
+                    lambda: _Protocol(self),
+                    settings.host,
+                    settings.port,
+                    ssl=context,
+                    server_hostname=settings.host if implicit_tls else None,
+                    ssl_handshake_timeout=settings.timeouts.tls_handshake if implicit_tls else None,
+                )
+        except ssl.SSLError as exc:
+            raise SmtpTlsError(f"TLS handshake with {self._where} failed: {exc}") from exc
+        except TimeoutError as exc:
+            raise SmtpConnectError(f"connecting to {self._where} timed out") from exc
+        except OSError as exc:
+            raise SmtpConnectError(f"cannot connect to {self._where}: {exc.strerror or exc}") from exc
+        self._transport = transport  # type: ignore[assignment]
+        _set_nodelay(transport)
+
+    async def _handshake(self) -> None:
+        settings = self.settings
+        core = self._core
+        await self._run()  # greeting
+        core.ehlo(settings.helo_name)
+        await self._run()
+        if settings.tls == "starttls":
+            core.starttls()  # raises SmtpStartTlsUnavailable if not offered
+            await self._run()
+            await self._start_tls()
+            core.tls_started()
+            core.ehlo(settings.helo_name)
+            await self._run()
+        if settings.username is not None or settings.xoauth2_token is not None:
+            core.auth(
+                settings.username or "",
+                settings.password,
+                xoauth2_token=settings.xoauth2_token,
+                allow_plaintext=settings.allow_plaintext_auth,
+            )
+            await self._run()
+
+    async def _start_tls(self) -> None:
+        loop = asyncio.get_running_loop()
+        transport = self._transport
+        if transport is None:
+            # Plaintext arrived after the 220 and the core refused it.
+            self._core.next_event()
+            raise SmtpConnectionLost(f"connection to {self._where} is closed")
+        try:
+            new_transport = await loop.start_tls(
+                transport,
+                transport.get_protocol(),
+                self.settings.make_ssl_context(),
+                server_hostname=self.settings.host,
+                ssl_handshake_timeout=self.settings.timeouts.tls_handshake,
+            )
+        except (ssl.SSLError, ConnectionError, TimeoutError) as exc:
+            raise SmtpTlsError(f"TLS handshake with {self._where} failed: {exc}") from exc
+        if new_transport is None:
+            raise SmtpConnectionLost(f"{self._where} closed the connection during the TLS handshake")
+        self._transport = new_transport  # type: ignore[assignment]
+
+    # -- the pump ------------------------------------------------------------------
+
+    async def _run(self) -> object:
+        """Write what the core queued and feed it replies until it has an event.
+
+        On a session error the connection is closed (except SmtpMessageError,
+        raised before anything is sent) and the error re-raised.
+        """
+        if self._busy:
+            raise RuntimeError("SmtpConnection is not for concurrent use")
+        self._busy = True
+        try:
+            return await self._pump()
+        except SmtpMessageError:
+            raise
+        except SmtpSessionError:
+            self.close()
+            raise
+        except BaseException:
+            self.close()  # cancelled mid-command: the session is out of step
+            raise
+        finally:
+            self._busy = False
+            self.last_used = time.monotonic()
+
+    async def _pump(self) -> object:
+        core = self._core
+        timeouts = self.settings.timeouts
+        while True:
+            event = core.next_event()
+            out = core.data_to_send()
+            if out:
+                if self._transport is None:
+                    raise SmtpConnectionLost(f"connection to {self._where} is closed")
+                self._transport.write(out)
+                while self._write_paused and self._transport is not None:
+                    await self._wait(timeouts.data_block, core.awaiting)
+            if event is not NEED_DATA:
+                return event
+            await self._wait(timeouts.for_reply(core.awaiting), core.awaiting)
+
+    async def _wait(self, timeout: float, verb: str | None) -> None:
+        """Sleep until the protocol calls _wake (data, EOF, writable) or time is up."""
+        if self._eof:
+            return  # the core reports the EOF on the next next_event()
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiter = waiter
+        try:
+            async with asyncio.timeout(timeout):
+                await waiter
+        except TimeoutError:
+            raise SmtpTimeout(
+                f"no reply from {self._where} to {verb} within {timeout:g} s",
+                after_data_end=verb == "DATA_END",
+            ) from None
+        finally:
+            self._waiter = None
+
+    def _on_data(self, data: bytes) -> None:
+        if not data:
+            if self._eof:
+                return
+            self._eof = True
+        self._core.receive_data(data)
+        if self._waiter is not None:
+            self._wake()
+        elif self._core.awaiting is None:
+            # Between commands: surface an unsolicited reply or an EOF now, so
+            # `usable` turns false before anyone sends on this connection.
+            try:
+                self._core.next_event()
+            except SmtpSessionError:
+                self.close()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def _check_usable(self) -> None:
+        if not self.usable:
+            raise SmtpConnectionLost(f"connection to {self._where} is not usable")
+
+    @property
+    def _where(self) -> str:
+        return f"{self.settings.host}:{self.settings.port}"
+
+
+def _set_nodelay(transport: asyncio.BaseTransport) -> None:
+    """TCP_NODELAY: asyncio sets it already on TCP; made explicit, it is what
+    keeps the last write of a burst from a ~40 ms delayed-ACK stall."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
