@@ -1,0 +1,221 @@
+"""The SMTP front door: programs that can only speak SMTP to a smarthost
+(PHPMailer, Symfony Mailer, smtplib, a printer) hand mail to the same spool.
+
+aiosmtpd speaks the protocol; this module decides what each step answers.
+It runs on the daemon's own event loop (no Controller thread), and the
+250 after DATA is sent only once `enqueue` has returned, which happens after
+the message is fsynced: the same promise as `OK <id>` on the line protocol.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import socket
+from collections.abc import Awaitable, Callable, Sequence
+from email.utils import formatdate
+
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
+
+from smtpgate import __version__
+from smtpgate.config import is_loopback
+from smtpgate.spool import SpoolFull
+
+# enqueue(envelope_from, recipients, data) -> message id, once durable.
+# SpoolFull, or an exception whose `.code` is a PROTOCOL.md error code
+# (BUSY, TOO_LARGE, DENIED, BAD_ADDRESS, ...; message.RequestError), picks
+# the SMTP reply; any other exception is answered 451 (try again later)
+# without its text.
+Enqueue = Callable[[str, list[str], bytes], Awaitable[str]]
+
+# RFC 5321 4.5.3.1.8: a server must accept at least 100 recipients; past
+# that it may answer 452 and the client sends the rest in another message.
+MAX_RECIPIENTS = 1000
+
+# Protocol error code -> SMTP reply (RFC 5321 4.2.2, RFC 3463 enhanced codes).
+# The daemon's text follows the code; it is written for people and holds no
+# secrets (message.py's RequestError texts).
+_BUSY = "452 4.3.1 Mail system full, try again later"
+_REPLY_FOR_CODE = {
+    "TOO_LARGE": "552 5.3.4",
+    "BAD_ADDRESS": "553 5.1.3",
+    "BAD_HEADER": "554 5.6.0",
+    "BAD_REQUEST": "554 5.6.0",
+    "DENIED": "550 5.7.1",
+}
+_TEMPORARY_FAILURE = "451 4.3.0 Local error, try again later"
+_AUTH_REQUIRED = "530 5.7.0 Authentication required"
+
+
+def _one_line(text: str, limit: int = 200) -> str:
+    """Printable ASCII only: the text goes into a reply or a header line."""
+    return "".join(c if " " <= c <= "~" else "?" for c in text[:limit])
+
+
+def smtp_reply_for(exc: BaseException) -> str:
+    """The SMTP reply for an exception raised by enqueue."""
+    code = "BUSY" if isinstance(exc, SpoolFull) else getattr(exc, "code", None)
+    if code == "BUSY":
+        return _BUSY
+    if code not in _REPLY_FOR_CODE:
+        # INTERNAL or a bug: nothing was stored, the client may retry; the
+        # exception text stays in our log, never in the reply.
+        return _TEMPORARY_FAILURE
+    text = getattr(exc, "text", None) or (exc.args[-1] if exc.args else code)
+    return f"{_REPLY_FOR_CODE[code]} {_one_line(str(text))}"
+
+
+def token_matches(password: bytes, tokens: Sequence[str]) -> bool:
+    """True if `password` equals one of `tokens`, compared in constant time.
+
+    Every token is compared (no early exit), so the time taken does not
+    tell which token, or how much of one, matched.
+    """
+    matched = False
+    for token in tokens:
+        matched |= hmac.compare_digest(password, token.encode("utf-8"))
+    return matched
+
+
+class _LoginDataDeprecation(logging.Filter):
+    """Drops aiosmtpd's "login_data is deprecated" warning.
+
+    aiosmtpd 1.4 itself sets Session.login_data after every successful AUTH
+    and warns about it; the warning is about its own code, not ours, and
+    would otherwise appear once per authenticated connection.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Session.login_data is deprecated")
+
+
+class IntakeHandler:
+    """aiosmtpd handler: AUTH by token, envelope checks, DATA into the spool."""
+
+    def __init__(self, *, enqueue: Enqueue, tokens: Sequence[str], hostname: str, log):
+        self.enqueue = enqueue
+        # Read on every use, so a reload that updates the list in place
+        # takes effect for the next command.
+        self.tokens = tokens
+        self.hostname = hostname
+        self.log = log
+
+    def authenticate(self, server: SMTP, session: Session, envelope: Envelope,
+                     mechanism: str, auth_data) -> AuthResult:
+        """aiosmtpd authenticator: the password is a token, the user name is ignored."""
+        if (isinstance(auth_data, LoginPassword) and self.tokens
+                and token_matches(auth_data.password, self.tokens)):
+            return AuthResult(success=True)
+        self.log.warning("smtp_auth_failed", peer=_peer(session), mechanism=mechanism)
+        return AuthResult(success=False, handled=False)
+
+    async def handle_EHLO(self, server, session, envelope, hostname, responses):
+        # Without tokens there is nothing to authenticate against; offering
+        # AUTH would only make clients send credentials that cannot succeed.
+        session.host_name = hostname
+        if not self.tokens:
+            responses = [r for r in responses if not r.startswith("250-AUTH")]
+        return responses
+
+    async def handle_MAIL(self, server, session, envelope, address, mail_options):
+        # RFC 4954 6: 530 when the server requires authentication first.
+        # Refusing MAIL is enough: RCPT and DATA need a MAIL first.
+        if self.tokens and not session.authenticated:
+            return _AUTH_REQUIRED
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 2.1.0 OK"
+
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+        if len(envelope.rcpt_tos) >= MAX_RECIPIENTS:
+            return "452 4.5.3 Too many recipients"
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 OK"
+
+    async def handle_DATA(self, server, session, envelope):
+        data = self._received_header(session) + envelope.original_content
+        try:
+            msg_id = await self.enqueue(envelope.mail_from, list(envelope.rcpt_tos), data)
+        except Exception as exc:  # every failure must become an SMTP reply
+            reply = smtp_reply_for(exc)
+            self.log.warning("smtp_refused", peer=_peer(session), reply=reply,
+                             error=type(exc).__name__)
+            return reply
+        self.log.info("smtp_accepted", msg_id=msg_id, peer=_peer(session),
+                      recipients=len(envelope.rcpt_tos), size=len(data))
+        return f"250 2.0.0 OK queued as {msg_id}"
+
+    def _received_header(self, session: Session) -> bytes:
+        """The trace field RFC 5321 4.4 requires of a server that accepts mail.
+
+        With-protocol per RFC 3848: ESMTPA when the client authenticated.
+        """
+        protocol = "ESMTP" if session.extended_smtp else "SMTP"
+        if session.authenticated:
+            protocol += "A"
+        helo = _one_line(session.host_name or "unknown", 100).replace(" ", "?")
+        ip = session.peer[0] if isinstance(session.peer, tuple) else "local"
+        return (f"Received: from {helo} ([{ip}])\r\n"
+                f"\tby {self.hostname} (smtpgate) with {protocol};\r\n"
+                f"\t{formatdate(localtime=True)}\r\n").encode("ascii")
+
+
+def _peer(session: Session) -> str:
+    peer = session.peer
+    return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer or "local")
+
+
+async def start_smtp_intake(host: str | None, port: int | None, *, enqueue: Enqueue,
+                            tokens: Sequence[str], max_message_bytes: int, log,
+                            hostname: str | None = None, timeout: float = 300.0,
+                            sock: socket.socket | None = None) -> asyncio.Server:
+    """Listen for SMTP on host:port (or on `sock`) and return the listening server.
+
+    AUTH PLAIN and LOGIN are offered and required when `tokens` is not
+    empty; the password must be one of the tokens. Without tokens only a
+    loopback address is accepted (ValueError otherwise), as for the line
+    protocol. Close with `server.close(); await server.wait_closed()`.
+    """
+    if not tokens and sock is None and not (host and is_loopback(host)):
+        raise ValueError(f"smtp_listen: {host} is not a loopback address; set tokens first")
+    # aiosmtpd would call socket.getfqdn() (a blocking DNS lookup) for every
+    # connection without a hostname; gethostname() is a plain system call.
+    hostname = hostname or socket.gethostname()
+    handler = IntakeHandler(enqueue=enqueue, tokens=tokens, hostname=hostname, log=log)
+    aiosmtpd_log = logging.getLogger("mail.log")
+    if not any(isinstance(f, _LoginDataDeprecation) for f in aiosmtpd_log.filters):
+        aiosmtpd_log.addFilter(_LoginDataDeprecation())
+    loop = asyncio.get_running_loop()
+
+    def smtp_session() -> SMTP:
+        return SMTP(
+            handler,
+            hostname=hostname,
+            ident=f"smtpgate {__version__} ESMTP",
+            data_size_limit=max_message_bytes,
+            enable_SMTPUTF8=True,
+            decode_data=False,
+            timeout=timeout,
+            # AUTH is enforced in handle_MAIL (aiosmtpd's auth_required
+            # would warn on every connection that AUTH is allowed without
+            # TLS). This door is meant for loopback, where plaintext AUTH
+            # crosses no network; tokens are what guard a wider listener.
+            auth_required=False,
+            auth_require_tls=False,
+            authenticator=handler.authenticate,
+            loop=loop,
+        )
+
+    if sock is not None:
+        server = await loop.create_server(smtp_session, sock=sock)
+    else:
+        server = await loop.create_server(smtp_session, host, port)
+    log.info("smtp_listening", address=[_sockname(s) for s in server.sockets],
+             auth=bool(tokens))
+    return server
+
+
+def _sockname(sock: socket.socket) -> str:
+    name = sock.getsockname()
+    return f"{name[0]}:{name[1]}" if isinstance(name, tuple) else str(name)
