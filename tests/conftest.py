@@ -29,6 +29,13 @@ ROOT = Path(__file__).resolve().parent.parent
 START_TIMEOUT = 20.0
 
 
+def free_port() -> int:
+    """A port free right now (aiosmtpd's Controller cannot bind port 0: it probes its own port)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 @dataclass
 class Received:
     mail_from: str
@@ -79,14 +86,13 @@ class Upstream:
     def __init__(self):
         self.handler = RecordingHandler()
         self.controller = Controller(
-            self.handler, hostname="127.0.0.1", port=0, ready_timeout=10,
-            server_kwargs={"data_size_limit": 64 * 1024 * 1024},
-            decode_data=False, enable_SMTPUTF8=True)
+            self.handler, hostname="127.0.0.1", port=free_port(), ready_timeout=10,
+            data_size_limit=64 * 1024 * 1024, decode_data=False, enable_SMTPUTF8=True)
 
     def start(self):
         self.controller.start()
         self.host = "127.0.0.1"
-        self.port = self.controller.server.sockets[0].getsockname()[1]
+        self.port = self.controller.port
         return self
 
     def stop(self):

@@ -42,6 +42,7 @@ class Config:
     upstream_allow_plaintext_auth: bool = False
     helo_name: str = ""
     dev: bool = False
+    hold: bool = False
     dev_maildir: str | None = None
     tokens: list[str] = field(default_factory=list, repr=False)
     tokens_file: str | None = None

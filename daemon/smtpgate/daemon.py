@@ -81,7 +81,8 @@ class Daemon:
             folder = config.dev_maildir or os.path.join(config.spool, "dev-mail")
             self.dev_server, self.dev_port = await start_dev_upstream(folder, self.log)
         self.delivery = Delivery(self.spool, delivery_settings(config, self.dev_port), self.log)
-        await self.delivery.start()
+        if not config.hold:
+            await self.delivery.start()
         self.intake = Intake(config, self.spool, self.delivery, self.log)
         await self.intake.start(inherited)
         if config.smtp_listen:
@@ -106,7 +107,8 @@ class Daemon:
         if self.smtp_server is not None:
             self.smtp_server.close()
         await self.intake.close(grace=2.0)
-        await self.delivery.stop(STOP_GRACE)
+        if not self.config.hold:
+            await self.delivery.stop(STOP_GRACE)
         if self.dev_server is not None:
             self.dev_server.close()
         await self.spool.close()
@@ -151,10 +153,15 @@ class Daemon:
         except ConfigError as exc:
             self.log.error("reload_refused", error=str(exc))
             return
+        was_held = self.config.hold
         # Listening addresses, the spool and --dev need a restart; the rest applies now.
         self.config.__dict__.update({k: v for k, v in config.__dict__.items()
                                      if k not in ("listen", "socket", "spool", "dev", "smtp_listen")})
         self.delivery.reload(delivery_settings(self.config, self.dev_port))
+        if was_held and not self.config.hold:
+            await self.delivery.start()
+        elif self.config.hold and not was_held:
+            await self.delivery.stop(STOP_GRACE)
         self.log.info("reloaded", config=self.config_path)
 
 
