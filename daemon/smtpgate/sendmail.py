@@ -1,0 +1,313 @@
+"""`smtpgate sendmail`: a sendmail-compatible command in front of the daemon.
+
+With `sendmail_path = "smtpgate sendmail -t -i"` in php.ini, PHP's mail()
+(and anything else that pipes a message into /usr/sbin/sendmail: cron,
+mdadm, logwatch, git send-email) hands its message to smtpgate as a raw
+SEND. The command returns once the daemon has the message on disk; delivery
+happens in the daemon, with its retries.
+
+Flags follow sendmail(8) and Postfix's sendmail(1) where they matter for
+submission: -t, -i/-oi, -f, -F, -bm; the many flags that tune a local MTA
+(-odi, -oem, -B, -N, -v ...) are accepted and ignored, so existing command
+lines keep working. Exit codes are sendmail's (sysexits.h).
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import os
+import socket
+import sys
+import tomllib
+from email.utils import formataddr, getaddresses
+
+from smtpgate.client import DEFAULT_URI, LineClient, RemoteError
+
+# sysexits.h
+EX_OK = 0
+EX_USAGE = 64        # bad command line, no recipients
+EX_DATAERR = 65      # the message itself is unusable (not UTF-8, too large, bad header)
+EX_NOUSER = 67       # an address was refused (invalid, or outside the policy)
+EX_UNAVAILABLE = 69  # the daemon refused the message for good
+EX_SOFTWARE = 70     # the daemon answered something we do not understand
+EX_TEMPFAIL = 75     # daemon unreachable or busy: nothing stored, try again later
+EX_NOPERM = 77       # the daemon wants a token we do not have, or refused it
+EX_CONFIG = 78       # the configuration file named by --config cannot be read
+
+DEFAULT_CONFIG = "/etc/smtpgate/smtpgate.toml"
+
+# sendmail flags that take a value, either attached (-fbob) or as the next
+# word (-f bob). Of these only -f/-r and -F are used; the rest are ignored.
+_WITH_VALUE = set("BCFLNORVXfhpr")
+# Flags without a value that change nothing for a hand-off to smtpgate.
+_IGNORED = set("AGUimnvx")
+
+USAGE = """\
+usage: smtpgate sendmail [-t] [-i] [-f sender] [-F name] [--server URI]
+                         [--config FILE] [recipient ...] < message
+"""
+
+
+class UsageError(Exception):
+    """A command line we cannot act on (exit EX_USAGE)."""
+
+
+class Options:
+    def __init__(self):
+        self.extract_recipients = False   # -t
+        self.dot_ends_input = True        # cleared by -i / -oi
+        self.sender: str | None = None    # -f / -r
+        self.full_name: str | None = None  # -F
+        self.verbose = False              # -v: say the id on stderr
+        self.server: str | None = None
+        self.config: str | None = None
+        self.recipients: list[str] = []
+
+
+def parse_args(argv: list[str]) -> Options:
+    """Parse a sendmail command line; raise UsageError for what we cannot do."""
+    opts = Options()
+    args = list(argv)
+    while args:
+        arg = args.pop(0)
+        if arg == "--":
+            opts.recipients.extend(args)
+            break
+        if arg in ("--server", "--config") or arg.startswith(("--server=", "--config=")):
+            name, _, value = arg[2:].partition("=")
+            if not value:
+                if not args:
+                    raise UsageError(f"--{name} needs a value")
+                value = args.pop(0)
+            setattr(opts, name, value)
+            continue
+        if not arg.startswith("-") or arg == "-":
+            opts.recipients.append(arg)
+            continue
+        flag, rest = arg[1], arg[2:]
+        if flag == "o":
+            # -oi is -i; -odi, -oem, -oQ/var/spool and friends tune a local MTA.
+            if rest == "i":
+                opts.dot_ends_input = False
+            continue
+        if flag == "q":
+            continue  # -q, -q30m: run the local queue; the daemon runs its own
+        if flag == "b":
+            # -bm (deliver mail) is the default mode; -bs (SMTP on stdin),
+            # -bp (list the queue), -bd (daemon) and others are other programs.
+            if rest not in ("m", ""):
+                raise UsageError(f"-b{rest} is not supported (only -bm; "
+                                 "use `smtpgate queue` for the queue)")
+            continue
+        if flag in _WITH_VALUE:
+            if not rest:
+                if not args:
+                    raise UsageError(f"-{flag} needs a value")
+                rest = args.pop(0)
+            if flag in "fr":
+                opts.sender = rest
+            elif flag == "F":
+                opts.full_name = rest
+            continue
+        for letter in arg[1:]:
+            if letter == "t":
+                opts.extract_recipients = True
+            elif letter == "i":
+                opts.dot_ends_input = False
+            elif letter == "v":
+                opts.verbose = True
+            elif letter not in _IGNORED:
+                raise UsageError(f"unknown option -{letter}")
+    return opts
+
+
+def read_message(stream, dot_ends_input: bool) -> bytes:
+    """The message from stdin; without -i a line of a single "." ends it."""
+    if not dot_ends_input:
+        return stream.read()
+    lines = []
+    for line in stream:
+        if line.rstrip(b"\r\n") == b".":
+            break
+        lines.append(line)
+    return b"".join(lines)
+
+
+def split_header(text: str) -> tuple[list[str], str]:
+    """(header lines with their line endings, the rest from the blank line on)."""
+    lines = text.splitlines(keepends=True)
+    for index, line in enumerate(lines):
+        if line in ("\n", "\r\n"):
+            return lines[:index], "".join(lines[index:])
+    return lines, ""
+
+
+def header_fields(lines: list[str]) -> list[tuple[str, str, list[str]]]:
+    """Group header lines into fields: (lower-case name, unfolded value, raw lines).
+
+    A line starting with white space continues the field before it
+    (RFC 5322 2.2.3, folding).
+    """
+    fields: list[tuple[str, str, list[str]]] = []
+    for line in lines:
+        if line[:1] in (" ", "\t") and fields:
+            name, value, raw = fields[-1]
+            fields[-1] = (name, value + " " + line.strip(), raw + [line])
+        else:
+            name, _, value = line.partition(":")
+            fields.append((name.strip().lower(), value.strip(), [line]))
+    return fields
+
+
+def addresses(values: list[str]) -> list[str]:
+    """The bare addresses in header values or command-line words ("a@x, B <b@y>")."""
+    return [addr for _, addr in getaddresses(values) if addr]
+
+
+def prepare(message: str, opts: Options) -> tuple[str, list[str], str]:
+    """Apply -t, -f and -F to the message: (envelope sender, recipients, message).
+
+    -t takes the recipients from To, Cc and Bcc (added to those on the
+    command line, as Postfix does) and removes Bcc from the message. A
+    message without From gets one built from -F and the sender.
+    """
+    header, body = split_header(message)
+    fields = header_fields(header)
+    recipients = addresses(opts.recipients)
+    if opts.extract_recipients:
+        recipients += addresses([v for name, v, _ in fields if name in ("to", "cc", "bcc")])
+        header = [line for name, _, raw in fields if name != "bcc" for line in raw]
+    from_values = [v for name, v, _ in fields if name == "from"]
+    # -f "Name <a@b>" and -f "<a@b>" both mean a@b; -f "" or "<>" (the null
+    # sender of bounces) is not something a relay account may send as.
+    sender = (next(iter(addresses([opts.sender or ""])), None)
+              or next(iter(addresses(from_values)), None) or _local_sender())
+    if not from_values:
+        newline = "\r\n" if message.endswith("\r\n") or "\r\n" in message[:1000] else "\n"
+        header.insert(0, f"From: {formataddr((opts.full_name or '', sender))}{newline}")
+    return sender, list(dict.fromkeys(recipients)), "".join(header) + body
+
+
+def _local_sender() -> str:
+    """user@host, what sendmail uses when neither -f nor From names a sender."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # a uid with no name (DynamicUser=, containers)
+        user = "nobody"
+    return f"{user}@{socket.gethostname()}"
+
+
+def find_server(opts: Options, env=os.environ) -> tuple[str, str | None]:
+    """(server URI, token): --server, $SMTPGATE_SERVER, the config file, the default.
+
+    Only the keys needed to reach the daemon are read from the config, with
+    tomllib rather than load_config: the file may name secrets (the upstream
+    password file) that the user calling sendmail cannot and need not read.
+    Raises UsageError when a --config given explicitly cannot be read.
+    """
+    settings = _read_config(opts.config)
+    token = env.get("SMTPGATE_TOKEN") or _first_token(settings)
+    uri = opts.server or env.get("SMTPGATE_SERVER")
+    if uri:
+        return uri, token
+    if settings.get("socket"):
+        return "unix://" + settings["socket"], token
+    listen = settings.get("listen")
+    if isinstance(listen, str):
+        listen = [listen]
+    if listen:
+        host, _, port = listen[0].rpartition(":")
+        # A wildcard listener is reached on loopback.
+        host = {"0.0.0.0": "127.0.0.1", "[::]": "[::1]", "": "127.0.0.1"}.get(host, host)
+        return f"tcp://{host}:{port}", token
+    return DEFAULT_URI, token
+
+
+def _read_config(path: str | None) -> dict:
+    try:
+        with open(path or DEFAULT_CONFIG, "rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        if path:
+            raise ConfigUnreadable(f"{path}: no such file") from None
+        return {}
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        if path:
+            raise ConfigUnreadable(f"{path}: {exc}") from None
+        return {}  # the default file is only a hint; the default URI may still work
+
+
+class ConfigUnreadable(Exception):
+    """The file named by --config cannot be read (exit EX_CONFIG)."""
+
+
+def _first_token(settings: dict) -> str | None:
+    tokens = settings.get("tokens")
+    if isinstance(tokens, list) and tokens:
+        return str(tokens[0])
+    if isinstance(tokens, str) and tokens:
+        return tokens
+    if settings.get("tokens_file"):
+        try:
+            with open(settings["tokens_file"], encoding="utf-8") as fh:
+                return next((line.strip() for line in fh if line.strip()), None)
+        except OSError:
+            return None  # not ours to read; the daemon will say AUTH_REQUIRED
+    return None
+
+
+# Protocol error code -> exit code.
+_EXIT_FOR_CODE = {
+    "BUSY": EX_TEMPFAIL,
+    "INTERNAL": EX_TEMPFAIL,
+    "BAD_ADDRESS": EX_NOUSER,
+    "DENIED": EX_NOUSER,
+    "BAD_HEADER": EX_DATAERR,
+    "TOO_LARGE": EX_DATAERR,
+    "BAD_REQUEST": EX_DATAERR,
+    "AUTH_REQUIRED": EX_NOPERM,
+    "AUTH_FAILED": EX_NOPERM,
+}
+
+
+def main(argv: list[str], stdin=None, stderr=None) -> int:
+    """Run the command; return a sysexits.h exit code (0 once the daemon has the message)."""
+    stdin = stdin or sys.stdin.buffer
+    stderr = stderr or sys.stderr
+
+    def fail(code: int, text: str) -> int:
+        print(f"smtpgate sendmail: {text}", file=stderr)
+        return code
+
+    try:
+        opts = parse_args(argv)
+    except UsageError as exc:
+        return fail(EX_USAGE, f"{exc}\n{USAGE}")
+    try:
+        uri, token = find_server(opts)
+    except ConfigUnreadable as exc:
+        return fail(EX_CONFIG, f"cannot read the configuration {exc}")
+    try:
+        message = read_message(stdin, opts.dot_ends_input).decode("utf-8")
+    except UnicodeDecodeError:
+        return fail(EX_DATAERR, "the message is not UTF-8; encode 8-bit text in UTF-8 "
+                                "or with a Content-Transfer-Encoding")
+    sender, recipients, message = prepare(message, opts)
+    if not recipients:
+        return fail(EX_USAGE, "no recipients: give them as arguments, or use -t with To/Cc/Bcc")
+    try:
+        with LineClient(uri, token=token, timeout=30) as client:
+            msg_id = client.send({"from": sender, "to": recipients, "raw": message})
+    except ValueError as exc:
+        return fail(EX_USAGE, str(exc))
+    except RemoteError as exc:
+        return fail(_EXIT_FOR_CODE.get(exc.code, EX_UNAVAILABLE), f"{exc.code} {exc.text}")
+    except OSError as exc:
+        # Refused, no socket file, timed out, closed mid-reply: nothing is
+        # known to be stored, so the caller should keep the mail and retry.
+        return fail(EX_TEMPFAIL, f"cannot reach the daemon at {uri}: "
+                                 f"{exc.strerror or str(exc) or type(exc).__name__}")
+    if opts.verbose:
+        print(f"smtpgate sendmail: queued as {msg_id}", file=stderr)
+    return EX_OK

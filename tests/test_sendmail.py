@@ -1,0 +1,228 @@
+"""`smtpgate sendmail` against a throwaway server speaking the line protocol
+over real TCP and Unix sockets: what goes on the wire, and the exit codes.
+(The way through the real daemon to a real upstream, with real php, is in
+test_frontdoors_e2e.py.)"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import socket
+import socketserver
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from smtpgate import sendmail
+from smtpgate.sendmail import (EX_CONFIG, EX_DATAERR, EX_NOPERM, EX_NOUSER, EX_OK,
+                               EX_TEMPFAIL, EX_USAGE, parse_args)
+
+MESSAGE = (b"From: Shop <shop@example.com>\n"
+           b"To: Kelly <kelly@example.org>, ops@example.org\n"
+           b"Cc: =?utf-8?q?J=C3=B6rg?= <joerg@example.net>\n"
+           b"Bcc: audit@example.com,\n"
+           b" archive@example.com\n"
+           b"Subject: Order 42\n"
+           b"X-Mailer: PHP/8.2\n"
+           b"\n"
+           b"Hello.\n"
+           b".\n"
+           b"After a lone dot.\n")
+
+
+class LineServer:
+    """Accepts connections, records request lines, answers from a script.
+
+    `reply(line) -> str` gives the reply line (without CRLF) for each request.
+    """
+
+    def __init__(self, address=("127.0.0.1", 0), reply=None):
+        self.lines: list[str] = []
+        self.reply = reply or (lambda line: "OK 01SENDMAILTEST" if line.startswith("SEND ") else "OK")
+        outer = self
+
+        class Handler(socketserver.StreamRequestHandler):
+            def handle(self):
+                for raw in self.rfile:
+                    line = raw.decode("utf-8").rstrip("\n")
+                    outer.lines.append(line)
+                    self.wfile.write(outer.reply(line).encode() + b"\r\n")
+
+        kind = (socketserver.ThreadingUnixStreamServer if isinstance(address, str)
+                else socketserver.ThreadingTCPServer)
+        kind.daemon_threads = True
+        self.server = kind(address, Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.02,), daemon=True)
+        self.thread.start()
+        if isinstance(address, str):
+            self.uri = f"unix://{address}"
+        else:
+            self.uri = "tcp://127.0.0.1:%d" % self.server.server_address[1]
+
+    def sends(self) -> list[dict]:
+        return [json.loads(line[5:]) for line in self.lines if line.startswith("SEND ")]
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def line_server():
+    servers = []
+
+    def make(**kwargs):
+        servers.append(LineServer(**kwargs))
+        return servers[-1]
+
+    yield make
+    for server in servers:
+        server.close()
+
+
+@pytest.fixture(autouse=True)
+def no_ambient_server(monkeypatch):
+    """Tests say where the daemon is; the machine's environment must not."""
+    monkeypatch.delenv("SMTPGATE_SERVER", raising=False)
+    monkeypatch.delenv("SMTPGATE_TOKEN", raising=False)
+
+
+def run(argv, message=MESSAGE):
+    err = io.StringIO()
+    code = sendmail.main(argv, stdin=io.BytesIO(message), stderr=err)
+    return code, err.getvalue()
+
+
+def test_php_style_call_sends_one_raw_send(line_server):
+    server = line_server()
+    code, err = run(["--server", server.uri, "-t", "-i", "-f", "bounce@example.com"])
+    assert (code, err) == (EX_OK, "")
+    [send] = server.sends()
+    assert send["from"] == "bounce@example.com"
+    assert send["to"] == ["kelly@example.org", "ops@example.org", "joerg@example.net",
+                          "audit@example.com", "archive@example.com"]
+    # Bcc is gone, every other header and the body are as PHP wrote them;
+    # with -i the lone dot is content.
+    assert send["raw"] == (MESSAGE.replace(b"Bcc: audit@example.com,\n archive@example.com\n", b"")
+                           .decode())
+    assert set(send) == {"from", "to", "raw"}
+
+
+def test_without_i_a_lone_dot_ends_the_message(line_server):
+    server = line_server()
+    assert run(["--server", server.uri, "-t"])[0] == EX_OK
+    raw = server.sends()[0]["raw"]
+    assert raw.endswith("\nHello.\n")
+
+
+def test_recipients_on_the_command_line_and_sender_from_the_header(line_server):
+    server = line_server()
+    message = b"From: Shop <shop@example.com>\r\nSubject: s\r\n\r\nbody\r\n"
+    assert run(["--server", server.uri, "-oi", "-odi", "-oem", "-bm", "-U",
+                "one@example.org, Two <two@example.org>", "one@example.org"], message)[0] == EX_OK
+    [send] = server.sends()
+    assert send["from"] == "shop@example.com"
+    assert send["to"] == ["one@example.org", "two@example.org"]
+    assert send["raw"] == message.decode()
+
+
+def test_a_message_without_from_gets_one_from_f_and_F(line_server):
+    server = line_server()
+    message = b"To: kelly@example.org\r\nSubject: s\r\n\r\nbody\r\n"
+    assert run(["--server", server.uri, "-ti", "-fnoreply@example.com", "-F", "Jörg Shop"],
+               message)[0] == EX_OK
+    raw = server.sends()[0]["raw"]
+    assert raw == "From: =?utf-8?q?J=C3=B6rg_Shop?= <noreply@example.com>\r\n" + message.decode()
+
+
+def test_token_and_unix_socket_from_the_config_file(line_server, tmp_path):
+    server = line_server(address=str(tmp_path / "smtpgate.sock"))
+    (tmp_path / "tokens").write_text("\nsecret-token-1\nsecret-token-2\n")
+    config = tmp_path / "smtpgate.toml"
+    config.write_text(f'listen = ["127.0.0.1:1"]\nsocket = "{tmp_path}/smtpgate.sock"\n'
+                      f'tokens_file = "{tmp_path}/tokens"\nupstream_password_file = "/root/nope"\n')
+    assert run(["--config", str(config), "-t", "-i"])[0] == EX_OK
+    assert server.lines[0] == "AUTH secret-token-1"
+    assert len(server.sends()) == 1
+
+
+def test_listen_address_from_the_config_file(line_server, tmp_path):
+    server = line_server()
+    port = server.uri.rsplit(":", 1)[1]
+    config = tmp_path / "smtpgate.toml"
+    config.write_text(f'listen = "0.0.0.0:{port}"\ntokens = ["t1"]\n')
+    assert run(["--config", str(config), "-t", "-i"])[0] == EX_OK
+    assert server.lines[0] == "AUTH t1"
+
+
+def test_environment_names_the_server_and_token(line_server, monkeypatch):
+    server = line_server()
+    monkeypatch.setenv("SMTPGATE_SERVER", server.uri)
+    monkeypatch.setenv("SMTPGATE_TOKEN", "env-token")
+    assert run(["-t", "-i"])[0] == EX_OK
+    assert server.lines[0] == "AUTH env-token"
+
+
+@pytest.mark.parametrize("error, exit_code", [
+    ("ERR BUSY spool full", EX_TEMPFAIL),
+    ("ERR INTERNAL disk I/O error", EX_TEMPFAIL),
+    ("ERR BAD_ADDRESS not an address: kelly@", EX_NOUSER),
+    ("ERR DENIED recipient outside the policy", EX_NOUSER),
+    ("ERR BAD_HEADER header Subject: contains CR", EX_DATAERR),
+    ("ERR TOO_LARGE over 25 MiB", EX_DATAERR),
+    ("ERR AUTH_REQUIRED send AUTH first", EX_NOPERM),
+])
+def test_daemon_errors_become_sendmail_exit_codes(line_server, error, exit_code):
+    server = line_server(reply=lambda line: error)
+    code, err = run(["--server", server.uri, "-t", "-i"])
+    assert code == exit_code
+    assert error[4:] in err
+
+
+def test_unreachable_daemon_is_a_temporary_failure(tmp_path):
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    assert run(["--server", f"tcp://127.0.0.1:{port}", "-t", "-i"])[0] == EX_TEMPFAIL
+    assert run(["--server", f"unix://{tmp_path}/absent.sock", "-t", "-i"])[0] == EX_TEMPFAIL
+
+
+def test_a_daemon_that_hangs_up_is_a_temporary_failure(line_server):
+    server = line_server()
+    server.server.RequestHandlerClass.handle = lambda self: None  # accept, then close
+    assert run(["--server", server.uri, "-t", "-i"])[0] == EX_TEMPFAIL
+
+
+def test_refusals_before_anything_is_sent(line_server, tmp_path):
+    server = line_server()
+    no_recipients = b"From: a@example.com\nSubject: s\n\nbody\n"
+    assert run(["--server", server.uri, "-t", "-i"], no_recipients)[0] == EX_USAGE
+    assert run(["--server", server.uri, "-t", "-i"], MESSAGE + b"\xff\xfe latin\n")[0] == EX_DATAERR
+    assert run(["--server", server.uri, "-bs"])[0] == EX_USAGE
+    assert run(["--server", server.uri, "-t", "-Z"])[0] == EX_USAGE
+    assert run(["--server", server.uri, "-t", "-f"])[0] == EX_USAGE
+    assert run(["--config", str(tmp_path / "missing.toml"), "-t"])[0] == EX_CONFIG
+    assert run(["--server", "nonsense", "-t", "-i"])[0] == EX_USAGE
+    assert server.lines == []
+
+
+def test_parse_args_accepts_what_mtas_accept():
+    opts = parse_args(["-t", "-oi", "-odi", "-oem", "-bm", "-B", "8BITMIME", "-N", "never",
+                       "-fme@example.com", "-FMe", "-q30m", "-O", "DeliveryMode=b", "--", "-x@y"])
+    assert opts.extract_recipients and not opts.dot_ends_input
+    assert (opts.sender, opts.full_name, opts.recipients) == ("me@example.com", "Me", ["-x@y"])
+
+
+def test_the_installed_command_runs_it(line_server):
+    """`smtpgate sendmail` (the console script) reaches sendmail.main with its argv."""
+    server = line_server()
+    smtpgate = Path(sys.executable).parent / "smtpgate"
+    result = subprocess.run([str(smtpgate), "sendmail", "-t", "-i", "-f", "bounce@example.com"],
+                            input=MESSAGE, capture_output=True, timeout=30,
+                            env=dict(os.environ, SMTPGATE_SERVER=server.uri))
+    assert result.returncode == 0, result.stderr
+    assert server.sends()[0]["from"] == "bounce@example.com"
