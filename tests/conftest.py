@@ -23,7 +23,9 @@ from pathlib import Path
 
 import pytest
 from aiosmtpd.controller import Controller
-from aiosmtpd.smtp import SMTP as AioSMTP
+
+
+from support import read_line
 
 ROOT = Path(__file__).resolve().parent.parent
 START_TIMEOUT = 20.0
@@ -241,28 +243,6 @@ class Daemon:
 
     def kill(self) -> None:
         self.stop(signal.SIGKILL)
-
-
-def read_line(sock: socket.socket, buffer: bytearray | None = None) -> str:
-    """Read one CRLF-terminated reply from `sock` (byte by byte is fine in tests)."""
-    data = bytearray()
-    while not data.endswith(b"\r\n"):
-        chunk = sock.recv(1)
-        if not chunk:
-            raise ConnectionError(f"closed after {bytes(data)!r}")
-        data += chunk
-    return data[:-2].decode()
-
-
-def read_lines(sock: socket.socket, count: int) -> list[str]:
-    """Read `count` CRLF-terminated replies, efficiently."""
-    data = b""
-    while data.count(b"\r\n") < count:
-        chunk = sock.recv(1 << 20)
-        if not chunk:
-            raise ConnectionError(f"closed after {data[-200:]!r}")
-        data += chunk
-    return [line.decode() for line in data.split(b"\r\n")[:count]]
 
 
 FAST_RETRIES = {"retry_base": 0.2, "retry_max": 1.0, "max_age": 60.0}

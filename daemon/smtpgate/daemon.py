@@ -95,6 +95,8 @@ class Daemon:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.stopping.set)
         loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload()))
+        # `smtpgate queue retry|delete` changed the spool behind our back.
+        loop.add_signal_handler(signal.SIGUSR1, lambda: asyncio.ensure_future(self.queue_changed()))
         systemd.notify("READY=1", f"STATUS=serving, version {__version__}")
         self.log.info("started", version=__version__, pid=os.getpid(),
                       upstreams=config.upstream or (["dev"] if config.dev else []))
@@ -121,7 +123,8 @@ class Daemon:
 
         spec = validate_send({"from": envelope_from, "to": recipients,
                               "raw": raw.decode("utf-8", "surrogateescape")},
-                             max_message_bytes=self.config.max_message_size)
+                             max_message_bytes=self.config.max_message_size,
+                             message_id_domain=self.config.message_id_domain or None)
         msg_id, _ = await self.spool.enqueue(spec.to_json(), spec.envelope_from,
                                              spec.recipients, None)
         self.delivery.wake()
@@ -146,6 +149,11 @@ class Daemon:
             except Exception:
                 self.log.exception("housekeeping_failed")
             await asyncio.sleep(tick)
+
+    async def queue_changed(self) -> None:
+        await self.spool.recount()
+        if not self.config.hold:
+            self.delivery.wake()
 
     async def reload(self) -> None:
         try:

@@ -251,7 +251,8 @@ class Connection:
                 raise RequestError(codes.BAD_REQUEST, f"SEND needs one JSON object: {exc}") from None
             if not isinstance(obj, dict):
                 raise RequestError(codes.BAD_REQUEST, "SEND needs one JSON object")
-            spec = validate_send(obj, max_message_bytes=self.config.max_message_size)
+            spec = validate_send(obj, max_message_bytes=self.config.max_message_size,
+                                 message_id_domain=self.config.message_id_domain or None)
             _check_policy(self.config, spec)
         except RequestError as exc:
             intake.counters["sends_refused"] += 1

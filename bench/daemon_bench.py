@@ -1,0 +1,232 @@
+#!/usr/bin/env python3
+"""The daemon's benchmark: durable intake, hand-off latency, end-to-end delivery.
+
+    python3 bench/daemon_bench.py [--rounds 3] [--seconds 5] [--e2e-messages 20000]
+
+- intake: SENDs accepted per second (durable: each OK after its fsync) at
+  1, 16 and 128 concurrent connections, with delivery on hold (`hold = true`,
+  like Postfix's HOLD queue in the anchors' intake figure). Load from
+  bench/loadgen.c (C, one blocking thread per connection) so the load costs
+  little of the 2 cores.
+- hand-off latency: p50/p99 of one SEND on an open connection (the
+  1-connection run).
+- end to end: SENDs from 16 connections while the daemon relays with 10
+  pooled connections to Postfix's smtp-sink; delivered messages per second
+  from the first SEND until STATS counts every message delivered.
+- references in the same run: the disk's durable-create rate
+  (anchors/fsync_bench.py), aiosmtplib with 10 reused connections to the
+  same smtp-sink. Rounds alternate ours and theirs; medians are reported.
+
+Writes a Markdown table to stdout and the raw figures to bench/out/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+OUT = HERE / "out"
+ANCHORS = Path(os.environ.get("SMTPGATE_ANCHORS", ROOT.parent / "shared" / "anchors"))
+REQUEST = ('SEND {"from":"app@example.com","to":"kelly@example.org","subject":"bench %d",'
+           '"text":"' + "x" * 1000 + '"}')
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on {port}")
+
+
+def build_loadgen() -> Path:
+    OUT.mkdir(exist_ok=True)
+    binary = OUT / "loadgen"
+    subprocess.run(["cc", "-O2", "-pthread", "-o", str(binary), str(HERE / "loadgen.c")], check=True)
+    return binary
+
+
+def start_sink() -> tuple[subprocess.Popen, int]:
+    port = free_port()
+    args = ["smtp-sink"] + (["-u", "nobody"] if os.geteuid() == 0 else []) + [f"127.0.0.1:{port}", "1024"]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    wait_port(port)
+    return proc, port
+
+
+class Daemon:
+    def __init__(self, workdir: Path, **settings):
+        self.port = free_port()
+        config = {"listen": [f"127.0.0.1:{self.port}"], "spool": str(workdir / "spool"),
+                  "upstream_tls": "none", "log_level": "warning", **settings}
+        path = workdir / "bench.toml"
+        path.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in config.items()))
+        self.log = open(workdir / "daemon.log", "ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "smtpgate", "serve", "--config", str(path)],
+                                     stdout=self.log, stderr=subprocess.STDOUT)
+        wait_port(self.port)
+
+    def request(self, line: str) -> str:
+        with socket.create_connection(("127.0.0.1", self.port), timeout=30) as s:
+            s.sendall(line.encode() + b"\n")
+            data = b""
+            while not data.endswith(b"\r\n"):
+                data += s.recv(65536)
+        return data.decode().strip()
+
+    def stats(self) -> dict:
+        return json.loads(self.request("STATS")[3:])
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(60)
+        self.log.close()
+
+
+def loadgen(binary: Path, port: int, conns: int, seconds: float) -> dict:
+    out = subprocess.run([str(binary), "127.0.0.1", str(port), str(conns), str(seconds), REQUEST],
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout)
+
+
+def fsync_reference(workdir: Path) -> float | None:
+    script = ANCHORS / "fsync_bench.py"
+    if not script.exists():
+        return None
+    out = subprocess.run([sys.executable, str(script), str(workdir), "1", "2000", "1024"],
+                         capture_output=True, text=True)
+    for line in out.stdout.splitlines():
+        # "SUMMARY single_file_dir  <median> <min> <max> <N>": write + fsync(file) + fsync(dir)
+        if line.startswith("SUMMARY single_file_dir "):
+            return float(line.split()[2])
+    return None
+
+
+async def aiosmtplib_reference(port: int, messages: int, conns: int) -> float:
+    import aiosmtplib
+
+    body = ("From: sender@example.com\r\nTo: rcpt@example.com\r\nSubject: ref\r\n\r\n" + "x" * 1000 + "\r\n")
+
+    async def one(n: int) -> None:
+        client = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, start_tls=False, use_tls=False)
+        await client.connect()
+        for _ in range(n):
+            await client.sendmail("sender@example.com", ["rcpt@example.com"], body)
+        await client.quit()
+
+    start = time.perf_counter()
+    await asyncio.gather(*(one(messages // conns) for _ in range(conns)))
+    return messages / (time.perf_counter() - start)
+
+
+def intake_round(binary: Path, workdir: Path, seconds: float) -> dict:
+    results = {}
+    for conns in (1, 16, 128):
+        run_dir = Path(tempfile.mkdtemp(dir=workdir))
+        daemon = Daemon(run_dir, upstream=["127.0.0.1:9"], hold=True)
+        try:
+            results[conns] = loadgen(binary, daemon.port, conns, seconds)
+            accepted = daemon.stats()["counters"]["accepted"]
+            assert accepted == results[conns]["requests"] - results[conns]["errors"], (accepted, results[conns])
+        finally:
+            daemon.stop()
+            shutil.rmtree(run_dir, ignore_errors=True)
+    return results
+
+
+def e2e_round(binary: Path, workdir: Path, sink_port: int, seconds: float) -> dict:
+    run_dir = Path(tempfile.mkdtemp(dir=workdir))
+    daemon = Daemon(run_dir, upstream=[f"127.0.0.1:{sink_port}"], connections_per_upstream=10)
+    try:
+        start = time.perf_counter()
+        sent = loadgen(binary, daemon.port, 16, seconds)
+        accepted = sent["requests"] - sent["errors"]
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            stats = daemon.stats()
+            if stats["counters"]["delivered"] >= accepted:
+                break
+            time.sleep(0.05)
+        elapsed = time.perf_counter() - start
+        return {"accepted": accepted, "delivered": stats["counters"]["delivered"],
+                "seconds": round(elapsed, 3), "rate": round(stats["counters"]["delivered"] / elapsed)}
+    finally:
+        daemon.stop()
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--seconds", type=float, default=5.0)
+    ap.add_argument("--skip-e2e", action="store_true")
+    args = ap.parse_args()
+
+    binary = build_loadgen()
+    workdir = Path(tempfile.mkdtemp(prefix="smtpgate-bench-", dir=os.environ.get("SCRATCH", "/var/tmp")))
+    sink = None
+    rounds = []
+    try:
+        if not args.skip_e2e and shutil.which("smtp-sink"):
+            sink, sink_port = start_sink()
+        for r in range(args.rounds):
+            row = {"fsync_durable_creates": fsync_reference(workdir)}
+            row["intake"] = intake_round(binary, workdir, args.seconds)
+            if sink:
+                row["aiosmtplib_10"] = round(asyncio.run(aiosmtplib_reference(sink_port, 20000, 10)))
+                row["e2e"] = e2e_round(binary, workdir, sink_port, args.seconds)
+            rounds.append(row)
+            print(f"round {r + 1}: {json.dumps(row)}", file=sys.stderr)
+    finally:
+        if sink:
+            sink.terminate()
+            sink.wait()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+    med = lambda values: statistics.median(v for v in values if v is not None) if any(v is not None for v in values) else None
+    OUT.mkdir(exist_ok=True)
+    (OUT / "daemon_bench.json").write_text(json.dumps(rounds, indent=1))
+    print(f"\nmachine: {platform.node()} {platform.machine()}, {os.cpu_count()} cores, "
+          f"Python {platform.python_version()}; {args.rounds} rounds of {args.seconds:g} s; medians\n")
+    print("| figure | smtpgate | reference in the same run |\n| --- | ---: | ---: |")
+    for conns in (1, 16, 128):
+        rate = med([r["intake"][conns]["rate"] for r in rounds])
+        ref = med([r["fsync_durable_creates"] for r in rounds]) if conns == 1 else None
+        print(f"| durable SENDs/s, {conns} connection{'s' if conns > 1 else ''} | {rate:,.0f} | "
+              + (f"disk: {ref:,.0f} durable creates/s one at a time |" if ref else "|"))
+    p50 = med([r["intake"][1]["p50_us"] for r in rounds])
+    p99 = med([r["intake"][1]["p99_us"] for r in rounds])
+    print(f"| hand-off latency, open connection, p50 / p99 | {p50 / 1000:.3f} / {p99 / 1000:.3f} ms | |")
+    if rounds and "e2e" in rounds[0]:
+        e2e = med([r["e2e"]["rate"] for r in rounds])
+        ref = med([r["aiosmtplib_10"] for r in rounds])
+        print(f"| delivered msgs/s end to end, 10 upstream connections, smtp-sink | {e2e:,.0f} | "
+              f"aiosmtplib alone, 10 reused connections: {ref:,.0f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

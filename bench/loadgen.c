@@ -1,0 +1,123 @@
+/*
+ * loadgen: a light load generator for the smtpgate line protocol.
+ *
+ * C, one blocking thread per connection, so that on a 2-core machine the
+ * load costs as little CPU as possible and the figure is the daemon's.
+ * Each thread sends one request line, waits for its reply, records the
+ * round-trip time, and repeats (no pipelining: this is what a PHP or C
+ * caller does). Prints one JSON object: requests, errors, seconds, rate,
+ * latency percentiles in microseconds.
+ *
+ *   loadgen HOST PORT CONNECTIONS SECONDS 'SEND {...}'
+ *
+ * The request may contain "%d", replaced by a per-request counter (for
+ * distinct subjects or idempotency keys).
+ */
+#define _GNU_SOURCE
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+#define MAX_SAMPLES 4000000
+
+static const char *host;
+static int port;
+static double seconds;
+static const char *request;
+static volatile int stop;
+static unsigned *samples; /* latency in microseconds */
+static long nsamples;
+static long errors;
+static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
+
+static double now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec / 1e9;
+}
+
+static int cmp(const void *a, const void *b) {
+    unsigned x = *(const unsigned *)a, y = *(const unsigned *)b;
+    return x < y ? -1 : x > y;
+}
+
+static void *worker(void *arg) {
+    long id = (long)arg;
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons(port)};
+    inet_pton(AF_INET, host, &sa.sin_addr);
+    if (connect(fd, (struct sockaddr *)&sa, sizeof sa) != 0) {
+        perror("connect");
+        exit(2);
+    }
+    int one = 1;
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    size_t cap = strlen(request) + 64;
+    char *line = malloc(cap);
+    char reply[4096];
+    unsigned *mine = malloc(sizeof(unsigned) * 1000000);
+    long n = 0, errs = 0;
+    while (!stop && n < 1000000) {
+        int len = snprintf(line, cap - 1, request, (int)(id * 1000000 + n));
+        line[len++] = '\n';
+        double t0 = now();
+        for (int off = 0; off < len;) {
+            ssize_t w = write(fd, line + off, len - off);
+            if (w <= 0) { perror("write"); exit(2); }
+            off += w;
+        }
+        size_t got = 0;
+        for (;;) {
+            ssize_t r = read(fd, reply + got, sizeof reply - 1 - got);
+            if (r <= 0) { fprintf(stderr, "connection closed\n"); exit(2); }
+            got += r;
+            if (got >= 2 && reply[got - 2] == '\r' && reply[got - 1] == '\n') break;
+            if (got == sizeof reply - 1) got = 0; /* long reply: keep only the end */
+        }
+        mine[n++] = (unsigned)((now() - t0) * 1e6);
+        if (strncmp(reply, "OK", 2) != 0) errs++;
+    }
+    pthread_mutex_lock(&lock);
+    for (long i = 0; i < n && nsamples < MAX_SAMPLES; i++) samples[nsamples++] = mine[i];
+    errors += errs;
+    pthread_mutex_unlock(&lock);
+    close(fd);
+    free(mine);
+    free(line);
+    return NULL;
+}
+
+int main(int argc, char **argv) {
+    if (argc != 6) {
+        fprintf(stderr, "usage: loadgen HOST PORT CONNECTIONS SECONDS REQUEST\n");
+        return 64;
+    }
+    host = argv[1];
+    port = atoi(argv[2]);
+    int conns = atoi(argv[3]);
+    seconds = atof(argv[4]);
+    request = argv[5];
+    samples = malloc(sizeof(unsigned) * MAX_SAMPLES);
+    pthread_t *threads = calloc(conns, sizeof *threads);
+    double t0 = now();
+    for (long i = 0; i < conns; i++) pthread_create(&threads[i], NULL, worker, (void *)i);
+    struct timespec ts = {(time_t)seconds, (long)((seconds - (time_t)seconds) * 1e9)};
+    nanosleep(&ts, NULL);
+    stop = 1;
+    for (int i = 0; i < conns; i++) pthread_join(threads[i], NULL);
+    double elapsed = now() - t0;
+    qsort(samples, nsamples, sizeof(unsigned), cmp);
+#define PCT(p) (nsamples ? samples[(long)((nsamples - 1) * (p))] : 0)
+    printf("{\"connections\": %d, \"requests\": %ld, \"errors\": %ld, \"seconds\": %.3f, "
+           "\"rate\": %.0f, \"p50_us\": %u, \"p90_us\": %u, \"p99_us\": %u, \"max_us\": %u}\n",
+           conns, nsamples, errors, elapsed, nsamples / elapsed, PCT(0.5), PCT(0.9), PCT(0.99),
+           PCT(1.0));
+    return 0;
+}
