@@ -1,0 +1,169 @@
+/*
+ * reader.c: the sans-IO reply reader. Bytes in (smtpgate_reader_feed),
+ * replies out (smtpgate_reader_get_reply); no socket anywhere, so any I/O
+ * layer (ours, an event loop's) can drive it and tests can feed it by hand.
+ *
+ * PROTOCOL.md, Framing: a reply is one line ending in CRLF,
+ * `OK[ PAYLOAD]` or `ERR CODE TEXT`. A bare LF is accepted too (the CR is
+ * dropped when present), like the daemon does for requests.
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "internal.h"
+
+smtpgate_reader *smtpgate_reader_new(size_t max_line)
+{
+    smtpgate_reader *r = calloc(1, sizeof *r);
+    if (r == NULL)
+        return NULL;
+    r->max_line = max_line ? max_line : SMTPGATE_READER_MAX_LINE;
+    return r;
+}
+
+void smtpgate_reader_free(smtpgate_reader *r)
+{
+    if (r == NULL)
+        return;
+    free(r->buf);
+    free(r);
+}
+
+void smtpgate_reply_free(smtpgate_reply *reply)
+{
+    if (reply == NULL)
+        return;
+    free(reply->payload);
+    free(reply);
+}
+
+static int reader_fail(smtpgate_reader *r, int err, const char *what, const char *line,
+                       size_t len)
+{
+    /* Quote at most 40 bytes of the offending line, non-printables as '?'. */
+    char shown[41];
+    size_t n = len < 40 ? len : 40;
+    for (size_t i = 0; i < n; i++) {
+        unsigned char ch = (unsigned char)line[i];
+        shown[i] = (ch >= 0x20 && ch < 0x7f) ? (char)ch : '?';
+    }
+    shown[n] = '\0';
+    r->err = err;
+    if (n)
+        snprintf(r->errstr, sizeof r->errstr, "%s: \"%s\"", what, shown);
+    else
+        snprintf(r->errstr, sizeof r->errstr, "%s", what);
+    return SMTPGATE_ERR;
+}
+
+int smtpgate_reader_feed(smtpgate_reader *r, const char *buf, size_t len)
+{
+    if (r->err)
+        return SMTPGATE_ERR;
+    if (len == 0)
+        return SMTPGATE_OK;
+    if (r->pos > 0 && (r->pos == r->len || r->cap - r->len < len)) {
+        /* Drop consumed bytes before growing: the buffer holds unread bytes only. */
+        memmove(r->buf, r->buf + r->pos, r->len - r->pos);
+        r->len -= r->pos;
+        r->pos = 0;
+    }
+    if (r->cap - r->len < len) {
+        size_t cap = r->cap ? r->cap : 4096;
+        while (cap - r->len < len) {
+            if (cap > ((size_t)-1) / 2)
+                return reader_fail(r, SMTPGATE_ERR_OOM, "reply buffer too large", "", 0);
+            cap *= 2;
+        }
+        char *p = realloc(r->buf, cap);
+        if (p == NULL)
+            return reader_fail(r, SMTPGATE_ERR_OOM, "out of memory", "", 0);
+        r->buf = p;
+        r->cap = cap;
+    }
+    memcpy(r->buf + r->len, buf, len);
+    r->len += len;
+    return SMTPGATE_OK;
+}
+
+/* A reply from one complete line (CR/LF already stripped), or SMTPGATE_ERR. */
+static int parse_line(smtpgate_reader *r, const char *line, size_t n, smtpgate_reply **out)
+{
+    const char *text;
+    size_t text_len;
+    smtpgate_reply *reply = calloc(1, sizeof *reply);
+    if (reply == NULL)
+        return reader_fail(r, SMTPGATE_ERR_OOM, "out of memory", "", 0);
+    if (memchr(line, '\0', n) != NULL) {
+        free(reply);
+        return reader_fail(r, SMTPGATE_ERR_PROTOCOL, "NUL byte in reply", line, n);
+    }
+    if (n >= 2 && memcmp(line, "OK", 2) == 0 && (n == 2 || line[2] == ' ')) {
+        reply->type = SMTPGATE_REPLY_OK;
+        text = n == 2 ? line + 2 : line + 3;
+        text_len = n == 2 ? 0 : n - 3;
+    } else if (n > 4 && memcmp(line, "ERR ", 4) == 0) {
+        const char *code = line + 4;
+        const char *end = memchr(code, ' ', n - 4);
+        size_t code_len = end ? (size_t)(end - code) : n - 4;
+        if (code_len == 0 || code_len >= SMTPGATE_CODE_SIZE) {
+            free(reply);
+            return reader_fail(r, SMTPGATE_ERR_PROTOCOL, "bad error code in reply", line, n);
+        }
+        reply->type = SMTPGATE_REPLY_ERR;
+        memcpy(reply->code, code, code_len);
+        reply->code[code_len] = '\0';
+        text = end ? end + 1 : code + code_len;
+        text_len = (size_t)(line + n - text);
+    } else {
+        free(reply);
+        return reader_fail(r, SMTPGATE_ERR_PROTOCOL, "unexpected reply", line, n);
+    }
+    reply->payload = malloc(text_len + 1);
+    if (reply->payload == NULL) {
+        free(reply);
+        return reader_fail(r, SMTPGATE_ERR_OOM, "out of memory", "", 0);
+    }
+    memcpy(reply->payload, text, text_len);
+    reply->payload[text_len] = '\0';
+    reply->len = text_len;
+    *out = reply;
+    return SMTPGATE_OK;
+}
+
+int smtpgate_reader_get_reply(smtpgate_reader *r, smtpgate_reply **reply)
+{
+    *reply = NULL;
+    if (r->err)
+        return SMTPGATE_ERR;
+    if (r->pos == r->len)
+        return SMTPGATE_OK; /* nothing buffered (buf may still be NULL) */
+    const char *start = r->buf + r->pos;
+    size_t avail = r->len - r->pos;
+    /* Resume the search where the last call stopped: feeding a long line in
+     * small pieces stays linear, not quadratic. */
+    const char *lf = avail > r->scanned ? memchr(start + r->scanned, '\n', avail - r->scanned)
+                                        : NULL;
+    if (lf == NULL) {
+        r->scanned = avail;
+        /* max_line counts the line without its CRLF; one pending CR is allowed. */
+        if (avail > r->max_line + 1) {
+            char what[64];
+            snprintf(what, sizeof what, "reply line longer than %zu bytes", r->max_line);
+            return reader_fail(r, SMTPGATE_ERR_PROTOCOL, what, start, avail);
+        }
+        return SMTPGATE_OK;
+    }
+    size_t n = (size_t)(lf - start);
+    r->pos += n + 1;
+    r->scanned = 0;
+    if (n > 0 && start[n - 1] == '\r')
+        n--;
+    if (n > r->max_line) {
+        char what[64];
+        snprintf(what, sizeof what, "reply line longer than %zu bytes", r->max_line);
+        return reader_fail(r, SMTPGATE_ERR_PROTOCOL, what, start, n);
+    }
+    return parse_line(r, start, n, reply);
+}

@@ -1,0 +1,338 @@
+/*
+ * smtpgate-send: hand one message to smtpgate from a shell script, a cron job
+ * or a monitoring alert (Zabbix, Nagios). The body comes from stdin; the id
+ * the daemon gave goes to stdout; the exit code says what happened.
+ */
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "smtpgate.h"
+
+/* Exit codes: documented in usage() and README.md; scripts depend on them. */
+enum {
+    EXIT_QUEUED = 0,      /* accepted (and, with --wait, sent) */
+    EXIT_REFUSED = 1,     /* the daemon refused the request: retrying will not help */
+    EXIT_USAGE = 2,       /* bad command line, unreadable attachment, invalid UTF-8 */
+    EXIT_UNREACHABLE = 3, /* no daemon took the message (down, busy, timed out): retry later */
+    EXIT_FAILED = 4,      /* --wait: the message failed for good */
+    EXIT_NOT_FINAL = 5    /* --wait: accepted, but not final when the time ran out */
+};
+
+#define DEFAULT_SERVER "tcp://127.0.0.1:2526"
+#define MAX_SERVERS 16
+
+static void usage(FILE *out)
+{
+    fputs(
+        "usage: smtpgate-send [--server URI]... -f FROM -t TO [-t TO]... [-c CC]... [-b BCC]...\n"
+        "                     -s SUBJECT [-r REPLY_TO] [-a FILE]... [-H 'Name: value']...\n"
+        "                     [--html] [--wait SECONDS] [--timeout SECONDS] [-k KEY] < body\n"
+        "\n"
+        "Hands one message to the smtpgate daemon and prints its id.\n"
+        "\n"
+        "  --server URI     tcp://HOST:PORT or unix:///PATH; repeat it to fail over to\n"
+        "                   the next daemon when one is down or busy\n"
+        "                   (default: $SMTPGATE_SERVER, else " DEFAULT_SERVER ")\n"
+        "  -f, --from       sender address\n"
+        "  -t, --to         recipient (repeatable); -c/--cc, -b/--bcc likewise\n"
+        "  -r, --reply-to   Reply-To address (repeatable)\n"
+        "  -s, --subject    subject (UTF-8)\n"
+        "  -a, --attach     attach a file (repeatable)\n"
+        "  -H, --header     extra header field 'Name: value' (repeatable)\n"
+        "  -k, --idempotency-key KEY   a repeat with the same key queues nothing new\n"
+        "      --html       the body on stdin is HTML, not plain text\n"
+        "      --wait N     wait up to N seconds for the message to be sent or to fail\n"
+        "      --timeout N  connect/read/write timeout in seconds (default 10)\n"
+        "  -h, --help       this text;  --version  the version\n"
+        "\n"
+        "The token for AUTH is read from $SMTPGATE_TOKEN (never from the command line,\n"
+        "where other users could read it in the process list).\n"
+        "\n"
+        "exit codes:\n"
+        "  0  queued (with --wait: sent)\n"
+        "  1  refused by the daemon (bad address, denied, auth failed, too large, ...)\n"
+        "  2  usage error (bad option, unreadable attachment, invalid UTF-8)\n"
+        "  3  daemon unreachable or busy on every server: nothing was handed off\n"
+        "  4  with --wait: the message failed\n"
+        "  5  with --wait: accepted, but not sent or failed when the time ran out\n",
+        out);
+}
+
+struct options {
+    const char *servers[MAX_SERVERS];
+    int n_servers;
+    int html, wait_seconds, timeout_seconds;
+};
+
+static int die_usage(const char *fmt, const char *arg)
+{
+    fprintf(stderr, "smtpgate-send: ");
+    fprintf(stderr, fmt, arg);
+    fprintf(stderr, "\ntry 'smtpgate-send --help'\n");
+    return EXIT_USAGE;
+}
+
+static int parse_seconds(const char *s, int *out)
+{
+    char *end;
+    errno = 0;
+    long v = strtol(s, &end, 10);
+    if (errno || end == s || *end || v < 0 || v > 86400)
+        return -1;
+    *out = (int)v;
+    return 0;
+}
+
+/* Adds "Name: value" as an extra header; -1 when there is no colon. */
+static int add_header(smtpgate_msg *m, const char *field)
+{
+    const char *colon = strchr(field, ':');
+    if (colon == NULL || colon == field)
+        return -1;
+    char *name = malloc((size_t)(colon - field) + 1);
+    if (name == NULL)
+        return -1;
+    memcpy(name, field, (size_t)(colon - field));
+    name[colon - field] = '\0';
+    const char *value = colon + 1;
+    while (*value == ' ' || *value == '\t')
+        value++;
+    smtpgate_msg_add_header(m, name, value);
+    free(name);
+    return 0;
+}
+
+/* Fills opts and m from argv; returns -1 to go on, or an exit code. */
+static int parse_args(int argc, char **argv, struct options *opts, smtpgate_msg *m,
+                      int *have_from, int *have_rcpt, int *have_subject)
+{
+    static const struct {
+        char short_name;
+        const char *long_name;
+        int takes_arg;
+    } table[] = {
+        {'f', "from", 1},   {'t', "to", 1},     {'c', "cc", 1},      {'b', "bcc", 1},
+        {'r', "reply-to", 1}, {'s', "subject", 1}, {'a', "attach", 1}, {'H', "header", 1},
+        {'k', "idempotency-key", 1}, {'S', "server", 1}, {'W', "wait", 1},
+        {'T', "timeout", 1}, {'m', "html", 0},  {'h', "help", 0},    {'V', "version", 0},
+    };
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i], *value = NULL;
+        char key = 0;
+        if (strcmp(a, "--") == 0) {
+            if (i + 1 < argc)
+                return die_usage("unexpected argument '%s'", argv[i + 1]);
+            break;
+        }
+        for (size_t k = 0; k < sizeof table / sizeof table[0] && !key; k++) {
+            size_t ln = strlen(table[k].long_name);
+            if (a[0] == '-' && a[1] == '-' && strncmp(a + 2, table[k].long_name, ln) == 0 &&
+                (a[2 + ln] == '\0' || (a[2 + ln] == '=' && table[k].takes_arg))) {
+                key = table[k].short_name;
+                if (a[2 + ln] == '=')
+                    value = a + 3 + ln;
+            } else if (a[0] == '-' && a[1] == table[k].short_name && a[1] != '-' &&
+                       strchr("SWTmV", a[1]) == NULL) { /* internal keys have no short form */
+                key = table[k].short_name;
+                if (a[2] != '\0') {
+                    if (!table[k].takes_arg)
+                        return die_usage("unknown option '%s'", a);
+                    value = a + 2; /* -fFROM */
+                }
+            }
+            if (key && table[k].takes_arg && value == NULL) {
+                if (i + 1 >= argc)
+                    return die_usage("option '%s' needs a value", a);
+                value = argv[++i];
+            }
+        }
+        if (!key)
+            return die_usage(a[0] == '-' ? "unknown option '%s'" : "unexpected argument '%s'", a);
+        switch (key) {
+        case 'f': smtpgate_msg_set_from(m, value); *have_from = 1; break;
+        case 't': smtpgate_msg_add_to(m, value); *have_rcpt = 1; break;
+        case 'c': smtpgate_msg_add_cc(m, value); *have_rcpt = 1; break;
+        case 'b': smtpgate_msg_add_bcc(m, value); *have_rcpt = 1; break;
+        case 'r': smtpgate_msg_add_reply_to(m, value); break;
+        case 's': smtpgate_msg_set_subject(m, value); *have_subject = 1; break;
+        case 'a': smtpgate_msg_attach_file(m, value, NULL, NULL); break;
+        case 'k': smtpgate_msg_set_idempotency_key(m, value); break;
+        case 'H':
+            if (add_header(m, value) != 0)
+                return die_usage("header '%s' is not 'Name: value'", value);
+            break;
+        case 'S':
+            if (opts->n_servers == MAX_SERVERS)
+                return die_usage("more than 16 servers at '%s'", value);
+            opts->servers[opts->n_servers++] = value;
+            break;
+        case 'W':
+            if (parse_seconds(value, &opts->wait_seconds) != 0)
+                return die_usage("--wait needs seconds (0..86400), got '%s'", value);
+            break;
+        case 'T':
+            if (parse_seconds(value, &opts->timeout_seconds) != 0 || opts->timeout_seconds == 0)
+                return die_usage("--timeout needs seconds (1..86400), got '%s'", value);
+            break;
+        case 'm': opts->html = 1; break;
+        case 'h': usage(stdout); return EXIT_QUEUED;
+        case 'V': printf("smtpgate-send %s (protocol %d)\n", SMTPGATE_VERSION, SMTPGATE_PROTOCOL_VERSION); return EXIT_QUEUED;
+        }
+    }
+    return -1;
+}
+
+/* Reads all of stdin into the message body. */
+static int read_body(smtpgate_msg *m, int html)
+{
+    size_t cap = 65536, len = 0;
+    char *body = malloc(cap);
+    if (body == NULL)
+        return -1;
+    for (;;) {
+        if (len == cap) {
+            char *p = cap > ((size_t)-1) / 2 ? NULL : realloc(body, cap * 2);
+            if (p == NULL) {
+                free(body);
+                return -1;
+            }
+            body = p;
+            cap *= 2;
+        }
+        size_t n = fread(body + len, 1, cap - len, stdin);
+        len += n;
+        if (n == 0)
+            break;
+    }
+    int bad = ferror(stdin);
+    if (!bad) {
+        if (html)
+            smtpgate_msg_set_html_n(m, body, len);
+        else
+            smtpgate_msg_set_text_n(m, body, len);
+    }
+    free(body);
+    return bad ? -1 : 0;
+}
+
+/* Hands m to the first server that takes it: a server that is down, busy
+ * (BUSY, INTERNAL: nothing was stored) or fails mid-request makes us try the
+ * next one. Mid-request failover is at-least-once: a daemon that stored the
+ * message but lost the connection before answering may deliver a duplicate.
+ * Returns the context that took it (id filled) or NULL with *code set. */
+static smtpgate_ctx *hand_off(const struct options *opts, const smtpgate_msg *m,
+                              const char *token, char *id, int *code)
+{
+    int timeout_ms = (opts->timeout_seconds ? opts->timeout_seconds : 10) * 1000;
+    *code = EXIT_UNREACHABLE;
+    for (int i = 0; i < opts->n_servers; i++) {
+        smtpgate_ctx *c = smtpgate_connect(opts->servers[i], timeout_ms);
+        if (c == NULL) {
+            fprintf(stderr, "smtpgate-send: out of memory\n");
+            return NULL;
+        }
+        if (!c->err && token != NULL)
+            smtpgate_auth(c, token);
+        if (!c->err)
+            smtpgate_send(c, m, id, SMTPGATE_ID_SIZE);
+        if (!c->err)
+            return c;
+        fprintf(stderr, "smtpgate-send: %s\n", c->errstr);
+        int retry_elsewhere = c->err != SMTPGATE_ERR_SERVER || strcmp(c->code, "BUSY") == 0 ||
+                              strcmp(c->code, "INTERNAL") == 0;
+        if (c->err == SMTPGATE_ERR_INVALID)
+            *code = EXIT_USAGE, retry_elsewhere = 0;
+        else if (!retry_elsewhere)
+            *code = EXIT_REFUSED;
+        smtpgate_free(c);
+        if (!retry_elsewhere)
+            return NULL;
+    }
+    return NULL;
+}
+
+/* WAIT until the message is final or `seconds` passed; returns the exit code. */
+static int wait_final(smtpgate_ctx *c, const char *id, int seconds)
+{
+    time_t until = time(NULL) + seconds;
+    smtpgate_state state = SMTPGATE_STATE_UNKNOWN;
+    char *json = NULL;
+    for (;;) {
+        time_t now = time(NULL);
+        int left = now >= until ? 0 : (int)(until - now);
+        free(json);
+        json = NULL;
+        if (smtpgate_wait(c, id, left, &state, &json) != SMTPGATE_OK) {
+            fprintf(stderr, "smtpgate-send: message %s queued, but waiting failed: %s\n", id,
+                    c->errstr);
+            return EXIT_NOT_FINAL;
+        }
+        /* The daemon may cap one WAIT below what we asked: ask again while time is left. */
+        if (state == SMTPGATE_STATE_SENT || state == SMTPGATE_STATE_FAILED || left == 0 ||
+            time(NULL) >= until)
+            break;
+    }
+    int code = state == SMTPGATE_STATE_SENT     ? EXIT_QUEUED
+               : state == SMTPGATE_STATE_FAILED ? EXIT_FAILED
+                                                : EXIT_NOT_FINAL;
+    if (code != EXIT_QUEUED)
+        fprintf(stderr, "smtpgate-send: message %s is %s: %s\n", id, smtpgate_state_name(state),
+                json);
+    free(json);
+    return code;
+}
+
+int main(int argc, char **argv)
+{
+    struct options opts;
+    memset(&opts, 0, sizeof opts);
+    int have_from = 0, have_rcpt = 0, have_subject = 0;
+    smtpgate_msg *m = smtpgate_msg_new();
+    if (m == NULL) {
+        fprintf(stderr, "smtpgate-send: out of memory\n");
+        return EXIT_USAGE;
+    }
+    int code = parse_args(argc, argv, &opts, m, &have_from, &have_rcpt, &have_subject);
+    if (code >= 0) {
+        smtpgate_msg_free(m);
+        return code;
+    }
+    if (!have_from || !have_rcpt || !have_subject) {
+        smtpgate_msg_free(m);
+        return die_usage("%s", !have_from   ? "-f FROM is required"
+                               : !have_rcpt ? "at least one -t, -c or -b is required"
+                                            : "-s SUBJECT is required");
+    }
+    if (opts.n_servers == 0) {
+        const char *env = getenv("SMTPGATE_SERVER");
+        opts.servers[opts.n_servers++] = env && *env ? env : DEFAULT_SERVER;
+    }
+    if (read_body(m, opts.html) != 0) {
+        smtpgate_msg_free(m);
+        fprintf(stderr, "smtpgate-send: cannot read the body from stdin\n");
+        return EXIT_USAGE;
+    }
+    if (smtpgate_msg_error(m) != NULL) {
+        fprintf(stderr, "smtpgate-send: %s\n", smtpgate_msg_error(m));
+        smtpgate_msg_free(m);
+        return EXIT_USAGE;
+    }
+    const char *token = getenv("SMTPGATE_TOKEN");
+    if (token != NULL && *token == '\0')
+        token = NULL;
+    char id[SMTPGATE_ID_SIZE];
+    smtpgate_ctx *c = hand_off(&opts, m, token, id, &code);
+    smtpgate_msg_free(m);
+    if (c == NULL)
+        return code;
+    printf("%s\n", id);
+    fflush(stdout);
+    code = EXIT_QUEUED;
+    if (opts.wait_seconds > 0)
+        code = wait_final(c, id, opts.wait_seconds);
+    smtpgate_free(c);
+    return code;
+}
