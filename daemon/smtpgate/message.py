@@ -105,13 +105,15 @@ _MSG_ID = re.compile(r"<[!-;=?-~]{1,250}@[!-;=?-~]{1,250}>")   # no <, >, space,
 _CONTENT_ID = re.compile(r"[!-;=?-~]{1,200}")
 _RESTRICTED_NAME = r"[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}"   # RFC 6838 4.2
 _MIME_TYPE = re.compile(rf"({_RESTRICTED_NAME})/({_RESTRICTED_NAME})")
-# Names with RFC 5322 specials are quoted; so are names holding "=?", which a
-# reader would otherwise decode as an encoded-word (RFC 2047 5(3)).
-_QUOTE_SPECIALS = re.compile(r'[][\\()<>@,:;".]|=\?')
+# ASCII names with RFC 5322 specials are quoted. ASCII text that already holds
+# encoded-words (PHP's mb_encode_mimeheader output) is passed on as is, so
+# readers decode it as the caller meant.
+_QUOTE_SPECIALS = re.compile(r'[][\\()<>@,:;".]')
 _RAW_HEADER_LINE = re.compile(r"[!-9;-~]+[ \t]*:")
 _RAW_DATE = re.compile(r"^date[ \t]*:", re.I | re.M)
 _RAW_MSG_ID = re.compile(r"^message-id[ \t]*:[ \t]*(.*)$", re.I | re.M)
 _LONG_LINE = re.compile(rb"[^\n]{%d}" % (MAX_LINE_OCTETS + 1))
+_SPACES = re.compile(" {2,}")
 _B64_SPACE = re.compile(r"[ \t\r\n]+")
 
 _FIELDS = frozenset({
@@ -314,7 +316,7 @@ def _mailbox(value: str, field_name: str) -> tuple[str, str, bool]:
             name = re.sub(r'\\(.)', r"\1", name[1:-1])
         elif "<" in name or ">" in name:
             raise RequestError(BAD_ADDRESS, f"{field_name}: unbalanced '<' in {value[:100]!r}")
-        name = " ".join(name.split(" "))  # runs of spaces would fold into all-blank lines
+        name = _SPACES.sub(" ", name).strip(" ")  # runs of spaces could fold into blank lines
         if len(name) > MAX_NAME_CHARS:
             raise RequestError(BAD_HEADER, f"{field_name}: display name longer than {MAX_NAME_CHARS} characters")
         if _BAD_NAME.search(name):
@@ -575,7 +577,10 @@ def build_message(spec: MessageSpec) -> bytes:
     buf = io.BytesIO()
     buf.write("".join(out).encode("utf-8"))
     BytesGenerator(buf, mangle_from_=False, policy=_POLICY).flatten(_mime_tree(spec))
-    return buf.getvalue()
+    data = buf.getvalue()
+    # DATA ends with CRLF "." CRLF (RFC 5321 4.1.1.4): a body without a final
+    # line break gets one here rather than from each SMTP client.
+    return data if data.endswith(b"\r\n") else data + b"\r\n"
 
 
 def _mime_tree(spec: MessageSpec):
