@@ -6,18 +6,23 @@ on retry gives the same headers. Everything that could make the build fail or
 inject a header is refused here: `build_message(spec)` never sees an
 unvalidated field and cannot fail on a spec that validation returned.
 
-Why two steps: building costs ~0.1-0.3 ms of CPU, more than half of the
-0.5 ms hand-off budget, so intake only validates (~10-20 µs for a simple text
-message) and the delivery worker builds.
+Why two steps: building costs ~0.1-0.5 ms of CPU, up to the whole 0.5 ms
+hand-off budget, so intake only validates (~13-20 us for a text message) and
+the delivery worker builds.
 
-How the bytes are built. `EmailMessage` with `policy.SMTP` costs ~750-850 µs
-for a simple message here, the compat32 `email.mime` classes ~140-200 µs. We
+How the bytes are built. `EmailMessage` with `policy.SMTP` costs ~700-850 us
+for a simple message here, the compat32 `email.mime` classes ~90-200 us. We
 use compat32 for the MIME tree (multipart/alternative, related, mixed, body
 and attachment encodings, RFC 2231 filenames) and write the top-level
 headers ourselves with the package's RFC 2047 encoders (`email.header.Header`,
 `email.charset`), because compat32 would turn an internationalised address
 (RFC 6532, SMTPUTF8) into encoded-words, which RFC 2047 section 5 forbids in
-an addr-spec. Measured figures: bench/message_bench.py prints them.
+an addr-spec.
+
+Measured with `python3 bench/message_bench.py 5 2000` (2-core VM, Python
+3.11.7, medians of 5 runs), validate / build / EmailMessage+policy.SMTP:
+simple text 12.7 / 93 / 699 us; UTF-8 text+html 19.5 / 288 / 1881 us;
+text+html+10 KiB attachment 56 / 530 / 2212 us.
 
 Line lengths (RFC 5322 2.1.1: at most 998 octets + CRLF): header values are
 folded at 78 columns; encoded-words are at most 75 characters (RFC 2047 2);
