@@ -422,7 +422,7 @@ def test_send_status_wait_ping_hello_stats_against_the_daemon(daemon, upstream):
     message = received.message
     assert message["Subject"] == "记得收衣服"
     assert "hidden@example.org" not in received.data.decode("ascii", "replace")
-    assert message.get_body(("plain",)).get_content().replace("\r\n", "\n") == "今天我不回家\n晚饭自己吃。\n"
+    assert message.get_body(("plain",)).get_content().replace("\r\n", "\n").rstrip("\n") == MESSAGE["text"]
     assert "今天我不回家" in message.get_body(("html",)).get_content()
 
 
@@ -506,6 +506,27 @@ def test_errors_the_daemon_gives_arrive_as_their_classes(make_daemon):
     for code, outcome in result.items():
         assert outcome.get("code") == code, (code, outcome)
         assert outcome["class"] == "".join(p.capitalize() for p in code.split("_")) + "Exception"
+
+
+def test_busy_daemon_refuses_with_busy_exception(make_daemon):
+    daemon = make_daemon(min_free_space=10**18)  # "disk low": the spool refuses every SEND
+    result = run_php("""
+        report(outcome(fn () => (new Client($args['uri']))->send(['from' => 'a@example.com', 'to' => 'b@example.org'])));
+    """, {"uri": daemon.uri})
+    assert (result["class"], result["code"], result["retryable"]) == ("BusyException", "BUSY", True)
+
+
+def test_connection_closed_by_the_daemons_idle_timeout_is_reopened(make_daemon, upstream):
+    daemon = make_daemon(idle_timeout=0.3)
+    result = run_php("""
+        $gate = new Client($args['uri']);
+        $gate->ping();
+        usleep(900000); // the daemon closes the idle connection meanwhile
+        $id = $gate->send(['from' => 'app@example.com', 'to' => 'kelly@example.org', 'subject' => '空闲后']);
+        report(['state' => $gate->wait($id, 15)['state'], 'connections' => $gate->stats()['intake']['connections']]);
+    """, {"uri": daemon.uri})
+    assert result == {"state": "sent", "connections": 2}
+    assert [m.message["Subject"] for m in upstream.wait_for(1)] == ["空闲后"]
 
 
 def test_token_daemon_requires_auth(make_daemon):
