@@ -116,7 +116,8 @@ def fsync_reference(workdir: Path) -> float | None:
     script = ANCHORS / "fsync_bench.py"
     if not script.exists():
         return None
-    out = subprocess.run([sys.executable, str(script), str(workdir), "1", "2000", "1024"],
+    # fsync_bench.py removes its directory when done: give it one of its own.
+    out = subprocess.run([sys.executable, str(script), str(workdir / "fsync"), "1", "2000", "1024"],
                          capture_output=True, text=True)
     for line in out.stdout.splitlines():
         # "SUMMARY single_file_dir  <median> <min> <max> <N>": write + fsync(file) + fsync(dir)
