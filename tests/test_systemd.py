@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import socket
+import struct
 import subprocess
 import sys
 import textwrap
@@ -18,6 +19,8 @@ from pathlib import Path
 import pytest
 
 from smtpgate import systemd
+
+START_TIMEOUT = 20.0
 
 REPO = Path(__file__).resolve().parent.parent
 UNITS = REPO / "systemd"
@@ -244,3 +247,97 @@ def test_example_config_loads():
     assert config.socket == "/run/smtpgate/smtpgate.sock"
     assert config.spool == "/var/lib/smtpgate"
     assert config.listen == ["127.0.0.1:2526"]
+
+
+# --- the daemon started as systemd starts it --------------------------------
+
+SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)  # Linux, asm-generic/socket.h
+
+
+def _stamped_recv(sock, size=65536):
+    """recvmsg with the kernel's receive timestamp (ns, CLOCK_REALTIME)."""
+    data, ancillary, _, _ = sock.recvmsg(size, 1024)
+    for level, kind, payload in ancillary:
+        if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS:
+            seconds, nanoseconds = struct.unpack("qq", payload[:16])
+            return data, seconds * 1_000_000_000 + nanoseconds
+    raise AssertionError("no receive timestamp")
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_socket_activated_daemon_is_ready_before_it_serves(make_daemon, upstream, tmp_path):
+    """LISTEN_FDS sockets and NOTIFY_SOCKET as systemd passes them.
+
+    A request is queued on the inherited TCP socket before the daemon runs.
+    Which came first, READY=1 or the reply, is read from the kernel's
+    receive timestamps of the two sockets (SO_TIMESTAMPNS), so the order is
+    established without any timing assumption.
+    """
+    daemon = make_daemon(start=False, smtp_listen=f"127.0.0.1:{_free_port()}")
+    daemon.write_config()
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify.sock"))
+    notify.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+    notify.settimeout(START_TIMEOUT)
+    tcp = socket.create_server(("127.0.0.1", 0))
+    unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    unix.bind(daemon.unix)
+    unix.listen()
+
+    early = socket.socket()
+    early.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+    early.settimeout(START_TIMEOUT)
+    early.connect(tcp.getsockname())
+    early.sendall(b"PING\n")  # waits in the listen backlog
+
+    daemon.log_offset = 0
+    daemon.log_file = open(daemon.log_path, "ab")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", NOTIFY_SOCKET=str(tmp_path / "notify.sock"),
+               WATCHDOG_USEC="400000")
+    daemon.proc = spawn_socket_activated(
+        [sys.executable, "-m", "smtpgate", "serve", "--config", str(daemon.config_path),
+         "--log-format", "json"],
+        [("tcp", tcp), ("unix", unix)], env,
+        stdout=daemon.log_file, stderr=subprocess.STDOUT, cwd=daemon.workdir)
+    tcp_address = tcp.getsockname()
+    tcp.close()
+    unix.close()
+    try:
+        datagrams = []
+        while not any(d.startswith(b"READY=1") for d, _ in datagrams):
+            datagrams.append(_stamped_recv(notify))
+        ready_at = next(t for d, t in datagrams if d.startswith(b"READY=1"))
+        reply, replied_at = _stamped_recv(early)
+        assert reply == b"OK PONG\r\n"
+        assert ready_at < replied_at, "the first request was served before READY=1"
+
+        # The inherited sockets are the daemon's listeners: a message handed
+        # over on the Unix one reaches the upstream, and no listener of its
+        # own was opened (the config says 127.0.0.1:0).
+        daemon.wait_listening()
+        assert daemon.tcp == tcp_address
+        listening = [line["address"] for line in daemon.log_lines() if line.get("event") == "listening"]
+        assert sorted(listening) == sorted([f"127.0.0.1:{tcp_address[1]}", daemon.unix])
+        from smtpgate.client import LineClient
+        with LineClient(daemon.unix_uri) as client:
+            msg_id = client.send({"from": "app@example.com", "to": "kelly@example.org",
+                                  "subject": "activated", "text": "via fd 4"})
+            assert client.wait(msg_id, 20)["state"] == "sent"
+        assert upstream.messages[0].message["Subject"] == "activated"
+
+        # WatchdogSec= (WATCHDOG_USEC) gets pings, STATUS= tells the queue.
+        seen = b"\n".join(d for d, _ in datagrams)
+        while b"WATCHDOG=1" not in seen or b"STATUS=queue" not in seen:
+            seen += b"\n" + _stamped_recv(notify)[0]
+        daemon.stop()
+        while b"STOPPING=1" not in seen:
+            seen += b"\n" + _stamped_recv(notify)[0]
+        assert daemon.proc.returncode == 0
+    finally:
+        early.close()
+        notify.close()
