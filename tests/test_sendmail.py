@@ -1,13 +1,14 @@
 """`smtpgate sendmail` against a throwaway server speaking the line protocol
 over real TCP and Unix sockets: what goes on the wire, and the exit codes.
-(The way through the real daemon to a real upstream, with real php, is in
-test_frontdoors_e2e.py.)"""
+At the end, the whole way: real `php` calling mail() through `smtpgate
+sendmail` into the real daemon and on to a real (aiosmtpd) upstream."""
 
 from __future__ import annotations
 
 import io
 import json
 import os
+import shutil
 import socket
 import socketserver
 import subprocess
@@ -226,3 +227,79 @@ def test_the_installed_command_runs_it(line_server):
                             env=dict(os.environ, SMTPGATE_SERVER=server.uri))
     assert result.returncode == 0, result.stderr
     assert server.sends()[0]["from"] == "bounce@example.com"
+
+
+# --- end to end: php mail() -> smtpgate sendmail -> daemon -> upstream ------
+
+SMTPGATE = Path(sys.executable).parent / "smtpgate"
+php = pytest.mark.skipif(shutil.which("php") is None, reason="php not installed")
+
+# mail() as PHP applications call it: headers as an array (PHP >= 7.2), the
+# envelope sender in the fifth parameter.
+PHP_MAIL = r"""
+$ok = mail(
+    "Kelly <kelly@example.org>, ops@example.org",
+    "Order 42 shipped",
+    "Hello Kelly,\n\nyour order 42 is on its way: 3 × Tee, 1 × Mug.\n.\nThe end.\n",
+    [
+        "From" => "Shop <shop@example.com>",
+        "Reply-To" => "support@example.com",
+        "Cc" => "archive@example.net",
+        "Bcc" => "audit@example.com",
+        "X-Order" => "42",
+        "MIME-Version" => "1.0",
+        "Content-Type" => "text/plain; charset=UTF-8",
+    ],
+    "-fbounce@example.com"
+);
+echo $ok ? "sent" : "failed";
+"""
+
+
+def run_php_mail(server_uri):
+    return subprocess.run(
+        ["php", "-n", "-d", f"sendmail_path={SMTPGATE} sendmail -t -i", "-r", PHP_MAIL],
+        capture_output=True, text=True, timeout=60,
+        env=dict(os.environ, SMTPGATE_SERVER=server_uri))
+
+
+@php
+def test_php_mail_reaches_the_upstream_with_headers_intact(daemon, upstream):
+    result = run_php_mail(daemon.unix_uri)
+    assert (result.returncode, result.stdout) == (0, "sent"), result.stderr
+    [received] = upstream.wait_for(1)
+    assert received.mail_from == "bounce@example.com"
+    assert sorted(received.rcpt_tos) == ["archive@example.net", "audit@example.com",
+                                         "kelly@example.org", "ops@example.org"]
+    message = received.message
+    assert message["To"] == "Kelly <kelly@example.org>, ops@example.org"
+    assert message["Subject"] == "Order 42 shipped"
+    assert message["From"] == "Shop <shop@example.com>"
+    assert message["Reply-To"] == "support@example.com"
+    assert message["Cc"] == "archive@example.net"
+    assert message["X-Order"] == "42"
+    assert message["Bcc"] is None and b"audit@" not in received.data
+    assert message["Message-ID"] and message["Date"], "the daemon adds what PHP leaves out"
+    # The body as PHP wrote it (it ends it with one more CRLF), in CRLF line
+    # endings, the lone dot kept (dot-stuffed on the wire, unstuffed by the upstream).
+    body = received.data.split(b"\r\n\r\n", 1)[1]
+    assert body == ("Hello Kelly,\r\n\r\nyour order 42 is on its way: 3 × Tee, 1 × Mug.\r\n"
+                    ".\r\nThe end.\r\n\r\n").encode()
+
+
+@php
+def test_php_mail_returns_false_when_the_daemon_is_down(tmp_path):
+    result = run_php_mail(f"unix://{tmp_path}/no-daemon.sock")
+    assert result.stdout == "failed"
+
+
+def test_sendmail_into_the_real_daemon_over_tcp(daemon, upstream):
+    result = subprocess.run(
+        [str(SMTPGATE), "sendmail", "-i", "-f", "bounce@example.com", "-F", "Night Job",
+         "--server", daemon.uri, "ops@example.org"],
+        input=b"Subject: nightly backup\n\nbackup ok\n", capture_output=True, timeout=30)
+    assert result.returncode == EX_OK, result.stderr
+    [received] = upstream.wait_for(1)
+    assert received.rcpt_tos == ["ops@example.org"]
+    assert received.message["From"] == "Night Job <bounce@example.com>"
+    assert received.message["Subject"] == "nightly backup"
