@@ -23,6 +23,7 @@ import shutil
 import socket
 import subprocess
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -136,6 +137,13 @@ class ScriptedPeer:
                     if close:
                         conn.shutdown(socket.SHUT_RDWR)
                         return
+
+    def wait_lines(self, count: int, timeout: float = 5.0) -> list[bytes]:
+        """All request lines once `count` have arrived (bounded): for requests without a reply."""
+        deadline = time.monotonic() + timeout
+        while len(self.all_lines()) < count and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return self.all_lines()
 
     def all_lines(self) -> list[bytes]:
         with self.lock:
@@ -298,6 +306,19 @@ def test_a_close_racing_with_a_request_repeats_only_requests_safe_to_repeat(scri
     assert seen["send_with_key"] == ({"value": "01SCRIPTED"}, [b"PING", b"SEND", b"SEND"])
 
 
+def test_close_says_quit_and_the_next_request_reconnects(scripted):
+    peer = scripted()
+    result = run_php("""
+        $gate = new Client($args['uri']);
+        $before = [$gate->endpoint(), $gate->ping(), $gate->endpoint()];
+        $gate->close();
+        report([...$before, $gate->endpoint(), $gate->ping()]);
+    """, {"uri": peer.uri})
+    assert result == ["", True, peer.uri, "", True]
+    peer.wait_lines(3)  # QUIT has no reply to wait for
+    assert [bytes(r) for r in peer.received] == [b"PING\nQUIT\n", b"PING\n"]
+
+
 def test_a_reply_that_never_comes_is_a_timeout(scripted):
     peer = scripted(lambda line, conn, req: b"")  # reads, never answers
     result = run_php("""
@@ -394,9 +415,10 @@ def test_daemon_that_is_down_is_a_connection_exception(tmp_path):
     result = run_php("""
         report([outcome(fn () => (new Client("tcp://127.0.0.1:{$args['port']}"))->send(['from' => 'a@example.com', 'to' => 'b@example.org'])),
                 outcome(fn () => (new Client("unix://{$args['path']}"))->ping()),
-                outcome(fn () => (new Client(["tcp://127.0.0.1:{$args['port']}", "unix://{$args['path']}"]))->ping())]);
+                outcome(fn () => (new Client(["tcp://127.0.0.1:{$args['port']}", "unix://{$args['path']}"]))->ping()),
+                outcome(fn () => (new Client("tcp://127.0.0.1:{$args['port']}"))->sendMany([['from' => 'a@example.com', 'to' => 'b@example.org']]))]);
     """, {"port": free_port(), "path": str(tmp_path / "no-daemon.sock")})
-    assert [r["class"] for r in result] == ["ConnectionException"] * 3
+    assert [r["class"] for r in result] == ["ConnectionException"] * 4
     assert all(r["is_smtpgate"] for r in result)
     assert "tcp://127.0.0.1:" in result[2]["message"] and "no-daemon.sock" in result[2]["message"]
 

@@ -131,8 +131,9 @@ final class Client
      * written in windows of many at once and the replies read in order, so a
      * batch costs about one round trip per window instead of one per message.
      * Returns a BatchResult keyed like $messages. Throws ConnectionException
-     * only when nothing at all could be sent (daemon down); once requests are
-     * out, a broken connection is reported per message in the result.
+     * only when nothing at all could be sent (daemon down), and the refusal
+     * of the token (AuthFailedException); once requests are out, a broken
+     * connection is reported per message in the result.
      */
     public function sendMany(array $messages): BatchResult
     {
@@ -273,6 +274,7 @@ final class Client
     private function exchange(array $lines, bool $repeatable, float $extraTimeout = 0.0, array &$replies = []): void
     {
         for ($attempt = 1; ; $attempt++) {
+            $this->nothingSentInLastExchange = true;
             $reused = $this->connection !== null;
             if ($reused && $this->connection->hasUnexpectedInput()) {
                 $this->dropConnection(); // closed while idle: nothing sent yet, always safe
@@ -284,6 +286,7 @@ final class Client
             $batch = $withAuth ? [Protocol::requestLine('AUTH', (string) $this->token), ...$lines] : $lines;
             try {
                 $connection->write(implode('', $batch), $this->readTimeout);
+                $this->nothingSentInLastExchange = false;
                 $this->authPending = false;
                 if ($withAuth) {
                     $this->checkAuthReply($connection->readLine($this->readTimeout));
