@@ -207,6 +207,14 @@ def prepare_body(data: bytes) -> bytes:
     return data.replace(b"\n", b"\r\n") + b".\r\n"
 
 
+def message_size(body: bytes) -> int:
+    """RFC 1870 SIZE of a prepared body: its octets with CRLF line ends, without
+    the transparency dots and the final ".CRLF" (every wire line starting
+    with "." had one added)."""
+    stuffed = body.count(b"\r\n..") + body.startswith(b"..")
+    return len(body) - len(b".\r\n") - stuffed
+
+
 # ---- the state machine -----------------------------------------------------
 
 
@@ -249,6 +257,9 @@ class SmtpClient:
         self._parser = ReplyParser()
         self._expected: deque[tuple[str, _Handler]] = deque()
         self._expected.append(("GREETING", self._on_greeting))
+        # How many of the leading expectations have had their command handed
+        # out by data_to_send(): only those can be answered by bytes we hold.
+        self._sent = 1
         self._out: list[bytes] = []
         self._events: deque[object] = deque()
         self._eof = False
@@ -278,6 +289,7 @@ class SmtpClient:
         """The bytes queued since the last call, to go out in one write."""
         out = b"".join(self._out)
         self._out.clear()
+        self._sent = len(self._expected)
         return out
 
     def next_event(self) -> object:
@@ -285,10 +297,16 @@ class SmtpClient:
         if self._error is not None:
             raise self._error
         try:
-            return self._next_event()
+            event = self._next_event()
         except SmtpSessionError as exc:
             self._fail(exc)
             raise
+        if event is not NEED_DATA and not self._expected and self._parser.pending:
+            if self.state is not State.CLOSED:
+                # Extra lines after the last awaited reply: the action is
+                # complete (its result stands), but the session is out of step.
+                self._fail(SmtpProtocolError("server sent data while no reply was expected"))
+        return event
 
     def _next_event(self) -> object:
         while not self._events:
@@ -299,12 +317,19 @@ class SmtpClient:
                     self.state = State.CLOSED
                     raise SmtpConnectionLost("server closed the connection")
                 return NEED_DATA
+            if not self._sent:
+                if self._parser.pending:
+                    # The next command has not gone out yet, so these bytes
+                    # cannot be its reply: an extra reply from the server.
+                    raise SmtpProtocolError("server sent a reply before the command it would answer")
+                return NEED_DATA
             reply = self._parser.next_reply()
             if reply is None:
                 if self._eof:
                     verb = self._expected[0][0]
                     if verb == "QUIT":
                         self._expected.popleft()
+                        self._sent -= 1
                         self.state = State.CLOSED
                         return CommandDone("QUIT", None)
                     raise SmtpConnectionLost(
@@ -313,6 +338,7 @@ class SmtpClient:
                     )
                 return NEED_DATA
             verb, handler = self._expected.popleft()
+            self._sent -= 1
             if reply.code == 421 and verb != "QUIT":
                 # RFC 5321 3.8: 421 may come in reply to any command; the
                 # server then closes.  Nothing of this transaction was taken.
@@ -333,6 +359,7 @@ class SmtpClient:
         self._error = exc
         self.state = State.ERROR
         self._expected.clear()
+        self._sent = 0
         self._out.clear()
 
     def _begin(self, action: str) -> None:
@@ -518,9 +545,7 @@ class SmtpClient:
         body = prepare_body(data)
         params = []
         if "SIZE" in self.extensions:
-            # RFC 1870: the size in octets; the transparency dots and the
-            # final ".CRLF" are counted too, a harmless overestimate.
-            params.append(f"SIZE={len(body)}")
+            params.append(f"SIZE={message_size(body)}")
         if not data.isascii() and "8BITMIME" in self.extensions:
             params.append("BODY=8BITMIME")  # RFC 6152
         if not all(address.isascii() for address in (mail_from, *recipients)):
