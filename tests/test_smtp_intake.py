@@ -1,6 +1,6 @@
 """The SMTP front door on a real aiosmtpd listener, driven by smtplib, swaks
 and raw sockets. The spool is stood in for by a recording `enqueue` (the
-daemon's own is exercised end to end in test_systemd.py / the daemon tests):
+the end of the file runs the same door inside the real daemon):
 what matters here is what the door answers and what it hands over."""
 
 from __future__ import annotations
@@ -321,3 +321,56 @@ def test_swaks_authenticates_with_a_token(door_factory, mechanism):
                      "--auth-password", TOKEN)
     assert good.returncode == 0, good.stdout + good.stderr
     assert len(door.received) == 1
+
+
+# --- end to end: smtplib / swaks -> the daemon's SMTP door -> upstream ------
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _smtp_door(daemon) -> int:
+    [line] = [line for line in daemon.log_lines() if line.get("event") == "smtp_listening"]
+    return int(line["address"][0].rpartition(":")[2])
+
+
+def test_smtplib_through_the_daemon_to_the_upstream(make_daemon, upstream):
+    daemon = make_daemon(smtp_listen=f"127.0.0.1:{_free_port()}", tokens=[TOKEN])
+    port = _smtp_door(daemon)
+    with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+        client.ehlo("app.test")
+        with pytest.raises(smtplib.SMTPSenderRefused) as refused:
+            client.sendmail("app@example.com", ["kelly@example.org"], MESSAGE)
+        assert refused.value.smtp_code == 530
+        client.login("app", TOKEN)
+        client.sendmail("app@example.com", ["kelly@example.org", "ops@example.org"], MESSAGE)
+        reply = client.noop()
+    [received] = upstream.wait_for(1)
+    assert received.mail_from == "app@example.com"
+    assert received.rcpt_tos == ["kelly@example.org", "ops@example.org"]
+    headers, body = received.data.split(b"\r\n\r\n", 1)
+    assert b"\r\nReceived: from app.test ([127.0.0.1])\r\n\tby " in b"\r\n" + headers
+    assert b"with ESMTPA;" in headers
+    for line in MESSAGE.split(b"\r\n\r\n")[0].split(b"\r\n"):
+        assert line in headers.split(b"\r\n")
+    assert body == b"Hello.\r\n.leading dot\r\n"
+    assert reply[0] == 250
+
+
+@swaks
+def test_swaks_through_the_daemon_to_the_upstream(make_daemon, upstream):
+    daemon = make_daemon(smtp_listen=f"127.0.0.1:{_free_port()}")
+    result = run_swaks(_smtp_door(daemon))
+    assert result.returncode == 0, result.stdout + result.stderr
+    queued = [line for line in result.stdout.splitlines() if "OK queued as" in line]
+    msg_id = queued[0].rsplit(" ", 1)[1]
+    with daemon.client() as client:
+        state = client.wait(msg_id, 20)
+    assert state["state"] == "sent"
+    assert state["recipients"][0]["reply"].startswith("250 2.0.0 Ok: queued as M1")
+    [received] = upstream.wait_for(1)
+    assert received.message["Subject"] == "from swaks"
+    assert received.message["X-Order"] == "42"
+    assert received.message.get_content().strip() == "Hello from swaks."
