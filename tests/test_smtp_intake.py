@@ -1,7 +1,7 @@
 """The SMTP front door on a real aiosmtpd listener, driven by smtplib, swaks
-and raw sockets. The spool is stood in for by a recording `enqueue` (the
-the end of the file runs the same door inside the real daemon):
-what matters here is what the door answers and what it hands over."""
+and raw sockets. Most tests stand a recording `enqueue` in for the spool:
+what matters there is what the door answers and what it hands over. The
+last tests run the same door inside the real daemon, to a real upstream."""
 
 from __future__ import annotations
 
