@@ -498,15 +498,20 @@ class Spool:
             effects.finalized.append(msg_id)
         return new_state
 
-    async def release(self, msg_ids: list[str]) -> int:
-        """Put claimed messages that were not attempted back to 'queued'
-        (delivery stopping); returns how many were released."""
-        return await self._submit(Spool._op_release, list(msg_ids))
+    async def release(self, msg_ids: list[str], possible_duplicate: bool = False) -> int:
+        """Put claimed messages whose attempt did not finish back to 'queued'
+        (delivery stopping); possible_duplicate when it was interrupted while
+        the message may have reached the upstream. Returns how many."""
+        return await self._submit(Spool._op_release, list(msg_ids), possible_duplicate)
 
-    def _op_release(self, conn, effects, msg_ids):
+    def _op_release(self, conn, effects, msg_ids, possible_duplicate):
         released = 0
         for msg_id in msg_ids:
-            cur = conn.execute("UPDATE messages SET state='queued' WHERE id=? AND state='sending'", (msg_id,))
+            cur = conn.execute(
+                "UPDATE messages SET state='queued', possible_duplicate=possible_duplicate OR ?"
+                " WHERE id=? AND state='sending'",
+                (possible_duplicate, msg_id),
+            )
             if cur.rowcount:
                 effects.move("sending", "queued")
                 released += 1

@@ -1,0 +1,446 @@
+"""Delivery against real upstreams: aiosmtpd in-process (the `upstream`
+fixture of conftest.py) and, where a real server cannot misbehave on cue, a
+real socket server that speaks SMTP bytes and drops the line. The spool is
+the real one on tmp_path. Pure parts (backoff, token bucket) are tested
+without sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import pytest
+import structlog
+
+from smtpgate.delivery import (
+    Delivery,
+    DeliverySettings,
+    TokenBucket,
+    next_attempt_at,
+    outcomes_from_result,
+    retry_delay,
+)
+from smtpgate.message import build_message, validate_send
+from smtpgate.smtp import UpstreamSettings
+from smtpgate.smtp.core import DeliveryResult, RecipientResult
+from smtpgate.smtp.replies import Reply
+from smtpgate.spool import RecipientOutcome, Spool
+
+FOREVER = 3600.0  # WAIT bound a test never reaches when the code works
+
+
+def upstream_settings(host: str, port: int, **kwargs) -> UpstreamSettings:
+    return UpstreamSettings(host=host, port=port, tls="none", helo_name="smtpgate.test", **kwargs)
+
+
+def fast(*upstreams: UpstreamSettings, **kwargs) -> DeliverySettings:
+    """Settings with retries in tens of milliseconds instead of minutes."""
+    values = dict(retry_base=0.02, retry_max=0.1, max_age=60.0, connections_per_upstream=4)
+    values.update(kwargs)
+    return DeliverySettings(upstreams=list(upstreams), **values)
+
+
+async def send(spool: Spool, delivery: Delivery, **fields) -> str:
+    """Validate and store a SEND, then wake delivery, as the intake does."""
+    fields.setdefault("from", "app@example.com")
+    fields.setdefault("to", "kelly@example.org")
+    fields.setdefault("subject", "hello")
+    fields.setdefault("text", "body")
+    spec = validate_send(fields, max_message_bytes=1 << 20)
+    msg_id, _ = await spool.enqueue(spec.to_json(), spec.envelope_from, spec.recipients, None)
+    delivery.wake()
+    return msg_id
+
+
+def run_with_delivery(tmp_path, settings: DeliverySettings, body, stop_grace: float = 5.0, log=None):
+    """Run `body(spool, delivery)` with a started Delivery on a fresh spool."""
+
+    async def main():
+        spool = Spool(tmp_path / "spool", min_free_bytes=0)
+        await spool.open()
+        delivery = Delivery(spool, settings, log or structlog.get_logger())
+        await delivery.start()
+        try:
+            return await body(spool, delivery)
+        finally:
+            await delivery.stop(stop_grace)
+            await spool.close()
+
+    return asyncio.run(main())
+
+
+def free_port_with_nothing_listening() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]  # closed on exit: connecting is refused
+
+
+class DroppingServer:
+    """A real SMTP-speaking socket server whose first `drops` connections
+    drop the line at `drop_at`: "DATA" (the DATA command arrives, no 354) or
+    "DOT" (the whole message and its final dot arrive, no reply)."""
+
+    def __init__(self, drop_at: str, drops: int = 1):
+        self.drop_at = drop_at
+        self.drops = drops
+        self.connections = 0
+        self.bodies: list[bytes] = []  # every message body that fully arrived
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self.handle, "127.0.0.1", 0)
+        return self.server.sockets[0].getsockname()[1]
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        drop = self.connections <= self.drops
+        writer.write(b"220 dropper ESMTP\r\n")
+        try:
+            while line := await reader.readline():
+                verb = line[:4].upper()
+                if verb in (b"EHLO", b"HELO"):
+                    writer.write(b"250-dropper\r\n250 8BITMIME\r\n")
+                elif verb == b"DATA":
+                    if drop and self.drop_at == "DATA":
+                        return
+                    writer.write(b"354 go ahead\r\n")
+                    await writer.drain()
+                    self.bodies.append(await reader.readuntil(b"\r\n.\r\n"))
+                    if drop:
+                        return
+                    writer.write(b"250 2.0.0 Ok: queued\r\n")
+                elif verb == b"QUIT":
+                    writer.write(b"221 bye\r\n")
+                    return
+                else:  # MAIL, RCPT, RSET, NOOP
+                    writer.write(b"250 Ok\r\n")
+                await writer.drain()
+        finally:
+            writer.transport.abort()
+
+
+# --- pure parts ----------------------------------------------------------
+
+
+def test_retry_delay_doubles_with_jitter_in_the_upper_half_and_is_capped():
+    assert [retry_delay(n, 60, 3600, 0.0) for n in (1, 2, 3)] == [30, 60, 120]
+    assert retry_delay(1, 60, 3600, 0.999) == pytest.approx(60, abs=0.1)
+    assert retry_delay(20, 60, 3600, 0.999) == pytest.approx(3600, abs=2)
+    assert retry_delay(10_000, 60, 3600, 0.5) == 2700  # no overflow for huge counts
+
+
+def test_next_attempt_stops_at_max_age():
+    settings = DeliverySettings(upstreams=[], retry_base=60, retry_max=3600, max_age=100)
+    assert next_attempt_at(1000, 1000, 1, settings, 0.0) == 1030
+    assert next_attempt_at(1080, 1000, 3, settings, 0.0) == 1100  # clipped: one last try at max age
+    assert next_attempt_at(1100, 1000, 4, settings, 0.0) is None
+
+
+def test_token_bucket_spaces_reservations_and_allows_a_burst():
+    bucket = TokenBucket(rate_per_minute=60, burst=2, now=0)  # one token a second
+    assert [bucket.reserve(0) for _ in range(4)] == [0, 0, 1, 2]
+    assert bucket.reserve(1.5) == 1.5  # queued behind the reservations at 1 and 2
+    assert TokenBucket(60, burst=1, now=0).reserve(100) == 0
+    idle = TokenBucket(60, burst=2, now=0)
+    assert [idle.reserve(100) for _ in range(3)] == [0, 0, 1]  # no more than the burst saved
+
+
+def test_outcomes_follow_the_reply_class():
+    result = DeliveryResult(
+        recipients=[
+            RecipientResult("a@x.org", "accepted", Reply(250, ("2.0.0 Ok: queued as 4F2",))),
+            RecipientResult("b@x.org", "permanent", Reply(550, ("5.1.1 no such user",))),
+            RecipientResult("c@x.org", "temporary", Reply(451, ("4.3.0 try later",))),
+        ],
+        mail_reply=Reply(250, ("Ok",)),
+        data_reply=Reply(250, ("2.0.0 Ok: queued as 4F2",)),
+    )
+    assert outcomes_from_result(result) == [
+        RecipientOutcome("a@x.org", "sent", "250 2.0.0 Ok: queued as 4F2"),
+        RecipientOutcome("b@x.org", "failed", "550 5.1.1 no such user"),
+        RecipientOutcome("c@x.org", "deferred", "451 4.3.0 try later"),
+    ]
+
+
+# --- against real upstreams ------------------------------------------------
+
+
+def test_message_arrives_with_its_envelope_and_bytes(tmp_path, upstream):
+    fields = {
+        "from": "App <app@example.com>",
+        "to": ["kelly@example.org", "li@example.org"],
+        "cc": "boss@example.org",
+        "bcc": "archive@example.net",
+        "subject": "记得收衣服",
+        "text": "今天我不回家",
+    }
+
+    async def body(spool, delivery):
+        msg_id = await send(spool, delivery, **fields)
+        return await spool.wait_final(msg_id, FOREVER), await spool.spec(msg_id)
+
+    state, spec_json = run_with_delivery(tmp_path, fast(upstream_settings(upstream.host, upstream.port)), body)
+    assert state["state"] == "sent" and state["attempts"] == 1
+    assert all(r["state"] == "sent" and r["reply"].startswith("250 2.0.0 Ok: queued as M1") for r in state["recipients"])
+    (received,) = upstream.messages
+    assert received.mail_from == "app@example.com"
+    assert received.rcpt_tos == ["kelly@example.org", "li@example.org", "boss@example.org", "archive@example.net"]
+    expected = build_message(validate_send(fields, max_message_bytes=1 << 20).__class__.from_json(spec_json))
+    assert received.data.rstrip(b"\r\n") == expected.rstrip(b"\r\n")
+    assert received.message["Subject"] == "记得收衣服"
+    assert "archive@example.net" not in received.data.decode()
+
+
+def test_temporary_failure_is_retried_then_sent(tmp_path, upstream):
+    upstream.script_rcpt("kelly@example.org", "451 4.7.1 greylisted, try later")
+
+    async def body(spool, delivery):
+        return await spool.wait_final(await send(spool, delivery), FOREVER)
+
+    state = run_with_delivery(tmp_path, fast(upstream_settings(upstream.host, upstream.port)), body)
+    assert state["state"] == "sent" and state["attempts"] == 2
+    assert state["recipients"][0]["reply"].startswith("250 ")
+    assert len(upstream.messages) == 1
+
+
+def test_permanent_failure_fails_only_that_recipient(tmp_path, upstream):
+    upstream.script_rcpt("nobody@example.org", "550 5.1.1 no such user")
+
+    async def body(spool, delivery):
+        return await spool.wait_final(await send(spool, delivery, to=["kelly@example.org", "nobody@example.org"]), FOREVER)
+
+    state = run_with_delivery(tmp_path, fast(upstream_settings(upstream.host, upstream.port)), body)
+    assert state["attempts"] == 1 and state["state"] == "failed"
+    good, bad = state["recipients"]
+    assert good["state"] == "sent" and good["reply"].startswith("250 ")
+    assert bad == {"address": "nobody@example.org", "state": "failed", "reply": "550 5.1.1 no such user"}
+    (received,) = upstream.messages
+    assert received.rcpt_tos == ["kelly@example.org"]
+
+
+def test_only_pending_recipients_are_retried(tmp_path, upstream):
+    upstream.script_rcpt("li@example.org", "452 4.2.2 mailbox full")
+
+    async def body(spool, delivery):
+        return await spool.wait_final(await send(spool, delivery, to=["kelly@example.org", "li@example.org"]), FOREVER)
+
+    state = run_with_delivery(tmp_path, fast(upstream_settings(upstream.host, upstream.port)), body)
+    assert state["state"] == "sent" and state["attempts"] == 2
+    assert [m.rcpt_tos for m in upstream.messages] == [["kelly@example.org"], ["li@example.org"]]
+
+
+@pytest.mark.parametrize("drop_at, duplicate", [("DATA", False), ("DOT", True)])
+def test_lost_connection_defers_and_retries(tmp_path, drop_at, duplicate):
+    dropper = DroppingServer(drop_at)
+
+    async def body(spool, delivery):
+        msg_id = await send(spool, delivery)
+        return await spool.wait_final(msg_id, FOREVER)
+
+    async def main():
+        port = await dropper.start()
+        settings = fast(upstream_settings("127.0.0.1", port))
+        spool = Spool(tmp_path / "spool", min_free_bytes=0)
+        await spool.open()
+        delivery = Delivery(spool, settings, structlog.get_logger())
+        await delivery.start()
+        try:
+            return await body(spool, delivery)
+        finally:
+            await delivery.stop(5)
+            await spool.close()
+            dropper.server.close()
+
+    state = asyncio.run(main())
+    assert state["state"] == "sent" and state["attempts"] == 2
+    assert dropper.connections == 2
+    assert len(dropper.bodies) == (2 if duplicate else 1)  # after the dot the upstream had it
+    assert state.get("possible_duplicate", False) is duplicate
+
+
+def test_failover_to_the_second_upstream_when_the_first_refuses(tmp_path, upstream):
+    dead = upstream_settings("127.0.0.1", free_port_with_nothing_listening())
+    settings = fast(dead, upstream_settings(upstream.host, upstream.port), upstream_down_for=60)
+
+    async def body(spool, delivery):
+        first = await spool.wait_final(await send(spool, delivery), FOREVER)
+        second = await spool.wait_final(await send(spool, delivery), FOREVER)
+        dead_pool, live_pool = delivery.pools
+        return first, second, dead_pool.down_until > 0, dead_pool.opened, live_pool.opened
+
+    first, second, marked_down, dead_opened, live_opened = run_with_delivery(tmp_path, settings, body)
+    assert first["state"] == second["state"] == "sent"
+    assert first["attempts"] == 1
+    assert len(upstream.messages) == 2
+    assert marked_down and dead_opened == 0 and live_opened == 1
+
+
+def test_all_upstreams_unreachable_defers_with_the_reason(tmp_path):
+    dead = upstream_settings("127.0.0.1", free_port_with_nothing_listening())
+
+    async def body(spool, delivery):
+        msg_id = await send(spool, delivery)
+        state = await spool.wait_final(msg_id, 0.3)
+        while state["state"] != "deferred":
+            state = await spool.wait_final(msg_id, 0.05)
+        return state
+
+    state = run_with_delivery(tmp_path, fast(dead, retry_base=30), body)
+    assert state["attempts"] >= 1 and "next_attempt" in state
+    assert "cannot connect" in state["recipients"][0]["reply"]
+
+
+def test_max_age_exceeded_fails_the_pending_recipients(tmp_path, upstream):
+    upstream.script_rcpt("kelly@example.org", *["450 4.2.0 mailbox busy"] * 100)
+
+    async def body(spool, delivery):
+        return await spool.wait_final(await send(spool, delivery), FOREVER)
+
+    settings = fast(upstream_settings(upstream.host, upstream.port), max_age=0.3, retry_base=0.05)
+    state = run_with_delivery(tmp_path, settings, body)
+    assert state["state"] == "failed" and state["attempts"] >= 2
+    reply = state["recipients"][0]["reply"]
+    assert reply.startswith("450 4.2.0 mailbox busy") and "max_age" in reply
+    assert upstream.messages == []
+
+
+def test_rate_limit_holds_messages_beyond_the_burst(tmp_path, upstream):
+    # 1 message a minute, 2 at once: within the test only the burst may go.
+    settings = fast(upstream_settings(upstream.host, upstream.port), rate_per_minute=1, rate_burst=2)
+
+    async def body(spool, delivery):
+        ids = [await send(spool, delivery, subject=f"m{i}") for i in range(4)]
+        delivery.wake()
+        await asyncio.to_thread(upstream.wait_for, 2)
+        await asyncio.sleep(0.3)  # ample time for a broken limiter to send the rest
+        return ids, len(upstream.messages)
+
+    async def main():
+        spool = Spool(tmp_path / "spool", min_free_bytes=0)
+        await spool.open()
+        delivery = Delivery(spool, settings, structlog.get_logger())
+        await delivery.start()
+        ids, received = await body(spool, delivery)
+        await delivery.stop(0.1)  # the held messages are waiting for a token
+        states = [await spool.status(i) for i in ids]
+        await spool.close()
+        return received, states
+
+    received, states = asyncio.run(main())
+    assert received == 2
+    assert sorted(s["state"] for s in states) == ["queued", "queued", "sent", "sent"]
+    held = [s for s in states if s["state"] == "queued"]
+    assert all(s["attempts"] == 0 and "possible_duplicate" not in s for s in held)
+
+
+def test_connections_are_reused_with_noop_after_idle(tmp_path, upstream):
+    noops = []
+
+    async def handle_NOOP(server, session, envelope, arg):
+        noops.append(session.peer)
+        return "250 2.0.0 Ok"
+
+    upstream.handler.handle_NOOP = handle_NOOP
+    settings = fast(upstream_settings(upstream.host, upstream.port), connections_per_upstream=1, idle_noop_after=0)
+
+    async def body(spool, delivery):
+        states = [await spool.wait_final(await send(spool, delivery, subject=f"m{i}"), FOREVER) for i in range(5)]
+        return states, delivery.pools[0].opened
+
+    states, opened = run_with_delivery(tmp_path, settings, body)
+    assert [s["state"] for s in states] == ["sent"] * 5
+    assert len(upstream.messages) == 5
+    assert upstream.handler.sessions == 1 and opened == 1
+    assert len(noops) == 4  # before each reuse, since idle_noop_after is 0
+
+
+def test_stop_lets_an_in_flight_delivery_finish(tmp_path, upstream):
+    original = upstream.handler.handle_DATA
+
+    async def slow_data(server, session, envelope):
+        await asyncio.sleep(0.3)
+        return await original(server, session, envelope)
+
+    upstream.handler.handle_DATA = slow_data
+
+    async def main():
+        spool = Spool(tmp_path / "spool", min_free_bytes=0)
+        await spool.open()
+        delivery = Delivery(spool, fast(upstream_settings(upstream.host, upstream.port)), structlog.get_logger())
+        await delivery.start()
+        msg_id = await send(spool, delivery)
+        while (await spool.status(msg_id))["state"] != "sending":
+            await asyncio.sleep(0.01)
+        await delivery.stop(FOREVER)
+        state = await spool.status(msg_id)
+        await spool.close()
+        return state
+
+    state = asyncio.run(main())
+    assert state["state"] == "sent"
+    assert len(upstream.messages) == 1
+
+
+def test_stop_after_grace_keeps_the_message_queued_for_the_next_start(tmp_path, upstream):
+    original = upstream.handler.handle_DATA
+    slow = {"on": True}
+
+    async def slow_data(server, session, envelope):
+        if slow["on"]:
+            await asyncio.sleep(1.0)
+            return "451 4.3.0 too late"
+        return await original(server, session, envelope)
+
+    upstream.handler.handle_DATA = slow_data
+    settings = fast(upstream_settings(upstream.host, upstream.port))
+
+    async def main():
+        spool = Spool(tmp_path / "spool", min_free_bytes=0)
+        await spool.open()
+        delivery = Delivery(spool, settings, structlog.get_logger())
+        await delivery.start()
+        msg_id = await send(spool, delivery)
+        while (await spool.status(msg_id))["state"] != "sending":
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.1)  # inside the transaction, waiting for DATA's reply
+        await delivery.stop(0.05)
+        stopped = await spool.status(msg_id)
+        slow["on"] = False
+        delivery = Delivery(spool, settings, structlog.get_logger())
+        await delivery.start()
+        final = await spool.wait_final(msg_id, FOREVER)
+        await delivery.stop(5)
+        await spool.close()
+        return stopped, final
+
+    stopped, final = asyncio.run(main())
+    assert stopped["state"] == "queued" and stopped["attempts"] == 0
+    assert stopped["possible_duplicate"] is True  # interrupted inside the transaction
+    assert final["state"] == "sent"
+
+
+def test_log_lines_carry_the_message_id_and_never_the_password(tmp_path, upstream):
+    # AUTH is refused locally (plaintext, not allowed): the upstream is unreachable
+    # until a reload drops the credentials.
+    with_secret = upstream_settings(upstream.host, upstream.port, username="app", password="s3cret-pw")
+    plain = upstream_settings(upstream.host, upstream.port)
+
+    async def body(spool, delivery):
+        msg_id = await send(spool, delivery)
+        state = await spool.wait_final(msg_id, 0.2)
+        while state["state"] != "deferred":
+            state = await spool.wait_final(msg_id, 0.05)
+        delivery.reload(fast(plain))
+        await spool.retry(msg_id)
+        delivery.wake()
+        return msg_id, state, await spool.wait_final(msg_id, FOREVER)
+
+    with structlog.testing.capture_logs() as logs:
+        msg_id, deferred, final = run_with_delivery(
+            tmp_path, fast(with_secret, retry_base=30), body, log=structlog.get_logger()
+        )
+    assert deferred["state"] == "deferred" and final["state"] == "sent"
+    about_message = [e for e in logs if e["event"].startswith(("delivery_attempt", "upstream_"))]
+    assert {e["event"] for e in about_message} >= {"delivery_attempt", "upstream_unreachable"}
+    assert all(e.get("message_id") == msg_id for e in about_message)
+    assert any(e.get("replies", {}).get("kelly@example.org", "").startswith("250 ") for e in about_message)
+    assert "s3cret-pw" not in repr(logs) and "s3cret-pw" not in repr(deferred)
