@@ -195,6 +195,20 @@ def test_auth_is_required_and_checks_the_token(door_factory):
     assert TOKEN not in repr(door.log.records)
 
 
+def test_tokens_given_as_a_function_follow_a_reload(door_factory):
+    current = {"tokens": []}
+    door = door_factory(tokens=lambda: current["tokens"])
+    with smtplib.SMTP("127.0.0.1", door.port, timeout=10) as client:
+        client.sendmail("app@example.com", ["kelly@example.org"], MESSAGE)
+    current["tokens"] = [TOKEN]  # what a SIGHUP with a new tokens_file does
+    with smtplib.SMTP("127.0.0.1", door.port, timeout=10) as client:
+        with pytest.raises(smtplib.SMTPSenderRefused):
+            client.sendmail("app@example.com", ["kelly@example.org"], MESSAGE)
+        client.login("app", TOKEN)
+        client.sendmail("app@example.com", ["kelly@example.org"], MESSAGE)
+    assert len(door.received) == 2
+
+
 def test_smtplib_login_with_a_token(door_factory):
     door = door_factory(tokens=[TOKEN])
     with smtplib.SMTP("127.0.0.1", door.port, timeout=10) as client:
@@ -374,3 +388,19 @@ def test_swaks_through_the_daemon_to_the_upstream(make_daemon, upstream):
     assert received.message["Subject"] == "from swaks"
     assert received.message["X-Order"] == "42"
     assert received.message.get_content().strip() == "Hello from swaks."
+
+
+@pytest.mark.xfail(strict=True, reason="daemon.py's _enqueue_raw skips the allowed_* policy "
+                   "check (docs/wiring-issue5.md, item 1); remove this mark with the fix")
+def test_the_smtp_door_applies_the_same_policy(make_daemon, upstream):
+    daemon = make_daemon(smtp_listen=f"127.0.0.1:{_free_port()}",
+                         allowed_recipients=["@example.org"])
+    with smtplib.SMTP("127.0.0.1", _smtp_door(daemon), timeout=10) as client:
+        with pytest.raises((smtplib.SMTPDataError, smtplib.SMTPRecipientsRefused)) as refused:
+            client.sendmail("app@example.com", ["someone@elsewhere.test"], MESSAGE)
+    error = refused.value
+    codes = ([error.smtp_code] if isinstance(error, smtplib.SMTPDataError)
+             else [code for code, _ in error.recipients.values()])
+    assert codes == [550]
+    with daemon.client() as client:
+        assert client.stats()["states"].get("queued", 0) == 0

@@ -28,6 +28,8 @@ from smtpgate.spool import SpoolFull
 # the SMTP reply; any other exception is answered 451 (try again later)
 # without its text.
 Enqueue = Callable[[str, list[str], bytes], Awaitable[str]]
+# The client tokens, or a function returning them (read at every AUTH/MAIL).
+Tokens = Sequence[str] | Callable[[], Sequence[str]]
 
 # RFC 5321 4.5.3.1.8: a server must accept at least 100 recipients; past
 # that it may answer 452 and the client sends the rest in another message.
@@ -93,19 +95,23 @@ class _LoginDataDeprecation(logging.Filter):
 class IntakeHandler:
     """aiosmtpd handler: AUTH by token, envelope checks, DATA into the spool."""
 
-    def __init__(self, *, enqueue: Enqueue, tokens: Sequence[str], hostname: str, log):
+    def __init__(self, *, enqueue: Enqueue, tokens: Tokens, hostname: str, log):
         self.enqueue = enqueue
-        # Read on every use, so a reload that updates the list in place
-        # takes effect for the next command.
-        self.tokens = tokens
+        self._tokens = tokens
         self.hostname = hostname
         self.log = log
+
+    @property
+    def tokens(self) -> Sequence[str]:
+        """The tokens now: a callable is asked every time, so a reload applies at once."""
+        return self._tokens() if callable(self._tokens) else self._tokens
 
     def authenticate(self, server: SMTP, session: Session, envelope: Envelope,
                      mechanism: str, auth_data) -> AuthResult:
         """aiosmtpd authenticator: the password is a token, the user name is ignored."""
-        if (isinstance(auth_data, LoginPassword) and self.tokens
-                and token_matches(auth_data.password, self.tokens)):
+        tokens = self.tokens
+        if (isinstance(auth_data, LoginPassword) and tokens
+                and token_matches(auth_data.password, tokens)):
             return AuthResult(success=True)
         self.log.warning("smtp_auth_failed", peer=_peer(session), mechanism=mechanism)
         return AuthResult(success=False, handled=False)
@@ -167,22 +173,23 @@ def _peer(session: Session) -> str:
 
 
 async def start_smtp_intake(host: str | None, port: int | None, *, enqueue: Enqueue,
-                            tokens: Sequence[str], max_message_bytes: int, log,
+                            tokens: Tokens, max_message_bytes: int, log,
                             hostname: str | None = None, timeout: float = 300.0,
                             sock: socket.socket | None = None) -> asyncio.Server:
     """Listen for SMTP on host:port (or on `sock`) and return the listening server.
 
-    AUTH PLAIN and LOGIN are offered and required when `tokens` is not
-    empty; the password must be one of the tokens. Without tokens only a
-    loopback address is accepted (ValueError otherwise), as for the line
-    protocol. Close with `server.close(); await server.wait_closed()`.
+    AUTH PLAIN and LOGIN are offered and required when there are tokens;
+    the password must be one of them. Pass `tokens` as a function (e.g.
+    `lambda: config.tokens`) for a reload to change them. Without tokens at
+    start only a loopback address is accepted (ValueError otherwise), as for
+    the line protocol. Close with `server.close(); await server.wait_closed()`.
     """
-    if not tokens and sock is None and not (host and is_loopback(host)):
-        raise ValueError(f"smtp_listen: {host} is not a loopback address; set tokens first")
     # aiosmtpd would call socket.getfqdn() (a blocking DNS lookup) for every
     # connection without a hostname; gethostname() is a plain system call.
     hostname = hostname or socket.gethostname()
     handler = IntakeHandler(enqueue=enqueue, tokens=tokens, hostname=hostname, log=log)
+    if not handler.tokens and sock is None and not (host and is_loopback(host)):
+        raise ValueError(f"smtp_listen: {host} is not a loopback address; set tokens first")
     aiosmtpd_log = logging.getLogger("mail.log")
     if not any(isinstance(f, _LoginDataDeprecation) for f in aiosmtpd_log.filters):
         aiosmtpd_log.addFilter(_LoginDataDeprecation())
@@ -212,7 +219,7 @@ async def start_smtp_intake(host: str | None, port: int | None, *, enqueue: Enqu
     else:
         server = await loop.create_server(smtp_session, host, port)
     log.info("smtp_listening", address=[_sockname(s) for s in server.sockets],
-             auth=bool(tokens))
+             auth=bool(handler.tokens))
     return server
 
 
