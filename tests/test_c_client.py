@@ -339,6 +339,25 @@ def test_library_timeout_when_no_reply_comes(lib, peer):
         lib.lib.smtpgate_free(ctx)
 
 
+def test_library_connect_timeout_when_the_listen_queue_is_full(lib):
+    """Non-blocking connect + poll: a SYN the kernel drops (accept queue full) ends at the timeout."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        fillers = [socket.socket() for _ in range(3)]
+        for sock in fillers:
+            sock.setblocking(False)
+            sock.connect_ex(listener.getsockname())
+        try:
+            ctx = lib.connect("tcp://127.0.0.1:%d" % listener.getsockname()[1], 200)
+            assert (ctx.contents.err, ctx.contents.fd) == (ERR_TIMEOUT, -1)
+            assert ctx.contents.errstr.startswith(b"connect timed out: tcp://127.0.0.1:")
+            lib.lib.smtpgate_free(ctx)
+        finally:
+            for sock in fillers:
+                sock.close()
+
+
 # -- smtpgate-send against a peer: bytes and exit codes ------------------------
 
 def test_send_cli_wire_bytes_with_token_and_body_from_stdin(built, peer):
