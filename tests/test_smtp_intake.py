@@ -150,7 +150,7 @@ def test_smtplib_hands_the_message_over_with_headers_intact(door_factory):
     assert trace == b"Received: from client.test ([127.0.0.1])"
     assert rest.split(b"\r\n", 1)[1] == MESSAGE
     [(_, event, fields)] = [r for r in door.log.records if r[1] == "smtp_accepted"]
-    assert fields["msg_id"] == "01TESTID0001"
+    assert fields["message_id"] == "01TESTID0001"
 
 
 def test_the_250_waits_for_the_durable_enqueue(door_factory):

@@ -148,7 +148,7 @@ class IntakeHandler:
             self.log.warning("smtp_refused", peer=_peer(session), reply=reply,
                              error=type(exc).__name__)
             return reply
-        self.log.info("smtp_accepted", msg_id=msg_id, peer=_peer(session),
+        self.log.info("smtp_accepted", message_id=msg_id, peer=_peer(session),
                       recipients=len(envelope.rcpt_tos), size=len(data))
         return f"250 2.0.0 OK queued as {msg_id}"
 
