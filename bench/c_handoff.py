@@ -27,7 +27,6 @@ import json
 import os
 import platform
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -38,6 +37,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 from daemon_bench import Daemon  # noqa: E402
+from handoff_common import medians, replace_section, rotated_rounds  # noqa: E402
 from php_handoff import UPSTREAMS, fmt_us, percentile, wait_idle  # noqa: E402  (shared with the PHP bench)
 
 RESULTS = HERE / "results-clients.md"
@@ -83,23 +83,22 @@ def bench_upstream(binary: Path, name: str, rounds: int, count: int, cli_count: 
     daemon = Daemon(workdir, upstream=[f"127.0.0.1:{sink_port}"], socket=str(unix_path), helo_name="bench.test")
     targets = {"tcp": f"tcp://127.0.0.1:{daemon.port}", "unix": f"unix://{unix_path}",
                "smtp": f"127.0.0.1:{sink_port}"}
-    results: dict[str, list[dict]] = {key: [] for key, *_ in MODES}
+    modes = {key: (mode, target) for key, mode, target, _ in MODES}
+
+    def run(key: str) -> dict:
+        mode, target = modes[key]
+        result = run_mode(binary, mode, cli_count if mode == "cli" else count, targets[target])
+        if target != "smtp":
+            wait_idle(daemon)  # the next mode must not pay for this one's relaying
+        return result
+
     try:
-        for round_number in range(rounds):
-            shift = round_number % len(MODES)
-            for key, mode, target, _ in MODES[shift:] + MODES[:shift]:
-                result = run_mode(binary, mode, cli_count if mode == "cli" else count, targets[target])
-                results[key].append(result)
-                print(f"upstream={name} round={round_number} mode={key} p50_us={result['p50']} "
-                      f"p99_us={result['p99']}", flush=True)
-                if target != "smtp":
-                    wait_idle(daemon)
+        return rotated_rounds(list(modes), rounds, run, label=f"upstream={name} ")
     finally:
         daemon.stop()
         sink.terminate()
         sink.wait(10)
         shutil.rmtree(workdir, ignore_errors=True)
-    return results
 
 
 def render(results: dict, command: str) -> str:
@@ -108,11 +107,9 @@ def render(results: dict, command: str) -> str:
         p50 = {}
         for key, _, _, label in MODES:
             runs = by_mode[key]
-            p50s = [r["p50"] for r in runs]
-            p50[key] = statistics.median(p50s)
-            rows.append(f"| {upstream} | {label} | **{fmt_us(p50[key])}** "
-                        f"| {fmt_us(statistics.median(r['p99'] for r in runs))} "
-                        f"| {fmt_us(min(p50s))} - {fmt_us(max(p50s))} | {len(runs)} x {runs[0]['n']} |")
+            p50[key], p99, low, high = medians(runs)
+            rows.append(f"| {upstream} | {label} | **{fmt_us(p50[key])}** | {fmt_us(p99)} "
+                        f"| {fmt_us(low)} - {fmt_us(high)} | {len(runs)} x {runs[0]['n']} |")
         ratios.append(f"| {upstream} | {p50['smtp_connect'] / p50['gate_tcp_connect']:.2f}x "
                       f"| {p50['smtp_connect'] / p50['gate_unix_connect']:.2f}x "
                       f"| {p50['smtp_open'] / p50['gate_tcp_open']:.2f}x |")
@@ -141,18 +138,6 @@ def render(results: dict, command: str) -> str:
     ])
 
 
-def write_section(text: str) -> None:
-    """Replace the C section of RESULTS (up to the next `## `), keeping every other section."""
-    old = RESULTS.read_text() if RESULTS.exists() else "# Client hand-off latency\n\n"
-    start = old.find(SECTION + "\n")
-    if start < 0:
-        new = old.rstrip("\n") + "\n\n" + text
-    else:
-        end = old.find("\n## ", start + len(SECTION))
-        new = old[:start] + text + (old[end + 1:] if end >= 0 else "")
-    RESULTS.write_text(new.rstrip("\n") + "\n")
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=5)
@@ -174,7 +159,7 @@ def main() -> int:
     section = render(results, command)
     print(section)
     if not args.no_write:
-        write_section(section)
+        replace_section(RESULTS, SECTION, section)
     return 0
 
 
