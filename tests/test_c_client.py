@@ -550,3 +550,12 @@ def test_library_api_against_the_daemon(lib, daemon, upstream):
         assert lib.lib.smtpgate_ping(ctx) == 0
     finally:
         lib.lib.smtpgate_free(ctx)
+
+
+def test_readme_example_program_sends_and_waits(built, daemon, upstream):
+    proc = subprocess.run([str(BUILD / "example_send_mail")], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "SMTPGATE_SERVER": daemon.uri})
+    assert proc.returncode == 0, proc.stderr
+    assert re.fullmatch(r"queued as \S+\nsent\n", proc.stdout)
+    msg = upstream.messages[0].message
+    assert (msg["subject"], [a.get_filename() for a in msg.iter_attachments()]) == ("记得收衣服", ["note.txt"])
