@@ -140,6 +140,15 @@ def test_a_message_without_from_gets_one_from_f_and_F(line_server):
     assert raw == "From: =?utf-8?q?J=C3=B6rg_Shop?= <noreply@example.com>\r\n" + message.decode()
 
 
+def test_a_message_that_is_only_a_body_gets_a_header(line_server):
+    """`echo text | sendmail addr`, as cron and scripts do."""
+    server = line_server()
+    assert run(["--server", server.uri, "-f", "cron@example.com", "ops@example.org"],
+               b"backup failed: disk full\nsee /var/log/backup.log\n")[0] == EX_OK
+    assert server.sends()[0]["raw"] == ("From: cron@example.com\n\n"
+                                        "backup failed: disk full\nsee /var/log/backup.log\n")
+
+
 def test_token_and_unix_socket_from_the_config_file(line_server, tmp_path):
     server = line_server(address=str(tmp_path / "smtpgate.sock"))
     (tmp_path / "tokens").write_text("\nsecret-token-1\nsecret-token-2\n")

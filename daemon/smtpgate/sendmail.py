@@ -17,6 +17,7 @@ from __future__ import annotations
 import getpass
 import json
 import os
+import re
 import socket
 import sys
 import tomllib
@@ -134,12 +135,22 @@ def read_message(stream, dot_ends_input: bool) -> bytes:
     return b"".join(lines)
 
 
+_FIELD_NAME = re.compile(r"[!-9;-~]+[ \t]*:")  # RFC 5322 2.2 (and obs- space before the colon)
+
+
 def split_header(text: str) -> tuple[list[str], str]:
-    """(header lines with their line endings, the rest from the blank line on)."""
+    """(header lines with their line endings, the rest from the blank line on).
+
+    As sendmail does, the header also ends at the first line that is neither
+    a field nor a continuation; the blank line the message lacked is added.
+    """
     lines = text.splitlines(keepends=True)
     for index, line in enumerate(lines):
         if line in ("\n", "\r\n"):
             return lines[:index], "".join(lines[index:])
+        if not _FIELD_NAME.match(line) and not (index and line[:1] in (" ", "\t")):
+            newline = "\r\n" if line.endswith("\r\n") else "\n"
+            return lines[:index], newline + "".join(lines[index:])
     return lines, ""
 
 
