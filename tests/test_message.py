@@ -368,6 +368,11 @@ def test_header_limits():
     refused({**SIMPLE, "attachments": [{"filename": "é" * 128, "content_base64": ""}]}, codes.BAD_HEADER, "255")
     _, _, msg = build({**SIMPLE, "headers": {"X-Long": " ".join(["word"] * 500)}})
     assert msg["X-Long"] == " ".join(["word"] * 500)
+    # White-space runs cannot be folded into short lines: long ones become one space.
+    _, _, msg = build({**SIMPLE, "subject": "a" + " " * 1000 + "b", "headers": {"X-Blank": " \t" * 500}})
+    assert msg["Subject"] == "a b"
+    _, _, msg = build({**SIMPLE, "subject": "a" + " " * 64 + "b"})
+    assert msg["Subject"] == "a" + " " * 64 + "b"
 
 
 def test_pre_encoded_words_pass_through():
@@ -454,3 +459,60 @@ def test_any_body_round_trips(text, html):
     assert parts[0].get_content() in (text, text + "\n")
     if html is not None:
         assert parts[1].get_content() == html
+
+
+# Text of every kind a caller could send: any code point (surrogates and
+# controls included), and long runs of white space that folding must survive.
+any_text = st.one_of(
+    st.text(max_size=200),
+    st.text(alphabet=" \t\r\nab,;:<>\"\\=?@.é记\u2028\x85", max_size=2000),
+    st.builds(lambda w, n: (w + " ") * n, st.text(alphabet="xé", min_size=1, max_size=1200), st.integers(1, 3)),
+)
+valid_addresses = st.sampled_from([
+    "a@example.com", "Kelly <k@example.org>", '"Li, K" <k@bücher.de>', "用户@例子.广告",
+    "=?UTF-8?B?5byg5LiJ?= <z@example.net>", "<x@example.com>"])
+
+
+def mostly(valid, odd):
+    """Valid four times in five: the point is to reach build_message with odd but valid parts."""
+    return st.integers(0, 4).flatmap(lambda i: odd if i == 0 else valid)
+
+
+addresses = mostly(valid_addresses, st.one_of(st.builds(lambda name: f"{name} <n@example.com>", any_text), any_text))
+address_field = mostly(st.one_of(valid_addresses, st.lists(valid_addresses, min_size=1, max_size=3)), addresses)
+base64_text = st.binary(max_size=300).map(lambda b: base64.b64encode(b).decode())
+attachment = st.fixed_dictionaries(
+    {"filename": mostly(st.just("a.bin"), any_text), "content_base64": mostly(base64_text, any_text)},
+    optional={"content_type": mostly(st.sampled_from(["image/png", "text/plain", "application/x-foo+json"]), any_text),
+              "content_id": mostly(st.just("<logo@x>"), any_text)})
+header_names = mostly(st.sampled_from(["X-A", "In-Reply-To", "Message-ID", "List-Unsubscribe"]), any_text)
+send_object = st.fixed_dictionaries(
+    {"from": addresses, "to": address_field},
+    optional={"cc": address_field, "bcc": address_field, "reply_to": address_field, "subject": any_text,
+              "text": any_text, "html": any_text, "headers": st.dictionaries(header_names, any_text, max_size=3),
+              "attachments": st.lists(attachment, max_size=2), "idempotency_key": any_text})
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+@given(obj=send_object)
+def test_whatever_validates_builds(obj):
+    """build_message never fails on a validated spec, and its output is always
+    well-formed: anything that could break it must be refused by validation."""
+    try:
+        validate(obj)
+    except RequestError as exc:
+        assert exc.code in codes.ALL_CODES
+        return
+    spec, data, msg = build(obj)
+    assert msg["From"] is not None
+    assert not msg.defects
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(raw=any_text, to=address_field)
+def test_whatever_raw_validates_builds(raw, to):
+    try:
+        validate({"from": "a@example.com", "to": to, "raw": raw})
+    except RequestError:
+        return
+    build({"from": "a@example.com", "to": to, "raw": raw})

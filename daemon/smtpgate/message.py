@@ -40,7 +40,7 @@ import json
 import os
 import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone
 from email.charset import Charset
 from email.generator import BytesGenerator
@@ -50,6 +50,7 @@ from email.mime.multipart import MIMEMultipart
 from email.mime.text import MIMEText
 from email import policy as email_policy
 from email.utils import format_datetime
+from typing import NamedTuple
 
 from smtpgate.protocol.codes import BAD_ADDRESS, BAD_HEADER, BAD_REQUEST, TOO_LARGE
 
@@ -71,7 +72,11 @@ MAX_RECIPIENTS = 1000          # RFC 5321 4.5.3.1.8 asks servers for >= 100; we 
 MAX_NAME_CHARS = 200           # display names: an ASCII name stays one foldable quoted string
 MAX_SUBJECT_CHARS = 4000       # encoded-words split it into folded lines of <= 78
 MAX_HEADER_VALUE_CHARS = 4000
-MAX_HEADER_WORD = 900          # an ASCII word we cannot fold: 900 + name (<= 76) + ": " < 998
+# Folding (RFC 5322 3.2.2) only breaks before white space, so the longest
+# unbreakable piece is a white-space run plus a word: runs over 64 are made one
+# space, ASCII words are capped at 800, and 76 (name) + 2 + 64 + 800 < 998.
+MAX_HEADER_WORD = 800
+MAX_HEADER_SPACE_RUN = 64
 MAX_HEADERS = 100
 MAX_FILENAME_OCTETS = 255      # RFC 2231 percent-encoding triples this: 765 + params < 998
 MAX_CONTENT_ID = 200
@@ -119,6 +124,8 @@ _RAW_DATE = re.compile(r"^date[ \t]*:", re.I | re.M)
 _RAW_MSG_ID = re.compile(r"^message-id[ \t]*:[ \t]*(.*)$", re.I | re.M)
 _LONG_LINE = re.compile(rb"[^\n]{%d}" % (MAX_LINE_OCTETS + 1))
 _SPACES = re.compile(" {2,}")
+_LONG_SPACE_RUN = re.compile(r"[ \t]{%d,}" % (MAX_HEADER_SPACE_RUN + 1))
+_SPACE_RUN = re.compile(r"[ \t]+")
 _B64_SPACE = re.compile(r"[ \t\r\n]+")
 
 _FIELDS = frozenset({
@@ -139,11 +146,10 @@ _OWN_HEADERS = frozenset({"date", "mime-version"})
 
 # ---------------------------------------------------------------- the spec
 
-@dataclass(frozen=True, slots=True)
-class Attachment:
+class Attachment(NamedTuple):
     filename: str
-    content_type: str          # "type/subtype", checked
-    content_base64: str        # checked, whitespace removed
+    content_type: str          # "type/subtype", checked, lower case
+    content_base64: str        # checked; line breaks removed if it had any
     content_id: str | None     # without angle brackets; set for inline images
 
 
@@ -171,9 +177,11 @@ class MessageSpec:
 
     def to_json(self) -> bytes:
         """Serialise for the spool (UTF-8 JSON, one line)."""
-        d = asdict(self)
+        # Not dataclasses.asdict: its deep copy costs 2x validation on the hot path.
+        d = {name: getattr(self, name) for name in _SPEC_FIELDS}
+        d["attachments"] = [a._asdict() for a in self.attachments]
         d["v"] = 1
-        return json.dumps(d, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+        return _JSON_ENCODER.encode(d).encode("utf-8")
 
     @classmethod
     def from_json(cls, data: bytes | str) -> "MessageSpec":
@@ -185,6 +193,10 @@ class MessageSpec:
             d[key] = [tuple(pair) for pair in d[key]]
         d["attachments"] = [Attachment(**a) for a in d["attachments"]]
         return cls(**d)
+
+
+_SPEC_FIELDS = tuple(f.name for f in fields(MessageSpec))
+_JSON_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
 
 
 # ---------------------------------------------------------------- validation
@@ -260,6 +272,7 @@ def validate_send(obj: dict, *, max_message_bytes: int, now: float | datetime | 
             raise RequestError(BAD_HEADER, f"subject longer than {MAX_SUBJECT_CHARS} characters")
         if _BAD_TEXT.search(subject):
             raise RequestError(BAD_HEADER, "subject contains a control character or line break")
+        subject = _foldable(subject)
         header_octets += 8 * len(subject)
 
     message_id = None
@@ -419,7 +432,8 @@ def _extra_headers(extra) -> tuple[list[tuple[str, str]], str | None, int]:
             raise RequestError(BAD_HEADER, f"header {name} longer than {MAX_HEADER_VALUE_CHARS} characters")
         if _BAD_TEXT.search(value):
             raise RequestError(BAD_HEADER, f"header {name} contains a control character or line break")
-        if value.isascii() and len(value) > MAX_HEADER_WORD and max(map(len, value.split())) > MAX_HEADER_WORD:
+        value = _foldable(value)
+        if value.isascii() and len(value) > MAX_HEADER_WORD and max(map(len, value.split()), default=0) > MAX_HEADER_WORD:
             raise RequestError(BAD_HEADER, f"header {name} has a word over {MAX_HEADER_WORD} characters: it cannot be folded")
         if lower == "message-id":
             value = value.strip(" \t")
@@ -430,6 +444,14 @@ def _extra_headers(extra) -> tuple[list[tuple[str, str]], str | None, int]:
         pairs.append((name, value))
         octets += len(name) + 8 * len(value) + 4
     return pairs, message_id, octets
+
+
+def _foldable(value: str) -> str:
+    """A header text with white-space runs over MAX_HEADER_SPACE_RUN made one
+    space, so folding can always keep lines short (see MAX_HEADER_WORD)."""
+    if len(value) > MAX_HEADER_SPACE_RUN and _LONG_SPACE_RUN.search(value):
+        return _SPACE_RUN.sub(" ", value)
+    return value
 
 
 def _text_part_size(body: str, name: str) -> int:
@@ -485,6 +507,7 @@ def _attachments(items) -> tuple[list[Attachment], int]:
             raise RequestError(BAD_REQUEST, f"{where}: 'filename' must be a non-empty string")
         if _BAD_NAME.search(filename):
             raise RequestError(BAD_HEADER, f"{where}: filename contains a control character or line break")
+        filename = _SPACES.sub(" ", filename)   # runs of spaces could fold into blank lines
         if len(filename.encode("utf-8")) > MAX_FILENAME_OCTETS:
             raise RequestError(BAD_HEADER, f"{where}: filename over {MAX_FILENAME_OCTETS} octets")
         if not isinstance(ctype, str) or not (m := _MIME_TYPE.fullmatch(ctype)):
@@ -637,7 +660,7 @@ def _text_header(name: str, value: str, unstructured: bool) -> str:
     if value.isascii():
         if len(name) + 2 + len(value) <= 78:
             return f"{name}: {value}\r\n"
-        if not unstructured or max(map(len, value.split() or [""])) <= MAX_HEADER_WORD:
+        if not unstructured or max(map(len, value.split()), default=0) <= MAX_HEADER_WORD:
             # Fold at existing spaces only: folding after "," or ";" would add a
             # space inside values such as URLs.
             return f"{name}: {Header(value, 'us-ascii', header_name=name).encode(splitchars=' ', linesep=_CRLF)}\r\n"
