@@ -23,6 +23,8 @@ enum {
 
 #define DEFAULT_SERVER "tcp://127.0.0.1:2526"
 #define MAX_SERVERS 16
+/* The daemon refuses WAIT above 3600 s (BAD_REQUEST); longer waits take several WAITs. */
+#define MAX_WAIT_PER_REQUEST 3600
 
 static void usage(FILE *out)
 {
@@ -263,6 +265,8 @@ static int wait_final(smtpgate_ctx *c, const char *id, int seconds)
     for (;;) {
         time_t now = time(NULL);
         int left = now >= until ? 0 : (int)(until - now);
+        if (left > MAX_WAIT_PER_REQUEST)
+            left = MAX_WAIT_PER_REQUEST;
         free(json);
         json = NULL;
         if (smtpgate_wait(c, id, left, &state, &json) != SMTPGATE_OK) {
