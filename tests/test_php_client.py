@@ -543,7 +543,7 @@ def test_connection_closed_by_the_daemons_idle_timeout_is_reopened(make_daemon, 
     result = run_php("""
         $gate = new Client($args['uri']);
         $gate->ping();
-        usleep(900000); // the daemon closes the idle connection meanwhile
+        usleep(1200000); // the daemon (idle_timeout 0.3 s) closes the connection meanwhile
         $id = $gate->send(['from' => 'app@example.com', 'to' => 'kelly@example.org', 'subject' => '空闲后']);
         report(['state' => $gate->wait($id, 15)['state'], 'connections' => $gate->stats()['intake']['connections']]);
     """, {"uri": daemon.uri})

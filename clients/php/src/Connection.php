@@ -37,8 +37,9 @@ final class Connection
      */
     public static function open(string $endpoint, float $timeout): self
     {
-        // TCP_NODELAY: a request is one write, but the reply to the previous
-        // one must never wait for a delayed ACK (40 ms on Linux).
+        // TCP_NODELAY: requests are whole writes, so Nagle only hurts: the
+        // last small segment of a large SEND or of a pipelined window would
+        // wait for the daemon's delayed ACK (up to 40 ms on Linux).
         $options = str_starts_with($endpoint, 'tcp://') ? ['socket' => ['tcp_nodelay' => true]] : [];
         $errno = 0;
         $errstr = '';
