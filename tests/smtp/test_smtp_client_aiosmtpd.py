@@ -227,3 +227,17 @@ def test_verify_off_accepts_any_certificate(aiosmtpd_server, tls_files):
         await conn.quit()
 
     run(scenario())  # no ca_file: the system store does not know the test CA
+
+
+def test_large_body_goes_out_through_flow_control(aiosmtpd_server):
+    # 4 MiB is far above asyncio's 64 KiB write buffer high-water mark, so the
+    # driver has to wait for the socket to drain (pause/resume_writing).
+    port, handler = aiosmtpd_server()
+    body = b"Subject: big\r\n\r\n" + b"".join(b"%08d " % i + b"z" * 90 + b"\r\n" for i in range(42000))
+
+    async def scenario():
+        async with await SmtpConnection.open(settings(port)) as conn:
+            return await conn.send("a@example.org", ["b@example.org"], body)
+
+    assert run(scenario()).recipients[0].status == "accepted"
+    assert handler.messages[0].data == body

@@ -509,3 +509,20 @@ def test_quit_answered_by_a_plain_close():
     client.data_to_send()
     client.receive_data(b"")
     assert client.next_event() == CommandDone("QUIT", None)
+
+
+def test_timeouts_follow_rfc_5321_section_4_5_3_2():
+    from smtpgate.smtp import Timeouts
+
+    timeouts = Timeouts()
+    assert [timeouts.for_reply(verb) for verb in ("GREETING", "MAIL", "RCPT", "DATA", "DATA_END")] == [
+        300, 300, 300, 120, 600,
+    ]
+    assert timeouts.data_block == 180
+    assert Timeouts(command=7).for_reply("EHLO") == 7
+
+
+def test_auth_configured_but_not_offered():
+    client = ready_client(EHLO_PLAIN, tls_active=True)
+    with pytest.raises(SmtpAuthError, match="does not offer AUTH"):
+        client.auth("user@x", "pw")

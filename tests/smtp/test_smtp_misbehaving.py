@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 
 import pytest
@@ -215,5 +216,25 @@ def test_server_closing_an_idle_connection_makes_it_unusable():
             assert not await conn.noop()
             with pytest.raises(SmtpConnectionLost):
                 await conn.send("a@example.org", ["b@example.org"], b"x")
+
+    run(scenario())
+
+
+def test_a_trickling_server_cannot_stretch_the_reply_timeout():
+    # One byte every 0.2 s: each read comes well within the 0.5 s greeting
+    # timeout, but the whole reply does not, and the deadline is per reply.
+    async def trickle(reader, writer):
+        for byte in b"220 slow server\r\n":
+            writer.write(bytes([byte]))
+            await asyncio.sleep(0.2)
+        await reader.read()
+
+    async def scenario():
+        server = await asyncio.start_server(trickle, "127.0.0.1", 0)
+        try:
+            with pytest.raises(SmtpTimeout, match="GREETING"):
+                await SmtpConnection.open(settings(server.sockets[0].getsockname()[1]))
+        finally:
+            server.close()
 
     run(scenario())

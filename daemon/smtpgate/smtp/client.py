@@ -259,6 +259,9 @@ class SmtpConnection:
     async def _pump(self) -> object:
         core = self._core
         timeouts = self.settings.timeouts
+        loop = asyncio.get_running_loop()
+        waiting_for = None
+        deadline = 0.0
         while True:
             event = core.next_event()
             out = core.data_to_send()
@@ -266,27 +269,38 @@ class SmtpConnection:
                 if self._transport is None:
                     raise SmtpConnectionLost(f"connection to {self._where} is closed")
                 self._transport.write(out)
-                while self._write_paused and self._transport is not None:
-                    await self._wait(timeouts.data_block, core.awaiting)
+                while self._write_paused and not self._eof:
+                    # A large body: wait for the socket to drain, each wait
+                    # bounded by the data block timeout (RFC 5321 4.5.3.2.5).
+                    await self._wait(loop.time() + timeouts.data_block, core.awaiting)
             if event is not NEED_DATA:
                 return event
-            await self._wait(timeouts.for_reply(core.awaiting), core.awaiting)
+            # One deadline per awaited reply, not per read: a server trickling
+            # a byte now and then cannot stretch the RFC 5321 4.5.3.2 timeout.
+            if (core.replies_received, core.awaiting) != waiting_for:
+                waiting_for = (core.replies_received, core.awaiting)
+                deadline = loop.time() + timeouts.for_reply(core.awaiting)
+            await self._wait(deadline, core.awaiting)
 
-    async def _wait(self, timeout: float, verb: str | None) -> None:
-        """Sleep until the protocol calls _wake (data, EOF, writable) or time is up."""
+    async def _wait(self, deadline: float, verb: str | None) -> None:
+        """Sleep until the protocol calls _wake (data, EOF, writable) or the deadline passes."""
         if self._eof:
             return  # the core reports the EOF on the next next_event()
-        waiter = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        waiter = loop.create_future()
         self._waiter = waiter
+        # call_at on the future: cheaper than asyncio.timeout() per wait.
+        timer = loop.call_at(deadline, _expire, waiter)
         try:
-            async with asyncio.timeout(timeout):
-                await waiter
+            await waiter
         except TimeoutError:
+            timeout = self.settings.timeouts.for_reply(verb)
             raise SmtpTimeout(
                 f"no reply from {self._where} to {verb} within {timeout:g} s",
                 after_data_end=verb == "DATA_END",
             ) from None
         finally:
+            timer.cancel()
             self._waiter = None
 
     def _on_data(self, data: bytes) -> None:
@@ -316,6 +330,11 @@ class SmtpConnection:
     @property
     def _where(self) -> str:
         return f"{self.settings.host}:{self.settings.port}"
+
+
+def _expire(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_exception(TimeoutError())
 
 
 def _set_nodelay(transport: asyncio.BaseTransport) -> None:

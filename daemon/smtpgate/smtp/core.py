@@ -254,6 +254,7 @@ class SmtpClient:
         # True while the server may hold an open transaction (MAIL accepted,
         # no end of data since): the next send_mail() sends RSET first.
         self.needs_reset = False
+        self.replies_received = 0  # lets the driver tell one awaited reply from the next
         self._parser = ReplyParser()
         self._expected: deque[tuple[str, _Handler]] = deque()
         self._expected.append(("GREETING", self._on_greeting))
@@ -339,6 +340,7 @@ class SmtpClient:
                 return NEED_DATA
             verb, handler = self._expected.popleft()
             self._sent -= 1
+            self.replies_received += 1
             if reply.code == 421 and verb != "QUIT":
                 # RFC 5321 3.8: 421 may come in reply to any command; the
                 # server then closes.  Nothing of this transaction was taken.
@@ -468,7 +470,9 @@ class SmtpClient:
                 "refusing to send credentials over a plaintext connection "
                 "(allow_plaintext_auth is off)"
             )
-        offered = set(self.extensions.get("AUTH", "").upper().split())
+        if "AUTH" not in self.extensions:
+            raise self._auth_refused("credentials configured but the server does not offer AUTH")
+        offered = set(self.extensions["AUTH"].upper().split())
         user = username.encode("utf-8")
         if xoauth2_token is not None:
             if "XOAUTH2" not in offered:
