@@ -8,6 +8,8 @@
  * MODE (TARGET):
  *   gate_connect  (daemon URI)   new Client + send() per mail: what one PHP page costs
  *   gate_open     (daemon URI)   send() on one open connection
+ *   ping_open     (daemon URI)   ping() on one open connection: the round-trip floor
+ *                                of client and daemon, nothing stored
  *   smtp_connect  (host:port)    the classic fsockopen SMTP conversation per mail,
  *                                straight to the upstream: greeting, EHLO, MAIL,
  *                                RCPT, DATA, message and dot in one fwrite; the
@@ -153,6 +155,10 @@ switch ($mode) {
         $gate = new Client($target);
         $latencies = measure($count, static fn () => $gate->send(gate_message()));
         break;
+    case 'ping_open':
+        $gate = new Client($target);
+        $latencies = measure($count, static fn () => $gate->ping());
+        break;
     case 'smtp_connect':
     case 'smtp_dot_apart':
         $latencies = measure($count, static function () use ($target, $mode) {
@@ -167,7 +173,7 @@ switch ($mode) {
         smtp_quit($socket);
         break;
     default:
-        fwrite(STDERR, "usage: php php_handoff.php gate_connect|gate_open|smtp_connect|smtp_open|smtp_dot_apart COUNT TARGET\n");
+        fwrite(STDERR, "usage: php php_handoff.php gate_connect|gate_open|ping_open|smtp_connect|smtp_open|smtp_dot_apart COUNT TARGET\n");
         exit(2);
 }
 

@@ -30,7 +30,6 @@ import json
 import os
 import platform
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -40,6 +39,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from daemon_bench import Daemon, free_port, start_sink, wait_port  # noqa: E402  (helpers of the main bench)
+from handoff_common import medians, replace_section, rotated_rounds  # noqa: E402
 
 RESULTS = HERE / "results-clients.md"
 OUT = HERE / "out"
@@ -53,6 +53,7 @@ MODES = [
     ("gate_tcp_connect", "gate_connect", "tcp", "smtpgate, connect + send (TCP)"),
     ("gate_unix_connect", "gate_connect", "unix", "smtpgate, connect + send (Unix socket)"),
     ("gate_tcp_open", "gate_open", "tcp", "smtpgate, send on an open connection (TCP)"),
+    ("ping_tcp_open", "ping_open", "tcp", "PING on an open connection (TCP): round-trip floor, nothing stored"),
     ("smtp_connect", "smtp_connect", "smtp", "direct SMTP, fsockopen per mail"),
     ("smtp_open", "smtp_open", "smtp", "direct SMTP, one open connection"),
     ("smtp_dot_apart", "smtp_dot_apart", "smtp", "direct SMTP per mail, final dot in its own fwrite"),
@@ -95,18 +96,6 @@ def wait_idle(daemon: Daemon, timeout: float = 120.0) -> None:
     raise RuntimeError(f"daemon still busy after {timeout} s: {daemon.stats()}")
 
 
-def write_section(text: str) -> None:
-    """Replace the PHP section of RESULTS (up to the next `## `), keeping every other section."""
-    old = RESULTS.read_text() if RESULTS.exists() else "# Client hand-off latency\n\n"
-    start = old.find(SECTION + "\n")
-    if start < 0:
-        new = old.rstrip("\n") + "\n\n" + text
-    else:
-        end = old.find("\n## ", start + len(SECTION))
-        new = old[:start] + text + (old[end + 1:] if end >= 0 else "")
-    RESULTS.write_text(new.rstrip("\n") + "\n")
-
-
 def fmt_us(value: float) -> str:
     return f"{value / 1000:.2f} ms" if value >= 10_000 else f"{value:,.0f} µs"
 
@@ -118,11 +107,9 @@ def render(results: dict, command: str) -> str:
         p50 = {}
         for key, _, _, label in MODES:
             runs = by_mode[key]
-            p50s = [r["p50"] for r in runs]
-            p50[key] = statistics.median(p50s)
-            rows.append(f"| {upstream} | {label} | **{fmt_us(p50[key])}** "
-                        f"| {fmt_us(statistics.median(r['p99'] for r in runs))} "
-                        f"| {fmt_us(min(p50s))} - {fmt_us(max(p50s))} | {len(runs)} x {runs[0]['n']} |")
+            p50[key], p99, lowest, highest = medians(runs)
+            rows.append(f"| {upstream} | {label} | **{fmt_us(p50[key])}** | {fmt_us(p99)} "
+                        f"| {fmt_us(lowest)} - {fmt_us(highest)} | {len(runs)} x {runs[0]['n']} |")
         ratios.append(f"| {upstream} | {p50['smtp_connect'] / p50['gate_tcp_connect']:.2f}x "
                       f"| {p50['smtp_connect'] / p50['gate_unix_connect']:.2f}x "
                       f"| {p50['smtp_open'] / p50['gate_tcp_open']:.2f}x "
@@ -160,24 +147,23 @@ def bench_upstream(name: str, rounds: int, count: int) -> dict[str, list[dict]]:
     daemon = Daemon(workdir, upstream=[f"127.0.0.1:{sink_port}"], socket=str(unix_path), helo_name="bench.test")
     targets = {"tcp": f"tcp://127.0.0.1:{daemon.port}", "unix": f"unix://{unix_path}",
                "smtp": f"127.0.0.1:{sink_port}"}
-    results: dict[str, list[dict]] = {key: [] for key, *_ in MODES}
+    modes = {key: (php_mode, target) for key, php_mode, target, _ in MODES}
+
+    def run(key: str) -> dict:
+        php_mode, target = modes[key]
+        result = run_mode(php_mode, min(count, DOT_APART_MAX) if php_mode == "smtp_dot_apart" else count,
+                          targets[target])
+        if target != "smtp":
+            wait_idle(daemon)
+        return result
+
     try:
-        for round_number in range(rounds):
-            shift = round_number % len(MODES)
-            for key, php_mode, target, _ in MODES[shift:] + MODES[:shift]:
-                mails = min(count, DOT_APART_MAX) if php_mode == "smtp_dot_apart" else count
-                result = run_mode(php_mode, mails, targets[target])
-                results[key].append(result)
-                print(f"upstream={name} round={round_number} mode={key} p50_us={result['p50']} "
-                      f"p99_us={result['p99']}", flush=True)
-                if target != "smtp":
-                    wait_idle(daemon)
+        return rotated_rounds(list(modes), rounds, run, label=f"upstream={name} ")
     finally:
         daemon.stop()
         sink.terminate()
         sink.wait(10)
         shutil.rmtree(workdir, ignore_errors=True)
-    return results
 
 
 def main() -> int:
@@ -200,7 +186,7 @@ def main() -> int:
     section = render(results, command)
     print(section)
     if not args.no_write:
-        write_section(section)
+        replace_section(RESULTS, SECTION, section)
     return 0
 
 
