@@ -439,6 +439,24 @@ def test_wait_exit_code_follows_the_final_state(built, peer, state, code):
         assert state in proc.stderr
 
 
+def test_smtpgate_send_is_clean_under_valgrind(built, peer, tmp_path):
+    """The command itself (failover, attachment, --wait, error paths) leaks nothing and touches no bad memory."""
+    if shutil.which("valgrind") is None:
+        pytest.skip("valgrind is not installed (tests/setup.sh installs it)")
+    p = peer(SEND=b"OK 01V\r\n", WAIT=b'OK {"id":"01V","state":"failed","recipients":[]}\r\n')
+    (tmp_path / "a.bin").write_bytes(bytes(range(256)) * 100)
+    valgrind = ["valgrind", "-q", "--error-exitcode=99", "--leak-check=full", "--errors-for-leak-kinds=all",
+                str(SEND)]
+    common = ["-f", "a@example.com", "-t", "b@example.org", "-s", "s"]
+    runs = [([f"--server=tcp://127.0.0.1:{dead_port()}", "--server", p.uri, *common, "-c", "c@example.org",
+              "-a", str(tmp_path / "a.bin"), "-H", "X-A: 1", "--wait", "2"], FAILED),
+            ([*common, "-a", str(tmp_path / "missing")], USAGE),
+            ([f"--server=tcp://127.0.0.1:{dead_port()}", *common], UNREACHABLE)]
+    for args, code in runs:
+        proc = subprocess.run([*valgrind, *args], input=b"body", capture_output=True, timeout=60)
+        assert proc.returncode == code, proc.stderr.decode()
+
+
 def test_server_from_environment(built, peer, tmp_path):
     p = peer(SEND=b"OK 01ENV\r\n", unix_path=str(tmp_path / "peer.sock"))
     proc = run_send(["-f", "a@example.com", "-t", "b@example.org", "-s", "s"], "x", env={"SMTPGATE_SERVER": p.uri})
