@@ -220,6 +220,17 @@ def test_refusals_before_anything_is_sent(line_server, tmp_path):
     assert server.lines == []
 
 
+def test_stdin_is_read_no_further_than_the_size_limit(line_server, tmp_path):
+    server = line_server()
+    config = tmp_path / "smtpgate.toml"
+    config.write_text('max_message_size = 2048\n')
+    big = MESSAGE.replace(b"\n.\n", b"\n") + b"x" * 3000 + b"\n"
+    for flags in (["-t", "-i"], ["-t"]):
+        code, err = run(["--config", str(config), "--server", server.uri, *flags], big)
+        assert code == EX_DATAERR and "2048" in err
+    assert run(["--config", str(config), "--server", server.uri, "-t", "-i"])[0] == EX_OK
+
+
 def test_parse_args_accepts_what_mtas_accept():
     opts = parse_args(["-t", "-oi", "-odi", "-oem", "-bm", "-B", "8BITMIME", "-N", "never",
                        "-fme@example.com", "-FMe", "-q30m", "-O", "DeliveryMode=b", "--", "-x@y"])

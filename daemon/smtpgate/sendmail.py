@@ -24,6 +24,7 @@ import tomllib
 from email.utils import formataddr, getaddresses
 
 from smtpgate.client import DEFAULT_URI, LineClient, RemoteError
+from smtpgate.config import DEFAULT_CONFIG_PATH, Config
 
 # sysexits.h
 EX_OK = 0
@@ -36,7 +37,9 @@ EX_TEMPFAIL = 75     # daemon unreachable or busy: nothing stored, try again lat
 EX_NOPERM = 77       # the daemon wants a token we do not have, or refused it
 EX_CONFIG = 78       # the configuration file named by --config cannot be read
 
-DEFAULT_CONFIG = "/etc/smtpgate/smtpgate.toml"
+# Stop reading stdin past the daemon's limit rather than hold a runaway
+# pipe in memory.
+DEFAULT_MAX_MESSAGE = Config.max_message_size
 
 # sendmail flags that take a value, either attached (-fbob) or as the next
 # word (-f bob). Of these only -f/-r and -F are used; the rest are ignored.
@@ -123,15 +126,22 @@ def parse_args(argv: list[str]) -> Options:
     return opts
 
 
-def read_message(stream, dot_ends_input: bool) -> bytes:
-    """The message from stdin; without -i a line of a single "." ends it."""
+def read_message(stream, dot_ends_input: bool, limit: int) -> bytes | None:
+    """The message from stdin, or None past `limit` bytes (read no further).
+
+    Without -i a line of a single "." ends the message.
+    """
     if not dot_ends_input:
-        return stream.read()
-    lines = []
-    for line in stream:
+        data = stream.read(limit + 1)
+        return data if len(data) <= limit else None
+    lines, size = [], 0
+    while (line := stream.readline(limit + 1 - size)):
         if line.rstrip(b"\r\n") == b".":
             break
         lines.append(line)
+        size += len(line)
+        if size > limit:
+            return None
     return b"".join(lines)
 
 
@@ -209,15 +219,8 @@ def _local_sender() -> str:
     return f"{user}@{socket.gethostname()}"
 
 
-def find_server(opts: Options, env=os.environ) -> tuple[str, str | None]:
-    """(server URI, token): --server, $SMTPGATE_SERVER, the config file, the default.
-
-    Only the keys needed to reach the daemon are read from the config, with
-    tomllib rather than load_config: the file may name secrets (the upstream
-    password file) that the user calling sendmail cannot and need not read.
-    Raises UsageError when a --config given explicitly cannot be read.
-    """
-    settings = _read_config(opts.config)
+def find_server(opts: Options, settings: dict, env=os.environ) -> tuple[str, str | None]:
+    """(server URI, token): --server, $SMTPGATE_SERVER, the config file, the default."""
     token = env.get("SMTPGATE_TOKEN") or _first_token(settings)
     uri = opts.server or env.get("SMTPGATE_SERVER")
     if uri:
@@ -235,9 +238,15 @@ def find_server(opts: Options, env=os.environ) -> tuple[str, str | None]:
     return DEFAULT_URI, token
 
 
-def _read_config(path: str | None) -> dict:
+def read_config(path: str | None) -> dict:
+    """The config file's keys, read with tomllib; {} when the default file is absent.
+
+    Not load_config: that opens the secrets the file names (the upstream
+    password file), which the user calling sendmail cannot and need not read.
+    Raises ConfigUnreadable when a file given with --config cannot be read.
+    """
     try:
-        with open(path or DEFAULT_CONFIG, "rb") as fh:
+        with open(path or DEFAULT_CONFIG_PATH, "rb") as fh:
             return tomllib.load(fh)
     except FileNotFoundError:
         if path:
@@ -296,11 +305,18 @@ def main(argv: list[str], stdin=None, stderr=None) -> int:
     except UsageError as exc:
         return fail(EX_USAGE, f"{exc}\n{USAGE}")
     try:
-        uri, token = find_server(opts)
+        settings = read_config(opts.config)
     except ConfigUnreadable as exc:
         return fail(EX_CONFIG, f"cannot read the configuration {exc}")
+    uri, token = find_server(opts, settings)
+    limit = settings.get("max_message_size", DEFAULT_MAX_MESSAGE)
+    if not isinstance(limit, int) or isinstance(limit, bool):
+        limit = DEFAULT_MAX_MESSAGE
+    data = read_message(stdin, opts.dot_ends_input, limit)
+    if data is None:
+        return fail(EX_DATAERR, f"the message is over max_message_size ({limit} bytes)")
     try:
-        message = read_message(stdin, opts.dot_ends_input).decode("utf-8")
+        message = data.decode("utf-8")
     except UnicodeDecodeError:
         return fail(EX_DATAERR, "the message is not UTF-8; encode 8-bit text in UTF-8 "
                                 "or with a Content-Transfer-Encoding")
