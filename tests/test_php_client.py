@@ -80,8 +80,9 @@ def standard_reply(line: bytes) -> bytes:
 class ScriptedPeer:
     """A server on 127.0.0.1 (or a Unix socket) that records every byte it receives,
     per connection, and answers each request line with
-    `respond(line, connection_number, request_number)`: bytes to send, CLOSE,
-    or (bytes, CLOSE) to reply and then close."""
+    `respond(line, connection_number, request_number)`: bytes to send, a list
+    of byte strings to send one by one with a pause between them, CLOSE, or
+    (bytes, CLOSE) to reply and then close."""
 
     def __init__(self, respond=None, unix_path: str | None = None):
         self.respond = respond or (lambda line, conn, req: standard_reply(line))
@@ -130,6 +131,11 @@ class ScriptedPeer:
                         self.lines[number].append(line)
                         request_number = len(self.lines[number]) - 1
                     answer = self.respond(line, number, request_number)
+                    if isinstance(answer, list):
+                        for piece in answer:
+                            conn.sendall(piece)
+                            time.sleep(0.002)
+                        continue
                     reply, close = (answer, False) if isinstance(answer, bytes) else \
                         (b"", True) if answer is CLOSE else (answer[0], True)
                     if reply:
@@ -262,6 +268,28 @@ def test_a_malformed_reply_is_a_protocol_exception_and_drops_the_connection(scri
     assert result[0]["is_smtpgate"] and peer.uri in result[0]["message"]
     assert result[1] == {"value": True}
     assert len(peer.received) == 2, "the next request must use a new connection"
+
+
+def test_replies_split_into_single_bytes_or_coalesced_are_read_whole_and_in_order(scripted):
+    state = b'OK {"id":"01X","state":"queued","subject":"\xe8\xae\xb0"}\r\n'
+
+    def respond(line, conn, req):
+        if line.startswith(b"STATUS"):
+            return [state[i:i + 1] for i in range(len(state))]  # one byte per segment
+        if req < 3:
+            return b""  # hold the replies of the first three SENDs ...
+        return [b"OK 01A\r\nERR DENIED no\r\nOK 01C\r\nOK 01D\r\n"]  # ... and send four at once
+
+    peer = scripted(respond)
+    result = run_php("""
+        $gate = new Client($args['uri']);
+        $m = ['from' => 'a@example.com', 'to' => 'b@example.org'];
+        $batch = $gate->sendMany([$m, $m, $m, $m]);
+        report([$gate->status('01X'), $batch->ids, array_map(fn ($e) => $e->getErrorCode(), $batch->errors)]);
+    """, {"uri": peer.uri})
+    assert result == [{"id": "01X", "state": "queued", "subject": "记"}, {"0": "01A", "2": "01C", "3": "01D"},
+                      {"1": "DENIED"}]
+    assert len(peer.received) == 1
 
 
 def test_idle_connection_closed_by_the_daemon_is_reopened_before_writing(scripted):
