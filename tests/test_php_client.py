@@ -451,6 +451,31 @@ def test_daemon_that_is_down_is_a_connection_exception(tmp_path):
     assert "tcp://127.0.0.1:" in result[2]["message"] and "no-daemon.sock" in result[2]["message"]
 
 
+def test_connect_timeout_then_failover_to_the_next_daemon(daemon):
+    # A listener whose accept queue is full: the kernel drops further SYNs,
+    # so a connect there hangs until the client's connect_timeout.
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        fillers = [socket.socket() for _ in range(3)]
+        for sock in fillers:
+            sock.setblocking(False)
+            sock.connect_ex(listener.getsockname())
+        stuck = f"tcp://127.0.0.1:{listener.getsockname()[1]}"
+        try:
+            result = run_php("""
+                $options = ['connect_timeout' => 0.3];
+                $failover = new Client([$args['stuck'], $args['daemon']], $options);
+                report([outcome(fn () => (new Client($args['stuck'], $options))->ping()),
+                        outcome(fn () => $failover->ping()), $failover->endpoint()]);
+            """, {"stuck": stuck, "daemon": daemon.uri})
+        finally:
+            for sock in fillers:
+                sock.close()
+    assert result[0]["class"] == "TimeoutException" and stuck in result[0]["message"]
+    assert result[1:] == [{"value": True}, daemon.uri]
+
+
 def test_send_status_wait_ping_hello_stats_against_the_daemon(daemon, upstream):
     result = run_php("""
         $gate = new Client($args['uri']);
