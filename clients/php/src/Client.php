@@ -26,7 +26,7 @@ use SmtpGate\Exception\TimeoutException;
  * silently: nothing was sent, so this is safe for every request. If the close
  * races with the write and is only seen when reading the reply, the request
  * is repeated once on a new connection only when a repeat cannot do harm:
- * PING, STATUS, WAIT, STATS, AUTH, and a SEND that carries an
+ * PING, HELLO, STATUS, WAIT, STATS, AUTH, and a SEND that carries an
  * `idempotency_key` (the daemon answers the first id). A plain SEND is not
  * repeated, because the daemon may have stored it before the connection
  * broke; the caller gets a ConnectionException and decides.
@@ -37,14 +37,15 @@ final class Client
     public const DEFAULT_PORT = 2526;
 
     /*
-     * sendMany() writes this many requests, then reads their replies. Replies
-     * are about 30 bytes, so a window's replies (~8 KiB) always fit in the
-     * socket buffers: writing the whole batch first could deadlock once the
-     * daemon stops reading because we are not reading its replies.
+     * sendMany() writes this many requests, then reads their replies. Writing
+     * a whole large batch first could deadlock: the daemon stops reading once
+     * 1024 replies wait unread (its MAX_PIPELINE), and then our write blocks
+     * too. 256 stays well under that, and a window's replies (~30 bytes each,
+     * ~8 KiB) fit in the socket buffers.
      */
     private const PIPELINE_WINDOW = 256;
 
-    /** Seconds a WAIT without seconds may block in the daemon (its default, PROTOCOL.md leaves it to the daemon). */
+    /** Seconds a WAIT without seconds may block in the daemon: its default (PROTOCOL.md leaves it to the daemon). */
     private const DAEMON_WAIT_DEFAULT = 30.0;
 
     private const OPTION_DEFAULTS = [
