@@ -77,66 +77,59 @@ class ReplyParser:
 
     def __init__(self, max_line: int = MAX_LINE, max_reply: int = MAX_REPLY) -> None:
         self._buffer = bytearray()
-        self._search_from = 0  # no LF before this offset: do not rescan
-        self._lines: list[str] = []  # lines of the reply in progress
+        self._reply_start = 0  # offset of the reply in progress
+        self._pos = 0  # offset of the first line not yet parsed
+        self._lines: list[str] = []  # lines of the reply in progress, parsed
         self._code = 0
-        self._reply_size = 0
         self._max_line = max_line
         self._max_reply = max_reply
 
     @property
     def pending(self) -> int:
         """Octets received but not yet part of a returned reply."""
-        return len(self._buffer) + self._reply_size
+        return len(self._buffer) - self._reply_start
 
     def feed(self, data: bytes) -> None:
+        if self._reply_start:
+            # Drop what earlier replies used, once per read, not per line.
+            del self._buffer[: self._reply_start]
+            self._pos -= self._reply_start
+            self._reply_start = 0
         self._buffer += data
 
     def next_reply(self) -> Reply | None:
         buffer = self._buffer
         while True:
-            end = buffer.find(b"\n", self._search_from)
+            pos = self._pos
+            end = buffer.find(b"\n", pos)
             if end < 0:
-                self._search_from = len(buffer)
-                if len(buffer) > self._max_line:
-                    raise SmtpProtocolError(
-                        f"reply line longer than {self._max_line} octets"
-                    )
+                if len(buffer) - pos > self._max_line:
+                    raise SmtpProtocolError(f"reply line longer than {self._max_line} octets")
                 return None
-            line = bytes(buffer[:end])
-            del buffer[: end + 1]
-            self._search_from = 0
-            if len(line) > self._max_line:
+            if end - pos > self._max_line:
                 raise SmtpProtocolError(f"reply line longer than {self._max_line} octets")
-            self._reply_size += end + 1
-            if self._reply_size > self._max_reply:
+            if end + 1 - self._reply_start > self._max_reply:
                 raise SmtpProtocolError(f"reply longer than {self._max_reply} octets")
-            code, last, text = _parse_line(line)
+            match = _LINE.match(buffer, pos, end)
+            if match is None:
+                shown = bytes(buffer[pos : min(end, pos + 40)]).decode("ascii", "backslashreplace")
+                raise SmtpProtocolError(f"malformed reply line: {shown!r}")
+            self._pos = end + 1
+            code = int(match[1])
             if self._lines and code != self._code:
                 raise SmtpProtocolError(
                     f"reply code changed from {self._code} to {code} inside a multi-line reply"
                 )
             self._code = code
-            self._lines.append(text)
-            if last:
+            self._lines.append(match[3].decode("utf-8", "replace") if match[2] else "")
+            if match[2] != b"-":
                 reply = Reply(code, tuple(self._lines))
                 self._lines = []
-                self._reply_size = 0
+                self._reply_start = self._pos
                 return reply
 
 
-def _parse_line(line: bytes) -> tuple[int, bool, str]:
-    """Split one reply line (without LF) into (code, is_last_line, text)."""
-    if line.endswith(b"\r"):
-        line = line[:-1]
-    head = line[:3]
-    if (
-        len(head) != 3
-        or not head.isdigit()
-        or head[0] not in b"2345"
-        or len(line) > 3 and line[3] not in b" -"
-    ):
-        shown = line[:40].decode("ascii", "backslashreplace")
-        raise SmtpProtocolError(f"malformed reply line: {shown!r}")
-    last = line[3:4] != b"-"
-    return int(head), last, line[4:].decode("utf-8", "replace")
+# Code, then nothing or a space or hyphen and the text; a CR before the LF
+# is dropped (a bare LF is tolerated).  `.` matches any byte but LF here, and
+# the match runs only up to the LF (endpos), so \Z is the line's end.
+_LINE = re.compile(rb"([2-5][0-9][0-9])(?:([ -])(.*?))?\r?\Z", re.DOTALL)
