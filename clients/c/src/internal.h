@@ -45,6 +45,9 @@ const char *sg_guess_content_type(const char *filename);
  * why (size SMTPGATE_ERRSTR_SIZE) when the message is incomplete or broken. */
 int sg_msg_write_json(const smtpgate_msg *m, sg_buf *b, char *why);
 
+/* True when a SEND of m can be repeated without queueing a second message. */
+int sg_msg_has_idempotency_key(const smtpgate_msg *m);
+
 /* Every write of the library goes through this pointer (send(2) by default),
  * so unit tests can count the calls and force short writes. */
 extern ssize_t (*sg_send_hook)(int fd, const void *buf, size_t len, int flags);

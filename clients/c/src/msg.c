@@ -34,6 +34,8 @@ void smtpgate_msg_free(smtpgate_msg *m)
     free(m);
 }
 
+int sg_msg_has_idempotency_key(const smtpgate_msg *m) { return m->idempotency_key.len > 0; }
+
 const char *smtpgate_msg_error(const smtpgate_msg *m) { return m->error[0] ? m->error : NULL; }
 
 static int msg_fail(smtpgate_msg *m, const char *fmt, ...)

@@ -45,6 +45,14 @@ static void set_error(smtpgate_ctx *c, int err, const char *fmt, ...)
     va_end(ap);
 }
 
+/* The daemon answered ERR CODE TEXT: the connection stays usable. */
+static int server_error(smtpgate_ctx *c, const smtpgate_reply *reply)
+{
+    set_error(c, SMTPGATE_ERR_SERVER, "%s: %s", reply->code, reply->payload);
+    snprintf(c->code, sizeof c->code, "%s", reply->code);
+    return SMTPGATE_ERR;
+}
+
 static void clear_error(smtpgate_ctx *c)
 {
     c->err = 0;
@@ -388,21 +396,22 @@ static int auth_request(smtpgate_ctx *c)
     if (line.data)
         memset(line.data, 0, line.len); /* the token */
     sg_buf_free(&line);
-    if (rc == SMTPGATE_OK && reply->type == SMTPGATE_REPLY_ERR) {
-        set_error(c, SMTPGATE_ERR_SERVER, "%s: %s", reply->code, reply->payload);
-        snprintf(c->code, sizeof c->code, "%s", reply->code);
-        rc = SMTPGATE_ERR;
-    }
+    if (rc == SMTPGATE_OK && reply->type == SMTPGATE_REPLY_ERR)
+        rc = server_error(c, reply);
     smtpgate_reply_free(reply);
     return rc;
 }
 
 /* Makes c->fd usable for the next request: (re)connects and repeats AUTH when
- * the connection is gone or out of step. */
-static int ensure_connected(smtpgate_ctx *c)
+ * the connection is gone or out of step. *opened (if not NULL) tells whether it did. */
+static int ensure_connected(smtpgate_ctx *c, int *opened)
 {
+    if (opened)
+        *opened = 0;
     if (c->fd >= 0 && connection_fresh(c))
         return SMTPGATE_OK;
+    if (opened)
+        *opened = 1;
     if (open_connection(c) != SMTPGATE_OK)
         return SMTPGATE_ERR;
     return c->token != NULL ? auth_request(c) : SMTPGATE_OK;
@@ -419,19 +428,29 @@ static int request_raw(smtpgate_ctx *c, const char *req, size_t len, int extra_m
 }
 
 /* Connects if needed, sends req (a whole line with its LF), and returns the OK
- * reply in *out; an ERR reply becomes SMTPGATE_ERR_SERVER. */
-static int request(smtpgate_ctx *c, const char *req, size_t len, int extra_ms,
+ * reply in *out; an ERR reply becomes SMTPGATE_ERR_SERVER. A repeatable
+ * request (one whose effect does not double: PING, STATUS, WAIT, a SEND with
+ * an idempotency key) is sent once more on a new connection when the daemon
+ * closed the reused one under it: its idle timer and our write crossed. */
+static int request(smtpgate_ctx *c, const char *req, size_t len, int extra_ms, int repeatable,
                    smtpgate_reply **out)
 {
+    int opened;
     clear_error(c);
     *out = NULL;
-    if (ensure_connected(c) != SMTPGATE_OK)
+    if (ensure_connected(c, &opened) != SMTPGATE_OK)
         return SMTPGATE_ERR;
-    if (request_raw(c, req, len, extra_ms, out) != SMTPGATE_OK)
+    int rc = request_raw(c, req, len, extra_ms, out);
+    if (rc != SMTPGATE_OK && repeatable && !opened && c->err == SMTPGATE_ERR_EOF) {
+        clear_error(c);
+        if (ensure_connected(c, NULL) != SMTPGATE_OK)
+            return SMTPGATE_ERR;
+        rc = request_raw(c, req, len, extra_ms, out);
+    }
+    if (rc != SMTPGATE_OK)
         return SMTPGATE_ERR;
     if ((*out)->type == SMTPGATE_REPLY_ERR) {
-        set_error(c, SMTPGATE_ERR_SERVER, "%s: %s", (*out)->code, (*out)->payload);
-        snprintf(c->code, sizeof c->code, "%s", (*out)->code);
+        server_error(c, *out);
         smtpgate_reply_free(*out);
         *out = NULL;
         return SMTPGATE_ERR;
@@ -440,7 +459,7 @@ static int request(smtpgate_ctx *c, const char *req, size_t len, int extra_ms,
 }
 
 /* Ends the request in req with its LF, sends it (see request) and frees req. */
-static int request_buf(smtpgate_ctx *c, sg_buf *req, smtpgate_reply **out)
+static int request_buf(smtpgate_ctx *c, sg_buf *req, int repeatable, smtpgate_reply **out)
 {
     int rc;
     *out = NULL;
@@ -449,7 +468,7 @@ static int request_buf(smtpgate_ctx *c, sg_buf *req, smtpgate_reply **out)
         set_error(c, SMTPGATE_ERR_OOM, "out of memory");
         rc = SMTPGATE_ERR;
     } else
-        rc = request(c, req->data, req->len, 0, out);
+        rc = request(c, req->data, req->len, 0, repeatable, out);
     sg_buf_free(req);
     return rc;
 }
@@ -458,7 +477,7 @@ int smtpgate_reconnect(smtpgate_ctx *c)
 {
     clear_error(c);
     close_socket(c);
-    return ensure_connected(c);
+    return ensure_connected(c, NULL);
 }
 
 /* Refuses a request argument that could end the line early or add a second request. */
@@ -496,7 +515,7 @@ int smtpgate_command(smtpgate_ctx *c, const char *line, char **payload)
     sg_buf req = {0};
     sg_buf_puts(&req, line);
     smtpgate_reply *reply = NULL;
-    int rc = request_buf(c, &req, &reply);
+    int rc = request_buf(c, &req, 0, &reply); /* any verb: not known to be repeatable */
     if (rc == SMTPGATE_OK && payload) {
         *payload = reply->payload; /* hand the payload over instead of copying it */
         reply->payload = NULL;
@@ -520,7 +539,7 @@ int smtpgate_auth(smtpgate_ctx *c, const char *token)
     wipe_token(c);
     c->token = copy;
     /* An open connection needs AUTH now; a new one authenticates in ensure_connected. */
-    int rc = c->fd >= 0 && connection_fresh(c) ? auth_request(c) : ensure_connected(c);
+    int rc = c->fd >= 0 && connection_fresh(c) ? auth_request(c) : ensure_connected(c, NULL);
     if (rc != SMTPGATE_OK && c->err == SMTPGATE_ERR_SERVER)
         wipe_token(c); /* a refused token is not repeated on reconnect */
     return rc;
@@ -529,7 +548,7 @@ int smtpgate_auth(smtpgate_ctx *c, const char *token)
 int smtpgate_ping(smtpgate_ctx *c)
 {
     smtpgate_reply *reply = NULL;
-    int rc = request(c, "PING\n", 5, 0, &reply);
+    int rc = request(c, "PING\n", 5, 0, 1, &reply);
     if (rc == SMTPGATE_OK && strcmp(reply->payload, "PONG") != 0) {
         set_error(c, SMTPGATE_ERR_PROTOCOL, "PING answered \"OK %.60s\" by %s", reply->payload,
                   c->uri);
@@ -540,10 +559,10 @@ int smtpgate_ping(smtpgate_ctx *c)
 }
 
 /* Sends "SEND <json>" held in req (freed) and copies the id from "OK <id>". */
-static int send_line(smtpgate_ctx *c, sg_buf *req, char *id, size_t idlen)
+static int send_line(smtpgate_ctx *c, sg_buf *req, int repeatable, char *id, size_t idlen)
 {
     smtpgate_reply *reply = NULL;
-    int rc = request_buf(c, req, &reply);
+    int rc = request_buf(c, req, repeatable, &reply);
     if (rc != SMTPGATE_OK)
         return rc;
     if (check_id(c, reply->payload) != SMTPGATE_OK) {
@@ -570,7 +589,7 @@ int smtpgate_send(smtpgate_ctx *c, const smtpgate_msg *m, char *id, size_t idlen
         sg_buf_free(&req);
         return SMTPGATE_ERR;
     }
-    return send_line(c, &req, id, idlen);
+    return send_line(c, &req, sg_msg_has_idempotency_key(m), id, idlen);
 }
 
 int smtpgate_send_json(smtpgate_ctx *c, const char *json, char *id, size_t idlen)
@@ -581,7 +600,7 @@ int smtpgate_send_json(smtpgate_ctx *c, const char *json, char *id, size_t idlen
     sg_buf req = {0};
     sg_buf_puts(&req, "SEND ");
     sg_buf_puts(&req, json);
-    return send_line(c, &req, id, idlen);
+    return send_line(c, &req, 0, id, idlen);
 }
 
 /* STATUS or WAIT: the line is built by the caller; the state comes from the payload. */
@@ -593,7 +612,7 @@ static int state_request(smtpgate_ctx *c, const char *line, size_t len, int extr
         *json = NULL;
     if (state)
         *state = SMTPGATE_STATE_UNKNOWN;
-    int rc = request(c, line, len, extra_ms, &reply);
+    int rc = request(c, line, len, extra_ms, 1, &reply);
     if (rc != SMTPGATE_OK)
         return rc;
     char name[32];

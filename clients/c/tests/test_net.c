@@ -21,7 +21,7 @@ static const char *script[8];       /* replies, one per request line; NULL: stay
 static size_t script_len, script_pos;
 static int send_calls;              /* calls of the hook that carried bytes */
 static size_t max_chunk;            /* 0: pass writes whole; else accept at most this many bytes */
-static int close_after_request;     /* close the server end instead of answering */
+static int close_after_request;     /* requests to drop: close the server end instead of answering */
 
 static void reset(const char **replies, size_t n)
 {
@@ -64,9 +64,11 @@ static ssize_t fake_daemon(int fd, const void *buf, size_t len, int flags)
     for (size_t i = 0; i < wire.len; i++)
         lines += wire.data[i] == '\n';
     for (; lines_answered < lines; lines_answered++) {
-        if (close_after_request) {
+        if (close_after_request > 0) {
+            close_after_request--;
             close(server);
             server = -1;
+            lines_answered++; /* consumed without a reply */
             break;
         }
         if (script_pos < script_len && script[script_pos] != NULL) {
@@ -184,9 +186,9 @@ static void test_transport_failures_close_the_connection(void)
     smtpgate_free(c);
 
     c = connect_fake();
-    SCRIPT("OK PONG\r\n");
+    SCRIPT("OK\r\n");
     close_after_request = 1;
-    CHECK(smtpgate_ping(c) == SMTPGATE_ERR);
+    CHECK(smtpgate_command(c, "NOOP", NULL) == SMTPGATE_ERR); /* not known to be repeatable */
     CHECK(c->err == SMTPGATE_ERR_EOF);
     CHECK(c->fd == -1);
     smtpgate_free(c);
@@ -221,6 +223,36 @@ static void test_reconnects_after_idle_close_and_unsolicited_bytes(void)
     CHECK(smtpgate_ping(c) == SMTPGATE_OK);
     CHECK(accepted == before + 1);
     CHECK(c->err == 0);
+    smtpgate_free(c);
+}
+
+static void test_close_racing_a_request_repeats_only_what_is_safe(void)
+{
+    smtpgate_ctx *c = connect_fake();
+    smtpgate_msg *m = utf8_message();
+    char id[SMTPGATE_ID_SIZE];
+    /* The daemon's idle timer fires as the request goes out: the request is lost. */
+    SCRIPT("OK PONG\r\n");
+    close_after_request = 1;
+    int before = accepted;
+    CHECK(smtpgate_ping(c) == SMTPGATE_OK);
+    CHECK(accepted == before + 1);
+    CHECK_STR(wire.data, "PING\nPING\n");
+    /* A SEND without an idempotency key might have been stored: not repeated. */
+    SCRIPT("OK X1\r\n");
+    close_after_request = 1;
+    CHECK(smtpgate_send(c, m, id, sizeof id) == SMTPGATE_ERR);
+    CHECK(c->err == SMTPGATE_ERR_EOF);
+    CHECK(send_calls == 1);
+    /* With a key a repeat queues nothing new, so it is sent again. */
+    smtpgate_msg_set_idempotency_key(m, "k-1");
+    SCRIPT("OK PONG\r\n", "OK X1\r\n");
+    CHECK(smtpgate_ping(c) == SMTPGATE_OK); /* a new connection, then reused */
+    close_after_request = 1;
+    CHECK(smtpgate_send(c, m, id, sizeof id) == SMTPGATE_OK);
+    CHECK_STR(id, "X1");
+    CHECK(send_calls == 3); /* PING, SEND, SEND again */
+    smtpgate_msg_free(m);
     smtpgate_free(c);
 }
 
@@ -328,6 +360,7 @@ int main(void)
     RUN(test_server_error_keeps_the_connection);
     RUN(test_transport_failures_close_the_connection);
     RUN(test_reconnects_after_idle_close_and_unsolicited_bytes);
+    RUN(test_close_racing_a_request_repeats_only_what_is_safe);
     RUN(test_refused_token_is_not_repeated);
     RUN(test_status_and_wait);
     RUN(test_injection_is_refused_before_sending);
