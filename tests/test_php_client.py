@@ -560,6 +560,19 @@ def test_send_many_pipelines_to_the_daemon(daemon, upstream):
     assert sorted(m.message["Subject"] for m in received) == sorted(f"第{i}封" for i in range(count))
 
 
+def test_send_many_across_many_pipeline_windows(make_daemon):
+    # 1500 SENDs: six windows of 256 on one connection, every reply matched
+    # to its message (1500 distinct ids, all stored).
+    daemon = make_daemon(hold=True)  # stored, not relayed: only the hand-off is under test
+    result = run_php("""
+        $gate = new Client($args['uri']);
+        $messages = array_fill(0, 1500, ['from' => 'app@example.com', 'to' => 'kelly@example.org', 'text' => '批量']);
+        $r = $gate->sendMany($messages);
+        report(['ids' => count(array_unique($r->ids)), 'errors' => count($r->errors), 'queued' => $gate->stats()['states']['queued']]);
+    """, {"uri": daemon.uri}, timeout=60)
+    assert result == {"ids": 1500, "errors": 0, "queued": 1500}
+
+
 def test_errors_the_daemon_gives_arrive_as_their_classes(make_daemon):
     daemon = make_daemon(max_message_size=200_000, allowed_recipients=["@example.org"])
     ok = {"from": "app@example.com", "to": "kelly@example.org"}

@@ -38,10 +38,11 @@ final class Client
 
     /*
      * sendMany() writes this many requests, then reads their replies. Writing
-     * a whole large batch first could deadlock: the daemon stops reading once
-     * 1024 replies wait unread (its MAX_PIPELINE), and then our write blocks
-     * too. 256 stays well under that, and a window's replies (~30 bytes each,
-     * ~8 KiB) fit in the socket buffers.
+     * a whole batch before reading can deadlock once the unread replies fill
+     * our receive buffer: the daemon's writes block, it stops reading after
+     * 1024 queued replies (its MAX_PIPELINE), and then our write blocks too.
+     * A window's replies (256 x ~30 bytes, ~8 KiB) always fit in the socket
+     * buffers, and one round trip per 256 mails costs next to nothing.
      */
     private const PIPELINE_WINDOW = 256;
 
