@@ -160,6 +160,12 @@ def test_install_puts_library_header_and_pkgconfig_under_destdir(built, tmp_path
                          f"{root}/lib/libsmtpgate.a", "-o", str(tmp_path / "prog")], capture_output=True, text=True)
     assert cc.returncode == 0, cc.stderr
     assert subprocess.run([str(tmp_path / "prog")], capture_output=True, text=True).stdout.strip() == "0.1.0"
+    # The shared library exports the public API and nothing internal.
+    if shutil.which("nm"):
+        nm = subprocess.run(["nm", "-D", "--defined-only", str(root / "lib/libsmtpgate.so")],
+                            capture_output=True, text=True, check=True).stdout
+        exported = {line.split()[-1] for line in nm.splitlines() if line.split()[1] in "TDBR"}
+        assert "smtpgate_send" in exported and all(name.startswith("smtpgate_") for name in exported), exported
 
 
 # -- the library through ctypes -----------------------------------------------
