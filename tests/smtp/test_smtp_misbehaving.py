@@ -238,3 +238,32 @@ def test_a_trickling_server_cannot_stretch_the_reply_timeout():
             server.close()
 
     run(scenario())
+
+
+def test_pipelined_commands_leave_in_one_write():
+    # With PIPELINING, MAIL, every RCPT and DATA are one write (one segment
+    # on loopback): the server's first read after EHLO holds all of them.
+    first_reads: list[bytes] = []
+
+    async def serve(reader, writer):
+        writer.write(b"220 raw\r\n")
+        await reader.readline()  # EHLO
+        writer.write(b"250-raw\r\n250 PIPELINING\r\n")
+        first_reads.append(await reader.read(65536))
+        writer.write(b"250 ok\r\n250 ok\r\n250 ok\r\n354 go\r\n")
+        await reader.readuntil(b"\r\n.\r\n")
+        writer.write(b"250 queued\r\n")
+        await reader.read()
+
+    async def scenario():
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        try:
+            conn = await SmtpConnection.open(settings(server.sockets[0].getsockname()[1]))
+            result = await conn.send("a@example.org", ["b@example.org", "c@example.org"], b"x")
+            conn.close()
+            return result
+        finally:
+            server.close()
+
+    assert [r.status for r in run(scenario()).recipients] == ["accepted", "accepted"]
+    assert first_reads == [b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.org>\r\nRCPT TO:<c@example.org>\r\nDATA\r\n"]
