@@ -251,6 +251,7 @@ class Delivery:
         self._workers: list[asyncio.Task] = []
         self._in_flight: dict[asyncio.Task, Claimed] = {}
         self._in_transaction: set[str] = set()  # ids inside conn.send right now
+        self._recording: set[asyncio.Task] = set()  # attempts waiting for their commit
         self._stopping = False
 
     @property
@@ -315,6 +316,7 @@ class Delivery:
                 worker.cancel()  # its delivery puts the message back to 'queued'
         await asyncio.gather(*self._workers, return_exceptions=True)
         self._workers = []
+        await asyncio.gather(*self._recording)  # every finished attempt is on disk
         await asyncio.gather(*(p.close() for p in self._pools))
         self._log.info("delivery_stopped", released=len(unstarted), unfinished=len(busy))
 
@@ -382,9 +384,22 @@ class Delivery:
             )
             if next_attempt is None:
                 outcomes = give_up(outcomes, self._settings.max_age)
-        state = await self._spool.record_attempt(
-            message.id, outcomes, next_attempt=next_attempt, possible_duplicate=attempt.possible_duplicate
-        )
+        # The worker goes on to its next message while the record waits for
+        # its group commit: a crash before that commit only means the message
+        # is sent again (at-least-once), and the worker is not idle for an fsync.
+        record = asyncio.create_task(self._record(message, attempt, outcomes, next_attempt, log))
+        self._recording.add(record)
+        record.add_done_callback(self._recording.discard)
+
+    async def _record(self, message: Claimed, attempt: _Attempt, outcomes, next_attempt, log) -> None:
+        """Write one attempt to the spool and log it with the resulting state."""
+        try:
+            state = await self._spool.record_attempt(
+                message.id, outcomes, next_attempt=next_attempt, possible_duplicate=attempt.possible_duplicate
+            )
+        except Exception:
+            log.exception("record_attempt_failed")  # the message stays 'sending' until restart
+            return
         log.info(
             "delivery_attempt",
             state=state,

@@ -59,8 +59,12 @@ CREATE TABLE IF NOT EXISTS messages (
     next_attempt REAL NOT NULL,
     possible_duplicate INTEGER NOT NULL DEFAULT 0
 );
-CREATE INDEX IF NOT EXISTS messages_due ON messages (state, next_attempt);
-CREATE INDEX IF NOT EXISTS messages_age ON messages (state, updated);
+-- Partial indexes: claim_due walks the pending messages in next_attempt
+-- order (no sort of the whole backlog), purge walks the final ones by age.
+CREATE INDEX IF NOT EXISTS messages_pending ON messages (next_attempt)
+    WHERE state IN ('queued', 'deferred');
+CREATE INDEX IF NOT EXISTS messages_final ON messages (updated)
+    WHERE state IN ('sent', 'failed');
 CREATE TABLE IF NOT EXISTS recipients (
     message_id TEXT NOT NULL,
     address TEXT NOT NULL,
