@@ -16,7 +16,8 @@ import pytest
 from hypothesis import HealthCheck, assume, example, given, settings, strategies as st
 
 from smtpgate.message import (
-    BOUNDARY_MARK, MessageSpec, RequestError, build_message, validate_send,
+    BOUNDARY_MARK, MessageSpec, RequestError, _fast_body, _generated_body, build_message,
+    validate_send,
 )
 from smtpgate.protocol import codes
 
@@ -33,6 +34,7 @@ def build(obj, **kw):
     spec = validate(obj, **kw)
     data = build_message(spec)
     check_wire_form(data)
+    check_fast_path(spec)
     assert len(data) <= spec.size_estimate
     # The spool stores the spec as JSON and the delivery worker rebuilds it.
     again = MessageSpec.from_json(spec.to_json())
@@ -40,6 +42,14 @@ def build(obj, **kw):
     assert build_message(again) == data
     # check_wire_form proved every line ends in CRLF; a local reader sees LF.
     return spec, data, email.message_from_bytes(data.replace(b"\r\n", b"\n"), policy=policy.default)
+
+
+def check_fast_path(spec):
+    """build_message writes the MIME parts itself when it can: the bytes must be
+    exactly those of the email package's generator."""
+    if spec.raw is None:
+        fast = _fast_body(spec)
+        assert fast is None or fast == _generated_body(spec)
 
 
 def check_wire_form(data: bytes):
