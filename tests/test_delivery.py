@@ -444,3 +444,25 @@ def test_log_lines_carry_the_message_id_and_never_the_password(tmp_path, upstrea
     assert all(e.get("message_id") == msg_id for e in about_message)
     assert any(e.get("replies", {}).get("kelly@example.org", "").startswith("250 ") for e in about_message)
     assert "s3cret-pw" not in repr(logs) and "s3cret-pw" not in repr(deferred)
+
+
+def test_rset_after_an_unfinished_transaction_on_a_reused_connection(tmp_path, upstream):
+    resets = []
+
+    async def handle_RSET(server, session, envelope):
+        resets.append(session.peer)
+        return "250 2.0.0 Ok"
+
+    upstream.handler.handle_RSET = handle_RSET
+    upstream.script_rcpt("nobody@example.org", "550 5.1.1 no such user")
+    settings = fast(upstream_settings(upstream.host, upstream.port), connections_per_upstream=1)
+
+    async def body(spool, delivery):
+        refused = await spool.wait_final(await send(spool, delivery, to="nobody@example.org"), FOREVER)
+        sent = await spool.wait_final(await send(spool, delivery), FOREVER)
+        return refused, sent
+
+    refused, sent = run_with_delivery(tmp_path, settings, body)
+    assert refused["state"] == "failed" and sent["state"] == "sent"
+    assert upstream.handler.sessions == 1
+    assert len(resets) == 1  # MAIL was accepted, no RCPT: the transaction had to be reset

@@ -9,8 +9,9 @@
   finished, or the earliest deferred message is due.
 - Each upstream has a pool of reused connections (at most
   `connections_per_upstream`): NOOP before reusing one idle for more than
-  `idle_noop_after` seconds, RSET between messages (the client sends it only
-  when a transaction may still be open, RFC 5321 4.1.1.5), and a token
+  `idle_noop_after` seconds, RSET between messages (the client sends it,
+  pipelined with the next MAIL, when a transaction may still be open,
+  RFC 5321 4.1.1.5), and a token
   bucket for `rate_per_minute` (the limit 163.com, QQ and Gmail impose).
 - Upstreams are tried in order: one that cannot be reached (connect, TLS,
   greeting, AUTH failure) is skipped for `upstream_down_for` seconds and the
@@ -182,21 +183,17 @@ class UpstreamPool:
             self.slots.release()
             raise
 
-    async def release(self, conn: SmtpConnection) -> None:
-        """Return a connection after a message: RSET if the transaction may be
-        open, then keep it for the next message; drop it if unusable."""
-        from smtpgate.smtp import SmtpSessionError
-
-        try:
-            if conn.usable:
-                with contextlib.suppress(SmtpSessionError):
-                    await conn.reset()
-            if conn.usable:
-                self.idle.append(conn)
-            else:
-                conn.close()
-        finally:
-            self.slots.release()
+    def release(self, conn: SmtpConnection) -> None:
+        """Keep a connection for the next message, or drop it if unusable.
+        No RSET here: the client sends one itself, pipelined with the next
+        MAIL, when the last transaction did not end (RFC 5321 4.1.1.5); and
+        a release that never waits cannot be interrupted after a message
+        went out (stop would then take it for unsent)."""
+        if conn.usable:
+            self.idle.append(conn)
+        else:
+            conn.close()
+        self.slots.release()
 
     def discard(self, conn: SmtpConnection) -> None:
         conn.close()
@@ -443,7 +440,7 @@ class Delivery:
                 try:
                     result = await conn.send(message.envelope_from, message.recipients, data)
                 except SmtpMessageError as exc:
-                    await pool.release(conn)  # nothing was sent; the session is fine
+                    pool.release(conn)  # nothing was sent; the session is fine
                     reply = f"smtpgate: {exc}"
                     return _Attempt([RecipientOutcome(r, "failed", reply) for r in message.recipients], pool.name)
                 except SmtpSessionError as exc:
@@ -469,7 +466,7 @@ class Delivery:
                 finally:
                     if not interrupted:
                         self._in_transaction.discard(message.id)
-                await pool.release(conn)
+                pool.release(conn)
                 return _Attempt(outcomes_from_result(result), pool.name)
         return _Attempt([RecipientOutcome(r, "deferred", last_error) for r in message.recipients])
 
