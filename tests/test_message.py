@@ -321,6 +321,8 @@ def test_bad_addresses(address):
     ("root@localhost", "root@localhost"),
     ("a@BÜCHER.de", "a@xn--bcher-kva.de"),
     ("Ünïcödé <ü@bücher.de>", "ü@bücher.de"),
+    ("用户@例子。广告", "用户@例子.广告"),       # ideographic full stop is a dot (IDNA)
+    ("ü@BÜCHER.de", "ü@bücher.de"),
 ])
 def test_good_addresses(address, envelope):
     spec, _, _ = build({"from": address, "to": address})

@@ -228,10 +228,12 @@ def validate_send(obj: dict, *, max_message_bytes: int, now: float | datetime | 
 
     seen: set[str] = set()
     recipients: list[str] = []
-    lists = {}
+    lists = {key: _string_list(get(key), key) for key in ("to", "cc", "bcc")}
+    if sum(map(len, lists.values())) > MAX_RECIPIENTS:   # before parsing thousands
+        raise RequestError(BAD_REQUEST, f"more than {MAX_RECIPIENTS} recipients")
     for key in ("to", "cc", "bcc"):
         mailboxes = []
-        for value in _string_list(get(key), key):
+        for value in lists[key]:
             name, addr, intl = _mailbox(value, key)
             smtputf8 |= intl
             mailboxes.append((name, addr))
@@ -375,6 +377,9 @@ def _address(value: str, field_name: str) -> tuple[str, bool]:
         intl = not local.isascii()
         if not intl:
             domain = a_domain          # an ASCII mailbox at an IDN: plain SMTP works
+        elif not domain.isascii():
+            # SMTPUTF8 keeps U-labels, normalised (IDNA maps "。" to "." and case).
+            domain = a_domain.encode("ascii").decode("idna")
     if len(local.encode()) > MAX_LOCAL_OCTETS:
         raise RequestError(BAD_ADDRESS, f"{field_name}: local part over {MAX_LOCAL_OCTETS} octets")
     addr = f"{local}@{domain}"
