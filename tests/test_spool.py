@@ -359,3 +359,24 @@ def test_spool_files_stay_private(tmp_path):
 
     run(main())
     assert os.stat(tmp_path / "spool").st_mode & 0o077 == 0
+
+
+def test_recount_after_the_queue_tool_changed_the_database(tmp_path):
+    import sqlite3
+
+    async def main():
+        spool = await opened(tmp_path)
+        ids = [(await spool.enqueue(SPEC, "s@x.org", ["a@y.org"]))[0] for _ in range(3)]
+        # what `smtpgate queue delete` does beside a running daemon
+        other = sqlite3.connect(tmp_path / "spool.sqlite3", isolation_level=None)
+        other.execute("DELETE FROM messages WHERE id=?", (ids[0],))
+        other.close()
+        before = (await spool.stats())["states"]["queued"]
+        counts = await spool.recount()
+        after = (await spool.stats())["states"]
+        await spool.close()
+        return before, counts, after
+
+    before, counts, after = run(main())
+    assert before == 3
+    assert counts["queued"] == 2 and after == counts

@@ -569,6 +569,18 @@ class Spool:
         ).rowcount
         return len(rows), keys
 
+    async def recount(self) -> dict[str, int]:
+        """Recount the messages per state from the database (after the queue
+        tool changed it directly); returns the counts."""
+        return await self._submit(Spool._op_recount)
+
+    def _op_recount(self, conn, effects):
+        counts = {s: 0 for s in STATES}
+        counts.update(conn.execute("SELECT state, COUNT(*) FROM messages GROUP BY state").fetchall())
+        for state in STATES:  # so that current + delta == counted once committed
+            effects.state_delta[state] = counts[state] - self._state_counts[state]
+        return counts
+
     # --- reads (reader thread) ---------------------------------------------
 
     async def _read(self, fn: Callable, *args: Any) -> Any:
