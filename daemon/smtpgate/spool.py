@@ -319,7 +319,10 @@ class Spool:
                 except queue.Empty:
                     break
             if batch:
-                self._run_batch(batch)
+                try:
+                    self._run_batch(batch)
+                except Exception as exc:  # e.g. ROLLBACK failed: fail the batch, keep serving
+                    self._resolve([(fut, None, exc) for _, _, fut in batch], [])
 
     def _run_batch(self, batch: list) -> None:
         """Run a batch in one transaction; if something unexpected fails,
@@ -361,7 +364,7 @@ class Spool:
     def _on_committed(self, outcomes: list, finalized: list[str]) -> None:
         """On the loop: hand the results to the callers, wake WAIT."""
         for fut, result, exc in outcomes:
-            if fut.cancelled():
+            if fut.done():  # cancelled by its caller, or already failed
                 continue
             if exc is None:
                 fut.set_result(result)
