@@ -149,6 +149,13 @@ def test_bcc_never_in_the_headers_but_in_the_envelope():
     assert spec.recipients == ["kelly@example.org", "c@example.org", "secret@example.net"]
 
 
+def test_bcc_only():
+    spec, data, msg = build({"from": "a@example.com", "bcc": ["x@example.org", "y@example.org"], "text": "t"})
+    assert spec.recipients == ["x@example.org", "y@example.org"]
+    assert msg["To"] == "undisclosed-recipients:;" and "Cc" not in msg
+    assert b"x@example.org" not in data and b"y@example.org" not in data
+
+
 def test_reply_to_and_extra_headers():
     _, _, msg = build({**SIMPLE, "reply_to": ["Support <help@example.com>", "x@example.com"], "headers": {
         "X-Campaign": "summer", "List-Unsubscribe": "<https://example.com/u?a=1,b=2>",

@@ -608,6 +608,10 @@ def build_message(spec: MessageSpec) -> bytes:
         out.append(_address_header("To", spec.to))
     if spec.cc:
         out.append(_address_header("Cc", spec.cc))
+    if not spec.to and not spec.cc:
+        # Only Bcc recipients: an empty group says so (RFC 5322 3.4, A.1.3)
+        # instead of leaving readers and spam filters without a To.
+        out.append("To: undisclosed-recipients:;\r\n")
     if spec.reply_to:
         out.append(_address_header("Reply-To", spec.reply_to))
     if spec.subject is not None:
