@@ -119,8 +119,8 @@ _ASCII_ADDRESS = re.compile(rf"([{_ATEXT}]+(?:\.[{_ATEXT}]+)*)@({_LABEL}(?:\.{_L
 _INTL_ADDRESS = re.compile(rf"([{_ATEXT}{_UTEXT}]+(?:\.[{_ATEXT}{_UTEXT}]+)*)@([^@\s]+)")
 _ASCII_DOMAIN = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
 _HEADER_NAME = re.compile(r"[!-9;-~]{1,76}")   # RFC 5322 3.6.8 ftext; name + ": " fits 78
-_MSG_ID = re.compile(r"<[!-;=?-~]{1,250}@[!-;=?-~]{1,250}>")   # no <, >, space, @ inside
-_CONTENT_ID = re.compile(r"[!-;=?-~]{1,200}")
+_MSG_ID = re.compile(r"<[!-;=?A-~]{1,250}@[!-;=?A-~]{1,250}>")   # no <, >, space, @ inside
+_CONTENT_ID = re.compile(r"[!-;=?-~]{1,%d}" % MAX_CONTENT_ID)   # printable, no <, >, space
 _RESTRICTED_NAME = r"[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}"   # RFC 6838 4.2
 _MIME_TYPE = re.compile(rf"({_RESTRICTED_NAME})/({_RESTRICTED_NAME})")
 # ASCII names with RFC 5322 specials are quoted. ASCII text that already holds
