@@ -139,6 +139,16 @@ def test_attachments_inline_images_and_files():
     assert attached.get_content() == pdf
 
 
+def test_long_part_headers_are_left_to_the_generator():
+    name = "quarterly report " * 6 + ".pdf"          # Content-Disposition over 78 columns
+    spec, data, msg = build({**SIMPLE, "attachments": [{"filename": name, "content_base64": "aGk="}]})
+    assert _fast_body(spec) is None                    # the generator folds it
+    assert list(msg.iter_attachments())[0].get_filename() == name
+    short, _, _ = build({**SIMPLE, "html": "<p>x</p>", "attachments": [
+        {"filename": "a.pdf", "content_base64": "aGk="}, {"filename": "i.png", "content_base64": "", "content_id": "i"}]})
+    assert _fast_body(short) is not None
+
+
 def test_bcc_never_in_the_headers_but_in_the_envelope():
     spec, data, msg = build({**SIMPLE, "cc": ["c@example.org"], "bcc": ["secret@example.net", "kelly@EXAMPLE.org"]})
     assert b"secret" not in data and "Bcc" not in msg
