@@ -12,6 +12,7 @@ command -v cc >/dev/null || need+=(gcc libc6-dev)
 command -v make >/dev/null || need+=(make)
 command -v valgrind >/dev/null || need+=(valgrind)
 command -v swaks >/dev/null || need+=(swaks)
+command -v strace >/dev/null || need+=(strace)
 command -v pkg-config >/dev/null || need+=(pkg-config)
 [ -e /usr/include/cmocka.h ] || need+=(libcmocka-dev)
 if [ ${#need[@]} -gt 0 ]; then

@@ -390,8 +390,6 @@ def test_swaks_through_the_daemon_to_the_upstream(make_daemon, upstream):
     assert received.message.get_content().strip() == "Hello from swaks."
 
 
-@pytest.mark.xfail(strict=True, reason="daemon.py's _enqueue_raw skips the allowed_* policy "
-                   "check (docs/wiring-issue5.md, item 1); remove this mark with the fix")
 def test_the_smtp_door_applies_the_same_policy(make_daemon, upstream):
     daemon = make_daemon(smtp_listen=f"127.0.0.1:{_free_port()}",
                          allowed_recipients=["@example.org"])

@@ -173,6 +173,8 @@ def _validate(config: Config) -> None:
     for value in config.upstream:
         parse_hostport(value, "upstream")
     if config.smtp_listen:
+        if config.smtp_listen.isdigit():  # a bare port: loopback, the safe default
+            config.smtp_listen = f"127.0.0.1:{config.smtp_listen}"
         parse_hostport(config.smtp_listen, "smtp_listen")
 
     if config.tokens_file:

@@ -88,9 +88,11 @@ class Daemon:
         if config.smtp_listen:
             from smtpgate.smtp_intake import start_smtp_intake
             host, port = parse_hostport(config.smtp_listen, "smtp_listen")
+            # tokens as a function: a SIGHUP that changes them applies here too.
             self.smtp_server = await start_smtp_intake(
-                host, port, enqueue=self._enqueue_raw, tokens=config.tokens,
-                max_message_bytes=config.max_message_size, log=self.log)
+                host, port, enqueue=self._enqueue_raw, tokens=lambda: self.config.tokens,
+                max_message_bytes=config.max_message_size, log=self.log,
+                hostname=config.helo_name, timeout=config.idle_timeout)
 
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.stopping.set)
@@ -98,6 +100,7 @@ class Daemon:
         # `smtpgate queue retry|delete` changed the spool behind our back.
         loop.add_signal_handler(signal.SIGUSR1, lambda: asyncio.ensure_future(self.queue_changed()))
         systemd.notify("READY=1", f"STATUS=serving, version {__version__}")
+        await self.intake.start_serving()
         self.log.info("started", version=__version__, pid=os.getpid(),
                       upstreams=config.upstream or (["dev"] if config.dev else []))
         housekeeping = asyncio.create_task(self._housekeeping(systemd))
@@ -120,11 +123,13 @@ class Daemon:
     async def _enqueue_raw(self, envelope_from: str, recipients: list[str], raw: bytes) -> str:
         """The SMTP front door's hand-off: validate as a raw SEND, store durably, return the id."""
         from smtpgate.message import validate_send
+        from smtpgate.server import check_policy
 
         spec = validate_send({"from": envelope_from, "to": recipients,
                               "raw": raw.decode("utf-8", "surrogateescape")},
                              max_message_bytes=self.config.max_message_size,
                              message_id_domain=self.config.message_id_domain or None)
+        check_policy(self.config, spec)
         msg_id, _ = await self.spool.enqueue(spec.to_json(), spec.envelope_from,
                                              spec.recipients, None)
         self.delivery.wake()
@@ -156,10 +161,14 @@ class Daemon:
             self.delivery.wake()
 
     async def reload(self) -> None:
+        from smtpgate import systemd
+
+        systemd.reloading()
         try:
             config = load_config(self.config_path, self.overrides)
         except ConfigError as exc:
             self.log.error("reload_refused", error=str(exc))
+            systemd.ready()
             return
         was_held = self.config.hold
         # Listening addresses, the spool and --dev need a restart; the rest applies now.
@@ -171,6 +180,7 @@ class Daemon:
         elif self.config.hold and not was_held:
             await self.delivery.stop(STOP_GRACE)
         self.log.info("reloaded", config=self.config_path)
+        systemd.ready()
 
 
 def serve(config_path: str | None, overrides: dict) -> int:

@@ -33,6 +33,20 @@ def setup_logging(fmt: str = "auto", level: str = "info", stream=None) -> None:
         logger_factory=structlog.PrintLoggerFactory(stream),
         cache_logger_on_first_use=True,
     )
+    root = logging.getLogger()
+    root.handlers = [_StdlibToStructlog()]
+    # aiosmtpd logs every connection at INFO; its warnings are what matter.
+    root.setLevel(max(logging.WARNING, _LEVELS[level]))
+
+
+class _StdlibToStructlog(logging.Handler):
+    """Routes stdlib logging (aiosmtpd logs through `mail.log`) into our renderer,
+    so the journal stays one format."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        log = get_logger(logger=record.name)
+        method = getattr(log, record.levelname.lower(), log.warning)
+        method(record.getMessage())
 
 
 def get_logger(**bound):

@@ -55,30 +55,49 @@ class Intake:
         self.counters = {"connections": 0, "requests": 0, "sends_accepted": 0,
                          "sends_refused": 0, "foreign_protocol": 0}
         self.started = time.time()
+        self.own_socket_path: str | None = None
 
     # -- binding ---------------------------------------------------------
 
     async def start(self, inherited: dict[str, list[socket.socket]] | None = None) -> None:
-        """Listen on inherited systemd sockets if any, else on the configured addresses."""
-        inherited = inherited or {}
+        """Bind (inherited systemd sockets if any, else the configured addresses); do not serve yet.
+
+        Serving starts with `start_serving()`, after the daemon told systemd
+        READY=1: a connection already waiting in an inherited socket's backlog
+        must not be served before that.
+        """
         handler = self._on_connection
-        for sock in inherited.get("tcp", []):
-            self.servers.append(await asyncio.start_server(handler, sock=sock, limit=2**16))
-        for sock in inherited.get("unix", []):
-            self.servers.append(await asyncio.start_unix_server(handler, sock=sock, limit=2**16))
-        if not inherited:
+        opts = {"limit": 2**16, "start_serving": False}
+        if inherited:
+            for name, socks in inherited.items():
+                if name not in ("tcp", "unix"):
+                    self.log.warning("inherited_socket_unnamed", name=name,
+                                     hint="set FileDescriptorName=tcp or unix in the socket unit")
+                for sock in socks:
+                    if sock.family == socket.AF_UNIX:
+                        self.servers.append(await asyncio.start_unix_server(handler, sock=sock, **opts))
+                    else:
+                        self.servers.append(await asyncio.start_server(handler, sock=sock, **opts))
+        else:
             for value in self.config.listen:
                 host, port = parse_hostport(value, "listen")
                 self.servers.append(await asyncio.start_server(
-                    handler, host, port, limit=2**16, reuse_address=True))
+                    handler, host, port, reuse_address=True, **opts))
             if self.config.socket:
                 _remove_stale_socket(self.config.socket)
-                server = await asyncio.start_unix_server(handler, self.config.socket, limit=2**16)
+                server = await asyncio.start_unix_server(handler, self.config.socket, **opts)
                 os.chmod(self.config.socket, self.config.socket_mode)
+                # Only a socket file we created is ours to remove at exit; an
+                # inherited one belongs to systemd's socket unit.
+                self.own_socket_path = self.config.socket
                 self.servers.append(server)
         for server in self.servers:
             for sock in server.sockets:
                 self.log.info("listening", address=_sockname(sock))
+
+    async def start_serving(self) -> None:
+        for server in self.servers:
+            await server.start_serving()
 
     @property
     def addresses(self) -> list:
@@ -89,9 +108,9 @@ class Intake:
         self.accepting = False
         for server in self.servers:
             server.close()
-        if self.config.socket and os.path.exists(self.config.socket):
+        if self.own_socket_path:
             try:
-                os.unlink(self.config.socket)
+                os.unlink(self.own_socket_path)
             except OSError:
                 pass
         if self.connections:
@@ -257,7 +276,7 @@ class Connection:
                 raise RequestError(codes.BAD_REQUEST, "SEND needs one JSON object")
             spec = validate_send(obj, max_message_bytes=self.config.max_message_size,
                                  message_id_domain=self.config.message_id_domain or None)
-            _check_policy(self.config, spec)
+            check_policy(self.config, spec)
         except RequestError as exc:
             intake.counters["sends_refused"] += 1
             return reply_err(exc.code, exc.text)
@@ -318,7 +337,7 @@ def _address_allowed(address: str, patterns: list[str]) -> bool:
     return any(p.lower() in (address, domain) for p in patterns)
 
 
-def _check_policy(config: Config, spec) -> None:
+def check_policy(config: Config, spec) -> None:
     if not _address_allowed(spec.envelope_from, config.allowed_senders):
         raise RequestError(codes.DENIED, f"sender {spec.envelope_from} is not allowed")
     for rcpt in spec.recipients:

@@ -1,0 +1,124 @@
+"""`smtpgate queue list|show|retry|delete`: the queue tools (like mailq, postqueue, postsuper).
+
+They work on the spool database directly, whether or not the daemon runs:
+SQLite in WAL mode lets them read beside the daemon and write between its
+transactions. After a change they send the running daemon (its pid is in the
+spool's lock file) SIGUSR1, which makes it recount its queue and look for due
+messages at once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import sys
+
+from smtpgate.config import DEFAULT_CONFIG_PATH, ConfigError, load_config
+from smtpgate.spool import rfc3339
+
+PENDING = ("queued", "sending", "deferred")
+
+
+def _spool_dir(args) -> str:
+    if args.spool:
+        return args.spool
+    path = args.config or (DEFAULT_CONFIG_PATH if os.path.exists(DEFAULT_CONFIG_PATH) else None)
+    if path:
+        try:
+            return load_config(path, {"dev": True}).spool
+        except ConfigError as exc:
+            raise SystemExit(f"smtpgate queue: configuration error: {exc}")
+    return os.environ.get("STATE_DIRECTORY", "/var/lib/smtpgate")
+
+
+def _connect(spool: str, write: bool) -> sqlite3.Connection:
+    db = os.path.join(spool, "spool.sqlite3")
+    if not os.path.exists(db):
+        raise SystemExit(f"smtpgate queue: no spool at {spool} (give --spool DIR or --config FILE)")
+    mode = "rw" if write else "ro"
+    conn = sqlite3.connect(f"file:{db}?mode={mode}", uri=True, isolation_level=None, timeout=30)
+    return conn
+
+
+def _notify_daemon(spool: str) -> None:
+    try:
+        with open(os.path.join(spool, "lock")) as fh:
+            pid = int(fh.read().strip() or 0)
+        if pid:
+            os.kill(pid, signal.SIGUSR1)
+    except (OSError, ValueError):
+        pass  # no daemon running: it will see the change when it starts
+
+
+def _recipients(conn, msg_id: str) -> list[dict]:
+    return [{"address": a, "state": s, "reply": r} for a, s, r in conn.execute(
+        "SELECT address, state, reply FROM recipients WHERE message_id=? ORDER BY position", (msg_id,))]
+
+
+def _row_to_dict(conn, row) -> dict:
+    msg_id, state, attempts, created, updated, next_attempt, sender, dup = row
+    out = {"id": msg_id, "state": state, "attempts": attempts, "created": rfc3339(created),
+           "updated": rfc3339(updated), "from": sender, "recipients": _recipients(conn, msg_id)}
+    if state in ("queued", "deferred"):
+        out["next_attempt"] = rfc3339(next_attempt)
+    if dup:
+        out["possible_duplicate"] = True
+    return out
+
+
+_COLUMNS = "id, state, attempts, created, updated, next_attempt, envelope_from, possible_duplicate"
+
+
+def run_queue_command(args) -> int:
+    spool = _spool_dir(args)
+    command = args.queue_command
+    if command in ("list", "show"):
+        conn = _connect(spool, write=False)
+        if command == "show":
+            row = conn.execute(f"SELECT {_COLUMNS} FROM messages WHERE id=?", (args.id,)).fetchone()
+            if row is None:
+                print(f"smtpgate queue: no message {args.id}", file=sys.stderr)
+                return 1
+            print(json.dumps(_row_to_dict(conn, row), ensure_ascii=False, indent=2))
+            return 0
+        where = "" if args.all else f"WHERE state IN {PENDING}"
+        rows = [_row_to_dict(conn, r) for r in conn.execute(
+            f"SELECT {_COLUMNS} FROM messages {where} ORDER BY id")]
+        if args.json:
+            print(json.dumps(rows, ensure_ascii=False))
+            return 0
+        for m in rows:
+            pending = [r for r in m["recipients"] if r["state"] not in ("sent", "failed")] or m["recipients"]
+            when = m.get("next_attempt", m["updated"])
+            print(f"{m['id']}  {m['state']:<8} {m['attempts']:>3}  {when}  {m['from']}")
+            for r in pending:
+                print(f"    {r['address']:<40} {r['state']:<8} {r['reply'] or ''}")
+        print(f"-- {len(rows)} message{'s' if len(rows) != 1 else ''}")
+        return 0
+
+    conn = _connect(spool, write=True)
+    conn.execute("BEGIN IMMEDIATE")
+    if command == "retry":
+        # Deferred recipients become due now; queued ones already are.
+        where, params = ("", ()) if args.all else ("AND id=?", (args.id,))
+        changed = conn.execute(
+            f"UPDATE messages SET next_attempt=0 WHERE state='deferred' {where}", params).rowcount
+        conn.execute("COMMIT")
+        print(f"{changed} message{'s' if changed != 1 else ''} due now")
+        result = 0 if changed or args.all else 1
+    else:  # delete
+        row = conn.execute("SELECT state FROM messages WHERE id=?", (args.id,)).fetchone()
+        if row is None:
+            conn.execute("ROLLBACK")
+            print(f"smtpgate queue: no message {args.id}", file=sys.stderr)
+            return 1
+        conn.execute("DELETE FROM recipients WHERE message_id=?", (args.id,))
+        conn.execute("DELETE FROM idempotency WHERE message_id=?", (args.id,))
+        conn.execute("DELETE FROM messages WHERE id=?", (args.id,))
+        conn.execute("COMMIT")
+        print(f"deleted {args.id} ({row[0]})")
+        result = 0
+    _notify_daemon(spool)
+    return result

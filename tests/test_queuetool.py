@@ -1,0 +1,87 @@
+"""`smtpgate queue list|show|retry|delete` and `smtpgate send` beside a running daemon; SIGHUP reload."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+from test_daemon import SIMPLE, ok_payload, send_line
+
+
+def smtpgate(*args, stdin: str | None = None, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "smtpgate", *args], input=stdin,
+                          capture_output=True, text=True, timeout=60, env=env)
+
+
+def wait_state(daemon, msg_id: str, wanted: str, seconds: float = 20.0) -> dict:
+    deadline = time.monotonic() + seconds
+    while True:
+        state = json.loads(ok_payload(daemon.request(f"STATUS {msg_id}")))
+        if state["state"] == wanted or time.monotonic() > deadline:
+            return state
+        time.sleep(0.05)
+
+
+def test_queue_list_show_delete_retry_and_reload(make_daemon, upstream):
+    daemon = make_daemon(upstream=["127.0.0.1:9"], retry_base=600.0, retry_max=600.0)
+    first = ok_payload(daemon.request(send_line(dict(SIMPLE, subject="first"))))
+    second = ok_payload(daemon.request(send_line(dict(SIMPLE, to="other@example.org"))))
+    assert wait_state(daemon, first, "deferred")["state"] == "deferred"
+    assert wait_state(daemon, second, "deferred")["state"] == "deferred"
+
+    listing = smtpgate("queue", "--spool", daemon.spool, "list", "--json")
+    assert listing.returncode == 0, listing.stderr
+    rows = {m["id"]: m for m in json.loads(listing.stdout)}
+    assert set(rows) == {first, second}
+    assert rows[second]["recipients"][0]["address"] == "other@example.org"
+    text = smtpgate("queue", "--spool", daemon.spool, "list").stdout
+    assert first in text and "-- 2 messages" in text
+
+    shown = smtpgate("queue", "--spool", daemon.spool, "show", first)
+    assert json.loads(shown.stdout)["state"] == "deferred"
+    assert smtpgate("queue", "--spool", daemon.spool, "show", "NOSUCHID").returncode == 1
+
+    deleted = smtpgate("queue", "--spool", daemon.spool, "delete", second)
+    assert deleted.returncode == 0, deleted.stderr
+    assert daemon.request(f"STATUS {second}").startswith("ERR NOT_FOUND")
+
+    # Point the running daemon at the real upstream (SIGHUP), then retry now
+    # instead of in ten minutes.
+    daemon.settings["upstream"] = [upstream.hostport]
+    daemon.write_config()
+    daemon.proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 20
+    while not any(l.get("event") == "reloaded" for l in daemon.log_lines()):
+        assert time.monotonic() < deadline, "no reload"
+        time.sleep(0.05)
+    retried = smtpgate("queue", "--spool", daemon.spool, "retry", first)
+    assert retried.returncode == 0 and "1 message due now" in retried.stdout
+    assert wait_state(daemon, first, "sent")["state"] == "sent"
+    assert [m.message["Subject"] for m in upstream.wait_for(1)] == ["first"]
+    stats = json.loads(ok_payload(daemon.request("STATS")))
+    assert stats["states"]["deferred"] == 0 and stats["states"]["sent"] == 1
+
+
+def test_smtpgate_send_reads_body_from_stdin_and_waits(daemon, upstream, tmp_path):
+    attachment = tmp_path / "report.txt"
+    attachment.write_bytes(b"numbers\n")
+    done = smtpgate("send", "--server", daemon.uri, "-f", "app@example.com", "-t", "kelly@example.org",
+                    "-s", "日报", "-a", str(attachment), "--wait", "20", stdin="正文\n")
+    assert done.returncode == 0, done.stderr
+    msg_id, state = done.stdout.splitlines()
+    assert json.loads(state)["state"] == "sent"
+    parsed = upstream.wait_for(1)[0].message
+    assert parsed["Subject"] == "日报"
+    assert parsed.get_body(("plain",)).get_content().strip() == "正文"
+    assert next(parsed.iter_attachments()).get_payload(decode=True) == b"numbers\n"
+
+
+def test_smtpgate_send_exit_codes(daemon):
+    refused = smtpgate("send", "--server", daemon.uri, "-f", "bad address", "-t", "x@example.org", stdin="x")
+    assert refused.returncode == 65 and "BAD_ADDRESS" in refused.stderr
+    down = smtpgate("send", "--server", "tcp://127.0.0.1:9", "-f", "a@example.com", "-t", "x@example.org",
+                    stdin="x")
+    assert down.returncode == 75 and "unreachable" in down.stderr
