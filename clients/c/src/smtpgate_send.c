@@ -111,15 +111,17 @@ static int add_header(smtpgate_msg *m, const char *field)
 static int parse_args(int argc, char **argv, struct options *opts, smtpgate_msg *m,
                       int *have_from, int *have_rcpt, int *have_subject)
 {
+    /* key: what the switch below acts on; short_name 0: a long option only. */
     static const struct {
-        char short_name;
+        char key, short_name;
         const char *long_name;
         int takes_arg;
     } table[] = {
-        {'f', "from", 1},   {'t', "to", 1},     {'c', "cc", 1},      {'b', "bcc", 1},
-        {'r', "reply-to", 1}, {'s', "subject", 1}, {'a', "attach", 1}, {'H', "header", 1},
-        {'k', "idempotency-key", 1}, {'S', "server", 1}, {'W', "wait", 1},
-        {'T', "timeout", 1}, {'m', "html", 0},  {'h', "help", 0},    {'V', "version", 0},
+        {'f', 'f', "from", 1},     {'t', 't', "to", 1},         {'c', 'c', "cc", 1},
+        {'b', 'b', "bcc", 1},      {'r', 'r', "reply-to", 1},   {'s', 's', "subject", 1},
+        {'a', 'a', "attach", 1},   {'H', 'H', "header", 1},     {'k', 'k', "idempotency-key", 1},
+        {'h', 'h', "help", 0},     {'S', 0, "server", 1},       {'W', 0, "wait", 1},
+        {'T', 0, "timeout", 1},    {'m', 0, "html", 0},         {'V', 0, "version", 0},
     };
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *value = NULL;
@@ -133,16 +135,15 @@ static int parse_args(int argc, char **argv, struct options *opts, smtpgate_msg 
             size_t ln = strlen(table[k].long_name);
             if (a[0] == '-' && a[1] == '-' && strncmp(a + 2, table[k].long_name, ln) == 0 &&
                 (a[2 + ln] == '\0' || (a[2 + ln] == '=' && table[k].takes_arg))) {
-                key = table[k].short_name;
+                key = table[k].key; /* --name, --name=value */
                 if (a[2 + ln] == '=')
                     value = a + 3 + ln;
-            } else if (a[0] == '-' && a[1] == table[k].short_name && a[1] != '-' &&
-                       strchr("SWTmV", a[1]) == NULL) { /* internal keys have no short form */
-                key = table[k].short_name;
+            } else if (a[0] == '-' && table[k].short_name && a[1] == table[k].short_name) {
+                key = table[k].key; /* -x, -xVALUE */
                 if (a[2] != '\0') {
                     if (!table[k].takes_arg)
                         return die_usage("unknown option '%s'", a);
-                    value = a + 2; /* -fFROM */
+                    value = a + 2;
                 }
             }
             if (key && table[k].takes_arg && value == NULL) {
