@@ -248,7 +248,7 @@ class Delivery:
         self._workers: list[asyncio.Task] = []
         self._in_flight: dict[asyncio.Task, Claimed] = {}
         self._in_transaction: set[str] = set()  # ids inside conn.send right now
-        self._recording: set[asyncio.Task] = set()  # attempts waiting for their commit
+        self._recording: set[asyncio.Future] = set()  # attempts waiting for their commit
         self._stopping = False
 
     @property
@@ -313,7 +313,7 @@ class Delivery:
                 worker.cancel()  # its delivery puts the message back to 'queued'
         await asyncio.gather(*self._workers, return_exceptions=True)
         self._workers = []
-        await asyncio.gather(*self._recording)  # every finished attempt is on disk
+        await asyncio.gather(*self._recording, return_exceptions=True)  # finished attempts are stored
         await asyncio.gather(*(p.close() for p in self._pools))
         self._log.info("delivery_stopped", released=len(unstarted), unfinished=len(busy))
 
@@ -383,23 +383,23 @@ class Delivery:
                 outcomes = give_up(outcomes, self._settings.max_age)
         # The worker goes on to its next message while the record waits for
         # its group commit: a crash before that commit only means the message
-        # is sent again (at-least-once), and the worker is not idle for an fsync.
-        record = asyncio.create_task(self._record(message, attempt, outcomes, next_attempt, log))
+        # is sent again (at-least-once), and the worker is not idle meanwhile.
+        record = self._spool.record_attempt(
+            message.id, outcomes, next_attempt=next_attempt, possible_duplicate=attempt.possible_duplicate
+        )
         self._recording.add(record)
-        record.add_done_callback(self._recording.discard)
+        record.add_done_callback(lambda done: self._recorded(done, message, attempt, outcomes, next_attempt, log))
 
-    async def _record(self, message: Claimed, attempt: _Attempt, outcomes, next_attempt, log) -> None:
-        """Write one attempt to the spool and log it with the resulting state."""
-        try:
-            state = await self._spool.record_attempt(
-                message.id, outcomes, next_attempt=next_attempt, possible_duplicate=attempt.possible_duplicate
-            )
-        except Exception:
-            log.exception("record_attempt_failed")  # the message stays 'sending' until restart
+    def _recorded(self, record: asyncio.Future, message: Claimed, attempt: _Attempt, outcomes, next_attempt, log):
+        """Log one attempt once it is in the spool, with the resulting state."""
+        self._recording.discard(record)
+        error = "cancelled" if record.cancelled() else record.exception()
+        if error is not None:
+            log.error("record_attempt_failed", error=repr(error))  # stays 'sending' until restart
             return
         log.info(
             "delivery_attempt",
-            state=state,
+            state=record.result(),
             attempt=message.attempts + 1,
             upstream=attempt.upstream,
             replies={o.address: o.reply for o in outcomes},

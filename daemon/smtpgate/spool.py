@@ -218,7 +218,9 @@ class Spool:
         self.counters = {"accepted": 0, "delivered": 0, "failed": 0, "deferred": 0}
         # Group-commit evidence for tests and the bench: commits vs operations.
         self.commits = 0
+        self.durable_commits = 0  # those with an fsync (synchronous=FULL)
         self.operations = 0
+        self._sync_full = True
 
     # --- life cycle --------------------------------------------------------
 
@@ -330,6 +332,10 @@ class Spool:
         conn = self._write_conn
         effects = _Effects()
         outcomes = []
+        durable = not all(fn in _RELAXED_OPS for fn, _, _ in batch)
+        if durable != self._sync_full:
+            conn.execute("PRAGMA synchronous=FULL" if durable else "PRAGMA synchronous=NORMAL")
+            self._sync_full = durable
         try:
             conn.execute("BEGIN IMMEDIATE")
             for fn, args, fut in batch:
@@ -350,6 +356,7 @@ class Spool:
                 self._run_batch([item])
             return
         self.commits += 1
+        self.durable_commits += durable
         self.operations += len(batch)
         for state, delta in effects.state_delta.items():
             self._state_counts[state] += delta
@@ -447,34 +454,38 @@ class Spool:
             " ORDER BY next_attempt LIMIT ?",
             (now, limit),
         ).fetchall()
+        if not rows:
+            return []
+        ids = [row[0] for row in rows]
+        marks = ",".join("?" * len(ids))  # limit is small (a few times the workers)
+        conn.execute(f"UPDATE messages SET state='sending' WHERE id IN ({marks})", ids)
+        pending: dict[str, list[str]] = {msg_id: [] for msg_id in ids}
+        for msg_id, address in conn.execute(
+            f"SELECT message_id, address FROM recipients WHERE message_id IN ({marks})"
+            " AND state IN ('queued', 'deferred') ORDER BY message_id, position",
+            ids,
+        ):
+            pending[msg_id].append(address)
         claimed = []
         for msg_id, state, spec, envelope_from, attempts, created, dup in rows:
-            conn.execute("UPDATE messages SET state='sending' WHERE id=?", (msg_id,))
             effects.move(state, "sending")
-            pending = [
-                address
-                for (address,) in conn.execute(
-                    "SELECT address FROM recipients WHERE message_id=? AND state IN ('queued', 'deferred')"
-                    " ORDER BY position",
-                    (msg_id,),
-                )
-            ]
-            claimed.append(Claimed(msg_id, spec, envelope_from, pending, attempts, created, bool(dup)))
+            claimed.append(Claimed(msg_id, spec, envelope_from, pending[msg_id], attempts, created, bool(dup)))
         return claimed
 
-    async def record_attempt(
+    def record_attempt(
         self,
         msg_id: str,
         outcomes: Iterable[RecipientOutcome],
         *,
         next_attempt: float | None = None,
         possible_duplicate: bool = False,
-    ) -> str | None:
+    ) -> asyncio.Future:
         """Write one delivery attempt's per-recipient outcomes; the message
         becomes 'sent' when every recipient is sent, 'failed' when every
         recipient is final and one failed, else 'deferred' until next_attempt.
-        Returns the new state (None if the message was deleted meanwhile)."""
-        return await self._submit(
+        Returns a future (await it, or add a callback: delivery does not wait)
+        of the new state (None if the message was deleted meanwhile)."""
+        return self._submit(
             Spool._op_record_attempt, msg_id, list(outcomes), next_attempt, possible_duplicate
         )
 
@@ -710,3 +721,11 @@ class Spool:
     def _read_spec(self, msg_id: str) -> bytes | None:
         row = self._read_conn.execute("SELECT spec FROM messages WHERE id=?", (msg_id,)).fetchone()
         return None if row is None else row[0]
+
+
+# Operations whose commit need not wait for an fsync: losing them in a power
+# cut only means a message is delivered again (at-least-once), never that an
+# accepted message is lost. A batch of only these commits with
+# synchronous=NORMAL; the next durable commit (an enqueue) fsyncs the WAL and
+# with it every earlier frame, so recovery always sees a prefix of commits.
+_RELAXED_OPS = frozenset({Spool._op_claim_due, Spool._op_record_attempt, Spool._op_release})
