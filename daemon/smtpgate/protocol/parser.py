@@ -5,7 +5,8 @@ the socket (the shape of h11). A request is one line ending in LF, a CR right
 before the LF is dropped, and `VERB[ ARGUMENT]` splits at the first space.
 
 Memory: the parser holds at most one incomplete line of `max_line` (+1 for a
-CR) bytes plus whatever the caller fed since it last emptied the events.
+CR; at least 15, the longest foreign prefix) bytes plus whatever the caller
+fed since it last emptied the events.
 A longer line is drained: its bytes are counted and dropped as they arrive
 until its LF, then `LineTooLong(size)` is emitted and the connection goes on.
 
@@ -41,7 +42,8 @@ class Request:
 
 @dataclass(frozen=True, slots=True)
 class LineTooLong:
-    """A line longer than max_line was drained; `size` counts its bytes without the LF."""
+    """A line longer than max_line was drained; `size` counts its bytes without
+    the LF (a CR before it included)."""
     size: int
 
 
@@ -140,10 +142,14 @@ class LineParser:
         del buf[:lf + 1]
         self._searched = 0
         checked, self._line_checked = self._line_checked, False
+        if len(line) > self.max_line:
+            if len(line) > self.max_line + 1 or not line.endswith(b"\r"):
+                if not checked and _foreign_verdict(line[:_LONGEST_PREFIX].upper()):
+                    return self._close(line)
+                return LineTooLong(len(line))   # CR counted, as when drained
         if line.endswith(b"\r"):
             line = line[:-1]
-        if len(line) > self.max_line:
-            return LineTooLong(len(line))
+        # The added space makes a bare "HELO" or "GET" line match "HELO ", "GET ".
         if not checked and _foreign_verdict((line[:_LONGEST_PREFIX] + b" ").upper()):
             return self._close(line)
         return _request_from(line)
@@ -160,8 +166,11 @@ class LineParser:
                 return self._close(bytes(buf))
             if verdict is False or len(buf) >= _LONGEST_PREFIX:
                 self._line_checked = True
-        # max_line + 1: the line may still end in CR LF, and the CR is not counted.
-        if len(buf) > self.max_line + 1:
+        # max_line + 1: the line may still end in CR LF, and the CR is not
+        # counted. A line start that may still turn out foreign is kept (at
+        # most _LONGEST_PREFIX bytes) so that the verdict does not depend on
+        # how the bytes were cut.
+        if len(buf) > self.max_line + 1 and self._line_checked:
             self._draining = True
             self._drained = len(buf)
             buf.clear()
