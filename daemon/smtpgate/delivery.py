@@ -322,9 +322,12 @@ class Delivery:
     async def _schedule(self) -> None:
         while True:
             self._wake.clear()  # before looking: a wake-up during the claim is not lost
-            room = self._settings.worker_count * 2 - len(self._in_flight) - self._ready.qsize()
+            workers = self._settings.worker_count
+            room = 2 * workers - len(self._in_flight) - self._ready.qsize()
             timeout = None
-            if room > 0:
+            # Claim a worker's count at a time (one writer operation for many
+            # messages), or whatever fits when the ready queue ran dry.
+            if room >= workers or (room > 0 and self._ready.empty()):
                 try:
                     claimed = await self._spool.claim_due(time.time(), room)
                 except Exception:
@@ -336,7 +339,7 @@ class Delivery:
                     due = await self._spool.next_due()
                     if due is not None:
                         timeout = max(0.0, due - time.time())
-            # Full (room exhausted): a finishing worker wakes us.
+            # Not claiming (little room): a finishing worker wakes us.
             sleep = MAX_SCHEDULER_SLEEP if timeout is None else min(timeout, MAX_SCHEDULER_SLEEP)
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), sleep)
