@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Cost of SEND validation (intake hot path) and message building (delivery).
+"""Cost of SEND validation (intake hot path) and message building (delivery),
+and of the line parser that frames the requests.
 
     python3 bench/message_bench.py [repeats] [iterations]
 
@@ -20,6 +21,7 @@ from email import policy
 from email.message import EmailMessage
 
 from smtpgate.message import build_message, validate_send
+from smtpgate.protocol import LineParser
 
 LIMIT = 25 << 20
 PNG = base64.b64encode(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 40).decode()
@@ -86,6 +88,34 @@ def main() -> None:
         med = {key: statistics.median(values) for key, values in runs.items()}
         print(f"{name:30} {med['validate']:8.1f}us {med['build']:8.1f}us {med['reference']:16.1f}us"
               f" {len(build_message(spec)):7}")
+    parser_figures(repeats)
+
+
+def parser_figures(repeats: int) -> None:
+    """Pipelined SENDs in one feed (us per request) and one line fed byte by
+    byte (us per byte): both must stay flat as they grow (O(n), not O(n^2))."""
+    line = ("SEND " + json.dumps(CASES["simple text"]) + "\r\n").encode()
+    for count in (1000, 10000):
+        data = line * count
+        runs = []
+        for _ in range(repeats):
+            parser = LineParser(max_line=1 << 20)
+            start = time.perf_counter()
+            parser.feed(data)
+            while parser.next_event() is not None:
+                pass
+            runs.append((time.perf_counter() - start) / count * 1e6)
+        print(f"parser: {count} pipelined SENDs in one feed   {statistics.median(runs):6.2f} us/request")
+    for size in (10000, 100000):
+        runs = []
+        for _ in range(repeats):
+            parser = LineParser(max_line=1 << 20)
+            start = time.perf_counter()
+            for _ in range(size):
+                parser.feed(b"x")
+                parser.next_event()
+            runs.append((time.perf_counter() - start) / size * 1e6)
+        print(f"parser: a {size}-byte line fed byte by byte  {statistics.median(runs):6.2f} us/byte")
 
 
 if __name__ == "__main__":
