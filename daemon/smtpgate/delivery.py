@@ -138,7 +138,9 @@ class UpstreamPool:
         self.settings = settings
         self.name = f"{settings.host}:{settings.port}"
         self.idle: list[SmtpConnection] = []
-        self.slots = asyncio.Semaphore(delivery_settings.connections_per_upstream)
+        self.size = delivery_settings.connections_per_upstream
+        self.slots = asyncio.Semaphore(self.size)
+        self.retired = False  # removed by a reload: connections close when released
         self.down_until = 0.0  # monotonic
         self.opened = 0  # connections opened so far (tests and logs)
         self.configure(delivery_settings)
@@ -189,7 +191,7 @@ class UpstreamPool:
         MAIL, when the last transaction did not end (RFC 5321 4.1.1.5); and
         a release that never waits cannot be interrupted after a message
         went out (stop would then take it for unsent)."""
-        if conn.usable:
+        if conn.usable and not self.retired:
             self.idle.append(conn)
         else:
             conn.close()
@@ -200,7 +202,9 @@ class UpstreamPool:
         self.slots.release()
 
     async def close(self) -> None:
-        """QUIT every idle connection (bounded in time)."""
+        """QUIT every idle connection (bounded in time); connections in use
+        are closed when released."""
+        self.retired = True
         idle, self.idle = self.idle, []
         if idle:
             await asyncio.wait([asyncio.ensure_future(c.quit()) for c in idle], timeout=QUIT_TIMEOUT)
@@ -268,12 +272,18 @@ class Delivery:
 
     def reload(self, settings: DeliverySettings) -> None:
         """Apply new settings: pools of unchanged upstreams (and their open
-        connections) are kept, removed upstreams' idle connections closed."""
+        connections) are kept; the others are closed as their connections
+        come back."""
         old = {p.settings: p for p in self._pools}
         pools = []
         for upstream in settings.upstreams:
-            pool = old.pop(upstream, None) or UpstreamPool(upstream, settings)
-            pool.configure(settings)
+            pool = old.pop(upstream, None)
+            if pool is not None and pool.size == settings.connections_per_upstream:
+                pool.configure(settings)
+            else:
+                if pool is not None:
+                    old[upstream] = pool  # resized: replaced, closed below
+                pool = UpstreamPool(upstream, settings)
             pools.append(pool)
         for pool in old.values():
             asyncio.ensure_future(pool.close())
