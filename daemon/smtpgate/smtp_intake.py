@@ -190,15 +190,32 @@ async def start_smtp_intake(host: str | None, port: int | None, *, enqueue: Enqu
     handler = IntakeHandler(enqueue=enqueue, tokens=tokens, hostname=hostname, log=log)
     if not handler.tokens and sock is None and not (host and is_loopback(host)):
         raise ValueError(f"smtp_listen: {host} is not a loopback address; set tokens first")
+    loop = asyncio.get_running_loop()
+    smtp_session = session_factory(handler, max_message_bytes=max_message_bytes,
+                                   timeout=timeout, loop=loop)
+    if sock is not None:
+        server = await loop.create_server(smtp_session, sock=sock)
+    else:
+        server = await loop.create_server(smtp_session, host, port)
+    log.info("smtp_listening", address=[_sockname(s) for s in server.sockets],
+             auth=bool(handler.tokens))
+    return server
+
+
+def session_factory(handler: IntakeHandler, *, max_message_bytes: int, timeout: float,
+                    loop: asyncio.AbstractEventLoop) -> Callable[[], SMTP]:
+    """A protocol factory: one aiosmtpd SMTP session answered by `handler`.
+
+    Shared by the listening door and `smtpgate sendmail -bs` (SMTP on stdin).
+    """
     aiosmtpd_log = logging.getLogger("mail.log")
     if not any(isinstance(f, _LoginDataDeprecation) for f in aiosmtpd_log.filters):
         aiosmtpd_log.addFilter(_LoginDataDeprecation())
-    loop = asyncio.get_running_loop()
 
     def smtp_session() -> SMTP:
         return SMTP(
             handler,
-            hostname=hostname,
+            hostname=handler.hostname,
             ident=f"smtpgate {__version__} ESMTP",
             data_size_limit=max_message_bytes,
             enable_SMTPUTF8=True,
@@ -214,13 +231,7 @@ async def start_smtp_intake(host: str | None, port: int | None, *, enqueue: Enqu
             loop=loop,
         )
 
-    if sock is not None:
-        server = await loop.create_server(smtp_session, sock=sock)
-    else:
-        server = await loop.create_server(smtp_session, host, port)
-    log.info("smtp_listening", address=[_sockname(s) for s in server.sockets],
-             auth=bool(handler.tokens))
-    return server
+    return smtp_session
 
 
 def _sockname(sock: socket.socket) -> str:
