@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import threading
 
 import pytest
 import structlog
@@ -383,9 +384,11 @@ def test_stop_lets_an_in_flight_delivery_finish(tmp_path, upstream):
 def test_stop_after_grace_keeps_the_message_queued_for_the_next_start(tmp_path, upstream):
     original = upstream.handler.handle_DATA
     slow = {"on": True}
+    in_data = threading.Event()
 
     async def slow_data(server, session, envelope):
         if slow["on"]:
+            in_data.set()
             await asyncio.sleep(1.0)
             return "451 4.3.0 too late"
         return await original(server, session, envelope)
@@ -399,9 +402,7 @@ def test_stop_after_grace_keeps_the_message_queued_for_the_next_start(tmp_path, 
         delivery = Delivery(spool, settings, structlog.get_logger())
         await delivery.start()
         msg_id = await send(spool, delivery)
-        while (await spool.status(msg_id))["state"] != "sending":
-            await asyncio.sleep(0.01)
-        await asyncio.sleep(0.1)  # inside the transaction, waiting for DATA's reply
+        assert await asyncio.to_thread(in_data.wait, 10)  # the final dot went out
         await delivery.stop(0.05)
         stopped = await spool.status(msg_id)
         slow["on"] = False

@@ -304,9 +304,10 @@ class Delivery:
         seconds; put the rest back to 'queued'; close the pools."""
         self._stopping = True
         if self._scheduler is not None:
-            self._scheduler.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._scheduler
+            # Not cancelled: a claim cancelled half-way would still be
+            # committed by the writer, leaving its messages 'sending'.
+            self._wake.set()
+            await self._scheduler
             self._scheduler = None
         unstarted = []
         while not self._ready.empty():
@@ -330,7 +331,7 @@ class Delivery:
     # --- the scheduler -----------------------------------------------------
 
     async def _schedule(self) -> None:
-        while True:
+        while not self._stopping:
             self._wake.clear()  # before looking: a wake-up during the claim is not lost
             workers = self._settings.worker_count
             room = 2 * workers - len(self._in_flight) - self._ready.qsize()
