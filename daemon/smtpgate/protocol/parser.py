@@ -163,7 +163,7 @@ class LineParser:
             head = bytes(buf[:_LONGEST_PREFIX]).upper().rstrip(b"\r")
             verdict = _foreign_verdict(head)
             if verdict:
-                return self._close(bytes(buf))
+                return self._close(bytes(buf[:_LONGEST_PREFIX]))
             if verdict is False or len(buf) >= _LONGEST_PREFIX:
                 self._line_checked = True
         # max_line + 1: the line may still end in CR LF, and the CR is not
