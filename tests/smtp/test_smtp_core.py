@@ -477,7 +477,15 @@ def test_connection_lost_before_the_body_did_not_deliver():
     assert not caught.value.after_data_end
 
 
-@pytest.mark.parametrize("bad", [b"250 ok\r\nnonsense\r\n", b"250 ok\r\n354-go\r\n250 on\r\n", b"250 ok\r\n150 hm\r\n"])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        b"250 ok\r\n250 ok\r\n250 ok without 354\r\n",  # DATA "accepted" with no body sent
+        b"250 ok\r\nnonsense\r\n",
+        b"250 ok\r\n354-go\r\n250 on\r\n",  # code changes inside a reply
+        b"250 ok\r\n150 hm\r\n",
+    ],
+)
 def test_broken_replies_mid_transaction_are_protocol_errors(bad):
     client = ready_client()
     client.send_mail("a@x.org", ["b@y.org"], b"x")

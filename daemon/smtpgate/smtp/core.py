@@ -630,7 +630,10 @@ class SmtpClient:
                 self._out.append(b".\r\n")
                 self._expected.append(("DATA_END", self._on_discarded_end))
             return
-        _check_class(reply, "DATA")
+        if reply.code < 400:
+            # 354 is DATA's only positive reply (RFC 5321 4.3.2); a 250 here
+            # would claim delivery of a body that never went out.
+            raise SmtpProtocolError(f"unexpected reply to DATA: {reply.code}")
         if txn.mail_reply is not None and txn.mail_reply.code < 300 and self._any_accepted():
             txn.data_reply = reply
         self._finish()
