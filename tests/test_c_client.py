@@ -392,7 +392,7 @@ def test_each_request_is_one_write_syscall(built, peer, tmp_path):
     p = peer(SEND=b"OK 01PEER\r\n")
     trace = tmp_path / "trace.txt"
     clean = {k: v for k, v in os.environ.items() if not k.startswith("SMTPGATE_")}
-    proc = subprocess.run(["strace", "-qq", "-e", "trace=write,sendto,sendmsg,writev", "-e", "signal=none",
+    proc = subprocess.run(["strace", "-qq", "-e", "trace=write,sendto,sendmsg,writev,setsockopt", "-e", "signal=none",
                            "-s", "8", "-o", str(trace), str(SEND), "--server", p.uri, "-f", "a@example.com",
                            "-t", "b@example.org", "-s", "big", "--html"],
                           input=b"<p>" + b"x" * 50000 + b"</p>", capture_output=True, timeout=30,
@@ -403,6 +403,7 @@ def test_each_request_is_one_write_syscall(built, peer, tmp_path):
     assert len(socket_writes) == 2, "\n".join(writes)
     assert sum(int(w.rsplit("= ", 1)[1]) for w in socket_writes) == len(p.connections[0])
     assert len(p.connections[0]) > 50000
+    assert re.search(r"setsockopt\(\d+, SOL_TCP, TCP_NODELAY, \[1\], 4\) = 0", trace.read_text())
 
 
 def test_exit_codes_for_refused_busy_everywhere_and_usage(built, peer, tmp_path):
