@@ -212,7 +212,7 @@ def test_refusals_before_anything_is_sent(line_server, tmp_path):
     no_recipients = b"From: a@example.com\nSubject: s\n\nbody\n"
     assert run(["--server", server.uri, "-t", "-i"], no_recipients)[0] == EX_USAGE
     assert run(["--server", server.uri, "-t", "-i"], MESSAGE + b"\xff\xfe latin\n")[0] == EX_DATAERR
-    assert run(["--server", server.uri, "-bs"])[0] == EX_USAGE
+    assert run(["--server", server.uri, "-bp"])[0] == EX_USAGE
     assert run(["--server", server.uri, "-t", "-Z"])[0] == EX_USAGE
     assert run(["--server", server.uri, "-t", "-f"])[0] == EX_USAGE
     assert run(["--config", str(tmp_path / "missing.toml"), "-t"])[0] == EX_CONFIG
@@ -338,3 +338,69 @@ def test_sendmail_authenticates_to_a_daemon_with_tokens(make_daemon, upstream):
     [received] = upstream.wait_for(1)
     assert received.message["X-Mailer"] == "PHP/8.2"
     assert b"tok-for-php" not in daemon.log_path.read_bytes()
+
+
+# --- sendmail -bs: SMTP on stdin/stdout (Symfony Mailer, Laravel, SwiftMailer) ---
+
+BS_DIALOGUE = (b"EHLO client.test\r\n"
+               b"MAIL FROM:<shop@example.com>\r\n"
+               b"RCPT TO:<kelly@example.org>\r\n"
+               b"RCPT TO:<ops@example.org>\r\n"
+               b"DATA\r\n"
+               b"Subject: first\r\n\r\nline one\r\n..dot-stuffed\r\n.\r\n"
+               b"MAIL FROM:<shop@example.com>\r\n"
+               b"RCPT TO:<joerg@example.net>\r\n"
+               b"DATA\r\n"
+               b"Subject: second\r\n\r\nbody two\r\n.\r\n")
+
+
+def run_bs(server_uri, dialogue, *extra):
+    return subprocess.run([str(SMTPGATE), "sendmail", "-bs", "-i", *extra], input=dialogue,
+                          capture_output=True, timeout=30,
+                          env=dict(os.environ, SMTPGATE_SERVER=server_uri))
+
+
+def test_bs_hands_each_message_of_the_session_over(line_server):
+    server = line_server()
+    # The whole dialogue is written at once and stdin closed, as a script
+    # would: every buffered command is still answered, then the session ends.
+    result = run_bs(server.uri, BS_DIALOGUE)
+    assert result.returncode == EX_OK, result.stderr
+    replies = result.stdout.decode().split("\r\n")
+    assert replies[0].startswith("220 ") and "smtpgate" in replies[0]
+    assert replies.count("250 2.0.0 OK queued as 01SENDMAILTEST") == 2
+    assert replies[-2:] == ["221 Bye", ""]
+    first, second = server.sends()
+    assert (first["from"], first["to"]) == ("shop@example.com", ["kelly@example.org", "ops@example.org"])
+    assert first["raw"].startswith("Received: from client.test (local)\r\n\tby ")
+    assert first["raw"].endswith("\r\nSubject: first\r\n\r\nline one\r\n.dot-stuffed\r\n")
+    assert (second["to"], second["raw"].endswith("Subject: second\r\n\r\nbody two\r\n")) == (
+        ["joerg@example.net"], True)
+
+
+def test_bs_reports_an_unreachable_daemon_in_smtp(tmp_path):
+    result = run_bs(f"unix://{tmp_path}/absent.sock", BS_DIALOGUE)
+    replies = result.stdout.decode().split("\r\n")
+    assert replies.count("451 4.3.0 Local error, try again later") == 2
+    assert "221 Bye" in replies
+    assert result.returncode == EX_OK  # sendmail -bs reports through SMTP
+
+
+@pytest.mark.skipif(shutil.which("swaks") is None, reason="swaks not installed")
+def test_swaks_through_sendmail_bs_to_the_upstream(daemon, upstream):
+    """swaks --pipe runs the command and speaks SMTP on its stdin/stdout,
+    interactively, as Symfony Mailer's sendmail transport does."""
+    result = subprocess.run(
+        ["swaks", "--pipe", f"{SMTPGATE} sendmail -bs", "--helo", "app.test",
+         "--from", "app@example.com", "--to", "kelly@example.org",
+         "--header", "Subject: via -bs", "--body", "sent through sendmail -bs"],
+        capture_output=True, text=True, timeout=60,
+        env=dict(os.environ, SMTPGATE_SERVER=daemon.unix_uri))
+    assert result.returncode == 0, result.stdout + result.stderr
+    msg_id = next(line for line in result.stdout.splitlines() if "queued as" in line).split()[-1]
+    with daemon.client() as client:
+        assert client.wait(msg_id, 20)["state"] == "sent"
+    [received] = upstream.wait_for(1)
+    assert received.message["Subject"] == "via -bs"
+    assert b"Received: from app.test (local)" in received.data
+    assert received.message.get_content().strip() == "sent through sendmail -bs"

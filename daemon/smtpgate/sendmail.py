@@ -7,7 +7,9 @@ SEND. The command returns once the daemon has the message on disk; delivery
 happens in the daemon, with its retries.
 
 Flags follow sendmail(8) and Postfix's sendmail(1) where they matter for
-submission: -t, -i/-oi, -f, -F, -bm; the many flags that tune a local MTA
+submission: -t, -i/-oi, -f, -F, -bm, and -bs (an SMTP session on
+stdin/stdout, the mode of Symfony Mailer, Laravel and SwiftMailer's sendmail
+transports); the many flags that tune a local MTA
 (-odi, -oem, -B, -N, -v ...) are accepted and ignored, so existing command
 lines keep working. Exit codes are sendmail's (sysexits.h).
 """
@@ -34,6 +36,7 @@ EX_NOUSER = 67       # an address was refused (invalid, or outside the policy)
 EX_UNAVAILABLE = 69  # the daemon refused the message for good
 EX_SOFTWARE = 70     # the daemon answered something we do not understand
 EX_TEMPFAIL = 75     # daemon unreachable or busy: nothing stored, try again later
+EX_IOERR = 74       # -bs: stdin or stdout failed
 EX_NOPERM = 77       # the daemon wants a token we do not have, or refused it
 EX_CONFIG = 78       # the configuration file named by --config cannot be read
 
@@ -50,6 +53,7 @@ _IGNORED = set("AGUimnvx")
 USAGE = """\
 usage: smtpgate sendmail [-t] [-i] [-f sender] [-F name] [--server URI]
                          [--config FILE] [recipient ...] < message
+       smtpgate sendmail -bs [--server URI] [--config FILE]   (SMTP on stdin/stdout)
 """
 
 
@@ -64,6 +68,7 @@ class Options:
         self.sender: str | None = None    # -f / -r
         self.full_name: str | None = None  # -F
         self.verbose = False              # -v: say the id on stderr
+        self.smtp_session = False         # -bs: SMTP on stdin/stdout
         self.server: str | None = None
         self.config: str | None = None
         self.recipients: list[str] = []
@@ -98,10 +103,13 @@ def parse_args(argv: list[str]) -> Options:
         if flag == "q":
             continue  # -q, -q30m: run the local queue; the daemon runs its own
         if flag == "b":
-            # -bm (deliver mail) is the default mode; -bs (SMTP on stdin),
+            # -bm (deliver mail) is the default mode, -bs an SMTP session on
+            # stdin/stdout (Symfony Mailer, Laravel, SwiftMailer use it);
             # -bp (list the queue), -bd (daemon) and others are other programs.
-            if rest not in ("m", ""):
-                raise UsageError(f"-b{rest} is not supported (only -bm; "
+            if rest == "s":
+                opts.smtp_session = True
+            elif rest not in ("m", ""):
+                raise UsageError(f"-b{rest} is not supported (only -bm and -bs; "
                                  "use `smtpgate queue` for the queue)")
             continue
         if flag in _WITH_VALUE:
@@ -291,8 +299,12 @@ _EXIT_FOR_CODE = {
 }
 
 
-def main(argv: list[str], stdin=None, stderr=None) -> int:
-    """Run the command; return a sysexits.h exit code (0 once the daemon has the message)."""
+def main(argv: list[str], stdin=None, stderr=None, stdin_fd: int = 0, stdout_fd: int = 1) -> int:
+    """Run the command; return a sysexits.h exit code (0 once the daemon has the message).
+
+    `stdin`/`stderr` are the streams of the plain mode; -bs speaks SMTP on
+    the descriptors `stdin_fd`/`stdout_fd`.
+    """
     stdin = stdin or sys.stdin.buffer
     stderr = stderr or sys.stderr
 
@@ -312,6 +324,8 @@ def main(argv: list[str], stdin=None, stderr=None) -> int:
     limit = settings.get("max_message_size", DEFAULT_MAX_MESSAGE)
     if not isinstance(limit, int) or isinstance(limit, bool):
         limit = DEFAULT_MAX_MESSAGE
+    if opts.smtp_session:
+        return smtp_session_on_stdio(uri, token, limit, stdin_fd, stdout_fd)
     data = read_message(stdin, opts.dot_ends_input, limit)
     if data is None:
         return fail(EX_DATAERR, f"the message is over max_message_size ({limit} bytes)")
@@ -337,4 +351,93 @@ def main(argv: list[str], stdin=None, stderr=None) -> int:
                                  f"{exc.strerror or str(exc) or type(exc).__name__}")
     if opts.verbose:
         print(f"smtpgate sendmail: queued as {msg_id}", file=stderr)
+    return EX_OK
+
+
+# --- sendmail -bs: an SMTP session on stdin/stdout ----------------------------
+
+class _Silent:
+    """A logger that drops everything: -bs reports through SMTP replies."""
+
+    def __getattr__(self, level):
+        return lambda event, **fields: None
+
+
+def hand_over(uri: str, token: str | None, message: dict) -> str:
+    """One raw SEND on a fresh connection; the id, or RemoteError/OSError."""
+    with LineClient(uri, token=token, timeout=30) as client:
+        return client.send(message)
+
+
+def smtp_session_on_stdio(uri: str, token: str | None, limit: int,
+                          stdin_fd: int, stdout_fd: int) -> int:
+    """Serve one SMTP session on stdin/stdout (sendmail -bs); each message
+    becomes a raw SEND. Failures are SMTP replies; the exit code is 0.
+
+    aiosmtpd needs a duplex transport, so the session runs on one end of a
+    socket pair and two threads copy stdin into the other end and its
+    output to stdout. The session is the SMTP door's own handler (the same
+    replies, the same Received field), without AUTH: the caller is local and
+    the daemon's token, if any, comes from the environment or the config.
+    """
+    import asyncio
+    import threading
+
+    from smtpgate.smtp_intake import IntakeHandler, session_factory
+
+    async def enqueue(envelope_from: str, recipients: list[str], data: bytes) -> str:
+        try:
+            raw = data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise RemoteError("BAD_REQUEST", "the message is not UTF-8") from None
+        message = {"from": envelope_from, "to": recipients, "raw": raw}
+        # LineClient blocks; the event loop must keep serving the session.
+        return await asyncio.to_thread(hand_over, uri, token, message)
+
+    def copy_stdin(peer: socket.socket) -> None:
+        # EOF on stdin must not reach the session as EOF: aiosmtpd cancels
+        # the session at once, dropping commands still buffered (a script
+        # may write its whole dialogue and close stdin). A QUIT is sent
+        # instead: ignored after the client's own QUIT, a clean end between
+        # transactions, and inside an unfinished DATA mere text, so that a
+        # truncated message is never accepted (the idle timeout ends that
+        # session without a 250).
+        last = b"\n"
+        try:
+            while data := os.read(stdin_fd, 65536):
+                peer.sendall(data)
+                last = data[-1:]
+            peer.sendall((b"" if last == b"\n" else b"\r\n") + b"QUIT\r\n")
+        except OSError:
+            pass  # the session is over (QUIT, timeout): the rest is not read
+
+    def copy_stdout(peer: socket.socket, done) -> None:
+        try:
+            while data := peer.recv(65536):
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(stdout_fd, view):]
+        except OSError:
+            pass  # the client stopped reading: nothing more can be said
+        finally:
+            done()
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        session_end = loop.create_future()
+        ours, theirs = socket.socketpair()
+        with theirs:
+            handler = IntakeHandler(enqueue=enqueue, tokens=[], log=_Silent(),
+                                    hostname=socket.gethostname())
+            factory = session_factory(handler, max_message_bytes=limit, timeout=300.0, loop=loop)
+            await loop.connect_accepted_socket(factory, sock=ours)
+            threading.Thread(target=copy_stdin, args=(theirs,), daemon=True).start()
+            threading.Thread(target=copy_stdout, daemon=True, args=(
+                theirs, lambda: loop.call_soon_threadsafe(session_end.set_result, None))).start()
+            await session_end
+
+    try:
+        asyncio.run(run())
+    except OSError:
+        return EX_IOERR  # stdin/stdout went away under us
     return EX_OK

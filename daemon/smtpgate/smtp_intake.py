@@ -161,8 +161,10 @@ class IntakeHandler:
         if session.authenticated:
             protocol += "A"
         helo = _one_line(session.host_name or "unknown", 100).replace(" ", "?")
-        ip = session.peer[0] if isinstance(session.peer, tuple) else "local"
-        return (f"Received: from {helo} ([{ip}])\r\n"
+        # A TCP peer by its address literal; `sendmail -bs` (a socket pair)
+        # has no address: the mail came from a local process.
+        origin = f"[{session.peer[0]}]" if isinstance(session.peer, tuple) else "local"
+        return (f"Received: from {helo} ({origin})\r\n"
                 f"\tby {self.hostname} (smtpgate) with {protocol};\r\n"
                 f"\t{formatdate(localtime=True)}\r\n").encode("ascii")
 
