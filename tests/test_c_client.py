@@ -22,6 +22,7 @@ import re
 import shutil
 import socket
 import subprocess
+import select
 import threading
 from pathlib import Path
 
@@ -588,3 +589,22 @@ def test_readme_example_program_sends_and_waits(built, daemon, upstream):
     assert re.fullmatch(r"queued as \S+\nsent\n", proc.stdout)
     msg = upstream.messages[0].message
     assert (msg["subject"], [a.get_filename() for a in msg.iter_attachments()]) == ("记得收衣服", ["note.txt"])
+
+
+def test_library_reconnects_after_the_daemon_closed_an_idle_connection(lib, make_daemon, upstream):
+    daemon = make_daemon(idle_timeout=0.3, tokens=["c-client-token"])
+    ctx = lib.connect(daemon.uri)
+    try:
+        assert lib.lib.smtpgate_auth(ctx, b"c-client-token") == 0
+        assert lib.lib.smtpgate_ping(ctx) == 0
+        # Wait (bounded) until the daemon's close has reached the library's socket.
+        poller = select.poll()
+        poller.register(ctx.contents.fd, select.POLLIN)
+        assert poller.poll(10_000), "the daemon did not close the idle connection"
+        # A SEND without an idempotency key is never repeated, so it only succeeds if the
+        # library saw the close before writing, connected again and repeated AUTH.
+        msg_id = lib.send(ctx, {"from": "a@example.com", "to": "b@example.org", "subject": "after idle"})
+        assert msg_id, ctx.contents.errstr
+        assert lib.state(ctx, "wait", msg_id, 20)[0] == STATE_SENT
+    finally:
+        lib.lib.smtpgate_free(ctx)
