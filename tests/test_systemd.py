@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from smtpgate import systemd
+from support import read_line
 
 START_TIMEOUT = 20.0
 
@@ -341,3 +342,32 @@ def test_socket_activated_daemon_is_ready_before_it_serves(make_daemon, upstream
     finally:
         early.close()
         notify.close()
+
+
+def test_inherited_sockets_of_other_names_are_served_by_family(make_daemon, tmp_path):
+    """A socket unit without FileDescriptorName= passes its unit's name."""
+    daemon = make_daemon(start=False)
+    daemon.write_config()
+    tcp = socket.create_server(("127.0.0.1", 0))
+    unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    unix.bind(daemon.unix)
+    unix.listen()
+    daemon.log_offset = 0
+    daemon.log_file = open(daemon.log_path, "ab")
+    daemon.proc = spawn_socket_activated(
+        [sys.executable, "-m", "smtpgate", "serve", "--config", str(daemon.config_path),
+         "--log-format", "json"],
+        [("mysite-smtpgate.socket", tcp), ("mysite-smtpgate.socket", unix)],
+        dict(os.environ, PYTHONUNBUFFERED="1"),
+        stdout=daemon.log_file, stderr=subprocess.STDOUT, cwd=daemon.workdir)
+    tcp_address = tcp.getsockname()
+    tcp.close()
+    unix.close()
+    daemon.wait_listening()
+    assert daemon.tcp == tcp_address
+    assert daemon.request("PING") == "OK PONG"
+    with socket.socket(socket.AF_UNIX) as conn:
+        conn.settimeout(10)
+        conn.connect(daemon.unix)
+        conn.sendall(b"PING\n")
+        assert read_line(conn) == "OK PONG"
