@@ -539,6 +539,9 @@ class SmtpClient:
         With PIPELINING (RFC 2920) MAIL, every RCPT and DATA go out in one
         write.  Raises SmtpMessageError, with nothing sent and the session
         still usable, if the message or an address cannot be sent as given.
+        8-bit data to a server without 8BITMIME goes out as it is (as Postfix
+        does for non-MIME mail): the transfer encoding is the message
+        builder's choice, and refusing would bounce mail most servers take.
         """
         self._begin("send_mail")
         if not recipients:
