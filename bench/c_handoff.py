@@ -29,15 +29,13 @@ import platform
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
-from daemon_bench import Daemon  # noqa: E402
-from handoff_common import medians, replace_section, rotated_rounds  # noqa: E402
+from handoff_common import daemon_and_upstream, medians, replace_section, rotated_rounds  # noqa: E402
 from php_handoff import UPSTREAMS, fmt_us, percentile, wait_idle  # noqa: E402  (shared with the PHP bench)
 
 RESULTS = HERE / "results-clients.md"
@@ -78,28 +76,16 @@ def run_mode(binary: Path, mode: str, count: int, target: str) -> dict:
 
 
 def bench_upstream(binary: Path, name: str, rounds: int, count: int, cli_count: int) -> dict[str, list[dict]]:
-    workdir = Path(tempfile.mkdtemp(prefix="smtpgate-c-bench-", dir=os.environ.get("SCRATCH")))
-    sink, sink_port = UPSTREAMS[name]()
-    unix_path = workdir / "smtpgate.sock"
-    daemon = Daemon(workdir, upstream=[f"127.0.0.1:{sink_port}"], socket=str(unix_path), helo_name="bench.test")
-    targets = {"tcp": f"tcp://127.0.0.1:{daemon.port}", "unix": f"unix://{unix_path}",
-               "smtp": f"127.0.0.1:{sink_port}"}
     modes = {key: (mode, target) for key, mode, target, _ in MODES}
+    with daemon_and_upstream(UPSTREAMS[name], "smtpgate-c-bench-") as (daemon, targets):
+        def run(key: str) -> dict:
+            mode, target = modes[key]
+            result = run_mode(binary, mode, cli_count if mode == "cli" else count, targets[target])
+            if target != "smtp":
+                wait_idle(daemon)  # the next mode must not pay for this one's relaying
+            return result
 
-    def run(key: str) -> dict:
-        mode, target = modes[key]
-        result = run_mode(binary, mode, cli_count if mode == "cli" else count, targets[target])
-        if target != "smtp":
-            wait_idle(daemon)  # the next mode must not pay for this one's relaying
-        return result
-
-    try:
         return rotated_rounds(list(modes), rounds, run, label=f"upstream={name} ")
-    finally:
-        daemon.stop()
-        sink.terminate()
-        sink.wait(10)
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def render(results: dict, command: str) -> str:

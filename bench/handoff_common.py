@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import shutil
 import statistics
+import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 
 def replace_section(path: Path, heading: str, text: str) -> None:
@@ -37,3 +41,26 @@ def medians(runs: list[dict]) -> tuple[float, float, float, float]:
     """(median p50, median p99, lowest p50, highest p50) over the rounds of one mode."""
     p50s = [r["p50"] for r in runs]
     return statistics.median(p50s), statistics.median(r["p99"] for r in runs), min(p50s), max(p50s)
+
+
+@contextlib.contextmanager
+def daemon_and_upstream(start_upstream: Callable, prefix: str) -> Iterator[tuple[object, dict[str, str]]]:
+    """Starts an upstream (`start_upstream() -> (process, port)`) and `smtpgate serve` relaying to
+    it in a fresh directory; yields (daemon, targets): targets["tcp"] and ["unix"] are the
+    daemon's URIs, ["smtp"] the upstream's host:port. Stops both and removes the directory."""
+    from daemon_bench import Daemon  # the main bench's daemon runner
+
+    workdir = Path(tempfile.mkdtemp(prefix=prefix, dir=os.environ.get("SCRATCH")))
+    upstream, port = start_upstream()
+    unix_path = workdir / "smtpgate.sock"
+    daemon = None
+    try:
+        daemon = Daemon(workdir, upstream=[f"127.0.0.1:{port}"], socket=str(unix_path), helo_name="bench.test")
+        yield daemon, {"tcp": f"tcp://127.0.0.1:{daemon.port}", "unix": f"unix://{unix_path}",
+                       "smtp": f"127.0.0.1:{port}"}
+    finally:
+        if daemon is not None:
+            daemon.stop()
+        upstream.terminate()
+        upstream.wait(10)
+        shutil.rmtree(workdir, ignore_errors=True)
