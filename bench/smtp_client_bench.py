@@ -163,7 +163,7 @@ def main() -> None:
         sink.terminate()
         sink.wait(timeout=5)
 
-    print(f"\n| client | connections | median msg/s | spread (min-max) | runs |\n| --- | --- | ---: | --- | ---: |")
+    print("\n| client | connections | median msg/s | spread (min-max) | runs |\n| --- | --- | ---: | --- | ---: |")
     medians = {}
     for (name, conns), values in rates.items():
         medians[(name, conns)] = median = statistics.median(values)

@@ -168,6 +168,7 @@ def test_xoauth2(aiosmtpd_server, tls_files, token, accepted):
         assert caught.value.reply.code == 535 and token not in str(caught.value)
 
 
+@pytest.mark.filterwarnings("ignore:Requiring AUTH while not requiring TLS")  # on purpose here
 def test_plaintext_auth_refused_unless_allowed(aiosmtpd_server):
     port, handler = aiosmtpd_server(authenticator=check_password, auth_require_tls=False, auth_required=True)
     with pytest.raises(SmtpAuthError, match="plaintext"):

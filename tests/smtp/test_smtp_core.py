@@ -22,7 +22,6 @@ from smtpgate.smtp.core import (
     NEED_DATA,
     Authenticated,
     CommandDone,
-    Delivered,
     Greeting,
     Hello,
     State,
