@@ -71,12 +71,14 @@ class Peer:
     """Listens on 127.0.0.1 (or a Unix path); records each connection's bytes and
     answers every request line with `answer(line) -> bytes | None` (None: no reply)."""
 
-    def __init__(self, answer, unix_path: str | None = None):
+    def __init__(self, answer, unix_path: str | None = None, ipv6: bool = False):
         self.answer = answer
-        self.sock = socket.socket(socket.AF_UNIX if unix_path else socket.AF_INET)
-        self.sock.bind(unix_path or ("127.0.0.1", 0))
+        family = socket.AF_UNIX if unix_path else socket.AF_INET6 if ipv6 else socket.AF_INET
+        self.sock = socket.socket(family)
+        self.sock.bind(unix_path or ("::1" if ipv6 else "127.0.0.1", 0))
         self.sock.listen(8)
-        self.uri = f"unix://{unix_path}" if unix_path else "tcp://127.0.0.1:%d" % self.sock.getsockname()[1]
+        port = None if unix_path else self.sock.getsockname()[1]
+        self.uri = f"unix://{unix_path}" if unix_path else f"tcp://[::1]:{port}" if ipv6 else f"tcp://127.0.0.1:{port}"
         self.connections: list[bytearray] = []
         threading.Thread(target=self._accept, daemon=True).start()
 
@@ -120,8 +122,8 @@ def replies(**by_verb: bytes):
 def peer():
     made: list[Peer] = []
 
-    def make(answer=None, unix_path=None, **by_verb) -> Peer:
-        made.append(Peer(answer or replies(**by_verb), unix_path))
+    def make(answer=None, unix_path=None, ipv6=False, **by_verb) -> Peer:
+        made.append(Peer(answer or replies(**by_verb), unix_path, ipv6))
         return made[-1]
 
     yield make
@@ -467,10 +469,16 @@ def test_smtpgate_send_is_clean_under_valgrind(built, peer, tmp_path):
         assert proc.returncode == code, proc.stderr.decode()
 
 
-def test_server_from_environment(built, peer, tmp_path):
+def test_server_from_environment_and_ipv6_literal(built, peer, tmp_path):
     p = peer(SEND=b"OK 01ENV\r\n", unix_path=str(tmp_path / "peer.sock"))
     proc = run_send(["-f", "a@example.com", "-t", "b@example.org", "-s", "s"], "x", env={"SMTPGATE_SERVER": p.uri})
     assert (proc.returncode, proc.stdout) == (QUEUED, "01ENV\n")
+    try:
+        v6 = peer(SEND=b"OK 01V6\r\n", ipv6=True)
+    except OSError:
+        pytest.skip("no IPv6 loopback on this machine")
+    proc = run_send(["--server", v6.uri, "-f", "a@example.com", "-t", "b@example.org", "-s", "s"], "x")
+    assert (proc.returncode, proc.stdout, v6.uri.startswith("tcp://[::1]:")) == (QUEUED, "01V6\n", True)
 
 
 # -- against the real daemon and upstream --------------------------------------
