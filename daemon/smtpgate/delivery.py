@@ -3,16 +3,18 @@
     spool.claim_due --> ready queue --> N workers --> pool per upstream --> SMTP
                  <--  spool.record_attempt (per-recipient outcomes, backoff)
 
-- The scheduler keeps the ready queue filled with up to `workers` claimed
-  messages so a worker that finishes finds the next one without waiting for
-  a claim; it sleeps until `wake()` (intake stored something), a worker
-  finished, or the earliest deferred message is due.
+- The scheduler keeps up to twice `workers` messages claimed (in flight or
+  ready), claiming a worker's count at a time, so a worker that finishes
+  finds the next one without waiting for a claim; it sleeps until `wake()`
+  (intake stored something), a worker finished, or the earliest deferred
+  message is due.
 - Each upstream has a pool of reused connections (at most
   `connections_per_upstream`): NOOP before reusing one idle for more than
   `idle_noop_after` seconds, RSET between messages (the client sends it,
   pipelined with the next MAIL, when a transaction may still be open,
-  RFC 5321 4.1.1.5), and a token
-  bucket for `rate_per_minute` (the limit 163.com, QQ and Gmail impose).
+  RFC 5321 4.1.1.5), and a token bucket for `rate_per_minute` (the limit
+  163.com, QQ and Gmail impose). A message waiting for its token is already
+  claimed: STATUS says 'sending'.
 - Upstreams are tried in order: one that cannot be reached (connect, TLS,
   greeting, AUTH failure) is skipped for `upstream_down_for` seconds and the
   next one is used (failover).
@@ -26,7 +28,8 @@
   whatever is left goes back to 'queued' for the next start.
 
 All spool writes go through the spool's group-commit writer, so the
-claims and attempt records of many workers share fsyncs.
+claims and attempt records of many workers share commits (and need no
+fsync of their own: see spool._RELAXED_OPS).
 """
 
 from __future__ import annotations
@@ -43,9 +46,9 @@ from smtpgate.spool import Claimed, RecipientOutcome, Spool
 if TYPE_CHECKING:
     from smtpgate.smtp import DeliveryResult, SmtpConnection, UpstreamSettings
 
-# A message waiting for a token holds its worker; a hard cap keeps a
-# misconfigured tiny rate from parking a worker for hours.
-MAX_SCHEDULER_SLEEP = 30.0  # seconds; re-check the spool at least this often
+# The scheduler is woken by intake, by finishing workers and by the earliest
+# due time; this bound only covers changes nobody announced (a clock step).
+MAX_SCHEDULER_SLEEP = 30.0  # seconds
 QUIT_TIMEOUT = 5.0  # polite QUIT of pooled connections at stop
 
 
