@@ -17,6 +17,7 @@ from smtpgate.smtp import (
     SmtpSessionError,
     SmtpStartTlsUnavailable,
     SmtpTimeout,
+    SmtpTlsError,
     Timeouts,
     UpstreamSettings,
 )
@@ -267,3 +268,20 @@ def test_pipelined_commands_leave_in_one_write():
 
     assert [r.status for r in run(scenario()).recipients] == ["accepted", "accepted"]
     assert first_reads == [b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.org>\r\nRCPT TO:<c@example.org>\r\nDATA\r\n"]
+
+
+@pytest.mark.parametrize("tls", ["tls", "starttls"])
+def test_tls_handshake_that_never_completes(tls):
+    # The server takes the connection (and, for STARTTLS, says 220) but never
+    # answers the ClientHello: a TLS failure, bounded by tls_handshake.
+    responder = esmtp_responder(ehlo=b"250-scripted\r\n250 STARTTLS\r\n", STARTTLS=b"220 go ahead\r\n")
+
+    async def scenario():
+        greeting = b"" if tls == "tls" else b"220 scripted ESMTP\r\n"
+        async with ScriptedServer(responder, greeting=greeting) as server:
+            quick = Timeouts(connect=2, tls_handshake=0.3, greeting=2, command=2)
+            with pytest.raises(SmtpTlsError) as caught:
+                await SmtpConnection.open(settings(server.port, tls=tls, verify=False, timeouts=quick))
+            return caught.value
+
+    assert run(scenario()).retryable

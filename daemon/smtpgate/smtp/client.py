@@ -179,7 +179,8 @@ class SmtpConnection:
                     server_hostname=settings.host if implicit_tls else None,
                     ssl_handshake_timeout=settings.timeouts.tls_handshake if implicit_tls else None,
                 )
-        except ssl.SSLError as exc:
+        except (ssl.SSLError, ConnectionAbortedError) as exc:
+            # ConnectionAbortedError: asyncio's ssl_handshake_timeout expired.
             raise SmtpTlsError(f"TLS handshake with {self._where} failed: {exc}") from exc
         except TimeoutError as exc:
             raise SmtpConnectError(f"connecting to {self._where} timed out") from exc
