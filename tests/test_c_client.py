@@ -178,6 +178,11 @@ class Ctx(ctypes.Structure):
                 ("fd", ctypes.c_int)]
 
 
+class Reply(ctypes.Structure):
+    _fields_ = [("type", ctypes.c_int), ("payload", ctypes.c_char_p), ("len", ctypes.c_size_t),
+                ("code", ctypes.c_char * 32)]
+
+
 ERR_IO, ERR_EOF, ERR_PROTOCOL, ERR_OOM, ERR_TIMEOUT, ERR_SERVER, ERR_INVALID = 1, 3, 4, 5, 6, 7, 8
 
 
@@ -200,6 +205,10 @@ class Lib:
             "smtpgate_ping": ([ctypes.POINTER(Ctx)], I), "smtpgate_auth": ([ctypes.POINTER(Ctx), S], I),
             "smtpgate_command": ([ctypes.POINTER(Ctx), S, ctypes.POINTER(P)], I),
             "smtpgate_set_timeout": ([ctypes.POINTER(Ctx), I], I),
+            "smtpgate_reader_new": ([Z], P), "smtpgate_reader_free": ([P], None),
+            "smtpgate_reader_feed": ([P, S, Z], I),
+            "smtpgate_reader_get_reply": ([P, ctypes.POINTER(ctypes.POINTER(Reply))], I),
+            "smtpgate_reply_free": ([ctypes.POINTER(Reply)], None),
         }
         for field in ("from", "subject", "text", "html", "idempotency_key"):
             sigs[f"smtpgate_msg_set_{field}"] = ([P, S], I)
@@ -305,6 +314,69 @@ def test_bytes_are_accepted_exactly_when_they_are_valid_utf8(lib, raw):
         assert written is None and err.startswith("text: invalid UTF-8 at byte ")
     else:
         assert err is None and json.loads(written)["text"] == decoded
+
+
+def read_replies(lib, chunks: list[bytes], max_line: int = 0) -> tuple[list[tuple], bool]:
+    """Feeds chunks to a reply reader, taking replies out after each; (replies, error seen)."""
+    reader = lib.lib.smtpgate_reader_new(max_line)
+    got, failed = [], False
+    try:
+        for chunk in chunks:
+            if lib.lib.smtpgate_reader_feed(reader, chunk, len(chunk)) != 0:
+                return got, True
+            reply = ctypes.POINTER(Reply)()
+            while True:
+                if lib.lib.smtpgate_reader_get_reply(reader, ctypes.byref(reply)) != 0:
+                    return got, True
+                if not reply:
+                    break
+                r = reply.contents
+                got.append(("OK", r.payload) if r.type == 1 else ("ERR", r.code, r.payload))
+                lib.lib.smtpgate_reply_free(reply)
+        return got, failed
+    finally:
+        lib.lib.smtpgate_reader_free(reader)
+
+
+def split_at(data: bytes, cuts: list[int]) -> list[bytes]:
+    points = sorted({c % (len(data) + 1) for c in cuts} | {0, len(data)})
+    return [data[a:b] for a, b in zip(points, points[1:])] or [b""]
+
+
+# Payload bytes: anything but the line ends and NUL (a reply line never carries them).
+printable = st.binary(max_size=40).map(lambda b: bytes(c for c in b if c not in b"\r\n\x00"))
+code = st.text(alphabet="ABCDEFGHIJKLMNOPQRSTUVWXYZ_", min_size=1, max_size=20).map(str.encode)
+reply_model = st.one_of(st.tuples(st.just("OK"), printable),
+                        st.tuples(st.just("ERR"), code, printable.map(lambda b: b.lstrip(b" "))))
+
+
+@settings(max_examples=300, deadline=None)
+@given(replies_=st.lists(reply_model, max_size=8), cuts=st.lists(st.integers(0, 10_000), max_size=12),
+       bare_lf=st.booleans())
+def test_reply_reader_matches_the_protocol_model_however_the_bytes_are_split(lib, replies_, cuts, bare_lf):
+    end = b"\n" if bare_lf else b"\r\n"
+    wire = b"".join((b"OK" + (b" " + r[1] if r[1] else b"") if r[0] == "OK" else
+                     b"ERR " + r[1] + (b" " + r[2] if r[2] else b"")) + end for r in replies_)
+    expected = [("OK", r[1]) if r[0] == "OK" else ("ERR", r[1], r[2]) for r in replies_]
+    assert read_replies(lib, split_at(wire, cuts)) == (expected, False)
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.binary(max_size=200), cuts=st.lists(st.integers(0, 10_000), max_size=8))
+def test_reply_reader_never_accepts_what_is_not_a_reply(lib, data, cuts):
+    """Arbitrary bytes: each reply taken out is a well-formed line of the input; anything else is an error."""
+    got, failed = read_replies(lib, split_at(data, cuts), max_line=64)
+    lines = data.split(b"\n")
+    complete = [line[:-1] if line.endswith(b"\r") else line for line in lines[:-1]]
+    for i, reply in enumerate(got):
+        line = complete[i]
+        assert len(line) <= 64
+        if reply[0] == "OK":
+            assert line == b"OK" + (b" " + reply[1] if line != b"OK" else b"")
+        else:
+            assert line == b"ERR " + reply[1] + (b" " + reply[2] if len(line) > 4 + len(reply[1]) else b"")
+    if not failed:  # every complete line was a reply, and the pending tail is within the limit
+        assert len(got) == len(complete) and len(lines[-1]) <= 65
 
 
 def test_attachments_from_memory_are_base64_and_type_guessed(lib):
