@@ -155,6 +155,10 @@ def test_install_puts_library_header_and_pkgconfig_under_destdir(built, tmp_path
         assert (root / rel).exists(), rel
     pc = (root / "lib/pkgconfig/smtpgate.pc").read_text()
     assert "prefix=/opt/sg" in pc and "-lsmtpgate" in pc and re.search(r"Version: \d+\.\d+\.\d+", pc)
+    if shutil.which("pkg-config"):
+        flags = subprocess.run(["pkg-config", "--cflags", "--libs", "smtpgate"], capture_output=True, text=True,
+                               env={**os.environ, "PKG_CONFIG_PATH": str(root / "lib/pkgconfig")}).stdout.split()
+        assert flags == ["-I/opt/sg/include", "-L/opt/sg/lib", "-lsmtpgate"]
     # A program built against the installed copy (as pkg-config would tell it) links.
     prog = tmp_path / "prog.c"
     prog.write_text('#include <smtpgate.h>\n#include <stdio.h>\nint main(void){smtpgate_msg *m=smtpgate_msg_new();'
