@@ -692,3 +692,22 @@ def test_library_reconnects_after_the_daemon_closed_an_idle_connection(lib, make
         assert lib.state(ctx, "wait", msg_id, 20)[0] == STATE_SENT
     finally:
         lib.lib.smtpgate_free(ctx)
+
+
+def test_too_large_is_refused_and_the_library_connection_stays_usable(built, lib, make_daemon, upstream, tmp_path):
+    daemon = make_daemon(max_message_size=100_000)  # request lines up to 2 x 100 kB + 64 KiB
+    big = tmp_path / "big.bin"
+    big.write_bytes(os.urandom(300_000))  # 400 kB of base64: over the line limit, drained by the daemon
+    proc = run_send(["--server", daemon.uri, "-f", "a@example.com", "-t", "b@example.org", "-s", "big",
+                     "-a", str(big)], "x")
+    assert proc.returncode == REFUSED and "TOO_LARGE" in proc.stderr
+    ctx = lib.connect(daemon.uri)
+    try:
+        fields = {"from": "a@example.com", "to": "b@example.org", "subject": "big",
+                  "attachments": [{"filename": "big.bin", "data": big.read_bytes()}]}
+        assert lib.send(ctx, fields) is None
+        assert (ctx.contents.err, ctx.contents.code) == (ERR_SERVER, b"TOO_LARGE")
+        assert lib.lib.smtpgate_ping(ctx) == 0  # the line was read to its end, not left in the stream
+    finally:
+        lib.lib.smtpgate_free(ctx)
+    assert upstream.messages == []
