@@ -2,6 +2,7 @@
 """Durable enqueues per second into the spool, and the latency of one.
 
 Usage: python3 bench/spool_bench.py [--rounds 5] [--count 20000] [--dir DIR] [--anchors]
+                                    [--delivery N]
 
 Each round measures, on a fresh spool in DIR (default: a temporary folder
 on the same file system as the repo):
@@ -12,7 +13,13 @@ on the same file system as the repo):
 With --anchors the round then runs /work/shared/anchors/fsync_bench.py (write
 + fsync(file) + fsync(dir), one at a time: the one-fsync-per-request
 ceiling) so that both figures come from the same minutes on this noisy
-machine. The summary prints medians over the rounds.
+machine. With --delivery N (needs Postfix's smtp-sink) the round also
+measures delivery alone: N messages already in the spool relayed with 10
+pooled connections to smtp-sink, messages/s and CPU time per message of the
+whole process (loop, spool writer thread, build, SMTP client); beside it, in
+the same round, our SMTP client alone (SmtpConnection.send on 10 connections,
+no spool, no scheduler), so the difference is what delivery and the spool
+cost. The summary prints medians over the rounds.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import asyncio
 import json
 import os
 import re
+import resource
 import shutil
 import statistics
 import subprocess
@@ -33,16 +41,10 @@ from smtpgate.spool import Spool
 
 ANCHOR = "/work/shared/anchors/fsync_bench.py"
 
-# About 1 KiB, shaped like a validated SEND.
+# About 1 KiB: a SEND, and the spec stored for it (shaped like MessageSpec's JSON).
+SEND = {"from": "app@example.com", "to": ["kelly@example.org"], "subject": "记得收衣服", "text": "今天我不回家 " * 60}
 SPEC = json.dumps(
-    {
-        "from": "app@example.com",
-        "to": ["kelly@example.org"],
-        "subject": "记得收衣服",
-        "text": "今天我不回家 " * 60,
-        "message_id": "<01JD3Q7Z8K4W6X2V9N5B0C1T@host.example>",
-        "date": "Thu, 26 Nov 2026 16:23:29 +0000",
-    },
+    {**SEND, "message_id": "<01JD3Q7Z8K4W6X2V9N5B0C1T@host.example>", "date": "Thu, 26 Nov 2026 16:23:29 +0000"},
     ensure_ascii=False,
 ).encode()
 
@@ -80,6 +82,62 @@ async def latency(spool_dir: str, count: int) -> tuple[float, float]:
     return samples[len(samples) // 2], samples[int(len(samples) * 0.99)]
 
 
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)  # every thread of the process
+    return usage.ru_utime + usage.ru_stime
+
+
+async def delivery_rate(spool_dir: str, port: int, count: int) -> tuple[float, float]:
+    """(messages/s, CPU us per message) of Delivery emptying a spool of `count`."""
+    import structlog
+
+    from smtpgate.delivery import Delivery, DeliverySettings
+    from smtpgate.message import validate_send
+    from smtpgate.smtp import UpstreamSettings
+
+    spec = validate_send(SEND, max_message_bytes=1 << 20)
+    spool = Spool(spool_dir, max_queued=10**9, min_free_bytes=0)
+    await spool.open()
+
+    async def filler(n: int) -> None:
+        for _ in range(n):
+            await spool.enqueue(spec.to_json(), spec.envelope_from, spec.recipients)
+
+    await asyncio.gather(*(filler(count // 50) for _ in range(50)))
+    count = count // 50 * 50
+    upstream = UpstreamSettings(host="127.0.0.1", port=port, tls="none", helo_name="bench.test")
+    settings = DeliverySettings(upstreams=[upstream], connections_per_upstream=10)
+    delivery = Delivery(spool, settings, structlog.get_logger())
+    cpu, start = cpu_seconds(), time.perf_counter()
+    await delivery.start()
+    while spool.counters["delivered"] < count:
+        await asyncio.sleep(0.005)
+    elapsed, cpu = time.perf_counter() - start, cpu_seconds() - cpu
+    await delivery.stop(5)
+    await spool.close()
+    return count / elapsed, cpu / count * 1e6
+
+
+async def client_rate(port: int, count: int) -> tuple[float, float]:
+    """(messages/s, CPU us per message) of SmtpConnection.send alone, 10 connections."""
+    from smtpgate.message import build_message, validate_send
+    from smtpgate.smtp import SmtpConnection, UpstreamSettings
+
+    data = build_message(validate_send(SEND, max_message_bytes=1 << 20))
+    upstream = UpstreamSettings(host="127.0.0.1", port=port, tls="none", helo_name="bench.test")
+    conns = [await SmtpConnection.open(upstream) for _ in range(10)]
+
+    async def sender(conn) -> None:
+        for _ in range(count // 10):
+            await conn.send("app@example.com", ["kelly@example.org"], data)
+
+    cpu, start = cpu_seconds(), time.perf_counter()
+    await asyncio.gather(*(sender(c) for c in conns))
+    elapsed, cpu = time.perf_counter() - start, cpu_seconds() - cpu
+    await asyncio.gather(*(c.quit() for c in conns))
+    return count // 10 * 10 / elapsed, cpu / (count // 10 * 10) * 1e6
+
+
 def anchor(scratch: str) -> dict[str, float]:
     """Anchor rows 1a and 1b: files/s of write+fsync(file) and of
     write+fsync(file)+fsync(dir), one at a time (one fsync per request)."""
@@ -98,7 +156,16 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=20000)
     parser.add_argument("--dir", default=None)
     parser.add_argument("--anchors", action="store_true")
+    parser.add_argument("--delivery", type=int, default=0, metavar="N")
     args = parser.parse_args()
+    if args.delivery:
+        import logging
+
+        import structlog
+
+        from daemon_bench import start_sink  # bench/ is on sys.path when run as a script
+
+        structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     base = tempfile.mkdtemp(prefix="spool-bench-", dir=args.dir or os.path.dirname(os.path.abspath(__file__)))
     results: dict[str, list[float]] = {}
     try:
@@ -116,6 +183,16 @@ def main() -> None:
             shutil.rmtree(d)
             if args.anchors:
                 row.update(anchor(os.path.join(base, "anchor")))
+            if args.delivery:
+                sink, port = start_sink()
+                try:
+                    d = os.path.join(base, f"r{r}delivery")
+                    row["delivery msg/s"], row["delivery cpu us/msg"] = asyncio.run(delivery_rate(d, port, args.delivery))
+                    shutil.rmtree(d)
+                    row["client alone msg/s"], row["client cpu us/msg"] = asyncio.run(client_rate(port, args.delivery))
+                finally:
+                    sink.terminate()
+                    sink.wait()
             print(f"round {r + 1}: " + ", ".join(f"{k} {v:,.2f}" for k, v in row.items()), flush=True)
             for k, v in row.items():
                 results.setdefault(k, []).append(v)
