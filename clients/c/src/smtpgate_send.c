@@ -246,9 +246,10 @@ static smtpgate_ctx *hand_off(const struct options *opts, const smtpgate_msg *m,
         fprintf(stderr, "smtpgate-send: %s\n", c->errstr);
         int retry_elsewhere = c->err != SMTPGATE_ERR_SERVER || strcmp(c->code, "BUSY") == 0 ||
                               strcmp(c->code, "INTERNAL") == 0;
-        if (c->err == SMTPGATE_ERR_INVALID)
-            *code = EXIT_USAGE, retry_elsewhere = 0;
-        else if (!retry_elsewhere)
+        if (c->err == SMTPGATE_ERR_INVALID) { /* our input: every server would refuse it */
+            *code = EXIT_USAGE;
+            retry_elsewhere = 0;
+        } else if (!retry_elsewhere)
             *code = EXIT_REFUSED;
         smtpgate_free(c);
         if (!retry_elsewhere)
