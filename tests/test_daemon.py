@@ -407,3 +407,27 @@ def test_password_never_logged(make_daemon, tmp_path):
     time.sleep(0.5)
     daemon.stop()
     assert "hunter2" not in daemon.log_path.read_text()
+
+
+def test_client_that_never_reads_its_replies_is_cut_off(make_daemon):
+    daemon = make_daemon(request_timeout=0.5)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # fill up quickly
+    sock.connect(daemon.tcp)
+    sock.settimeout(20)
+    try:
+        # Pipeline far more HELP replies than the socket buffers hold, never reading.
+        try:
+            sock.sendall(b"HELP\n" * 200_000)
+        except OSError:
+            pass  # the daemon cut us off while we were still writing: what we want
+        deadline = time.monotonic() + 20
+        while not any(l.get("event") == "connection_cut" for l in daemon.log_lines()):
+            assert time.monotonic() < deadline, "the daemon kept the connection"
+            time.sleep(0.05)
+        with pytest.raises(ConnectionResetError):  # aborted, replies thrown away
+            while sock.recv(1 << 20):
+                pass
+    finally:
+        sock.close()
+    assert daemon.request("PING") == "OK PONG"

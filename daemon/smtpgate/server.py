@@ -33,6 +33,8 @@ OPEN_VERBS = frozenset({"PING", "HELLO", "HELP", "AUTH", "QUIT"})
 # memory without bound.
 MAX_PIPELINE = 1024
 MAX_WAIT_SECONDS = 3600.0
+# SEND arguments above this many characters are validated in a thread.
+LARGE_REQUEST = 256 * 1024
 DEFAULT_WAIT_SECONDS = 30.0
 _QUIT = object()
 
@@ -141,7 +143,11 @@ class Intake:
             self.log.exception("connection_failed", peer=str(peer))
         finally:
             self.connections.discard(task)
-            writer.close()
+            if writer.transport.get_write_buffer_size():
+                # Replies the client never read: close() would wait for them forever.
+                writer.transport.abort()
+            else:
+                writer.close()
 
 
 class Connection:
@@ -157,6 +163,17 @@ class Connection:
 
     async def run(self) -> None:
         writer_task = asyncio.create_task(self._write_replies())
+        # If the writer dies (a client that stopped reading its replies), the
+        # reader may be parked on a full reply queue: end the connection.
+        this = asyncio.current_task()
+
+        def writer_done(task: asyncio.Task) -> None:
+            if not task.cancelled() and task.exception() is not None:
+                self.intake.log.warning("connection_cut", peer=str(self.peer),
+                                        reason=f"replies not read ({type(task.exception()).__name__})")
+                this.cancel()
+
+        writer_task.add_done_callback(writer_done)
         try:
             await self._read_requests()
         finally:
@@ -268,15 +285,13 @@ class Connection:
     async def _send(self, arg: str | None) -> bytes:
         intake = self.intake
         try:
-            try:
-                obj = json.loads(arg or "")
-            except ValueError as exc:
-                raise RequestError(codes.BAD_REQUEST, f"SEND needs one JSON object: {exc}") from None
-            if not isinstance(obj, dict):
-                raise RequestError(codes.BAD_REQUEST, "SEND needs one JSON object")
-            spec = validate_send(obj, max_message_bytes=self.config.max_message_size,
-                                 message_id_domain=self.config.message_id_domain or None)
-            check_policy(self.config, spec)
+            if len(arg or "") > LARGE_REQUEST:
+                # Decoding and checking megabytes of attachments takes tens of
+                # milliseconds: not on the loop, where it would stall every
+                # other connection.
+                spec = await asyncio.to_thread(self._validate, arg)
+            else:
+                spec = self._validate(arg)
         except RequestError as exc:
             intake.counters["sends_refused"] += 1
             return reply_err(exc.code, exc.text)
@@ -293,6 +308,19 @@ class Connection:
             intake.counters["sends_accepted"] += 1
             intake.delivery.wake()
         return reply_ok(msg_id)
+
+    def _validate(self, arg: str | None):
+        """Parse and check a SEND argument; return its MessageSpec or raise RequestError."""
+        try:
+            obj = json.loads(arg or "")
+        except ValueError as exc:
+            raise RequestError(codes.BAD_REQUEST, f"SEND needs one JSON object: {exc}") from None
+        if not isinstance(obj, dict):
+            raise RequestError(codes.BAD_REQUEST, "SEND needs one JSON object")
+        spec = validate_send(obj, max_message_bytes=self.config.max_message_size,
+                             message_id_domain=self.config.message_id_domain or None)
+        check_policy(self.config, spec)
+        return spec
 
     async def _status(self, arg: str | None) -> bytes:
         if not arg or " " in arg:
