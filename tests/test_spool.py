@@ -380,3 +380,25 @@ def test_recount_after_the_queue_tool_changed_the_database(tmp_path):
     before, counts, after = run(main())
     assert before == 3
     assert counts["queued"] == 2 and after == counts
+
+
+def test_only_batches_with_durable_writes_commit_with_fsync(tmp_path):
+    def synchronous(spool):  # the writer is idle between awaited operations
+        return spool._write_conn.execute("PRAGMA synchronous").fetchone()[0]
+
+    async def main():
+        spool = await opened(tmp_path)
+        ids = [(await spool.enqueue(SPEC, "s@x.org", ["a@y.org"]))[0] for _ in range(3)]
+        after_enqueue = synchronous(spool)
+        await spool.claim_due(1e12, 10)
+        for msg_id in ids:
+            await spool.record_attempt(msg_id, [RecipientOutcome("a@y.org", "sent", "250 ok")])
+        after_records = synchronous(spool)
+        await spool.delete(ids[0])
+        after_delete = synchronous(spool)
+        await spool.close()
+        return spool, after_enqueue, after_records, after_delete
+
+    spool, after_enqueue, after_records, after_delete = run(main())
+    assert (after_enqueue, after_records, after_delete) == (2, 1, 2)  # FULL, NORMAL, FULL
+    assert spool.commits == 8 and spool.durable_commits == 4  # 3 enqueues + 1 delete
