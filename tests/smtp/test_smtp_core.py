@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import base64
+import re
 
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from smtpgate.smtp import (
     SmtpAuthError,
@@ -264,6 +266,27 @@ def test_line_over_998_octets_refused_before_anything_is_sent():
         client.send_mail("a@x.org", ["b@y.org"], data)
     assert caught.value.retryable is False
     assert client.data_to_send() == b"" and client.state is State.READY
+
+
+@pytest.mark.parametrize(
+    "data, line_no",
+    [
+        (b"y" * 999, 1),
+        (b"y" * 999 + b"\r\nshort", 1),
+        (b"short\r\n" + b"y" * 999, 2),  # unterminated last line
+        (b"a\nb\rc\r\n" + b"y" * 1500 + b"\r\nd", 4),
+        (b"." + b"y" * 998 + b"\n.", 1),  # 999 with its leading dot; stuffing is not counted
+    ],
+)
+def test_long_lines_anywhere_are_found(data, line_no):
+    with pytest.raises(SmtpMessageError, match=f"line {line_no} is longer"):
+        prepare_body(data)
+
+
+def test_lines_of_exactly_998_octets_pass_anywhere():
+    line = b"y" * 998
+    assert prepare_body(line + b"\r\n" + line + b"\n" + line) == (line + b"\r\n") * 3 + b".\r\n"
+    assert prepare_body(b"." + line[1:]) == b".." + line[1:] + b"\r\n.\r\n"
 
 
 @pytest.mark.parametrize(
@@ -533,3 +556,27 @@ def test_auth_configured_but_not_offered():
     client = ready_client(EHLO_PLAIN, tls_active=True)
     with pytest.raises(SmtpAuthError, match="does not offer AUTH"):
         client.auth("user@x", "pw")
+
+
+def _reference_body(data: bytes) -> bytes | None:
+    """prepare_body written the slow, obvious way (None: a line is too long)."""
+    lines = re.split(rb"\r\n|\r|\n", data)
+    if lines[-1] == b"":
+        lines.pop()
+    if any(len(line) > 998 for line in lines):
+        return None
+    return b"".join((b"." + line if line.startswith(b".") else line) + b"\r\n" for line in lines) + b".\r\n"
+
+
+_PIECES = st.sampled_from([b".", b"\r", b"\n", b"\r\n", b"x", b"\xff", b"y" * 400, b"z" * 998])
+
+
+@settings(max_examples=1500, deadline=None)
+@given(data=st.lists(st.one_of(_PIECES, st.binary(max_size=8)), max_size=40).map(b"".join))
+def test_prepare_body_matches_the_obvious_implementation(data):
+    expected = _reference_body(data)
+    if expected is None:
+        with pytest.raises(SmtpMessageError):
+            prepare_body(data)
+    else:
+        assert prepare_body(data) == expected

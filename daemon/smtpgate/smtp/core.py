@@ -174,9 +174,11 @@ class CommandDone:
 # 998 of content.  The transparency dot added by stuffing is not counted
 # (998 + dot + CRLF = 1001 is what a server must accept, as aiosmtpd does).
 MAX_TEXT_LINE = 998
-# Anchored at line starts: unanchored, the search retries at every octet and
-# takes seconds on a 25 MiB body; anchored it is ~10 ns per octet.
-_LONG_LINE = re.compile(rb"(?m)^[^\r\n]{%d}" % (MAX_TEXT_LINE + 1))  # on CRLF-only data
+# A LF then 999 octets of a line and its CR without another LF.  The literal
+# LF lets the regex engine skip ahead to candidates: ~1 ns per octet (30 ms
+# for a 25 MiB body), where a search anchored with (?m)^ took 170 ms and an
+# unanchored one seconds, blocking the event loop.
+_LONG_LINE = re.compile(rb"\n[^\n]{%d}" % (MAX_TEXT_LINE + 2))
 # Control characters (and the angle brackets that delimit the path) would let
 # an address end the command early or inject another one.
 _BAD_ADDRESS = re.compile(r"[\x00-\x1f\x7f<>]")
@@ -196,10 +198,17 @@ def prepare_body(data: bytes) -> bytes:
         # Some bare CR or LF.  (Counting first spares the three copies for
         # the usual input, which the message builder already ends in CRLF.)
         data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
-    if len(data) > MAX_TEXT_LINE:
-        match = _LONG_LINE.search(data)
-        if match:
-            line_no = data.count(b"\n", 0, match.start()) + 1
+    if data and not data.endswith(b"\r\n"):
+        data += b"\r\n"
+    if len(data) > MAX_TEXT_LINE + 2:
+        # Every line now ends in CRLF, so a line is too long exactly when
+        # 998 + 1 octets and its CR run without a LF.
+        line_no = 0
+        if data.find(b"\n") > MAX_TEXT_LINE + 1:
+            line_no = 1
+        elif match := _LONG_LINE.search(data):
+            line_no = data.count(b"\n", 0, match.start()) + 2
+        if line_no:
             raise SmtpMessageError(
                 f"message line {line_no} is longer than {MAX_TEXT_LINE} octets "
                 "(RFC 5321 4.5.3.1.6); fold or encode it before sending"
@@ -208,8 +217,6 @@ def prepare_body(data: bytes) -> bytes:
         data = b"." + data
     if b"\r\n." in data:
         data = data.replace(b"\r\n.", b"\r\n..")
-    if data and not data.endswith(b"\r\n"):
-        data += b"\r\n"
     return data + b".\r\n"
 
 
