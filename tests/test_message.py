@@ -197,7 +197,7 @@ def test_boundary_marker_in_text_forces_base64():
     _, _, msg = build({**SIMPLE, "text": text, "html": "<p>x</p>"})
     plain, _ = msg.iter_parts()
     assert plain["Content-Transfer-Encoding"] == "base64"
-    assert plain.get_content() == text
+    assert plain.get_content() == text.replace("\n", "\r\n")  # canonical CRLF inside base64
 
 
 def test_line_endings_normalised_in_bodies():
@@ -237,9 +237,28 @@ def test_raw_normalised_and_completed():
     raw = "From: a@example.com\nTo: b@example.org\nSubject: raw\n\nline 1\r\nline 2\rline 3"
     spec, data, msg = build({"from": "bounce@example.com", "to": "b@example.org", "raw": raw})
     assert spec.envelope_from == "bounce@example.com"
-    assert data.startswith(f"Date: {spec.date}\r\nMessage-ID: {spec.message_id}\r\n".encode())
+    # Added at the end of the header, so trace fields stay on top.
+    assert data.startswith(b"From: a@example.com\r\nTo: b@example.org\r\nSubject: raw\r\n"
+                           + f"Date: {spec.date}\r\nMessage-ID: {spec.message_id}\r\n\r\n".encode())
     assert data.endswith(b"\r\n\r\nline 1\r\nline 2\r\nline 3\r\n")
     assert msg["Subject"] == "raw"
+
+
+def test_raw_base64_keeps_octets_that_are_not_utf8():
+    octets = "Subject: 测试\nX-A: b\n\n你好\n".encode("gbk")
+    spec, data, _ = build({"from": "a@example.com", "to": "b@example.org",
+                           "raw_base64": base64.b64encode(octets).decode()})
+    assert spec.eight_bit
+    assert data.startswith("Subject: 测试\r\nX-A: b\r\n".encode("gbk"))
+    assert data.endswith("\r\n\r\n你好\r\n".encode("gbk"))
+    assert build_message(MessageSpec.from_json(spec.to_json())) == data
+    with pytest.raises(RequestError) as bad:
+        validate_send({"from": "a@example.com", "to": "b@example.org", "raw_base64": "!!"},
+                      max_message_bytes=1 << 20)
+    assert bad.value.code == "BAD_REQUEST"
+    with pytest.raises(RequestError):  # JSON raw must still be valid UTF-8 text
+        validate_send({"from": "a@example.com", "to": "b@example.org", "raw": "Subject: \udcb2\n\nx"},
+                      max_message_bytes=1 << 20)
 
 
 def test_raw_keeps_its_own_date_and_message_id_and_8bit():
@@ -485,9 +504,11 @@ def test_any_body_round_trips(text, html):
     _, _, msg = build({**SIMPLE, "text": text, "html": html})
     parts = [msg] if html is None else list(msg.iter_parts())
     # A message always ends in CRLF (SMTP DATA): a lone 7-bit body gains it.
-    assert parts[0].get_content() in (text, text + "\n")
+    # base64 text carries CRLF line breaks (RFC 2045 canonical form); readers
+    # turn them into local line ends, as we do here.
+    assert parts[0].get_content().replace("\r\n", "\n") in (text, text + "\n")
     if html is not None:
-        assert parts[1].get_content() == html
+        assert parts[1].get_content().replace("\r\n", "\n") == html
 
 
 # Text of every kind a caller could send: any code point (surrogates and

@@ -123,10 +123,10 @@ class Daemon:
     async def _enqueue_raw(self, envelope_from: str, recipients: list[str], raw: bytes) -> str:
         """The SMTP front door's hand-off: validate as a raw SEND, store durably, return the id."""
         from smtpgate.message import validate_send
+        from smtpgate.sendmail import raw_send
         from smtpgate.server import check_policy
 
-        spec = validate_send({"from": envelope_from, "to": recipients,
-                              "raw": raw.decode("utf-8", "surrogateescape")},
+        spec = validate_send(raw_send(envelope_from, recipients, raw),
                              max_message_bytes=self.config.max_message_size,
                              message_id_domain=self.config.message_id_domain or None)
         check_policy(self.config, spec)

@@ -107,6 +107,9 @@ BOUNDARY_MARK = "=_smtpgate_"
 # surrogates (json.loads yields them from "\ud800"; they cannot be encoded).
 _BAD_TEXT = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
 _BAD_NAME = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")   # TAB too
+# Raw octets that are not UTF-8 live in str as surrogate escapes (PEP 383)
+# from validation to the wire; only raw_base64 can bring them in.
+_OCTETS = "surrogateescape"
 _BAD_BODY = re.compile("[\x00\ud800-\udfff]")   # NUL is never allowed in a body (RFC 5322 2.3)
 _NOT_7BIT_TEXT = re.compile("[^\t\n\x20-\x7e]")
 
@@ -138,7 +141,7 @@ _B64_SPACE = re.compile(r"[ \t\r\n]+")
 
 _FIELDS = frozenset({
     "from", "to", "cc", "bcc", "reply_to", "subject", "text", "html",
-    "attachments", "headers", "raw", "idempotency_key",
+    "attachments", "headers", "raw", "raw_base64", "idempotency_key",
 })
 _RAW_EXCLUDES = ("reply_to", "subject", "text", "html", "attachments", "headers")
 _ATTACHMENT_FIELDS = frozenset({"filename", "content_type", "content_base64", "content_id"})
@@ -189,11 +192,13 @@ class MessageSpec:
         d = {name: getattr(self, name) for name in _SPEC_FIELDS}
         d["attachments"] = [a._asdict() for a in self.attachments]
         d["v"] = 1
-        return _JSON_ENCODER.encode(d).encode("utf-8")
+        return _JSON_ENCODER.encode(d).encode("utf-8", _OCTETS)
 
     @classmethod
     def from_json(cls, data: bytes | str) -> "MessageSpec":
         """Inverse of to_json."""
+        if isinstance(data, bytes):
+            data = data.decode("utf-8", _OCTETS)
         d = json.loads(data)
         d.pop("v", None)
         d["from_"] = tuple(d["from_"])
@@ -256,11 +261,26 @@ def validate_send(obj: dict, *, max_message_bytes: int, now: float | datetime | 
     id_domain = message_id_domain or _ascii_domain(from_addr)
 
     raw = get("raw")
+    raw_base64 = get("raw_base64")
+    if raw is not None and raw_base64 is not None:
+        raise RequestError(BAD_REQUEST, "give 'raw' or 'raw_base64', not both")
+    if raw_base64 is not None:
+        # A raw message that is not UTF-8 (legacy 8-bit charsets such as GBK
+        # or ISO-8859-1 that PHP's mail() passes on): its octets travel as
+        # base64 and are kept exactly, as surrogate escapes in the spec.
+        if not isinstance(raw_base64, str):
+            raise RequestError(BAD_REQUEST, "field 'raw_base64' must be a string")
+        try:
+            raw = binascii.a2b_base64(_B64_SPACE.sub("", raw_base64), strict_mode=True)
+        except (binascii.Error, ValueError):
+            raise RequestError(BAD_REQUEST, "field 'raw_base64' is not valid base64") from None
+        raw = raw.decode("utf-8", _OCTETS)
     if raw is not None:
         for name in _RAW_EXCLUDES:
             if get(name) is not None:
                 raise RequestError(BAD_REQUEST, f"'raw' excludes '{name}': put it in the raw message")
-        return _validate_raw(raw, from_addr, recipients, smtputf8, key, date, id_domain, max_message_bytes)
+        return _validate_raw(raw, from_addr, recipients, smtputf8, key, date, id_domain, max_message_bytes,
+                             octets_ok=raw_base64 is not None)
 
     reply_to = []
     for value in _string_list(get("reply_to"), "reply_to"):
@@ -474,7 +494,7 @@ def _text_part_size(body: str, name: str) -> int:
         raise RequestError(BAD_REQUEST, f"field '{name}' contains NUL or an unpaired surrogate")
     if _is_7bit_text(body):
         return 200 + len(body) + body.count("\n") + 2       # LF -> CRLF
-    return 200 + _base64_size(len(body.encode("utf-8")))
+    return 200 + _base64_size(len(body.encode("utf-8")) + body.count("\n"))  # CRLF inside
 
 
 def _normalise_body(body, name: str) -> str:
@@ -551,16 +571,18 @@ def _attachments(items) -> tuple[list[Attachment], int]:
     return out, octets
 
 
-def _validate_raw(raw, envelope_from, recipients, smtputf8, key, date, id_domain, max_message_bytes) -> MessageSpec:
+def _validate_raw(raw, envelope_from, recipients, smtputf8, key, date, id_domain, max_message_bytes,
+                  octets_ok: bool = False) -> MessageSpec:
     """Check a raw message, normalise its line endings to LF (CRLF when built) and
-    add Date and Message-ID when missing."""
+    add Date and Message-ID when missing. With octets_ok, non-UTF-8 octets
+    (surrogate escapes from raw_base64) are kept as they are."""
     if not isinstance(raw, str):
         raise RequestError(BAD_REQUEST, "field 'raw' must be a string")
     if "\x00" in raw:
         raise RequestError(BAD_REQUEST, "raw message contains NUL")
     raw = raw.replace("\r\n", "\n").replace("\r", "\n")
     try:
-        data = raw.encode("utf-8")
+        data = raw.encode("utf-8", _OCTETS if octets_ok else "strict")
     except UnicodeEncodeError:
         raise RequestError(BAD_REQUEST, "raw message contains an unpaired surrogate") from None
     if len(data) + 2 * raw.count("\n") + 200 > max_message_bytes:
@@ -572,6 +594,8 @@ def _validate_raw(raw, envelope_from, recipients, smtputf8, key, date, id_domain
     head = raw if end < 0 else raw[:end + 1]
     if not _RAW_HEADER_LINE.match(head):
         raise RequestError(BAD_REQUEST, "raw message does not start with a header field")
+    # Added fields go last in the header: trace fields (Received:, put on by
+    # the SMTP door) must stay on top (RFC 5321 4.4, RFC 5322 3.6.7).
     added = ""
     if not _RAW_DATE.search(head):
         added += f"Date: {date}\n"
@@ -584,9 +608,11 @@ def _validate_raw(raw, envelope_from, recipients, smtputf8, key, date, id_domain
     if not raw.endswith("\n"):
         raw += "\n"
     body = "" if end < 0 else raw[end + 2:]
+    if added:
+        raw = head + added + raw[len(head):]
     return MessageSpec(
         envelope_from=envelope_from, recipients=recipients, message_id=message_id, date=date,
-        raw=added + raw, smtputf8=smtputf8 or not head.isascii(), eight_bit=not body.isascii(),
+        raw=raw, smtputf8=smtputf8 or not head.isascii(), eight_bit=not body.isascii(),
         idempotency_key=key, size_estimate=len(data) + len(added) + 2 * raw.count("\n") + 2,
     )
 
@@ -602,7 +628,7 @@ _LF = "\n"
 def build_message(spec: MessageSpec) -> bytes:
     """Return the RFC 5322 bytes of a validated spec, CRLF line endings, ready for DATA."""
     if spec.raw is not None:
-        return spec.raw.replace("\n", "\r\n").encode("utf-8")
+        return spec.raw.replace("\n", "\r\n").encode("utf-8", _OCTETS)
     out = [_address_header("From", [spec.from_])]
     if spec.to:
         out.append(_address_header("To", spec.to))
@@ -701,7 +727,9 @@ def _fast_text_part(body: str, subtype: str, top: bool) -> bytes:
     if _is_7bit_text(body):
         return (f'Content-Type: text/{subtype}; charset="us-ascii"\r\n{version}'
                 f"Content-Transfer-Encoding: 7bit\r\n\r\n{body.replace(_LF, _CRLF)}").encode("ascii")
-    encoded = body_encode(body.encode("utf-8"), 76, eol=_CRLF)
+    # RFC 2045 6.8 / RFC 2046 4.1.1: text is encoded in its canonical form,
+    # line breaks as CRLF, so a base64 body decodes to CRLF lines too.
+    encoded = body_encode(body.replace(_LF, _CRLF).encode("utf-8"), 76, eol=_CRLF)
     return (f'Content-Type: text/{subtype}; charset="utf-8"\r\n{version}'
             f"Content-Transfer-Encoding: base64\r\n\r\n{encoded}").encode("ascii")
 
@@ -739,7 +767,7 @@ def _multipart(subtype: str, parts: list, boundary: str) -> MIMEMultipart:
 def _text_part(body: str, subtype: str) -> MIMEText:
     if _is_7bit_text(body):
         return MIMEText(body, subtype, "us-ascii")
-    return MIMEText(body, subtype, _UTF8)      # base64, 76-character lines
+    return MIMEText(body.replace(_LF, _CRLF), subtype, _UTF8)  # base64 of canonical CRLF text
 
 
 def _attachment_part(att: Attachment, disposition: str) -> MIMEBase:

@@ -16,6 +16,7 @@ lines keep working. Exit codes are sendmail's (sysexits.h).
 
 from __future__ import annotations
 
+import base64
 import getpass
 import json
 import os
@@ -194,6 +195,14 @@ def addresses(values: list[str]) -> list[str]:
     return [addr for _, addr in getaddresses(values) if addr]
 
 
+def raw_send(sender: str, recipients: list[str], data: bytes) -> dict:
+    """The SEND object of a raw message: `raw` when it is UTF-8, else `raw_base64`."""
+    try:
+        return {"from": sender, "to": recipients, "raw": data.decode("utf-8")}
+    except UnicodeDecodeError:
+        return {"from": sender, "to": recipients, "raw_base64": base64.b64encode(data).decode("ascii")}
+
+
 def prepare(message: str, opts: Options) -> tuple[str, list[str], str]:
     """Apply -t, -f and -F to the message: (envelope sender, recipients, message).
 
@@ -329,17 +338,15 @@ def main(argv: list[str], stdin=None, stderr=None, stdin_fd: int = 0, stdout_fd:
     data = read_message(stdin, opts.dot_ends_input, limit)
     if data is None:
         return fail(EX_DATAERR, f"the message is over max_message_size ({limit} bytes)")
-    try:
-        message = data.decode("utf-8")
-    except UnicodeDecodeError:
-        return fail(EX_DATAERR, "the message is not UTF-8; encode 8-bit text in UTF-8 "
-                                "or with a Content-Transfer-Encoding")
+    # Legacy 8-bit mail (GBK, ISO-8859-1 bodies from old PHP code) is passed
+    # on octet for octet: surrogate escapes here, raw_base64 on the wire.
+    message = data.decode("utf-8", "surrogateescape")
     sender, recipients, message = prepare(message, opts)
     if not recipients:
         return fail(EX_USAGE, "no recipients: give them as arguments, or use -t with To/Cc/Bcc")
     try:
         with LineClient(uri, token=token, timeout=30) as client:
-            msg_id = client.send({"from": sender, "to": recipients, "raw": message})
+            msg_id = client.send(raw_send(sender, recipients, message.encode("utf-8", "surrogateescape")))
     except ValueError as exc:
         return fail(EX_USAGE, str(exc))
     except RemoteError as exc:
@@ -386,11 +393,7 @@ def smtp_session_on_stdio(uri: str, token: str | None, limit: int,
     from smtpgate.smtp_intake import IntakeHandler, session_factory
 
     async def enqueue(envelope_from: str, recipients: list[str], data: bytes) -> str:
-        try:
-            raw = data.decode("utf-8")
-        except UnicodeDecodeError:
-            raise RemoteError("BAD_REQUEST", "the message is not UTF-8") from None
-        message = {"from": envelope_from, "to": recipients, "raw": raw}
+        message = raw_send(envelope_from, recipients, data)
         # LineClient blocks; the event loop must keep serving the session.
         return await asyncio.to_thread(hand_over, uri, token, message)
 
