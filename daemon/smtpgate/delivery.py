@@ -3,9 +3,9 @@
     spool.claim_due --> ready queue --> N workers --> pool per upstream --> SMTP
                  <--  spool.record_attempt (per-recipient outcomes, backoff)
 
-- The scheduler keeps up to twice `workers` messages claimed (in flight or
-  ready), claiming a worker's count at a time, so a worker that finishes
-  finds the next one without waiting for a claim; it sleeps until `wake()`
+- The scheduler keeps up to three times `workers` messages claimed (in
+  flight or ready), claiming a worker's count at a time, so a worker that
+  finishes finds the next one without waiting for a claim; it sleeps until `wake()`
   (intake stored something), a worker finished, or the earliest deferred
   message is due.
 - Each upstream has a pool of reused connections (at most
@@ -337,10 +337,12 @@ class Delivery:
         while not self._stopping:
             self._wake.clear()  # before looking: a wake-up during the claim is not lost
             workers = self._settings.worker_count
-            room = 2 * workers - len(self._in_flight) - self._ready.qsize()
+            # Up to `workers` in flight and twice that ready. Claiming when a
+            # worker's count of room is free makes one writer operation serve
+            # many messages, while `workers` messages still wait in the ready
+            # queue to cover the claim's commit: workers never starve.
+            room = 3 * workers - len(self._in_flight) - self._ready.qsize()
             timeout = None
-            # Claim a worker's count at a time (one writer operation for many
-            # messages), or whatever fits when the ready queue ran dry.
             if room >= workers or (room > 0 and self._ready.empty()):
                 try:
                     claimed = await self._spool.claim_due(time.time(), room)
