@@ -12,6 +12,8 @@ import threading
 
 import pytest
 import structlog
+from hypothesis import given
+from hypothesis import strategies as st
 
 from smtpgate.delivery import (
     Delivery,
@@ -143,6 +145,24 @@ def test_token_bucket_spaces_reservations_and_allows_a_burst():
     assert TokenBucket(60, burst=1, now=0).reserve(100) == 0
     idle = TokenBucket(60, burst=2, now=0)
     assert [idle.reserve(100) for _ in range(3)] == [0, 0, 1]  # no more than the burst saved
+
+
+@given(
+    rate=st.floats(min_value=1, max_value=6000),
+    burst=st.integers(min_value=1, max_value=5),
+    gaps=st.lists(st.floats(min_value=0, max_value=5), min_size=1, max_size=60),
+)
+def test_token_bucket_never_exceeds_rate_plus_burst_in_any_window(rate, burst, gaps):
+    bucket = TokenBucket(rate, burst=burst, now=0)
+    now, uses = 0.0, []
+    for gap in gaps:
+        now += gap
+        uses.append(now + bucket.reserve(now))
+    assert uses == sorted(uses)  # served in the order asked
+    interval = 60.0 / rate
+    for i, start in enumerate(uses):
+        for j in range(i, len(uses)):  # uses[i..j] fall in a window of this length
+            assert j - i + 1 <= burst + (uses[j] - start) / interval + 1e-6
 
 
 def test_outcomes_follow_the_reply_class():
