@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Install everything the test suite needs on a fresh Debian machine:
 # the Python package with its test extras, php-cli (the PHP client's tests),
-# a C toolchain, cmocka and valgrind (the C client's tests), swaks (the SMTP
-# front door's tests). Run as root (or with sudo for the apt part).
+# a C and C++ toolchain, valgrind and strace (the C client's tests, and the
+# one-write-per-request checks), swaks (the SMTP front door's tests). Run as root (or with sudo for the apt part).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -14,7 +14,7 @@ command -v valgrind >/dev/null || need+=(valgrind)
 command -v swaks >/dev/null || need+=(swaks)
 command -v strace >/dev/null || need+=(strace)
 command -v pkg-config >/dev/null || need+=(pkg-config)
-[ -e /usr/include/cmocka.h ] || need+=(libcmocka-dev)
+command -v g++ >/dev/null || need+=(g++)
 if [ ${#need[@]} -gt 0 ]; then
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
   $SUDO apt-get update -qq
