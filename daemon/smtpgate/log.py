@@ -46,7 +46,10 @@ class _StdlibToStructlog(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         log = get_logger(logger=record.name)
         method = getattr(log, record.levelname.lower(), log.warning)
-        method(record.getMessage())
+        if record.exc_info:
+            method(record.getMessage(), exc_info=record.exc_info)
+        else:
+            method(record.getMessage())
 
 
 def get_logger(**bound):

@@ -1,16 +1,19 @@
 """Intake: the line protocol over TCP and Unix sockets (PROTOCOL.md).
 
-A thin asyncio layer around the sans-IO `LineParser`. Each connection has a
-reader loop and a writer task. Requests are dispatched in arrival order (so
-AUTH takes effect for the requests after it), but a SEND waits for its
-durable commit concurrently with the SENDs pipelined behind it: all of them
-share one group commit in the spool. Replies leave strictly in request order,
-coalesced into one write when several are ready.
+A thin asyncio layer around the sans-IO `LineParser`, written as a Protocol
+with callbacks rather than streams and a task per request: the hand-off is
+the product, and each task step, stream wake-up and timeout context costs
+microseconds on every SEND. Requests are dispatched in arrival order (so AUTH
+takes effect for the requests after it), but a SEND waits for its durable
+commit concurrently with the SENDs pipelined behind it: all of them share one
+group commit in the spool. Replies leave strictly in request order, coalesced
+into one write when several are ready.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import hmac
 import json
 import os
@@ -36,7 +39,6 @@ MAX_WAIT_SECONDS = 3600.0
 # SEND arguments above this many characters are validated in a thread.
 LARGE_REQUEST = 256 * 1024
 DEFAULT_WAIT_SECONDS = 30.0
-_QUIT = object()
 
 
 def _json(obj) -> str:
@@ -68,8 +70,9 @@ class Intake:
         READY=1: a connection already waiting in an inherited socket's backlog
         must not be served before that.
         """
-        handler = self._on_connection
-        opts = {"limit": 2**16, "start_serving": False}
+        loop = asyncio.get_running_loop()
+        factory = lambda: Connection(self)  # noqa: E731
+        opts = {"start_serving": False}
         if inherited:
             for name, socks in inherited.items():
                 if name not in ("tcp", "unix"):
@@ -77,17 +80,17 @@ class Intake:
                                      hint="set FileDescriptorName=tcp or unix in the socket unit")
                 for sock in socks:
                     if sock.family == socket.AF_UNIX:
-                        self.servers.append(await asyncio.start_unix_server(handler, sock=sock, **opts))
+                        self.servers.append(await loop.create_unix_server(factory, sock=sock, **opts))
                     else:
-                        self.servers.append(await asyncio.start_server(handler, sock=sock, **opts))
+                        self.servers.append(await loop.create_server(factory, sock=sock, **opts))
         else:
             for value in self.config.listen:
                 host, port = parse_hostport(value, "listen")
-                self.servers.append(await asyncio.start_server(
-                    handler, host, port, reuse_address=True, **opts))
+                self.servers.append(await loop.create_server(
+                    factory, host, port, reuse_address=True, **opts))
             if self.config.socket:
                 _remove_stale_socket(self.config.socket)
-                server = await asyncio.start_unix_server(handler, self.config.socket, **opts)
+                server = await loop.create_unix_server(factory, self.config.socket, **opts)
                 os.chmod(self.config.socket, self.config.socket_mode)
                 # Only a socket file we created is ours to remove at exit; an
                 # inherited one belongs to systemd's socket unit.
@@ -115,155 +118,221 @@ class Intake:
                 os.unlink(self.own_socket_path)
             except OSError:
                 pass
-        if self.connections:
-            _, pending = await asyncio.wait(self.connections, timeout=grace)
-            for task in pending:
-                task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
-
-    # -- one connection --------------------------------------------------
-
-    async def _on_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
-        task = asyncio.current_task()
-        self.connections.add(task)
-        self.counters["connections"] += 1
-        sock = writer.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        peer = writer.get_extra_info("peername") or "unix"
-        try:
-            if len(self.connections) > self.config.max_connections or not self.accepting:
-                writer.write(reply_err(codes.BUSY, "too many connections, try again later"))
-                await asyncio.wait_for(writer.drain(), 1.0)
-                return
-            await Connection(self, reader, writer, peer).run()
-        except (ConnectionError, asyncio.TimeoutError, asyncio.CancelledError):
-            pass
-        except Exception:
-            self.log.exception("connection_failed", peer=str(peer))
-        finally:
-            self.connections.discard(task)
-            if writer.transport.get_write_buffer_size():
-                # Replies the client never read: close() would wait for them forever.
-                writer.transport.abort()
-            else:
-                writer.close()
+        for conn in list(self.connections):
+            conn.close_when_idle()
+        deadline = asyncio.get_running_loop().time() + grace
+        while self.connections and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
+        for conn in list(self.connections):
+            conn.transport.abort()
 
 
-class Connection:
-    def __init__(self, intake: Intake, reader, writer, peer):
+class Connection(asyncio.Protocol):
+    """One client connection: parse requests, dispatch them, write replies in order."""
+
+    def __init__(self, intake: Intake):
         self.intake = intake
         self.config = intake.config
-        self.reader = reader
-        self.writer = writer
-        self.peer = peer
+        self.loop = asyncio.get_running_loop()
         self.parser = LineParser(max_line=self.config.max_line)
         self.authenticated = not self.config.tokens
-        self.replies: asyncio.Queue = asyncio.Queue(MAX_PIPELINE)
+        # One slot per request, in request order: [reply bytes or None].
+        self.slots: collections.deque[list] = collections.deque()
+        self.closing = False
+        self.write_paused = False
+        self.peer = "unix"
+        self.transport = None
+        self.last_activity = 0.0
+        self.timer = None
 
-    async def run(self) -> None:
-        writer_task = asyncio.create_task(self._write_replies())
-        # If the writer dies (a client that stopped reading its replies), the
-        # reader may be parked on a full reply queue: end the connection.
-        this = asyncio.current_task()
+    # -- asyncio.Protocol ------------------------------------------------
 
-        def writer_done(task: asyncio.Task) -> None:
-            if not task.cancelled() and task.exception() is not None:
-                self.intake.log.warning("connection_cut", peer=str(self.peer),
-                                        reason=f"replies not read ({type(task.exception()).__name__})")
-                this.cancel()
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        intake = self.intake
+        intake.counters["connections"] += 1
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.peer = transport.get_extra_info("peername") or "unix"
+        if len(intake.connections) >= self.config.max_connections or not intake.accepting:
+            transport.write(reply_err(codes.BUSY, "too many connections, try again later"))
+            transport.close()
+            return
+        intake.connections.add(self)
+        self.last_activity = self.loop.time()
+        self._arm(self.last_activity + self.config.idle_timeout)
 
-        writer_task.add_done_callback(writer_done)
-        try:
-            await self._read_requests()
-        finally:
-            if not writer_task.done():
-                await self.replies.put(_QUIT)
-                try:
-                    await writer_task
-                except (ConnectionError, asyncio.TimeoutError):
-                    pass
+    def connection_lost(self, exc) -> None:
+        self.intake.connections.discard(self)
+        self.closing = True
+        if self.timer is not None:
+            self.timer.cancel()
 
-    async def _read_requests(self) -> None:
+    def data_received(self, data: bytes) -> None:
+        if self.closing:
+            return
+        # The timer checks this stamp when it fires: cheaper than moving a
+        # timer on every read.
+        self.last_activity = self.loop.time()
+        self.parser.feed(data)
+        while (event := self.parser.next_event()) is not None:
+            if isinstance(event, ForeignProtocol):
+                self.intake.counters["foreign_protocol"] += 1
+                self.intake.log.warning("foreign_protocol_closed", peer=str(self.peer),
+                                        start=event.line_start[:40])
+                self.closing = True
+                self.transport.abort()
+                return
+            if isinstance(event, LineTooLong):
+                self._reply(reply_err(codes.TOO_LARGE, f"request line over {self.config.max_line} bytes"))
+                continue
+            if not isinstance(event, Request):  # a line that is not UTF-8, etc.
+                self._reply(reply_err(codes.BAD_REQUEST, str(getattr(event, "reason", "bad request line"))))
+                continue
+            self.intake.counters["requests"] += 1
+            if event.verb == "QUIT":  # nothing after it is answered
+                self._reply(reply_ok("BYE"))
+                self.closing = True
+                self.transport.pause_reading()
+                break
+            try:
+                self._dispatch(event)
+            except Exception:  # a bug: answer it, keep the connection and the daemon serving
+                self.intake.log.exception("request_failed", verb=event.verb)
+                self._reply(reply_err(codes.INTERNAL, "the daemon failed; see its log"))
+        self._flush()
+        # A client that pipelines without reading may not grow our memory
+        # without bound: stop reading until replies drain.
+        if len(self.slots) >= MAX_PIPELINE:
+            self.transport.pause_reading()
+        if self.parser.pending_bytes:
+            self._arm(self.last_activity + self.config.request_timeout)
+
+    def eof_received(self) -> bool:
+        self.close_when_idle()
+        return True  # keep the write side open until the last reply is out
+
+    def pause_writing(self) -> None:
+        # The client does not read its replies: stop reading its requests.
+        self.write_paused = True
+        self.transport.pause_reading()
+        self._arm(self.loop.time() + self.config.request_timeout)
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        self.last_activity = self.loop.time()
+        if len(self.slots) < MAX_PIPELINE and not self.closing:
+            self.transport.resume_reading()
+
+    # -- replies, in order -------------------------------------------------
+
+    def _reply(self, data: bytes) -> None:
+        self.slots.append([data])
+
+    def _slot(self) -> list:
+        slot = [None]
+        self.slots.append(slot)
+        return slot
+
+    def _fill(self, slot: list, data: bytes) -> None:
+        slot[0] = data
+        self._flush()
+
+    def _flush(self) -> None:
+        """Write every reply that is ready at the head of the queue, in one write."""
+        slots = self.slots
+        if not slots or slots[0][0] is None or self.transport.is_closing():
+            return
+        out = []
+        while slots and slots[0][0] is not None:
+            out.append(slots.popleft()[0])
+        self.transport.write(b"".join(out))
+        if self.closing and not slots:
+            self.transport.close()
+        elif len(slots) < MAX_PIPELINE and not self.write_paused and not self.closing:
+            self.transport.resume_reading()
+
+    def close_when_idle(self) -> None:
+        """Stop reading; close once every pending reply is written."""
+        self.closing = True
+        if self.transport.is_closing():
+            return
+        self.transport.pause_reading()
+        if not self.slots:
+            self.transport.close()
+
+    def _arm(self, when: float) -> None:
+        """Make the timer fire by `when` (it only ever moves earlier here)."""
+        if self.timer is not None:
+            if self.timer.when() <= when:
+                return
+            self.timer.cancel()
+        self.timer = self.loop.call_at(when, self._check_timeout)
+
+    def _check_timeout(self) -> None:
+        self.timer = None
         config = self.config
-        while True:
+        if self.write_paused:
+            limit, what = config.request_timeout, "replies not read"
+        elif self.parser.pending_bytes:
             # A half-sent request gets the short timeout: a slow or stalled
             # client may not pin a connection slot.
-            timeout = config.request_timeout if self.parser.pending_bytes else config.idle_timeout
-            try:
-                # asyncio.timeout, not wait_for: wait_for wraps the read in a
-                # new task, a cost paid on every request.
-                async with asyncio.timeout(timeout):
-                    data = await self.reader.read(65536)
-            except TimeoutError:
-                self.intake.log.info("connection_timeout", peer=str(self.peer),
-                                     pending=self.parser.pending_bytes)
-                return
-            if not data:
-                return
-            self.parser.feed(data)
-            while (event := self.parser.next_event()) is not None:
-                if isinstance(event, ForeignProtocol):
-                    self.intake.counters["foreign_protocol"] += 1
-                    self.intake.log.warning("foreign_protocol_closed", peer=str(self.peer),
-                                            start=event.line_start[:40])
-                    self.writer.transport.abort()
-                    return
-                if isinstance(event, LineTooLong):
-                    await self.replies.put(reply_err(
-                        codes.TOO_LARGE, f"request line over {self.config.max_line} bytes"))
-                    continue
-                if not isinstance(event, Request):  # a line that is not UTF-8, etc.
-                    await self.replies.put(reply_err(codes.BAD_REQUEST, str(getattr(event, "reason", "bad request line"))))
-                    continue
-                self.intake.counters["requests"] += 1
-                if event.verb == "QUIT":
-                    await self.replies.put(reply_ok("BYE"))
-                    return
-                await self.replies.put(self._dispatch(event))
+            limit, what = config.request_timeout, "request stalled"
+        elif self.slots:
+            limit, what = None, ""  # waiting on us (a WAIT, a commit): not the client's fault
+        else:
+            limit, what = config.idle_timeout, "idle"
+        now = self.loop.time()
+        if limit is not None and now - self.last_activity >= limit:
+            log = self.intake.log.warning if what == "replies not read" else self.intake.log.info
+            log("connection_cut" if what == "replies not read" else "connection_timeout",
+                peer=str(self.peer), reason=what, pending=self.parser.pending_bytes)
+            self.closing = True
+            # abort, not close: close() would wait to flush replies nobody reads.
+            self.transport.abort()
+            return
+        nxt = (self.last_activity + limit) if limit is not None else now + config.request_timeout
+        self._arm(max(nxt, now + 0.01))
 
-    async def _write_replies(self) -> None:
-        replies = self.replies
-        while True:
-            item = await replies.get()
-            if item is _QUIT:
-                return
-            out = [await item if isinstance(item, asyncio.Future) else item]
-            # Coalesce every reply that is already ready into one write.
-            while not replies.empty():
-                nxt = replies._queue[0]  # peek: only ready items are taken
-                if nxt is _QUIT or (isinstance(nxt, asyncio.Future) and not nxt.done()):
-                    break
-                replies.get_nowait()
-                out.append(nxt.result() if isinstance(nxt, asyncio.Future) else nxt)
-            self.writer.write(b"".join(out))
-            async with asyncio.timeout(self.config.request_timeout):
-                await self.writer.drain()
-
-    def _dispatch(self, req: Request):
-        """Return the reply bytes, or a Future of them for verbs that must wait."""
+    def _dispatch(self, req: Request) -> None:
+        """Queue the reply to one request: at once, or when its work completes."""
         verb, arg = req.verb, req.arg
-        if verb not in VERBS:
-            return reply_err(codes.BAD_REQUEST, f"unknown verb {verb[:32]!r}; try HELP")
-        if not self.authenticated and verb not in OPEN_VERBS:
-            return reply_err(codes.AUTH_REQUIRED, "send AUTH <token> first")
-        if verb == "PING":
-            return reply_ok("PONG")
-        if verb == "NOOP":
-            return reply_ok()
-        if verb == "HELP":
-            return reply_ok(" ".join(VERBS))
-        if verb == "HELLO":
-            return reply_ok(f"smtpgate {PROTOCOL_VERSION} {__version__}")
-        if verb == "AUTH":
-            return self._auth(arg)
-        if verb == "SEND":
-            return asyncio.ensure_future(self._send(arg))
-        if verb == "STATUS":
-            return asyncio.ensure_future(self._status(arg))
-        if verb == "WAIT":
-            return asyncio.ensure_future(self._wait(arg))
-        return asyncio.ensure_future(self._stats())
+        if verb == "SEND" and self.authenticated:
+            self._send(arg)
+        elif verb not in VERBS:
+            self._reply(reply_err(codes.BAD_REQUEST, f"unknown verb {verb[:32]!r}; try HELP"))
+        elif not self.authenticated and verb not in OPEN_VERBS:
+            self._reply(reply_err(codes.AUTH_REQUIRED, "send AUTH <token> first"))
+        elif verb == "PING":
+            self._reply(reply_ok("PONG"))
+        elif verb == "NOOP":
+            self._reply(reply_ok())
+        elif verb == "HELP":
+            self._reply(reply_ok(" ".join(VERBS)))
+        elif verb == "HELLO":
+            self._reply(reply_ok(f"smtpgate {PROTOCOL_VERSION} {__version__}"))
+        elif verb == "AUTH":
+            self._reply(self._auth(arg))
+        else:
+            handler = {"STATUS": self._status, "WAIT": self._wait, "STATS": self._stats}[verb]
+            self._later(handler(arg))
+
+    def _later(self, coro) -> None:
+        """Run a coroutine that returns the reply bytes; its reply keeps its place."""
+        slot = self._slot()
+        task = self.loop.create_task(coro)
+
+        def done(task: asyncio.Task) -> None:
+            if task.cancelled():
+                self._fill(slot, reply_err(codes.INTERNAL, "cancelled"))
+            elif task.exception() is not None:
+                self.intake.log.error("request_failed", error=repr(task.exception()))
+                self._fill(slot, reply_err(codes.INTERNAL, "the daemon failed; see its log"))
+            else:
+                self._fill(slot, task.result())
+
+        task.add_done_callback(done)
 
     def _auth(self, token: str | None) -> bytes:
         tokens = self.config.tokens
@@ -282,32 +351,64 @@ class Connection:
         self.intake.log.warning("auth_failed", peer=str(self.peer))
         return reply_err(codes.AUTH_FAILED, "wrong token")
 
-    async def _send(self, arg: str | None) -> bytes:
-        intake = self.intake
+    def _send(self, arg: str | None) -> None:
+        if len(arg or "") > LARGE_REQUEST:
+            # Decoding and checking megabytes of attachments takes tens of
+            # milliseconds: not on the loop, where it would stall every
+            # other connection.
+            slot = self._slot()
+            fut = asyncio.ensure_future(asyncio.to_thread(self._validate, arg))
+            fut.add_done_callback(lambda f: self._validated(slot, f))
+            return
         try:
-            if len(arg or "") > LARGE_REQUEST:
-                # Decoding and checking megabytes of attachments takes tens of
-                # milliseconds: not on the loop, where it would stall every
-                # other connection.
-                spec = await asyncio.to_thread(self._validate, arg)
-            else:
-                spec = self._validate(arg)
+            spec = self._validate(arg)
         except RequestError as exc:
-            intake.counters["sends_refused"] += 1
-            return reply_err(exc.code, exc.text)
+            self.intake.counters["sends_refused"] += 1
+            self._reply(reply_err(exc.code, exc.text))
+            return
+        self._store(self._slot(), spec)
+
+    def _validated(self, slot: list, fut: asyncio.Future) -> None:
+        exc = fut.exception()
+        if isinstance(exc, RequestError):
+            self.intake.counters["sends_refused"] += 1
+            self._fill(slot, reply_err(exc.code, exc.text))
+        elif exc is not None:
+            self.intake.log.error("validation_failed", error=repr(exc))
+            self._fill(slot, reply_err(codes.INTERNAL, "nothing stored: the daemon failed; see its log"))
+        else:
+            self._store(slot, fut.result())
+
+    def _store(self, slot: list, spec) -> None:
+        """Hand a validated message to the spool; the slot gets OK <id> once it is durable."""
         try:
-            msg_id, existing = await intake.spool.enqueue(
-                spec.to_json(), spec.envelope_from, spec.recipients, spec.idempotency_key)
+            fut = self.intake.spool.enqueue(spec.to_json(), spec.envelope_from,
+                                            spec.recipients, spec.idempotency_key)
         except SpoolFull as exc:
-            intake.counters["sends_refused"] += 1
-            return reply_err(codes.BUSY, f"nothing stored: {exc}")
+            self.intake.counters["sends_refused"] += 1
+            self._fill(slot, reply_err(codes.BUSY, f"nothing stored: {exc}"))
+            return
         except Exception:
-            intake.log.exception("enqueue_failed")
-            return reply_err(codes.INTERNAL, "nothing stored: the spool failed; see the daemon's log")
-        if not existing:
-            intake.counters["sends_accepted"] += 1
-            intake.delivery.wake()
-        return reply_ok(msg_id)
+            self.intake.log.exception("enqueue_failed")
+            self._fill(slot, reply_err(codes.INTERNAL, "nothing stored: the spool failed; see the daemon's log"))
+            return
+        fut.add_done_callback(lambda f: self._stored(slot, f))
+
+    def _stored(self, slot: list, fut: asyncio.Future) -> None:
+        intake = self.intake
+        exc = fut.exception() if not fut.cancelled() else asyncio.CancelledError()
+        if isinstance(exc, SpoolFull):
+            intake.counters["sends_refused"] += 1
+            self._fill(slot, reply_err(codes.BUSY, f"nothing stored: {exc}"))
+        elif exc is not None:
+            intake.log.error("enqueue_failed", error=repr(exc))
+            self._fill(slot, reply_err(codes.INTERNAL, "nothing stored: the spool failed; see the daemon's log"))
+        else:
+            msg_id, existing = fut.result()
+            if not existing:
+                intake.counters["sends_accepted"] += 1
+                intake.delivery.wake()
+            self._fill(slot, reply_ok(msg_id))
 
     def _validate(self, arg: str | None):
         """Parse and check a SEND argument; return its MessageSpec or raise RequestError."""
@@ -347,12 +448,15 @@ class Connection:
             return reply_err(codes.NOT_FOUND, f"no message {parts[0][:64]}")
         return reply_ok(_json(state))
 
-    async def _stats(self) -> bytes:
+    async def _stats(self, arg: str | None = None) -> bytes:
         stats = dict(await self.intake.spool.stats())
         stats["version"] = __version__
         stats["protocol"] = PROTOCOL_VERSION
         stats["uptime"] = round(time.time() - self.intake.started, 3)
         stats["intake"] = dict(self.intake.counters, open_connections=len(self.intake.connections))
+        # Writes per commit: how well concurrent requests share fsyncs.
+        stats["spool"] = {"commits": self.intake.spool.commits,
+                          "operations": self.intake.spool.operations}
         return reply_ok(_json(stats))
 
 

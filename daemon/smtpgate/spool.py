@@ -390,18 +390,23 @@ class Spool:
 
     # --- writes (each _op_* runs in the writer thread inside a batch) --------
 
-    async def enqueue(
+    def enqueue(
         self,
         spec_json: bytes,
         envelope_from: str,
         recipients: list[str],
         idempotency_key: str | None = None,
-    ) -> tuple[str, bool]:
-        """Store a message durably; returns (id, existing) once committed.
+    ) -> asyncio.Future:
+        """Store a message durably: a future of (id, existing), done once committed.
         existing is True when idempotency_key was seen within the window: the
-        first message's id is returned and nothing is stored. Raises SpoolFull."""
+        first message's id is returned and nothing is stored. Raises SpoolFull
+        (at once for low disk, through the future when max_queued is reached).
+
+        A plain function returning the future, not a coroutine: `await
+        spool.enqueue(...)` works as before, and the intake adds a callback
+        instead of paying for a task per SEND."""
         self._check_disk()
-        return await self._submit(Spool._op_enqueue, spec_json, envelope_from, recipients, idempotency_key)
+        return self._submit(Spool._op_enqueue, spec_json, envelope_from, recipients, idempotency_key)
 
     def _check_disk(self) -> None:
         now = time.monotonic()
