@@ -56,6 +56,7 @@ class RecordingHandler:
         self.messages: list[Received] = []
         self.rcpt_replies: dict[str, list[str]] = {}
         self.data_replies: list[str] = []
+        self.max_rcpts: int | None = None  # like Postfix's smtpd_recipient_limit
         self.sessions = 0
         self.cond = threading.Condition()
 
@@ -70,6 +71,8 @@ class RecordingHandler:
             scripted = self.rcpt_replies.get(address)
             if scripted:
                 return scripted.pop(0)
+            if self.max_rcpts is not None and len(envelope.rcpt_tos) >= self.max_rcpts:
+                return "452 4.5.3 Error: too many recipients"
         envelope.rcpt_tos.append(address)
         return "250 2.1.5 Ok"
 

@@ -289,6 +289,17 @@ def test_permanent_failure_reported_per_recipient(daemon, upstream):
     assert upstream.wait_for(1)[0].rcpt_tos == ["kelly@example.org"]
 
 
+def test_more_recipients_than_a_transaction_takes_go_in_several(daemon, upstream):
+    upstream.handler.max_rcpts = 100  # RFC 5321's minimum; Postfix's default limit is 1000
+    recipients = [f"r{i}@example.org" for i in range(150)]
+    msg_id = ok_payload(daemon.request(send_line(dict(SIMPLE, to=recipients[:1], bcc=recipients[1:]))))
+    state = wait_final(daemon, msg_id)
+    assert state["state"] == "sent" and state["attempts"] == 1
+    received = upstream.wait_for(2)
+    assert [len(m.rcpt_tos) for m in received] == [100, 50]
+    assert sorted(r for m in received for r in m.rcpt_tos) == sorted(recipients)
+
+
 def test_all_recipients_refused_means_failed(daemon, upstream):
     upstream.script_rcpt("kelly@example.org", "550 5.1.1 No such user")
     msg_id = ok_payload(daemon.request(send_line(SIMPLE)))

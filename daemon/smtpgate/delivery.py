@@ -215,6 +215,10 @@ class UpstreamPool:
                 conn.close()
 
 
+# RFC 5321 4.5.3.1.8: the minimum a server must accept in one transaction.
+MAX_RCPTS_PER_TRANSACTION = 100
+
+
 def default_build(spec_json: bytes) -> bytes:
     """The RFC 5322 bytes of a stored spec (message.py, imported lazily)."""
     from smtpgate.message import MessageSpec, build_message
@@ -432,10 +436,9 @@ class Delivery:
         return sorted(self._pools, key=lambda p: p.down_until > now)
 
     async def _attempt(self, message: Claimed, log) -> _Attempt:
-        """Try the upstreams in order until one takes the transaction; never
-        raises for SMTP trouble, which becomes per-recipient outcomes."""
-        from smtpgate.smtp import SmtpMessageError, SmtpSessionError
-
+        """One attempt at every pending recipient, in transactions of at most
+        MAX_RCPTS_PER_TRANSACTION recipients; never raises for SMTP trouble,
+        which becomes per-recipient outcomes."""
         try:
             data = self._build(message.spec_json)
         except Exception as exc:
@@ -443,6 +446,24 @@ class Delivery:
             return _Attempt(
                 [RecipientOutcome(r, "failed", "smtpgate: the message could not be built") for r in message.recipients]
             )
+        recipients = message.recipients
+        if len(recipients) <= MAX_RCPTS_PER_TRANSACTION:
+            return await self._transaction(message, recipients, data, log)
+        # RFC 5321 4.5.3.1.8: a server need only take 100 recipients per
+        # transaction and answers 452 to the rest; sending them in several
+        # transactions now beats deferring them to a later attempt.
+        combined = _Attempt([])
+        for i in range(0, len(recipients), MAX_RCPTS_PER_TRANSACTION):
+            part = await self._transaction(message, recipients[i:i + MAX_RCPTS_PER_TRANSACTION], data, log)
+            combined.outcomes += part.outcomes
+            combined.upstream = part.upstream or combined.upstream
+            combined.possible_duplicate |= part.possible_duplicate
+        return combined
+
+    async def _transaction(self, message: Claimed, recipients: list[str], data: bytes, log) -> _Attempt:
+        """Try the upstreams in order until one takes one transaction for `recipients`."""
+        from smtpgate.smtp import SmtpMessageError, SmtpSessionError
+
         last_error = "smtpgate: no upstream configured"
         for pool in self._ordered_pools():
             await pool.take_token()
@@ -457,11 +478,11 @@ class Delivery:
                 interrupted = False
                 self._in_transaction.add(message.id)
                 try:
-                    result = await conn.send(message.envelope_from, message.recipients, data)
+                    result = await conn.send(message.envelope_from, recipients, data)
                 except SmtpMessageError as exc:
                     pool.release(conn)  # nothing was sent; the session is fine
                     reply = f"smtpgate: {exc}"
-                    return _Attempt([RecipientOutcome(r, "failed", reply) for r in message.recipients], pool.name)
+                    return _Attempt([RecipientOutcome(r, "failed", reply) for r in recipients], pool.name)
                 except SmtpSessionError as exc:
                     pool.discard(conn)
                     if reused and not exc.after_data_end and exc.reply is None and not fresh:
@@ -474,7 +495,7 @@ class Delivery:
                                 after_data_end=exc.after_data_end)
                     reply = _reply_text(exc)
                     return _Attempt(
-                        [RecipientOutcome(r, "deferred", reply) for r in message.recipients],
+                        [RecipientOutcome(r, "deferred", reply) for r in recipients],
                         pool.name,
                         possible_duplicate=exc.after_data_end,
                     )
@@ -487,7 +508,7 @@ class Delivery:
                         self._in_transaction.discard(message.id)
                 pool.release(conn)
                 return _Attempt(outcomes_from_result(result), pool.name)
-        return _Attempt([RecipientOutcome(r, "deferred", last_error) for r in message.recipients])
+        return _Attempt([RecipientOutcome(r, "deferred", last_error) for r in recipients])
 
 
 def _reply_text(exc: Exception) -> str:
