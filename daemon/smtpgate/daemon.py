@@ -139,15 +139,19 @@ class Daemon:
         watchdog = systemd.watchdog_interval()
         tick = min(STATUS_EVERY, watchdog) if watchdog else STATUS_EVERY
         last_purge = 0.0
+        delivered, last_delivery = 0, ""
         while True:
             if watchdog:
                 systemd.notify("WATCHDOG=1")
             try:
                 stats = await self.spool.stats()
-                states = stats.get("states", stats)
+                states = stats["states"]
+                if stats["counters"]["delivered"] != delivered:
+                    delivered = stats["counters"]["delivered"]
+                    last_delivery = ", last delivery " + time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
                 queued = sum(states.get(k, 0) for k in ("queued", "sending", "deferred"))
                 systemd.notify(f"STATUS=queue {queued}, sent {states.get('sent', 0)}, "
-                               f"failed {states.get('failed', 0)}")
+                               f"failed {states.get('failed', 0)}{last_delivery}")
                 if time.monotonic() - last_purge > PURGE_EVERY:
                     last_purge = time.monotonic()
                     await self.spool.purge(time.time())
