@@ -30,6 +30,8 @@ def _serve_parser(sub) -> None:
     p.add_argument("--upstream-password-file", metavar="FILE")
     p.add_argument("--upstream-password-env", metavar="VAR",
                    help="name of the environment variable holding the upstream password")
+    p.add_argument("--upstream-oauth2-token-file", metavar="FILE",
+                   help="XOAUTH2 access token (refreshed by another tool; reload to pick it up)")
     p.add_argument("--upstream-ca-file", metavar="FILE")
     p.add_argument("--smtp-listen", metavar="HOST:PORT", help="also accept mail over SMTP here")
     p.add_argument("--tokens-file", metavar="FILE", help="file of client tokens, one a line")
@@ -44,7 +46,8 @@ def _serve(args) -> int:
     from smtpgate.daemon import serve
 
     keys = ("listen", "socket", "spool", "upstream", "upstream_tls", "upstream_user",
-            "upstream_password_file", "upstream_password_env", "upstream_ca_file",
+            "upstream_password_file", "upstream_password_env", "upstream_oauth2_token_file",
+            "upstream_ca_file",
             "smtp_listen", "tokens_file", "dev", "dev_maildir", "log_format", "log_level")
     overrides = {key: getattr(args, key) for key in keys}
     return serve(args.config, overrides)

@@ -37,6 +37,7 @@ class Config:
     upstream_user: str | None = None
     upstream_password_file: str | None = None
     upstream_password_env: str | None = None
+    upstream_oauth2_token_file: str | None = None
     upstream_ca_file: str | None = None
     upstream_verify: bool = True
     upstream_allow_plaintext_auth: bool = False
@@ -67,6 +68,7 @@ class Config:
     log_level: str = "info"
     # Filled in by load_config, never read from the file.
     upstream_password: str | None = field(default=None, repr=False)
+    upstream_oauth2_token: str | None = field(default=None, repr=False)
 
     @property
     def max_line(self) -> int:
@@ -151,7 +153,7 @@ def load_config(path: str | None, overrides: dict | None = None) -> Config:
             values[key] = value
 
     defaults = Config()
-    known = {f.name for f in dataclasses.fields(Config)} - {"upstream_password"}
+    known = {f.name for f in dataclasses.fields(Config)} - {"upstream_password", "upstream_oauth2_token"}
     for key in values:
         if key not in known:
             raise ConfigError(f"{key}: unknown key")
@@ -194,8 +196,15 @@ def _validate(config: Config) -> None:
         for value in config.listen:
             parse_hostport(value, "listen")
 
+    if config.upstream_oauth2_token_file:
+        # XOAUTH2 (Gmail, Outlook): an outside tool refreshes the token file,
+        # then reloads the daemon (SIGHUP) to pick the new token up.
+        if not config.upstream_user:
+            raise ConfigError("upstream_user: XOAUTH2 needs the account's address as user")
+        config.upstream_oauth2_token = _read_secret_file(
+            config.upstream_oauth2_token_file, "upstream_oauth2_token_file")
     config.upstream_password = _find_password(config)
-    if config.upstream_user and config.upstream_password is None:
+    if config.upstream_user and config.upstream_password is None and config.upstream_oauth2_token is None:
         raise ConfigError(
             "upstream_password_file: upstream_user is set but no password was given "
             "(upstream_password_file, upstream_password_env, or the systemd credential "

@@ -38,6 +38,7 @@ def delivery_settings(config: Config, dev_port: int | None = None):
             upstreams.append(UpstreamSettings(
                 host=host, port=port, tls=config.upstream_tls,
                 username=config.upstream_user, password=config.upstream_password,
+                xoauth2_token=config.upstream_oauth2_token,
                 allow_plaintext_auth=config.upstream_allow_plaintext_auth,
                 ca_file=config.upstream_ca_file, verify=config.upstream_verify,
                 helo_name=config.helo_name))
