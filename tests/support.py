@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 
 
@@ -25,3 +26,22 @@ def read_lines(sock: socket.socket, count: int) -> list[str]:
             raise ConnectionError(f"closed after {data[-200:]!r}")
         data += chunk
     return [line.decode() for line in data.split(b"\r\n")[:count]]
+
+
+@contextlib.contextmanager
+def stuck_listener():
+    """A listener whose accept queue is full: the kernel drops further SYNs,
+    so a connect there hangs until the client's own connect timeout.
+    Yields its "tcp://127.0.0.1:PORT" URI."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        fillers = [socket.socket() for _ in range(3)]
+        try:
+            for sock in fillers:
+                sock.setblocking(False)
+                sock.connect_ex(listener.getsockname())
+            yield f"tcp://127.0.0.1:{listener.getsockname()[1]}"
+        finally:
+            for sock in fillers:
+                sock.close()

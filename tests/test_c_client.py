@@ -29,6 +29,8 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from support import stuck_listener
+
 ROOT = Path(__file__).resolve().parent.parent
 CDIR = ROOT / "clients" / "c"
 BUILD = CDIR / "build"
@@ -428,21 +430,11 @@ def test_library_timeout_when_no_reply_comes(lib, peer):
 
 def test_library_connect_timeout_when_the_listen_queue_is_full(lib):
     """Non-blocking connect + poll: a SYN the kernel drops (accept queue full) ends at the timeout."""
-    with socket.socket() as listener:
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(0)
-        fillers = [socket.socket() for _ in range(3)]
-        for sock in fillers:
-            sock.setblocking(False)
-            sock.connect_ex(listener.getsockname())
-        try:
-            ctx = lib.connect("tcp://127.0.0.1:%d" % listener.getsockname()[1], 200)
-            assert (ctx.contents.err, ctx.contents.fd) == (ERR_TIMEOUT, -1)
-            assert ctx.contents.errstr.startswith(b"connect timed out: tcp://127.0.0.1:")
-            lib.lib.smtpgate_free(ctx)
-        finally:
-            for sock in fillers:
-                sock.close()
+    with stuck_listener() as stuck:
+        ctx = lib.connect(stuck, 200)
+        assert (ctx.contents.err, ctx.contents.fd) == (ERR_TIMEOUT, -1)
+        assert ctx.contents.errstr.startswith(b"connect timed out: tcp://127.0.0.1:")
+        lib.lib.smtpgate_free(ctx)
 
 
 # -- smtpgate-send against a peer: bytes and exit codes ------------------------

@@ -132,6 +132,7 @@ def test_raw_message_passes_through_with_normalised_line_endings(daemon, upstrea
     ("SEND", "BAD_REQUEST"),
     ("SEND {not json", "BAD_REQUEST"),
     ("SEND [1,2]", "BAD_REQUEST"),
+    ('SEND {"from":' + "[" * 100_000, "BAD_REQUEST"),  # found by the soak fuzzer: RecursionError
     (send_line({"to": "a@example.org", "text": "x"}), "BAD_REQUEST"),
     (send_line({"from": "app@example.com", "text": "x"}), "BAD_REQUEST"),
     (send_line(dict(SIMPLE, to="not an address")), "BAD_ADDRESS"),

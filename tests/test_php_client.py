@@ -28,6 +28,8 @@ from pathlib import Path
 
 import pytest
 
+from support import stuck_listener
+
 ROOT = Path(__file__).resolve().parent.parent
 PHP_CLIENT = ROOT / "clients" / "php"
 HARNESS = PHP_CLIENT / "tests" / "harness.php"
@@ -454,24 +456,13 @@ def test_daemon_that_is_down_is_a_connection_exception(tmp_path):
 def test_connect_timeout_then_failover_to_the_next_daemon(daemon):
     # A listener whose accept queue is full: the kernel drops further SYNs,
     # so a connect there hangs until the client's connect_timeout.
-    with socket.socket() as listener:
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(0)
-        fillers = [socket.socket() for _ in range(3)]
-        for sock in fillers:
-            sock.setblocking(False)
-            sock.connect_ex(listener.getsockname())
-        stuck = f"tcp://127.0.0.1:{listener.getsockname()[1]}"
-        try:
-            result = run_php("""
-                $options = ['connect_timeout' => 0.3];
-                $failover = new Client([$args['stuck'], $args['daemon']], $options);
-                report([outcome(fn () => (new Client($args['stuck'], $options))->ping()),
-                        outcome(fn () => $failover->ping()), $failover->endpoint()]);
-            """, {"stuck": stuck, "daemon": daemon.uri})
-        finally:
-            for sock in fillers:
-                sock.close()
+    with stuck_listener() as stuck:
+        result = run_php("""
+            $options = ['connect_timeout' => 0.3];
+            $failover = new Client([$args['stuck'], $args['daemon']], $options);
+            report([outcome(fn () => (new Client($args['stuck'], $options))->ping()),
+                    outcome(fn () => $failover->ping()), $failover->endpoint()]);
+        """, {"stuck": stuck, "daemon": daemon.uri})
     assert result[0]["class"] == "TimeoutException" and stuck in result[0]["message"]
     assert result[1:] == [{"value": True}, daemon.uri]
 

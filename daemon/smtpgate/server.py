@@ -416,6 +416,8 @@ class Connection(asyncio.Protocol):
             obj = json.loads(arg or "")
         except ValueError as exc:
             raise RequestError(codes.BAD_REQUEST, f"SEND needs one JSON object: {exc}") from None
+        except RecursionError:  # "[[[[..." thousands deep: hostile, not a message
+            raise RequestError(codes.BAD_REQUEST, "SEND JSON is nested too deeply") from None
         if not isinstance(obj, dict):
             raise RequestError(codes.BAD_REQUEST, "SEND needs one JSON object")
         spec = validate_send(obj, max_message_bytes=self.config.max_message_size,
