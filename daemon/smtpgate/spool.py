@@ -338,7 +338,12 @@ class Spool:
             self._sync_full = durable
         try:
             conn.execute("BEGIN IMMEDIATE")
-            for fn, args, fut in batch:
+            rest = batch
+            bulk = [item for item in batch if item[0] is Spool._op_enqueue and item[1][3] is None]
+            if len(bulk) > 1:
+                outcomes = self._bulk_enqueue(conn, effects, bulk)
+                rest = [item for item in batch if not (item[0] is Spool._op_enqueue and item[1][3] is None)]
+            for fn, args, fut in rest:
                 try:
                     outcomes.append((fut, fn(self, conn, effects, *args), None))
                 except SpoolError as exc:  # raised before the op wrote anything
@@ -363,6 +368,45 @@ class Spool:
         for name, delta in effects.counters.items():
             self.counters[name] += delta
         self._resolve(outcomes, effects.finalized)
+
+    def _bulk_enqueue(self, conn, effects, items: list) -> list:
+        """Store many enqueues (those without an idempotency key) with one
+        multi-row INSERT per table.
+
+        Why: the sqlite3 module gives up the GIL around every SQLite call,
+        and the event loop takes it each time, so the writer waited for the
+        GIL once per statement: two statements per message cost ~150 us per
+        enqueue under load against ~30 us alone. A batch now costs a handful
+        of statements whatever its size."""
+        now = self._clock()
+        outcomes, messages, recipients = [], [], []
+        for _, (spec_json, envelope_from, rcpts, _key), fut in items:
+            if self._unfinished(effects) >= self.max_queued:
+                outcomes.append((fut, None, SpoolFull(f"{self.max_queued} messages queued")))
+                continue
+            msg_id = self._ulid.new()
+            messages.append((msg_id, envelope_from, spec_json, now, now, now))
+            recipients.extend((msg_id, address, i) for i, address in enumerate(dict.fromkeys(rcpts)))
+            effects.move(None, "queued")
+            effects.count("accepted")
+            outcomes.append((fut, (msg_id, False), None))
+        for rows, head, row in (
+            (messages, "INSERT INTO messages (id, state, envelope_from, spec, idempotency_key,"
+                       " created, updated, next_attempt) VALUES ", "(?, 'queued', ?, ?, NULL, ?, ?, ?)"),
+            (recipients, "INSERT INTO recipients (message_id, address, position, state) VALUES ",
+             "(?, ?, ?, 'queued')"),
+        ):
+            # Chunks of 2**k rows (k <= 9): a few statement texts that the
+            # sqlite3 module's statement cache keeps prepared (a text per
+            # row count would evict the other statements), and never more
+            # than SQLite's 32,766 parameters per statement.
+            start = 0
+            while start < len(rows):
+                size = min(512, 1 << ((len(rows) - start).bit_length() - 1))
+                chunk = rows[start:start + size]
+                conn.execute(head + ",".join([row] * size), [v for r in chunk for v in r])
+                start += size
+        return outcomes
 
     def _resolve(self, outcomes: list, finalized: list[str]) -> None:
         with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
