@@ -94,6 +94,29 @@ def test_concurrent_enqueues_share_commits(tmp_path):
     assert spool.commits <= 64 // 4
 
 
+def test_batched_enqueues_store_every_recipient_and_respect_max_queued(tmp_path):
+    # 13 concurrent enqueues land in multi-row INSERTs of 8, 4 and 1 rows.
+    async def main():
+        spool = await opened(tmp_path, max_queued=10)
+        outcomes = await asyncio.gather(
+            *(spool.enqueue(SPEC, "s@x.org", [f"a{i}@y.org", f"b{i}@y.org", f"a{i}@y.org"]) for i in range(13)),
+            return_exceptions=True)
+        stored = [o for o in outcomes if not isinstance(o, Exception)]
+        states = [await spool.status(msg_id) for msg_id, _ in stored]
+        full = [o for o in outcomes if isinstance(o, SpoolFull)]
+        stats = await spool.stats()
+        await spool.close()
+        return stored, states, full, stats
+
+    stored, states, full, stats = run(main())
+    assert (len(stored), len(full)) == (10, 3)
+    assert stats["states"]["queued"] == 10 and stats["counters"]["accepted"] == 10
+    for (msg_id, _), state in zip(stored, states):
+        i = int(state["recipients"][0]["address"][1:].split("@")[0])
+        assert [r["address"] for r in state["recipients"]] == [f"a{i}@y.org", f"b{i}@y.org"]  # deduplicated, in order
+        assert state["id"] == msg_id and state["state"] == "queued"
+
+
 def test_a_failing_operation_does_not_fail_its_batch(tmp_path):
     async def main():
         spool = await opened(tmp_path)
