@@ -144,13 +144,15 @@ class LineParser:
         checked, self._line_checked = self._line_checked, False
         if len(line) > self.max_line:
             if len(line) > self.max_line + 1 or not line.endswith(b"\r"):
-                if not checked and _foreign_verdict(line[:_LONGEST_PREFIX].upper()):
+                if not checked and line[:_LONGEST_PREFIX].upper().startswith(FOREIGN_PREFIXES):
                     return self._close(line)
                 return LineTooLong(len(line))   # CR counted, as when drained
         if line.endswith(b"\r"):
             line = line[:-1]
         # The added space makes a bare "HELO" or "GET" line match "HELO ", "GET ".
-        if not checked and _foreign_verdict((line[:_LONGEST_PREFIX] + b" ").upper()):
+        # A complete line cannot grow: only "is it foreign" matters, not
+        # "might it become foreign" (_foreign_verdict's slower second half).
+        if not checked and (line[:_LONGEST_PREFIX] + b" ").upper().startswith(FOREIGN_PREFIXES):
             return self._close(line)
         return _request_from(line)
 
