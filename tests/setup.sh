@@ -2,7 +2,8 @@
 # Install everything the test suite needs on a fresh Debian machine:
 # the Python package with its test extras, php-cli (the PHP client's tests),
 # a C and C++ toolchain, valgrind and strace (the C client's tests, and the
-# one-write-per-request checks), swaks (the SMTP front door's tests). Run as root (or with sudo for the apt part).
+# one-write-per-request checks), swaks (the SMTP front door's tests), Postfix's
+# smtp-sink (a PIPELINING server). Run as root (or with sudo for the apt part).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -15,8 +16,13 @@ command -v swaks >/dev/null || need+=(swaks)
 command -v strace >/dev/null || need+=(strace)
 command -v pkg-config >/dev/null || need+=(pkg-config)
 command -v g++ >/dev/null || need+=(g++)
+# Postfix's smtp-sink: the real server that offers PIPELINING in the SMTP
+# core's tests (aiosmtpd does not). "No configuration": nothing is set up
+# or started, only the programs are installed.
+command -v smtp-sink >/dev/null || need+=(postfix)
 if [ ${#need[@]} -gt 0 ]; then
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  echo "postfix postfix/main_mailer_type select No configuration" | $SUDO debconf-set-selections
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}"
 fi
