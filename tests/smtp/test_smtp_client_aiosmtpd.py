@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import ssl
 
@@ -242,3 +243,22 @@ def test_large_body_goes_out_through_flow_control(aiosmtpd_server):
 
     assert run(scenario()).recipients[0].status == "accepted"
     assert handler.messages[0].data == body
+
+
+def test_tls_context_is_built_once_per_ca_file_version(aiosmtpd_server, tls_files, tmp_path):
+    # Loading a CA store costs ~25 ms on the event loop: once, not per connection.
+    ca_file = tmp_path / "ca.pem"
+    ca_file.write_bytes(open(tls_files.ca_file, "rb").read())
+    first = settings(1, tls="tls", ca_file=str(ca_file)).make_ssl_context()
+    assert settings(2, tls="tls", ca_file=str(ca_file)).make_ssl_context() is first
+    # A replaced CA file (a new mtime) is read again, and still verifies.
+    stamp = ca_file.stat().st_mtime_ns + 10**9
+    os.utime(ca_file, ns=(stamp, stamp))
+    assert settings(1, tls="tls", ca_file=str(ca_file)).make_ssl_context() is not first
+    port, handler = aiosmtpd_server(ssl_context=tls_files.server_context)
+
+    async def scenario():
+        async with await SmtpConnection.open(settings(port, tls="tls", ca_file=str(ca_file))) as conn:
+            return await conn.send("a@example.org", ["b@example.org"], MESSAGE)
+
+    assert run(scenario()).recipients[0].status == "accepted"
