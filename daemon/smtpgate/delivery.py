@@ -215,6 +215,9 @@ class UpstreamPool:
                 conn.close()
 
 
+# Specs larger than this are built in a thread.
+LARGE_SPEC = 256 * 1024
+
 # RFC 5321 4.5.3.1.8: the minimum a server must accept in one transaction.
 MAX_RCPTS_PER_TRANSACTION = 100
 
@@ -440,7 +443,12 @@ class Delivery:
         MAX_RCPTS_PER_TRANSACTION recipients; never raises for SMTP trouble,
         which becomes per-recipient outcomes."""
         try:
-            data = self._build(message.spec_json)
+            if len(message.spec_json) > LARGE_SPEC:
+                # Megabytes of attachments take tens of milliseconds to
+                # encode: not on the loop, where every hand-off would wait.
+                data = await asyncio.to_thread(self._build, message.spec_json)
+            else:
+                data = self._build(message.spec_json)
         except Exception as exc:
             log.error("message_build_failed", error=f"{type(exc).__name__}: {exc}")
             return _Attempt(
