@@ -443,3 +443,18 @@ def test_client_that_never_reads_its_replies_is_cut_off(make_daemon):
     finally:
         sock.close()
     assert daemon.request("PING") == "OK PONG"
+
+
+def test_second_daemon_on_the_same_spool_or_port_stops_with_one_clear_line(daemon, tmp_path):
+    base = ["serve", "--upstream", "127.0.0.1:9", "--upstream-tls", "none", "--log-format", "json"]
+    same_spool = subprocess.run(
+        [sys.executable, "-m", "smtpgate", *base, "--spool", daemon.spool, "--listen", "127.0.0.1:0"],
+        capture_output=True, text=True, timeout=30)
+    assert same_spool.returncode == 73
+    [line] = [json.loads(l) for l in same_spool.stderr.splitlines() if '"start_failed"' in l]
+    assert "in use by another smtpgate" in line["error"] and "Traceback" not in same_spool.stderr
+    same_port = subprocess.run(
+        [sys.executable, "-m", "smtpgate", *base, "--spool", str(tmp_path / "other"),
+         "--listen", f"{daemon.tcp[0]}:{daemon.tcp[1]}"], capture_output=True, text=True, timeout=30)
+    assert same_port.returncode == 71 and "address already in use" in same_port.stderr
+    assert daemon.request("PING") == "OK PONG"  # the first one is unharmed

@@ -196,8 +196,13 @@ def serve(config_path: str | None, overrides: dict) -> int:
         print(f"smtpgate: configuration error: {exc}", flush=True, file=__import__("sys").stderr)
         return 78  # EX_CONFIG
     setup_logging(config.log_format, config.log_level)
+    from smtpgate.spool import SpoolError
+
     try:
         return asyncio.run(Daemon(config, config_path, overrides).run())
-    except OSError as exc:
+    except SpoolError as exc:  # locked by another daemon, wrong schema, unusable directory
+        get_logger().error("start_failed", error=str(exc))
+        return 73  # EX_CANTCREAT
+    except OSError as exc:  # an address in use, a socket path we may not create
         get_logger().error("start_failed", error=str(exc))
         return 71  # EX_OSERR
