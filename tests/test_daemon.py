@@ -458,3 +458,15 @@ def test_second_daemon_on_the_same_spool_or_port_stops_with_one_clear_line(daemo
          "--listen", f"{daemon.tcp[0]}:{daemon.tcp[1]}"], capture_output=True, text=True, timeout=30)
     assert same_port.returncode == 71 and "address already in use" in same_port.stderr
     assert daemon.request("PING") == "OK PONG"  # the first one is unharmed
+
+
+def test_stats_pipelined_after_a_send_counts_it(daemon):
+    with daemon.connect() as sock:
+        sock.sendall(send_line(SIMPLE).encode() + b"\nSTATS\n")
+        sent, stats = read_lines(sock, 2)
+    msg_id = ok_payload(sent)
+    assert json.loads(ok_payload(stats))["counters"]["accepted"] == 1
+    with daemon.connect() as sock:  # and a STATUS pipelined after a WAIT sees the final state
+        sock.sendall(f"WAIT {msg_id} 20\nSTATUS {msg_id}\n".encode())
+        waited, status = read_lines(sock, 2)
+    assert json.loads(ok_payload(waited))["state"] == json.loads(ok_payload(status))["state"] == "sent"

@@ -166,6 +166,9 @@ class Connection(asyncio.Protocol):
     def connection_lost(self, exc) -> None:
         self.intake.connections.discard(self)
         self.closing = True
+        for slot in self.slots:  # coroutines never started: close them quietly
+            if len(slot) > 1:
+                slot.pop().close()
         if self.timer is not None:
             self.timer.cancel()
 
@@ -248,6 +251,8 @@ class Connection(asyncio.Protocol):
         while slots and slots[0][0] is not None:
             out.append(slots.popleft()[0])
         self.transport.write(b"".join(out))
+        if slots:
+            self._start_head()
         if self.closing and not slots:
             self.transport.close()
         elif len(slots) < MAX_PIPELINE and not self.write_paused and not self.closing:
@@ -319,9 +324,22 @@ class Connection(asyncio.Protocol):
             self._later(handler(arg))
 
     def _later(self, coro) -> None:
-        """Run a coroutine that returns the reply bytes; its reply keeps its place."""
+        """Run a coroutine that returns the reply bytes; its reply keeps its place.
+
+        It starts only once every request before it on this connection is
+        answered: a STATS or STATUS pipelined after a SEND must see that SEND
+        stored, not run ahead of its commit."""
         slot = self._slot()
-        task = self.loop.create_task(coro)
+        slot.append(coro)
+        if len(self.slots) == 1:
+            self._start_head()
+
+    def _start_head(self) -> None:
+        """Start the deferred coroutine of the slot at the head of the queue, if any."""
+        slot = self.slots[0]
+        if slot[0] is not None or len(slot) == 1:
+            return
+        task = self.loop.create_task(slot.pop())
 
         def done(task: asyncio.Task) -> None:
             if task.cancelled():
