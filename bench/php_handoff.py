@@ -32,14 +32,13 @@ import platform
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from daemon_bench import Daemon, free_port, start_sink, wait_port  # noqa: E402  (helpers of the main bench)
-from handoff_common import medians, replace_section, rotated_rounds  # noqa: E402
+from handoff_common import daemon_and_upstream, medians, replace_section, rotated_rounds  # noqa: E402
 
 RESULTS = HERE / "results-clients.md"
 OUT = HERE / "out"
@@ -144,29 +143,17 @@ def render(results: dict, command: str) -> str:
 
 def bench_upstream(name: str, rounds: int, count: int) -> dict[str, list[dict]]:
     """All modes, `rounds` times in rotated order, against a daemon relaying to upstream `name`."""
-    workdir = Path(tempfile.mkdtemp(prefix="smtpgate-php-bench-", dir=os.environ.get("SCRATCH")))
-    sink, sink_port = UPSTREAMS[name]()
-    unix_path = workdir / "smtpgate.sock"
-    daemon = Daemon(workdir, upstream=[f"127.0.0.1:{sink_port}"], socket=str(unix_path), helo_name="bench.test")
-    targets = {"tcp": f"tcp://127.0.0.1:{daemon.port}", "unix": f"unix://{unix_path}",
-               "smtp": f"127.0.0.1:{sink_port}"}
     modes = {key: (php_mode, target) for key, php_mode, target, _ in MODES}
+    with daemon_and_upstream(UPSTREAMS[name], "smtpgate-php-bench-") as (daemon, targets):
+        def run(key: str) -> dict:
+            php_mode, target = modes[key]
+            result = run_mode(php_mode, min(count, DOT_APART_MAX) if php_mode == "smtp_dot_apart" else count,
+                              targets[target])
+            if target != "smtp":
+                wait_idle(daemon)  # the next mode must not pay for this one's relaying
+            return result
 
-    def run(key: str) -> dict:
-        php_mode, target = modes[key]
-        result = run_mode(php_mode, min(count, DOT_APART_MAX) if php_mode == "smtp_dot_apart" else count,
-                          targets[target])
-        if target != "smtp":
-            wait_idle(daemon)
-        return result
-
-    try:
         return rotated_rounds(list(modes), rounds, run, label=f"upstream={name} ")
-    finally:
-        daemon.stop()
-        sink.terminate()
-        sink.wait(10)
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def main() -> int:
