@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -470,3 +471,25 @@ def test_stats_pipelined_after_a_send_counts_it(daemon):
         sock.sendall(f"WAIT {msg_id} 20\nSTATUS {msg_id}\n".encode())
         waited, status = read_lines(sock, 2)
     assert json.loads(ok_payload(waited))["state"] == json.loads(ok_payload(status))["state"] == "sent"
+
+
+def test_a_wait_abandoned_by_its_client_is_dropped(make_daemon):
+    daemon = make_daemon(upstream=["127.0.0.1:9"], retry_base=600.0)
+    msg_id = ok_payload(daemon.request(send_line(SIMPLE)))
+    for _ in range(20):
+        with daemon.connect() as sock:
+            sock.sendall(f"WAIT {msg_id} 3600\n".encode())
+            # An abortive close (RST), as when the caller's connection is
+            # reset. A plain FIN is a half-close that may still want the
+            # reply (printf 'WAIT ...' | nc -N), so that WAIT runs on, within
+            # max_connections.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    # Every reset WAIT is gone, not left running for its hour (bounded wait
+    # for the daemon to see the resets; no timing assertion).
+    deadline = time.monotonic() + 20
+    while True:
+        stats = json.loads(ok_payload(daemon.request("STATS")))["intake"]
+        if (stats["open_connections"], stats["waits"]) == (1, 0) or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert (stats["open_connections"], stats["waits"]) == (1, 0)

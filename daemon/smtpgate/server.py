@@ -60,6 +60,7 @@ class Intake:
                          "sends_refused": 0, "foreign_protocol": 0}
         self.started = time.time()
         self.own_socket_path: str | None = None
+        self.waits = 0  # WAIT requests in progress
 
     # -- binding ---------------------------------------------------------
 
@@ -138,6 +139,7 @@ class Connection(asyncio.Protocol):
         self.authenticated = not self.config.tokens
         # One slot per request, in request order: [reply bytes or None].
         self.slots: collections.deque[list] = collections.deque()
+        self.tasks: set[asyncio.Task] = set()  # STATUS/WAIT/STATS running now
         self.closing = False
         self.write_paused = False
         self.peer = "unix"
@@ -169,6 +171,10 @@ class Connection(asyncio.Protocol):
         for slot in self.slots:  # coroutines never started: close them quietly
             if len(slot) > 1:
                 slot.pop().close()
+        # A WAIT may run for an hour: a client that hung up must not leave it
+        # (and this connection) in memory that long.
+        for task in self.tasks:
+            task.cancel()
         if self.timer is not None:
             self.timer.cancel()
 
@@ -340,8 +346,10 @@ class Connection(asyncio.Protocol):
         if slot[0] is not None or len(slot) == 1:
             return
         task = self.loop.create_task(slot.pop())
+        self.tasks.add(task)
 
         def done(task: asyncio.Task) -> None:
+            self.tasks.discard(task)
             if task.cancelled():
                 self._fill(slot, reply_err(codes.INTERNAL, "cancelled"))
             elif task.exception() is not None:
@@ -463,7 +471,11 @@ class Connection(asyncio.Protocol):
                 return reply_err(codes.BAD_REQUEST, "WAIT seconds must be a number")
             if not 0 <= seconds <= MAX_WAIT_SECONDS:
                 return reply_err(codes.BAD_REQUEST, f"WAIT seconds must be 0 to {MAX_WAIT_SECONDS:g}")
-        state = await self.intake.spool.wait_final(parts[0], seconds)
+        self.intake.waits += 1
+        try:
+            state = await self.intake.spool.wait_final(parts[0], seconds)
+        finally:
+            self.intake.waits -= 1
         if state is None:
             return reply_err(codes.NOT_FOUND, f"no message {parts[0][:64]}")
         return reply_ok(_json(state))
@@ -473,7 +485,8 @@ class Connection(asyncio.Protocol):
         stats["version"] = __version__
         stats["protocol"] = PROTOCOL_VERSION
         stats["uptime"] = round(time.time() - self.intake.started, 3)
-        stats["intake"] = dict(self.intake.counters, open_connections=len(self.intake.connections))
+        stats["intake"] = dict(self.intake.counters, open_connections=len(self.intake.connections),
+                               waits=self.intake.waits)
         # Writes per commit: how well concurrent requests share fsyncs.
         stats["spool"] = {"commits": self.intake.spool.commits,
                           "operations": self.intake.spool.operations}
