@@ -85,3 +85,20 @@ def test_smtpgate_send_exit_codes(daemon):
     down = smtpgate("send", "--server", "tcp://127.0.0.1:9", "-f", "a@example.com", "-t", "x@example.org",
                     stdin="x")
     assert down.returncode == 75 and "unreachable" in down.stderr
+
+
+def test_queue_tool_finds_the_spool_in_the_config_without_reading_secrets(daemon, tmp_path):
+    # The config names a password file the tool's user cannot read; only `spool` matters.
+    config = tmp_path / "smtpgate.toml"
+    config.write_text(f'spool = "{daemon.spool}"\nupstream = ["h:25"]\nupstream_user = "u"\n'
+                      f'upstream_password_file = "{tmp_path / "unreadable"}"\n')
+    msg_id = ok_payload(daemon.request(send_line(SIMPLE)))
+    shown = smtpgate("queue", "--config", str(config), "show", msg_id)
+    assert shown.returncode == 0, shown.stderr
+    assert json.loads(shown.stdout)["id"] == msg_id
+
+
+def test_smtpgate_send_refuses_a_header_without_a_colon(daemon):
+    bad = smtpgate("send", "--server", daemon.uri, "-f", "a@example.com", "-t", "b@example.org",
+                   "--header", "X-No-Colon", stdin="x")
+    assert bad.returncode == 64 and "NAME:VALUE" in bad.stderr

@@ -96,8 +96,10 @@ def _send(args) -> int:
     if args.idempotency_key:
         message["idempotency_key"] = args.idempotency_key
     if args.header:
-        message["headers"] = dict(h.split(":", 1) for h in args.header)
-        message["headers"] = {k.strip(): v.strip() for k, v in message["headers"].items()}
+        if not all(":" in h for h in args.header):
+            print("smtpgate send: --header takes NAME:VALUE", file=sys.stderr)
+            return EX_USAGE
+        message["headers"] = {k.strip(): v.strip() for k, v in (h.split(":", 1) for h in args.header)}
     attachments = []
     for path in args.attach:
         try:

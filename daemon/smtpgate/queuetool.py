@@ -14,8 +14,9 @@ import os
 import signal
 import sqlite3
 import sys
+import tomllib
 
-from smtpgate.config import DEFAULT_CONFIG_PATH, ConfigError, load_config
+from smtpgate.config import DEFAULT_CONFIG_PATH, Config
 from smtpgate.spool import rfc3339
 
 PENDING = ("queued", "sending", "deferred")
@@ -26,11 +27,16 @@ def _spool_dir(args) -> str:
         return args.spool
     path = args.config or (DEFAULT_CONFIG_PATH if os.path.exists(DEFAULT_CONFIG_PATH) else None)
     if path:
+        # Only the spool key: a full load_config would also open the password
+        # and token files, which the operator running the tool need not read.
         try:
-            return load_config(path, {"dev": True}).spool
-        except ConfigError as exc:
-            raise SystemExit(f"smtpgate queue: configuration error: {exc}")
-    return os.environ.get("STATE_DIRECTORY", "/var/lib/smtpgate")
+            with open(path, "rb") as fh:
+                spool = tomllib.load(fh).get("spool")
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise SystemExit(f"smtpgate queue: cannot read {path}: {exc}")
+        if spool is not None:
+            return spool
+    return os.environ.get("STATE_DIRECTORY", Config.spool)
 
 
 def _connect(spool: str, write: bool) -> sqlite3.Connection:

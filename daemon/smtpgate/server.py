@@ -54,7 +54,7 @@ class Intake:
         self.delivery = delivery
         self.log = log
         self.servers: list[asyncio.AbstractServer] = []
-        self.connections: set[asyncio.Task] = set()
+        self.connections: set[Connection] = set()
         self.accepting = True
         self.counters = {"connections": 0, "requests": 0, "sends_accepted": 0,
                          "sends_refused": 0, "foreign_protocol": 0}
