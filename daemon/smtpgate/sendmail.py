@@ -16,7 +16,6 @@ lines keep working. Exit codes are sendmail's (sysexits.h).
 
 from __future__ import annotations
 
-import base64
 import getpass
 import os
 import re
@@ -25,7 +24,7 @@ import sys
 import tomllib
 from email.utils import formataddr, getaddresses
 
-from smtpgate.client import DEFAULT_URI, LineClient, RemoteError
+from smtpgate.client import DEFAULT_URI, LineClient, RemoteError, raw_send
 from smtpgate.config import DEFAULT_CONFIG_PATH, Config
 
 # sysexits.h
@@ -192,14 +191,6 @@ def header_fields(lines: list[str]) -> list[tuple[str, str, list[str]]]:
 def addresses(values: list[str]) -> list[str]:
     """The bare addresses in header values or command-line words ("a@x, B <b@y>")."""
     return [addr for _, addr in getaddresses(values) if addr]
-
-
-def raw_send(sender: str, recipients: list[str], data: bytes) -> dict:
-    """The SEND object of a raw message: `raw` when it is UTF-8, else `raw_base64`."""
-    try:
-        return {"from": sender, "to": recipients, "raw": data.decode("utf-8")}
-    except UnicodeDecodeError:
-        return {"from": sender, "to": recipients, "raw_base64": base64.b64encode(data).decode("ascii")}
 
 
 def prepare(message: str, opts: Options) -> tuple[str, list[str], str]:
