@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import socket
+import socketserver
 import struct
 import subprocess
 import sys
@@ -411,15 +412,50 @@ def test_bad_configuration_stops_with_one_line_naming_the_key(tmp_path, content,
 
 
 def test_password_never_logged(make_daemon, tmp_path):
+    # A real socket speaking SMTP that offers AUTH and refuses it: the
+    # password crosses the wire and the refusal is logged and shown in
+    # STATUS, and neither may carry it (nor its base64).
     secret = tmp_path / "pw"
     secret.write_text("hunter2-very-secret\n")
-    daemon = make_daemon(upstream=["127.0.0.1:9"], upstream_user="me", upstream_tls="none",
-                         upstream_allow_plaintext_auth=True, upstream_password_file=str(secret),
-                         log_level="debug")
-    ok_payload(daemon.request(send_line(SIMPLE)))
-    time.sleep(0.5)
-    daemon.stop()
-    assert "hunter2" not in daemon.log_path.read_text()
+    seen = []
+
+    class RefusingServer(socketserver.StreamRequestHandler):
+        def handle(self):
+            self.wfile.write(b"220 test ESMTP\r\n")
+            for line in self.rfile:
+                seen.append(line)
+                verb = line[:4].upper()
+                if verb == b"EHLO":
+                    self.wfile.write(b"250-test\r\n250 AUTH PLAIN LOGIN\r\n")
+                elif verb == b"AUTH":
+                    self.wfile.write(b"535 5.7.8 Authentication credentials invalid\r\n")
+                elif verb == b"QUIT":
+                    self.wfile.write(b"221 bye\r\n")
+                    return
+                else:
+                    self.wfile.write(b"503 5.5.1 no\r\n")
+
+    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), RefusingServer)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        daemon = make_daemon(upstream=[f"127.0.0.1:{server.server_address[1]}"], upstream_user="me",
+                             upstream_tls="none", upstream_allow_plaintext_auth=True,
+                             upstream_password_file=str(secret), log_level="debug", retry_base=60.0)
+        msg_id = ok_payload(daemon.request(send_line(SIMPLE)))
+        deadline = time.monotonic() + 20
+        state = {}
+        while state.get("state") != "deferred" and time.monotonic() < deadline:
+            state = json.loads(ok_payload(daemon.request(f"STATUS {msg_id}")))
+            time.sleep(0.05)
+        assert state["state"] == "deferred" and "535" in state["recipients"][0]["reply"]
+        assert any(line.upper().startswith(b"AUTH") for line in seen)  # the password did go out
+        daemon.stop()
+    finally:
+        server.shutdown()
+    text = daemon.log_path.read_text() + json.dumps(state)
+    plain = base64.b64encode(b"\0me\0hunter2-very-secret").decode()
+    assert "hunter2" not in text and plain not in text and base64.b64encode(b"hunter2").decode() not in text
 
 
 def test_client_that_never_reads_its_replies_is_cut_off(make_daemon):
