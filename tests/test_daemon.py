@@ -381,6 +381,36 @@ def test_kill_9_mid_stream_loses_nothing_that_got_ok(make_daemon, upstream):
         assert json.loads(ok_payload(daemon.request(f"STATUS {msg_id}")))["state"] == "sent"
 
 
+def writer_pid(daemon) -> int:
+    """The spool writer: the daemon's only child process."""
+    tasks = f"/proc/{daemon.proc.pid}/task"
+    (child,) = [c for t in os.listdir(tasks) for c in open(f"{tasks}/{t}/children").read().split()]
+    assert open(f"/proc/{child}/comm").read().strip() == "smtpgate-spool"
+    return int(child)
+
+
+def test_a_dead_spool_writer_stops_the_daemon_and_nothing_acknowledged_is_lost(make_daemon, upstream):
+    daemon = make_daemon(upstream=["127.0.0.1:9"], retry_base=60.0)
+    acknowledged = [ok_payload(daemon.request(send_line(dict(SIMPLE, subject=f"w{i}")))) for i in range(5)]
+    with daemon.connect() as sock:
+        os.kill(writer_pid(daemon), signal.SIGKILL)
+        # Requests after the loss get a clear error, never an OK for
+        # something that was not stored.
+        sock.sendall(send_line(dict(SIMPLE, subject="late")).encode() + b"\n")
+        reply = sock.recv(4096).decode()
+    assert reply == "" or reply.startswith("ERR INTERNAL "), reply
+    assert daemon.proc.wait(30) == 73  # EX_CANTCREAT: the service manager restarts it
+    assert any(line.get("event") == "spool_failed" for line in daemon.log_lines())
+
+    daemon.settings["upstream"] = [upstream.hostport]
+    daemon.settings["retry_base"] = 0.2
+    daemon.start()
+    received = upstream.wait_for(5)
+    assert sorted(m.message["Subject"] for m in received) == [f"w{i}" for i in range(5)]
+    for msg_id in acknowledged:
+        assert json.loads(ok_payload(daemon.request(f"WAIT {msg_id} 10")))["state"] == "sent"
+
+
 def test_sigterm_keeps_queue_and_restart_delivers(make_daemon, upstream):
     daemon = make_daemon(upstream=["127.0.0.1:9"], retry_base=60.0)
     ids = [ok_payload(daemon.request(send_line(SIMPLE))) for _ in range(5)]

@@ -62,6 +62,7 @@ class Daemon:
         self.dev_server = None
         self.dev_port = None
         self.smtp_server = None
+        self.exit_code = 0
 
     async def run(self) -> int:
         from smtpgate import systemd
@@ -77,6 +78,7 @@ class Daemon:
                            idempotency_window=config.idempotency_window,
                            keep_final=config.keep_final)
         await self.spool.open()
+        self.spool.on_writer_lost = self._spool_lost
         if config.dev:
             from smtpgate.devupstream import start_dev_upstream
             folder = config.dev_maildir or os.path.join(config.spool, "dev-mail")
@@ -119,7 +121,14 @@ class Daemon:
             self.dev_server.close()
         await self.spool.close()
         self.log.info("stopped")
-        return 0
+        return self.exit_code
+
+    def _spool_lost(self, why: str) -> None:
+        """Nothing can be stored any more: stop, so that the service
+        manager starts a fresh daemon (what was committed is on disk)."""
+        self.log.error("spool_failed", error=why)
+        self.exit_code = 73  # EX_CANTCREAT, as when the spool cannot be opened
+        self.stopping.set()
 
     async def _enqueue_raw(self, envelope_from: str, recipients: list[str], raw: bytes) -> str:
         """The SMTP front door's hand-off: validate as a raw SEND, store durably, return the id."""

@@ -29,7 +29,7 @@
 
 All spool writes go through the spool's group-commit writer, so the
 claims and attempt records of many workers share commits (and need no
-fsync of their own: see spool._RELAXED_OPS).
+fsync of their own: see spoolwriter.RELAXED_OPS).
 """
 
 from __future__ import annotations
