@@ -428,3 +428,18 @@ def test_only_batches_with_durable_writes_commit_with_fsync(tmp_path):
     # The claim and the records commit without an fsync (synchronous=NORMAL):
     # 4 more commits, no more durable ones; the delete is durable again.
     assert run(main()) == [(3, 3), (7, 3), (8, 4)]
+
+
+def test_writer_frames_survive_any_split_of_the_pipe():
+    import pickle
+
+    from smtpgate.spoolwriter import FRAME, take_frames
+
+    objects = [[(1, "enqueue", 1.5, (b"x" * 70_000, "a@b", ["c@d"], None))], ("reply", [], {}), []]
+    stream = b"".join(FRAME.pack(len(d)) + d for d in (pickle.dumps(o) for o in objects))
+    for step in (1, 3, 4096, len(stream)):
+        buf, got = bytearray(), []
+        for i in range(0, len(stream), step):
+            buf += stream[i:i + step]
+            got += take_frames(buf)
+        assert got == objects and buf == b""

@@ -40,7 +40,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from typing import Any, Callable, Iterable
 
-from smtpgate.spoolwriter import FINAL_STATES, FRAME, STATES, SpoolError, SpoolFull
+from smtpgate.spoolwriter import FINAL_STATES, FRAME, STATES, SpoolError, SpoolFull, take_frames
 
 __all__ = ["Claimed", "RecipientOutcome", "Spool", "SpoolError", "SpoolFull", "SpoolLocked", "rfc3339"]
 
@@ -93,16 +93,9 @@ class _WriterReplies(asyncio.Protocol):
         self.closed = asyncio.get_running_loop().create_future()
 
     def data_received(self, data: bytes) -> None:
-        buf = self.buf
-        buf += data
-        pos = 0
-        while len(buf) - pos >= 4:
-            (size,) = FRAME.unpack_from(buf, pos)
-            if len(buf) - pos - 4 < size:
-                break
-            self.spool._on_reply(pickle.loads(memoryview(buf)[pos + 4:pos + 4 + size]))
-            pos += 4 + size
-        del buf[:pos]
+        self.buf += data
+        for reply in take_frames(self.buf):
+            self.spool._on_reply(reply)
 
     def connection_lost(self, exc) -> None:
         if not self.closed.done():

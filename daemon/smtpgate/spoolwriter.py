@@ -422,24 +422,28 @@ class Writer:
 # --- the process -----------------------------------------------------------
 
 
+def take_frames(buf: bytearray) -> list:
+    """Unpickle every complete frame at the start of `buf` and remove them
+    from it; a partial frame stays for the next read."""
+    objects, pos = [], 0
+    while len(buf) - pos >= FRAME.size:
+        (size,) = FRAME.unpack_from(buf, pos)
+        end = pos + FRAME.size + size
+        if len(buf) < end:
+            break
+        objects.append(pickle.loads(memoryview(buf)[pos + FRAME.size:end]))
+        pos = end
+    del buf[:pos]
+    return objects
+
+
 class _Frames:
-    """Reads length-prefixed pickles from a file descriptor."""
+    """Reads the daemon's frames of operations from a file descriptor."""
 
     def __init__(self, fd: int):
         self.fd = fd
         self.buf = bytearray()
         self.eof = False
-
-    def _parse(self) -> list:
-        items, pos = [], 0
-        while len(self.buf) - pos >= 4:
-            (size,) = FRAME.unpack_from(self.buf, pos)
-            if len(self.buf) - pos - 4 < size:
-                break
-            items.extend(pickle.loads(memoryview(self.buf)[pos + 4:pos + 4 + size]))
-            pos += 4 + size
-        del self.buf[:pos]
-        return items
 
     def read(self, block: bool) -> list:
         """The operations of every complete frame available; with `block`,
@@ -453,7 +457,8 @@ class _Frames:
                 self.eof = True
                 break
             self.buf += chunk
-            items += self._parse()
+            for ops in take_frames(self.buf):
+                items += ops
             if items:
                 block = False
         return items
