@@ -200,6 +200,20 @@ def test_spool_full_is_busy_and_stores_nothing(make_daemon, upstream):
     assert err_code(daemon.request(send_line(SIMPLE))) == "BUSY"
 
 
+def test_a_reload_applies_the_spool_limits(make_daemon):
+    daemon = make_daemon(max_queued=3, upstream=["127.0.0.1:9"], retry_base=60.0)
+    for _ in range(2):
+        assert daemon.request(send_line(SIMPLE)).startswith("OK ")
+    daemon.settings["max_queued"] = 2
+    daemon.write_config()
+    daemon.proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 20
+    while not any(line.get("event") == "reloaded" for line in daemon.log_lines()):
+        assert time.monotonic() < deadline, "no reload"
+        time.sleep(0.05)
+    assert err_code(daemon.request(send_line(SIMPLE))) == "BUSY"  # 2 queued: the new limit
+
+
 def test_browser_request_is_closed_at_once(daemon):
     with daemon.connect() as sock:
         sock.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1:2526\r\n\r\n")

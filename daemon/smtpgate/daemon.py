@@ -73,10 +73,7 @@ class Daemon:
         config = self.config
         loop = asyncio.get_running_loop()
         inherited = systemd.listen_fds()
-        self.spool = Spool(config.spool, max_queued=config.max_queued,
-                           min_free_bytes=config.min_free_space,
-                           idempotency_window=config.idempotency_window,
-                           keep_final=config.keep_final)
+        self.spool = Spool(config.spool, **spool_limits(config))
         await self.spool.open()
         self.spool.on_writer_lost = self._spool_lost
         if config.dev:
@@ -192,6 +189,7 @@ class Daemon:
         # Listening addresses, the spool and --dev need a restart; the rest applies now.
         self.config.__dict__.update({k: v for k, v in config.__dict__.items()
                                      if k not in ("listen", "socket", "spool", "dev", "smtp_listen")})
+        await self.spool.configure(**spool_limits(self.config))
         self.delivery.reload(delivery_settings(self.config, self.dev_port))
         if was_held and not self.config.hold:
             await self.delivery.start()
@@ -199,6 +197,12 @@ class Daemon:
             await self.delivery.stop(STOP_GRACE)
         self.log.info("reloaded", config=self.config_path)
         systemd.ready()
+
+
+def spool_limits(config: Config) -> dict:
+    """The spool's settings that a reload may change."""
+    return {"max_queued": config.max_queued, "min_free_bytes": config.min_free_space,
+            "keep_final": config.keep_final, "idempotency_window": config.idempotency_window}
 
 
 def serve(config_path: str | None, overrides: dict) -> int:

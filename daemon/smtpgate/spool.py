@@ -162,9 +162,7 @@ class Spool:
             self._replies = _WriterReplies(self)
             await self._loop.connect_read_pipe(lambda: self._replies, self._process.stdout)
             self._to_writer, _ = await self._loop.connect_write_pipe(asyncio.BaseProtocol, self._process.stdin)
-            settings = {"db_path": self.db_path, "max_queued": self.max_queued,
-                        "keep_final": self.keep_final, "idempotency_window": self.idempotency_window}
-            await self._submit("open", settings)
+            await self._submit("open", {"db_path": self.db_path, **self._limits()})
             self._read_conn = sqlite3.connect(self.db_path, isolation_level=None, check_same_thread=False)
             self._read_conn.execute("PRAGMA query_only=1")
             self._reader = ThreadPoolExecutor(1, thread_name_prefix="spool-reader")
@@ -172,6 +170,18 @@ class Spool:
             await self._shut_writer()
             self._unlock()
             raise
+
+    def _limits(self) -> dict:
+        return {"max_queued": self.max_queued, "keep_final": self.keep_final,
+                "idempotency_window": self.idempotency_window}
+
+    async def configure(self, *, max_queued: int, min_free_bytes: int, keep_final: float,
+                        idempotency_window: float) -> None:
+        """Apply new limits (a reloaded configuration) from the next batch on."""
+        self.max_queued, self.min_free_bytes = max_queued, min_free_bytes
+        self.keep_final, self.idempotency_window = keep_final, idempotency_window
+        self._disk_checked_at = float("-inf")  # the free-space floor may have moved
+        await self._submit("configure", self._limits())
 
     def _lock_and_spawn(self) -> None:
         try:

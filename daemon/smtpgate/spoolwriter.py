@@ -146,7 +146,7 @@ class _Effects:
 # accepted message is lost. A batch of only these commits with
 # synchronous=NORMAL; the next durable commit (an enqueue) fsyncs the WAL and
 # with it every earlier frame, so recovery always sees a prefix of commits.
-RELAXED_OPS = frozenset({"claim_due", "record_attempt", "release"})
+RELAXED_OPS = frozenset({"claim_due", "record_attempt", "release", "configure"})
 
 
 class Writer:
@@ -410,6 +410,12 @@ class Writer:
             "DELETE FROM idempotency WHERE created < ?", (purge_at - self.idempotency_window,)
         ).rowcount
         return len(rows), keys
+
+    def op_configure(self, conn, effects, _now, settings):
+        """New limits from a reloaded configuration; writes nothing."""
+        self.max_queued = settings["max_queued"]
+        self.keep_final = settings["keep_final"]
+        self.idempotency_window = settings["idempotency_window"]
 
     def op_recount(self, conn, effects, _now):
         counts = {s: 0 for s in STATES}
