@@ -247,6 +247,16 @@ class Daemon:
     def kill(self) -> None:
         self.stop(signal.SIGKILL)
 
+    def reload(self, timeout: float = 20.0) -> None:
+        """Write the settings, SIGHUP, wait for the daemon's 'reloaded' line."""
+        reloads = sum(1 for line in self.log_lines() if line.get("event") == "reloaded")
+        self.write_config()
+        self.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + timeout
+        while sum(1 for line in self.log_lines() if line.get("event") == "reloaded") == reloads:
+            assert time.monotonic() < deadline, "no reload"
+            time.sleep(0.05)
+
 
 FAST_RETRIES = {"retry_base": 0.2, "retry_max": 1.0, "max_age": 60.0}
 
