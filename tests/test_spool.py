@@ -430,16 +430,14 @@ def test_only_batches_with_durable_writes_commit_with_fsync(tmp_path):
     assert run(main()) == [(3, 3), (7, 3), (8, 4)]
 
 
-def test_writer_frames_survive_any_split_of_the_pipe():
-    import pickle
+def test_frames_survive_any_split_of_the_pipe():
+    from smtpgate.frames import encode, take_messages
 
-    from smtpgate.spoolwriter import FRAME, take_frames
-
-    objects = [[(1, "enqueue", 1.5, (b"x" * 70_000, "a@b", ["c@d"], None))], ("reply", [], {}), []]
-    stream = b"".join(FRAME.pack(len(d)) + d for d in (pickle.dumps(o) for o in objects))
+    frames = [[(1, "enqueue", 1.5, (b"x" * 70_000, "a@b", ["c@d"], None))], [("reply", [], {}), 7], []]
+    stream = b"".join(b"".join(encode(messages)) for messages in frames)
     for step in (1, 3, 4096, len(stream)):
         buf, got = bytearray(), []
         for i in range(0, len(stream), step):
             buf += stream[i:i + step]
-            got += take_frames(buf)
-        assert got == objects and buf == b""
+            got += take_messages(buf)
+        assert got == [m for messages in frames for m in messages] and buf == b""

@@ -31,16 +31,15 @@ import dataclasses
 import fcntl
 import itertools
 import os
-import pickle
 import sqlite3
 import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from typing import Any, Callable, Iterable
 
-from smtpgate.spoolwriter import FINAL_STATES, FRAME, STATES, SpoolError, SpoolFull, take_frames
+from smtpgate.ipc import FramedPipe, spawn
+from smtpgate.spoolwriter import FINAL_STATES, STATES, SpoolError, SpoolFull
 
 __all__ = ["Claimed", "RecipientOutcome", "Spool", "SpoolError", "SpoolFull", "SpoolLocked", "rfc3339"]
 
@@ -84,25 +83,6 @@ def rfc3339(ts: float) -> str:
 
 
 
-class _WriterReplies(asyncio.Protocol):
-    """The daemon's end of the writer's stdout: frames to Spool._on_reply."""
-
-    def __init__(self, spool: "Spool"):
-        self.spool = spool
-        self.buf = bytearray()
-        self.closed = asyncio.get_running_loop().create_future()
-
-    def data_received(self, data: bytes) -> None:
-        self.buf += data
-        for reply in take_frames(self.buf):
-            self.spool._on_reply(reply)
-
-    def connection_lost(self, exc) -> None:
-        if not self.closed.done():
-            self.closed.set_result(None)
-        self.spool._on_writer_gone()
-
-
 class Spool:
     """The message store; see the module docstring. All methods are async and
     must be called from the event loop that called open()."""
@@ -126,11 +106,9 @@ class Spool:
         self._clock = clock  # "now" of every write, read when it is submitted
         self._loop: asyncio.AbstractEventLoop | None = None
         self._process: subprocess.Popen | None = None
-        self._to_writer: asyncio.WriteTransport | None = None
-        self._replies: _WriterReplies | None = None
+        self._pipe: FramedPipe | None = None
         self._tokens = itertools.count(1)
         self._pending: dict[int, asyncio.Future] = {}
-        self._outbox: list = []
         self._closing = False
         self._broken: str | None = None  # why the writer is gone, once it is
         self.on_writer_lost: Callable[[str], None] | None = None
@@ -159,9 +137,8 @@ class Spool:
         self._closing, self._broken = False, None
         try:
             await self._loop.run_in_executor(None, self._lock_and_spawn)
-            self._replies = _WriterReplies(self)
-            await self._loop.connect_read_pipe(lambda: self._replies, self._process.stdout)
-            self._to_writer, _ = await self._loop.connect_write_pipe(asyncio.BaseProtocol, self._process.stdin)
+            self._pipe = await FramedPipe.connect(self._process.stdout, self._process.stdin,
+                                                  self._on_reply, self._on_writer_gone)
             await self._submit("open", {"db_path": self.db_path, **self._limits()})
             self._read_conn = sqlite3.connect(self.db_path, isolation_level=None, check_same_thread=False)
             self._read_conn.execute("PRAGMA query_only=1")
@@ -205,11 +182,8 @@ class Spool:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._lock_fd = fd
-        package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        code = f"import sys; sys.path.insert(0, {package_parent!r}); from smtpgate.spoolwriter import main; sys.exit(main())"
         # The writer keeps the lock (pass_fds) as long as it lives.
-        self._process = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
-                                         stdout=subprocess.PIPE, pass_fds=(fd,))
+        self._process = spawn("spoolwriter", pass_fds=(fd,))
 
     async def close(self) -> None:
         """Finish the pending writes, stop the writer and the reader, release the lock."""
@@ -233,11 +207,9 @@ class Spool:
         if process is None:
             return
         self._closing = True
-        self._flush()
-        if self._to_writer is not None:
-            self._to_writer.close()  # after the buffered operations are written
-        if self._replies is not None:
-            await self._replies.closed
+        if self._pipe is not None:
+            self._pipe.close_write()  # after the pending operations
+            await self._pipe.closed
         await self._loop.run_in_executor(None, process.wait)
         process.stdout.close()
 
@@ -254,18 +226,8 @@ class Spool:
         token = next(self._tokens)
         fut = self._loop.create_future()
         self._pending[token] = fut
-        if not self._outbox:
-            # Everything submitted in this turn of the loop goes in one frame.
-            self._loop.call_soon(self._flush)
-        self._outbox.append((token, op, self._clock(), args))
+        self._pipe.send((token, op, self._clock(), args))
         return fut
-
-    def _flush(self) -> None:
-        if not self._outbox or self._to_writer is None or self._to_writer.is_closing():
-            return
-        data = pickle.dumps(self._outbox, protocol=pickle.HIGHEST_PROTOCOL)
-        self._outbox = []
-        self._to_writer.writelines((FRAME.pack(len(data)), data))
 
     def _on_reply(self, reply: tuple) -> None:
         """A committed batch: update the figures, resolve the callers, wake WAIT."""

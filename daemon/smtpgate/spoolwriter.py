@@ -17,12 +17,12 @@ results in one reply. While it commits, new operations pile up in the pipe
 and form the next batch, so the number of messages per fsync grows with
 the load.
 
-The wire (both ends are ours, the pipes private to the two processes):
-frames of a 4-byte big-endian length and a pickle.
-- daemon -> writer, on the writer's stdin: a list of operations
-  (token, op, now, args); the first frame holds only ("open", settings).
-- writer -> daemon, on its stdout: (results, finalized, state_counts,
-  counters, commit_stats), results a list of (token, value, error).
+The wire: frames (frames.py) over the writer's stdin and stdout.
+- daemon -> writer: operations (token, op, now, args); the first one is
+  (token, "open", now, (settings,)).
+- writer -> daemon: one answer per committed batch, (results, finalized,
+  state_counts, counters, commit_stats), results a list of
+  (token, value, error).
 At EOF on stdin (the daemon closed the spool, or died) the writer finishes
 what it has read and exits, so a `kill -9` of the daemon leaves no writer
 behind; it inherits the spool's lock, so no new daemon opens the spool
@@ -32,12 +32,12 @@ before it is gone.
 from __future__ import annotations
 
 import os
-import pickle
 import select
 import signal
 import sqlite3
-import struct
 import sys
+
+from smtpgate.frames import encode, take_messages
 
 STATES = ("queued", "sending", "deferred", "sent", "failed")
 FINAL_STATES = ("sent", "failed")
@@ -46,7 +46,6 @@ FINAL_STATES = ("sent", "failed")
 # one very large transaction (and the reply latency of the first caller).
 MAX_BATCH = 1024
 SQLITE_FULL = 13  # "database or disk is full": reported to the caller as SpoolFull
-FRAME = struct.Struct(">I")
 
 SCHEMA_VERSION = "1"
 SCHEMA = """
@@ -428,21 +427,6 @@ class Writer:
 # --- the process -----------------------------------------------------------
 
 
-def take_frames(buf: bytearray) -> list:
-    """Unpickle every complete frame at the start of `buf` and remove them
-    from it; a partial frame stays for the next read."""
-    objects, pos = [], 0
-    while len(buf) - pos >= FRAME.size:
-        (size,) = FRAME.unpack_from(buf, pos)
-        end = pos + FRAME.size + size
-        if len(buf) < end:
-            break
-        objects.append(pickle.loads(memoryview(buf)[pos + FRAME.size:end]))
-        pos = end
-    del buf[:pos]
-    return objects
-
-
 class _Frames:
     """Reads the daemon's frames of operations from a file descriptor."""
 
@@ -463,16 +447,15 @@ class _Frames:
                 self.eof = True
                 break
             self.buf += chunk
-            for ops in take_frames(self.buf):
-                items += ops
+            items += take_messages(self.buf)
             if items:
                 block = False
         return items
 
 
-def _send(fd: int, obj) -> None:
-    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-    view = memoryview(FRAME.pack(len(data)) + data)
+def _send(fd: int, answer: tuple) -> None:
+    head, data = encode([answer])
+    view = memoryview(head + data)
     while view:
         view = view[os.write(fd, view):]
 

@@ -1,0 +1,76 @@
+"""The asyncio side of a pipe pair to or from a child process (frames.py).
+
+Messages sent in one turn of the event loop go out in one frame, one
+pickle and one write: under load a turn produces many (the SENDs read in
+it, the records of the deliveries that finished), and the cost per message
+stays a fraction of a syscall.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+from typing import Callable
+
+from smtpgate.frames import encode, take_messages
+
+
+class FramedPipe(asyncio.Protocol):
+    """Reads frames from one pipe (calling on_message for each message) and
+    writes frames to another. `closed` is done at EOF of the read side."""
+
+    def __init__(self, on_message: Callable[[object], None], on_eof: Callable[[], None]):
+        self._on_message = on_message
+        self._on_eof = on_eof
+        self._buf = bytearray()
+        self._outbox: list = []
+        self._writer: asyncio.WriteTransport | None = None
+        self._loop = asyncio.get_running_loop()
+        self.closed = self._loop.create_future()
+
+    @classmethod
+    async def connect(cls, read_file, write_file, on_message, on_eof) -> "FramedPipe":
+        pipe = cls(on_message, on_eof)
+        loop = pipe._loop
+        await loop.connect_read_pipe(lambda: pipe, read_file)
+        pipe._writer, _ = await loop.connect_write_pipe(asyncio.BaseProtocol, write_file)
+        return pipe
+
+    def send(self, message) -> None:
+        if not self._outbox:
+            self._loop.call_soon(self.flush)
+        self._outbox.append(message)
+
+    def flush(self) -> None:
+        if self._outbox and self._writer is not None and not self._writer.is_closing():
+            self._writer.writelines(encode(self._outbox))
+        self._outbox = []
+
+    def close_write(self) -> None:
+        """Send what is pending, then EOF (the transport writes its buffer first)."""
+        self.flush()
+        if self._writer is not None:
+            self._writer.close()
+
+    def data_received(self, data: bytes) -> None:
+        self._buf += data
+        for message in take_messages(self._buf):
+            self._on_message(message)
+
+    def connection_lost(self, exc) -> None:
+        if not self.closed.done():
+            self.closed.set_result(None)
+        self._on_eof()
+
+
+def spawn(module: str, pass_fds: tuple[int, ...] = ()) -> subprocess.Popen:
+    """Start `python -c 'from smtpgate.<module> import main; main()'` with
+    pipes on its stdin and stdout, from this very package whatever the
+    current directory or PYTHONPATH."""
+    package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = (f"import sys; sys.path.insert(0, {package_parent!r}); "
+            f"from smtpgate.{module} import main; sys.exit(main())")
+    return subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, pass_fds=pass_fds)
