@@ -335,6 +335,14 @@ def test_status_while_upstream_is_down_is_deferred(make_daemon):
 
 # -- durability --------------------------------------------------------------
 
+def child_pid(daemon, name: str) -> int:
+    """The daemon's child process called `name` (smtpgate-spool, smtpgate-relay)."""
+    tasks = f"/proc/{daemon.proc.pid}/task"
+    children = [c for t in os.listdir(tasks) for c in open(f"{tasks}/{t}/children").read().split()]
+    (pid,) = [int(c) for c in children if open(f"/proc/{c}/comm").read().strip() == name]
+    return pid
+
+
 def test_kill_9_mid_stream_loses_nothing_that_got_ok(make_daemon, upstream):
     # The upstream is unreachable while we stream, so everything stays queued.
     daemon = make_daemon(upstream=["127.0.0.1:9"], retry_base=60.0)
@@ -364,11 +372,18 @@ def test_kill_9_mid_stream_loses_nothing_that_got_ok(make_daemon, upstream):
     deadline = time.monotonic() + 30
     while len(acknowledged) < 300 and time.monotonic() < deadline:
         time.sleep(0.01)
+    children = [child_pid(daemon, name) for name in ("smtpgate-spool", "smtpgate-relay")]
     daemon.proc.send_signal(signal.SIGKILL)
     daemon.proc.wait()
     stop.set()
     thread.join(30)
     assert len(acknowledged) >= 300
+    # The children see their pipes end and leave: nothing is left running.
+    deadline = time.monotonic() + 20
+    while any(os.path.exists(f"/proc/{pid}") and "Z" not in open(f"/proc/{pid}/stat").read().split()[2]
+              for pid in children):
+        assert time.monotonic() < deadline, "a child of the killed daemon is still running"
+        time.sleep(0.05)
 
     # Restart on the same spool, now with the real upstream: every OK'd message arrives.
     daemon.settings["upstream"] = [upstream.hostport]
@@ -390,34 +405,43 @@ def test_kill_9_mid_stream_loses_nothing_that_got_ok(make_daemon, upstream):
         assert json.loads(ok_payload(daemon.request(f"STATUS {msg_id}")))["state"] == "sent"
 
 
-def writer_pid(daemon) -> int:
-    """The spool writer: the daemon's only child process."""
-    tasks = f"/proc/{daemon.proc.pid}/task"
-    (child,) = [c for t in os.listdir(tasks) for c in open(f"{tasks}/{t}/children").read().split()]
-    assert open(f"/proc/{child}/comm").read().strip() == "smtpgate-spool"
-    return int(child)
+def restart_and_expect_sent(daemon, upstream, acknowledged: list[str], subjects: list[str]) -> None:
+    """Restart on the same spool with the real upstream: every acknowledged
+    message arrives and is 'sent'."""
+    daemon.settings["upstream"] = [upstream.hostport]
+    daemon.start()
+    received = upstream.wait_for(len(subjects))
+    assert sorted(m.message["Subject"] for m in received) == subjects
+    for msg_id in acknowledged:
+        assert json.loads(ok_payload(daemon.request(f"WAIT {msg_id} 10")))["state"] == "sent"
 
 
 def test_a_dead_spool_writer_stops_the_daemon_and_nothing_acknowledged_is_lost(make_daemon, upstream):
     daemon = make_daemon(upstream=["127.0.0.1:9"], retry_base=60.0)
     acknowledged = [ok_payload(daemon.request(send_line(dict(SIMPLE, subject=f"w{i}")))) for i in range(5)]
     with daemon.connect() as sock:
-        os.kill(writer_pid(daemon), signal.SIGKILL)
+        os.kill(child_pid(daemon, "smtpgate-spool"), signal.SIGKILL)
         # Requests after the loss get a clear error, never an OK for
         # something that was not stored.
         sock.sendall(send_line(dict(SIMPLE, subject="late")).encode() + b"\n")
-        reply = sock.recv(4096).decode()
+        try:
+            reply = sock.recv(4096).decode()
+        except ConnectionResetError:  # closed by the stopping daemon before it read the line
+            reply = ""
     assert reply == "" or reply.startswith("ERR INTERNAL "), reply
     assert daemon.proc.wait(30) == 73  # EX_CANTCREAT: the service manager restarts it
     assert any(line.get("event") == "spool_failed" for line in daemon.log_lines())
 
-    daemon.settings["upstream"] = [upstream.hostport]
-    daemon.settings["retry_base"] = 0.2
-    daemon.start()
-    received = upstream.wait_for(5)
-    assert sorted(m.message["Subject"] for m in received) == [f"w{i}" for i in range(5)]
-    for msg_id in acknowledged:
-        assert json.loads(ok_payload(daemon.request(f"WAIT {msg_id} 10")))["state"] == "sent"
+    restart_and_expect_sent(daemon, upstream, acknowledged, [f"w{i}" for i in range(5)])
+
+
+def test_a_dead_delivery_process_restarts_the_daemon_and_every_message_goes(make_daemon, upstream):
+    daemon = make_daemon(upstream=["127.0.0.1:9"], retry_base=60.0)
+    acknowledged = [ok_payload(daemon.request(send_line(dict(SIMPLE, subject=f"d{i}")))) for i in range(5)]
+    os.kill(child_pid(daemon, "smtpgate-relay"), signal.SIGKILL)
+    assert daemon.proc.wait(30) == 70  # EX_SOFTWARE: the service manager restarts it
+    assert any(line.get("event") == "delivery_process_lost" for line in daemon.log_lines())
+    restart_and_expect_sent(daemon, upstream, acknowledged, [f"d{i}" for i in range(5)])
 
 
 def test_sigterm_keeps_queue_and_restart_delivers(make_daemon, upstream):

@@ -66,7 +66,7 @@ class Daemon:
 
     async def run(self) -> int:
         from smtpgate import systemd
-        from smtpgate.delivery import Delivery
+        from smtpgate.deliveryproc import DeliveryProcess
         from smtpgate.server import Intake
         from smtpgate.spool import Spool
 
@@ -80,7 +80,9 @@ class Daemon:
             from smtpgate.devupstream import start_dev_upstream
             folder = config.dev_maildir or os.path.join(config.spool, "dev-mail")
             self.dev_server, self.dev_port = await start_dev_upstream(folder, self.log)
-        self.delivery = Delivery(self.spool, delivery_settings(config, self.dev_port), self.log)
+        self.delivery = DeliveryProcess(self.spool, delivery_settings(config, self.dev_port), self.log,
+                                        log_format=config.log_format, log_level=config.log_level,
+                                        on_lost=self._delivery_lost)
         if not config.hold:
             await self.delivery.start()
         self.intake = Intake(config, self.spool, self.delivery, self.log)
@@ -119,6 +121,12 @@ class Daemon:
         await self.spool.close()
         self.log.info("stopped")
         return self.exit_code
+
+    def _delivery_lost(self, why: str) -> None:
+        """Claimed messages would stay 'sending' until a restart: restart now
+        (the next start puts them back to 'queued')."""
+        self.exit_code = 70  # EX_SOFTWARE
+        self.stopping.set()
 
     def _spool_lost(self, why: str) -> None:
         """Nothing can be stored any more: stop, so that the service

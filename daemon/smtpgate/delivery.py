@@ -3,8 +3,8 @@
     spool.claim_due --> ready queue --> N workers --> pool per upstream --> SMTP
                  <--  spool.record_attempt (per-recipient outcomes, backoff)
 
-- The scheduler keeps up to three times `workers` messages claimed (in
-  flight or ready), claiming a worker's count at a time, so a worker that
+- The scheduler keeps up to CLAIM_AHEAD times `workers` messages claimed
+  (in flight or ready), claiming a worker's count at a time, so a worker that
   finishes finds the next one without waiting for a claim; it sleeps until `wake()`
   (intake stored something), a worker finished, or the earliest deferred
   message is due.
@@ -49,6 +49,11 @@ if TYPE_CHECKING:
 # The scheduler is woken by intake, by finishing workers and by the earliest
 # due time; this bound only covers changes nobody announced (a clock step).
 MAX_SCHEDULER_SLEEP = 30.0  # seconds
+# Messages claimed per worker, in flight or ready. A claim goes from the
+# delivery process through the daemon to the spool writer and back (two
+# pipes and a commit, a few ms under load); 10 workers' worth of 10 keeps
+# 5,000 messages/s going for 20 ms. A claimed message shows 'sending'.
+CLAIM_AHEAD = 10
 QUIT_TIMEOUT = 5.0  # polite QUIT of pooled connections at stop
 
 
@@ -344,11 +349,11 @@ class Delivery:
         while not self._stopping:
             self._wake.clear()  # before looking: a wake-up during the claim is not lost
             workers = self._settings.worker_count
-            # Up to `workers` in flight and twice that ready. Claiming when a
-            # worker's count of room is free makes one writer operation serve
-            # many messages, while `workers` messages still wait in the ready
-            # queue to cover the claim's commit: workers never starve.
-            room = 3 * workers - len(self._in_flight) - self._ready.qsize()
+            # Up to `workers` in flight and CLAIM_AHEAD - 1 times that ready.
+            # Claiming when a worker's count of room is free makes one
+            # writer operation serve many messages, while the ready queue
+            # covers the claim's round trip: workers never starve.
+            room = CLAIM_AHEAD * workers - len(self._in_flight) - self._ready.qsize()
             timeout = None
             if room >= workers or (room > 0 and self._ready.empty()):
                 try:

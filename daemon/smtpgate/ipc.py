@@ -30,13 +30,11 @@ class FramedPipe(asyncio.Protocol):
         self._loop = asyncio.get_running_loop()
         self.closed = self._loop.create_future()
 
-    @classmethod
-    async def connect(cls, read_file, write_file, on_message, on_eof) -> "FramedPipe":
-        pipe = cls(on_message, on_eof)
-        loop = pipe._loop
-        await loop.connect_read_pipe(lambda: pipe, read_file)
-        pipe._writer, _ = await loop.connect_write_pipe(asyncio.BaseProtocol, write_file)
-        return pipe
+    async def open(self, read_file, write_file) -> None:
+        """Attach the pipes: the write side first, so that a message answered
+        as soon as one is read has somewhere to go."""
+        self._writer, _ = await self._loop.connect_write_pipe(asyncio.BaseProtocol, write_file)
+        await self._loop.connect_read_pipe(lambda: self, read_file)
 
     def send(self, message) -> None:
         if not self._outbox:

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import fcntl
 import itertools
 import os
@@ -36,7 +35,7 @@ import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, NamedTuple
 
 from smtpgate.ipc import FramedPipe, spawn
 from smtpgate.spoolwriter import FINAL_STATES, STATES, SpoolError, SpoolFull
@@ -54,9 +53,9 @@ class SpoolLocked(SpoolError):
     """Another process holds the spool directory."""
 
 
-@dataclasses.dataclass(frozen=True)
-class Claimed:
-    """A message taken for delivery by claim_due (now in state 'sending')."""
+class Claimed(NamedTuple):
+    """A message taken for delivery by claim_due (now in state 'sending').
+    Tuples: they cross the pipes to the writer and delivery processes."""
 
     id: str
     spec_json: bytes
@@ -67,8 +66,7 @@ class Claimed:
     possible_duplicate: bool
 
 
-@dataclasses.dataclass(frozen=True)
-class RecipientOutcome:
+class RecipientOutcome(NamedTuple):
     """What one attempt did for one recipient: state sent|failed|deferred."""
 
     address: str
@@ -137,8 +135,8 @@ class Spool:
         self._closing, self._broken = False, None
         try:
             await self._loop.run_in_executor(None, self._lock_and_spawn)
-            self._pipe = await FramedPipe.connect(self._process.stdout, self._process.stdin,
-                                                  self._on_reply, self._on_writer_gone)
+            self._pipe = FramedPipe(self._on_reply, self._on_writer_gone)
+            await self._pipe.open(self._process.stdout, self._process.stdin)
             await self._submit("open", {"db_path": self.db_path, **self._limits()})
             self._read_conn = sqlite3.connect(self.db_path, isolation_level=None, check_same_thread=False)
             self._read_conn.execute("PRAGMA query_only=1")
@@ -307,7 +305,7 @@ class Spool:
         recipient is final and one failed, else 'deferred' until next_attempt.
         Returns a future (await it, or add a callback: delivery does not wait)
         of the new state (None if the message was deleted meanwhile)."""
-        rows = [(o.address, o.state, o.reply) for o in outcomes]
+        rows = [tuple(o) for o in outcomes]  # plain tuples: the writer does not import this module
         return self._submit("record_attempt", msg_id, rows, next_attempt, possible_duplicate)
 
     async def release(self, msg_ids: list[str], possible_duplicate: bool = False) -> int:
