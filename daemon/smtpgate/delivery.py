@@ -363,7 +363,10 @@ class Delivery:
                     claimed, timeout = [], 1.0
                 for message in claimed:
                     self._ready.put_nowait(message)
-                if len(claimed) < room and timeout is None:
+                if not claimed and timeout is None:
+                    # Nothing due now: when is the next one? (With messages
+                    # claimed, a finishing worker wakes us to claim again,
+                    # and that claim finds whatever became due meanwhile.)
                     due = await self._spool.next_due()
                     if due is not None:
                         timeout = max(0.0, due - time.time())
