@@ -38,6 +38,10 @@ from typing import Callable
 from smtpgate.ipc import FramedPipe, spawn
 from smtpgate.spool import Claimed, Spool, SpoolError
 
+# Beyond the grace period, what a stopping child may take: its QUITs
+# (delivery.QUIT_TIMEOUT) and the last records.
+STOP_MARGIN = 15.0  # seconds
+
 # What the child may ask of the spool: the part of Spool that Delivery uses.
 SPOOL_CALLS = ("claim_due", "record_attempt", "release", "next_due")
 
@@ -93,7 +97,13 @@ class DeliveryProcess:
             return
         self._stopping = True
         pipe.send(("stop", grace))
-        await pipe.closed  # the child ends its output once its Delivery stopped
+        try:
+            # The child ends its output once its Delivery stopped: in-flight
+            # messages within `grace`, then QUIT to the pooled connections.
+            await asyncio.wait_for(asyncio.shield(pipe.closed), grace + STOP_MARGIN)
+        except asyncio.TimeoutError:
+            self._log.error("delivery_process_stuck", note="killed; its claimed messages stay queued")
+            process.kill()
         pipe.close_write()  # not before: its last releases and records need our answers
         await asyncio.get_running_loop().run_in_executor(None, process.wait)
         process.stdout.close()
@@ -129,13 +139,12 @@ class DeliveryProcess:
     def _answer_from(self, token: int, done: asyncio.Future) -> None:
         if done.cancelled():
             self._answer(token, None, SpoolError("cancelled"))
-        elif done.exception() is not None:
-            exc = done.exception()
-            self._answer(token, None, exc if isinstance(exc, SpoolError) else SpoolError(repr(exc)))
         else:
-            self._answer(token, done.result(), None)
+            self._answer(token, None if done.exception() else done.result(), done.exception())
 
-    def _answer(self, token: int, value, error) -> None:
+    def _answer(self, token: int, value, error: BaseException | None) -> None:
+        if error is not None and not isinstance(error, SpoolError):
+            error = SpoolError(repr(error))  # only our own errors cross the pipe
         if self._pipe is not None:
             self._pipe.send(("answer", token, value, error))
 
@@ -212,11 +221,15 @@ async def _child(out_fd: int) -> None:
         pipe.send(("started",))
 
     async def stop(grace):
-        if state["delivery"] is not None:
-            await state["delivery"].stop(grace)
-        pipe.close_write()
-        if not done.done():
-            done.set_result(None)
+        try:
+            if state["delivery"] is not None:
+                await state["delivery"].stop(grace)
+        except Exception:  # e.g. the spool failed: what is unrecorded stays 'sending' until restart
+            get_logger().exception("delivery_stop_failed")
+        finally:
+            pipe.close_write()
+            if not done.done():
+                done.set_result(None)
 
     def on_message(message: tuple) -> None:
         kind = message[0]

@@ -42,7 +42,6 @@ from smtpgate.spoolwriter import FINAL_STATES, STATES, SpoolError, SpoolFull
 
 __all__ = ["Claimed", "RecipientOutcome", "Spool", "SpoolError", "SpoolFull", "SpoolLocked", "rfc3339"]
 
-PENDING_RECIPIENT_STATES = ("queued", "deferred")
 DISK_CHECK_INTERVAL = 1.0  # seconds between two statvfs calls
 # After a kill -9 of a daemon its writer still holds the lock for the
 # moment it takes to finish its last commit and see the end of its pipe.
