@@ -439,7 +439,7 @@ class _Frames:
         """The operations of every complete frame available; with `block`,
         wait until there is at least one (or EOF)."""
         items = []
-        while not self.eof:
+        while not self.eof and len(items) < MAX_BATCH:  # a flood never postpones the commit
             if not block and not select.select([self.fd], [], [], 0)[0]:
                 break
             chunk = os.read(self.fd, 1 << 20)
