@@ -488,3 +488,27 @@ def test_rset_after_an_unfinished_transaction_on_a_reused_connection(tmp_path, u
     assert refused["state"] == "failed" and sent["state"] == "sent"
     assert upstream.handler.sessions == 1
     assert len(resets) == 1  # MAIL was accepted, no RCPT: the transaction had to be reset
+
+
+def test_a_delivery_process_that_dies_at_start_fails_the_start(monkeypatch):
+    import subprocess
+    import sys
+
+    from smtpgate import deliveryproc
+
+    def broken(module):  # a child that exits before it reads its first message
+        return subprocess.Popen([sys.executable, "-c", "import sys; sys.exit(3)"],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+
+    monkeypatch.setattr(deliveryproc, "spawn", broken)
+    lost = []
+
+    async def main():
+        handle = deliveryproc.DeliveryProcess(None, None, structlog.get_logger(), log_format="json",
+                                              log_level="info", on_lost=lost.append)
+        with pytest.raises(ChildProcessError, match="did not start"):
+            await handle.start()
+
+    asyncio.run(main())
+    # (the status is None when the pipe's end is seen before the exit is)
+    assert len(lost) == 1 and lost[0].startswith("the delivery process exited unexpectedly")

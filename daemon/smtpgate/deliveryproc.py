@@ -150,7 +150,9 @@ class DeliveryProcess:
 
     def _on_eof(self) -> None:
         if not self._started.done():
-            self._started.set_exception(SpoolError("the delivery process did not start; see the log"))
+            # An OSError: the daemon's start fails with EX_OSERR, as for a
+            # process or socket the system would not give us.
+            self._started.set_exception(ChildProcessError("the delivery process did not start; see the log"))
         if self._stopping:
             return
         code = self._process.poll() if self._process is not None else None
