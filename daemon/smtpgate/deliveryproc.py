@@ -31,10 +31,10 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
-import signal
 import subprocess
 from typing import Callable
 
+from smtpgate.frames import become_child
 from smtpgate.ipc import FramedPipe, spawn
 from smtpgate.spool import Claimed, Spool, SpoolError
 
@@ -202,7 +202,7 @@ class SpoolCalls:
             fut.set_exception(error)
 
 
-async def _child(out_fd: int) -> None:
+async def _child(in_fd: int, out_fd: int) -> None:
     from smtpgate.delivery import Delivery
     from smtpgate.log import get_logger, setup_logging
 
@@ -257,18 +257,11 @@ async def _child(out_fd: int) -> None:
         os._exit(0)
 
     pipe = FramedPipe(on_message, on_eof)
-    await pipe.open(os.fdopen(0, "rb", buffering=0), os.fdopen(out_fd, "wb", buffering=0))
+    await pipe.open(os.fdopen(in_fd, "rb", buffering=0), os.fdopen(out_fd, "wb", buffering=0))
     await done
 
 
 def main() -> int:
-    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1):
-        signal.signal(signum, signal.SIG_IGN)
-    with open("/proc/self/comm", "w") as comm:  # what ps, top and pgrep show
-        comm.write("smtpgate-relay")
-    # Our stdout is the pipe to the daemon: keep it, and send stray prints
-    # to the log instead.
-    out = os.dup(1)
-    os.dup2(2, 1)
-    asyncio.run(_child(out))
+    pipe_in, pipe_out = become_child("smtpgate-relay")
+    asyncio.run(_child(pipe_in, pipe_out))
     return 0

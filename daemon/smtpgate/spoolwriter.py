@@ -33,11 +33,10 @@ from __future__ import annotations
 
 import os
 import select
-import signal
 import sqlite3
 import sys
 
-from smtpgate.frames import encode, take_messages
+from smtpgate.frames import become_child, encode, take_messages
 
 STATES = ("queued", "sending", "deferred", "sent", "failed")
 FINAL_STATES = ("sent", "failed")
@@ -461,14 +460,7 @@ def _send(fd: int, answer: tuple) -> None:
 
 
 def main() -> int:
-    # Signals are the daemon's business: a Ctrl-C or a SIGTERM to the whole
-    # group must not end the writer before the daemon has finished with it.
-    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1):
-        signal.signal(signum, signal.SIG_IGN)
-    with open("/proc/self/comm", "w") as comm:  # what ps, top and pgrep show
-        comm.write("smtpgate-spool")
-    rfd, wfd = os.dup(0), os.dup(1)
-    os.dup2(2, 1)  # a stray print goes to the log, never into the reply stream
+    rfd, wfd = become_child("smtpgate-spool")
     frames = _Frames(rfd)
     opening = frames.read(block=True)
     if not opening:
