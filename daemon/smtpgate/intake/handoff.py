@@ -1,0 +1,536 @@
+"""Intake: the line protocol over TCP and Unix sockets (PROTOCOL.md).
+
+A thin asyncio layer around the sans-IO `LineParser`, written as a Protocol
+with callbacks rather than streams and a task per request: the hand-off is
+the product, and each task step, stream wake-up and timeout context costs
+microseconds on every SEND. Requests are dispatched in arrival order (so AUTH
+takes effect for the requests after it), but a SEND waits for its durable
+commit concurrently with the SENDs pipelined behind it: all of them share one
+group commit in the spool. Replies leave strictly in request order, coalesced
+into one write when several are ready.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import hmac
+import json
+import os
+import socket
+import stat
+import time
+
+from smtpgate import PROTOCOL_VERSION, __version__
+from smtpgate.config import Config, parse_hostport
+from smtpgate.message import RequestError, validate_send
+from smtpgate.protocol import ForeignProtocol, LineParser, LineTooLong, Request
+from smtpgate.protocol import codes
+from smtpgate.protocol.parser import reply_err, reply_ok
+from smtpgate.spool import SpoolFull
+
+VERBS = ("PING", "HELLO", "AUTH", "SEND", "STATUS", "WAIT", "STATS", "NOOP", "HELP", "QUIT")
+OPEN_VERBS = frozenset({"PING", "HELLO", "HELP", "AUTH", "QUIT"})
+# Replies queued but not yet written, per connection. Past this the reader
+# stops reading, so a client that pipelines without reading cannot grow our
+# memory without bound.
+MAX_PIPELINE = 1024
+MAX_WAIT_SECONDS = 3600.0
+# SEND arguments above this many characters are validated in a thread.
+LARGE_REQUEST = 256 * 1024
+DEFAULT_WAIT_SECONDS = 30.0
+
+
+def _json(obj) -> str:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+
+
+class Intake:
+    """Serves the line protocol; `start()` binds, `close()` stops accepting."""
+
+    def __init__(self, config: Config, spool, delivery, log):
+        self.config = config
+        self.spool = spool
+        self.delivery = delivery
+        self.log = log
+        self.servers: list[asyncio.AbstractServer] = []
+        self.connections: set[Connection] = set()
+        self.accepting = True
+        self.counters = {"connections": 0, "requests": 0, "sends_accepted": 0,
+                         "sends_refused": 0, "foreign_protocol": 0}
+        self.started = time.time()
+        self.own_socket_path: str | None = None
+        self.waits = 0  # WAIT requests in progress
+
+    # -- binding ---------------------------------------------------------
+
+    async def start(self, inherited: dict[str, list[socket.socket]] | None = None) -> None:
+        """Bind (inherited systemd sockets if any, else the configured addresses); do not serve yet.
+
+        Serving starts with `start_serving()`, after the daemon told systemd
+        READY=1: a connection already waiting in an inherited socket's backlog
+        must not be served before that.
+        """
+        loop = asyncio.get_running_loop()
+        factory = lambda: Connection(self)  # noqa: E731
+        opts = {"start_serving": False}
+        if inherited:
+            for name, socks in inherited.items():
+                if name not in ("tcp", "unix"):
+                    self.log.warning("inherited_socket_unnamed", name=name,
+                                     hint="set FileDescriptorName=tcp or unix in the socket unit")
+                for sock in socks:
+                    if sock.family == socket.AF_UNIX:
+                        self.servers.append(await loop.create_unix_server(factory, sock=sock, **opts))
+                    else:
+                        self.servers.append(await loop.create_server(factory, sock=sock, **opts))
+        else:
+            for value in self.config.listen:
+                host, port = parse_hostport(value, "listen")
+                self.servers.append(await loop.create_server(
+                    factory, host, port, reuse_address=True, **opts))
+            if self.config.socket:
+                _remove_stale_socket(self.config.socket)
+                server = await loop.create_unix_server(factory, self.config.socket, **opts)
+                os.chmod(self.config.socket, self.config.socket_mode)
+                # Only a socket file we created is ours to remove at exit; an
+                # inherited one belongs to systemd's socket unit.
+                self.own_socket_path = self.config.socket
+                self.servers.append(server)
+        for server in self.servers:
+            for sock in server.sockets:
+                self.log.info("listening", address=_sockname(sock))
+
+    async def start_serving(self) -> None:
+        for server in self.servers:
+            await server.start_serving()
+
+    @property
+    def addresses(self) -> list:
+        return [sock.getsockname() for server in self.servers for sock in server.sockets]
+
+    async def close(self, grace: float = 5.0) -> None:
+        """Stop accepting; give open connections `grace` seconds to finish, then cut them."""
+        self.accepting = False
+        for server in self.servers:
+            server.close()
+        if self.own_socket_path:
+            try:
+                os.unlink(self.own_socket_path)
+            except OSError:
+                pass
+        for conn in list(self.connections):
+            conn.close_when_idle()
+        deadline = asyncio.get_running_loop().time() + grace
+        while self.connections and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
+        for conn in list(self.connections):
+            conn.transport.abort()
+
+
+class Connection(asyncio.Protocol):
+    """One client connection: parse requests, dispatch them, write replies in order."""
+
+    def __init__(self, intake: Intake):
+        self.intake = intake
+        self.config = intake.config
+        self.loop = asyncio.get_running_loop()
+        self.parser = LineParser(max_line=self.config.max_line)
+        self.authenticated = not self.config.tokens
+        # One slot per request, in request order: [reply bytes or None].
+        self.slots: collections.deque[list] = collections.deque()
+        self.tasks: set[asyncio.Task] = set()  # STATUS/WAIT/STATS running now
+        self.closing = False
+        self.write_paused = False
+        self.peer = "unix"
+        self.transport = None
+        self.last_activity = 0.0
+        self.timer = None
+
+    # -- asyncio.Protocol ------------------------------------------------
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        intake = self.intake
+        intake.counters["connections"] += 1
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.peer = transport.get_extra_info("peername") or "unix"
+        if len(intake.connections) >= self.config.max_connections or not intake.accepting:
+            transport.write(reply_err(codes.BUSY, "too many connections, try again later"))
+            transport.close()
+            return
+        intake.connections.add(self)
+        self.last_activity = self.loop.time()
+        self._arm(self.last_activity + self.config.idle_timeout)
+
+    def connection_lost(self, exc) -> None:
+        self.intake.connections.discard(self)
+        self.closing = True
+        for slot in self.slots:  # coroutines never started: close them quietly
+            if len(slot) > 1:
+                slot.pop().close()
+        # A WAIT may run for an hour: a client that hung up must not leave it
+        # (and this connection) in memory that long.
+        for task in self.tasks:
+            task.cancel()
+        if self.timer is not None:
+            self.timer.cancel()
+
+    def data_received(self, data: bytes) -> None:
+        if self.closing:
+            return
+        # The timer checks this stamp when it fires: cheaper than moving a
+        # timer on every read.
+        self.last_activity = self.loop.time()
+        self.parser.feed(data)
+        while (event := self.parser.next_event()) is not None:
+            if isinstance(event, ForeignProtocol):
+                self.intake.counters["foreign_protocol"] += 1
+                self.intake.log.warning("foreign_protocol_closed", peer=str(self.peer),
+                                        start=event.line_start[:40])
+                self.closing = True
+                self.transport.abort()
+                return
+            if isinstance(event, LineTooLong):
+                self._reply(reply_err(codes.TOO_LARGE, f"request line over {self.config.max_line} bytes"))
+                continue
+            if not isinstance(event, Request):  # a line that is not UTF-8, etc.
+                self._reply(reply_err(codes.BAD_REQUEST, str(getattr(event, "reason", "bad request line"))))
+                continue
+            self.intake.counters["requests"] += 1
+            if event.verb == "QUIT":  # nothing after it is answered
+                self._reply(reply_ok("BYE"))
+                self.closing = True
+                self.transport.pause_reading()
+                break
+            try:
+                self._dispatch(event)
+            except Exception:  # a bug: answer it, keep the connection and the daemon serving
+                self.intake.log.exception("request_failed", verb=event.verb)
+                self._reply(reply_err(codes.INTERNAL, "the daemon failed; see its log"))
+        self._flush()
+        # A client that pipelines without reading may not grow our memory
+        # without bound: stop reading until replies drain.
+        if len(self.slots) >= MAX_PIPELINE:
+            self.transport.pause_reading()
+        if self.parser.pending_bytes:
+            self._arm(self.last_activity + self.config.request_timeout)
+
+    def eof_received(self) -> bool:
+        self.close_when_idle()
+        return True  # keep the write side open until the last reply is out
+
+    def pause_writing(self) -> None:
+        # The client does not read its replies: stop reading its requests.
+        self.write_paused = True
+        self.transport.pause_reading()
+        self._arm(self.loop.time() + self.config.request_timeout)
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        self.last_activity = self.loop.time()
+        if len(self.slots) < MAX_PIPELINE and not self.closing:
+            self.transport.resume_reading()
+
+    # -- replies, in order -------------------------------------------------
+
+    def _reply(self, data: bytes) -> None:
+        self.slots.append([data])
+
+    def _slot(self) -> list:
+        slot = [None]
+        self.slots.append(slot)
+        return slot
+
+    def _fill(self, slot: list, data: bytes) -> None:
+        slot[0] = data
+        self._flush()
+
+    def _flush(self) -> None:
+        """Write every reply that is ready at the head of the queue, in one write."""
+        slots = self.slots
+        if not slots or slots[0][0] is None or self.transport.is_closing():
+            return
+        out = []
+        while slots and slots[0][0] is not None:
+            out.append(slots.popleft()[0])
+        self.transport.write(b"".join(out))
+        if slots:
+            self._start_head()
+        if self.closing and not slots:
+            self.transport.close()
+        elif len(slots) < MAX_PIPELINE and not self.write_paused and not self.closing:
+            self.transport.resume_reading()
+
+    def close_when_idle(self) -> None:
+        """Stop reading; close once every pending reply is written."""
+        self.closing = True
+        if self.transport.is_closing():
+            return
+        self.transport.pause_reading()
+        if not self.slots:
+            self.transport.close()
+
+    def _arm(self, when: float) -> None:
+        """Make the timer fire by `when` (it only ever moves earlier here)."""
+        if self.timer is not None:
+            if self.timer.when() <= when:
+                return
+            self.timer.cancel()
+        self.timer = self.loop.call_at(when, self._check_timeout)
+
+    def _check_timeout(self) -> None:
+        self.timer = None
+        config = self.config
+        if self.write_paused:
+            limit, what = config.request_timeout, "replies not read"
+        elif self.parser.pending_bytes:
+            # A half-sent request gets the short timeout: a slow or stalled
+            # client may not pin a connection slot.
+            limit, what = config.request_timeout, "request stalled"
+        elif self.slots:
+            limit, what = None, ""  # waiting on us (a WAIT, a commit): not the client's fault
+        else:
+            limit, what = config.idle_timeout, "idle"
+        now = self.loop.time()
+        if limit is not None and now - self.last_activity >= limit:
+            log = self.intake.log.warning if what == "replies not read" else self.intake.log.info
+            log("connection_cut" if what == "replies not read" else "connection_timeout",
+                peer=str(self.peer), reason=what, pending=self.parser.pending_bytes)
+            self.closing = True
+            # abort, not close: close() would wait to flush replies nobody reads.
+            self.transport.abort()
+            return
+        nxt = (self.last_activity + limit) if limit is not None else now + config.request_timeout
+        self._arm(max(nxt, now + 0.01))
+
+    def _dispatch(self, req: Request) -> None:
+        """Queue the reply to one request: at once, or when its work completes."""
+        verb, arg = req.verb, req.arg
+        if verb == "SEND" and self.authenticated:
+            self._send(arg)
+        elif verb not in VERBS:
+            self._reply(reply_err(codes.BAD_REQUEST, f"unknown verb {verb[:32]!r}; try HELP"))
+        elif not self.authenticated and verb not in OPEN_VERBS:
+            self._reply(reply_err(codes.AUTH_REQUIRED, "send AUTH <token> first"))
+        elif verb == "PING":
+            self._reply(reply_ok("PONG"))
+        elif verb == "NOOP":
+            self._reply(reply_ok())
+        elif verb == "HELP":
+            self._reply(reply_ok(" ".join(VERBS)))
+        elif verb == "HELLO":
+            self._reply(reply_ok(f"smtpgate {PROTOCOL_VERSION} {__version__}"))
+        elif verb == "AUTH":
+            self._reply(self._auth(arg))
+        else:
+            handler = {"STATUS": self._status, "WAIT": self._wait, "STATS": self._stats}[verb]
+            self._later(handler(arg))
+
+    def _later(self, coro) -> None:
+        """Run a coroutine that returns the reply bytes; its reply keeps its place.
+
+        It starts only once every request before it on this connection is
+        answered: a STATS or STATUS pipelined after a SEND must see that SEND
+        stored, not run ahead of its commit."""
+        slot = self._slot()
+        slot.append(coro)
+        if len(self.slots) == 1:
+            self._start_head()
+
+    def _start_head(self) -> None:
+        """Start the deferred coroutine of the slot at the head of the queue, if any."""
+        slot = self.slots[0]
+        if slot[0] is not None or len(slot) == 1:
+            return
+        task = self.loop.create_task(slot.pop())
+        self.tasks.add(task)
+
+        def done(task: asyncio.Task) -> None:
+            self.tasks.discard(task)
+            if task.cancelled():
+                self._fill(slot, reply_err(codes.INTERNAL, "cancelled"))
+            elif task.exception() is not None:
+                self.intake.log.error("request_failed", error=repr(task.exception()))
+                self._fill(slot, reply_err(codes.INTERNAL, "the daemon failed; see its log"))
+            else:
+                self._fill(slot, task.result())
+
+        task.add_done_callback(done)
+
+    def _auth(self, token: str | None) -> bytes:
+        tokens = self.config.tokens
+        if not tokens:
+            self.authenticated = True
+            return reply_ok()
+        given = (token or "").encode()
+        # Compare against every token so the time taken does not tell which
+        # (or whether an early one) matched.
+        matched = False
+        for expected in tokens:
+            matched |= hmac.compare_digest(given, expected.encode())
+        if matched:
+            self.authenticated = True
+            return reply_ok()
+        self.intake.log.warning("auth_failed", peer=str(self.peer))
+        return reply_err(codes.AUTH_FAILED, "wrong token")
+
+    def _send(self, arg: str | None) -> None:
+        if len(arg or "") > LARGE_REQUEST:
+            # Decoding and checking megabytes of attachments takes tens of
+            # milliseconds: not on the loop, where it would stall every
+            # other connection.
+            slot = self._slot()
+            fut = asyncio.ensure_future(asyncio.to_thread(self._validate, arg))
+            fut.add_done_callback(lambda f: self._validated(slot, f))
+            return
+        try:
+            spec = self._validate(arg)
+        except RequestError as exc:
+            self.intake.counters["sends_refused"] += 1
+            self._reply(reply_err(exc.code, exc.text))
+            return
+        self._store(self._slot(), spec)
+
+    def _validated(self, slot: list, fut: asyncio.Future) -> None:
+        exc = fut.exception()
+        if isinstance(exc, RequestError):
+            self.intake.counters["sends_refused"] += 1
+            self._fill(slot, reply_err(exc.code, exc.text))
+        elif exc is not None:
+            self.intake.log.error("validation_failed", error=repr(exc))
+            self._fill(slot, reply_err(codes.INTERNAL, "nothing stored: the daemon failed; see its log"))
+        else:
+            self._store(slot, fut.result())
+
+    def _store(self, slot: list, spec) -> None:
+        """Hand a validated message to the spool; the slot gets OK <id> once it is durable."""
+        try:
+            fut = self.intake.spool.enqueue(spec.to_json(), spec.envelope_from,
+                                            spec.recipients, spec.idempotency_key)
+        except SpoolFull as exc:
+            self.intake.counters["sends_refused"] += 1
+            self._fill(slot, reply_err(codes.BUSY, f"nothing stored: {exc}"))
+            return
+        except Exception:
+            self.intake.log.exception("enqueue_failed")
+            self._fill(slot, reply_err(codes.INTERNAL, "nothing stored: the spool failed; see the daemon's log"))
+            return
+        fut.add_done_callback(lambda f: self._stored(slot, f))
+
+    def _stored(self, slot: list, fut: asyncio.Future) -> None:
+        intake = self.intake
+        exc = fut.exception() if not fut.cancelled() else asyncio.CancelledError()
+        if isinstance(exc, SpoolFull):
+            intake.counters["sends_refused"] += 1
+            self._fill(slot, reply_err(codes.BUSY, f"nothing stored: {exc}"))
+        elif exc is not None:
+            intake.log.error("enqueue_failed", error=repr(exc))
+            self._fill(slot, reply_err(codes.INTERNAL, "nothing stored: the spool failed; see the daemon's log"))
+        else:
+            msg_id, existing = fut.result()
+            if not existing:
+                intake.counters["sends_accepted"] += 1
+                intake.delivery.wake()
+            self._fill(slot, reply_ok(msg_id))
+
+    def _validate(self, arg: str | None):
+        """Parse and check a SEND argument; return its MessageSpec or raise RequestError."""
+        try:
+            obj = json.loads(arg or "")
+        except ValueError as exc:
+            raise RequestError(codes.BAD_REQUEST, f"SEND needs one JSON object: {exc}") from None
+        except RecursionError:  # "[[[[..." thousands deep: hostile, not a message
+            raise RequestError(codes.BAD_REQUEST, "SEND JSON is nested too deeply") from None
+        if not isinstance(obj, dict):
+            raise RequestError(codes.BAD_REQUEST, "SEND needs one JSON object")
+        spec = validate_send(obj, max_message_bytes=self.config.max_message_size,
+                             message_id_domain=self.config.message_id_domain or None)
+        check_policy(self.config, spec)
+        return spec
+
+    async def _status(self, arg: str | None) -> bytes:
+        if not arg or " " in arg:
+            return reply_err(codes.BAD_REQUEST, "usage: STATUS <id>")
+        state = await self.intake.spool.status(arg)
+        if state is None:
+            return reply_err(codes.NOT_FOUND, f"no message {arg[:64]}")
+        return reply_ok(_json(state))
+
+    async def _wait(self, arg: str | None) -> bytes:
+        parts = (arg or "").split(" ")
+        if not parts[0] or len(parts) > 2:
+            return reply_err(codes.BAD_REQUEST, "usage: WAIT <id> [seconds]")
+        seconds = DEFAULT_WAIT_SECONDS
+        if len(parts) == 2:
+            try:
+                seconds = float(parts[1])
+            except ValueError:
+                return reply_err(codes.BAD_REQUEST, "WAIT seconds must be a number")
+            if not 0 <= seconds <= MAX_WAIT_SECONDS:
+                return reply_err(codes.BAD_REQUEST, f"WAIT seconds must be 0 to {MAX_WAIT_SECONDS:g}")
+        self.intake.waits += 1
+        try:
+            state = await self.intake.spool.wait_final(parts[0], seconds)
+        finally:
+            self.intake.waits -= 1
+        if state is None:
+            return reply_err(codes.NOT_FOUND, f"no message {parts[0][:64]}")
+        return reply_ok(_json(state))
+
+    async def _stats(self, arg: str | None = None) -> bytes:
+        stats = dict(await self.intake.spool.stats())
+        stats["version"] = __version__
+        stats["protocol"] = PROTOCOL_VERSION
+        stats["uptime"] = round(time.time() - self.intake.started, 3)
+        stats["intake"] = dict(self.intake.counters, open_connections=len(self.intake.connections),
+                               waits=self.intake.waits)
+        # Writes per commit: how well concurrent requests share fsyncs.
+        stats["spool"] = {"commits": self.intake.spool.commits,
+                          "operations": self.intake.spool.operations}
+        return reply_ok(_json(stats))
+
+
+def _address_allowed(address: str, patterns: list[str]) -> bool:
+    """`patterns` holds full addresses or "@domain"; empty means everything."""
+    if not patterns:
+        return True
+    address = address.lower()
+    domain = "@" + address.rpartition("@")[2]
+    return any(p.lower() in (address, domain) for p in patterns)
+
+
+def check_policy(config: Config, spec) -> None:
+    if not _address_allowed(spec.envelope_from, config.allowed_senders):
+        raise RequestError(codes.DENIED, f"sender {spec.envelope_from} is not allowed")
+    for rcpt in spec.recipients:
+        if not _address_allowed(rcpt, config.allowed_recipients):
+            raise RequestError(codes.DENIED, f"recipient {rcpt} is not allowed")
+
+
+def _remove_stale_socket(path: str) -> None:
+    """Remove a socket file left by a dead daemon; refuse to steal a live one."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise OSError(f"socket: {path} exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except OSError:
+        os.unlink(path)
+    else:
+        raise OSError(f"socket: another daemon is listening on {path}")
+    finally:
+        probe.close()
+
+
+def _sockname(sock) -> str:
+    name = sock.getsockname()
+    if isinstance(name, tuple):
+        return f"{name[0]}:{name[1]}"
+    return str(name)
