@@ -20,7 +20,8 @@ import time
 from email import policy
 from email.message import EmailMessage
 
-from smtpgate.message import build_message, validate_send
+from smtpgate.message.build import build_message
+from smtpgate.message.validate import validate_send
 from smtpgate.protocol import LineParser
 
 LIMIT = 25 << 20

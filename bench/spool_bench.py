@@ -37,7 +37,7 @@ import sys
 import tempfile
 import time
 
-from smtpgate.spool import Spool
+from smtpgate.spool.store import Spool
 
 ANCHOR = "/work/shared/anchors/fsync_bench.py"
 
@@ -91,8 +91,9 @@ async def delivery_rate(spool_dir: str, port: int, count: int) -> tuple[float, f
     """(messages/s, CPU us per message) of Delivery emptying a spool of `count`."""
     import structlog
 
-    from smtpgate.delivery import Delivery, DeliverySettings
-    from smtpgate.message import validate_send
+    from smtpgate.delivery.scheduler import Delivery
+    from smtpgate.delivery.settings import DeliverySettings
+    from smtpgate.message.validate import validate_send
     from smtpgate.smtp import UpstreamSettings
 
     spec = validate_send(SEND, max_message_bytes=1 << 20)
@@ -120,7 +121,8 @@ async def delivery_rate(spool_dir: str, port: int, count: int) -> tuple[float, f
 
 async def client_rate(port: int, count: int) -> tuple[float, float]:
     """(messages/s, CPU us per message) of SmtpConnection.send alone, 10 connections."""
-    from smtpgate.message import build_message, validate_send
+    from smtpgate.message.build import build_message
+    from smtpgate.message.validate import validate_send
     from smtpgate.smtp import SmtpConnection, UpstreamSettings
 
     data = build_message(validate_send(SEND, max_message_bytes=1 << 20))

@@ -221,7 +221,7 @@ class Daemon:
         return sock
 
     def client(self, **kwargs):
-        from smtpgate.client import LineClient
+        from smtpgate.tools.lineclient import LineClient
 
         return LineClient(self.uri, **kwargs)
 

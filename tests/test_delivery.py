@@ -15,19 +15,16 @@ import structlog
 from hypothesis import given
 from hypothesis import strategies as st
 
-from smtpgate.delivery import (
-    Delivery,
-    DeliverySettings,
-    TokenBucket,
-    next_attempt_at,
-    outcomes_from_result,
-    retry_delay,
-)
-from smtpgate.message import build_message, validate_send
+from smtpgate.delivery.pool import TokenBucket
+from smtpgate.delivery.retry import next_attempt_at, outcomes_from_result, retry_delay
+from smtpgate.delivery.scheduler import Delivery
+from smtpgate.delivery.settings import DeliverySettings
+from smtpgate.message.build import build_message
+from smtpgate.message.validate import validate_send
 from smtpgate.smtp import UpstreamSettings
 from smtpgate.smtp.core import DeliveryResult, RecipientResult
 from smtpgate.smtp.replies import Reply
-from smtpgate.spool import RecipientOutcome, Spool
+from smtpgate.spool.store import RecipientOutcome, Spool
 
 FOREVER = 3600.0  # WAIT bound a test never reaches when the code works
 
@@ -494,17 +491,17 @@ def test_a_delivery_process_that_dies_at_start_fails_the_start(monkeypatch):
     import subprocess
     import sys
 
-    from smtpgate import deliveryproc
+    from smtpgate.delivery import process
 
     def broken(module):  # a child that exits before it reads its first message
         return subprocess.Popen([sys.executable, "-c", "import sys; sys.exit(3)"],
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE)
 
-    monkeypatch.setattr(deliveryproc, "spawn", broken)
+    monkeypatch.setattr(process, "spawn", broken)
     lost = []
 
     async def main():
-        handle = deliveryproc.DeliveryProcess(None, None, structlog.get_logger(), log_format="json",
+        handle = process.DeliveryProcess(None, None, structlog.get_logger(), log_format="json",
                                               log_level="info", on_lost=lost.append)
         with pytest.raises(ChildProcessError, match="did not start"):
             await handle.start()

@@ -15,10 +15,9 @@ from email.header import decode_header, make_header
 import pytest
 from hypothesis import HealthCheck, assume, example, given, settings, strategies as st
 
-from smtpgate.message import (
-    BOUNDARY_MARK, MessageSpec, RequestError, _fast_body, _generated_body, build_message,
-    validate_send,
-)
+from smtpgate.message.build import _fast_body, _generated_body, build_message
+from smtpgate.message.spec import BOUNDARY_MARK, MessageSpec, RequestError
+from smtpgate.message.validate import validate_send
 from smtpgate.protocol import codes
 
 LIMIT = 25 << 20

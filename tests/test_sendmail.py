@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from smtpgate import sendmail
-from smtpgate.sendmail import (EX_CONFIG, EX_DATAERR, EX_NOPERM, EX_NOUSER, EX_OK,
+from smtpgate.tools import sendmail
+from smtpgate.tools.sendmail import (EX_CONFIG, EX_DATAERR, EX_NOPERM, EX_NOUSER, EX_OK,
                                EX_TEMPFAIL, EX_USAGE, parse_args)
 
 MESSAGE = (b"From: Shop <shop@example.com>\n"

@@ -15,8 +15,8 @@ import threading
 
 import pytest
 
-from smtpgate.smtp_intake import start_smtp_intake, token_matches
-from smtpgate.spool import SpoolFull
+from smtpgate.intake.smtp_door import start_smtp_intake, token_matches
+from smtpgate.spool.errors import SpoolFull
 
 TOKEN = "tok-3f9a1c2e7b"
 MESSAGE = (b"From: App <app@example.com>\r\n"
@@ -268,7 +268,7 @@ def test_a_message_over_the_limit_is_refused_before_enqueue(door_factory):
 
 
 def test_recipients_are_capped_as_rfc_5321_allows(door_factory):
-    from smtpgate.smtp_intake import MAX_RECIPIENTS
+    from smtpgate.intake.smtp_door import MAX_RECIPIENTS
 
     door = door_factory()
     smtp = RawSmtp(door.port)

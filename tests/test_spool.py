@@ -13,8 +13,9 @@ import textwrap
 
 import pytest
 
-from smtpgate.spool import RecipientOutcome, Spool, SpoolFull, SpoolLocked
-from smtpgate.spoolwriter import UlidGenerator
+from smtpgate.spool.errors import SpoolFull, SpoolLocked
+from smtpgate.spool.store import RecipientOutcome, Spool
+from smtpgate.spool.writer import UlidGenerator
 
 SPEC = b'{"from":"app@example.com","to":["a@example.org"],"text":"hi"}'
 RFC3339 = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
@@ -43,7 +44,7 @@ def test_ok_messages_survive_kill_9_of_the_writer_process(tmp_path):
     script = textwrap.dedent(
         f"""
         import asyncio, sys
-        from smtpgate.spool import Spool
+        from smtpgate.spool.store import Spool
         async def main():
             spool = Spool({str(tmp_path)!r}, min_free_bytes=0)
             await spool.open()
@@ -431,7 +432,7 @@ def test_only_batches_with_durable_writes_commit_with_fsync(tmp_path):
 
 
 def test_frames_survive_any_split_of_the_pipe():
-    from smtpgate.frames import encode, take_messages
+    from smtpgate.proc.framing import encode, take_messages
 
     frames = [[(1, "enqueue", 1.5, (b"x" * 70_000, "a@b", ["c@d"], None))], [("reply", [], {}), 7], []]
     stream = b"".join(b"".join(encode(messages)) for messages in frames)

@@ -232,7 +232,7 @@ def test_service_exposure_score_is_at_most_1_5(tmp_path):
 
 
 def test_units_name_the_sockets_as_the_daemon_expects():
-    """server.py looks the inherited sockets up by these names."""
+    """intake/line_door.py looks the inherited sockets up by these names."""
     socket_unit = (UNITS / "smtpgate.socket").read_text()
     tcp_unit = (UNITS / "smtpgate-tcp.socket").read_text()
     assert "FileDescriptorName=unix\n" in socket_unit
@@ -324,7 +324,7 @@ def test_socket_activated_daemon_is_ready_before_it_serves(make_daemon, upstream
         assert daemon.tcp == tcp_address
         listening = [line["address"] for line in daemon.log_lines() if line.get("event") == "listening"]
         assert sorted(listening) == sorted([f"127.0.0.1:{tcp_address[1]}", daemon.unix])
-        from smtpgate.client import LineClient
+        from smtpgate.tools.lineclient import LineClient
         with LineClient(daemon.unix_uri) as client:
             msg_id = client.send({"from": "app@example.com", "to": "kelly@example.org",
                                   "subject": "activated", "text": "via fd 4"})

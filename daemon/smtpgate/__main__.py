@@ -1,3 +1,3 @@
-from smtpgate.cli import main
+from smtpgate.tools.cli import main
 
 raise SystemExit(main())

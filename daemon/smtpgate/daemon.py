@@ -25,7 +25,7 @@ STOP_GRACE = 20.0
 
 def delivery_settings(config: Config, dev_port: int | None = None):
     """Build the delivery layer's settings (upstreams, pool, retries) from the config."""
-    from smtpgate.delivery import DeliverySettings
+    from smtpgate.delivery.settings import DeliverySettings
     from smtpgate.smtp import UpstreamSettings
 
     if dev_port is not None and not config.upstream:
@@ -66,9 +66,9 @@ class Daemon:
 
     async def run(self) -> int:
         from smtpgate import systemd
-        from smtpgate.deliveryproc import DeliveryProcess
-        from smtpgate.server import Intake
-        from smtpgate.spool import Spool
+        from smtpgate.delivery.process import DeliveryProcess
+        from smtpgate.intake.line_door import Intake
+        from smtpgate.spool.store import Spool
 
         config = self.config
         loop = asyncio.get_running_loop()
@@ -77,7 +77,7 @@ class Daemon:
         await self.spool.open()
         self.spool.on_writer_lost = self._spool_lost
         if config.dev:
-            from smtpgate.devupstream import start_dev_upstream
+            from smtpgate.tools.devupstream import start_dev_upstream
             folder = config.dev_maildir or os.path.join(config.spool, "dev-mail")
             self.dev_server, self.dev_port = await start_dev_upstream(folder, self.log)
         self.delivery = DeliveryProcess(self.spool, delivery_settings(config, self.dev_port), self.log,
@@ -88,7 +88,7 @@ class Daemon:
         self.intake = Intake(config, self.spool, self.delivery, self.log)
         await self.intake.start(inherited)
         if config.smtp_listen:
-            from smtpgate.smtp_intake import start_smtp_intake
+            from smtpgate.intake.smtp_door import start_smtp_intake
             host, port = parse_hostport(config.smtp_listen, "smtp_listen")
             # tokens as a function: a SIGHUP that changes them applies here too.
             self.smtp_server = await start_smtp_intake(
@@ -137,9 +137,9 @@ class Daemon:
 
     async def _enqueue_raw(self, envelope_from: str, recipients: list[str], raw: bytes) -> str:
         """The SMTP front door's hand-off: validate as a raw SEND, store durably, return the id."""
-        from smtpgate.client import raw_send
-        from smtpgate.message import validate_send
-        from smtpgate.server import LARGE_REQUEST, check_policy
+        from smtpgate.intake.handoff import LARGE_REQUEST, check_policy
+        from smtpgate.message.validate import validate_send
+        from smtpgate.tools.lineclient import raw_send
 
         def validate():
             return validate_send(raw_send(envelope_from, recipients, raw),
@@ -221,7 +221,7 @@ def serve(config_path: str | None, overrides: dict) -> int:
         print(f"smtpgate: configuration error: {exc}", flush=True, file=__import__("sys").stderr)
         return 78  # EX_CONFIG
     setup_logging(config.log_format, config.log_level)
-    from smtpgate.spool import SpoolError
+    from smtpgate.spool.errors import SpoolError
 
     try:
         return asyncio.run(Daemon(config, config_path, overrides).run())

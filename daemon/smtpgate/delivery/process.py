@@ -8,9 +8,9 @@ throughput stopped where that one thread did. In a process of its own,
 delivery runs on whatever core is free, and the loop keeps only the
 intake and the spool's bookkeeping.
 
-    daemon (intake, spool) <-- frames.py --> smtpgate-relay (delivery.Delivery)
-                                             claims, attempt records, releases,
-                                             next_due go back as calls
+    daemon (intake, spool) <-- pipes --> smtpgate-relay (scheduler.Delivery)
+                                         claims, attempt records, releases,
+                                         next_due go back as calls
 
 The child runs the very same `Delivery` (scheduler, workers, pools, rate
 limits) as a daemon without this process would; only its spool is a
@@ -34,12 +34,13 @@ import os
 import subprocess
 from typing import Callable
 
-from smtpgate.frames import become_child
-from smtpgate.ipc import FramedPipe, spawn
-from smtpgate.spool import Claimed, Spool, SpoolError
+from smtpgate.proc.child import become_child, spawn
+from smtpgate.proc.pipe import FramedPipe
+from smtpgate.spool.errors import SpoolError
+from smtpgate.spool.store import Claimed, Spool
 
 # Beyond the grace period, what a stopping child may take: its QUITs
-# (delivery.QUIT_TIMEOUT) and the last records.
+# (pool.QUIT_TIMEOUT) and the last records.
 STOP_MARGIN = 15.0  # seconds
 
 # What the child may ask of the spool: the part of Spool that Delivery uses.
@@ -48,7 +49,7 @@ SPOOL_CALLS = ("claim_due", "record_attempt", "release", "next_due")
 
 class DeliveryProcess:
     """The daemon's handle on delivery in a child process: the interface of
-    delivery.Delivery (start, wake, reload, stop)."""
+    scheduler.Delivery (start, wake, reload, stop)."""
 
     def __init__(self, spool: Spool, settings, log, *, log_format: str, log_level: str,
                  on_lost: Callable[[str], None] | None = None):
@@ -66,7 +67,7 @@ class DeliveryProcess:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         self._stopping = False
-        self._process = await loop.run_in_executor(None, spawn, "deliveryproc")
+        self._process = await loop.run_in_executor(None, spawn, "delivery.process")
         self._started = loop.create_future()
         self._pipe = FramedPipe(self._on_message, self._on_eof)
         await self._pipe.open(self._process.stdout, self._process.stdin)
@@ -203,7 +204,7 @@ class SpoolCalls:
 
 
 async def _child(in_fd: int, out_fd: int) -> None:
-    from smtpgate.delivery import Delivery
+    from smtpgate.delivery.scheduler import Delivery
     from smtpgate.log import get_logger, setup_logging
 
     loop = asyncio.get_running_loop()

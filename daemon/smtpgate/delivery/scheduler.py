@@ -8,28 +8,20 @@
   finishes finds the next one without waiting for a claim; it sleeps until `wake()`
   (intake stored something), a worker finished, or the earliest deferred
   message is due.
-- Each upstream has a pool of reused connections (at most
-  `connections_per_upstream`): NOOP before reusing one idle for more than
-  `idle_noop_after` seconds, RSET between messages (the client sends it,
-  pipelined with the next MAIL, when a transaction may still be open,
-  RFC 5321 4.1.1.5), and a token bucket for `rate_per_minute` (the limit
-  163.com, QQ and Gmail impose). A message waiting for its token is already
-  claimed: STATUS says 'sending'.
-- Upstreams are tried in order: one that cannot be reached (connect, TLS,
-  greeting, AUTH failure) is skipped for `upstream_down_for` seconds and the
-  next one is used (failover).
-- Outcomes: a 2xx sends a recipient, a 5xx fails it, a 4xx or a lost
-  connection defers it; only pending recipients are retried, with
-  exponential backoff and jitter, until `max_age` after the message was
-  accepted. A connection lost after the final dot means the upstream may
-  have the message: it is retried anyway (at-least-once) and marked
-  `possible_duplicate`.
+- Each upstream has a pool of reused connections, a rate limit and a
+  health mark (pool.py). Upstreams are tried in order, those recently
+  unreachable last (failover).
+- Outcomes and retries follow retry.py: only pending recipients are
+  retried, with exponential backoff and jitter, until `max_age` after the
+  message was accepted. A connection lost after the final dot means the
+  upstream may have the message: it is retried anyway (at-least-once) and
+  marked `possible_duplicate`.
 - stop(grace): no more claims; in-flight deliveries get `grace` seconds;
   whatever is left goes back to 'queued' for the next start.
 
 All spool writes go through the spool's group-commit writer, so the
 claims and attempt records of many workers share commits (and need no
-fsync of their own: see spoolwriter.RELAXED_OPS).
+fsync of their own: see spool/writer.py, RELAXED_OPS).
 """
 
 from __future__ import annotations
@@ -39,12 +31,12 @@ import contextlib
 import dataclasses
 import random
 import time
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import Callable
 
-from smtpgate.spool import Claimed, RecipientOutcome, Spool
-
-if TYPE_CHECKING:
-    from smtpgate.smtp import DeliveryResult, SmtpConnection, UpstreamSettings
+from smtpgate.delivery.pool import UpstreamPool
+from smtpgate.delivery.retry import give_up, next_attempt_at, outcomes_from_result
+from smtpgate.delivery.settings import DeliverySettings
+from smtpgate.spool.store import Claimed, RecipientOutcome, Spool
 
 # The scheduler is woken by intake, by finishing workers and by the earliest
 # due time; this bound only covers changes nobody announced (a clock step).
@@ -54,171 +46,6 @@ MAX_SCHEDULER_SLEEP = 30.0  # seconds
 # pipes and a commit, a few ms under load); 10 workers' worth of 10 keeps
 # 5,000 messages/s going for 20 ms. A claimed message shows 'sending'.
 CLAIM_AHEAD = 10
-QUIT_TIMEOUT = 5.0  # polite QUIT of pooled connections at stop
-
-
-@dataclasses.dataclass(frozen=True)
-class DeliverySettings:
-    """What delivery needs from the configuration (built by config/daemon)."""
-
-    upstreams: Sequence[UpstreamSettings]
-    connections_per_upstream: int = 10
-    workers: int | None = None  # concurrent deliveries; None: connections_per_upstream
-    max_age: float = 5 * 86400.0  # seconds after acceptance before pending recipients fail
-    retry_base: float = 60.0  # first retry after about this long, doubling each time
-    retry_max: float = 3600.0  # cap of the retry interval
-    rate_per_minute: float = 0  # messages per minute per upstream; 0: no limit
-    rate_burst: int = 1  # messages that may go at once after a quiet spell
-    idle_noop_after: float = 5.0  # NOOP a pooled connection idle longer than this
-    upstream_down_for: float = 30.0  # skip an unreachable upstream this long
-
-    @property
-    def worker_count(self) -> int:
-        return self.workers if self.workers is not None else self.connections_per_upstream
-
-
-# --- pure parts ----------------------------------------------------------
-
-
-def retry_delay(attempts: int, base: float, cap: float, rand: float) -> float:
-    """Seconds before the next attempt after `attempts` (>= 1) failed ones:
-    base * 2**(attempts-1), capped, with "equal jitter" (rand in [0, 1) picks
-    a point in the upper half) so retries of many messages spread out but
-    never come sooner than half the nominal interval."""
-    nominal = min(cap, base * 2 ** min(attempts - 1, 62))
-    return nominal / 2 + rand * nominal / 2
-
-
-def next_attempt_at(now: float, created: float, attempts: int, settings: DeliverySettings, rand: float) -> float | None:
-    """When to try again after `attempts` attempts, or None to give up
-    (max_age reached). The last retry is placed at the max age itself, so a
-    message gets its final chance rather than failing early."""
-    deadline = created + settings.max_age
-    if now >= deadline:
-        return None
-    return min(now + retry_delay(attempts, settings.retry_base, settings.retry_max, rand), deadline)
-
-
-def outcomes_from_result(result: DeliveryResult) -> list[RecipientOutcome]:
-    """Per-recipient outcomes of one transaction: 2xx sent, 5xx failed, 4xx deferred."""
-    states = {"accepted": "sent", "permanent": "failed", "temporary": "deferred"}
-    return [RecipientOutcome(r.address, states[r.status], str(r.reply)) for r in result.recipients]
-
-
-def give_up(outcomes: list[RecipientOutcome], max_age: float) -> list[RecipientOutcome]:
-    """Fail the still-deferred recipients of a message past its max age,
-    keeping the upstream's last reply in the text."""
-    note = f" (smtpgate: gave up after max_age {max_age:g} s)"
-    return [
-        RecipientOutcome(o.address, "failed", (o.reply or "no reply") + note) if o.state == "deferred" else o
-        for o in outcomes
-    ]
-
-
-class TokenBucket:
-    """Rate limit: `rate_per_minute` tokens a minute, at most `burst` saved.
-
-    reserve() always takes a token and says how long to wait before using it;
-    the count may go negative, which queues later callers behind earlier
-    ones in order (no thundering herd when a token frees up)."""
-
-    def __init__(self, rate_per_minute: float, burst: int = 1, now: float = 0.0):
-        self.interval = 60.0 / rate_per_minute
-        self.burst = burst
-        self._tokens = float(burst)
-        self._stamp = now
-
-    def reserve(self, now: float) -> float:
-        """Take one token at time `now`; returns seconds to wait (0: go now)."""
-        self._tokens = min(self.burst, self._tokens + (now - self._stamp) / self.interval)
-        self._stamp = now
-        self._tokens -= 1
-        return 0.0 if self._tokens >= 0 else -self._tokens * self.interval
-
-
-# --- the connection pool of one upstream ---------------------------------
-
-
-class UpstreamPool:
-    """Reused connections to one upstream, its rate limit and its health."""
-
-    def __init__(self, settings: UpstreamSettings, delivery_settings: DeliverySettings):
-        self.settings = settings
-        self.name = f"{settings.host}:{settings.port}"
-        self.idle: list[SmtpConnection] = []
-        self.size = delivery_settings.connections_per_upstream
-        self.slots = asyncio.Semaphore(self.size)
-        self.retired = False  # removed by a reload: connections close when released
-        self.down_until = 0.0  # monotonic
-        self.opened = 0  # connections opened so far (tests and logs)
-        self.configure(delivery_settings)
-
-    def configure(self, delivery_settings: DeliverySettings) -> None:
-        self.idle_noop_after = delivery_settings.idle_noop_after
-        self.down_for = delivery_settings.upstream_down_for
-        rate = delivery_settings.rate_per_minute
-        self.bucket = TokenBucket(rate, delivery_settings.rate_burst, time.monotonic()) if rate else None
-
-    async def take_token(self) -> None:
-        """Wait for this upstream's rate limit to allow one more message."""
-        if self.bucket is not None:
-            delay = self.bucket.reserve(time.monotonic())
-            if delay > 0:
-                await asyncio.sleep(delay)
-
-    async def acquire(self, fresh: bool = False) -> tuple[SmtpConnection, bool]:
-        """A usable connection and whether it was reused; opens a new one when
-        no idle one answers (or `fresh`). Raises SmtpSessionError if the
-        upstream cannot be reached (and marks it down)."""
-        from smtpgate.smtp import SmtpConnection, SmtpSessionError
-
-        await self.slots.acquire()
-        try:
-            while self.idle and not fresh:
-                conn = self.idle.pop()
-                if conn.usable and time.monotonic() - conn.last_used > self.idle_noop_after:
-                    await conn.noop()  # closes it if it no longer answers 250
-                if conn.usable:
-                    return conn, True
-                conn.close()
-            try:
-                conn = await SmtpConnection.open(self.settings)
-            except SmtpSessionError:
-                self.down_until = time.monotonic() + self.down_for
-                raise
-            self.opened += 1
-            self.down_until = 0.0
-            return conn, False
-        except BaseException:
-            self.slots.release()
-            raise
-
-    def release(self, conn: SmtpConnection) -> None:
-        """Keep a connection for the next message, or drop it if unusable.
-        No RSET here: the client sends one itself, pipelined with the next
-        MAIL, when the last transaction did not end (RFC 5321 4.1.1.5); and
-        a release that never waits cannot be interrupted after a message
-        went out (stop would then take it for unsent)."""
-        if conn.usable and not self.retired:
-            self.idle.append(conn)
-        else:
-            conn.close()
-        self.slots.release()
-
-    def discard(self, conn: SmtpConnection) -> None:
-        conn.close()
-        self.slots.release()
-
-    async def close(self) -> None:
-        """QUIT every idle connection (bounded in time); connections in use
-        are closed when released."""
-        self.retired = True
-        idle, self.idle = self.idle, []
-        if idle:
-            await asyncio.wait([asyncio.ensure_future(c.quit()) for c in idle], timeout=QUIT_TIMEOUT)
-            for conn in idle:
-                conn.close()
-
 
 # Specs larger than this are built in a thread.
 LARGE_SPEC = 256 * 1024
@@ -228,8 +55,9 @@ MAX_RCPTS_PER_TRANSACTION = 100
 
 
 def default_build(spec_json: bytes) -> bytes:
-    """The RFC 5322 bytes of a stored spec (message.py, imported lazily)."""
-    from smtpgate.message import MessageSpec, build_message
+    """The RFC 5322 bytes of a stored spec (message/build.py, imported lazily)."""
+    from smtpgate.message.build import build_message
+    from smtpgate.message.spec import MessageSpec
 
     return build_message(MessageSpec.from_json(spec_json))
 

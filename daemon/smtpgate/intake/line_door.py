@@ -23,11 +23,11 @@ import time
 
 from smtpgate import PROTOCOL_VERSION, __version__
 from smtpgate.config import Config, parse_hostport
-from smtpgate.message import RequestError, validate_send
-from smtpgate.protocol import ForeignProtocol, LineParser, LineTooLong, Request
-from smtpgate.protocol import codes
-from smtpgate.protocol.parser import reply_err, reply_ok
-from smtpgate.spool import SpoolFull
+from smtpgate.intake.handoff import LARGE_REQUEST, check_policy
+from smtpgate.message.spec import RequestError
+from smtpgate.message.validate import validate_send
+from smtpgate.protocol import ForeignProtocol, LineParser, LineTooLong, Request, codes, reply_err, reply_ok
+from smtpgate.spool.errors import SpoolFull
 
 VERBS = ("PING", "HELLO", "AUTH", "SEND", "STATUS", "WAIT", "STATS", "NOOP", "HELP", "QUIT")
 OPEN_VERBS = frozenset({"PING", "HELLO", "HELP", "AUTH", "QUIT"})
@@ -36,8 +36,6 @@ OPEN_VERBS = frozenset({"PING", "HELLO", "HELP", "AUTH", "QUIT"})
 # memory without bound.
 MAX_PIPELINE = 1024
 MAX_WAIT_SECONDS = 3600.0
-# SEND arguments above this many characters are validated in a thread.
-LARGE_REQUEST = 256 * 1024
 DEFAULT_WAIT_SECONDS = 30.0
 
 
@@ -491,23 +489,6 @@ class Connection(asyncio.Protocol):
         stats["spool"] = {"commits": self.intake.spool.commits,
                           "operations": self.intake.spool.operations}
         return reply_ok(_json(stats))
-
-
-def _address_allowed(address: str, patterns: list[str]) -> bool:
-    """`patterns` holds full addresses or "@domain"; empty means everything."""
-    if not patterns:
-        return True
-    address = address.lower()
-    domain = "@" + address.rpartition("@")[2]
-    return any(p.lower() in (address, domain) for p in patterns)
-
-
-def check_policy(config: Config, spec) -> None:
-    if not _address_allowed(spec.envelope_from, config.allowed_senders):
-        raise RequestError(codes.DENIED, f"sender {spec.envelope_from} is not allowed")
-    for rcpt in spec.recipients:
-        if not _address_allowed(rcpt, config.allowed_recipients):
-            raise RequestError(codes.DENIED, f"recipient {rcpt} is not allowed")
 
 
 def _remove_stale_socket(path: str) -> None:

@@ -20,11 +20,11 @@ from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
 from smtpgate import __version__
 from smtpgate.config import is_loopback
-from smtpgate.spool import SpoolFull
+from smtpgate.spool.errors import SpoolFull
 
 # enqueue(envelope_from, recipients, data) -> message id, once durable.
 # SpoolFull, or an exception whose `.code` is a PROTOCOL.md error code
-# (BUSY, TOO_LARGE, DENIED, BAD_ADDRESS, ...; message.RequestError), picks
+# (BUSY, TOO_LARGE, DENIED, BAD_ADDRESS, ...; message.spec.RequestError), picks
 # the SMTP reply; any other exception is answered 451 (try again later)
 # without its text.
 Enqueue = Callable[[str, list[str], bytes], Awaitable[str]]
@@ -37,7 +37,7 @@ MAX_RECIPIENTS = 1000
 
 # Protocol error code -> SMTP reply (RFC 5321 4.2.2, RFC 3463 enhanced codes).
 # The daemon's text follows the code; it is written for people and holds no
-# secrets (message.py's RequestError texts).
+# secrets (the texts of message/validate.py's RequestErrors).
 _BUSY = "452 4.3.1 Mail system full, try again later"
 _REPLY_FOR_CODE = {
     "TOO_LARGE": "552 5.3.4",

@@ -1,41 +1,25 @@
-"""Framing of the pipes between the daemon and its child processes (the
-spool writer, delivery): each frame is a 4-byte big-endian length and a
-pickle of a list of messages.
-
-Pickle is safe here because both ends are smtpgate processes and the pipes
-are private to them; nothing from the network is unpickled. This module
-stays free of asyncio so that the spool writer starts fast.
-"""
+"""Child processes of the daemon: how the daemon starts one (`spawn`) and
+how the child sets itself up (`become_child`). A child has a pipe from the
+daemon on its stdin and one to the daemon on its stdout, carrying frames
+(framing.py)."""
 
 from __future__ import annotations
 
 import os
-import pickle
 import signal
-import struct
-
-FRAME = struct.Struct(">I")
-
-
-def encode(messages: list) -> list[bytes]:
-    """One frame of `messages`, as buffers to write in order."""
-    data = pickle.dumps(messages, protocol=pickle.HIGHEST_PROTOCOL)
-    return [FRAME.pack(len(data)), data]
+import subprocess
+import sys
 
 
-def take_messages(buf: bytearray) -> list:
-    """The messages of every complete frame at the start of `buf`, which are
-    removed from it; a partial frame stays for the next read."""
-    messages, pos = [], 0
-    while len(buf) - pos >= FRAME.size:
-        (size,) = FRAME.unpack_from(buf, pos)
-        end = pos + FRAME.size + size
-        if len(buf) < end:
-            break
-        messages += pickle.loads(memoryview(buf)[pos + FRAME.size:end])
-        pos = end
-    del buf[:pos]
-    return messages
+def spawn(module: str, pass_fds: tuple[int, ...] = ()) -> subprocess.Popen:
+    """Start `python -c 'from smtpgate.<module> import main; main()'` with
+    pipes on its stdin and stdout, from this very package whatever the
+    current directory or PYTHONPATH."""
+    package_parent = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    code = (f"import sys; sys.path.insert(0, {package_parent!r}); "
+            f"from smtpgate.{module} import main; sys.exit(main())")
+    return subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, pass_fds=pass_fds)
 
 
 def become_child(name: str) -> tuple[int, int]:

@@ -9,9 +9,7 @@ stays free of asyncio so that the spool writer starts fast.
 
 from __future__ import annotations
 
-import os
 import pickle
-import signal
 import struct
 
 FRAME = struct.Struct(">I")
@@ -36,19 +34,3 @@ def take_messages(buf: bytearray) -> list:
         pos = end
     del buf[:pos]
     return messages
-
-
-def become_child(name: str) -> tuple[int, int]:
-    """Set up a child process of the daemon: named `name` in ps, top and
-    pgrep; deaf to signals (a Ctrl-C or a SIGTERM to the whole group must
-    not end it before the daemon is done with it: it leaves when its pipe
-    from the daemon ends). Returns the pipe's file descriptors (in, out);
-    stdout then goes to stderr, so a stray print lands in the log and never
-    in the frames."""
-    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1):
-        signal.signal(signum, signal.SIG_IGN)
-    with open("/proc/self/comm", "w") as comm:
-        comm.write(name)
-    pipe_in, pipe_out = os.dup(0), os.dup(1)
-    os.dup2(2, 1)
-    return pipe_in, pipe_out

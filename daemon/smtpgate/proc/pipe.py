@@ -1,4 +1,4 @@
-"""The asyncio side of a pipe pair to or from a child process (frames.py).
+"""The asyncio side of a pipe pair to or from a child process (framing.py).
 
 Messages sent in one turn of the event loop go out in one frame, one
 pickle and one write: under load a turn produces many (the SENDs read in
@@ -9,12 +9,9 @@ stays a fraction of a syscall.
 from __future__ import annotations
 
 import asyncio
-import os
-import subprocess
-import sys
 from typing import Callable
 
-from smtpgate.frames import encode, take_messages
+from smtpgate.proc.framing import encode, take_messages
 
 
 class FramedPipe(asyncio.Protocol):
@@ -61,14 +58,3 @@ class FramedPipe(asyncio.Protocol):
         if not self.closed.done():
             self.closed.set_result(None)
         self._on_eof()
-
-
-def spawn(module: str, pass_fds: tuple[int, ...] = ()) -> subprocess.Popen:
-    """Start `python -c 'from smtpgate.<module> import main; main()'` with
-    pipes on its stdin and stdout, from this very package whatever the
-    current directory or PYTHONPATH."""
-    package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    code = (f"import sys; sys.path.insert(0, {package_parent!r}); "
-            f"from smtpgate.{module} import main; sys.exit(main())")
-    return subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, pass_fds=pass_fds)

@@ -1,4 +1,5 @@
-"""The smtpgate line protocol, sans-IO: request parsing and reply formatting.
+"""The smtpgate line protocol, sans-IO: request parsing (parser.py) and reply
+formatting (formatter.py).
 
 See PROTOCOL.md for the wire contract and docs/protocol.md for users.
 """
@@ -12,7 +13,7 @@ from .parser import (
     LineTooLong,
     Request,
 )
-from .replies import reply_err, reply_ok
+from .formatter import reply_err, reply_ok
 
 __all__ = [
     "codes", "LineParser", "Request", "LineTooLong", "ForeignProtocol",

@@ -24,13 +24,7 @@ connection without waiting for a line that a browser might never finish.
 
 from dataclasses import dataclass
 
-# Re-exported for callers that import the reply formatters from here.
-from .replies import reply_err, reply_ok
-
-__all__ = [
-    "LineParser", "Request", "LineTooLong", "ForeignProtocol", "BadLine",
-    "FOREIGN_PREFIXES", "reply_ok", "reply_err",
-]
+__all__ = ["LineParser", "Request", "LineTooLong", "ForeignProtocol", "BadLine", "FOREIGN_PREFIXES"]
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,76 +1,12 @@
-"""The durable spool: SQLite in WAL mode, written by a writer process with
-group commit; read in the daemon.
-
-Why SQLite in WAL mode: one append to the WAL and one fsync make a whole
-batch of SENDs durable, whatever their number, and the record of a message
-(its spec, its recipients, their replies) stays in one place that queries
-(STATUS, queue list, due messages) can read without a file per message.
-`synchronous=FULL` makes SQLite fsync the WAL at every commit, so a commit
-survives a power loss (with `NORMAL` the last commits could be lost).
-
-Group commit: every write (enqueue, claim, record_attempt, retry, delete,
-purge) is an operation with an asyncio future. The operations submitted in
-one turn of the event loop go to the writer process (spoolwriter.py) in one
-frame; the writer runs everything it has in ONE transaction, commits (one
-fsync), and answers with all the results at once. While it is fsyncing, new
-requests pile up and form the next batch: under load the number of fsyncs
-per second stays near the disk's rate while the number of messages per
-fsync grows with the concurrency. spoolwriter.py says why a process and
-not a thread.
-
-Reads (STATUS, queue list, due times) use a connection of the daemon's own
-in a reader thread; WAL lets them run while the writer commits. The
-message counts per state are the writer's, sent along with every answer.
-"""
+"""The spool's reads: SQL run on a connection of the reader's own (the
+daemon's reader thread), beside the writer process thanks to WAL."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import fcntl
-import itertools
-import os
 import sqlite3
-import subprocess
-import time
-from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
-from typing import Any, Callable, Iterable, NamedTuple
+from typing import Any
 
-from smtpgate.ipc import FramedPipe, spawn
-from smtpgate.spoolwriter import FINAL_STATES, STATES, SpoolError, SpoolFull
-
-__all__ = ["Claimed", "RecipientOutcome", "Spool", "SpoolError", "SpoolFull", "SpoolLocked", "rfc3339"]
-
-DISK_CHECK_INTERVAL = 1.0  # seconds between two statvfs calls
-# After a kill -9 of a daemon its writer still holds the lock for the
-# moment it takes to finish its last commit and see the end of its pipe.
-LOCK_WAIT = 5.0  # seconds
-
-
-class SpoolLocked(SpoolError):
-    """Another process holds the spool directory."""
-
-
-class Claimed(NamedTuple):
-    """A message taken for delivery by claim_due (now in state 'sending').
-    Tuples: they cross the pipes to the writer and delivery processes."""
-
-    id: str
-    spec_json: bytes
-    envelope_from: str
-    recipients: list[str]  # the pending ones only, in their original order
-    attempts: int  # attempts made before this one
-    created: float
-    possible_duplicate: bool
-
-
-class RecipientOutcome(NamedTuple):
-    """What one attempt did for one recipient: state sent|failed|deferred."""
-
-    address: str
-    state: str
-    reply: str | None
 
 
 def rfc3339(ts: float) -> str:
@@ -79,394 +15,86 @@ def rfc3339(ts: float) -> str:
     return text.replace("+00:00", "Z")
 
 
-
-class Spool:
-    """The message store; see the module docstring. All methods are async and
-    must be called from the event loop that called open()."""
-
-    def __init__(
-        self,
-        path_dir: str | os.PathLike,
-        *,
-        max_queued: int = 100_000,
-        min_free_bytes: int = 100 * 1024 * 1024,
-        keep_final: float = 7 * 86400.0,
-        idempotency_window: float = 86400.0,
-        clock: Callable[[], float] = time.time,
-    ):
-        self.path_dir = os.fspath(path_dir)
-        self.db_path = os.path.join(self.path_dir, "spool.sqlite3")
-        self.max_queued = max_queued
-        self.min_free_bytes = min_free_bytes
-        self.keep_final = keep_final
-        self.idempotency_window = idempotency_window
-        self._clock = clock  # "now" of every write, read when it is submitted
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._process: subprocess.Popen | None = None
-        self._pipe: FramedPipe | None = None
-        self._tokens = itertools.count(1)
-        self._pending: dict[int, asyncio.Future] = {}
-        self._closing = False
-        self._broken: str | None = None  # why the writer is gone, once it is
-        self.on_writer_lost: Callable[[str], None] | None = None
-        self._reader: ThreadPoolExecutor | None = None
-        self._read_conn: sqlite3.Connection | None = None
-        self._lock_fd: int | None = None
-        self._waiters: dict[str, set[asyncio.Future]] = {}
-        self._disk_checked_at = float("-inf")
-        self._disk_low = False
-        # The writer's figures, as of its last answer.
-        self._state_counts = {s: 0 for s in STATES}
-        self.counters = {"accepted": 0, "delivered": 0, "failed": 0, "deferred": 0}
-        # Group-commit evidence for tests and the bench: commits vs operations.
-        self.commits = 0
-        self.durable_commits = 0  # those with an fsync (synchronous=FULL)
-        self.operations = 0
-
-    # --- life cycle --------------------------------------------------------
-
-    async def open(self) -> None:
-        """Create and lock the directory, start the writer process (which
-        creates the schema and puts messages left in 'sending' by a crash
-        back to 'queued'), open the read connection. Raises SpoolLocked if
-        another process uses the directory, SpoolError if it is unusable."""
-        self._loop = asyncio.get_running_loop()
-        self._closing, self._broken = False, None
-        try:
-            await self._loop.run_in_executor(None, self._lock_and_spawn)
-            self._pipe = FramedPipe(self._on_reply, self._on_writer_gone)
-            await self._pipe.open(self._process.stdout, self._process.stdin)
-            await self._submit("open", {"db_path": self.db_path, **self._limits()})
-            self._read_conn = sqlite3.connect(self.db_path, isolation_level=None, check_same_thread=False)
-            self._read_conn.execute("PRAGMA query_only=1")
-            self._reader = ThreadPoolExecutor(1, thread_name_prefix="spool-reader")
-        except BaseException:
-            await self._shut_writer()
-            self._unlock()
-            raise
-
-    def _limits(self) -> dict:
-        return {"max_queued": self.max_queued, "keep_final": self.keep_final,
-                "idempotency_window": self.idempotency_window}
-
-    async def configure(self, *, max_queued: int, min_free_bytes: int, keep_final: float,
-                        idempotency_window: float) -> None:
-        """Apply new limits (a reloaded configuration) from the next batch on."""
-        self.max_queued, self.min_free_bytes = max_queued, min_free_bytes
-        self.keep_final, self.idempotency_window = keep_final, idempotency_window
-        self._disk_checked_at = float("-inf")  # the free-space floor may have moved
-        await self._submit("configure", self._limits())
-
-    def _lock_and_spawn(self) -> None:
-        try:
-            os.makedirs(self.path_dir, mode=0o700, exist_ok=True)
-        except OSError as exc:
-            raise SpoolError(f"cannot create spool directory {self.path_dir}: {exc.strerror}") from None
-        fd = os.open(os.path.join(self.path_dir, "lock"), os.O_RDWR | os.O_CREAT, 0o600)
-        deadline = time.monotonic() + LOCK_WAIT
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
-                if _alive(holder) or time.monotonic() > deadline:
-                    os.close(fd)
-                    raise SpoolLocked(
-                        f"spool directory {self.path_dir} is in use by another smtpgate (pid {holder})"
-                    ) from None
-                time.sleep(0.02)  # its daemon is dead: its writer is finishing
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self._lock_fd = fd
-        # The writer keeps the lock (pass_fds) as long as it lives.
-        self._process = spawn("spoolwriter", pass_fds=(fd,))
-
-    async def close(self) -> None:
-        """Finish the pending writes, stop the writer and the reader, release the lock."""
-        if self._process is None:
-            return
-        await self._shut_writer()
-        if self._reader is not None:
-            self._reader.shutdown(wait=True)
-            self._read_conn.close()
-            self._reader = self._read_conn = None
-        self._unlock()
-        for waiters in self._waiters.values():
-            for fut in waiters:
-                if not fut.done():
-                    fut.set_result(None)
-        self._waiters.clear()
-
-    async def _shut_writer(self) -> None:
-        """EOF to the writer: it commits what it has, answers, and exits."""
-        process, self._process = self._process, None
-        if process is None:
-            return
-        self._closing = True
-        if self._pipe is not None:
-            self._pipe.close_write()  # after the pending operations
-            await self._pipe.closed
-        await self._loop.run_in_executor(None, process.wait)
-        process.stdout.close()
-
-    def _unlock(self) -> None:
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)  # releases the flock (once the writer is gone too)
-            self._lock_fd = None
-
-    # --- the pipe to the writer --------------------------------------------
-
-    def _submit(self, op: str, *args: Any) -> asyncio.Future:
-        if self._broken is not None or self._process is None or self._closing:
-            raise SpoolError(self._broken or "spool is not open")
-        token = next(self._tokens)
-        fut = self._loop.create_future()
-        self._pending[token] = fut
-        self._pipe.send((token, op, self._clock(), args))
-        return fut
-
-    def _on_reply(self, reply: tuple) -> None:
-        """A committed batch: update the figures, resolve the callers, wake WAIT."""
-        results, finalized, self._state_counts, self.counters, stats = reply
-        self.commits, self.durable_commits, self.operations = stats
-        pending = self._pending
-        for token, value, exc in results:
-            fut = pending.pop(token, None)
-            if fut is None or fut.done():  # cancelled by its caller
-                continue
-            if exc is None:
-                fut.set_result(value)
-            else:
-                fut.set_exception(exc)
-        for msg_id in finalized:
-            for fut in self._waiters.pop(msg_id, ()):
-                if not fut.done():
-                    fut.set_result(None)
-
-    def _on_writer_gone(self) -> None:
-        """The writer's stdout closed: expected at close, a failure otherwise."""
-        if self._closing and not self._pending:
-            return
-        code = self._process.poll() if self._process is not None else None
-        self._broken = f"the spool writer process exited unexpectedly (status {code})"
-        pending, self._pending = self._pending, {}
-        for fut in pending.values():
-            if not fut.done():
-                fut.set_exception(SpoolError(self._broken))
-        if not self._closing and self.on_writer_lost is not None:
-            self.on_writer_lost(self._broken)
-
-    # --- writes (run by the writer process) ---------------------------------
-
-    def enqueue(
-        self,
-        spec_json: bytes,
-        envelope_from: str,
-        recipients: list[str],
-        idempotency_key: str | None = None,
-    ) -> asyncio.Future:
-        """Store a message durably: a future of (id, existing), done once committed.
-        existing is True when idempotency_key was seen within the window: the
-        first message's id is returned and nothing is stored. Raises SpoolFull
-        (at once for low disk, through the future when max_queued is reached).
-
-        A plain function returning the future, not a coroutine: `await
-        spool.enqueue(...)` works as before, and the intake adds a callback
-        instead of paying for a task per SEND."""
-        self._check_disk()
-        return self._submit("enqueue", spec_json, envelope_from, recipients, idempotency_key)
-
-    def _check_disk(self) -> None:
-        now = time.monotonic()
-        if now - self._disk_checked_at >= DISK_CHECK_INTERVAL:
-            st = os.statvfs(self.path_dir)
-            self._disk_low = st.f_bavail * st.f_frsize < self.min_free_bytes
-            self._disk_checked_at = now
-        if self._disk_low:
-            raise SpoolFull("free disk space below min_free_bytes")
-
-    async def claim_due(self, now: float, limit: int) -> list[Claimed]:
-        """Take up to `limit` messages due at `now` (queued or deferred with
-        next_attempt <= now), oldest due first, and mark them 'sending'."""
-        return [Claimed(*row) for row in await self._submit("claim_due", now, limit)]
-
-    def record_attempt(
-        self,
-        msg_id: str,
-        outcomes: Iterable[RecipientOutcome],
-        *,
-        next_attempt: float | None = None,
-        possible_duplicate: bool = False,
-    ) -> asyncio.Future:
-        """Write one delivery attempt's per-recipient outcomes; the message
-        becomes 'sent' when every recipient is sent, 'failed' when every
-        recipient is final and one failed, else 'deferred' until next_attempt.
-        Returns a future (await it, or add a callback: delivery does not wait)
-        of the new state (None if the message was deleted meanwhile)."""
-        rows = [tuple(o) for o in outcomes]  # plain tuples: the writer does not import this module
-        return self._submit("record_attempt", msg_id, rows, next_attempt, possible_duplicate)
-
-    async def release(self, msg_ids: list[str], possible_duplicate: bool = False) -> int:
-        """Put claimed messages whose attempt did not finish back to 'queued'
-        (delivery stopping); possible_duplicate when it was interrupted while
-        the message may have reached the upstream. Returns how many."""
-        return await self._submit("release", list(msg_ids), possible_duplicate)
-
-    async def retry(self, msg_id: str | None = None) -> int:
-        """Make a deferred message (or every deferred message when msg_id is
-        None) due now; returns how many were changed."""
-        return await self._submit("retry", msg_id)
-
-    async def delete(self, msg_id: str) -> bool:
-        """Remove a message, its recipients and its idempotency key; False if
-        there was no such message."""
-        return await self._submit("delete", msg_id)
-
-    async def purge(self, now: float) -> tuple[int, int]:
-        """Delete final messages last updated more than keep_final ago and
-        idempotency keys older than the window; returns (messages, keys)."""
-        return tuple(await self._submit("purge", now))
-
-    async def recount(self) -> dict[str, int]:
-        """Recount the messages per state from the database (after the queue
-        tool changed it directly); returns the counts."""
-        return await self._submit("recount")
-
-    # --- reads (reader thread) ---------------------------------------------
-
-    async def _read(self, fn: Callable, *args: Any) -> Any:
-        if self._reader is None:
-            raise SpoolError("spool is not open")
-        return await self._loop.run_in_executor(self._reader, fn, *args)
-
-    async def status(self, msg_id: str) -> dict | None:
-        """The STATUS payload of PROTOCOL.md, or None if there is no such id."""
-        return await self._read(self._read_status, msg_id)
-
-    def _read_status(self, msg_id: str) -> dict | None:
-        conn = self._read_conn
-        conn.execute("BEGIN")  # one snapshot for the message and its recipients
-        try:
-            row = conn.execute(
-                "SELECT state, attempts, created, updated, next_attempt, possible_duplicate"
-                " FROM messages WHERE id=?",
-                (msg_id,),
-            ).fetchone()
-            if row is None:
-                return None
-            recipients = conn.execute(
-                "SELECT address, state, reply FROM recipients WHERE message_id=? ORDER BY position",
-                (msg_id,),
-            ).fetchall()
-        finally:
-            conn.execute("COMMIT")
-        state, attempts, created, updated, next_attempt, dup = row
-        payload: dict[str, Any] = {
-            "id": msg_id,
-            "state": state,
-            "attempts": attempts,
-            "created": rfc3339(created),
-            "updated": rfc3339(updated),
-        }
-        if state == "deferred":
-            payload["next_attempt"] = rfc3339(next_attempt)
-        payload["recipients"] = [{"address": a, "state": s, "reply": r} for a, s, r in recipients]
-        if dup:
-            payload["possible_duplicate"] = True
-        return payload
-
-    async def wait_final(self, msg_id: str, timeout: float) -> dict | None:
-        """WAIT: the STATUS payload as soon as the message is final (sent or
-        failed), or its current state after `timeout` seconds; None if there
-        is no such id. Woken by the writer's commit, no polling."""
-        fut = self._loop.create_future()
-        self._waiters.setdefault(msg_id, set()).add(fut)  # before reading: no lost wake-up
-        try:
-            state = await self.status(msg_id)
-            if state is None or state["state"] in FINAL_STATES:
-                return state
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(fut, timeout)
-            return await self.status(msg_id)
-        finally:
-            waiters = self._waiters.get(msg_id)
-            if waiters is not None:
-                waiters.discard(fut)
-                if not waiters:
-                    del self._waiters[msg_id]
-
-    async def stats(self) -> dict:
-        """{'states': {state: count}, 'counters': {accepted, delivered, failed,
-        deferred}}: messages per state now, and counts since open()."""
-        return {"states": dict(self._state_counts), "counters": dict(self.counters)}
-
-    async def next_due(self) -> float | None:
-        """When the earliest queued or deferred message is due, or None."""
-        return await self._read(self._read_next_due)
-
-    def _read_next_due(self) -> float | None:
-        row = self._read_conn.execute(
-            "SELECT MIN(next_attempt) FROM messages WHERE state IN ('queued', 'deferred')"
-        ).fetchone()
-        return row[0]
-
-    async def list_messages(self, limit: int = 1000, include_final: bool = False) -> list[dict]:
-        """For `smtpgate queue list`: messages oldest first, each
-        {id, state, attempts, created, next_attempt, envelope_from, recipients}
-        (recipients: the pending ones); not final ones unless include_final."""
-        return await self._read(self._read_list, limit, include_final)
-
-    def _read_list(self, limit: int, include_final: bool) -> list[dict]:
-        conn = self._read_conn
-        where = "" if include_final else "WHERE state IN ('queued', 'sending', 'deferred')"
-        conn.execute("BEGIN")
-        try:
-            rows = conn.execute(
-                f"SELECT id, state, attempts, created, next_attempt, envelope_from FROM messages {where}"
-                " ORDER BY id LIMIT ?",
-                (limit,),
-            ).fetchall()
-            listing = []
-            for msg_id, state, attempts, created, next_attempt, envelope_from in rows:
-                pending = [
-                    a
-                    for (a,) in conn.execute(
-                        "SELECT address FROM recipients WHERE message_id=? AND state IN ('queued', 'deferred')"
-                        " ORDER BY position",
-                        (msg_id,),
-                    )
-                ]
-                listing.append(
-                    {
-                        "id": msg_id,
-                        "state": state,
-                        "attempts": attempts,
-                        "created": rfc3339(created),
-                        "next_attempt": rfc3339(next_attempt) if state in ("queued", "deferred") else None,
-                        "envelope_from": envelope_from,
-                        "recipients": pending,
-                    }
-                )
-            return listing
-        finally:
-            conn.execute("COMMIT")
-
-    async def spec(self, msg_id: str) -> bytes | None:
-        """The stored spec bytes of a message (for `smtpgate queue show`)."""
-        return await self._read(self._read_spec, msg_id)
-
-    def _read_spec(self, msg_id: str) -> bytes | None:
-        row = self._read_conn.execute("SELECT spec FROM messages WHERE id=?", (msg_id,)).fetchone()
-        return None if row is None else row[0]
-
-
-def _alive(pid_text: str) -> bool:
-    """Whether the process that wrote the lock file still runs (unknown: yes)."""
+def status(conn: sqlite3.Connection, msg_id: str) -> dict | None:
+    """The STATUS payload of PROTOCOL.md, or None if there is no such id."""
+    conn.execute("BEGIN")  # one snapshot for the message and its recipients
     try:
-        os.kill(int(pid_text), 0)
-    except ProcessLookupError:
-        return False
-    except (ValueError, OSError):
-        return True
-    return True
+        row = conn.execute(
+            "SELECT state, attempts, created, updated, next_attempt, possible_duplicate"
+            " FROM messages WHERE id=?",
+            (msg_id,),
+        ).fetchone()
+        if row is None:
+            return None
+        recipients = conn.execute(
+            "SELECT address, state, reply FROM recipients WHERE message_id=? ORDER BY position",
+            (msg_id,),
+        ).fetchall()
+    finally:
+        conn.execute("COMMIT")
+    state, attempts, created, updated, next_attempt, dup = row
+    payload: dict[str, Any] = {
+        "id": msg_id,
+        "state": state,
+        "attempts": attempts,
+        "created": rfc3339(created),
+        "updated": rfc3339(updated),
+    }
+    if state == "deferred":
+        payload["next_attempt"] = rfc3339(next_attempt)
+    payload["recipients"] = [{"address": a, "state": s, "reply": r} for a, s, r in recipients]
+    if dup:
+        payload["possible_duplicate"] = True
+    return payload
+
+
+def next_due(conn: sqlite3.Connection) -> float | None:
+    """When the earliest queued or deferred message is due, or None."""
+    row = conn.execute(
+        "SELECT MIN(next_attempt) FROM messages WHERE state IN ('queued', 'deferred')"
+    ).fetchone()
+    return row[0]
+
+
+def list_messages(conn: sqlite3.Connection, limit: int, include_final: bool) -> list[dict]:
+    """Messages oldest first, each {id, state, attempts, created,
+    next_attempt, envelope_from, recipients} (recipients: the pending ones);
+    not final ones unless include_final."""
+    where = "" if include_final else "WHERE state IN ('queued', 'sending', 'deferred')"
+    conn.execute("BEGIN")
+    try:
+        rows = conn.execute(
+            f"SELECT id, state, attempts, created, next_attempt, envelope_from FROM messages {where}"
+            " ORDER BY id LIMIT ?",
+            (limit,),
+        ).fetchall()
+        listing = []
+        for msg_id, state, attempts, created, next_attempt, envelope_from in rows:
+            pending = [
+                a
+                for (a,) in conn.execute(
+                    "SELECT address FROM recipients WHERE message_id=? AND state IN ('queued', 'deferred')"
+                    " ORDER BY position",
+                    (msg_id,),
+                )
+            ]
+            listing.append(
+                {
+                    "id": msg_id,
+                    "state": state,
+                    "attempts": attempts,
+                    "created": rfc3339(created),
+                    "next_attempt": rfc3339(next_attempt) if state in ("queued", "deferred") else None,
+                    "envelope_from": envelope_from,
+                    "recipients": pending,
+                }
+            )
+        return listing
+    finally:
+        conn.execute("COMMIT")
+
+
+def spec(conn: sqlite3.Connection, msg_id: str) -> bytes | None:
+    """The stored spec bytes of a message (for `smtpgate queue show`)."""
+    row = conn.execute("SELECT spec FROM messages WHERE id=?", (msg_id,)).fetchone()
+    return None if row is None else row[0]

@@ -10,12 +10,12 @@ survives a power loss (with `NORMAL` the last commits could be lost).
 
 Group commit: every write (enqueue, claim, record_attempt, retry, delete,
 purge) is an operation with an asyncio future. The operations submitted in
-one turn of the event loop go to the writer process (spoolwriter.py) in one
+one turn of the event loop go to the writer process (writer.py) in one
 frame; the writer runs everything it has in ONE transaction, commits (one
 fsync), and answers with all the results at once. While it is fsyncing, new
 requests pile up and form the next batch: under load the number of fsyncs
 per second stays near the disk's rate while the number of messages per
-fsync grows with the concurrency. spoolwriter.py says why a process and
+fsync grows with the concurrency. writer.py says why a process and
 not a thread.
 
 Reads (STATUS, queue list, due times) use a connection of the daemon's own
@@ -34,22 +34,18 @@ import sqlite3
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timezone
 from typing import Any, Callable, Iterable, NamedTuple
 
-from smtpgate.ipc import FramedPipe, spawn
-from smtpgate.spoolwriter import FINAL_STATES, STATES, SpoolError, SpoolFull
-
-__all__ = ["Claimed", "RecipientOutcome", "Spool", "SpoolError", "SpoolFull", "SpoolLocked", "rfc3339"]
+from smtpgate.proc.child import spawn
+from smtpgate.proc.pipe import FramedPipe
+from smtpgate.spool import queries
+from smtpgate.spool.errors import SpoolError, SpoolFull, SpoolLocked
+from smtpgate.spool.schema import FINAL_STATES, STATES
 
 DISK_CHECK_INTERVAL = 1.0  # seconds between two statvfs calls
 # After a kill -9 of a daemon its writer still holds the lock for the
 # moment it takes to finish its last commit and see the end of its pipe.
 LOCK_WAIT = 5.0  # seconds
-
-
-class SpoolLocked(SpoolError):
-    """Another process holds the spool directory."""
 
 
 class Claimed(NamedTuple):
@@ -71,13 +67,6 @@ class RecipientOutcome(NamedTuple):
     address: str
     state: str
     reply: str | None
-
-
-def rfc3339(ts: float) -> str:
-    """Unix seconds -> '2026-11-26T16:23:29.123Z' (RFC 3339, UTC)."""
-    text = datetime.fromtimestamp(ts, tz=timezone.utc).isoformat(timespec="milliseconds")
-    return text.replace("+00:00", "Z")
-
 
 
 class Spool:
@@ -180,7 +169,7 @@ class Spool:
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._lock_fd = fd
         # The writer keeps the lock (pass_fds) as long as it lives.
-        self._process = spawn("spoolwriter", pass_fds=(fd,))
+        self._process = spawn("spool.writer", pass_fds=(fd,))
 
     async def close(self) -> None:
         """Finish the pending writes, stop the writer and the reader, release the lock."""
@@ -335,46 +324,15 @@ class Spool:
 
     # --- reads (reader thread) ---------------------------------------------
 
-    async def _read(self, fn: Callable, *args: Any) -> Any:
+    async def _read(self, query: Callable, *args: Any) -> Any:
+        """Run `query(connection, *args)` (queries.py) in the reader thread."""
         if self._reader is None:
             raise SpoolError("spool is not open")
-        return await self._loop.run_in_executor(self._reader, fn, *args)
+        return await self._loop.run_in_executor(self._reader, query, self._read_conn, *args)
 
     async def status(self, msg_id: str) -> dict | None:
         """The STATUS payload of PROTOCOL.md, or None if there is no such id."""
-        return await self._read(self._read_status, msg_id)
-
-    def _read_status(self, msg_id: str) -> dict | None:
-        conn = self._read_conn
-        conn.execute("BEGIN")  # one snapshot for the message and its recipients
-        try:
-            row = conn.execute(
-                "SELECT state, attempts, created, updated, next_attempt, possible_duplicate"
-                " FROM messages WHERE id=?",
-                (msg_id,),
-            ).fetchone()
-            if row is None:
-                return None
-            recipients = conn.execute(
-                "SELECT address, state, reply FROM recipients WHERE message_id=? ORDER BY position",
-                (msg_id,),
-            ).fetchall()
-        finally:
-            conn.execute("COMMIT")
-        state, attempts, created, updated, next_attempt, dup = row
-        payload: dict[str, Any] = {
-            "id": msg_id,
-            "state": state,
-            "attempts": attempts,
-            "created": rfc3339(created),
-            "updated": rfc3339(updated),
-        }
-        if state == "deferred":
-            payload["next_attempt"] = rfc3339(next_attempt)
-        payload["recipients"] = [{"address": a, "state": s, "reply": r} for a, s, r in recipients]
-        if dup:
-            payload["possible_duplicate"] = True
-        return payload
+        return await self._read(queries.status, msg_id)
 
     async def wait_final(self, msg_id: str, timeout: float) -> dict | None:
         """WAIT: the STATUS payload as soon as the message is final (sent or
@@ -403,62 +361,17 @@ class Spool:
 
     async def next_due(self) -> float | None:
         """When the earliest queued or deferred message is due, or None."""
-        return await self._read(self._read_next_due)
-
-    def _read_next_due(self) -> float | None:
-        row = self._read_conn.execute(
-            "SELECT MIN(next_attempt) FROM messages WHERE state IN ('queued', 'deferred')"
-        ).fetchone()
-        return row[0]
+        return await self._read(queries.next_due)
 
     async def list_messages(self, limit: int = 1000, include_final: bool = False) -> list[dict]:
         """For `smtpgate queue list`: messages oldest first, each
         {id, state, attempts, created, next_attempt, envelope_from, recipients}
         (recipients: the pending ones); not final ones unless include_final."""
-        return await self._read(self._read_list, limit, include_final)
-
-    def _read_list(self, limit: int, include_final: bool) -> list[dict]:
-        conn = self._read_conn
-        where = "" if include_final else "WHERE state IN ('queued', 'sending', 'deferred')"
-        conn.execute("BEGIN")
-        try:
-            rows = conn.execute(
-                f"SELECT id, state, attempts, created, next_attempt, envelope_from FROM messages {where}"
-                " ORDER BY id LIMIT ?",
-                (limit,),
-            ).fetchall()
-            listing = []
-            for msg_id, state, attempts, created, next_attempt, envelope_from in rows:
-                pending = [
-                    a
-                    for (a,) in conn.execute(
-                        "SELECT address FROM recipients WHERE message_id=? AND state IN ('queued', 'deferred')"
-                        " ORDER BY position",
-                        (msg_id,),
-                    )
-                ]
-                listing.append(
-                    {
-                        "id": msg_id,
-                        "state": state,
-                        "attempts": attempts,
-                        "created": rfc3339(created),
-                        "next_attempt": rfc3339(next_attempt) if state in ("queued", "deferred") else None,
-                        "envelope_from": envelope_from,
-                        "recipients": pending,
-                    }
-                )
-            return listing
-        finally:
-            conn.execute("COMMIT")
+        return await self._read(queries.list_messages, limit, include_final)
 
     async def spec(self, msg_id: str) -> bytes | None:
         """The stored spec bytes of a message (for `smtpgate queue show`)."""
-        return await self._read(self._read_spec, msg_id)
-
-    def _read_spec(self, msg_id: str) -> bytes | None:
-        row = self._read_conn.execute("SELECT spec FROM messages WHERE id=?", (msg_id,)).fetchone()
-        return None if row is None else row[0]
+        return await self._read(queries.spec, msg_id)
 
 
 def _alive(pid_text: str) -> bool:

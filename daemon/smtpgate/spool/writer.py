@@ -1,5 +1,5 @@
 """The spool's writer: a child process that makes every spool write, with
-group commit. The daemon side (spool.Spool) sends it operations and gets
+group commit. The daemon side (store.Spool) sends it operations and gets
 their results back once they are committed.
 
 Why a process and not a thread of the daemon: Python's sqlite3 module gives
@@ -17,7 +17,7 @@ results in one reply. While it commits, new operations pile up in the pipe
 and form the next batch, so the number of messages per fsync grows with
 the load.
 
-The wire: frames (frames.py) over the writer's stdin and stdout.
+The wire: frames (proc/framing.py) over the writer's stdin and stdout.
 - daemon -> writer: operations (token, op, now, args); the first one is
   (token, "open", now, (settings,)).
 - writer -> daemon: one answer per committed batch, (results, finalized,
@@ -36,60 +36,15 @@ import select
 import sqlite3
 import sys
 
-from smtpgate.frames import become_child, encode, take_messages
-
-STATES = ("queued", "sending", "deferred", "sent", "failed")
-FINAL_STATES = ("sent", "failed")
+from smtpgate.proc.child import become_child
+from smtpgate.proc.framing import encode, take_messages
+from smtpgate.spool.errors import SpoolError, SpoolFull
+from smtpgate.spool.schema import FINAL_STATES, SCHEMA, SCHEMA_VERSION, STATES
 
 # A batch is bounded so that one commit never holds thousands of callers on
 # one very large transaction (and the reply latency of the first caller).
 MAX_BATCH = 1024
 SQLITE_FULL = 13  # "database or disk is full": reported to the caller as SpoolFull
-
-SCHEMA_VERSION = "1"
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS messages (
-    id TEXT PRIMARY KEY,              -- ULID, time-ordered
-    state TEXT NOT NULL,              -- queued|sending|deferred|sent|failed
-    envelope_from TEXT NOT NULL,
-    spec BLOB NOT NULL,               -- MessageSpec.to_json(), opaque here
-    idempotency_key TEXT,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    created REAL NOT NULL,            -- unix seconds
-    updated REAL NOT NULL,
-    next_attempt REAL NOT NULL,
-    possible_duplicate INTEGER NOT NULL DEFAULT 0
-);
--- Partial indexes: claim_due walks the pending messages in next_attempt
--- order (no sort of the whole backlog), purge walks the final ones by age.
-CREATE INDEX IF NOT EXISTS messages_pending ON messages (next_attempt)
-    WHERE state IN ('queued', 'deferred');
-CREATE INDEX IF NOT EXISTS messages_final ON messages (updated)
-    WHERE state IN ('sent', 'failed');
-CREATE TABLE IF NOT EXISTS recipients (
-    message_id TEXT NOT NULL,
-    address TEXT NOT NULL,
-    position INTEGER NOT NULL,
-    state TEXT NOT NULL,              -- queued|deferred|sent|failed
-    reply TEXT,                       -- the upstream's last reply
-    PRIMARY KEY (message_id, address)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS idempotency (
-    key TEXT PRIMARY KEY,
-    message_id TEXT NOT NULL,
-    created REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS idempotency_age ON idempotency (created);
-"""
-
-
-class SpoolError(Exception):
-    """Base of the spool's errors."""
-
-
-class SpoolFull(SpoolError):
-    """Back-pressure: too many messages queued or too little disk; nothing stored."""
 
 
 # --- ULID: 48-bit milliseconds + 80 random bits, Crockford base32 ---------

@@ -60,7 +60,7 @@ def _add_server_args(p) -> None:
 
 
 def _connect(args):
-    from smtpgate.client import DEFAULT_URI, LineClient
+    from smtpgate.tools.lineclient import DEFAULT_URI, LineClient
 
     uri = args.server or os.environ.get("SMTPGATE_SERVER") or DEFAULT_URI
     token = args.token or os.environ.get("SMTPGATE_TOKEN")
@@ -84,7 +84,7 @@ def _send_parser(sub) -> None:
 
 
 def _send(args) -> int:
-    from smtpgate.client import RemoteError
+    from smtpgate.tools.lineclient import RemoteError
 
     body = sys.stdin.buffer.read().decode("utf-8", "replace")
     message: dict = {"from": args.sender, "to": args.to, "subject": args.subject,
@@ -153,68 +153,22 @@ def _queue_parser(sub) -> None:
 
 
 def _queue(args) -> int:
-    from smtpgate.queuetool import run_queue_command
+    from smtpgate.tools.queue import run_queue_command
 
     return run_queue_command(args)
 
 
 def _demo(args) -> int:
-    """Run `serve --dev` in a temporary folder, send one message through it, show what arrived."""
-    import socket
-    import subprocess
-    import tempfile
-    import time
+    from smtpgate.tools.demo import run_demo
 
-    from smtpgate.client import LineClient
-
-    with tempfile.TemporaryDirectory(prefix="smtpgate-demo-") as folder:
-        probe = socket.socket()
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-        probe.close()
-        cmd = [sys.executable, "-m", "smtpgate", "serve", "--dev", "--spool", folder,
-               "--listen", f"127.0.0.1:{port}", "--log-format", "console", "--log-level", "warning"]
-        print("$ " + " ".join(cmd[2:]).replace("-m smtpgate", "smtpgate"))
-        daemon = subprocess.Popen(cmd)
-        try:
-            client = None
-            for _ in range(200):
-                try:
-                    client = LineClient(f"tcp://127.0.0.1:{port}", timeout=30)
-                    break
-                except OSError:
-                    if daemon.poll() is not None:
-                        return EX_SOFTWARE
-                    time.sleep(0.05)
-            if client is None:
-                print("smtpgate demo: the daemon did not start", file=sys.stderr)
-                return EX_SOFTWARE
-            with client:
-                message = {"from": "App <app@example.com>", "to": "kelly@example.org",
-                           "subject": "记得收衣服", "text": "今天我不回家。\nsmtpgate demo"}
-                line = "SEND " + json.dumps(message, ensure_ascii=False, separators=(",", ":"))
-                print(f"> {line}")
-                msg_id = client.request(line)
-                print(f"< OK {msg_id}")
-                print(f"> WAIT {msg_id} 10")
-                state = client.wait(msg_id, 10)
-                print(f"< OK {json.dumps(state, ensure_ascii=False)}")
-            maildir = os.path.join(folder, "dev-mail")
-            for name in sorted(os.listdir(maildir)):
-                print(f"\n--- the embedded upstream received {name}:")
-                with open(os.path.join(maildir, name), "rb") as fh:
-                    print(fh.read().decode("utf-8", "replace"))
-            return EX_OK if state["state"] == "sent" else EX_SOFTWARE
-        finally:
-            daemon.terminate()
-            daemon.wait(30)
+    return run_demo()
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["sendmail"]:
         # sendmail's flags (-t -i -oi -f ...) are not argparse's: hand them over untouched.
-        from smtpgate.sendmail import main as sendmail_main
+        from smtpgate.tools.sendmail import main as sendmail_main
 
         return sendmail_main(argv[1:])
     parser = argparse.ArgumentParser(prog="smtpgate", description=__doc__)

@@ -1,172 +1,23 @@
-"""The `smtpgate` command: serve, send, queue, sendmail."""
+"""`smtpgate demo`: run `serve --dev` in a temporary folder, send one
+message through it, and show what the embedded upstream received."""
 
 from __future__ import annotations
 
-import argparse
-import base64
 import json
-import mimetypes
 import os
+import socket
+import subprocess
 import sys
+import tempfile
+import time
 
-from smtpgate import __version__
-from smtpgate.config import DEFAULT_CONFIG_PATH
+from smtpgate.tools.lineclient import LineClient
 
-# sysexits.h, as sendmail and postqueue use them.
-EX_OK, EX_USAGE, EX_DATAERR, EX_UNAVAILABLE, EX_SOFTWARE, EX_TEMPFAIL, EX_CONFIG = 0, 64, 65, 69, 70, 75, 78
-
-
-def _serve_parser(sub) -> None:
-    p = sub.add_parser("serve", help="run the daemon")
-    p.add_argument("--config", metavar="FILE", help="TOML configuration file")
-    p.add_argument("--listen", action="append", metavar="HOST:PORT",
-                   help="TCP address for the line protocol (repeatable; default 127.0.0.1:2526)")
-    p.add_argument("--socket", metavar="PATH", help="also listen on this Unix socket")
-    p.add_argument("--spool", metavar="DIR", help="spool directory (default /var/lib/smtpgate)")
-    p.add_argument("--upstream", action="append", metavar="HOST:PORT",
-                   help="upstream SMTP server; repeat for failover, tried in order")
-    p.add_argument("--upstream-tls", choices=("none", "starttls", "tls"))
-    p.add_argument("--upstream-user", metavar="USER")
-    p.add_argument("--upstream-password-file", metavar="FILE")
-    p.add_argument("--upstream-password-env", metavar="VAR",
-                   help="name of the environment variable holding the upstream password")
-    p.add_argument("--upstream-oauth2-token-file", metavar="FILE",
-                   help="XOAUTH2 access token (refreshed by another tool; reload to pick it up)")
-    p.add_argument("--upstream-ca-file", metavar="FILE")
-    p.add_argument("--smtp-listen", metavar="HOST:PORT", help="also accept mail over SMTP here")
-    p.add_argument("--tokens-file", metavar="FILE", help="file of client tokens, one a line")
-    p.add_argument("--dev", action="store_true", default=None,
-                   help="relay to an embedded SMTP server that writes .eml files (no real mail leaves)")
-    p.add_argument("--dev-maildir", metavar="DIR", help="where --dev writes .eml files (default SPOOL/dev-mail)")
-    p.add_argument("--log-format", choices=("auto", "json", "console"))
-    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+EX_OK, EX_SOFTWARE = 0, 70  # sysexits.h
 
 
-def _serve(args) -> int:
-    from smtpgate.daemon import serve
-
-    keys = ("listen", "socket", "spool", "upstream", "upstream_tls", "upstream_user",
-            "upstream_password_file", "upstream_password_env", "upstream_oauth2_token_file",
-            "upstream_ca_file",
-            "smtp_listen", "tokens_file", "dev", "dev_maildir", "log_format", "log_level")
-    overrides = {key: getattr(args, key) for key in keys}
-    return serve(args.config, overrides)
-
-
-def _add_server_args(p) -> None:
-    p.add_argument("--server", metavar="URI",
-                   help="tcp://HOST:PORT or unix:///PATH (default $SMTPGATE_SERVER or tcp://127.0.0.1:2526)")
-    p.add_argument("--token", help="client token (default $SMTPGATE_TOKEN)")
-
-
-def _connect(args):
-    from smtpgate.client import DEFAULT_URI, LineClient
-
-    uri = args.server or os.environ.get("SMTPGATE_SERVER") or DEFAULT_URI
-    token = args.token or os.environ.get("SMTPGATE_TOKEN")
-    return LineClient(uri, token=token)
-
-
-def _send_parser(sub) -> None:
-    p = sub.add_parser("send", help="hand one message to the daemon; the body is read from stdin")
-    _add_server_args(p)
-    p.add_argument("-f", "--from", dest="sender", required=True)
-    p.add_argument("-t", "--to", action="append", default=[])
-    p.add_argument("-c", "--cc", action="append", default=[])
-    p.add_argument("-b", "--bcc", action="append", default=[])
-    p.add_argument("-s", "--subject", default="")
-    p.add_argument("-a", "--attach", action="append", default=[], metavar="FILE")
-    p.add_argument("--html", action="store_true", help="the body is HTML")
-    p.add_argument("--header", action="append", default=[], metavar="NAME:VALUE")
-    p.add_argument("--idempotency-key")
-    p.add_argument("--wait", type=float, metavar="SECONDS",
-                   help="wait up to SECONDS for the final state and print it")
-
-
-def _send(args) -> int:
-    from smtpgate.client import RemoteError
-
-    body = sys.stdin.buffer.read().decode("utf-8", "replace")
-    message: dict = {"from": args.sender, "to": args.to, "subject": args.subject,
-                     ("html" if args.html else "text"): body}
-    if args.cc:
-        message["cc"] = args.cc
-    if args.bcc:
-        message["bcc"] = args.bcc
-    if args.idempotency_key:
-        message["idempotency_key"] = args.idempotency_key
-    if args.header:
-        if not all(":" in h for h in args.header):
-            print("smtpgate send: --header takes NAME:VALUE", file=sys.stderr)
-            return EX_USAGE
-        message["headers"] = {k.strip(): v.strip() for k, v in (h.split(":", 1) for h in args.header)}
-    attachments = []
-    for path in args.attach:
-        try:
-            with open(path, "rb") as fh:
-                content = fh.read()
-        except OSError as exc:
-            print(f"smtpgate send: {path}: {exc.strerror}", file=sys.stderr)
-            return EX_DATAERR
-        attachments.append({"filename": os.path.basename(path),
-                            "content_type": mimetypes.guess_type(path)[0] or "application/octet-stream",
-                            "content_base64": base64.b64encode(content).decode()})
-    if attachments:
-        message["attachments"] = attachments
-    try:
-        with _connect(args) as client:
-            msg_id = client.send(message)
-            print(msg_id)
-            if args.wait is not None:
-                state = client.wait(msg_id, args.wait)
-                print(json.dumps(state, ensure_ascii=False))
-                if state["state"] == "failed":
-                    return EX_UNAVAILABLE
-                if state["state"] != "sent":
-                    return EX_TEMPFAIL
-    except RemoteError as exc:
-        print(f"smtpgate send: refused: {exc.code} {exc.text}", file=sys.stderr)
-        return EX_TEMPFAIL if exc.code in ("BUSY", "INTERNAL") else EX_DATAERR
-    except (OSError, ValueError) as exc:
-        print(f"smtpgate send: daemon unreachable: {exc}", file=sys.stderr)
-        return EX_TEMPFAIL
-    return EX_OK
-
-
-def _queue_parser(sub) -> None:
-    p = sub.add_parser("queue", help="inspect and manage the queue (like mailq/postqueue)")
-    p.add_argument("--config", metavar="FILE", default=None,
-                   help=f"configuration file naming the spool (default {DEFAULT_CONFIG_PATH} if it exists)")
-    p.add_argument("--spool", metavar="DIR", help="spool directory (overrides the config)")
-    qsub = p.add_subparsers(dest="queue_command", required=True)
-    ls = qsub.add_parser("list", help="messages not yet final (--all: every message kept)")
-    ls.add_argument("--all", action="store_true")
-    ls.add_argument("--json", action="store_true")
-    show = qsub.add_parser("show", help="one message: state, recipients, replies")
-    show.add_argument("id")
-    retry = qsub.add_parser("retry", help="make deferred messages due now")
-    group = retry.add_mutually_exclusive_group(required=True)
-    group.add_argument("id", nargs="?")
-    group.add_argument("--all", action="store_true")
-    delete = qsub.add_parser("delete", help="remove a message from the queue")
-    delete.add_argument("id")
-
-
-def _queue(args) -> int:
-    from smtpgate.queuetool import run_queue_command
-
-    return run_queue_command(args)
-
-
-def _demo(args) -> int:
-    """Run `serve --dev` in a temporary folder, send one message through it, show what arrived."""
-    import socket
-    import subprocess
-    import tempfile
-    import time
-
-    from smtpgate.client import LineClient
-
+def run_demo() -> int:
+    """Start the daemon, hand it one message, wait for it, print it; the exit code."""
     with tempfile.TemporaryDirectory(prefix="smtpgate-demo-") as folder:
         probe = socket.socket()
         probe.bind(("127.0.0.1", 0))
@@ -208,26 +59,3 @@ def _demo(args) -> int:
         finally:
             daemon.terminate()
             daemon.wait(30)
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["sendmail"]:
-        # sendmail's flags (-t -i -oi -f ...) are not argparse's: hand them over untouched.
-        from smtpgate.sendmail import main as sendmail_main
-
-        return sendmail_main(argv[1:])
-    parser = argparse.ArgumentParser(prog="smtpgate", description=__doc__)
-    parser.add_argument("--version", action="version", version=f"smtpgate {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
-    _serve_parser(sub)
-    _send_parser(sub)
-    _queue_parser(sub)
-    sub.add_parser("demo", help="run the daemon with --dev, send one message through it, show it")
-    sub.add_parser("sendmail", help="sendmail-compatible command for PHP's mail() (see docs/operations.md)")
-    args = parser.parse_args(argv)
-    return {"serve": _serve, "send": _send, "queue": _queue, "demo": _demo}[args.command](args)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

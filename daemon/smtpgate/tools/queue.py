@@ -17,7 +17,7 @@ import sys
 import tomllib
 
 from smtpgate.config import DEFAULT_CONFIG_PATH, Config
-from smtpgate.spool import rfc3339
+from smtpgate.spool.queries import rfc3339
 
 PENDING = ("queued", "sending", "deferred")
 

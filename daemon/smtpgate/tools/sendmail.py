@@ -24,8 +24,8 @@ import sys
 import tomllib
 from email.utils import formataddr, getaddresses
 
-from smtpgate.client import DEFAULT_URI, LineClient, RemoteError, raw_send
 from smtpgate.config import DEFAULT_CONFIG_PATH, Config
+from smtpgate.tools.lineclient import DEFAULT_URI, LineClient, RemoteError, raw_send
 
 # sysexits.h
 EX_OK = 0
@@ -380,7 +380,7 @@ def smtp_session_on_stdio(uri: str, token: str | None, limit: int,
     import asyncio
     import threading
 
-    from smtpgate.smtp_intake import IntakeHandler, session_factory
+    from smtpgate.intake.smtp_door import IntakeHandler, session_factory
 
     async def enqueue(envelope_from: str, recipients: list[str], data: bytes) -> str:
         message = raw_send(envelope_from, recipients, data)

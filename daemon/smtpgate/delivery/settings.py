@@ -1,0 +1,29 @@
+"""Delivery's settings, built from the configuration by daemon.delivery_settings()."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, Sequence
+
+if TYPE_CHECKING:
+    from smtpgate.smtp import UpstreamSettings
+
+
+@dataclasses.dataclass(frozen=True)
+class DeliverySettings:
+    """What delivery needs from the configuration."""
+
+    upstreams: Sequence[UpstreamSettings]
+    connections_per_upstream: int = 10
+    workers: int | None = None  # concurrent deliveries; None: connections_per_upstream
+    max_age: float = 5 * 86400.0  # seconds after acceptance before pending recipients fail
+    retry_base: float = 60.0  # first retry after about this long, doubling each time
+    retry_max: float = 3600.0  # cap of the retry interval
+    rate_per_minute: float = 0  # messages per minute per upstream; 0: no limit
+    rate_burst: int = 1  # messages that may go at once after a quiet spell
+    idle_noop_after: float = 5.0  # NOOP a pooled connection idle longer than this
+    upstream_down_for: float = 30.0  # skip an unreachable upstream this long
+
+    @property
+    def worker_count(self) -> int:
+        return self.workers if self.workers is not None else self.connections_per_upstream
