@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import signal
 import subprocess
 import sys
 import time
 
 from test_daemon import SIMPLE, ok_payload, send_line
+
+from smtpgate.spool.store import Spool
 
 
 def smtpgate(*args, stdin: str | None = None, env=None) -> subprocess.CompletedProcess:
@@ -96,3 +100,32 @@ def test_smtpgate_send_refuses_a_header_without_a_colon(daemon):
     bad = smtpgate("send", "--server", daemon.uri, "-f", "a@example.com", "-t", "b@example.org",
                    "--header", "X-No-Colon", stdin="x")
     assert bad.returncode == 64 and "NAME:VALUE" in bad.stderr
+
+
+def stopped_daemons_spool(folder) -> str:
+    """A spool left by a daemon that has stopped: one queued message, and the
+    lock file still naming the pid the daemon had (here: ours)."""
+    async def main():
+        spool = Spool(folder, min_free_bytes=0)
+        await spool.open()
+        msg_id, _ = await spool.enqueue(b"{}", "app@example.com", ["kelly@example.org"])
+        await spool.close()
+        return msg_id
+
+    return asyncio.run(main())
+
+
+def test_queue_tool_signals_no_process_that_merely_has_a_stopped_daemons_pid(tmp_path):
+    msg_id = stopped_daemons_spool(tmp_path)
+    # The pid in the lock file now belongs to a bystander, whom SIGUSR1 would kill.
+    bystander = subprocess.Popen(["sleep", "60"])
+    try:
+        (tmp_path / "lock").write_text(f"{bystander.pid}\n")
+        deleted = smtpgate("queue", "--spool", str(tmp_path), "delete", msg_id)
+        assert deleted.returncode == 0, deleted.stderr
+    finally:
+        # A SIGUSR1 from the tool, if it sent one, is pending or delivered by
+        # now, and lower signals are delivered first: it would win over this.
+        bystander.terminate()
+        bystander.wait(10)
+    assert bystander.returncode == -signal.SIGTERM

@@ -9,6 +9,7 @@ messages at once.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
@@ -49,13 +50,23 @@ def _connect(spool: str, write: bool) -> sqlite3.Connection:
 
 
 def _notify_daemon(spool: str) -> None:
+    """SIGUSR1 to the daemon that holds the spool, if one does.
+
+    The lock file keeps the pid of the last daemon after it stopped, and by
+    now that pid may be another process's, which SIGUSR1 would kill: the
+    pid counts only while the file is flock()ed. A daemon that is not
+    running sees the change when it starts."""
     try:
         with open(os.path.join(spool, "lock")) as fh:
-            pid = int(fh.read().strip() or 0)
+            try:
+                fcntl.flock(fh, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                return  # nobody holds it (our probe ends when the file closes)
+            except BlockingIOError:
+                pid = int(fh.read().strip() or 0)
         if pid:
             os.kill(pid, signal.SIGUSR1)
     except (OSError, ValueError):
-        pass  # no daemon running: it will see the change when it starts
+        pass
 
 
 def _recipients(conn, msg_id: str) -> list[dict]:
