@@ -8,10 +8,11 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import datetime
 
 from test_daemon import SIMPLE, ok_payload, send_line
 
-from smtpgate.spool.store import Spool
+from smtpgate.spool.store import RecipientOutcome, Spool
 
 
 def smtpgate(*args, stdin: str | None = None, env=None) -> subprocess.CompletedProcess:
@@ -102,13 +103,18 @@ def test_smtpgate_send_refuses_a_header_without_a_colon(daemon):
     assert bad.returncode == 64 and "NAME:VALUE" in bad.stderr
 
 
-def stopped_daemons_spool(folder) -> str:
-    """A spool left by a daemon that has stopped: one queued message, and the
-    lock file still naming the pid the daemon had (here: ours)."""
+def stopped_daemons_spool(folder, deferred_for: float | None = None) -> str:
+    """A spool left by a daemon that has stopped: one message, queued (or
+    deferred for `deferred_for` seconds), and the lock file still naming the
+    pid the daemon had (here: ours)."""
     async def main():
         spool = Spool(folder, min_free_bytes=0)
         await spool.open()
         msg_id, _ = await spool.enqueue(b"{}", "app@example.com", ["kelly@example.org"])
+        if deferred_for is not None:
+            await spool.claim_due(time.time(), 1)
+            await spool.record_attempt(msg_id, [RecipientOutcome("kelly@example.org", "deferred", "451 later")],
+                                       next_attempt=time.time() + deferred_for)
         await spool.close()
         return msg_id
 
@@ -129,3 +135,21 @@ def test_queue_tool_signals_no_process_that_merely_has_a_stopped_daemons_pid(tmp
         bystander.terminate()
         bystander.wait(10)
     assert bystander.returncode == -signal.SIGTERM
+
+
+def epoch(rfc3339: str) -> float:
+    return datetime.fromisoformat(rfc3339.replace("Z", "+00:00")).timestamp()
+
+
+def test_queue_retry_makes_a_message_due_now_without_a_daemon(tmp_path):
+    msg_id = stopped_daemons_spool(tmp_path, deferred_for=3600)
+    shown = json.loads(smtpgate("queue", "--spool", str(tmp_path), "show", msg_id).stdout)
+    assert shown["state"] == "deferred" and epoch(shown["next_attempt"]) > time.time() + 3000
+    before = time.time()
+    retried = smtpgate("queue", "--spool", str(tmp_path), "retry", msg_id)
+    after = time.time()
+    assert retried.returncode == 0 and "1 message due now" in retried.stdout
+    shown = json.loads(smtpgate("queue", "--spool", str(tmp_path), "show", msg_id).stdout)
+    # Due now, as the spool's own retry makes it: not at 1970 (STATUS and
+    # `queue show` print it, and due times order the claims).
+    assert before - 0.001 <= epoch(shown["next_attempt"]) <= after + 0.001

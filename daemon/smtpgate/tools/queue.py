@@ -15,6 +15,7 @@ import os
 import signal
 import sqlite3
 import sys
+import time
 import tomllib
 
 from smtpgate.config import DEFAULT_CONFIG_PATH, Config
@@ -118,10 +119,12 @@ def run_queue_command(args) -> int:
     conn = _connect(spool, write=True)
     conn.execute("BEGIN IMMEDIATE")
     if command == "retry":
-        # Deferred recipients become due now; queued ones already are.
+        # Deferred recipients become due now; queued ones already are. Now,
+        # not at 0: due times order the claims (a retried message queues
+        # behind those due before it) and STATUS shows them.
         where, params = ("", ()) if args.all else ("AND id=?", (args.id,))
         changed = conn.execute(
-            f"UPDATE messages SET next_attempt=0 WHERE state='deferred' {where}", params).rowcount
+            f"UPDATE messages SET next_attempt=? WHERE state='deferred' {where}", (time.time(), *params)).rowcount
         conn.execute("COMMIT")
         print(f"{changed} message{'s' if changed != 1 else ''} due now")
         result = 0 if changed or args.all else 1
