@@ -1,4 +1,5 @@
-"""`smtpgate queue list|show|retry|delete` and `smtpgate send` beside a running daemon; SIGHUP reload."""
+"""`smtpgate queue list|show|retry|delete` beside a running daemon and without one;
+`smtpgate send`; SIGHUP reload."""
 
 from __future__ import annotations
 
@@ -153,3 +154,23 @@ def test_queue_retry_makes_a_message_due_now_without_a_daemon(tmp_path):
     # Due now, as the spool's own retry makes it: not at 1970 (STATUS and
     # `queue show` print it, and due times order the claims).
     assert before - 0.001 <= epoch(shown["next_attempt"]) <= after + 0.001
+
+
+def test_queue_list_prints_what_the_spool_lists(tmp_path):
+    msg_id = stopped_daemons_spool(tmp_path, deferred_for=3600)
+    listing = smtpgate("queue", "--spool", str(tmp_path), "list", "--json")
+    assert listing.returncode == 0, listing.stderr
+
+    async def spool_listing():
+        spool = Spool(tmp_path, min_free_bytes=0)
+        await spool.open()
+        try:
+            return await spool.list_messages()
+        finally:
+            await spool.close()
+
+    # One entry format, one name for the envelope sender: `from`.
+    entries = json.loads(listing.stdout)
+    assert entries == asyncio.run(spool_listing())
+    assert [(m["id"], m["from"], m["recipients"][0]["reply"]) for m in entries] == [
+        (msg_id, "app@example.com", "451 later")]

@@ -354,9 +354,10 @@ def test_queue_tools_list_retry_delete(tmp_path):
 
     a, b, not_due, listing, retried_one, due, retried_all, deleted, deleted_again, new_b, stats = run(main())
     assert not_due == []
-    assert [(m["id"], m["state"], m["attempts"], m["recipients"]) for m in listing] == [
-        (a, "deferred", 1, ["a@y.org"]),
-        (b, "deferred", 1, ["b@y.org"]),
+    deferred = [{"address": "a@y.org", "state": "deferred", "reply": "451 later"}]
+    assert [(m["id"], m["state"], m["attempts"], m["from"], m["recipients"]) for m in listing] == [
+        (a, "deferred", 1, "s@x.org", deferred),
+        (b, "deferred", 1, "s@x.org", [dict(deferred[0], address="b@y.org")]),
     ]
     assert retried_one == 1 and [c.id for c in due] == [a]
     assert retried_all == 1  # only b is still deferred; a is being sent

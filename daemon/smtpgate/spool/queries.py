@@ -56,42 +56,41 @@ def next_due(conn: sqlite3.Connection) -> float | None:
     return row[0]
 
 
-def list_messages(conn: sqlite3.Connection, limit: int, include_final: bool) -> list[dict]:
-    """Messages oldest first, each {id, state, attempts, created,
-    next_attempt, envelope_from, recipients} (recipients: the pending ones);
-    not final ones unless include_final."""
-    where = "" if include_final else "WHERE state IN ('queued', 'sending', 'deferred')"
-    conn.execute("BEGIN")
+def _recipients(conn: sqlite3.Connection, msg_id: str) -> list[dict]:
+    return [{"address": a, "state": s, "reply": r} for a, s, r in conn.execute(
+        "SELECT address, state, reply FROM recipients WHERE message_id=? ORDER BY position", (msg_id,))]
+
+
+def queue_entries(conn: sqlite3.Connection, *, msg_id: str | None = None, include_final: bool = False,
+                  limit: int = -1) -> list[dict]:
+    """What `smtpgate queue list|show` prints: the messages oldest first (or
+    the one `msg_id`), not final ones unless `include_final`, at most
+    `limit` (-1: all). Each is {id, state, attempts, created, updated, from
+    (the envelope sender), recipients: [{address, state, reply}],
+    next_attempt (when queued or deferred), possible_duplicate (when true)}."""
+    if msg_id is not None:
+        where, params = "WHERE id=?", (msg_id,)
+    else:
+        where, params = ("" if include_final else "WHERE state IN ('queued', 'sending', 'deferred')"), ()
+    entries = []
+    conn.execute("BEGIN")  # one snapshot for the messages and their recipients
     try:
         rows = conn.execute(
-            f"SELECT id, state, attempts, created, next_attempt, envelope_from FROM messages {where}"
-            " ORDER BY id LIMIT ?",
-            (limit,),
+            "SELECT id, state, attempts, created, updated, next_attempt, envelope_from, possible_duplicate"
+            f" FROM messages {where} ORDER BY id LIMIT ?",
+            (*params, limit),
         ).fetchall()
-        listing = []
-        for msg_id, state, attempts, created, next_attempt, envelope_from in rows:
-            pending = [
-                a
-                for (a,) in conn.execute(
-                    "SELECT address FROM recipients WHERE message_id=? AND state IN ('queued', 'deferred')"
-                    " ORDER BY position",
-                    (msg_id,),
-                )
-            ]
-            listing.append(
-                {
-                    "id": msg_id,
-                    "state": state,
-                    "attempts": attempts,
-                    "created": rfc3339(created),
-                    "next_attempt": rfc3339(next_attempt) if state in ("queued", "deferred") else None,
-                    "envelope_from": envelope_from,
-                    "recipients": pending,
-                }
-            )
-        return listing
+        for msg_id, state, attempts, created, updated, next_attempt, sender, dup in rows:
+            entry = {"id": msg_id, "state": state, "attempts": attempts, "created": rfc3339(created),
+                     "updated": rfc3339(updated), "from": sender, "recipients": _recipients(conn, msg_id)}
+            if state in ("queued", "deferred"):
+                entry["next_attempt"] = rfc3339(next_attempt)
+            if dup:
+                entry["possible_duplicate"] = True
+            entries.append(entry)
     finally:
         conn.execute("COMMIT")
+    return entries
 
 
 def spec(conn: sqlite3.Connection, msg_id: str) -> bytes | None:

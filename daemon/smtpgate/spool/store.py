@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import functools
 import itertools
 import os
 import sqlite3
@@ -364,10 +365,9 @@ class Spool:
         return await self._read(queries.next_due)
 
     async def list_messages(self, limit: int = 1000, include_final: bool = False) -> list[dict]:
-        """For `smtpgate queue list`: messages oldest first, each
-        {id, state, attempts, created, next_attempt, envelope_from, recipients}
-        (recipients: the pending ones); not final ones unless include_final."""
-        return await self._read(queries.list_messages, limit, include_final)
+        """Messages oldest first, not final ones unless include_final: the
+        entries `smtpgate queue list` prints (queries.queue_entries)."""
+        return await self._read(functools.partial(queries.queue_entries, include_final=include_final, limit=limit))
 
     async def spec(self, msg_id: str) -> bytes | None:
         """The stored spec bytes of a message (for `smtpgate queue show`)."""

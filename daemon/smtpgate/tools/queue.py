@@ -19,9 +19,7 @@ import time
 import tomllib
 
 from smtpgate.config import DEFAULT_CONFIG_PATH, Config
-from smtpgate.spool.queries import rfc3339
-
-PENDING = ("queued", "sending", "deferred")
+from smtpgate.spool import queries
 
 
 def _spool_dir(args) -> str:
@@ -70,40 +68,19 @@ def _notify_daemon(spool: str) -> None:
         pass
 
 
-def _recipients(conn, msg_id: str) -> list[dict]:
-    return [{"address": a, "state": s, "reply": r} for a, s, r in conn.execute(
-        "SELECT address, state, reply FROM recipients WHERE message_id=? ORDER BY position", (msg_id,))]
-
-
-def _row_to_dict(conn, row) -> dict:
-    msg_id, state, attempts, created, updated, next_attempt, sender, dup = row
-    out = {"id": msg_id, "state": state, "attempts": attempts, "created": rfc3339(created),
-           "updated": rfc3339(updated), "from": sender, "recipients": _recipients(conn, msg_id)}
-    if state in ("queued", "deferred"):
-        out["next_attempt"] = rfc3339(next_attempt)
-    if dup:
-        out["possible_duplicate"] = True
-    return out
-
-
-_COLUMNS = "id, state, attempts, created, updated, next_attempt, envelope_from, possible_duplicate"
-
-
 def run_queue_command(args) -> int:
     spool = _spool_dir(args)
     command = args.queue_command
     if command in ("list", "show"):
         conn = _connect(spool, write=False)
         if command == "show":
-            row = conn.execute(f"SELECT {_COLUMNS} FROM messages WHERE id=?", (args.id,)).fetchone()
-            if row is None:
+            found = queries.queue_entries(conn, msg_id=args.id)
+            if not found:
                 print(f"smtpgate queue: no message {args.id}", file=sys.stderr)
                 return 1
-            print(json.dumps(_row_to_dict(conn, row), ensure_ascii=False, indent=2))
+            print(json.dumps(found[0], ensure_ascii=False, indent=2))
             return 0
-        where = "" if args.all else f"WHERE state IN {PENDING}"
-        rows = [_row_to_dict(conn, r) for r in conn.execute(
-            f"SELECT {_COLUMNS} FROM messages {where} ORDER BY id")]
+        rows = queries.queue_entries(conn, include_final=args.all)
         if args.json:
             print(json.dumps(rows, ensure_ascii=False))
             return 0
