@@ -15,7 +15,7 @@ import pytest
 
 from smtpgate.spool.errors import SpoolFull, SpoolLocked
 from smtpgate.spool.store import RecipientOutcome, Spool
-from smtpgate.spool.writer import UlidGenerator
+from smtpgate.spool.ulid import UlidGenerator
 
 SPEC = b'{"from":"app@example.com","to":["a@example.org"],"text":"hi"}'
 RFC3339 = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")

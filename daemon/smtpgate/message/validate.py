@@ -15,7 +15,6 @@ worker builds.
 from __future__ import annotations
 
 import binascii
-import os
 import re
 import time
 from datetime import datetime, timezone
@@ -26,6 +25,7 @@ from smtpgate.message.spec import (
     RequestError, is_7bit_text,
 )
 from smtpgate.protocol.codes import BAD_ADDRESS, BAD_HEADER, BAD_REQUEST, TOO_LARGE
+from smtpgate.spool.ulid import new_ulid
 
 # ---------------------------------------------------------------- limits
 
@@ -310,16 +310,9 @@ def _format_date(now: float | datetime | None) -> str:
     return _date_cache[1]
 
 
-# Crockford's base32, as in a ULID: 48 bits of milliseconds then 80 random
-# bits, 26 characters, so ids sort by time and never collide.
-_CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
-
-
 def _new_message_id(domain: str) -> str:
     """A new RFC 5322 3.6.4 msg-id `<ULID@domain>`."""
-    n = (time.time_ns() // 1_000_000) << 80 | int.from_bytes(os.urandom(10), "big")
-    left = "".join([_CROCKFORD[(n >> shift) & 31] for shift in range(125, -1, -5)])
-    return f"<{left}@{domain}>"
+    return f"<{new_ulid(time.time())}@{domain}>"
 
 
 def _extra_headers(extra) -> tuple[list[tuple[str, str]], str | None, int]:

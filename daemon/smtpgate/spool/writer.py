@@ -40,37 +40,12 @@ from smtpgate.proc.child import become_child
 from smtpgate.proc.framing import encode, take_messages
 from smtpgate.spool.errors import SpoolError, SpoolFull
 from smtpgate.spool.schema import FINAL_STATES, SCHEMA, SCHEMA_VERSION, STATES
+from smtpgate.spool.ulid import UlidGenerator
 
 # A batch is bounded so that one commit never holds thousands of callers on
 # one very large transaction (and the reply latency of the first caller).
 MAX_BATCH = 1024
 SQLITE_FULL = 13  # "database or disk is full": reported to the caller as SpoolFull
-
-
-# --- ULID: 48-bit milliseconds + 80 random bits, Crockford base32 ---------
-
-_CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
-
-
-class UlidGenerator:
-    """Monotonic ULIDs (ulid spec): within one millisecond (or when the clock
-    steps back) the random part is incremented, so ids sort in creation
-    order."""
-
-    def __init__(self) -> None:
-        self._last_ms = -1
-        self._last_rand = 0
-
-    def new(self, now: float) -> str:
-        ms = int(now * 1000)
-        if ms <= self._last_ms:
-            ms = self._last_ms
-            self._last_rand = (self._last_rand + 1) & ((1 << 80) - 1)
-        else:
-            self._last_ms = ms
-            self._last_rand = int.from_bytes(os.urandom(10), "big")
-        value = (ms << 80) | self._last_rand
-        return "".join([_CROCKFORD[(value >> shift) & 31] for shift in range(125, -1, -5)])
 
 
 class _Effects:
