@@ -17,6 +17,7 @@ import time
 from smtpgate import __version__
 from smtpgate.config import Config, ConfigError, load_config, parse_hostport
 from smtpgate.log import get_logger, setup_logging
+from smtpgate.spool.schema import UNFINISHED_STATES, State
 
 STATUS_EVERY = 5.0
 PURGE_EVERY = 300.0
@@ -168,9 +169,9 @@ class Daemon:
                 if stats["counters"]["delivered"] != delivered:
                     delivered = stats["counters"]["delivered"]
                     last_delivery = ", last delivery " + time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-                queued = sum(states.get(k, 0) for k in ("queued", "sending", "deferred"))
-                systemd.notify(f"STATUS=queue {queued}, sent {states.get('sent', 0)}, "
-                               f"failed {states.get('failed', 0)}{last_delivery}")
+                queued = sum(states.get(k, 0) for k in UNFINISHED_STATES)
+                systemd.notify(f"STATUS=queue {queued}, sent {states.get(State.SENT, 0)}, "
+                               f"failed {states.get(State.FAILED, 0)}{last_delivery}")
                 if time.monotonic() - last_purge > PURGE_EVERY:
                     last_purge = time.monotonic()
                     await self.spool.purge(time.time())

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from smtpgate.delivery.settings import DeliverySettings
+from smtpgate.spool.schema import State
 from smtpgate.spool.store import RecipientOutcome
 
 if TYPE_CHECKING:
@@ -38,7 +39,7 @@ def next_attempt_at(now: float, created: float, attempts: int, settings: Deliver
 
 def outcomes_from_result(result: DeliveryResult) -> list[RecipientOutcome]:
     """Per-recipient outcomes of one transaction: 2xx sent, 5xx failed, 4xx deferred."""
-    states = {"accepted": "sent", "permanent": "failed", "temporary": "deferred"}
+    states = {"accepted": State.SENT, "permanent": State.FAILED, "temporary": State.DEFERRED}
     return [RecipientOutcome(r.address, states[r.status], str(r.reply)) for r in result.recipients]
 
 
@@ -47,6 +48,6 @@ def give_up(outcomes: list[RecipientOutcome], max_age: float) -> list[RecipientO
     keeping the upstream's last reply in the text."""
     note = f" (smtpgate: gave up after max_age {max_age:g} s)"
     return [
-        RecipientOutcome(o.address, "failed", (o.reply or "no reply") + note) if o.state == "deferred" else o
+        RecipientOutcome(o.address, State.FAILED, (o.reply or "no reply") + note) if o.state == State.DEFERRED else o
         for o in outcomes
     ]

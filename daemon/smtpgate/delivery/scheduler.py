@@ -36,6 +36,7 @@ from typing import Callable
 from smtpgate.delivery.pool import UpstreamPool
 from smtpgate.delivery.retry import give_up, next_attempt_at, outcomes_from_result
 from smtpgate.delivery.settings import DeliverySettings
+from smtpgate.spool.schema import State
 from smtpgate.spool.store import Claimed, RecipientOutcome, Spool
 
 # The scheduler is woken by intake, by finishing workers and by the earliest
@@ -233,11 +234,11 @@ class Delivery:
             self._in_transaction.discard(message.id)
             log.exception("delivery_error")
             attempt = _Attempt(
-                [RecipientOutcome(r, "deferred", "smtpgate: internal error, see the log") for r in message.recipients]
+                [RecipientOutcome(r, State.DEFERRED, "smtpgate: internal error, see the log") for r in message.recipients]
             )
         outcomes = attempt.outcomes
         next_attempt = None
-        if any(o.state == "deferred" for o in outcomes):
+        if any(o.state == State.DEFERRED for o in outcomes):
             next_attempt = next_attempt_at(
                 time.time(), message.created, message.attempts + 1, self._settings, self._rand()
             )
@@ -288,7 +289,7 @@ class Delivery:
         except Exception as exc:
             log.error("message_build_failed", error=f"{type(exc).__name__}: {exc}")
             return _Attempt(
-                [RecipientOutcome(r, "failed", "smtpgate: the message could not be built") for r in message.recipients]
+                [RecipientOutcome(r, State.FAILED, "smtpgate: the message could not be built") for r in message.recipients]
             )
         recipients = message.recipients
         if len(recipients) <= MAX_RCPTS_PER_TRANSACTION:
@@ -326,7 +327,7 @@ class Delivery:
                 except SmtpMessageError as exc:
                     pool.release(conn)  # nothing was sent; the session is fine
                     reply = f"smtpgate: {exc}"
-                    return _Attempt([RecipientOutcome(r, "failed", reply) for r in recipients], pool.name)
+                    return _Attempt([RecipientOutcome(r, State.FAILED, reply) for r in recipients], pool.name)
                 except SmtpSessionError as exc:
                     pool.discard(conn)
                     if reused and not exc.after_data_end and exc.reply is None and not fresh:
@@ -339,7 +340,7 @@ class Delivery:
                                 after_data_end=exc.after_data_end)
                     reply = _reply_text(exc)
                     return _Attempt(
-                        [RecipientOutcome(r, "deferred", reply) for r in recipients],
+                        [RecipientOutcome(r, State.DEFERRED, reply) for r in recipients],
                         pool.name,
                         possible_duplicate=exc.after_data_end,
                     )
@@ -352,7 +353,7 @@ class Delivery:
                         self._in_transaction.discard(message.id)
                 pool.release(conn)
                 return _Attempt(outcomes_from_result(result), pool.name)
-        return _Attempt([RecipientOutcome(r, "deferred", last_error) for r in recipients])
+        return _Attempt([RecipientOutcome(r, State.DEFERRED, last_error) for r in recipients])
 
 
 def _reply_text(exc: Exception) -> str:

@@ -7,6 +7,8 @@ import sqlite3
 from datetime import datetime, timezone
 from typing import Any
 
+from smtpgate.spool.schema import DUE_STATES, IS_DUE, IS_UNFINISHED, State
+
 
 
 def rfc3339(ts: float) -> str:
@@ -40,7 +42,7 @@ def status(conn: sqlite3.Connection, msg_id: str) -> dict | None:
         "created": rfc3339(created),
         "updated": rfc3339(updated),
     }
-    if state == "deferred":
+    if state == State.DEFERRED:
         payload["next_attempt"] = rfc3339(next_attempt)
     payload["recipients"] = [{"address": a, "state": s, "reply": r} for a, s, r in recipients]
     if dup:
@@ -50,10 +52,7 @@ def status(conn: sqlite3.Connection, msg_id: str) -> dict | None:
 
 def next_due(conn: sqlite3.Connection) -> float | None:
     """When the earliest queued or deferred message is due, or None."""
-    row = conn.execute(
-        "SELECT MIN(next_attempt) FROM messages WHERE state IN ('queued', 'deferred')"
-    ).fetchone()
-    return row[0]
+    return conn.execute(f"SELECT MIN(next_attempt) FROM messages WHERE {IS_DUE}").fetchone()[0]
 
 
 def _recipients(conn: sqlite3.Connection, msg_id: str) -> list[dict]:
@@ -71,7 +70,7 @@ def queue_entries(conn: sqlite3.Connection, *, msg_id: str | None = None, includ
     if msg_id is not None:
         where, params = "WHERE id=?", (msg_id,)
     else:
-        where, params = ("" if include_final else "WHERE state IN ('queued', 'sending', 'deferred')"), ()
+        where, params = ("" if include_final else f"WHERE {IS_UNFINISHED}"), ()
     entries = []
     conn.execute("BEGIN")  # one snapshot for the messages and their recipients
     try:
@@ -83,7 +82,7 @@ def queue_entries(conn: sqlite3.Connection, *, msg_id: str | None = None, includ
         for msg_id, state, attempts, created, updated, next_attempt, sender, dup in rows:
             entry = {"id": msg_id, "state": state, "attempts": attempts, "created": rfc3339(created),
                      "updated": rfc3339(updated), "from": sender, "recipients": _recipients(conn, msg_id)}
-            if state in ("queued", "deferred"):
+            if state in DUE_STATES:
                 entry["next_attempt"] = rfc3339(next_attempt)
             if dup:
                 entry["possible_duplicate"] = True

@@ -1,12 +1,48 @@
-"""The spool's database: its tables and the states of a message."""
+"""The spool's database: its tables, the states of a message, the files of
+the spool directory.
+
+A message is `queued` once accepted, `sending` while delivery holds it
+(claimed), `deferred` when an attempt left recipients to try again, and
+final once every recipient is: `sent`, or `failed` when one of them
+failed. A recipient has the same states but `sending`. The states are plain
+strings, not an Enum: they are stored as they are, and cross the pipes in
+every answer of the writer.
+"""
 
 from __future__ import annotations
 
-STATES = ("queued", "sending", "deferred", "sent", "failed")
-FINAL_STATES = ("sent", "failed")
+
+class State:
+    QUEUED = "queued"
+    SENDING = "sending"
+    DEFERRED = "deferred"
+    SENT = "sent"
+    FAILED = "failed"
+
+
+STATES = (State.QUEUED, State.SENDING, State.DEFERRED, State.SENT, State.FAILED)
+FINAL_STATES = (State.SENT, State.FAILED)
+DUE_STATES = (State.QUEUED, State.DEFERRED)  # tried once next_attempt has passed
+UNFINISHED_STATES = (State.QUEUED, State.SENDING, State.DEFERRED)
+
+
+def state_in(states: tuple[str, ...]) -> str:
+    """The SQL condition `state IN ('a', 'b')` (the states are ours, never input)."""
+    return "state IN (" + ", ".join(f"'{state}'" for state in states) + ")"
+
+
+# SQLite uses a partial index only for a query whose WHERE holds the index's
+# own condition: the indexes below and the queries that walk them share
+# these very texts.
+IS_DUE = state_in(DUE_STATES)
+IS_FINAL = state_in(FINAL_STATES)
+IS_UNFINISHED = state_in(UNFINISHED_STATES)
+
+DB_FILE = "spool.sqlite3"
+LOCK_FILE = "lock"  # flock()ed by the daemon (and its writer); holds the daemon's pid
 
 SCHEMA_VERSION = "1"
-SCHEMA = """
+SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS messages (
     id TEXT PRIMARY KEY,              -- ULID, time-ordered
@@ -23,9 +59,9 @@ CREATE TABLE IF NOT EXISTS messages (
 -- Partial indexes: claim_due walks the pending messages in next_attempt
 -- order (no sort of the whole backlog), purge walks the final ones by age.
 CREATE INDEX IF NOT EXISTS messages_pending ON messages (next_attempt)
-    WHERE state IN ('queued', 'deferred');
+    WHERE {IS_DUE};
 CREATE INDEX IF NOT EXISTS messages_final ON messages (updated)
-    WHERE state IN ('sent', 'failed');
+    WHERE {IS_FINAL};
 CREATE TABLE IF NOT EXISTS recipients (
     message_id TEXT NOT NULL,
     address TEXT NOT NULL,

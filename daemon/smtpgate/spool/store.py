@@ -41,7 +41,7 @@ from smtpgate.proc.child import spawn
 from smtpgate.proc.pipe import FramedPipe
 from smtpgate.spool import queries
 from smtpgate.spool.errors import SpoolError, SpoolFull, SpoolLocked
-from smtpgate.spool.schema import FINAL_STATES, STATES
+from smtpgate.spool.schema import DB_FILE, FINAL_STATES, LOCK_FILE, STATES
 
 DISK_CHECK_INTERVAL = 1.0  # seconds between two statvfs calls
 # After a kill -9 of a daemon its writer still holds the lock for the
@@ -85,7 +85,7 @@ class Spool:
         clock: Callable[[], float] = time.time,
     ):
         self.path_dir = os.fspath(path_dir)
-        self.db_path = os.path.join(self.path_dir, "spool.sqlite3")
+        self.db_path = os.path.join(self.path_dir, DB_FILE)
         self.max_queued = max_queued
         self.min_free_bytes = min_free_bytes
         self.keep_final = keep_final
@@ -152,7 +152,7 @@ class Spool:
             os.makedirs(self.path_dir, mode=0o700, exist_ok=True)
         except OSError as exc:
             raise SpoolError(f"cannot create spool directory {self.path_dir}: {exc.strerror}") from None
-        fd = os.open(os.path.join(self.path_dir, "lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        fd = os.open(os.path.join(self.path_dir, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o600)
         deadline = time.monotonic() + LOCK_WAIT
         while True:
             try:

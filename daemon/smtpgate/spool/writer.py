@@ -39,7 +39,7 @@ import sys
 from smtpgate.proc.child import become_child
 from smtpgate.proc.framing import encode, take_messages
 from smtpgate.spool.errors import SpoolError, SpoolFull
-from smtpgate.spool.schema import FINAL_STATES, SCHEMA, SCHEMA_VERSION, STATES
+from smtpgate.spool.schema import FINAL_STATES, IS_DUE, IS_FINAL, SCHEMA, SCHEMA_VERSION, STATES, UNFINISHED_STATES, State
 from smtpgate.spool.ulid import UlidGenerator
 
 # A batch is bounded so that one commit never holds thousands of callers on
@@ -62,7 +62,7 @@ class _Effects:
         if new is not None:
             self.state_delta[new] = self.state_delta.get(new, 0) + 1
         if new in FINAL_STATES and old not in FINAL_STATES:
-            name = "delivered" if new == "sent" else "failed"
+            name = "delivered" if new == State.SENT else "failed"
             self.counters[name] = self.counters.get(name, 0) + 1
 
     def count(self, name: str) -> None:
@@ -112,7 +112,7 @@ class Writer:
         # Crash recovery: a 'sending' message was being delivered when the
         # process died; deliver it again (at-least-once).
         conn.execute("BEGIN IMMEDIATE")
-        conn.execute("UPDATE messages SET state='queued' WHERE state='sending'")
+        conn.execute("UPDATE messages SET state=? WHERE state=?", (State.QUEUED, State.SENDING))
         conn.execute("COMMIT")
         for state, n in conn.execute("SELECT state, COUNT(*) FROM messages GROUP BY state"):
             self.state_counts[state] = n
@@ -181,7 +181,7 @@ class Writer:
 
     def _unfinished(self, effects: _Effects) -> int:
         return sum(
-            self.state_counts[s] + effects.state_delta.get(s, 0) for s in ("queued", "sending", "deferred")
+            self.state_counts[s] + effects.state_delta.get(s, 0) for s in UNFINISHED_STATES
         )
 
     def _bulk_enqueue(self, conn, effects, items: list) -> list:
@@ -196,14 +196,14 @@ class Writer:
             msg_id = self.ulid.new(now)
             messages.append((msg_id, envelope_from, spec_json, now, now, now))
             recipients.extend((msg_id, address, i) for i, address in enumerate(dict.fromkeys(rcpts)))
-            effects.move(None, "queued")
+            effects.move(None, State.QUEUED)
             effects.count("accepted")
             results.append((token, (msg_id, False), None))
         for rows, head, row in (
             (messages, "INSERT INTO messages (id, state, envelope_from, spec, idempotency_key,"
-                       " created, updated, next_attempt) VALUES ", "(?, 'queued', ?, ?, NULL, ?, ?, ?)"),
+                       " created, updated, next_attempt) VALUES ", f"(?, '{State.QUEUED}', ?, ?, NULL, ?, ?, ?)"),
             (recipients, "INSERT INTO recipients (message_id, address, position, state) VALUES ",
-             "(?, ?, ?, 'queued')"),
+             f"(?, ?, ?, '{State.QUEUED}')"),
         ):
             # Chunks of 2**k rows (k <= 9): a few statement texts that the
             # sqlite3 module's statement cache keeps prepared (a text per
@@ -229,26 +229,26 @@ class Writer:
         msg_id = self.ulid.new(now)
         conn.execute(
             "INSERT INTO messages (id, state, envelope_from, spec, idempotency_key,"
-            " created, updated, next_attempt) VALUES (?, 'queued', ?, ?, ?, ?, ?, ?)",
-            (msg_id, envelope_from, spec_json, key, now, now, now),
+            " created, updated, next_attempt) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (msg_id, State.QUEUED, envelope_from, spec_json, key, now, now, now),
         )
         conn.executemany(
-            "INSERT INTO recipients (message_id, address, position, state) VALUES (?, ?, ?, 'queued')",
-            [(msg_id, address, i) for i, address in enumerate(dict.fromkeys(recipients))],
+            "INSERT INTO recipients (message_id, address, position, state) VALUES (?, ?, ?, ?)",
+            [(msg_id, address, i, State.QUEUED) for i, address in enumerate(dict.fromkeys(recipients))],
         )
         if key is not None:
             conn.execute(
                 "INSERT OR REPLACE INTO idempotency (key, message_id, created) VALUES (?, ?, ?)",
                 (key, msg_id, now),
             )
-        effects.move(None, "queued")
+        effects.move(None, State.QUEUED)
         effects.count("accepted")
         return msg_id, False
 
     def op_claim_due(self, conn, effects, _now, due_by, limit):
         rows = conn.execute(
             "SELECT id, state, spec, envelope_from, attempts, created, possible_duplicate"
-            " FROM messages WHERE state IN ('queued', 'deferred') AND next_attempt <= ?"
+            f" FROM messages WHERE {IS_DUE} AND next_attempt <= ?"
             " ORDER BY next_attempt LIMIT ?",
             (due_by, limit),
         ).fetchall()
@@ -256,17 +256,17 @@ class Writer:
             return []
         ids = [row[0] for row in rows]
         marks = ",".join("?" * len(ids))  # limit is small (a few times the workers)
-        conn.execute(f"UPDATE messages SET state='sending' WHERE id IN ({marks})", ids)
+        conn.execute(f"UPDATE messages SET state=? WHERE id IN ({marks})", (State.SENDING, *ids))
         pending: dict[str, list[str]] = {msg_id: [] for msg_id in ids}
         for msg_id, address in conn.execute(
             f"SELECT message_id, address FROM recipients WHERE message_id IN ({marks})"
-            " AND state IN ('queued', 'deferred') ORDER BY message_id, position",
+            f" AND {IS_DUE} ORDER BY message_id, position",
             ids,
         ):
             pending[msg_id].append(address)
         claimed = []
         for msg_id, state, spec, envelope_from, attempts, created, dup in rows:
-            effects.move(state, "sending")
+            effects.move(state, State.SENDING)
             claimed.append((msg_id, spec, envelope_from, pending[msg_id], attempts, created, bool(dup)))
         return claimed
 
@@ -279,12 +279,12 @@ class Writer:
             [(state, reply, msg_id, address) for address, state, reply in outcomes],
         )
         states = {s for (s,) in conn.execute("SELECT state FROM recipients WHERE message_id=?", (msg_id,))}
-        if states <= {"sent"}:
-            new_state = "sent"
-        elif states <= {"sent", "failed"}:
-            new_state = "failed"
+        if states <= {State.SENT}:
+            new_state = State.SENT
+        elif states <= {State.SENT, State.FAILED}:
+            new_state = State.FAILED
         else:
-            new_state = "deferred"
+            new_state = State.DEFERRED
             effects.count("deferred")
         conn.execute(
             "UPDATE messages SET state=?, attempts=attempts+1, updated=?, next_attempt=?,"
@@ -300,20 +300,21 @@ class Writer:
         released = 0
         for msg_id in msg_ids:
             cur = conn.execute(
-                "UPDATE messages SET state='queued', possible_duplicate=possible_duplicate OR ?"
-                " WHERE id=? AND state='sending'",
-                (possible_duplicate, msg_id),
+                "UPDATE messages SET state=?, possible_duplicate=possible_duplicate OR ?"
+                " WHERE id=? AND state=?",
+                (State.QUEUED, possible_duplicate, msg_id, State.SENDING),
             )
             if cur.rowcount:
-                effects.move("sending", "queued")
+                effects.move(State.SENDING, State.QUEUED)
                 released += 1
         return released
 
     def op_retry(self, conn, effects, now, msg_id):
         if msg_id is None:
-            cur = conn.execute("UPDATE messages SET next_attempt=? WHERE state='deferred'", (now,))
+            cur = conn.execute("UPDATE messages SET next_attempt=? WHERE state=?", (now, State.DEFERRED))
         else:
-            cur = conn.execute("UPDATE messages SET next_attempt=? WHERE state='deferred' AND id=?", (now, msg_id))
+            cur = conn.execute("UPDATE messages SET next_attempt=? WHERE state=? AND id=?",
+                               (now, State.DEFERRED, msg_id))
         return cur.rowcount
 
     def op_delete(self, conn, effects, _now, msg_id):
@@ -328,7 +329,7 @@ class Writer:
 
     def op_purge(self, conn, effects, _now, purge_at):
         rows = conn.execute(
-            "DELETE FROM messages WHERE state IN ('sent', 'failed') AND updated < ? RETURNING id, state",
+            f"DELETE FROM messages WHERE {IS_FINAL} AND updated < ? RETURNING id, state",
             (purge_at - self.keep_final,),
         ).fetchall()
         conn.executemany("DELETE FROM recipients WHERE message_id=?", [(msg_id,) for msg_id, _ in rows])

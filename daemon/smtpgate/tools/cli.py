@@ -11,6 +11,7 @@ import sys
 
 from smtpgate import __version__
 from smtpgate.config import DEFAULT_CONFIG_PATH
+from smtpgate.spool.schema import State
 
 # sysexits.h, as sendmail and postqueue use them.
 EX_OK, EX_USAGE, EX_DATAERR, EX_UNAVAILABLE, EX_SOFTWARE, EX_TEMPFAIL, EX_CONFIG = 0, 64, 65, 69, 70, 75, 78
@@ -120,9 +121,9 @@ def _send(args) -> int:
             if args.wait is not None:
                 state = client.wait(msg_id, args.wait)
                 print(json.dumps(state, ensure_ascii=False))
-                if state["state"] == "failed":
+                if state["state"] == State.FAILED:
                     return EX_UNAVAILABLE
-                if state["state"] != "sent":
+                if state["state"] != State.SENT:
                     return EX_TEMPFAIL
     except RemoteError as exc:
         print(f"smtpgate send: refused: {exc.code} {exc.text}", file=sys.stderr)

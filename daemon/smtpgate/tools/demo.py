@@ -11,6 +11,7 @@ import sys
 import tempfile
 import time
 
+from smtpgate.spool.schema import State
 from smtpgate.tools.lineclient import LineClient
 
 EX_OK, EX_SOFTWARE = 0, 70  # sysexits.h
@@ -55,7 +56,7 @@ def run_demo() -> int:
                 print(f"\n--- the embedded upstream received {name}:")
                 with open(os.path.join(maildir, name), "rb") as fh:
                     print(fh.read().decode("utf-8", "replace"))
-            return EX_OK if state["state"] == "sent" else EX_SOFTWARE
+            return EX_OK if state["state"] == State.SENT else EX_SOFTWARE
         finally:
             daemon.terminate()
             daemon.wait(30)

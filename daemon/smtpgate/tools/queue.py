@@ -20,6 +20,7 @@ import tomllib
 
 from smtpgate.config import DEFAULT_CONFIG_PATH, Config
 from smtpgate.spool import queries
+from smtpgate.spool.schema import DB_FILE, FINAL_STATES, LOCK_FILE, State
 
 
 def _spool_dir(args) -> str:
@@ -40,7 +41,7 @@ def _spool_dir(args) -> str:
 
 
 def _connect(spool: str, write: bool) -> sqlite3.Connection:
-    db = os.path.join(spool, "spool.sqlite3")
+    db = os.path.join(spool, DB_FILE)
     if not os.path.exists(db):
         raise SystemExit(f"smtpgate queue: no spool at {spool} (give --spool DIR or --config FILE)")
     mode = "rw" if write else "ro"
@@ -56,7 +57,7 @@ def _notify_daemon(spool: str) -> None:
     pid counts only while the file is flock()ed. A daemon that is not
     running sees the change when it starts."""
     try:
-        with open(os.path.join(spool, "lock")) as fh:
+        with open(os.path.join(spool, LOCK_FILE)) as fh:
             try:
                 fcntl.flock(fh, fcntl.LOCK_SH | fcntl.LOCK_NB)
                 return  # nobody holds it (our probe ends when the file closes)
@@ -85,7 +86,7 @@ def run_queue_command(args) -> int:
             print(json.dumps(rows, ensure_ascii=False))
             return 0
         for m in rows:
-            pending = [r for r in m["recipients"] if r["state"] not in ("sent", "failed")] or m["recipients"]
+            pending = [r for r in m["recipients"] if r["state"] not in FINAL_STATES] or m["recipients"]
             when = m.get("next_attempt", m["updated"])
             print(f"{m['id']}  {m['state']:<8} {m['attempts']:>3}  {when}  {m['from']}")
             for r in pending:
@@ -100,8 +101,8 @@ def run_queue_command(args) -> int:
         # not at 0: due times order the claims (a retried message queues
         # behind those due before it) and STATUS shows them.
         where, params = ("", ()) if args.all else ("AND id=?", (args.id,))
-        changed = conn.execute(
-            f"UPDATE messages SET next_attempt=? WHERE state='deferred' {where}", (time.time(), *params)).rowcount
+        changed = conn.execute(f"UPDATE messages SET next_attempt=? WHERE state=? {where}",
+                               (time.time(), State.DEFERRED, *params)).rowcount
         conn.execute("COMMIT")
         print(f"{changed} message{'s' if changed != 1 else ''} due now")
         result = 0 if changed or args.all else 1
