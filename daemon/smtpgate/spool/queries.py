@@ -1,5 +1,8 @@
-"""The spool's reads: SQL run on a connection of the reader's own (the
-daemon's reader thread), beside the writer process thanks to WAL."""
+"""SQL that more than one user of the spool runs: the reads (the daemon's
+reader thread, the queue tool) and the two writes an operator makes
+(retry, delete: by the writer process for the daemon, by the queue tool in
+a transaction of its own). Each function takes an open sqlite3
+connection; none commits. WAL lets readers run beside the writer."""
 
 from __future__ import annotations
 
@@ -96,3 +99,30 @@ def spec(conn: sqlite3.Connection, msg_id: str) -> bytes | None:
     """The stored spec bytes of a message (for `smtpgate queue show`)."""
     row = conn.execute("SELECT spec FROM messages WHERE id=?", (msg_id,)).fetchone()
     return None if row is None else row[0]
+
+
+# --- an operator's writes --------------------------------------------------------
+
+
+def retry(conn: sqlite3.Connection, now: float, msg_id: str | None) -> int:
+    """Make a deferred message (every deferred one when msg_id is None) due
+    at `now`; returns how many. Queued ones are due already; one being sent
+    is left alone. `now`, not 0: due times order the claims (a retried
+    message queues behind those due before it), and STATUS shows them."""
+    if msg_id is None:
+        cur = conn.execute("UPDATE messages SET next_attempt=? WHERE state=?", (now, State.DEFERRED))
+    else:
+        cur = conn.execute("UPDATE messages SET next_attempt=? WHERE state=? AND id=?",
+                           (now, State.DEFERRED, msg_id))
+    return cur.rowcount
+
+
+def delete(conn: sqlite3.Connection, msg_id: str) -> str | None:
+    """Remove a message, its recipients and its idempotency key; returns the
+    state it had, None if there was no such message."""
+    row = conn.execute("DELETE FROM messages WHERE id=? RETURNING state", (msg_id,)).fetchone()
+    if row is None:
+        return None
+    conn.execute("DELETE FROM recipients WHERE message_id=?", (msg_id,))
+    conn.execute("DELETE FROM idempotency WHERE message_id=?", (msg_id,))
+    return row[0]

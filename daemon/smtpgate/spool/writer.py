@@ -38,6 +38,7 @@ import sys
 
 from smtpgate.proc.child import become_child
 from smtpgate.proc.framing import encode, take_messages
+from smtpgate.spool import queries
 from smtpgate.spool.errors import SpoolError, SpoolFull
 from smtpgate.spool.schema import FINAL_STATES, IS_DUE, IS_FINAL, SCHEMA, SCHEMA_VERSION, STATES, UNFINISHED_STATES, State
 from smtpgate.spool.ulid import UlidGenerator
@@ -310,20 +311,13 @@ class Writer:
         return released
 
     def op_retry(self, conn, effects, now, msg_id):
-        if msg_id is None:
-            cur = conn.execute("UPDATE messages SET next_attempt=? WHERE state=?", (now, State.DEFERRED))
-        else:
-            cur = conn.execute("UPDATE messages SET next_attempt=? WHERE state=? AND id=?",
-                               (now, State.DEFERRED, msg_id))
-        return cur.rowcount
+        return queries.retry(conn, now, msg_id)
 
     def op_delete(self, conn, effects, _now, msg_id):
-        row = conn.execute("DELETE FROM messages WHERE id=? RETURNING state", (msg_id,)).fetchone()
-        if row is None:
+        state = queries.delete(conn, msg_id)
+        if state is None:
             return False
-        conn.execute("DELETE FROM recipients WHERE message_id=?", (msg_id,))
-        conn.execute("DELETE FROM idempotency WHERE message_id=?", (msg_id,))
-        effects.move(row[0], None)
+        effects.move(state, None)
         effects.finalized.append(msg_id)  # WAIT on it returns (NOT_FOUND)
         return True
 

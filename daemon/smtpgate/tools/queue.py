@@ -1,26 +1,21 @@
 """`smtpgate queue list|show|retry|delete`: the queue tools (like mailq, postqueue, postsuper).
 
-They work on the spool database directly, whether or not the daemon runs:
-SQLite in WAL mode lets them read beside the daemon and write between its
-transactions. After a change they send the running daemon (its pid is in the
-spool's lock file) SIGUSR1, which makes it recount its queue and look for due
-messages at once.
+They work on the spool whether or not the daemon runs, through the spool's
+own access for operators (spool/admin.py); after a change the running
+daemon is told with SIGUSR1.
 """
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
-import signal
-import sqlite3
 import sys
-import time
 import tomllib
 
 from smtpgate.config import DEFAULT_CONFIG_PATH, Config
-from smtpgate.spool import queries
-from smtpgate.spool.schema import DB_FILE, FINAL_STATES, LOCK_FILE, State
+from smtpgate.spool.admin import SpoolAdmin
+from smtpgate.spool.errors import SpoolError
+from smtpgate.spool.schema import FINAL_STATES
 
 
 def _spool_dir(args) -> str:
@@ -40,83 +35,46 @@ def _spool_dir(args) -> str:
     return os.environ.get("STATE_DIRECTORY", Config.spool)
 
 
-def _connect(spool: str, write: bool) -> sqlite3.Connection:
-    db = os.path.join(spool, DB_FILE)
-    if not os.path.exists(db):
-        raise SystemExit(f"smtpgate queue: no spool at {spool} (give --spool DIR or --config FILE)")
-    mode = "rw" if write else "ro"
-    conn = sqlite3.connect(f"file:{db}?mode={mode}", uri=True, isolation_level=None, timeout=30)
-    return conn
-
-
-def _notify_daemon(spool: str) -> None:
-    """SIGUSR1 to the daemon that holds the spool, if one does.
-
-    The lock file keeps the pid of the last daemon after it stopped, and by
-    now that pid may be another process's, which SIGUSR1 would kill: the
-    pid counts only while the file is flock()ed. A daemon that is not
-    running sees the change when it starts."""
-    try:
-        with open(os.path.join(spool, LOCK_FILE)) as fh:
-            try:
-                fcntl.flock(fh, fcntl.LOCK_SH | fcntl.LOCK_NB)
-                return  # nobody holds it (our probe ends when the file closes)
-            except BlockingIOError:
-                pid = int(fh.read().strip() or 0)
-        if pid:
-            os.kill(pid, signal.SIGUSR1)
-    except (OSError, ValueError):
-        pass
-
-
 def run_queue_command(args) -> int:
-    spool = _spool_dir(args)
+    path = _spool_dir(args)
     command = args.queue_command
-    if command in ("list", "show"):
-        conn = _connect(spool, write=False)
+    try:
+        spool = SpoolAdmin(path, write=command in ("retry", "delete"))
+    except SpoolError as exc:
+        raise SystemExit(f"smtpgate queue: {exc} (give --spool DIR or --config FILE)")
+    with spool:
         if command == "show":
-            found = queries.queue_entries(conn, msg_id=args.id)
+            found = spool.entries(msg_id=args.id)
             if not found:
                 print(f"smtpgate queue: no message {args.id}", file=sys.stderr)
                 return 1
             print(json.dumps(found[0], ensure_ascii=False, indent=2))
             return 0
-        rows = queries.queue_entries(conn, include_final=args.all)
-        if args.json:
-            print(json.dumps(rows, ensure_ascii=False))
+        if command == "list":
+            _print_list(spool.entries(include_final=args.all), args.json)
             return 0
-        for m in rows:
-            pending = [r for r in m["recipients"] if r["state"] not in FINAL_STATES] or m["recipients"]
-            when = m.get("next_attempt", m["updated"])
-            print(f"{m['id']}  {m['state']:<8} {m['attempts']:>3}  {when}  {m['from']}")
-            for r in pending:
-                print(f"    {r['address']:<40} {r['state']:<8} {r['reply'] or ''}")
-        print(f"-- {len(rows)} message{'s' if len(rows) != 1 else ''}")
-        return 0
-
-    conn = _connect(spool, write=True)
-    conn.execute("BEGIN IMMEDIATE")
-    if command == "retry":
-        # Deferred recipients become due now; queued ones already are. Now,
-        # not at 0: due times order the claims (a retried message queues
-        # behind those due before it) and STATUS shows them.
-        where, params = ("", ()) if args.all else ("AND id=?", (args.id,))
-        changed = conn.execute(f"UPDATE messages SET next_attempt=? WHERE state=? {where}",
-                               (time.time(), State.DEFERRED, *params)).rowcount
-        conn.execute("COMMIT")
-        print(f"{changed} message{'s' if changed != 1 else ''} due now")
-        result = 0 if changed or args.all else 1
-    else:  # delete
-        row = conn.execute("SELECT state FROM messages WHERE id=?", (args.id,)).fetchone()
-        if row is None:
-            conn.execute("ROLLBACK")
+        if command == "retry":
+            changed = spool.retry(None if args.all else args.id)
+            print(f"{changed} message{'s' if changed != 1 else ''} due now")
+            spool.notify_daemon()
+            return 0 if changed or args.all else 1
+        state = spool.delete(args.id)
+        if state is None:
             print(f"smtpgate queue: no message {args.id}", file=sys.stderr)
             return 1
-        conn.execute("DELETE FROM recipients WHERE message_id=?", (args.id,))
-        conn.execute("DELETE FROM idempotency WHERE message_id=?", (args.id,))
-        conn.execute("DELETE FROM messages WHERE id=?", (args.id,))
-        conn.execute("COMMIT")
-        print(f"deleted {args.id} ({row[0]})")
-        result = 0
-    _notify_daemon(spool)
-    return result
+        print(f"deleted {args.id} ({state})")
+        spool.notify_daemon()
+        return 0
+
+
+def _print_list(entries: list[dict], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(entries, ensure_ascii=False))
+        return
+    for m in entries:
+        pending = [r for r in m["recipients"] if r["state"] not in FINAL_STATES] or m["recipients"]
+        when = m.get("next_attempt", m["updated"])
+        print(f"{m['id']}  {m['state']:<8} {m['attempts']:>3}  {when}  {m['from']}")
+        for r in pending:
+            print(f"    {r['address']:<40} {r['state']:<8} {r['reply'] or ''}")
+    print(f"-- {len(entries)} message{'s' if len(entries) != 1 else ''}")

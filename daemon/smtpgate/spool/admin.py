@@ -1,0 +1,86 @@
+"""The spool opened directly, for an operator's tools (`smtpgate queue`):
+whether or not the daemon runs, SQLite in WAL mode lets them read beside
+it, and write between its writer's transactions.
+
+After a change, `notify_daemon()` sends SIGUSR1 to the daemon that holds
+the spool, which recounts its queue and looks for due messages at once.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import signal
+import sqlite3
+import time
+
+from smtpgate.spool import queries
+from smtpgate.spool.errors import SpoolError
+from smtpgate.spool.schema import DB_FILE, LOCK_FILE
+
+BUSY_TIMEOUT = 30.0  # seconds to wait for the daemon's writer between its commits
+
+
+class SpoolAdmin:
+    """A connection to the spool's database in `path_dir`, read-only unless
+    `write`. Raises SpoolError if there is no spool there."""
+
+    def __init__(self, path_dir: str, *, write: bool = False):
+        self.path_dir = path_dir
+        db = os.path.join(path_dir, DB_FILE)
+        if not os.path.exists(db):
+            raise SpoolError(f"no spool at {path_dir}")
+        mode = "rw" if write else "ro"
+        self._conn = sqlite3.connect(f"file:{db}?mode={mode}", uri=True, isolation_level=None,
+                                     timeout=BUSY_TIMEOUT)
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def __enter__(self) -> SpoolAdmin:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def entries(self, *, msg_id: str | None = None, include_final: bool = False) -> list[dict]:
+        """The messages as `queue list|show` print them (queries.queue_entries)."""
+        return queries.queue_entries(self._conn, msg_id=msg_id, include_final=include_final)
+
+    def retry(self, msg_id: str | None) -> int:
+        """Make a deferred message (every one when msg_id is None) due now;
+        returns how many (queries.retry)."""
+        return self._write(queries.retry, time.time(), msg_id)
+
+    def delete(self, msg_id: str) -> str | None:
+        """Remove a message; returns the state it had, None if there was none."""
+        return self._write(queries.delete, msg_id)
+
+    def _write(self, change, *args):
+        self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            result = change(self._conn, *args)
+        except BaseException:
+            self._conn.execute("ROLLBACK")
+            raise
+        self._conn.execute("COMMIT")
+        return result
+
+    def notify_daemon(self) -> None:
+        """SIGUSR1 to the daemon that holds the spool, if one does.
+
+        The lock file keeps the pid of the last daemon after it stopped, and
+        by now that pid may be another process's, which SIGUSR1 would kill:
+        the pid counts only while the file is flock()ed. A daemon that is
+        not running sees the change when it starts."""
+        try:
+            with open(os.path.join(self.path_dir, LOCK_FILE)) as fh:
+                try:
+                    fcntl.flock(fh, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                    return  # nobody holds it (our probe ends when the file closes)
+                except BlockingIOError:
+                    pid = int(fh.read().strip() or 0)
+            if pid:
+                os.kill(pid, signal.SIGUSR1)
+        except (OSError, ValueError):
+            pass
