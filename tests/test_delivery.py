@@ -24,7 +24,8 @@ from smtpgate.message.validate import validate_send
 from smtpgate.smtp import UpstreamSettings
 from smtpgate.smtp.core import DeliveryResult, RecipientResult
 from smtpgate.smtp.replies import Reply
-from smtpgate.spool.store import RecipientOutcome, Spool
+from smtpgate.spool.ops import RecipientOutcome
+from smtpgate.spool.store import Spool
 
 FOREVER = 3600.0  # WAIT bound a test never reaches when the code works
 

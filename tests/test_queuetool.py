@@ -13,7 +13,8 @@ from datetime import datetime
 
 from test_daemon import SIMPLE, ok_payload, send_line
 
-from smtpgate.spool.store import RecipientOutcome, Spool
+from smtpgate.spool.ops import RecipientOutcome
+from smtpgate.spool.store import Spool
 
 
 def smtpgate(*args, stdin: str | None = None, env=None) -> subprocess.CompletedProcess:

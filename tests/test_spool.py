@@ -14,7 +14,8 @@ import textwrap
 import pytest
 
 from smtpgate.spool.errors import SpoolFull, SpoolLocked
-from smtpgate.spool.store import RecipientOutcome, Spool
+from smtpgate.spool.ops import RecipientOutcome
+from smtpgate.spool.store import Spool
 from smtpgate.spool.ulid import UlidGenerator
 
 SPEC = b'{"from":"app@example.com","to":["a@example.org"],"text":"hi"}'

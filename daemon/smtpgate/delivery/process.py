@@ -15,11 +15,13 @@ intake and the spool's bookkeeping.
 The child runs the very same `Delivery` (scheduler, workers, pools, rate
 limits) as a daemon without this process would; only its spool is a
 stand-in (`SpoolCalls`) whose operations the daemon answers with the real
-spool. Messages on the pipe:
-- daemon -> child: ("start", settings, log_format, log_level), ("wake",),
-  ("reload", settings), ("stop", grace), ("answer", token, value, error).
-- child -> daemon: ("started",), ("call", token, op, args); after "stop",
-  the end of its output says its Delivery has stopped.
+spool. Messages on the pipe (named types, each side dispatching on the
+type with a table):
+- daemon -> child: `Start`, `Wake`, `Reload`, `Stop`, and the `Answer`s
+  to its calls.
+- child -> daemon: `Started`, and `Call`s of the spool operations
+  `ClaimDue`, `RecordAttempt`, `Release`, `NextDue` (spool/ops.py); after
+  `Stop`, the end of its output says its Delivery has stopped.
 The child ignores signals (the daemon decides), and exits when its stdin
 ends: a daemon killed with -9 takes its deliveries with it, and the
 messages they had claimed are 'sending' until the next start puts them
@@ -29,22 +31,49 @@ back to 'queued' (at-least-once).
 from __future__ import annotations
 
 import asyncio
-import itertools
 import os
 import subprocess
-from typing import Callable
+import time
+from typing import Any, Callable, NamedTuple
 
+from smtpgate.log import get_logger, setup_logging
+from smtpgate.proc.calls import Answer, Call, PendingCalls
 from smtpgate.proc.child import become_child, spawn
 from smtpgate.proc.pipe import FramedPipe
 from smtpgate.spool.errors import SpoolError
-from smtpgate.spool.store import Claimed, Spool
+from smtpgate.spool.ops import Claimed, ClaimDue, NextDue, RecordAttempt, Release
+from smtpgate.spool.store import Spool
 
 # Beyond the grace period, what a stopping child may take: its QUITs
 # (pool.QUIT_TIMEOUT) and the last records.
 STOP_MARGIN = 15.0  # seconds
 
-# What the child may ask of the spool: the part of Spool that Delivery uses.
-SPOOL_CALLS = ("claim_due", "record_attempt", "release", "next_due")
+
+
+class Start(NamedTuple):
+    """Set up logging, start a Delivery with `settings`; answered by `Started`."""
+
+    settings: Any  # delivery.settings.DeliverySettings
+    log_format: str
+    log_level: str
+
+
+class Started(NamedTuple):
+    pass
+
+
+class Wake(NamedTuple):
+    """Something was enqueued: look at the spool now."""
+
+
+class Reload(NamedTuple):
+    settings: Any
+
+
+class Stop(NamedTuple):
+    """Stop the Delivery (in-flight messages get `grace` seconds), then end the output."""
+
+    grace: float
 
 
 class DeliveryProcess:
@@ -63,6 +92,10 @@ class DeliveryProcess:
         self._started: asyncio.Future | None = None
         self._stopping = False
         self._woken = False
+        self._handlers = {Started: self._on_started, Call: self._on_call}
+        # What the child may ask of the spool: the part of Spool that Delivery uses.
+        self._spool_calls = {ClaimDue: self._write, RecordAttempt: self._write, Release: self._write,
+                             NextDue: self._next_due}
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -71,7 +104,7 @@ class DeliveryProcess:
         self._started = loop.create_future()
         self._pipe = FramedPipe(self._on_message, self._on_eof)
         await self._pipe.open(self._process.stdout, self._process.stdin)
-        self._pipe.send(("start", self._settings, *self._log_setup))
+        self._pipe.send(Start(self._settings, *self._log_setup))
         await self._started
 
     def wake(self) -> None:
@@ -79,7 +112,7 @@ class DeliveryProcess:
         if self._pipe is None or self._stopping or self._woken:
             return
         self._woken = True
-        self._pipe.send(("wake",))
+        self._pipe.send(Wake())
         asyncio.get_running_loop().call_soon(self._rearm)
 
     def _rearm(self) -> None:
@@ -88,7 +121,7 @@ class DeliveryProcess:
     def reload(self, settings) -> None:
         self._settings = settings
         if self._pipe is not None and not self._stopping:
-            self._pipe.send(("reload", settings))
+            self._pipe.send(Reload(settings))
 
     async def stop(self, grace: float) -> None:
         """The child stops its Delivery (in-flight messages get `grace`
@@ -97,7 +130,7 @@ class DeliveryProcess:
         if process is None:
             return
         self._stopping = True
-        pipe.send(("stop", grace))
+        pipe.send(Stop(grace))
         try:
             # The child ends its output once its Delivery stopped: in-flight
             # messages within `grace`, then QUIT to the pooled connections.
@@ -112,30 +145,29 @@ class DeliveryProcess:
 
     # --- the child's messages -------------------------------------------------
 
-    def _on_message(self, message: tuple) -> None:
-        kind = message[0]
-        if kind == "call":
-            _, token, op, args = message
-            self._call(token, op, args)
-        elif kind == "started":
-            if not self._started.done():
-                self._started.set_result(None)
+    def _on_message(self, message) -> None:
+        self._handlers[type(message)](message)
 
-    def _call(self, token: int, op: str, args: tuple) -> None:
-        if op not in SPOOL_CALLS:
-            self._answer(token, None, SpoolError(f"not a spool call: {op}"))
-            return
+    def _on_started(self, _: Started) -> None:
+        if not self._started.done():
+            self._started.set_result(None)
+
+    def _on_call(self, call: Call) -> None:
+        run = self._spool_calls.get(type(call.op))
         try:
-            if op == "record_attempt":
-                msg_id, outcomes, next_attempt, duplicate = args
-                result = self._spool.record_attempt(msg_id, outcomes, next_attempt=next_attempt,
-                                                    possible_duplicate=duplicate)
-            else:
-                result = asyncio.ensure_future(getattr(self._spool, op)(*args))
+            if run is None:
+                raise SpoolError(f"not a spool call: {type(call.op).__name__}")
+            result = run(call.op)
         except Exception as exc:
-            self._answer(token, None, exc)
+            self._answer(call.token, None, exc)
             return
-        result.add_done_callback(lambda done: self._answer_from(token, done))
+        result.add_done_callback(lambda done: self._answer_from(call.token, done))
+
+    def _write(self, op) -> asyncio.Future:
+        return self._spool.submit(op)
+
+    def _next_due(self, _: NextDue) -> asyncio.Future:
+        return asyncio.ensure_future(self._spool.next_due())
 
     def _answer_from(self, token: int, done: asyncio.Future) -> None:
         if done.cancelled():
@@ -147,7 +179,7 @@ class DeliveryProcess:
         if error is not None and not isinstance(error, SpoolError):
             error = SpoolError(repr(error))  # only our own errors cross the pipe
         if self._pipe is not None:
-            self._pipe.send(("answer", token, value, error))
+            self._pipe.send(Answer(token, value, error))
 
     def _on_eof(self) -> None:
         if not self._started.done():
@@ -169,87 +201,85 @@ class DeliveryProcess:
 class SpoolCalls:
     """The child's spool: the operations Delivery uses, answered by the daemon."""
 
-    def __init__(self, pipe_send: Callable[[tuple], None]):
-        self._send = pipe_send
-        self._tokens = itertools.count(1)
-        self._pending: dict[int, asyncio.Future] = {}
+    def __init__(self, send: Callable[[Call], None], loop: asyncio.AbstractEventLoop):
+        self._send = send
+        self._calls = PendingCalls(loop)
 
-    def _call(self, op: str, *args) -> asyncio.Future:
-        fut = asyncio.get_running_loop().create_future()
-        token = next(self._tokens)
-        self._pending[token] = fut
-        self._send(("call", token, op, args))
+    def _call(self, op) -> asyncio.Future:
+        call, fut = self._calls.new(op)
+        self._send(call)
         return fut
 
     async def claim_due(self, now: float, limit: int) -> list[Claimed]:
-        return await self._call("claim_due", now, limit)
+        return await self._call(ClaimDue(now, limit))
 
     def record_attempt(self, msg_id, outcomes, *, next_attempt=None, possible_duplicate=False) -> asyncio.Future:
-        return self._call("record_attempt", msg_id, [tuple(o) for o in outcomes], next_attempt, possible_duplicate)
+        return self._call(RecordAttempt(time.time(), msg_id, list(outcomes), next_attempt, possible_duplicate))
 
     async def release(self, msg_ids, possible_duplicate: bool = False) -> int:
-        return await self._call("release", list(msg_ids), possible_duplicate)
+        return await self._call(Release(list(msg_ids), possible_duplicate))
 
     async def next_due(self) -> float | None:
-        return await self._call("next_due")
+        return await self._call(NextDue())
 
-    def answer(self, token: int, value, error) -> None:
-        fut = self._pending.pop(token, None)
-        if fut is None or fut.done():
-            return
-        if error is None:
-            fut.set_result(value)
-        else:
-            fut.set_exception(error)
+    def answer(self, answer: Answer) -> None:
+        self._calls.answer(answer)
 
 
-async def _child(in_fd: int, out_fd: int) -> None:
-    from smtpgate.delivery.scheduler import Delivery
-    from smtpgate.log import get_logger, setup_logging
+class _Relay:
+    """The child's side of the pipe: a Delivery run on the daemon's orders."""
 
-    loop = asyncio.get_running_loop()
-    done = loop.create_future()
-    state: dict = {"delivery": None}
-    spool = SpoolCalls(lambda message: pipe.send(message))  # pipe: set before anything is read
+    def __init__(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.done = loop.create_future()  # set when the child may exit
+        self.delivery = None
+        self.pipe = FramedPipe(self.on_message, self.on_eof)
+        self.spool = SpoolCalls(self.pipe.send, loop)
+        self.handlers = {Start: self.start, Wake: self.wake, Reload: self.reload, Stop: self.stop,
+                         Answer: self.spool.answer}
 
-    async def start(settings, log_format, log_level):
-        setup_logging(log_format, log_level)
+    def on_message(self, message) -> None:
+        self.handlers[type(message)](message)
+
+    def start(self, start: Start) -> None:
+        asyncio.ensure_future(self._start(start))
+
+    async def _start(self, start: Start) -> None:
+        from smtpgate.delivery.scheduler import Delivery  # the daemon, importing this module, needs none of it
+
+        setup_logging(start.log_format, start.log_level)
         try:
-            state["delivery"] = Delivery(spool, settings, get_logger())
-            await state["delivery"].start()
+            self.delivery = Delivery(self.spool, start.settings, get_logger())
+            await self.delivery.start()
         except Exception:
             get_logger().exception("delivery_start_failed")
-            done.set_result(None)  # the daemon sees our end and does not start
+            self.done.set_result(None)  # the daemon sees our end and does not start
             return
-        pipe.send(("started",))
+        self.pipe.send(Started())
 
-    async def stop(grace):
+    def wake(self, _: Wake) -> None:
+        if self.delivery is not None:
+            self.delivery.wake()
+
+    def reload(self, reload: Reload) -> None:
+        if self.delivery is not None:
+            self.delivery.reload(reload.settings)
+
+    def stop(self, stop: Stop) -> None:
+        asyncio.ensure_future(self._stop(stop.grace))
+
+    async def _stop(self, grace: float) -> None:
         try:
-            if state["delivery"] is not None:
-                await state["delivery"].stop(grace)
+            if self.delivery is not None:
+                await self.delivery.stop(grace)
         except Exception:  # e.g. the spool failed: what is unrecorded stays 'sending' until restart
             get_logger().exception("delivery_stop_failed")
         finally:
-            pipe.close_write()
-            if not done.done():
-                done.set_result(None)
+            self.pipe.close_write()
+            if not self.done.done():
+                self.done.set_result(None)
 
-    def on_message(message: tuple) -> None:
-        kind = message[0]
-        if kind == "answer":
-            spool.answer(*message[1:])
-        elif kind == "wake":
-            if state["delivery"] is not None:
-                state["delivery"].wake()
-        elif kind == "start":
-            asyncio.ensure_future(start(*message[1:]))
-        elif kind == "reload":
-            if state["delivery"] is not None:
-                state["delivery"].reload(message[1])
-        elif kind == "stop":
-            asyncio.ensure_future(stop(message[1]))
-
-    def on_eof() -> None:
+    def on_eof(self) -> None:
         # The daemon closes its end only after ours (stop), so it died: no
         # outcome can be recorded any more, and a cancelled delivery would
         # wait for the daemon to answer its release. Leave at once; the
@@ -257,9 +287,11 @@ async def _child(in_fd: int, out_fd: int) -> None:
         # back to 'queued' (at-least-once).
         os._exit(0)
 
-    pipe = FramedPipe(on_message, on_eof)
-    await pipe.open(os.fdopen(in_fd, "rb", buffering=0), os.fdopen(out_fd, "wb", buffering=0))
-    await done
+
+async def _child(in_fd: int, out_fd: int) -> None:
+    relay = _Relay()
+    await relay.pipe.open(os.fdopen(in_fd, "rb", buffering=0), os.fdopen(out_fd, "wb", buffering=0))
+    await relay.done
 
 
 def main() -> int:

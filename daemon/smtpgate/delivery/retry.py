@@ -11,8 +11,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from smtpgate.delivery.settings import DeliverySettings
+from smtpgate.spool.ops import RecipientOutcome
 from smtpgate.spool.schema import State
-from smtpgate.spool.store import RecipientOutcome
 
 if TYPE_CHECKING:
     from smtpgate.smtp import DeliveryResult

@@ -36,8 +36,9 @@ from typing import Callable
 from smtpgate.delivery.pool import UpstreamPool
 from smtpgate.delivery.retry import give_up, next_attempt_at, outcomes_from_result
 from smtpgate.delivery.settings import DeliverySettings
+from smtpgate.spool.ops import Claimed, RecipientOutcome
 from smtpgate.spool.schema import State
-from smtpgate.spool.store import Claimed, RecipientOutcome, Spool
+from smtpgate.spool.store import Spool
 
 # The scheduler is woken by intake, by finishing workers and by the earliest
 # due time; this bound only covers changes nobody announced (a clock step).

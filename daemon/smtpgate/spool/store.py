@@ -29,45 +29,28 @@ import asyncio
 import contextlib
 import fcntl
 import functools
-import itertools
 import os
 import sqlite3
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Iterable, NamedTuple
+from typing import Any, Callable, Iterable
 
+from smtpgate.proc.calls import PendingCalls
 from smtpgate.proc.child import spawn
 from smtpgate.proc.pipe import FramedPipe
 from smtpgate.spool import queries
 from smtpgate.spool.errors import SpoolError, SpoolFull, SpoolLocked
+from smtpgate.spool.ops import (
+    Claimed, ClaimDue, Committed, Configure, Delete, Enqueue, Limits, Open, Purge, RecipientOutcome, Recount,
+    RecordAttempt, Release, Retry,
+)
 from smtpgate.spool.schema import DB_FILE, FINAL_STATES, LOCK_FILE, STATES
 
 DISK_CHECK_INTERVAL = 1.0  # seconds between two statvfs calls
 # After a kill -9 of a daemon its writer still holds the lock for the
 # moment it takes to finish its last commit and see the end of its pipe.
 LOCK_WAIT = 5.0  # seconds
-
-
-class Claimed(NamedTuple):
-    """A message taken for delivery by claim_due (now in state 'sending').
-    Tuples: they cross the pipes to the writer and delivery processes."""
-
-    id: str
-    spec_json: bytes
-    envelope_from: str
-    recipients: list[str]  # the pending ones only, in their original order
-    attempts: int  # attempts made before this one
-    created: float
-    possible_duplicate: bool
-
-
-class RecipientOutcome(NamedTuple):
-    """What one attempt did for one recipient: state sent|failed|deferred."""
-
-    address: str
-    state: str
-    reply: str | None
 
 
 class Spool:
@@ -94,8 +77,7 @@ class Spool:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._process: subprocess.Popen | None = None
         self._pipe: FramedPipe | None = None
-        self._tokens = itertools.count(1)
-        self._pending: dict[int, asyncio.Future] = {}
+        self._calls: PendingCalls | None = None  # the writer's unanswered operations
         self._closing = False
         self._broken: str | None = None  # why the writer is gone, once it is
         self.on_writer_lost: Callable[[str], None] | None = None
@@ -124,9 +106,10 @@ class Spool:
         self._closing, self._broken = False, None
         try:
             await self._loop.run_in_executor(None, self._lock_and_spawn)
-            self._pipe = FramedPipe(self._on_reply, self._on_writer_gone)
+            self._calls = PendingCalls(self._loop)
+            self._pipe = FramedPipe(self._on_committed, self._on_writer_gone)
             await self._pipe.open(self._process.stdout, self._process.stdin)
-            await self._submit("open", {"db_path": self.db_path, **self._limits()})
+            await self.submit(Open(self.db_path, self._limits()))
             self._read_conn = sqlite3.connect(self.db_path, isolation_level=None, check_same_thread=False)
             self._read_conn.execute("PRAGMA query_only=1")
             self._reader = ThreadPoolExecutor(1, thread_name_prefix="spool-reader")
@@ -135,9 +118,8 @@ class Spool:
             self._unlock()
             raise
 
-    def _limits(self) -> dict:
-        return {"max_queued": self.max_queued, "keep_final": self.keep_final,
-                "idempotency_window": self.idempotency_window}
+    def _limits(self) -> Limits:
+        return Limits(self.max_queued, self.keep_final, self.idempotency_window)
 
     async def configure(self, *, max_queued: int, min_free_bytes: int, keep_final: float,
                         idempotency_window: float) -> None:
@@ -145,7 +127,7 @@ class Spool:
         self.max_queued, self.min_free_bytes = max_queued, min_free_bytes
         self.keep_final, self.idempotency_window = keep_final, idempotency_window
         self._disk_checked_at = float("-inf")  # the free-space floor may have moved
-        await self._submit("configure", self._limits())
+        await self.submit(Configure(self._limits()))
 
     def _lock_and_spawn(self) -> None:
         try:
@@ -207,45 +189,37 @@ class Spool:
 
     # --- the pipe to the writer --------------------------------------------
 
-    def _submit(self, op: str, *args: Any) -> asyncio.Future:
+    def submit(self, op) -> asyncio.Future:
+        """Send one write operation (ops.py) to the writer: a future of its
+        result, done once its batch is committed. The delivery process's
+        claims, records and releases come here as they are."""
         if self._broken is not None or self._process is None or self._closing:
             raise SpoolError(self._broken or "spool is not open")
-        token = next(self._tokens)
-        fut = self._loop.create_future()
-        self._pending[token] = fut
-        self._pipe.send((token, op, self._clock(), args))
+        call, fut = self._calls.new(op)
+        self._pipe.send(call)
         return fut
 
-    def _on_reply(self, reply: tuple) -> None:
+    def _on_committed(self, committed: Committed) -> None:
         """A committed batch: update the figures, resolve the callers, wake WAIT."""
-        results, finalized, self._state_counts, self.counters, stats = reply
-        self.commits, self.durable_commits, self.operations = stats
-        pending = self._pending
-        for token, value, exc in results:
-            fut = pending.pop(token, None)
-            if fut is None or fut.done():  # cancelled by its caller
-                continue
-            if exc is None:
-                fut.set_result(value)
-            else:
-                fut.set_exception(exc)
-        for msg_id in finalized:
+        self._state_counts, self.counters = committed.state_counts, committed.counters
+        self.commits, self.durable_commits = committed.commits, committed.durable_commits
+        self.operations = committed.operations
+        for answer in committed.answers:
+            self._calls.answer(answer)
+        for msg_id in committed.finalized:
             for fut in self._waiters.pop(msg_id, ()):
                 if not fut.done():
                     fut.set_result(None)
 
     def _on_writer_gone(self) -> None:
         """The writer's stdout closed: expected at close, a failure otherwise."""
-        if self._closing and not self._pending:
+        if self._closing and not self._calls:
             return
         code = self._process.poll() if self._process is not None else None
-        self._broken = f"the spool writer process exited unexpectedly (status {code})"
-        pending, self._pending = self._pending, {}
-        for fut in pending.values():
-            if not fut.done():
-                fut.set_exception(SpoolError(self._broken))
+        self._broken = why = f"the spool writer process exited unexpectedly (status {code})"
+        self._calls.fail_all(lambda: SpoolError(why))
         if not self._closing and self.on_writer_lost is not None:
-            self.on_writer_lost(self._broken)
+            self.on_writer_lost(why)
 
     # --- writes (run by the writer process) ---------------------------------
 
@@ -256,16 +230,16 @@ class Spool:
         recipients: list[str],
         idempotency_key: str | None = None,
     ) -> asyncio.Future:
-        """Store a message durably: a future of (id, existing), done once committed.
-        existing is True when idempotency_key was seen within the window: the
-        first message's id is returned and nothing is stored. Raises SpoolFull
+        """Store a message durably: a future of Enqueued(id, existing), done once
+        committed. existing is True when idempotency_key was seen within the
+        window: the first message's id is returned and nothing is stored. Raises SpoolFull
         (at once for low disk, through the future when max_queued is reached).
 
         A plain function returning the future, not a coroutine: `await
         spool.enqueue(...)` works as before, and the intake adds a callback
         instead of paying for a task per SEND."""
         self._check_disk()
-        return self._submit("enqueue", spec_json, envelope_from, recipients, idempotency_key)
+        return self.submit(Enqueue(self._clock(), spec_json, envelope_from, recipients, idempotency_key))
 
     def _check_disk(self) -> None:
         now = time.monotonic()
@@ -279,7 +253,7 @@ class Spool:
     async def claim_due(self, now: float, limit: int) -> list[Claimed]:
         """Take up to `limit` messages due at `now` (queued or deferred with
         next_attempt <= now), oldest due first, and mark them 'sending'."""
-        return [Claimed(*row) for row in await self._submit("claim_due", now, limit)]
+        return await self.submit(ClaimDue(now, limit))
 
     def record_attempt(
         self,
@@ -294,34 +268,33 @@ class Spool:
         recipient is final and one failed, else 'deferred' until next_attempt.
         Returns a future (await it, or add a callback: delivery does not wait)
         of the new state (None if the message was deleted meanwhile)."""
-        rows = [tuple(o) for o in outcomes]  # plain tuples: the writer does not import this module
-        return self._submit("record_attempt", msg_id, rows, next_attempt, possible_duplicate)
+        return self.submit(RecordAttempt(self._clock(), msg_id, list(outcomes), next_attempt, possible_duplicate))
 
     async def release(self, msg_ids: list[str], possible_duplicate: bool = False) -> int:
         """Put claimed messages whose attempt did not finish back to 'queued'
         (delivery stopping); possible_duplicate when it was interrupted while
         the message may have reached the upstream. Returns how many."""
-        return await self._submit("release", list(msg_ids), possible_duplicate)
+        return await self.submit(Release(list(msg_ids), possible_duplicate))
 
     async def retry(self, msg_id: str | None = None) -> int:
         """Make a deferred message (or every deferred message when msg_id is
         None) due now; returns how many were changed."""
-        return await self._submit("retry", msg_id)
+        return await self.submit(Retry(self._clock(), msg_id))
 
     async def delete(self, msg_id: str) -> bool:
         """Remove a message, its recipients and its idempotency key; False if
         there was no such message."""
-        return await self._submit("delete", msg_id)
+        return await self.submit(Delete(msg_id))
 
     async def purge(self, now: float) -> tuple[int, int]:
         """Delete final messages last updated more than keep_final ago and
         idempotency keys older than the window; returns (messages, keys)."""
-        return tuple(await self._submit("purge", now))
+        return await self.submit(Purge(now))
 
     async def recount(self) -> dict[str, int]:
         """Recount the messages per state from the database (after the queue
         tool changed it directly); returns the counts."""
-        return await self._submit("recount")
+        return await self.submit(Recount())
 
     # --- reads (reader thread) ---------------------------------------------
 

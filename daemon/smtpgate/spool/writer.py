@@ -18,11 +18,10 @@ and form the next batch, so the number of messages per fsync grows with
 the load.
 
 The wire: frames (proc/framing.py) over the writer's stdin and stdout.
-- daemon -> writer: operations (token, op, now, args); the first one is
-  (token, "open", now, (settings,)).
-- writer -> daemon: one answer per committed batch, (results, finalized,
-  state_counts, counters, commit_stats), results a list of
-  (token, value, error).
+- daemon -> writer: `Call(token, op)`, op one of the operations of ops.py;
+  the first is `Open`.
+- writer -> daemon: one `Committed` per committed batch, holding an
+  `Answer(token, value, error)` for each of its calls.
 At EOF on stdin (the daemon closed the spool, or died) the writer finishes
 what it has read and exits, so a `kill -9` of the daemon leaves no writer
 behind; it inherits the spool's lock, so no new daemon opens the spool
@@ -36,10 +35,15 @@ import select
 import sqlite3
 import sys
 
+from smtpgate.proc.calls import Answer, Call
 from smtpgate.proc.child import become_child
 from smtpgate.proc.framing import encode, take_messages
 from smtpgate.spool import queries
 from smtpgate.spool.errors import SpoolError, SpoolFull
+from smtpgate.spool.ops import (
+    Claimed, ClaimDue, Committed, Configure, Delete, Enqueue, Enqueued, Limits, Open, Purge, Recount,
+    RecordAttempt, Release, Retry,
+)
 from smtpgate.spool.schema import FINAL_STATES, IS_DUE, IS_FINAL, SCHEMA, SCHEMA_VERSION, STATES, UNFINISHED_STATES, State
 from smtpgate.spool.ulid import UlidGenerator
 
@@ -75,17 +79,27 @@ class _Effects:
 # accepted message is lost. A batch of only these commits with
 # synchronous=NORMAL; the next durable commit (an enqueue) fsyncs the WAL and
 # with it every earlier frame, so recovery always sees a prefix of commits.
-RELAXED_OPS = frozenset({"claim_due", "record_attempt", "release", "configure"})
+RELAXED_OPS = frozenset({ClaimDue, RecordAttempt, Release, Configure})
 
 
 class Writer:
-    """The write connection and every write operation (op_* methods)."""
+    """The write connection and every write operation: `handlers` maps each
+    operation type of ops.py to its method, (conn, effects, op) -> result."""
 
-    def __init__(self, db_path: str, max_queued: int, keep_final: float, idempotency_window: float):
+    def __init__(self, db_path: str, limits: Limits):
         self.db_path = db_path
-        self.max_queued = max_queued
-        self.keep_final = keep_final
-        self.idempotency_window = idempotency_window
+        self.max_queued, self.keep_final, self.idempotency_window = limits
+        self.handlers = {
+            Enqueue: self.enqueue,
+            ClaimDue: self.claim_due,
+            RecordAttempt: self.record_attempt,
+            Release: self.release,
+            Retry: self.retry,
+            Delete: self.delete,
+            Purge: self.purge,
+            Configure: self.configure,
+            Recount: self.recount,
+        }
         self.ulid = UlidGenerator()
         self.state_counts = {s: 0 for s in STATES}
         self.counters = {"accepted": 0, "delivered": 0, "failed": 0, "deferred": 0}
@@ -126,35 +140,38 @@ class Writer:
             os.close(dir_fd)
         self.conn = conn
 
-    def snapshot(self) -> tuple:
-        return (dict(self.state_counts), dict(self.counters),
-                (self.commits, self.durable_commits, self.operations))
+    def committed(self, answers: list[Answer], finalized: list[str]) -> Committed:
+        """The reply to a batch: its answers, and the figures after it."""
+        return Committed(answers, finalized, dict(self.state_counts), dict(self.counters),
+                         self.commits, self.durable_commits, self.operations)
 
     # --- batches -------------------------------------------------------------
 
-    def run_batch(self, batch: list) -> tuple[list, list[str]]:
-        """Run a batch of (token, op, now, args) in one transaction; returns
-        (results, finalized ids). If something unexpected fails, roll back
-        and run each operation alone so only the culprit fails."""
+    def run_batch(self, batch: list[Call]) -> tuple[list[Answer], list[str]]:
+        """Run a batch of calls in one transaction; returns (answers,
+        finalized ids). If something unexpected fails, roll back and run
+        each call alone so only the culprit fails."""
         conn = self.conn
         effects = _Effects()
-        results = []
-        durable = not all(op in RELAXED_OPS for _, op, _, _ in batch)
+        answers = []
+        durable = not all(type(call.op) in RELAXED_OPS for call in batch)
         if durable != self.sync_full:
             conn.execute("PRAGMA synchronous=FULL" if durable else "PRAGMA synchronous=NORMAL")
             self.sync_full = durable
         try:
             conn.execute("BEGIN IMMEDIATE")
-            bulk = [item for item in batch if item[1] == "enqueue" and item[3][3] is None]
+            bulk = [call for call in batch if type(call.op) is Enqueue and call.op.idempotency_key is None]
             rest = batch
             if len(bulk) > 1:
-                results = self._bulk_enqueue(conn, effects, bulk)
-                rest = [item for item in batch if not (item[1] == "enqueue" and item[3][3] is None)]
-            for token, op, now, args in rest:
+                answers = self._bulk_enqueue(conn, effects, bulk)
+                rest = [call for call in batch
+                        if not (type(call.op) is Enqueue and call.op.idempotency_key is None)]
+            handlers = self.handlers
+            for call in rest:
                 try:
-                    results.append((token, getattr(self, "op_" + op)(conn, effects, now, *args), None))
+                    answers.append(Answer(call.token, handlers[type(call.op)](conn, effects, call.op), None))
                 except SpoolError as exc:  # raised before the op wrote anything
-                    results.append((token, None, exc))
+                    answers.append(Answer(call.token, None, exc))
             conn.execute("COMMIT")
         except Exception as exc:
             if conn.in_transaction:
@@ -164,13 +181,13 @@ class Writer:
                     exc = SpoolFull("the disk is full")
                 elif not isinstance(exc, SpoolError):  # only our own errors cross the pipe
                     exc = SpoolError(f"{type(exc).__name__}: {exc}")
-                return [(batch[0][0], None, exc)], []
-            results, finalized = [], []
-            for item in batch:
-                one, done = self.run_batch([item])
-                results += one
+                return [Answer(batch[0].token, None, exc)], []
+            answers, finalized = [], []
+            for call in batch:
+                one, done = self.run_batch([call])
+                answers += one
                 finalized += done
-            return results, finalized
+            return answers, finalized
         self.commits += 1
         self.durable_commits += durable
         self.operations += len(batch)
@@ -178,28 +195,29 @@ class Writer:
             self.state_counts[state] += delta
         for name, delta in effects.counters.items():
             self.counters[name] += delta
-        return results, effects.finalized
+        return answers, effects.finalized
 
     def _unfinished(self, effects: _Effects) -> int:
         return sum(
             self.state_counts[s] + effects.state_delta.get(s, 0) for s in UNFINISHED_STATES
         )
 
-    def _bulk_enqueue(self, conn, effects, items: list) -> list:
+    def _bulk_enqueue(self, conn, effects, calls: list[Call]) -> list[Answer]:
         """Store many enqueues (those without an idempotency key) with one
         multi-row INSERT per table: a batch costs a handful of statements
         whatever its size."""
-        results, messages, recipients = [], [], []
-        for token, _, now, (spec_json, envelope_from, rcpts, _key) in items:
+        answers, messages, recipients = [], [], []
+        for call in calls:
+            op = call.op
             if self._unfinished(effects) >= self.max_queued:
-                results.append((token, None, SpoolFull(f"{self.max_queued} messages queued")))
+                answers.append(Answer(call.token, None, SpoolFull(f"{self.max_queued} messages queued")))
                 continue
-            msg_id = self.ulid.new(now)
-            messages.append((msg_id, envelope_from, spec_json, now, now, now))
-            recipients.extend((msg_id, address, i) for i, address in enumerate(dict.fromkeys(rcpts)))
+            msg_id = self.ulid.new(op.now)
+            messages.append((msg_id, op.envelope_from, op.spec_json, op.now, op.now, op.now))
+            recipients.extend((msg_id, address, i) for i, address in enumerate(dict.fromkeys(op.recipients)))
             effects.move(None, State.QUEUED)
             effects.count("accepted")
-            results.append((token, (msg_id, False), None))
+            answers.append(Answer(call.token, Enqueued(msg_id, False), None))
         for rows, head, row in (
             (messages, "INSERT INTO messages (id, state, envelope_from, spec, idempotency_key,"
                        " created, updated, next_attempt) VALUES ", f"(?, '{State.QUEUED}', ?, ?, NULL, ?, ?, ?)"),
@@ -216,26 +234,27 @@ class Writer:
                 chunk = rows[start:start + size]
                 conn.execute(head + ",".join([row] * size), [v for r in chunk for v in r])
                 start += size
-        return results
+        return answers
 
-    # --- operations: (conn, effects, now, *args) -> result -------------------
+    # --- operations: (conn, effects, op) -> result -------------------------
 
-    def op_enqueue(self, conn, effects, now, spec_json, envelope_from, recipients, key):
+    def enqueue(self, conn, effects, op: Enqueue) -> Enqueued:
+        now, key = op.now, op.idempotency_key
         if key is not None:
             row = conn.execute("SELECT message_id, created FROM idempotency WHERE key=?", (key,)).fetchone()
             if row is not None and row[1] >= now - self.idempotency_window:
-                return row[0], True
+                return Enqueued(row[0], True)
         if self._unfinished(effects) >= self.max_queued:
             raise SpoolFull(f"{self.max_queued} messages queued")
         msg_id = self.ulid.new(now)
         conn.execute(
             "INSERT INTO messages (id, state, envelope_from, spec, idempotency_key,"
             " created, updated, next_attempt) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (msg_id, State.QUEUED, envelope_from, spec_json, key, now, now, now),
+            (msg_id, State.QUEUED, op.envelope_from, op.spec_json, key, now, now, now),
         )
         conn.executemany(
             "INSERT INTO recipients (message_id, address, position, state) VALUES (?, ?, ?, ?)",
-            [(msg_id, address, i, State.QUEUED) for i, address in enumerate(dict.fromkeys(recipients))],
+            [(msg_id, address, i, State.QUEUED) for i, address in enumerate(dict.fromkeys(op.recipients))],
         )
         if key is not None:
             conn.execute(
@@ -244,14 +263,14 @@ class Writer:
             )
         effects.move(None, State.QUEUED)
         effects.count("accepted")
-        return msg_id, False
+        return Enqueued(msg_id, False)
 
-    def op_claim_due(self, conn, effects, _now, due_by, limit):
+    def claim_due(self, conn, effects, op: ClaimDue) -> list[Claimed]:
         rows = conn.execute(
             "SELECT id, state, spec, envelope_from, attempts, created, possible_duplicate"
             f" FROM messages WHERE {IS_DUE} AND next_attempt <= ?"
             " ORDER BY next_attempt LIMIT ?",
-            (due_by, limit),
+            (op.due_by, op.limit),
         ).fetchall()
         if not rows:
             return []
@@ -268,16 +287,19 @@ class Writer:
         claimed = []
         for msg_id, state, spec, envelope_from, attempts, created, dup in rows:
             effects.move(state, State.SENDING)
-            claimed.append((msg_id, spec, envelope_from, pending[msg_id], attempts, created, bool(dup)))
+            claimed.append(Claimed(id=msg_id, spec_json=spec, envelope_from=envelope_from,
+                                   recipients=pending[msg_id], attempts=attempts, created=created,
+                                   possible_duplicate=bool(dup)))
         return claimed
 
-    def op_record_attempt(self, conn, effects, now, msg_id, outcomes, next_attempt, possible_duplicate):
+    def record_attempt(self, conn, effects, op: RecordAttempt) -> str | None:
+        msg_id, now = op.msg_id, op.now
         row = conn.execute("SELECT state FROM messages WHERE id=?", (msg_id,)).fetchone()
         if row is None:
             return None
         conn.executemany(
             "UPDATE recipients SET state=?, reply=? WHERE message_id=? AND address=?",
-            [(state, reply, msg_id, address) for address, state, reply in outcomes],
+            [(o.state, o.reply, msg_id, o.address) for o in op.outcomes],
         )
         states = {s for (s,) in conn.execute("SELECT state FROM recipients WHERE message_id=?", (msg_id,))}
         if states <= {State.SENT}:
@@ -290,38 +312,39 @@ class Writer:
         conn.execute(
             "UPDATE messages SET state=?, attempts=attempts+1, updated=?, next_attempt=?,"
             " possible_duplicate=possible_duplicate OR ? WHERE id=?",
-            (new_state, now, next_attempt if next_attempt is not None else now, possible_duplicate, msg_id),
+            (new_state, now, op.next_attempt if op.next_attempt is not None else now, op.possible_duplicate, msg_id),
         )
         effects.move(row[0], new_state)
         if new_state in FINAL_STATES:
             effects.finalized.append(msg_id)
         return new_state
 
-    def op_release(self, conn, effects, _now, msg_ids, possible_duplicate):
+    def release(self, conn, effects, op: Release) -> int:
         released = 0
-        for msg_id in msg_ids:
+        for msg_id in op.msg_ids:
             cur = conn.execute(
                 "UPDATE messages SET state=?, possible_duplicate=possible_duplicate OR ?"
                 " WHERE id=? AND state=?",
-                (State.QUEUED, possible_duplicate, msg_id, State.SENDING),
+                (State.QUEUED, op.possible_duplicate, msg_id, State.SENDING),
             )
             if cur.rowcount:
                 effects.move(State.SENDING, State.QUEUED)
                 released += 1
         return released
 
-    def op_retry(self, conn, effects, now, msg_id):
-        return queries.retry(conn, now, msg_id)
+    def retry(self, conn, effects, op: Retry) -> int:
+        return queries.retry(conn, op.now, op.msg_id)
 
-    def op_delete(self, conn, effects, _now, msg_id):
-        state = queries.delete(conn, msg_id)
+    def delete(self, conn, effects, op: Delete) -> bool:
+        state = queries.delete(conn, op.msg_id)
         if state is None:
             return False
         effects.move(state, None)
-        effects.finalized.append(msg_id)  # WAIT on it returns (NOT_FOUND)
+        effects.finalized.append(op.msg_id)  # WAIT on it returns (NOT_FOUND)
         return True
 
-    def op_purge(self, conn, effects, _now, purge_at):
+    def purge(self, conn, effects, op: Purge) -> tuple[int, int]:
+        purge_at = op.now
         rows = conn.execute(
             f"DELETE FROM messages WHERE {IS_FINAL} AND updated < ? RETURNING id, state",
             (purge_at - self.keep_final,),
@@ -334,13 +357,11 @@ class Writer:
         ).rowcount
         return len(rows), keys
 
-    def op_configure(self, conn, effects, _now, settings):
+    def configure(self, conn, effects, op: Configure) -> None:
         """New limits from a reloaded configuration; writes nothing."""
-        self.max_queued = settings["max_queued"]
-        self.keep_final = settings["keep_final"]
-        self.idempotency_window = settings["idempotency_window"]
+        self.max_queued, self.keep_final, self.idempotency_window = op.limits
 
-    def op_recount(self, conn, effects, _now):
+    def recount(self, conn, effects, op: Recount) -> dict[str, int]:
         counts = {s: 0 for s in STATES}
         counts.update(conn.execute("SELECT state, COUNT(*) FROM messages GROUP BY state").fetchall())
         for state in STATES:  # so that current + delta == counted once committed
@@ -359,9 +380,9 @@ class _Frames:
         self.buf = bytearray()
         self.eof = False
 
-    def read(self, block: bool) -> list:
-        """The operations of every complete frame available; with `block`,
-        wait until there is at least one (or EOF)."""
+    def read(self, block: bool) -> list[Call]:
+        """The calls of every complete frame available; with `block`, wait
+        until there is at least one (or EOF)."""
         items = []
         while not self.eof and len(items) < MAX_BATCH:  # a flood never postpones the commit
             if not block and not select.select([self.fd], [], [], 0)[0]:
@@ -377,8 +398,8 @@ class _Frames:
         return items
 
 
-def _send(fd: int, answer: tuple) -> None:
-    head, data = encode([answer])
+def _send(fd: int, committed: Committed) -> None:
+    head, data = encode([committed])
     view = memoryview(head + data)
     while view:
         view = view[os.write(fd, view):]
@@ -390,15 +411,16 @@ def main() -> int:
     opening = frames.read(block=True)
     if not opening:
         return 0
-    token, op, _, (settings,) = opening[0]
-    assert op == "open", op
-    writer = Writer(**settings)
+    call = opening[0]
+    assert type(call.op) is Open, call
+    writer = Writer(call.op.db_path, call.op.limits)
     try:
         writer.open()
     except (sqlite3.Error, OSError, SpoolError) as exc:
-        _send(wfd, ([(token, None, SpoolError(f"cannot open spool {writer.db_path}: {exc}"))], [], *writer.snapshot()))
+        error = SpoolError(f"cannot open spool {writer.db_path}: {exc}")
+        _send(wfd, writer.committed([Answer(call.token, None, error)], []))
         return 1
-    _send(wfd, ([(token, None, None)], [], *writer.snapshot()))
+    _send(wfd, writer.committed([Answer(call.token, None, None)], []))
     pending = opening[1:]
     while True:
         pending += frames.read(block=not pending)
@@ -406,11 +428,11 @@ def main() -> int:
             break
         batch, pending = pending[:MAX_BATCH], pending[MAX_BATCH:]
         try:
-            results, finalized = writer.run_batch(batch)
+            answers, finalized = writer.run_batch(batch)
         except Exception as exc:  # e.g. ROLLBACK failed: fail the batch, keep serving
             error = SpoolError(f"{type(exc).__name__}: {exc}")
-            results, finalized = [(token, None, error) for token, _, _, _ in batch], []
-        _send(wfd, (results, finalized, *writer.snapshot()))
+            answers, finalized = [Answer(call.token, None, error) for call in batch], []
+        _send(wfd, writer.committed(answers, finalized))
     writer.conn.close()
     return 0
 

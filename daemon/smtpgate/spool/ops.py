@@ -1,0 +1,138 @@
+"""The operations on the spool, and what they give back.
+
+They are the messages of two pipes: the daemon's spool (store.py) sends the
+write operations to the writer process (writer.py) as `proc.calls.Call`s,
+and the delivery process asks the daemon's spool for `ClaimDue`,
+`RecordAttempt`, `Release` and `NextDue` the same way
+(delivery/process.py). Each is made and read by name on both sides.
+
+`now` in an operation is the time it was submitted (the daemon spool's
+clock): the time a message was created, an attempt recorded, a retry made.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from smtpgate.proc.calls import Answer
+
+# --- the writer's operations -------------------------------------------------
+
+
+class Limits(NamedTuple):
+    """The writer's settings that a reload may change."""
+
+    max_queued: int
+    keep_final: float  # seconds a final message is kept
+    idempotency_window: float  # seconds an idempotency key is remembered
+
+
+class Open(NamedTuple):
+    """The first operation: open (creating) the database, recover, count."""
+
+    db_path: str
+    limits: Limits
+
+
+class Configure(NamedTuple):
+    limits: Limits
+
+
+class Enqueue(NamedTuple):
+    """Store a message; answered with `Enqueued`."""
+
+    now: float
+    spec_json: bytes
+    envelope_from: str
+    recipients: list[str]
+    idempotency_key: str | None
+
+
+class ClaimDue(NamedTuple):
+    """Mark up to `limit` messages due by `due_by` 'sending'; answered with a list of `Claimed`."""
+
+    due_by: float
+    limit: int
+
+
+class RecordAttempt(NamedTuple):
+    """One attempt's outcomes; answered with the message's new state."""
+
+    now: float
+    msg_id: str
+    outcomes: list[RecipientOutcome]
+    next_attempt: float | None
+    possible_duplicate: bool
+
+
+class Release(NamedTuple):
+    """Claimed messages whose attempt did not finish go back to 'queued'."""
+
+    msg_ids: list[str]
+    possible_duplicate: bool
+
+
+class Retry(NamedTuple):
+    """Make one deferred message (or all, msg_id None) due at `now`."""
+
+    now: float
+    msg_id: str | None
+
+
+class Delete(NamedTuple):
+    msg_id: str
+
+
+class Purge(NamedTuple):
+    """Delete final messages and idempotency keys that are old at `now`."""
+
+    now: float
+
+
+class Recount(NamedTuple):
+    """Count the messages per state again (the queue tool wrote the database)."""
+
+
+class NextDue(NamedTuple):
+    """When the earliest queued or deferred message is due: a read, which the
+    daemon's spool answers from its reader thread, not the writer."""
+
+
+# --- what comes back -----------------------------------------------------------
+
+
+class Enqueued(NamedTuple):
+    id: str
+    existing: bool  # the idempotency key was seen within the window: nothing stored
+
+
+class Claimed(NamedTuple):
+    """A message taken for delivery by ClaimDue (now in state 'sending')."""
+
+    id: str
+    spec_json: bytes
+    envelope_from: str
+    recipients: list[str]  # the pending ones only, in their original order
+    attempts: int  # attempts made before this one
+    created: float
+    possible_duplicate: bool
+
+
+class RecipientOutcome(NamedTuple):
+    """What one attempt did for one recipient: state sent|failed|deferred."""
+
+    address: str
+    state: str
+    reply: str | None
+
+
+class Committed(NamedTuple):
+    """The writer's answer to a batch of operations, once it is committed."""
+
+    answers: list[Answer]
+    finalized: list[str]  # messages that became sent or failed (or were deleted): WAIT returns
+    state_counts: dict[str, int]  # messages per state, now
+    counters: dict[str, int]  # accepted, delivered, failed, deferred since the writer started
+    commits: int
+    durable_commits: int  # those with an fsync (synchronous=FULL)
+    operations: int
