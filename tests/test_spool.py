@@ -444,3 +444,21 @@ def test_frames_survive_any_split_of_the_pipe():
             buf += stream[i:i + step]
             got += take_messages(buf)
         assert got == [m for messages in frames for m in messages] and buf == b""
+
+
+def test_the_writer_runs_this_package_whatever_the_current_directory(tmp_path, monkeypatch):
+    # A folder named smtpgate in the current directory must not stand in for
+    # the package in the child (python -P -m smtpgate.spool).
+    cwd = tmp_path / "cwd"
+    (cwd / "smtpgate").mkdir(parents=True)
+    (cwd / "smtpgate" / "__init__.py").write_text("raise ImportError('not the smtpgate package')\n")
+    monkeypatch.chdir(cwd)
+
+    async def main():
+        spool = await opened(tmp_path / "spool")
+        msg_id, _ = await spool.enqueue(SPEC, "s@x.org", ["a@y.org"])
+        state = await spool.status(msg_id)
+        await spool.close()
+        return state
+
+    assert run(main())["state"] == "queued"

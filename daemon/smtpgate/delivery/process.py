@@ -100,7 +100,7 @@ class DeliveryProcess:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         self._stopping = False
-        self._process = await loop.run_in_executor(None, spawn, "delivery.process")
+        self._process = await loop.run_in_executor(None, spawn, "smtpgate.delivery")
         self._started = loop.create_future()
         self._pipe = FramedPipe(self._on_message, self._on_eof)
         await self._pipe.open(self._process.stdout, self._process.stdin)

@@ -1,7 +1,12 @@
 """Child processes of the daemon: how the daemon starts one (`spawn`) and
-how the child sets itself up (`become_child`). A child has a pipe from the
-daemon on its stdin and one to the daemon on its stdout, carrying frames
-(framing.py)."""
+how the child sets itself up (`become_child`).
+
+A child is `python -P -m smtpgate.<package>` with a pipe on its stdin (from
+the daemon) and one on its stdout (to the daemon), carrying frames
+(framing.py). It runs this very package whatever the current directory:
+-P keeps the current directory off sys.path, and the package's parent
+folder leads PYTHONPATH.
+"""
 
 from __future__ import annotations
 
@@ -10,16 +15,18 @@ import signal
 import subprocess
 import sys
 
+# The folder holding the smtpgate package (site-packages, or daemon/ in a
+# checkout installed editable).
+PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-def spawn(module: str, pass_fds: tuple[int, ...] = ()) -> subprocess.Popen:
-    """Start `python -c 'from smtpgate.<module> import main; main()'` with
-    pipes on its stdin and stdout, from this very package whatever the
-    current directory or PYTHONPATH."""
-    package_parent = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    code = (f"import sys; sys.path.insert(0, {package_parent!r}); "
-            f"from smtpgate.{module} import main; sys.exit(main())")
-    return subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, pass_fds=pass_fds)
+
+def spawn(package: str, pass_fds: tuple[int, ...] = ()) -> subprocess.Popen:
+    """Start `python -P -m <package>` (e.g. "smtpgate.spool") with pipes on
+    its stdin and stdout."""
+    path = [PACKAGE_PARENT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(path))
+    return subprocess.Popen([sys.executable, "-P", "-m", package], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, pass_fds=pass_fds, env=env)
 
 
 def become_child(name: str) -> tuple[int, int]:

@@ -152,7 +152,7 @@ class Spool:
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._lock_fd = fd
         # The writer keeps the lock (pass_fds) as long as it lives.
-        self._process = spawn("spool.writer", pass_fds=(fd,))
+        self._process = spawn("smtpgate.spool", pass_fds=(fd,))
 
     async def close(self) -> None:
         """Finish the pending writes, stop the writer and the reader, release the lock."""

@@ -33,7 +33,6 @@ from __future__ import annotations
 import os
 import select
 import sqlite3
-import sys
 
 from smtpgate.proc.calls import Answer, Call
 from smtpgate.proc.child import become_child
@@ -436,6 +435,3 @@ def main() -> int:
     writer.conn.close()
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

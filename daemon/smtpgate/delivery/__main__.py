@@ -1,0 +1,8 @@
+"""`python -m smtpgate.delivery`: the delivery process (process.main),
+started by the daemon's DeliveryProcess."""
+
+import sys
+
+from smtpgate.delivery.process import main
+
+sys.exit(main())
