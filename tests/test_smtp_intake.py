@@ -15,8 +15,10 @@ import threading
 
 import pytest
 
-from smtpgate.intake.smtp_door import start_smtp_intake, token_matches
+from smtpgate.intake.handoff import LARGE_REQUEST, token_matches
+from smtpgate.intake.smtp_door import start_smtp_intake
 from smtpgate.spool.errors import SpoolFull
+from smtpgate.tools.lineclient import RemoteError
 
 TOKEN = "tok-3f9a1c2e7b"
 MESSAGE = (b"From: App <app@example.com>\r\n"
@@ -402,3 +404,26 @@ def test_the_smtp_door_applies_the_same_policy(make_daemon, upstream):
     assert codes == [550]
     with daemon.client() as client:
         assert client.stats()["states"].get("queued", 0) == 0
+
+
+def test_both_doors_hand_large_messages_through_the_same_checks(make_daemon, upstream):
+    """Past LARGE_REQUEST the hand-off validates in a thread, for either door:
+    the policy still refuses, and what passes arrives whole."""
+    daemon = make_daemon(smtp_listen=f"127.0.0.1:{_free_port()}", allowed_recipients=["@example.org"])
+    body = b"".join(b"line %06d of a long report\r\n" % i for i in range(LARGE_REQUEST // 24))
+    large = MESSAGE + body
+    assert len(large) > LARGE_REQUEST
+    with smtplib.SMTP("127.0.0.1", _smtp_door(daemon), timeout=30) as client:
+        with pytest.raises(smtplib.SMTPDataError) as refused:
+            client.sendmail("app@example.com", ["someone@elsewhere.test"], large)
+        assert refused.value.smtp_code == 550
+        client.sendmail("app@example.com", ["kelly@example.org"], large)
+    with daemon.client() as client:
+        raw = large.decode()
+        with pytest.raises(RemoteError) as denied:
+            client.send({"from": "app@example.com", "to": "someone@elsewhere.test", "raw": raw})
+        assert denied.value.code == "DENIED"
+        client.send({"from": "app@example.com", "to": "kelly@example.org", "raw": raw})
+    received = upstream.wait_for(2)
+    assert [m.rcpt_tos for m in received] == [["kelly@example.org"]] * 2
+    assert all(body in m.data for m in received)

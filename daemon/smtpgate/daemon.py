@@ -1,10 +1,10 @@
 """`smtpgate serve`: a linear start, then serve until a signal.
 
 config -> logging -> spool (locked, recovered before the first connection)
--> embedded dev upstream (--dev) -> delivery -> intake (own or systemd
-sockets) -> SMTP front door -> READY=1 -> serve. SIGTERM/SIGINT: stop intake,
-let in-flight deliveries finish within the grace period, keep the rest
-queued. SIGHUP: reload the configuration file.
+-> embedded dev upstream (--dev) -> delivery -> the hand-off and the line
+door (own or systemd sockets) -> SMTP door -> READY=1 -> serve.
+SIGTERM/SIGINT: stop the doors, let in-flight deliveries finish within the
+grace period, keep the rest queued. SIGHUP: reload the configuration file.
 """
 
 from __future__ import annotations
@@ -68,7 +68,8 @@ class Daemon:
     async def run(self) -> int:
         from smtpgate import systemd
         from smtpgate.delivery.process import DeliveryProcess
-        from smtpgate.intake.line_door import Intake
+        from smtpgate.intake.handoff import Handoff
+        from smtpgate.intake.line_door import LineDoor
         from smtpgate.spool.store import Spool
 
         config = self.config
@@ -86,14 +87,15 @@ class Daemon:
                                         on_lost=self._delivery_lost)
         if not config.hold:
             await self.delivery.start()
-        self.intake = Intake(config, self.spool, self.delivery, self.log)
-        await self.intake.start(inherited)
+        handoff = Handoff(config, self.spool, self.delivery, self.log)
+        self.line_door = LineDoor(config, handoff, self.spool, self.log)
+        await self.line_door.start(inherited)
         if config.smtp_listen:
             from smtpgate.intake.smtp_door import start_smtp_intake
             host, port = parse_hostport(config.smtp_listen, "smtp_listen")
             # tokens as a function: a SIGHUP that changes them applies here too.
             self.smtp_server = await start_smtp_intake(
-                host, port, enqueue=self._enqueue_raw, tokens=lambda: self.config.tokens,
+                host, port, enqueue=handoff.take_raw, tokens=lambda: self.config.tokens,
                 max_message_bytes=config.max_message_size, log=self.log,
                 hostname=config.helo_name, timeout=config.idle_timeout)
 
@@ -103,7 +105,7 @@ class Daemon:
         # `smtpgate queue retry|delete` changed the spool behind our back.
         loop.add_signal_handler(signal.SIGUSR1, lambda: asyncio.ensure_future(self.queue_changed()))
         systemd.notify("READY=1", f"STATUS=serving, version {__version__}")
-        await self.intake.start_serving()
+        await self.line_door.start_serving()
         self.log.info("started", version=__version__, pid=os.getpid(),
                       upstreams=config.upstream or (["dev"] if config.dev else []))
         housekeeping = asyncio.create_task(self._housekeeping(systemd))
@@ -114,7 +116,7 @@ class Daemon:
         housekeeping.cancel()
         if self.smtp_server is not None:
             self.smtp_server.close()
-        await self.intake.close(grace=2.0)
+        await self.line_door.close(grace=2.0)
         if not self.config.hold:
             await self.delivery.stop(STOP_GRACE)
         if self.dev_server is not None:
@@ -135,25 +137,6 @@ class Daemon:
         self.log.error("spool_failed", error=why)
         self.exit_code = 73  # EX_CANTCREAT, as when the spool cannot be opened
         self.stopping.set()
-
-    async def _enqueue_raw(self, envelope_from: str, recipients: list[str], raw: bytes) -> str:
-        """The SMTP front door's hand-off: validate as a raw SEND, store durably, return the id."""
-        from smtpgate.intake.handoff import LARGE_REQUEST, check_policy
-        from smtpgate.message.validate import validate_send
-        from smtpgate.tools.lineclient import raw_send
-
-        def validate():
-            return validate_send(raw_send(envelope_from, recipients, raw),
-                                 max_message_bytes=self.config.max_message_size,
-                                 message_id_domain=self.config.message_id_domain or None)
-
-        # As for a large SEND: megabytes of checks go to a thread, off the loop.
-        spec = await asyncio.to_thread(validate) if len(raw) > LARGE_REQUEST else validate()
-        check_policy(self.config, spec)
-        msg_id, _ = await self.spool.enqueue(spec.to_json(), spec.envelope_from,
-                                             spec.recipients, None)
-        self.delivery.wake()
-        return msg_id
 
     async def _housekeeping(self, systemd) -> None:
         watchdog = systemd.watchdog_interval()

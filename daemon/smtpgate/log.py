@@ -54,3 +54,9 @@ class _StdlibToStructlog(logging.Handler):
 
 def get_logger(**bound):
     return structlog.get_logger("smtpgate").bind(**bound)
+
+
+def sockname(sock) -> str:
+    """A listening socket's address for a log line: "host:port", or the Unix socket's path."""
+    name = sock.getsockname()
+    return f"{name[0]}:{name[1]}" if isinstance(name, tuple) else str(name)

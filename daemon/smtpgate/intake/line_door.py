@@ -1,4 +1,7 @@
-"""Intake: the line protocol over TCP and Unix sockets (PROTOCOL.md).
+"""The line door: the line protocol over TCP and Unix sockets (PROTOCOL.md).
+
+A SEND goes through the hand-off (handoff.py) that the SMTP door shares;
+STATUS, WAIT and STATS read the spool.
 
 A thin asyncio layer around the sans-IO `LineParser`, written as a Protocol
 with callbacks rather than streams and a task per request: the hand-off is
@@ -14,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import hmac
 import json
 import os
 import socket
@@ -23,11 +25,11 @@ import time
 
 from smtpgate import PROTOCOL_VERSION, __version__
 from smtpgate.config import Config, parse_hostport
-from smtpgate.intake.handoff import LARGE_REQUEST, check_policy
+from smtpgate.intake.handoff import Handoff
+from smtpgate.log import sockname
 from smtpgate.message.spec import RequestError
-from smtpgate.message.validate import validate_send
 from smtpgate.protocol import ForeignProtocol, LineParser, LineTooLong, Request, codes, reply_err, reply_ok
-from smtpgate.spool.errors import SpoolFull
+from smtpgate.spool.ops import Enqueued
 
 VERBS = ("PING", "HELLO", "AUTH", "SEND", "STATUS", "WAIT", "STATS", "NOOP", "HELP", "QUIT")
 OPEN_VERBS = frozenset({"PING", "HELLO", "HELP", "AUTH", "QUIT"})
@@ -43,13 +45,14 @@ def _json(obj) -> str:
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
 
 
-class Intake:
-    """Serves the line protocol; `start()` binds, `close()` stops accepting."""
+class LineDoor:
+    """Serves the line protocol; `start()` binds, `close()` stops accepting.
+    SENDs go to `handoff`; STATUS, WAIT and STATS read `spool`."""
 
-    def __init__(self, config: Config, spool, delivery, log):
+    def __init__(self, config: Config, handoff: Handoff, spool, log):
         self.config = config
+        self.handoff = handoff
         self.spool = spool
-        self.delivery = delivery
         self.log = log
         self.servers: list[asyncio.AbstractServer] = []
         self.connections: set[Connection] = set()
@@ -97,7 +100,7 @@ class Intake:
                 self.servers.append(server)
         for server in self.servers:
             for sock in server.sockets:
-                self.log.info("listening", address=_sockname(sock))
+                self.log.info("listening", address=sockname(sock))
 
     async def start_serving(self) -> None:
         for server in self.servers:
@@ -129,9 +132,10 @@ class Intake:
 class Connection(asyncio.Protocol):
     """One client connection: parse requests, dispatch them, write replies in order."""
 
-    def __init__(self, intake: Intake):
-        self.intake = intake
-        self.config = intake.config
+    def __init__(self, door: LineDoor):
+        self.door = door
+        self.config = door.config
+        self.handoff = door.handoff
         self.loop = asyncio.get_running_loop()
         self.parser = LineParser(max_line=self.config.max_line)
         self.authenticated = not self.config.tokens
@@ -149,22 +153,22 @@ class Connection(asyncio.Protocol):
 
     def connection_made(self, transport) -> None:
         self.transport = transport
-        intake = self.intake
-        intake.counters["connections"] += 1
+        door = self.door
+        door.counters["connections"] += 1
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.peer = transport.get_extra_info("peername") or "unix"
-        if len(intake.connections) >= self.config.max_connections or not intake.accepting:
+        if len(door.connections) >= self.config.max_connections or not door.accepting:
             transport.write(reply_err(codes.BUSY, "too many connections, try again later"))
             transport.close()
             return
-        intake.connections.add(self)
+        door.connections.add(self)
         self.last_activity = self.loop.time()
         self._arm(self.last_activity + self.config.idle_timeout)
 
     def connection_lost(self, exc) -> None:
-        self.intake.connections.discard(self)
+        self.door.connections.discard(self)
         self.closing = True
         for slot in self.slots:  # coroutines never started: close them quietly
             if len(slot) > 1:
@@ -185,8 +189,8 @@ class Connection(asyncio.Protocol):
         self.parser.feed(data)
         while (event := self.parser.next_event()) is not None:
             if isinstance(event, ForeignProtocol):
-                self.intake.counters["foreign_protocol"] += 1
-                self.intake.log.warning("foreign_protocol_closed", peer=str(self.peer),
+                self.door.counters["foreign_protocol"] += 1
+                self.door.log.warning("foreign_protocol_closed", peer=str(self.peer),
                                         start=event.line_start[:40])
                 self.closing = True
                 self.transport.abort()
@@ -197,7 +201,7 @@ class Connection(asyncio.Protocol):
             if not isinstance(event, Request):  # a line that is not UTF-8, etc.
                 self._reply(reply_err(codes.BAD_REQUEST, str(getattr(event, "reason", "bad request line"))))
                 continue
-            self.intake.counters["requests"] += 1
+            self.door.counters["requests"] += 1
             if event.verb == "QUIT":  # nothing after it is answered
                 self._reply(reply_ok("BYE"))
                 self.closing = True
@@ -206,7 +210,7 @@ class Connection(asyncio.Protocol):
             try:
                 self._dispatch(event)
             except Exception:  # a bug: answer it, keep the connection and the daemon serving
-                self.intake.log.exception("request_failed", verb=event.verb)
+                self.door.log.exception("request_failed", verb=event.verb)
                 self._reply(reply_err(codes.INTERNAL, "the daemon failed; see its log"))
         self._flush()
         # A client that pipelines without reading may not grow our memory
@@ -294,7 +298,7 @@ class Connection(asyncio.Protocol):
             limit, what = config.idle_timeout, "idle"
         now = self.loop.time()
         if limit is not None and now - self.last_activity >= limit:
-            log = self.intake.log.warning if what == "replies not read" else self.intake.log.info
+            log = self.door.log.warning if what == "replies not read" else self.door.log.info
             log("connection_cut" if what == "replies not read" else "connection_timeout",
                 peer=str(self.peer), reason=what, pending=self.parser.pending_bytes)
             self.closing = True
@@ -351,7 +355,7 @@ class Connection(asyncio.Protocol):
             if task.cancelled():
                 self._fill(slot, reply_err(codes.INTERNAL, "cancelled"))
             elif task.exception() is not None:
-                self.intake.log.error("request_failed", error=repr(task.exception()))
+                self.door.log.error("request_failed", error=repr(task.exception()))
                 self._fill(slot, reply_err(codes.INTERNAL, "the daemon failed; see its log"))
             else:
                 self._fill(slot, task.result())
@@ -359,100 +363,40 @@ class Connection(asyncio.Protocol):
         task.add_done_callback(done)
 
     def _auth(self, token: str | None) -> bytes:
-        tokens = self.config.tokens
-        if not tokens:
+        if not self.config.tokens:
             self.authenticated = True
             return reply_ok()
-        given = (token or "").encode()
-        # Compare against every token so the time taken does not tell which
-        # (or whether an early one) matched.
-        matched = False
-        for expected in tokens:
-            matched |= hmac.compare_digest(given, expected.encode())
-        if matched:
+        if self.handoff.authenticate((token or "").encode()):
             self.authenticated = True
             return reply_ok()
-        self.intake.log.warning("auth_failed", peer=str(self.peer))
+        self.door.log.warning("auth_failed", peer=str(self.peer))
         return reply_err(codes.AUTH_FAILED, "wrong token")
 
     def _send(self, arg: str | None) -> None:
-        if len(arg or "") > LARGE_REQUEST:
-            # Decoding and checking megabytes of attachments takes tens of
-            # milliseconds: not on the loop, where it would stall every
-            # other connection.
-            slot = self._slot()
-            fut = asyncio.ensure_future(asyncio.to_thread(self._validate, arg))
-            fut.add_done_callback(lambda f: self._validated(slot, f))
-            return
+        slot = self._slot()
         try:
-            spec = self._validate(arg)
+            self.handoff.take_send(arg, lambda result: self._sent(slot, result))
         except RequestError as exc:
-            self.intake.counters["sends_refused"] += 1
-            self._reply(reply_err(exc.code, exc.text))
+            self._refused(slot, exc)  # written with the other replies to this read
+
+    def _sent(self, slot: list, result: Enqueued | RequestError) -> None:
+        """The hand-off's outcome: OK <id> once durable, or why nothing was stored."""
+        if isinstance(result, RequestError):
+            self._refused(slot, result)
+            self._flush()
             return
-        self._store(self._slot(), spec)
+        if not result.existing:
+            self.door.counters["sends_accepted"] += 1
+        self._fill(slot, reply_ok(result.id))
 
-    def _validated(self, slot: list, fut: asyncio.Future) -> None:
-        exc = fut.exception()
-        if isinstance(exc, RequestError):
-            self.intake.counters["sends_refused"] += 1
-            self._fill(slot, reply_err(exc.code, exc.text))
-        elif exc is not None:
-            self.intake.log.error("validation_failed", error=repr(exc))
-            self._fill(slot, reply_err(codes.INTERNAL, "nothing stored: the daemon failed; see its log"))
-        else:
-            self._store(slot, fut.result())
-
-    def _store(self, slot: list, spec) -> None:
-        """Hand a validated message to the spool; the slot gets OK <id> once it is durable."""
-        try:
-            fut = self.intake.spool.enqueue(spec.to_json(), spec.envelope_from,
-                                            spec.recipients, spec.idempotency_key)
-        except SpoolFull as exc:
-            self.intake.counters["sends_refused"] += 1
-            self._fill(slot, reply_err(codes.BUSY, f"nothing stored: {exc}"))
-            return
-        except Exception:
-            self.intake.log.exception("enqueue_failed")
-            self._fill(slot, reply_err(codes.INTERNAL, "nothing stored: the spool failed; see the daemon's log"))
-            return
-        fut.add_done_callback(lambda f: self._stored(slot, f))
-
-    def _stored(self, slot: list, fut: asyncio.Future) -> None:
-        intake = self.intake
-        exc = fut.exception() if not fut.cancelled() else asyncio.CancelledError()
-        if isinstance(exc, SpoolFull):
-            intake.counters["sends_refused"] += 1
-            self._fill(slot, reply_err(codes.BUSY, f"nothing stored: {exc}"))
-        elif exc is not None:
-            intake.log.error("enqueue_failed", error=repr(exc))
-            self._fill(slot, reply_err(codes.INTERNAL, "nothing stored: the spool failed; see the daemon's log"))
-        else:
-            msg_id, existing = fut.result()
-            if not existing:
-                intake.counters["sends_accepted"] += 1
-                intake.delivery.wake()
-            self._fill(slot, reply_ok(msg_id))
-
-    def _validate(self, arg: str | None):
-        """Parse and check a SEND argument; return its MessageSpec or raise RequestError."""
-        try:
-            obj = json.loads(arg or "")
-        except ValueError as exc:
-            raise RequestError(codes.BAD_REQUEST, f"SEND needs one JSON object: {exc}") from None
-        except RecursionError:  # "[[[[..." thousands deep: hostile, not a message
-            raise RequestError(codes.BAD_REQUEST, "SEND JSON is nested too deeply") from None
-        if not isinstance(obj, dict):
-            raise RequestError(codes.BAD_REQUEST, "SEND needs one JSON object")
-        spec = validate_send(obj, max_message_bytes=self.config.max_message_size,
-                             message_id_domain=self.config.message_id_domain or None)
-        check_policy(self.config, spec)
-        return spec
+    def _refused(self, slot: list, exc: RequestError) -> None:
+        self.door.counters["sends_refused"] += 1
+        slot[0] = reply_err(exc.code, exc.text)
 
     async def _status(self, arg: str | None) -> bytes:
         if not arg or " " in arg:
             return reply_err(codes.BAD_REQUEST, "usage: STATUS <id>")
-        state = await self.intake.spool.status(arg)
+        state = await self.door.spool.status(arg)
         if state is None:
             return reply_err(codes.NOT_FOUND, f"no message {arg[:64]}")
         return reply_ok(_json(state))
@@ -469,25 +413,25 @@ class Connection(asyncio.Protocol):
                 return reply_err(codes.BAD_REQUEST, "WAIT seconds must be a number")
             if not 0 <= seconds <= MAX_WAIT_SECONDS:
                 return reply_err(codes.BAD_REQUEST, f"WAIT seconds must be 0 to {MAX_WAIT_SECONDS:g}")
-        self.intake.waits += 1
+        self.door.waits += 1
         try:
-            state = await self.intake.spool.wait_final(parts[0], seconds)
+            state = await self.door.spool.wait_final(parts[0], seconds)
         finally:
-            self.intake.waits -= 1
+            self.door.waits -= 1
         if state is None:
             return reply_err(codes.NOT_FOUND, f"no message {parts[0][:64]}")
         return reply_ok(_json(state))
 
     async def _stats(self, arg: str | None = None) -> bytes:
-        stats = dict(await self.intake.spool.stats())
+        stats = dict(await self.door.spool.stats())
         stats["version"] = __version__
         stats["protocol"] = PROTOCOL_VERSION
-        stats["uptime"] = round(time.time() - self.intake.started, 3)
-        stats["intake"] = dict(self.intake.counters, open_connections=len(self.intake.connections),
-                               waits=self.intake.waits)
+        stats["uptime"] = round(time.time() - self.door.started, 3)
+        stats["intake"] = dict(self.door.counters, open_connections=len(self.door.connections),
+                               waits=self.door.waits)
         # Writes per commit: how well concurrent requests share fsyncs.
-        stats["spool"] = {"commits": self.intake.spool.commits,
-                          "operations": self.intake.spool.operations}
+        stats["spool"] = {"commits": self.door.spool.commits,
+                          "operations": self.door.spool.operations}
         return reply_ok(_json(stats))
 
 
@@ -508,10 +452,3 @@ def _remove_stale_socket(path: str) -> None:
         raise OSError(f"socket: another daemon is listening on {path}")
     finally:
         probe.close()
-
-
-def _sockname(sock) -> str:
-    name = sock.getsockname()
-    if isinstance(name, tuple):
-        return f"{name[0]}:{name[1]}"
-    return str(name)

@@ -10,7 +10,6 @@ the message is fsynced: the same promise as `OK <id>` on the line protocol.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import socket
 from collections.abc import Awaitable, Callable, Sequence
@@ -20,6 +19,9 @@ from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
 from smtpgate import __version__
 from smtpgate.config import is_loopback
+from smtpgate.intake.handoff import token_matches
+from smtpgate.log import sockname
+from smtpgate.message.validate import MAX_RECIPIENTS
 from smtpgate.spool.errors import SpoolFull
 
 # enqueue(envelope_from, recipients, data) -> message id, once durable.
@@ -31,9 +33,6 @@ Enqueue = Callable[[str, list[str], bytes], Awaitable[str]]
 # The client tokens, or a function returning them (read at every AUTH/MAIL).
 Tokens = Sequence[str] | Callable[[], Sequence[str]]
 
-# RFC 5321 4.5.3.1.8: a server must accept at least 100 recipients; past
-# that it may answer 452 and the client sends the rest in another message.
-MAX_RECIPIENTS = 1000
 
 # Protocol error code -> SMTP reply (RFC 5321 4.2.2, RFC 3463 enhanced codes).
 # The daemon's text follows the code; it is written for people and holds no
@@ -66,18 +65,6 @@ def smtp_reply_for(exc: BaseException) -> str:
         return _TEMPORARY_FAILURE
     text = getattr(exc, "text", None) or (exc.args[-1] if exc.args else code)
     return f"{_REPLY_FOR_CODE[code]} {_one_line(str(text))}"
-
-
-def token_matches(password: bytes, tokens: Sequence[str]) -> bool:
-    """True if `password` equals one of `tokens`, compared in constant time.
-
-    Every token is compared (no early exit), so the time taken does not
-    tell which token, or how much of one, matched.
-    """
-    matched = False
-    for token in tokens:
-        matched |= hmac.compare_digest(password, token.encode("utf-8"))
-    return matched
 
 
 class _LoginDataDeprecation(logging.Filter):
@@ -134,6 +121,9 @@ class IntakeHandler:
         return "250 2.1.0 OK"
 
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+        # RFC 5321 4.5.3.1.8: a server must take at least 100 recipients; past
+        # what a SEND may hold it answers 452, and the client sends the rest
+        # in another message.
         if len(envelope.rcpt_tos) >= MAX_RECIPIENTS:
             return "452 4.5.3 Too many recipients"
         envelope.rcpt_tos.append(address)
@@ -199,7 +189,7 @@ async def start_smtp_intake(host: str | None, port: int | None, *, enqueue: Enqu
         server = await loop.create_server(smtp_session, sock=sock)
     else:
         server = await loop.create_server(smtp_session, host, port)
-    log.info("smtp_listening", address=[_sockname(s) for s in server.sockets],
+    log.info("smtp_listening", address=[sockname(s) for s in server.sockets],
              auth=bool(handler.tokens))
     return server
 
@@ -234,8 +224,3 @@ def session_factory(handler: IntakeHandler, *, max_message_bytes: int, timeout: 
         )
 
     return smtp_session
-
-
-def _sockname(sock: socket.socket) -> str:
-    name = sock.getsockname()
-    return f"{name[0]}:{name[1]}" if isinstance(name, tuple) else str(name)

@@ -5,6 +5,7 @@ bytes; and the promises every spec keeps, which validation makes
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 from dataclasses import dataclass, field, fields
@@ -97,3 +98,13 @@ class MessageSpec:
 
 _SPEC_FIELDS = tuple(f.name for f in fields(MessageSpec))
 _JSON_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+
+
+def raw_send(sender: str, recipients: list[str], data: bytes) -> dict:
+    """The SEND object (PROTOCOL.md) for raw message octets, as the SMTP door
+    and `smtpgate sendmail` hand them over: `raw` when they are UTF-8, else
+    `raw_base64`, so no octet is changed."""
+    try:
+        return {"from": sender, "to": recipients, "raw": data.decode("utf-8")}
+    except UnicodeDecodeError:
+        return {"from": sender, "to": recipients, "raw_base64": base64.b64encode(data).decode("ascii")}

@@ -7,7 +7,6 @@ raises `RemoteError(code, text)`; a network failure raises `OSError`.
 
 from __future__ import annotations
 
-import base64
 import json
 import socket
 
@@ -34,15 +33,6 @@ def parse_uri(uri: str) -> tuple[int, object]:
     if not sep or not port.isdigit():
         raise ValueError(f"not a server address: {uri!r} (tcp://HOST:PORT or unix:///PATH)")
     return socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET, (host.strip("[]"), int(port))
-
-
-def raw_send(sender: str, recipients: list[str], data: bytes) -> dict:
-    """The SEND object for raw message octets (the SMTP door, `smtpgate sendmail`):
-    `raw` when they are UTF-8, else `raw_base64`, so no octet is changed."""
-    try:
-        return {"from": sender, "to": recipients, "raw": data.decode("utf-8")}
-    except UnicodeDecodeError:
-        return {"from": sender, "to": recipients, "raw_base64": base64.b64encode(data).decode("ascii")}
 
 
 class LineClient:

@@ -25,7 +25,8 @@ import tomllib
 from email.utils import formataddr, getaddresses
 
 from smtpgate.config import DEFAULT_CONFIG_PATH, Config
-from smtpgate.tools.lineclient import DEFAULT_URI, LineClient, RemoteError, raw_send
+from smtpgate.message.spec import raw_send
+from smtpgate.tools.lineclient import DEFAULT_URI, LineClient, RemoteError
 
 # sysexits.h
 EX_OK = 0
