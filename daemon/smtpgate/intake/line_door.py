@@ -31,7 +31,6 @@ from smtpgate.message.spec import RequestError
 from smtpgate.protocol import ForeignProtocol, LineParser, LineTooLong, Request, codes, reply_err, reply_ok
 from smtpgate.spool.ops import Enqueued
 
-VERBS = ("PING", "HELLO", "AUTH", "SEND", "STATUS", "WAIT", "STATS", "NOOP", "HELP", "QUIT")
 OPEN_VERBS = frozenset({"PING", "HELLO", "HELP", "AUTH", "QUIT"})
 # Replies queued but not yet written, per connection. Past this the reader
 # stops reading, so a client that pipelines without reading cannot grow our
@@ -191,7 +190,7 @@ class Connection(asyncio.Protocol):
             if isinstance(event, ForeignProtocol):
                 self.door.counters["foreign_protocol"] += 1
                 self.door.log.warning("foreign_protocol_closed", peer=str(self.peer),
-                                        start=event.line_start[:40])
+                                      start=event.line_start[:40])
                 self.closing = True
                 self.transport.abort()
                 return
@@ -202,16 +201,13 @@ class Connection(asyncio.Protocol):
                 self._reply(reply_err(codes.BAD_REQUEST, str(getattr(event, "reason", "bad request line"))))
                 continue
             self.door.counters["requests"] += 1
-            if event.verb == "QUIT":  # nothing after it is answered
-                self._reply(reply_ok("BYE"))
-                self.closing = True
-                self.transport.pause_reading()
-                break
             try:
                 self._dispatch(event)
             except Exception:  # a bug: answer it, keep the connection and the daemon serving
                 self.door.log.exception("request_failed", verb=event.verb)
                 self._reply(reply_err(codes.INTERNAL, "the daemon failed; see its log"))
+            if self.closing:  # QUIT: nothing after it is answered
+                break
         self._flush()
         # A client that pipelines without reading may not grow our memory
         # without bound: stop reading until replies drain.
@@ -310,26 +306,13 @@ class Connection(asyncio.Protocol):
 
     def _dispatch(self, req: Request) -> None:
         """Queue the reply to one request: at once, or when its work completes."""
-        verb, arg = req.verb, req.arg
-        if verb == "SEND" and self.authenticated:
-            self._send(arg)
-        elif verb not in VERBS:
-            self._reply(reply_err(codes.BAD_REQUEST, f"unknown verb {verb[:32]!r}; try HELP"))
-        elif not self.authenticated and verb not in OPEN_VERBS:
+        handler = self.VERBS.get(req.verb)
+        if handler is None:
+            self._reply(reply_err(codes.BAD_REQUEST, f"unknown verb {req.verb[:32]!r}; try HELP"))
+        elif not self.authenticated and req.verb not in OPEN_VERBS:
             self._reply(reply_err(codes.AUTH_REQUIRED, "send AUTH <token> first"))
-        elif verb == "PING":
-            self._reply(reply_ok("PONG"))
-        elif verb == "NOOP":
-            self._reply(reply_ok())
-        elif verb == "HELP":
-            self._reply(reply_ok(" ".join(VERBS)))
-        elif verb == "HELLO":
-            self._reply(reply_ok(f"smtpgate {PROTOCOL_VERSION} {__version__}"))
-        elif verb == "AUTH":
-            self._reply(self._auth(arg))
         else:
-            handler = {"STATUS": self._status, "WAIT": self._wait, "STATS": self._stats}[verb]
-            self._later(handler(arg))
+            handler(self, req.arg)
 
     def _later(self, coro) -> None:
         """Run a coroutine that returns the reply bytes; its reply keeps its place.
@@ -362,15 +345,21 @@ class Connection(asyncio.Protocol):
 
         task.add_done_callback(done)
 
-    def _auth(self, token: str | None) -> bytes:
-        if not self.config.tokens:
+    # -- the verbs (PROTOCOL.md): each queues its reply -------------------
+
+    def _ping(self, arg: str | None) -> None:
+        self._reply(reply_ok("PONG"))
+
+    def _hello(self, arg: str | None) -> None:
+        self._reply(reply_ok(f"smtpgate {PROTOCOL_VERSION} {__version__}"))
+
+    def _auth(self, token: str | None) -> None:
+        if not self.config.tokens or self.handoff.authenticate((token or "").encode()):
             self.authenticated = True
-            return reply_ok()
-        if self.handoff.authenticate((token or "").encode()):
-            self.authenticated = True
-            return reply_ok()
+            self._reply(reply_ok())
+            return
         self.door.log.warning("auth_failed", peer=str(self.peer))
-        return reply_err(codes.AUTH_FAILED, "wrong token")
+        self._reply(reply_err(codes.AUTH_FAILED, "wrong token"))
 
     def _send(self, arg: str | None) -> None:
         slot = self._slot()
@@ -393,7 +382,31 @@ class Connection(asyncio.Protocol):
         self.door.counters["sends_refused"] += 1
         slot[0] = reply_err(exc.code, exc.text)
 
-    async def _status(self, arg: str | None) -> bytes:
+    def _status(self, arg: str | None) -> None:
+        self._later(self._status_reply(arg))
+
+    def _wait(self, arg: str | None) -> None:
+        self._later(self._wait_reply(arg))
+
+    def _stats(self, arg: str | None) -> None:
+        self._later(self._stats_reply())
+
+    def _noop(self, arg: str | None) -> None:
+        self._reply(reply_ok())
+
+    def _help(self, arg: str | None) -> None:
+        self._reply(reply_ok(" ".join(self.VERBS)))
+
+    def _quit(self, arg: str | None) -> None:
+        self._reply(reply_ok("BYE"))
+        self.closing = True
+        self.transport.pause_reading()
+
+    # The verbs and their handlers, in the order HELP lists them.
+    VERBS = {"PING": _ping, "HELLO": _hello, "AUTH": _auth, "SEND": _send, "STATUS": _status,
+             "WAIT": _wait, "STATS": _stats, "NOOP": _noop, "HELP": _help, "QUIT": _quit}
+
+    async def _status_reply(self, arg: str | None) -> bytes:
         if not arg or " " in arg:
             return reply_err(codes.BAD_REQUEST, "usage: STATUS <id>")
         state = await self.door.spool.status(arg)
@@ -401,7 +414,7 @@ class Connection(asyncio.Protocol):
             return reply_err(codes.NOT_FOUND, f"no message {arg[:64]}")
         return reply_ok(_json(state))
 
-    async def _wait(self, arg: str | None) -> bytes:
+    async def _wait_reply(self, arg: str | None) -> bytes:
         parts = (arg or "").split(" ")
         if not parts[0] or len(parts) > 2:
             return reply_err(codes.BAD_REQUEST, "usage: WAIT <id> [seconds]")
@@ -422,7 +435,7 @@ class Connection(asyncio.Protocol):
             return reply_err(codes.NOT_FOUND, f"no message {parts[0][:64]}")
         return reply_ok(_json(state))
 
-    async def _stats(self, arg: str | None = None) -> bytes:
+    async def _stats_reply(self) -> bytes:
         stats = dict(await self.door.spool.stats())
         stats["version"] = __version__
         stats["protocol"] = PROTOCOL_VERSION
