@@ -17,6 +17,7 @@ from __future__ import annotations
 import binascii
 import re
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from email.utils import format_datetime
 
@@ -92,17 +93,44 @@ _OWN_HEADERS = frozenset({"date", "mime-version"})
 
 # ---------------------------------------------------------------- validation
 
+@dataclass(slots=True)
+class _Addresses:
+    """The sender and the recipients of a SEND, checked."""
+
+    sender: tuple[str, str]              # (display name, address)
+    to: list[tuple[str, str]]
+    cc: list[tuple[str, str]]
+    recipients: list[str]                # to + cc + bcc, deduplicated: the envelope
+    smtputf8: bool                       # an address needs SMTPUTF8
+
+
 def validate_send(obj: dict, *, max_message_bytes: int, now: float | datetime | None = None,
                   message_id_domain: str | None = None) -> MessageSpec:
-    """Check a decoded SEND object and return its MessageSpec; raise RequestError."""
+    """Check a decoded SEND object and return its MessageSpec; raise RequestError.
+
+    The fields are checked in a fixed order, so the error a bad SEND gets
+    does not depend on the order of its JSON keys: unknown fields, sender,
+    recipients, idempotency key, then the raw message or, for a composed
+    one, reply_to, subject, headers, bodies, attachments and its size."""
     if not isinstance(obj, dict):
         raise RequestError(BAD_REQUEST, "SEND needs one JSON object")
     unknown = obj.keys() - _FIELDS
     if unknown:
         raise RequestError(BAD_REQUEST, f"unknown field {sorted(unknown)[0]!r}")
-    get = obj.get
+    addresses = _addresses(obj)
+    key = _idempotency_key(obj.get("idempotency_key"))
+    date = _format_date(now)
+    id_domain = message_id_domain or _ascii_domain(addresses.sender[1])
+    raw, octets_ok = _raw_text(obj)
+    if raw is not None:
+        return _validate_raw(raw, addresses.sender[1], addresses.recipients, addresses.smtputf8, key, date,
+                             id_domain, max_message_bytes, octets_ok=octets_ok)
+    return _validate_composed(obj, addresses, key, date, id_domain, max_message_bytes)
 
-    sender = get("from")
+
+def _addresses(obj: dict) -> _Addresses:
+    """`from`, `to`, `cc` and `bcc`: parsed, checked, the recipients deduplicated."""
+    sender = obj.get("from")
     if sender is None:
         raise RequestError(BAD_REQUEST, "field 'from' is required")
     if not isinstance(sender, str):
@@ -111,7 +139,7 @@ def validate_send(obj: dict, *, max_message_bytes: int, now: float | datetime | 
 
     seen: set[str] = set()
     recipients: list[str] = []
-    lists = {key: _string_list(get(key), key) for key in ("to", "cc", "bcc")}
+    lists = {key: _string_list(obj.get(key), key) for key in ("to", "cc", "bcc")}
     if sum(map(len, lists.values())) > MAX_RECIPIENTS:   # before parsing thousands
         raise RequestError(BAD_REQUEST, f"more than {MAX_RECIPIENTS} recipients")
     for key in ("to", "cc", "bcc"):
@@ -129,17 +157,22 @@ def validate_send(obj: dict, *, max_message_bytes: int, now: float | datetime | 
         raise RequestError(BAD_REQUEST, "no recipient: give 'to', 'cc' or 'bcc'")
     if len(recipients) > MAX_RECIPIENTS:
         raise RequestError(BAD_REQUEST, f"more than {MAX_RECIPIENTS} recipients")
+    return _Addresses((from_name, from_addr), lists["to"], lists["cc"], recipients, smtputf8)
 
-    key = get("idempotency_key")
+
+def _idempotency_key(key) -> str | None:
     if key is not None:
         if not isinstance(key, str) or not 0 < len(key) <= MAX_IDEMPOTENCY_KEY or not key.isprintable():
             raise RequestError(BAD_REQUEST, f"'idempotency_key' must be 1 to {MAX_IDEMPOTENCY_KEY} printable characters")
+    return key
 
-    date = _format_date(now)
-    id_domain = message_id_domain or _ascii_domain(from_addr)
 
-    raw = get("raw")
-    raw_base64 = get("raw_base64")
+def _raw_text(obj: dict) -> tuple[str | None, bool]:
+    """A raw SEND's message as text (None for a composed one), and whether it
+    came as raw_base64 (then octets that are not UTF-8 are kept, as surrogate
+    escapes)."""
+    raw = obj.get("raw")
+    raw_base64 = obj.get("raw_base64")
     if raw is not None and raw_base64 is not None:
         raise RequestError(BAD_REQUEST, "give 'raw' or 'raw_base64', not both")
     if raw_base64 is not None:
@@ -155,11 +188,16 @@ def validate_send(obj: dict, *, max_message_bytes: int, now: float | datetime | 
         raw = raw.decode("utf-8", OCTETS)
     if raw is not None:
         for name in _RAW_EXCLUDES:
-            if get(name) is not None:
+            if obj.get(name) is not None:
                 raise RequestError(BAD_REQUEST, f"'raw' excludes '{name}': put it in the raw message")
-        return _validate_raw(raw, from_addr, recipients, smtputf8, key, date, id_domain, max_message_bytes,
-                             octets_ok=raw_base64 is not None)
+    return raw, raw_base64 is not None
 
+
+def _validate_composed(obj: dict, addresses: _Addresses, key: str | None, date: str, id_domain: str,
+                       max_message_bytes: int) -> MessageSpec:
+    """A message smtpgate composes from fields (subject, text, html, attachments, headers)."""
+    get = obj.get
+    smtputf8 = addresses.smtputf8
     reply_to = []
     for value in _string_list(get("reply_to"), "reply_to"):
         name, addr, intl = _mailbox(value, "reply_to")
@@ -168,31 +206,24 @@ def validate_send(obj: dict, *, max_message_bytes: int, now: float | datetime | 
 
     # Header-ish sizes: encoded-words grow UTF-8 by 4/3 plus ~12 octets per
     # 75, folding adds 3 per 78: twice the UTF-8 length bounds it.
-    header_octets = 1024 + 2 * (len(from_name) * 4 + len(from_addr)) + 8 * len(recipients)
-    for name, addr in lists["to"] + lists["cc"] + reply_to:
-        header_octets += 2 * (len(name) * 4 + len(addr)) + 4
+    from_name, from_addr = addresses.sender
+    size = 1024 + 2 * (len(from_name) * 4 + len(from_addr)) + 8 * len(addresses.recipients)
+    for name, addr in addresses.to + addresses.cc + reply_to:
+        size += 2 * (len(name) * 4 + len(addr)) + 4
 
-    subject = get("subject")
+    subject = _subject(get("subject"))
     if subject is not None:
-        if not isinstance(subject, str):
-            raise RequestError(BAD_REQUEST, "field 'subject' must be a string")
-        if len(subject) > MAX_SUBJECT_CHARS:
-            raise RequestError(BAD_HEADER, f"subject longer than {MAX_SUBJECT_CHARS} characters")
-        if _BAD_TEXT.search(subject):
-            raise RequestError(BAD_HEADER, "subject contains a control character or line break")
-        subject = _foldable(subject)
-        header_octets += 8 * len(subject)
+        size += 8 * len(subject)
 
     message_id = None
     headers = []
     extra = get("headers")
     if extra is not None:
         headers, message_id, extra_octets = _extra_headers(extra)
-        header_octets += extra_octets
+        size += extra_octets
     if message_id is None:
         message_id = _new_message_id(id_domain)
 
-    size = header_octets
     text = get("text")
     html = get("html")
     if text is not None:
@@ -210,11 +241,23 @@ def validate_send(obj: dict, *, max_message_bytes: int, now: float | datetime | 
         raise RequestError(TOO_LARGE, f"the message would be up to {size} bytes, over the limit of {max_message_bytes}")
 
     return MessageSpec(
-        envelope_from=from_addr, recipients=recipients, message_id=message_id, date=date,
-        from_=(from_name, from_addr), to=lists["to"], cc=lists["cc"], reply_to=reply_to,
+        envelope_from=from_addr, recipients=addresses.recipients, message_id=message_id, date=date,
+        from_=addresses.sender, to=addresses.to, cc=addresses.cc, reply_to=reply_to,
         subject=subject, text=text, html=html, attachments=attachments, headers=headers,
         smtputf8=smtputf8, idempotency_key=key, size_estimate=size,
     )
+
+
+def _subject(subject) -> str | None:
+    if subject is None:
+        return None
+    if not isinstance(subject, str):
+        raise RequestError(BAD_REQUEST, "field 'subject' must be a string")
+    if len(subject) > MAX_SUBJECT_CHARS:
+        raise RequestError(BAD_HEADER, f"subject longer than {MAX_SUBJECT_CHARS} characters")
+    if _BAD_TEXT.search(subject):
+        raise RequestError(BAD_HEADER, "subject contains a control character or line break")
+    return _foldable(subject)
 
 
 def _string_list(value, name: str) -> list:
