@@ -3,7 +3,7 @@
  * replies out (smtpgate_reader_get_reply); no socket anywhere, so any I/O
  * layer (ours, an event loop's) can drive it and tests can feed it by hand.
  *
- * PROTOCOL.md, Framing: a reply is one line ending in CRLF,
+ * docs/protocol.md, Framing: a reply is one line ending in CRLF,
  * `OK[ PAYLOAD]` or `ERR CODE TEXT`. A bare LF is accepted too (the CR is
  * dropped when present), like the daemon does for requests.
  */

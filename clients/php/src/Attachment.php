@@ -5,7 +5,7 @@ declare(strict_types=1);
 namespace SmtpGate;
 
 /**
- * Builds the entries of a message's `attachments` list (PROTOCOL.md "SEND":
+ * Builds the entries of a message's `attachments` list (docs/protocol.md "SEND":
  * filename, content_type, content_base64, optional content_id).
  *
  *     $gate->send([..., 'attachments' => [Attachment::fromFile('/tmp/report.pdf')]]);

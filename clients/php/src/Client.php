@@ -10,7 +10,7 @@ use SmtpGate\Exception\ServerException;
 use SmtpGate\Exception\TimeoutException;
 
 /**
- * A client of the smtpgate daemon (PROTOCOL.md): hands a message over in one
+ * A client of the smtpgate daemon (docs/protocol.md): hands a message over in one
  * request and gets its id back once the daemon has stored it durably.
  *
  *     $gate = new Client('unix:///run/smtpgate/smtpgate.sock');
@@ -46,7 +46,7 @@ final class Client
      */
     private const PIPELINE_WINDOW = 256;
 
-    /** Seconds a WAIT without seconds may block in the daemon: its default (PROTOCOL.md leaves it to the daemon). */
+    /** Seconds a WAIT without seconds may block in the daemon: its default (docs/protocol.md leaves it to the daemon). */
     private const DAEMON_WAIT_DEFAULT = 30.0;
 
     private const OPTION_DEFAULTS = [
@@ -106,7 +106,7 @@ final class Client
     }
 
     /**
-     * Hands $message over (fields of PROTOCOL.md "SEND": from, to, cc, bcc,
+     * Hands $message over (fields of docs/protocol.md "SEND": from, to, cc, bcc,
      * reply_to, subject, text, html, attachments, headers, raw,
      * idempotency_key) and returns its id once the daemon has stored it.
      * See Attachment for the attachment entries.
@@ -180,7 +180,7 @@ final class Client
     }
 
     /**
-     * The state of message $id now (PROTOCOL.md "Message state": id, state,
+     * The state of message $id now (docs/protocol.md "Message state": id, state,
      * attempts, recipients, ...). Throws NotFoundException for an unknown id.
      */
     public function status(string $id): array
@@ -210,7 +210,7 @@ final class Client
         });
     }
 
-    /** The daemon's counters (PROTOCOL.md: STATS). */
+    /** The daemon's counters (docs/protocol.md: STATS). */
     public function stats(): array
     {
         return $this->request(Protocol::requestLine('STATS'), true, 0.0, Protocol::decodeObject(...));

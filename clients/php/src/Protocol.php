@@ -18,13 +18,13 @@ use SmtpGate\Exception\ServerException;
 use SmtpGate\Exception\TooLargeException;
 
 /**
- * The smtpgate line protocol without any I/O (PROTOCOL.md): request lines in,
+ * The smtpgate line protocol without any I/O (docs/protocol.md): request lines in,
  * reply lines out. Connection does the socket work; this class only turns
  * values into bytes and bytes into values or exceptions.
  */
 final class Protocol
 {
-    /** ERR codes of PROTOCOL.md ("Error codes") and the class that carries each. */
+    /** ERR codes of docs/protocol.md ("Error codes") and the class that carries each. */
     public const ERROR_CLASSES = [
         'BAD_REQUEST' => BadRequestException::class,
         'BAD_ADDRESS' => BadAddressException::class,
