@@ -1,4 +1,5 @@
 <?php
+
 // Send one mail from a PHP page through smtpgate: send() returns as soon as
 // the daemon has stored the message durably; smtpgate relays it, retrying
 // while the mail server is slow or down. Errors are exceptions (SmtpGate\Exception\*).

@@ -18,8 +18,12 @@ final class Attachment
      * An attachment of the bytes in $content. A $contentId makes it an
      * inline part that HTML can show with `<img src="cid:...">`.
      */
-    public static function fromString(string $filename, string $content, string $contentType = self::DEFAULT_TYPE, ?string $contentId = null): array
-    {
+    public static function fromString(
+        string $filename,
+        string $content,
+        string $contentType = self::DEFAULT_TYPE,
+        ?string $contentId = null
+    ): array {
         $entry = ['filename' => $filename, 'content_type' => $contentType, 'content_base64' => base64_encode($content)];
         if ($contentId !== null) {
             $entry['content_id'] = $contentId;

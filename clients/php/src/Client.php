@@ -152,7 +152,7 @@ final class Client
             if ($broken === null) {
                 try {
                     $this->exchange(array_values($window), false, 0.0, $replies);
-                } catch (ConnectionException|ProtocolException $e) {
+                } catch (ConnectionException | ProtocolException $e) {
                     if ($ids === [] && $errors === [] && $replies === [] && $this->nothingSentInLastExchange) {
                         throw $e;
                     }
@@ -165,7 +165,8 @@ final class Client
                     continue;
                 }
                 try {
-                    $ids[$key] = Protocol::parseId(Protocol::parseReply($replies[$i], $this->lastEndpoint), $this->lastEndpoint);
+                    $payload = Protocol::parseReply($replies[$i], $this->lastEndpoint);
+                    $ids[$key] = Protocol::parseId($payload, $this->lastEndpoint);
                 } catch (ServerException $e) {
                     $errors[$key] = $e;
                 } catch (ProtocolException $e) {
@@ -185,7 +186,8 @@ final class Client
      */
     public function status(string $id): array
     {
-        return $this->request(Protocol::requestLine('STATUS', Protocol::checkId($id)), true, 0.0, Protocol::decodeObject(...));
+        $line = Protocol::requestLine('STATUS', Protocol::checkId($id));
+        return $this->request($line, true, 0.0, Protocol::decodeObject(...));
     }
 
     /**
@@ -196,18 +198,20 @@ final class Client
     {
         $argument = Protocol::checkId($id) . ($seconds === null ? '' : ' ' . Protocol::formatSeconds($seconds));
         $extraTimeout = $seconds === null ? self::DAEMON_WAIT_DEFAULT : (float) $seconds;
-        return $this->request(Protocol::requestLine('WAIT', $argument), true, $extraTimeout, Protocol::decodeObject(...));
+        $line = Protocol::requestLine('WAIT', $argument);
+        return $this->request($line, true, $extraTimeout, Protocol::decodeObject(...));
     }
 
     /** True when the daemon answers PING with PONG; throws otherwise. */
     public function ping(): bool
     {
-        return $this->request(Protocol::requestLine('PING'), true, 0.0, static function (string $payload, string $endpoint): bool {
+        $isPong = static function (string $payload, string $endpoint): bool {
             if ($payload !== 'PONG') {
                 throw new ProtocolException("PING answered with \"{$payload}\" [{$endpoint}]");
             }
             return true;
-        });
+        };
+        return $this->request(Protocol::requestLine('PING'), true, 0.0, $isPong);
     }
 
     /** The daemon's counters (docs/protocol.md: STATS). */
@@ -275,7 +279,7 @@ final class Client
      */
     private function exchange(array $lines, bool $repeatable, float $extraTimeout = 0.0, array &$replies = []): void
     {
-        for ($attempt = 1; ; $attempt++) {
+        for ($attempt = 1;; $attempt++) {
             $this->nothingSentInLastExchange = true;
             $reused = $this->connection !== null;
             if ($reused && $this->connection->hasUnexpectedInput()) {
