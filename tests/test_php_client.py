@@ -11,6 +11,8 @@
   that never comes. Each of these tests runs a small PHP snippet that uses
   the client and prints one JSON document (clients/php/tests/harness.php);
   pytest asserts on it and on the bytes the peer received.
+- The example and the README's install snippets (plain require, Composer
+  path repository) run as a user would, against the real daemon.
 A PHP warning or notice fails every one of them: stderr has to stay empty.
 """
 
@@ -25,6 +27,7 @@ import subprocess
 import sys
 import threading
 import time
+from email import message_from_bytes, policy
 from pathlib import Path
 from xml.etree import ElementTree
 
@@ -457,13 +460,80 @@ def test_phpunit_suite_passes_against_real_daemons(tmp_path, capsys):
         "tests": len(declared), "failures": 0, "errors": 0, "skipped": 0, "warnings": 0}
 
 
-def test_the_example_script_sends_a_chinese_mail(daemon, upstream):
-    example = PHP_CLIENT / "examples" / "send_email.php"
-    proc = subprocess.run([PHP, "-d", "error_reporting=-1", "-d", "display_errors=stderr", str(example)],
-                          capture_output=True, timeout=30, env=dict(os.environ, SMTPGATE_SERVER=daemon.uri))
-    assert proc.returncode == 0 and proc.stderr == b"", proc.stderr.decode()
-    [received] = upstream.wait_for(1)
-    assert re.search(r"[\u4e00-\u9fff]", received.message["Subject"])
-    assert re.search(r"[\u4e00-\u9fff]", received.message.get_content())
-    message_id = proc.stdout.decode().split()[-1]
+# -- the example and the README's snippets, run as a user would ---------------
+
+README = PHP_CLIENT / "README.md"
+EXAMPLE = PHP_CLIENT / "examples" / "send_email.php"
+SEND = """
+$gate = new SmtpGate\\Client($argv[1]);
+echo $gate->send(['from' => 'app@example.com', 'to' => 'kelly@example.org', 'subject' => 'README']), "\\n";
+"""
+
+
+def run_script(args: list[str], cwd: Path, env: dict | None = None) -> str:
+    """Run a PHP script under real `php` (no SMTPGATE_* from our environment); its stdout.
+    It must exit 0 without printing a warning or notice."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("SMTPGATE_")}
+    proc = subprocess.run([PHP, "-d", "error_reporting=-1", "-d", "display_errors=stderr", *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=60, env={**clean, **(env or {})})
+    assert (proc.returncode, proc.stderr) == (0, ""), proc.stdout + proc.stderr
+    return proc.stdout
+
+
+def readme_block(language: str, containing: str) -> str:
+    """The one ```language block of clients/php/README.md that contains `containing`."""
+    [block] = [b for b in re.findall(rf"^```{language}\n(.*?)^```", README.read_text(), re.S | re.M)
+               if containing in b]
+    return block
+
+
+def app_beside_a_checkout(tmp_path: Path) -> Path:
+    """tmp/smtpgate (this checkout) and tmp/app: the layout the README's paths assume."""
+    (tmp_path / "smtpgate").symlink_to(ROOT)
+    (tmp_path / "app").mkdir()
+    return tmp_path / "app"
+
+
+def test_the_example_sends_over_the_unix_socket_and_tcp_as_the_readme_says(make_daemon, tmp_path):
+    readme = README.read_text()
+    assert f"```php\n{EXAMPLE.read_text()}```" in readme, "the README shows examples/send_email.php as it is"
+    serve = re.search(r"^smtpgate serve --dev .*--socket (\S+)$", readme, re.M)
+    run = re.search(r"^php examples/send_email\.php (unix://\S+)", readme, re.M)
+    assert run.group(1) == f"unix://{serve.group(1)}", "the README's example uses the socket of its daemon"
+    daemon = make_daemon(upstream=None, dev=True)  # `smtpgate serve --dev --socket PATH`, in a test folder
+    outputs = [run_script([str(EXAMPLE), daemon.unix_uri], cwd=tmp_path),
+               run_script([str(EXAMPLE)], cwd=tmp_path, env={"SMTPGATE_SERVER": daemon.uri})]
+    for output in outputs:
+        message_id = re.fullmatch(r"queued as (\S+)\n", output).group(1)
+        assert json.loads(daemon.request(f"WAIT {message_id} 20").removeprefix("OK "))["state"] == "sent"
+    mails = sorted((Path(daemon.spool) / "dev-mail").glob("*.eml"))
+    assert len(mails) == 2
+    for path in mails:
+        mail = message_from_bytes(path.read_bytes(), policy=policy.default)
+        assert (mail["Subject"], mail["From"]) == ("您的订单已发货", "小店 <shop@example.com>")
+        assert "您的订单今天已经发出" in mail.get_content()
+
+
+def test_the_readme_require_without_composer_works_from_any_directory(daemon, tmp_path):
+    app = app_beside_a_checkout(tmp_path)
+    (app / "mail.php").write_text("<?php\n" + readme_block("php", "/smtpgate/clients/php/autoload.php") + SEND)
+    message_id = run_script([str(app / "mail.php"), daemon.uri], cwd=tmp_path).strip()
+    assert daemon.request(f"STATUS {message_id}").startswith("OK {")
+
+
+def test_the_readme_composer_path_repository_installs_the_client(daemon, tmp_path):
+    composer = shutil.which("composer")
+    if composer is None:
+        pytest.skip("composer is not installed (tests/setup.sh installs it)")
+    app = app_beside_a_checkout(tmp_path)
+    manifest = json.loads(readme_block("json", '"type": "path"'))
+    manifest["repositories"].append({"packagist.org": False})  # offline: the path repository is all it needs
+    (app / "composer.json").write_text(json.dumps(manifest))
+    require = re.search(r"`(composer require \S+)`", README.read_text()).group(1).split()
+    proc = subprocess.run([composer, *require[1:], "--no-interaction"], cwd=app, capture_output=True, text=True,
+                          timeout=120, env=dict(os.environ, COMPOSER_HOME=str(tmp_path / "composer-home"),
+                                                COMPOSER_ALLOW_SUPERUSER="1", COMPOSER_DISABLE_NETWORK="1"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (app / "mail.php").write_text("<?php\n" + readme_block("php", "/vendor/autoload.php") + SEND)
+    message_id = run_script([str(app / "mail.php"), daemon.uri], cwd=tmp_path).strip()
     assert daemon.request(f"STATUS {message_id}").startswith("OK {")
