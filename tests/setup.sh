@@ -1,14 +1,20 @@
 #!/usr/bin/env bash
 # Install everything the test suite needs on a fresh Debian machine:
-# the Python package with its test extras, php-cli (the PHP client's tests),
-# a C and C++ toolchain, valgrind and strace (the C client's tests, and the
+# the Python package with its test extras, php-cli, PHPUnit and Composer (the
+# PHP client's tests and its README's Composer example), a C and C++
+# toolchain, valgrind and strace (the C client's tests, and the
 # one-write-per-request checks), swaks (the SMTP front door's tests), Postfix's
-# smtp-sink (a PIPELINING server). Run as root (or with sudo for the apt part).
+# smtp-sink (a PIPELINING server), and the linters .ci/run uses: phpcs
+# (php-codesniffer) and cppcheck. Run as root (or with sudo for the apt part).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need=()
 command -v php >/dev/null || need+=(php-cli)
+command -v phpunit >/dev/null || need+=(phpunit)
+command -v composer >/dev/null || need+=(composer)
+command -v phpcs >/dev/null || need+=(php-codesniffer)
+command -v cppcheck >/dev/null || need+=(cppcheck)
 command -v cc >/dev/null || need+=(gcc libc6-dev)
 command -v make >/dev/null || need+=(make)
 command -v valgrind >/dev/null || need+=(valgrind)

@@ -45,7 +45,7 @@ def built():
     """`make -C clients/c` once per run; the products must all be there."""
     proc = subprocess.run(["make", "-s", "-C", str(CDIR)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    for name in ("smtpgate-send", "libsmtpgate.a", "libsmtpgate.so", "smtpgate.pc"):
+    for name in ("smtpgate-send", "libsmtpgate.a", "libsmtpgate.so", "libsmtpgate.so.0", "smtpgate.pc"):
         assert (BUILD / name).exists(), name
     return BUILD
 
@@ -175,6 +175,27 @@ def test_install_puts_library_header_and_pkgconfig_under_destdir(built, tmp_path
                             capture_output=True, text=True, check=True).stdout
         exported = {line.split()[-1].split("@")[0] for line in nm.splitlines() if line.split()[1] in "TDBR"}
         assert "smtpgate_send" in exported and all(name.startswith("smtpgate_") for name in exported), exported
+
+
+def test_uninstalled_pkgconfig_builds_a_program_that_runs_against_the_build(built, tmp_path):
+    """`PKG_CONFIG_PATH=clients/c/build pkg-config ...` before `make install`, from another directory."""
+    flags = subprocess.run(["pkg-config", "--cflags", "--libs", "smtpgate"], capture_output=True, text=True,
+                           check=True, env={**os.environ, "PKG_CONFIG_PATH": str(BUILD)}).stdout.split()
+    assert flags == [f"-I{CDIR}/include", f"-L{BUILD}", f"-Wl,-rpath,{BUILD}", "-lsmtpgate"]
+    prog = tmp_path / "prog.c"
+    prog.write_text('#include <smtpgate.h>\n#include <stdio.h>\n#include <stdlib.h>\n'
+                    'int main(void){smtpgate_msg *m=smtpgate_msg_new();smtpgate_msg_set_from(m,"a@example.com");'
+                    'smtpgate_msg_add_to(m,"b@example.org");char *json=smtpgate_msg_json(m,NULL);printf("%s %s\\n",SMTPGATE_VERSION,json);'
+                    'free(json);smtpgate_msg_free(m);return 0;}\n')
+    cc = subprocess.run(["cc", "-std=c99", "-Wall", "-Werror", "prog.c", *flags, "-o", "prog"],
+                        cwd=tmp_path, capture_output=True, text=True)
+    assert cc.returncode == 0, cc.stderr
+    env = {k: v for k, v in os.environ.items() if k != "LD_LIBRARY_PATH"}
+    run = subprocess.run(["./prog"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=30)
+    assert (run.returncode, run.stdout) == (0, '0.1.0 {"from":"a@example.com","to":["b@example.org"]}\n'), run.stderr
+    # Linked against the shared library in build/, found through the rpath.
+    ldd = subprocess.run(["ldd", "prog"], cwd=tmp_path, env=env, capture_output=True, text=True).stdout
+    assert f"libsmtpgate.so.0 => {BUILD}/libsmtpgate.so.0" in ldd, ldd
 
 
 # -- the library through ctypes -----------------------------------------------

@@ -1,5 +1,5 @@
 /*
- * smtpgate.h: C client of the smtpgate line protocol (PROTOCOL.md, version 1).
+ * smtpgate.h: C client of the smtpgate line protocol (docs/protocol.md, version 1).
  *
  * One header, no dependencies beyond libc and POSIX sockets. The shape follows
  * hiredis: a context carries the connection and the last error (`err` is one

@@ -3,7 +3,7 @@
  * replies out (smtpgate_reader_get_reply); no socket anywhere, so any I/O
  * layer (ours, an event loop's) can drive it and tests can feed it by hand.
  *
- * PROTOCOL.md, Framing: a reply is one line ending in CRLF,
+ * docs/protocol.md, Framing: a reply is one line ending in CRLF,
  * `OK[ PAYLOAD]` or `ERR CODE TEXT`. A bare LF is accepted too (the CR is
  * dropped when present), like the daemon does for requests.
  */
@@ -38,22 +38,26 @@ void smtpgate_reply_free(smtpgate_reply *reply)
     free(reply);
 }
 
-static int reader_fail(smtpgate_reader *r, int err, const char *what, const char *line,
-                       size_t len)
+/* Makes the error sticky (the stream cannot be resynchronised); returns SMTPGATE_ERR. */
+static int reader_fail(smtpgate_reader *r, int err, const char *what)
 {
-    /* Quote at most 40 bytes of the offending line, non-printables as '?'. */
+    r->err = err;
+    snprintf(r->errstr, sizeof r->errstr, "%s", what);
+    return SMTPGATE_ERR;
+}
+
+/* A protocol error that quotes the offending line: at most 40 bytes, non-printables as '?'. */
+static int reader_fail_quoting(smtpgate_reader *r, const char *what, const char *line, size_t len)
+{
     char shown[41];
-    size_t n = len < 40 ? len : 40;
-    for (size_t i = 0; i < n; i++) {
+    size_t i;
+    for (i = 0; i < len && i < sizeof shown - 1; i++) {
         unsigned char ch = (unsigned char)line[i];
         shown[i] = (ch >= 0x20 && ch < 0x7f) ? (char)ch : '?';
     }
-    shown[n] = '\0';
-    r->err = err;
-    if (n)
-        snprintf(r->errstr, sizeof r->errstr, "%s: \"%s\"", what, shown);
-    else
-        snprintf(r->errstr, sizeof r->errstr, "%s", what);
+    shown[i] = '\0';
+    r->err = SMTPGATE_ERR_PROTOCOL;
+    snprintf(r->errstr, sizeof r->errstr, "%s: \"%s\"", what, shown);
     return SMTPGATE_ERR;
 }
 
@@ -73,12 +77,12 @@ int smtpgate_reader_feed(smtpgate_reader *r, const char *buf, size_t len)
         size_t cap = r->cap ? r->cap : 4096;
         while (cap - r->len < len) {
             if (cap > ((size_t)-1) / 2)
-                return reader_fail(r, SMTPGATE_ERR_OOM, "reply buffer too large", "", 0);
+                return reader_fail(r, SMTPGATE_ERR_OOM, "reply buffer too large");
             cap *= 2;
         }
         char *p = realloc(r->buf, cap);
         if (p == NULL)
-            return reader_fail(r, SMTPGATE_ERR_OOM, "out of memory", "", 0);
+            return reader_fail(r, SMTPGATE_ERR_OOM, "out of memory");
         r->buf = p;
         r->cap = cap;
     }
@@ -94,36 +98,38 @@ static int parse_line(smtpgate_reader *r, const char *line, size_t n, smtpgate_r
     size_t text_len;
     smtpgate_reply *reply = calloc(1, sizeof *reply);
     if (reply == NULL)
-        return reader_fail(r, SMTPGATE_ERR_OOM, "out of memory", "", 0);
+        return reader_fail(r, SMTPGATE_ERR_OOM, "out of memory");
     if (memchr(line, '\0', n) != NULL) {
         free(reply);
-        return reader_fail(r, SMTPGATE_ERR_PROTOCOL, "NUL byte in reply", line, n);
+        return reader_fail_quoting(r, "NUL byte in reply", line, n);
     }
     if (n >= 2 && memcmp(line, "OK", 2) == 0 && (n == 2 || line[2] == ' ')) {
         reply->type = SMTPGATE_REPLY_OK;
         text = n == 2 ? line + 2 : line + 3;
         text_len = n == 2 ? 0 : n - 3;
     } else if (n > 4 && memcmp(line, "ERR ", 4) == 0) {
+        /* The code runs to the next space or to the end of the line. */
         const char *code = line + 4;
-        const char *end = memchr(code, ' ', n - 4);
-        size_t code_len = end ? (size_t)(end - code) : n - 4;
+        size_t rest = n - 4, code_len = 0;
+        while (code_len < rest && code[code_len] != ' ')
+            code_len++;
         if (code_len == 0 || code_len >= SMTPGATE_CODE_SIZE) {
             free(reply);
-            return reader_fail(r, SMTPGATE_ERR_PROTOCOL, "bad error code in reply", line, n);
+            return reader_fail_quoting(r, "bad error code in reply", line, n);
         }
         reply->type = SMTPGATE_REPLY_ERR;
         memcpy(reply->code, code, code_len);
         reply->code[code_len] = '\0';
-        text = end ? end + 1 : code + code_len;
+        text = code_len < rest ? code + code_len + 1 : code + code_len;
         text_len = (size_t)(line + n - text);
     } else {
         free(reply);
-        return reader_fail(r, SMTPGATE_ERR_PROTOCOL, "unexpected reply", line, n);
+        return reader_fail_quoting(r, "unexpected reply", line, n);
     }
     reply->payload = malloc(text_len + 1);
     if (reply->payload == NULL) {
         free(reply);
-        return reader_fail(r, SMTPGATE_ERR_OOM, "out of memory", "", 0);
+        return reader_fail(r, SMTPGATE_ERR_OOM, "out of memory");
     }
     memcpy(reply->payload, text, text_len);
     reply->payload[text_len] = '\0';
@@ -151,7 +157,7 @@ int smtpgate_reader_get_reply(smtpgate_reader *r, smtpgate_reply **reply)
         if (avail > r->max_line + 1) {
             char what[64];
             snprintf(what, sizeof what, "reply line longer than %zu bytes", r->max_line);
-            return reader_fail(r, SMTPGATE_ERR_PROTOCOL, what, start, avail);
+            return reader_fail_quoting(r, what, start, avail);
         }
         return SMTPGATE_OK;
     }
@@ -163,7 +169,7 @@ int smtpgate_reader_get_reply(smtpgate_reader *r, smtpgate_reply **reply)
     if (n > r->max_line) {
         char what[64];
         snprintf(what, sizeof what, "reply line longer than %zu bytes", r->max_line);
-        return reader_fail(r, SMTPGATE_ERR_PROTOCOL, what, start, n);
+        return reader_fail_quoting(r, what, start, n);
     }
     return parse_line(r, start, n, reply);
 }

@@ -97,7 +97,7 @@ static void test_malformed_lines_are_protocol_errors(void)
     CHECK_REPLIES("ERR ABCDEFGHIJKLMNOPQRSTUVWXYZ012345 x\r\n",
                   "#bad error code in reply: \"ERR ABCDEFGHIJKLMNOPQRSTUVWXYZ012345 x\"");
     CHECK_REPLIES("OK a\0b\r\n", "#NUL byte in reply: \"OK a?b\"");
-    CHECK_REPLIES("\r\n", "#unexpected reply");
+    CHECK_REPLIES("\r\n", "#unexpected reply: \"\"");
     /* A good reply before the bad line still comes out, then the error. */
     CHECK_REPLIES("OK 1\r\n220 smtp.example.com ESMTP\r\nOK 2\r\n",
                   "OK:1|#unexpected reply: \"220 smtp.example.com ESMTP\"");

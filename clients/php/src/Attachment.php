@@ -5,7 +5,7 @@ declare(strict_types=1);
 namespace SmtpGate;
 
 /**
- * Builds the entries of a message's `attachments` list (PROTOCOL.md "SEND":
+ * Builds the entries of a message's `attachments` list (docs/protocol.md "SEND":
  * filename, content_type, content_base64, optional content_id).
  *
  *     $gate->send([..., 'attachments' => [Attachment::fromFile('/tmp/report.pdf')]]);
@@ -18,8 +18,12 @@ final class Attachment
      * An attachment of the bytes in $content. A $contentId makes it an
      * inline part that HTML can show with `<img src="cid:...">`.
      */
-    public static function fromString(string $filename, string $content, string $contentType = self::DEFAULT_TYPE, ?string $contentId = null): array
-    {
+    public static function fromString(
+        string $filename,
+        string $content,
+        string $contentType = self::DEFAULT_TYPE,
+        ?string $contentId = null
+    ): array {
         $entry = ['filename' => $filename, 'content_type' => $contentType, 'content_base64' => base64_encode($content)];
         if ($contentId !== null) {
             $entry['content_id'] = $contentId;

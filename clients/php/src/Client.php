@@ -10,7 +10,7 @@ use SmtpGate\Exception\ServerException;
 use SmtpGate\Exception\TimeoutException;
 
 /**
- * A client of the smtpgate daemon (PROTOCOL.md): hands a message over in one
+ * A client of the smtpgate daemon (docs/protocol.md): hands a message over in one
  * request and gets its id back once the daemon has stored it durably.
  *
  *     $gate = new Client('unix:///run/smtpgate/smtpgate.sock');
@@ -46,7 +46,7 @@ final class Client
      */
     private const PIPELINE_WINDOW = 256;
 
-    /** Seconds a WAIT without seconds may block in the daemon: its default (PROTOCOL.md leaves it to the daemon). */
+    /** Seconds a WAIT without seconds may block in the daemon: its default (docs/protocol.md leaves it to the daemon). */
     private const DAEMON_WAIT_DEFAULT = 30.0;
 
     private const OPTION_DEFAULTS = [
@@ -106,7 +106,7 @@ final class Client
     }
 
     /**
-     * Hands $message over (fields of PROTOCOL.md "SEND": from, to, cc, bcc,
+     * Hands $message over (fields of docs/protocol.md "SEND": from, to, cc, bcc,
      * reply_to, subject, text, html, attachments, headers, raw,
      * idempotency_key) and returns its id once the daemon has stored it.
      * See Attachment for the attachment entries.
@@ -152,7 +152,7 @@ final class Client
             if ($broken === null) {
                 try {
                     $this->exchange(array_values($window), false, 0.0, $replies);
-                } catch (ConnectionException|ProtocolException $e) {
+                } catch (ConnectionException | ProtocolException $e) {
                     if ($ids === [] && $errors === [] && $replies === [] && $this->nothingSentInLastExchange) {
                         throw $e;
                     }
@@ -165,7 +165,8 @@ final class Client
                     continue;
                 }
                 try {
-                    $ids[$key] = Protocol::parseId(Protocol::parseReply($replies[$i], $this->lastEndpoint), $this->lastEndpoint);
+                    $payload = Protocol::parseReply($replies[$i], $this->lastEndpoint);
+                    $ids[$key] = Protocol::parseId($payload, $this->lastEndpoint);
                 } catch (ServerException $e) {
                     $errors[$key] = $e;
                 } catch (ProtocolException $e) {
@@ -180,12 +181,13 @@ final class Client
     }
 
     /**
-     * The state of message $id now (PROTOCOL.md "Message state": id, state,
+     * The state of message $id now (docs/protocol.md "Message state": id, state,
      * attempts, recipients, ...). Throws NotFoundException for an unknown id.
      */
     public function status(string $id): array
     {
-        return $this->request(Protocol::requestLine('STATUS', Protocol::checkId($id)), true, 0.0, Protocol::decodeObject(...));
+        $line = Protocol::requestLine('STATUS', Protocol::checkId($id));
+        return $this->request($line, true, 0.0, Protocol::decodeObject(...));
     }
 
     /**
@@ -196,21 +198,23 @@ final class Client
     {
         $argument = Protocol::checkId($id) . ($seconds === null ? '' : ' ' . Protocol::formatSeconds($seconds));
         $extraTimeout = $seconds === null ? self::DAEMON_WAIT_DEFAULT : (float) $seconds;
-        return $this->request(Protocol::requestLine('WAIT', $argument), true, $extraTimeout, Protocol::decodeObject(...));
+        $line = Protocol::requestLine('WAIT', $argument);
+        return $this->request($line, true, $extraTimeout, Protocol::decodeObject(...));
     }
 
     /** True when the daemon answers PING with PONG; throws otherwise. */
     public function ping(): bool
     {
-        return $this->request(Protocol::requestLine('PING'), true, 0.0, static function (string $payload, string $endpoint): bool {
+        $isPong = static function (string $payload, string $endpoint): bool {
             if ($payload !== 'PONG') {
                 throw new ProtocolException("PING answered with \"{$payload}\" [{$endpoint}]");
             }
             return true;
-        });
+        };
+        return $this->request(Protocol::requestLine('PING'), true, 0.0, $isPong);
     }
 
-    /** The daemon's counters (PROTOCOL.md: STATS). */
+    /** The daemon's counters (docs/protocol.md: STATS). */
     public function stats(): array
     {
         return $this->request(Protocol::requestLine('STATS'), true, 0.0, Protocol::decodeObject(...));
@@ -275,7 +279,7 @@ final class Client
      */
     private function exchange(array $lines, bool $repeatable, float $extraTimeout = 0.0, array &$replies = []): void
     {
-        for ($attempt = 1; ; $attempt++) {
+        for ($attempt = 1;; $attempt++) {
             $this->nothingSentInLastExchange = true;
             $reused = $this->connection !== null;
             if ($reused && $this->connection->hasUnexpectedInput()) {

@@ -43,13 +43,16 @@ final class Connection
         $options = str_starts_with($endpoint, 'tcp://') ? ['socket' => ['tcp_nodelay' => true]] : [];
         $errno = 0;
         $errstr = '';
-        [$stream, $warning] = self::capture(static function () use ($endpoint, $timeout, $options, &$errno, &$errstr) {
-            return stream_socket_client($endpoint, $errno, $errstr, $timeout, STREAM_CLIENT_CONNECT, stream_context_create($options));
-        });
+        $context = stream_context_create($options);
+        $connect = static function () use ($endpoint, $timeout, $context, &$errno, &$errstr) {
+            return stream_socket_client($endpoint, $errno, $errstr, $timeout, STREAM_CLIENT_CONNECT, $context);
+        };
+        [$stream, $warning] = self::capture($connect);
         if ($stream === false) {
             $why = $errstr !== '' ? $errstr : ($warning ?? 'unknown error');
             // 110 ETIMEDOUT; PHP also reports its own connect timeout that way.
-            $class = ($errno === 110 || stripos($why, 'timed out') !== false) ? TimeoutException::class : ConnectionException::class;
+            $timedOut = $errno === 110 || stripos($why, 'timed out') !== false;
+            $class = $timedOut ? TimeoutException::class : ConnectionException::class;
             throw new $class("cannot connect to {$endpoint}: {$why}");
         }
         stream_set_blocking($stream, true);
@@ -82,8 +85,10 @@ final class Connection
             [$written, $warning] = self::capture(static fn () => fwrite($stream, $chunk));
             if ($written === false || $written === 0) {
                 $timedOut = stream_get_meta_data($stream)['timed_out'];
-                $this->fail($timedOut ? TimeoutException::class : ConnectionException::class,
-                    $timedOut ? "write timed out after {$timeout} s" : 'write failed: ' . ($warning ?? 'connection closed'));
+                if ($timedOut) {
+                    $this->fail(TimeoutException::class, "write timed out after {$timeout} s");
+                }
+                $this->fail(ConnectionException::class, 'write failed: ' . ($warning ?? 'connection closed'));
             }
             $offset += $written;
             $this->bytesSent += $written;

@@ -18,13 +18,13 @@ use SmtpGate\Exception\ServerException;
 use SmtpGate\Exception\TooLargeException;
 
 /**
- * The smtpgate line protocol without any I/O (PROTOCOL.md): request lines in,
+ * The smtpgate line protocol without any I/O (docs/protocol.md): request lines in,
  * reply lines out. Connection does the socket work; this class only turns
  * values into bytes and bytes into values or exceptions.
  */
 final class Protocol
 {
-    /** ERR codes of PROTOCOL.md ("Error codes") and the class that carries each. */
+    /** ERR codes of docs/protocol.md ("Error codes") and the class that carries each. */
     public const ERROR_CLASSES = [
         'BAD_REQUEST' => BadRequestException::class,
         'BAD_ADDRESS' => BadAddressException::class,
@@ -120,7 +120,9 @@ final class Protocol
     public static function parseId(string $payload, string $endpoint = ''): string
     {
         if ($payload === '' || preg_match('/[\x00-\x20\x7f]/', $payload) === 1) {
-            throw new ProtocolException('SEND answered without a message id: ' . self::excerpt($payload) . self::where($endpoint));
+            throw new ProtocolException(
+                'SEND answered without a message id: ' . self::excerpt($payload) . self::where($endpoint)
+            );
         }
         return $payload;
     }
@@ -134,7 +136,9 @@ final class Protocol
             throw new ProtocolException('reply is not JSON: ' . $e->getMessage() . self::where($endpoint), 0, $e);
         }
         if (!is_array($value) || !str_starts_with(ltrim($payload), '{')) {
-            throw new ProtocolException('reply is not a JSON object: ' . self::excerpt($payload) . self::where($endpoint));
+            throw new ProtocolException(
+                'reply is not a JSON object: ' . self::excerpt($payload) . self::where($endpoint)
+            );
         }
         return $value;
     }

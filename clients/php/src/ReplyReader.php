@@ -9,7 +9,7 @@ use SmtpGate\Exception\ProtocolException;
 /**
  * Splits received bytes into reply lines (sans-IO, the h11 receive-buffer
  * shape): feed() what the socket gave, take lines with nextLine(). A reply
- * ends in CRLF (PROTOCOL.md, "Framing"); one read may hold several replies
+ * ends in CRLF (docs/protocol.md, "Framing"); one read may hold several replies
  * (pipelining) or part of one.
  */
 final class ReplyReader

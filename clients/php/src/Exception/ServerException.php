@@ -14,7 +14,7 @@ namespace SmtpGate\Exception;
  */
 class ServerException extends SmtpGateException
 {
-    /** Codes after which the same request may succeed later (PROTOCOL.md, "Error codes"). */
+    /** Codes after which the same request may succeed later (docs/protocol.md, "Error codes"). */
     private const RETRYABLE_CODES = ['BUSY', 'INTERNAL'];
 
     public function __construct(
