@@ -433,6 +433,25 @@ def test_only_batches_with_durable_writes_commit_with_fsync(tmp_path):
     assert run(main()) == [(3, 3), (7, 3), (8, 4)]
 
 
+def test_every_pipe_message_crosses_the_pipe_as_itself():
+    import copyreg
+
+    from smtpgate.delivery import process
+    from smtpgate.proc import calls
+    from smtpgate.proc.framing import encode, take_messages
+    from smtpgate.spool import ops
+
+    types = [value for module in (calls, ops, process) for value in vars(module).values()
+             if isinstance(value, type) and issubclass(value, tuple) and value.__module__ == module.__name__]
+    assert len(types) == 23
+    # Each is marked @message (the cheap pickling), and comes back as its own type.
+    assert [t.__name__ for t in types if t not in copyreg.dispatch_table] == []
+    sent = [t(*(f"{t.__name__}.{field}" for field in t._fields)) for t in types]
+    buf = bytearray(b"".join(encode(sent)))
+    received = take_messages(buf)
+    assert received == sent and [type(m) for m in received] == types
+
+
 def test_frames_survive_any_split_of_the_pipe():
     from smtpgate.proc.framing import encode, take_messages
 

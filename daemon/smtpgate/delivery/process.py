@@ -39,6 +39,7 @@ from typing import Any, Callable, NamedTuple
 from smtpgate.log import get_logger, setup_logging
 from smtpgate.proc.calls import Answer, Call, PendingCalls
 from smtpgate.proc.child import become_child, spawn
+from smtpgate.proc.framing import message
 from smtpgate.proc.pipe import FramedPipe
 from smtpgate.spool.errors import SpoolError
 from smtpgate.spool.ops import Claimed, ClaimDue, NextDue, RecordAttempt, Release
@@ -50,6 +51,7 @@ STOP_MARGIN = 15.0  # seconds
 
 
 
+@message
 class Start(NamedTuple):
     """Set up logging, start a Delivery with `settings`; answered by `Started`."""
 
@@ -58,18 +60,22 @@ class Start(NamedTuple):
     log_level: str
 
 
+@message
 class Started(NamedTuple):
     pass
 
 
+@message
 class Wake(NamedTuple):
     """Something was enqueued: look at the spool now."""
 
 
+@message
 class Reload(NamedTuple):
     settings: Any
 
 
+@message
 class Stop(NamedTuple):
     """Stop the Delivery (in-flight messages get `grace` seconds), then end the output."""
 

@@ -5,8 +5,8 @@ Both pipes carry calls: the daemon's spool calls the writer process
 daemon's spool (delivery/process.py). The caller keeps one future per
 token in `PendingCalls`; the `Answer` with that token resolves it.
 
-Every message on a pipe is a named type (a NamedTuple: it pickles small and
-is read by name). A receiver dispatches on the type with a table
+Every message on a pipe is a named type (a NamedTuple marked @message,
+proc/framing.py), made and read by name. A receiver dispatches on the type with a table
 {type: handler}, the one dispatch style of the package.
 
 Free of asyncio, like framing.py: the spool writer imports this module and
@@ -18,10 +18,13 @@ from __future__ import annotations
 import itertools
 from typing import TYPE_CHECKING, Any, Callable, NamedTuple
 
+from smtpgate.proc.framing import message
+
 if TYPE_CHECKING:
     import asyncio
 
 
+@message
 class Call(NamedTuple):
     """Run `op` (a named operation, e.g. spool.ops.Enqueue) and answer `token`."""
 
@@ -29,6 +32,7 @@ class Call(NamedTuple):
     op: Any
 
 
+@message
 class Answer(NamedTuple):
     """The outcome of the call `token`: its value, or the error it raised."""
 

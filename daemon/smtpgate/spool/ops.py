@@ -15,10 +15,12 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from smtpgate.proc.calls import Answer
+from smtpgate.proc.framing import message
 
 # --- the writer's operations -------------------------------------------------
 
 
+@message
 class Limits(NamedTuple):
     """The writer's settings that a reload may change."""
 
@@ -27,6 +29,7 @@ class Limits(NamedTuple):
     idempotency_window: float  # seconds an idempotency key is remembered
 
 
+@message
 class Open(NamedTuple):
     """The first operation: open (creating) the database, recover, count."""
 
@@ -34,10 +37,12 @@ class Open(NamedTuple):
     limits: Limits
 
 
+@message
 class Configure(NamedTuple):
     limits: Limits
 
 
+@message
 class Enqueue(NamedTuple):
     """Store a message; answered with `Enqueued`."""
 
@@ -48,6 +53,7 @@ class Enqueue(NamedTuple):
     idempotency_key: str | None
 
 
+@message
 class ClaimDue(NamedTuple):
     """Mark up to `limit` messages due by `due_by` 'sending'; answered with a list of `Claimed`."""
 
@@ -55,6 +61,7 @@ class ClaimDue(NamedTuple):
     limit: int
 
 
+@message
 class RecordAttempt(NamedTuple):
     """One attempt's outcomes; answered with the message's new state."""
 
@@ -65,6 +72,7 @@ class RecordAttempt(NamedTuple):
     possible_duplicate: bool
 
 
+@message
 class Release(NamedTuple):
     """Claimed messages whose attempt did not finish go back to 'queued'."""
 
@@ -72,6 +80,7 @@ class Release(NamedTuple):
     possible_duplicate: bool
 
 
+@message
 class Retry(NamedTuple):
     """Make one deferred message (or all, msg_id None) due at `now`."""
 
@@ -79,20 +88,24 @@ class Retry(NamedTuple):
     msg_id: str | None
 
 
+@message
 class Delete(NamedTuple):
     msg_id: str
 
 
+@message
 class Purge(NamedTuple):
     """Delete final messages and idempotency keys that are old at `now`."""
 
     now: float
 
 
+@message
 class Recount(NamedTuple):
     """Count the messages per state again (the queue tool wrote the database)."""
 
 
+@message
 class NextDue(NamedTuple):
     """When the earliest queued or deferred message is due: a read, which the
     daemon's spool answers from its reader thread, not the writer."""
@@ -101,11 +114,13 @@ class NextDue(NamedTuple):
 # --- what comes back -----------------------------------------------------------
 
 
+@message
 class Enqueued(NamedTuple):
     id: str
     existing: bool  # the idempotency key was seen within the window: nothing stored
 
 
+@message
 class Claimed(NamedTuple):
     """A message taken for delivery by ClaimDue (now in state 'sending')."""
 
@@ -118,6 +133,7 @@ class Claimed(NamedTuple):
     possible_duplicate: bool
 
 
+@message
 class RecipientOutcome(NamedTuple):
     """What one attempt did for one recipient: state sent|failed|deferred."""
 
@@ -126,6 +142,7 @@ class RecipientOutcome(NamedTuple):
     reply: str | None
 
 
+@message
 class Committed(NamedTuple):
     """The writer's answer to a batch of operations, once it is committed."""
 

@@ -236,8 +236,8 @@ class Spool:
         (at once for low disk, through the future when max_queued is reached).
 
         A plain function returning the future, not a coroutine: `await
-        spool.enqueue(...)` works as before, and the intake adds a callback
-        instead of paying for a task per SEND."""
+        spool.enqueue(...)` works, and the hand-off adds a callback instead
+        of paying for a task per SEND."""
         self._check_disk()
         return self.submit(Enqueue(self._clock(), spec_json, envelope_from, recipients, idempotency_key))
 
