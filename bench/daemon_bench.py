@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -143,40 +144,49 @@ async def aiosmtplib_reference(port: int, messages: int, conns: int) -> float:
     return messages / (time.perf_counter() - start)
 
 
+@contextlib.contextmanager
+def running_daemon(workdir: Path, **settings):
+    """A daemon with its own spool in a fresh folder under `workdir`, stopped and removed after."""
+    run_dir = Path(tempfile.mkdtemp(dir=workdir))
+    daemon = Daemon(run_dir, **settings)
+    try:
+        yield daemon
+    finally:
+        daemon.stop()
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def send_and_drain(binary: Path, daemon: Daemon, seconds: float) -> tuple[int, int]:
+    """16 connections of SENDs for `seconds`, then wait until STATS counts
+    every accepted message delivered (5 minutes at most): (accepted, delivered)."""
+    sent = loadgen(binary, daemon.port, 16, seconds)
+    accepted = sent["requests"] - sent["errors"]
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        delivered = daemon.stats()["counters"]["delivered"]
+        if delivered >= accepted:
+            break
+        time.sleep(0.05)
+    return accepted, delivered
+
+
 def intake_round(binary: Path, workdir: Path, seconds: float) -> dict:
     results = {}
     for conns in (1, 16, 128):
-        run_dir = Path(tempfile.mkdtemp(dir=workdir))
-        daemon = Daemon(run_dir, upstream=["127.0.0.1:9"], hold=True)
-        try:
+        with running_daemon(workdir, upstream=["127.0.0.1:9"], hold=True) as daemon:
             results[conns] = loadgen(binary, daemon.port, conns, seconds)
             accepted = daemon.stats()["counters"]["accepted"]
             assert accepted == results[conns]["requests"] - results[conns]["errors"], (accepted, results[conns])
-        finally:
-            daemon.stop()
-            shutil.rmtree(run_dir, ignore_errors=True)
     return results
 
 
 def e2e_round(binary: Path, workdir: Path, sink_port: int, seconds: float) -> dict:
-    run_dir = Path(tempfile.mkdtemp(dir=workdir))
-    daemon = Daemon(run_dir, upstream=[f"127.0.0.1:{sink_port}"], connections_per_upstream=10)
-    try:
+    with running_daemon(workdir, upstream=[f"127.0.0.1:{sink_port}"], connections_per_upstream=10) as daemon:
         start = time.perf_counter()
-        sent = loadgen(binary, daemon.port, 16, seconds)
-        accepted = sent["requests"] - sent["errors"]
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            stats = daemon.stats()
-            if stats["counters"]["delivered"] >= accepted:
-                break
-            time.sleep(0.05)
+        accepted, delivered = send_and_drain(binary, daemon, seconds)
         elapsed = time.perf_counter() - start
-        return {"accepted": accepted, "delivered": stats["counters"]["delivered"],
-                "seconds": round(elapsed, 3), "rate": round(stats["counters"]["delivered"] / elapsed)}
-    finally:
-        daemon.stop()
-        shutil.rmtree(run_dir, ignore_errors=True)
+        return {"accepted": accepted, "delivered": delivered,
+                "seconds": round(elapsed, 3), "rate": round(delivered / elapsed)}
 
 
 def main() -> int:
