@@ -25,7 +25,7 @@ import pytest
 from aiosmtpd.controller import Controller
 
 
-from support import read_line
+from support import children_of, process_name, read_line
 
 ROOT = Path(__file__).resolve().parent.parent
 START_TIMEOUT = 20.0
@@ -207,13 +207,15 @@ class Daemon:
     def write_config(self) -> None:
         self.config_path.write_text("".join(f"{k} = {_toml_value(v)}\n" for k, v in self.settings.items()))
 
-    def start(self, extra_args=(), wait_ready: bool = True, **popen):
+    def start(self, extra_args=(), wait_ready: bool = True, prefix=(), **popen):
+        """Start `smtpgate serve` (under `prefix`, a wrapper such as strace,
+        if given); popen: more subprocess.Popen arguments."""
         self.write_config()
         env = dict(os.environ, PYTHONUNBUFFERED="1", **self.env)
         self.log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         self.log_file = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "smtpgate", "serve", "--config", str(self.config_path),
+            [*prefix, sys.executable, "-m", "smtpgate", "serve", "--config", str(self.config_path),
              "--log-format", "json", *extra_args],
             stdout=self.log_file, stderr=subprocess.STDOUT, env=env, cwd=self.workdir, **popen)
         if wait_ready:
@@ -293,6 +295,13 @@ class Daemon:
 
     def kill(self) -> None:
         self.stop(signal.SIGKILL)
+
+    def child_pid(self, name: str) -> int:
+        """The pid of the daemon's child process called `name` (smtpgate-spool,
+        smtpgate-relay)."""
+        pids = [pid for pid in children_of(self.proc.pid) if process_name(pid) == name]
+        assert len(pids) == 1, f"{len(pids)} children called {name}"
+        return pids[0]
 
     def reload(self, timeout: float = 20.0) -> None:
         """Write the settings, SIGHUP, wait for the daemon's 'reloaded' line."""
