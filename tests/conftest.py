@@ -1,10 +1,16 @@
 """Fixtures that start real parts: an aiosmtpd upstream and the smtpgate daemon.
 
 `upstream`: aiosmtpd on 127.0.0.1 in a thread, recording every message and
-answering scripted replies when a test asks for them.
+answering scripted replies when a test asks for them; `make_upstream(**kw)`
+starts more, with aiosmtpd's own settings (a STARTTLS server: tls_context,
+require_starttls).
 `daemon`: `smtpgate serve` as a subprocess (TCP on a free port and a Unix
-socket), relaying to `upstream`; `make_daemon(**config)` starts one with
-other settings (tokens, limits, retry timings).
+socket), relaying to `upstream` in plaintext; `make_daemon(**config)` starts
+one with other settings (tokens, limits, retry timings, upstream_tls and
+upstream_ca_file for a TLS upstream).
+
+With --strict-skips (CI), a skip whose reason is not in ALLOWED_SKIPS fails
+the run.
 """
 
 from __future__ import annotations
@@ -135,11 +141,14 @@ class RecordingHandler:
 
 
 class Upstream:
-    def __init__(self):
+    """aiosmtpd on 127.0.0.1; `smtp_kwargs` go to aiosmtpd's SMTP (for
+    example tls_context and require_starttls for a STARTTLS server)."""
+
+    def __init__(self, **smtp_kwargs):
         self.handler = RecordingHandler()
         self.controller = Controller(
             self.handler, hostname="127.0.0.1", port=free_port(), ready_timeout=10,
-            data_size_limit=64 * 1024 * 1024, decode_data=False, enable_SMTPUTF8=True)
+            data_size_limit=64 * 1024 * 1024, decode_data=False, enable_SMTPUTF8=True, **smtp_kwargs)
 
     def start(self):
         self.controller.start()
@@ -179,6 +188,20 @@ def upstream():
     server = Upstream().start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def make_upstream():
+    """Start more upstreams: make_upstream(**aiosmtpd SMTP kwargs) -> Upstream."""
+    started: list[Upstream] = []
+
+    def make(**smtp_kwargs) -> Upstream:
+        started.append(Upstream(**smtp_kwargs).start())
+        return started[-1]
+
+    yield make
+    for server in started:
+        server.stop()
 
 
 def _toml_value(value) -> str:
