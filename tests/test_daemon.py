@@ -196,8 +196,14 @@ def test_policy_denies_senders_and_recipients(make_daemon):
 
 def test_spool_full_is_busy_and_stores_nothing(make_daemon, upstream):
     daemon = make_daemon(max_queued=1, upstream=["127.0.0.1:9"], retry_base=60.0)
-    assert daemon.request(send_line(SIMPLE)).startswith("OK ")
-    assert err_code(daemon.request(send_line(SIMPLE))) == "BUSY"
+    first = ok_payload(daemon.request(send_line(SIMPLE)))
+    assert err_code(daemon.request(send_line(dict(SIMPLE, subject="refused")))) == "BUSY"
+    stats = json.loads(ok_payload(daemon.request("STATS")))
+    assert stats["counters"]["accepted"] == 1 and sum(stats["states"].values()) == 1
+    # and on disk, as the queue tool reads the spool: the first message only
+    listing = subprocess.run([sys.executable, "-m", "smtpgate", "queue", "--spool", daemon.spool,
+                              "list", "--json"], capture_output=True, text=True, timeout=60)
+    assert [m["id"] for m in json.loads(listing.stdout)] == [first], listing.stderr
 
 
 def test_a_reload_applies_the_spool_limits(make_daemon):
