@@ -13,6 +13,12 @@
 - end to end: SENDs from 16 connections while the daemon relays with 10
   pooled connections to Postfix's smtp-sink; delivered messages per second
   from the first SEND until STATS counts every message delivered.
+- durability, checked from the disk's side: the flush requests the spool's
+  disk completed during each intake run (/proc/diskstats) must be at least
+  the spool's commits (STATS spool.commits; with `hold` every commit is an
+  enqueue batch, which fsyncs). A run with fewer flushes, or a spool on
+  tmpfs (where an fsync is free) or on a device whose flushes cannot be
+  counted, is reported without the word "durable".
 - references in the same run: the disk's durable-create rate
   (anchors/fsync_bench.py), aiosmtplib with 10 reused connections to the
   same smtp-sink. Rounds alternate ours and theirs; medians are reported.
@@ -107,6 +113,47 @@ class Daemon:
         self.log.close()
 
 
+class DiskFlushes:
+    """Counts the flush requests completed by the disk(s) under a directory
+    (/proc/diskstats, the 16th statistic, kernel 5.5 and later). `why_not`
+    says why it cannot (then `read` is not to be used)."""
+
+    NO_DISK = ("tmpfs", "ramfs")  # an fsync there costs nothing and proves nothing
+
+    def __init__(self, path: Path):
+        dev = os.stat(path).st_dev
+        key = f"{os.major(dev)}:{os.minor(dev)}"
+        self.fstype = next((right.split()[0] for left, right in
+                            (line.split(" - ", 1) for line in open("/proc/self/mountinfo"))
+                            if left.split()[2] == key), "unknown")
+        sys_dir = Path(f"/sys/dev/block/{key}")
+        self.disks = self._whole_disks(sys_dir.resolve()) if sys_dir.exists() else []
+        self.why_not = None
+        if self.fstype in self.NO_DISK:
+            self.why_not = f"{path} is on {self.fstype}"
+        elif not self.disks:
+            self.why_not = f"{path} ({self.fstype}) is on no block device whose flushes can be counted"
+        elif any(len(line.split()) < 20 for line in self._lines()):
+            self.why_not = "this kernel's /proc/diskstats has no flush counts (5.5 and later have)"
+
+    @classmethod
+    def _whole_disks(cls, sys_dir: Path) -> list[str]:
+        """The disks that take a block device's I/O: itself, the disk of a
+        partition, the disks under a device-mapper or md device."""
+        if (sys_dir / "partition").exists():
+            sys_dir = sys_dir.parent
+        below = sorted((sys_dir / "slaves").iterdir()) if (sys_dir / "slaves").is_dir() else []
+        if below:
+            return [disk for slave in below for disk in cls._whole_disks(slave.resolve())]
+        return [sys_dir.name]
+
+    def _lines(self) -> list[str]:
+        return [line for line in open("/proc/diskstats") if line.split()[2] in self.disks]
+
+    def read(self) -> int:
+        return sum(int(line.split()[18]) for line in self._lines())
+
+
 def loadgen(binary: Path, port: int, conns: int, seconds: float) -> dict:
     out = subprocess.run([str(binary), "127.0.0.1", str(port), str(conns), str(seconds), REQUEST],
                          capture_output=True, text=True, check=True)
@@ -170,13 +217,19 @@ def send_and_drain(binary: Path, daemon: Daemon, seconds: float) -> tuple[int, i
     return accepted, delivered
 
 
-def intake_round(binary: Path, workdir: Path, seconds: float) -> dict:
+def intake_round(binary: Path, workdir: Path, seconds: float, flushes: DiskFlushes) -> dict:
     results = {}
     for conns in (1, 16, 128):
         with running_daemon(workdir, upstream=["127.0.0.1:9"], hold=True) as daemon:
+            commits_before = daemon.stats()["spool"]["commits"]
+            flushes_before = None if flushes.why_not else flushes.read()
             results[conns] = loadgen(binary, daemon.port, conns, seconds)
-            accepted = daemon.stats()["counters"]["accepted"]
+            stats = daemon.stats()
+            accepted = stats["counters"]["accepted"]
             assert accepted == results[conns]["requests"] - results[conns]["errors"], (accepted, results[conns])
+            results[conns]["commits"] = stats["spool"]["commits"] - commits_before
+            if flushes_before is not None:
+                results[conns]["disk_flushes"] = flushes.read() - flushes_before
     return results
 
 
@@ -198,6 +251,7 @@ def main() -> int:
 
     binary = build_loadgen()
     workdir = Path(tempfile.mkdtemp(prefix="smtpgate-bench-", dir=os.environ.get("SCRATCH", "/var/tmp")))
+    flushes = DiskFlushes(workdir)
     sink = None
     rounds = []
     try:
@@ -205,7 +259,7 @@ def main() -> int:
             sink, sink_port = start_sink()
         for r in range(args.rounds):
             row = {"fsync_durable_creates": fsync_reference(workdir)}
-            row["intake"] = intake_round(binary, workdir, args.seconds)
+            row["intake"] = intake_round(binary, workdir, args.seconds, flushes)
             if sink:
                 row["aiosmtplib_10"] = round(asyncio.run(aiosmtplib_reference(sink_port, 20000, 10)))
                 row["e2e"] = e2e_round(binary, workdir, sink_port, args.seconds)
@@ -226,11 +280,20 @@ def main() -> int:
     for conns in (1, 16, 128):
         rate = med([r["intake"][conns]["rate"] for r in rounds])
         ref = med([r["fsync_durable_creates"] for r in rounds]) if conns == 1 else None
-        print(f"| durable SENDs/s, {conns} connection{'s' if conns > 1 else ''} | {rate:,.0f} | "
+        runs = [r["intake"][conns] for r in rounds]
+        unflushed = [f"{r['disk_flushes']} flushes for {r['commits']} commits" for r in runs
+                     if r.get("disk_flushes", 0) < r["commits"]]
+        why_not = flushes.why_not or (f"too few disk flushes: {', '.join(unflushed)}" if unflushed else None)
+        what = "durable SENDs/s" if why_not is None else f"SENDs/s, NOT shown durable ({why_not})"
+        print(f"| {what}, {conns} connection{'s' if conns > 1 else ''} | {rate:,.0f} | "
               + (f"disk: {ref:,.0f} durable creates/s one at a time |" if ref else "|"))
     p50 = med([r["intake"][1]["p50_us"] for r in rounds])
     p99 = med([r["intake"][1]["p99_us"] for r in rounds])
     print(f"| hand-off latency, open connection, p50 / p99 | {p50 / 1000:.3f} / {p99 / 1000:.3f} ms | |")
+    if flushes.why_not is None:
+        checked = [r["intake"][c] for r in rounds for c in (1, 16, 128)]
+        print(f"| disk flushes / spool commits during the intake runs ({', '.join(flushes.disks)}) | "
+              f"{sum(r['disk_flushes'] for r in checked):,} / {sum(r['commits'] for r in checked):,} | |")
     if rounds and "e2e" in rounds[0]:
         e2e = med([r["e2e"]["rate"] for r in rounds])
         ref = med([r["aiosmtplib_10"] for r in rounds])

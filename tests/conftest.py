@@ -1,10 +1,16 @@
 """Fixtures that start real parts: an aiosmtpd upstream and the smtpgate daemon.
 
 `upstream`: aiosmtpd on 127.0.0.1 in a thread, recording every message and
-answering scripted replies when a test asks for them.
+answering scripted replies when a test asks for them; `make_upstream(**kw)`
+starts more, with aiosmtpd's own settings (a STARTTLS server: tls_context,
+require_starttls).
 `daemon`: `smtpgate serve` as a subprocess (TCP on a free port and a Unix
-socket), relaying to `upstream`; `make_daemon(**config)` starts one with
-other settings (tokens, limits, retry timings).
+socket), relaying to `upstream` in plaintext; `make_daemon(**config)` starts
+one with other settings (tokens, limits, retry timings, upstream_tls and
+upstream_ca_file for a TLS upstream).
+
+With --strict-skips (CI), a skip whose reason is not in ALLOWED_SKIPS fails
+the run.
 """
 
 from __future__ import annotations
@@ -25,10 +31,57 @@ import pytest
 from aiosmtpd.controller import Controller
 
 
-from support import read_line
+from support import children_of, process_name, read_line
 
 ROOT = Path(__file__).resolve().parent.parent
 START_TIMEOUT = 20.0
+
+# The only skips CI accepts (`.ci/run` runs pytest with --strict-skips): facts
+# of a machine that tests/setup.sh cannot change. Any other skip fails the
+# run, so a test that quietly stopped running (a tool setup.sh no longer
+# installs, a fixture that always skips) cannot hide behind a green CI.
+ALLOWED_SKIPS = {
+    "no IPv6 loopback on this machine",  # a kernel or container without ::1
+}
+
+
+def pytest_addoption(parser):
+    parser.addoption("--strict-skips", action="store_true",
+                     help="fail the run on any skip whose reason is not in ALLOWED_SKIPS (tests/conftest.py)")
+
+
+def _skip_reason(report) -> str | None:
+    """The reason of a skipped test or module, None if it was not skipped."""
+    if not report.skipped or hasattr(report, "wasxfail"):
+        return None
+    longrepr = report.longrepr
+    text = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
+    return text.removeprefix("Skipped: ")
+
+
+_unlisted_skips: list[str] = []
+
+
+def _note_skip(report) -> None:
+    reason = _skip_reason(report)
+    if reason is not None and reason not in ALLOWED_SKIPS:
+        _unlisted_skips.append(f"{report.nodeid}: {reason}")
+
+
+pytest_runtest_logreport = _note_skip
+pytest_collectreport = _note_skip
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _unlisted_skips and session.config.getoption("--strict-skips") and exitstatus == 0:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if _unlisted_skips and config.getoption("--strict-skips"):
+        terminalreporter.section("skips not in ALLOWED_SKIPS (tests/conftest.py): the run fails")
+        for line in _unlisted_skips:
+            terminalreporter.line(line)
 
 
 def free_port() -> int:
@@ -88,11 +141,14 @@ class RecordingHandler:
 
 
 class Upstream:
-    def __init__(self):
+    """aiosmtpd on 127.0.0.1; `smtp_kwargs` go to aiosmtpd's SMTP (for
+    example tls_context and require_starttls for a STARTTLS server)."""
+
+    def __init__(self, **smtp_kwargs):
         self.handler = RecordingHandler()
         self.controller = Controller(
             self.handler, hostname="127.0.0.1", port=free_port(), ready_timeout=10,
-            data_size_limit=64 * 1024 * 1024, decode_data=False, enable_SMTPUTF8=True)
+            data_size_limit=64 * 1024 * 1024, decode_data=False, enable_SMTPUTF8=True, **smtp_kwargs)
 
     def start(self):
         self.controller.start()
@@ -134,6 +190,20 @@ def upstream():
     server.stop()
 
 
+@pytest.fixture
+def make_upstream():
+    """Start more upstreams: make_upstream(**aiosmtpd SMTP kwargs) -> Upstream."""
+    started: list[Upstream] = []
+
+    def make(**smtp_kwargs) -> Upstream:
+        started.append(Upstream(**smtp_kwargs).start())
+        return started[-1]
+
+    yield make
+    for server in started:
+        server.stop()
+
+
 def _toml_value(value) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
@@ -160,13 +230,15 @@ class Daemon:
     def write_config(self) -> None:
         self.config_path.write_text("".join(f"{k} = {_toml_value(v)}\n" for k, v in self.settings.items()))
 
-    def start(self, extra_args=(), wait_ready: bool = True, **popen):
+    def start(self, extra_args=(), wait_ready: bool = True, prefix=(), **popen):
+        """Start `smtpgate serve` (under `prefix`, a wrapper such as strace,
+        if given); popen: more subprocess.Popen arguments."""
         self.write_config()
         env = dict(os.environ, PYTHONUNBUFFERED="1", **self.env)
         self.log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         self.log_file = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "smtpgate", "serve", "--config", str(self.config_path),
+            [*prefix, sys.executable, "-m", "smtpgate", "serve", "--config", str(self.config_path),
              "--log-format", "json", *extra_args],
             stdout=self.log_file, stderr=subprocess.STDOUT, env=env, cwd=self.workdir, **popen)
         if wait_ready:
@@ -246,6 +318,13 @@ class Daemon:
 
     def kill(self) -> None:
         self.stop(signal.SIGKILL)
+
+    def child_pid(self, name: str) -> int:
+        """The pid of the daemon's child process called `name` (smtpgate-spool,
+        smtpgate-relay)."""
+        pids = [pid for pid in children_of(self.proc.pid) if process_name(pid) == name]
+        assert len(pids) == 1, f"{len(pids)} children called {name}"
+        return pids[0]
 
     def reload(self, timeout: float = 20.0) -> None:
         """Write the settings, SIGHUP, wait for the daemon's 'reloaded' line."""

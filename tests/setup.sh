@@ -2,10 +2,12 @@
 # Install everything the test suite needs on a fresh Debian machine:
 # the Python package with its test extras, php-cli, PHPUnit and Composer (the
 # PHP client's tests and its README's Composer example), a C and C++
-# toolchain, valgrind and strace (the C client's tests, and the
-# one-write-per-request checks), swaks (the SMTP front door's tests), Postfix's
-# smtp-sink (a PIPELINING server), and the linters .ci/run uses: phpcs
-# (php-codesniffer) and cppcheck. Run as root (or with sudo for the apt part).
+# toolchain, valgrind and strace (the C client's tests, the
+# one-write-per-request checks, the fsync witness), swaks (the SMTP front
+# door's tests), Postfix's smtp-sink (a PIPELINING server), systemd for
+# systemd-analyze (the unit files' checks; nothing is started), and the
+# linters .ci/run uses: phpcs (php-codesniffer) and cppcheck. Run as root
+# (or with sudo for the apt part).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -22,6 +24,7 @@ command -v swaks >/dev/null || need+=(swaks)
 command -v strace >/dev/null || need+=(strace)
 command -v pkg-config >/dev/null || need+=(pkg-config)
 command -v g++ >/dev/null || need+=(g++)
+command -v systemd-analyze >/dev/null || need+=(systemd)
 # Postfix's smtp-sink: the real server that offers PIPELINING in the SMTP
 # core's tests (aiosmtpd does not). "No configuration": nothing is set up
 # or started, only the programs are installed.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 
 
@@ -45,3 +46,21 @@ def stuck_listener():
         finally:
             for sock in fillers:
                 sock.close()
+
+
+def children_of(pid: int) -> list[int]:
+    """The pids of a process's children (from /proc, every thread's list)."""
+    tasks = f"/proc/{pid}/task"
+    try:
+        return [int(c) for t in os.listdir(tasks) for c in open(f"{tasks}/{t}/children").read().split()]
+    except FileNotFoundError:  # the process is gone
+        return []
+
+
+def process_name(pid: int) -> str | None:
+    """A process's name as ps shows it (smtpgate-spool, ...), None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/comm") as comm:
+            return comm.read().strip()
+    except FileNotFoundError:
+        return None

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import threading
+import time
 
 import pytest
 import structlog
@@ -51,6 +52,16 @@ async def send(spool: Spool, delivery: Delivery, **fields) -> str:
     msg_id, _ = await spool.enqueue(spec.to_json(), spec.envelope_from, spec.recipients, None)
     delivery.wake()
     return msg_id
+
+
+async def until_deferred(spool: Spool, msg_id: str, timeout: float = 20.0) -> dict:
+    """The message's state once it is deferred, or after `timeout` seconds
+    (WAIT wakes only at final states, so this looks every 50 ms)."""
+    deadline = time.monotonic() + timeout
+    state = await spool.status(msg_id)
+    while state["state"] != "deferred" and time.monotonic() < deadline:
+        state = await spool.wait_final(msg_id, 0.05)
+    return state
 
 
 def run_with_delivery(tmp_path, settings: DeliverySettings, body, stop_grace: float = 5.0, log=None):
@@ -298,13 +309,10 @@ def test_all_upstreams_unreachable_defers_with_the_reason(tmp_path):
 
     async def body(spool, delivery):
         msg_id = await send(spool, delivery)
-        state = await spool.wait_final(msg_id, 0.3)
-        while state["state"] != "deferred":
-            state = await spool.wait_final(msg_id, 0.05)
-        return state
+        return await until_deferred(spool, msg_id)
 
     state = run_with_delivery(tmp_path, fast(dead, retry_base=30), body)
-    assert state["attempts"] >= 1 and "next_attempt" in state
+    assert state["state"] == "deferred" and state["attempts"] >= 1 and "next_attempt" in state
     assert "cannot connect" in state["recipients"][0]["reply"]
 
 
@@ -446,9 +454,7 @@ def test_log_lines_carry_the_message_id_and_never_the_password(tmp_path, upstrea
 
     async def body(spool, delivery):
         msg_id = await send(spool, delivery)
-        state = await spool.wait_final(msg_id, 0.2)
-        while state["state"] != "deferred":
-            state = await spool.wait_final(msg_id, 0.05)
+        state = await until_deferred(spool, msg_id)
         delivery.reload(fast(plain))
         await spool.retry(msg_id)
         delivery.wake()

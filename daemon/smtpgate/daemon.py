@@ -64,6 +64,7 @@ class Daemon:
         self.dev_port = None
         self.smtp_server = None
         self.exit_code = 0
+        self.spool_lost = False
 
     async def run(self) -> int:
         from smtpgate import systemd
@@ -116,6 +117,12 @@ class Daemon:
         housekeeping.cancel()
         if self.smtp_server is not None:
             self.smtp_server.close()
+        if self.spool_lost and not self.config.hold:
+            # No outcome can be recorded any more, so every message delivery
+            # started from now on would be sent again after the restart (up
+            # to CLAIM_AHEAD x workers claimed ahead): stop it before the
+            # intake's grace period rather than after.
+            await self.delivery.stop(STOP_GRACE)
         await self.line_door.close(grace=2.0)
         if not self.config.hold:
             await self.delivery.stop(STOP_GRACE)
@@ -135,6 +142,7 @@ class Daemon:
         """Nothing can be stored any more: stop, so that the service
         manager starts a fresh daemon (what was committed is on disk)."""
         self.log.error("spool_failed", error=why)
+        self.spool_lost = True
         self.exit_code = 73  # EX_CANTCREAT, as when the spool cannot be opened
         self.stopping.set()
 

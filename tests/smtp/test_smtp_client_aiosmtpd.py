@@ -222,13 +222,19 @@ def test_hostname_is_checked(aiosmtpd_server, tls_files):
 
 
 def test_verify_off_accepts_any_certificate(aiosmtpd_server, tls_files):
+    # No ca_file: the system store does not know the test CA, so the same
+    # server is refused with verification on and served with it off.
     port, handler = aiosmtpd_server(ssl_context=tls_files.server_context)
+    with pytest.raises(SmtpTlsError, match="certificate verify failed"):
+        run(SmtpConnection.open(settings(port, tls="tls")))
 
     async def scenario():
-        conn = await SmtpConnection.open(settings(port, tls="tls", verify=False))
-        await conn.quit()
+        async with await SmtpConnection.open(settings(port, tls="tls", verify=False)) as conn:
+            assert conn._transport.get_extra_info("ssl_object") is not None
+            return await conn.send("a@example.org", ["b@example.org"], MESSAGE)
 
-    run(scenario())  # no ca_file: the system store does not know the test CA
+    assert run(scenario()).recipients[0].status == "accepted"
+    assert handler.messages[0].data == MESSAGE
 
 
 def test_large_body_goes_out_through_flow_control(aiosmtpd_server):
