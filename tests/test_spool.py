@@ -12,6 +12,8 @@ import sys
 import textwrap
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from strace_witness import Trace, have_strace, strace_command
 from support import children_of, process_name
 
@@ -386,6 +388,16 @@ def test_ulids_are_crockford_base32_and_time_ordered():
     assert all(re.fullmatch(r"[0-9A-HJKMNP-TV-Z]{26}", i) for i in ids)
     assert ids == sorted(ids) and len(set(ids)) == len(ids)
     assert ids[0][:10] == ids[999][:10] != ids[1000][:10] == ids[1001][:10]  # 10 chars = 48-bit time
+
+
+@given(st.integers(0, (1 << 48) - 1), st.integers(0, (1 << 80) - 1))
+def test_ulid_encoding_is_crockford_base32_of_time_and_randomness(ms, rand):
+    from smtpgate.spool.ulid import _encode
+
+    # The ULID spec's layout, five bits a character from the top.
+    crockford = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+    value = (ms << 80) | rand
+    assert _encode(ms, rand) == "".join(crockford[(value >> (5 * i)) & 31] for i in range(25, -1, -1))
 
 
 def test_spool_files_stay_private(tmp_path):

@@ -229,7 +229,7 @@ class SpoolCalls:
         return await self._call(NextDue())
 
     def answer(self, answer: Answer) -> None:
-        self._calls.answer(answer)
+        self._calls.resolve(answer.token, answer.value, answer.error)
 
 
 class _Relay:

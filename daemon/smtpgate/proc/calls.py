@@ -3,7 +3,9 @@
 Both pipes carry calls: the daemon's spool calls the writer process
 (spool/store.py -> spool/writer.py), and the delivery process calls the
 daemon's spool (delivery/process.py). The caller keeps one future per
-token in `PendingCalls`; the `Answer` with that token resolves it.
+token in `PendingCalls`; the answer with that token resolves it: an
+`Answer` from the daemon, or the results and errors by token of the
+writer's `Committed` batch.
 
 Every message on a pipe is a named type (a NamedTuple marked @message,
 proc/framing.py), made and read by name. A receiver dispatches on the type with a table
@@ -59,15 +61,16 @@ class PendingCalls:
         self._futures[token] = fut
         return Call(token, op), fut
 
-    def answer(self, answer: Answer) -> None:
-        """Resolve the future of `answer.token` (unless its caller cancelled it)."""
-        fut = self._futures.pop(answer.token, None)
+    def resolve(self, token: int, value: Any = None, error: BaseException | None = None) -> None:
+        """Resolve the future of the call `token` with its value or its
+        error (unless its caller cancelled it)."""
+        fut = self._futures.pop(token, None)
         if fut is None or fut.done():
             return
-        if answer.error is None:
-            fut.set_result(answer.value)
+        if error is None:
+            fut.set_result(value)
         else:
-            fut.set_exception(answer.error)
+            fut.set_exception(error)
 
     def fail_all(self, error: Callable[[], BaseException]) -> None:
         """The other end is gone: every call still waiting fails with a new

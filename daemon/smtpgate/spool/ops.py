@@ -12,9 +12,8 @@ clock): the time a message was created, an attempt recorded, a retry made.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
-from smtpgate.proc.calls import Answer
 from smtpgate.proc.framing import message
 
 # --- the writer's operations -------------------------------------------------
@@ -144,9 +143,10 @@ class RecipientOutcome(NamedTuple):
 
 @message
 class Committed(NamedTuple):
-    """The writer's answer to a batch of operations, once it is committed."""
+    """The writer's answer to a batch of calls, once it is committed."""
 
-    answers: list[Answer]
+    results: dict[int, Any]  # token -> the operation's value
+    errors: dict[int, BaseException]  # token -> why the operation failed (SpoolError)
     finalized: list[str]  # messages that became sent or failed (or were deleted): WAIT returns
     state_counts: dict[str, int]  # messages per state, now
     counters: dict[str, int]  # accepted, delivered, failed, deferred since the writer started

@@ -204,8 +204,11 @@ class Spool:
         self._state_counts, self.counters = committed.state_counts, committed.counters
         self.commits, self.durable_commits = committed.commits, committed.durable_commits
         self.operations = committed.operations
-        for answer in committed.answers:
-            self._calls.answer(answer)
+        resolve = self._calls.resolve
+        for token, value in committed.results.items():
+            resolve(token, value)
+        for token, error in committed.errors.items():
+            resolve(token, None, error)
         for msg_id in committed.finalized:
             for fut in self._waiters.pop(msg_id, ()):
                 if not fut.done():

@@ -20,8 +20,8 @@ the load.
 The wire: frames (proc/framing.py) over the writer's stdin and stdout.
 - daemon -> writer: `Call(token, op)`, op one of the operations of ops.py;
   the first is `Open`.
-- writer -> daemon: one `Committed` per committed batch, holding an
-  `Answer(token, value, error)` for each of its calls.
+- writer -> daemon: one `Committed` per committed batch, holding the
+  result or the error of each of its calls by token.
 At EOF on stdin (the daemon closed the spool, or died) the writer finishes
 what it has read and exits, so a `kill -9` of the daemon leaves no writer
 behind; it inherits the spool's lock, so no new daemon opens the spool
@@ -30,11 +30,12 @@ before it is gone.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import select
 import sqlite3
 
-from smtpgate.proc.calls import Answer, Call
+from smtpgate.proc.calls import Call
 from smtpgate.proc.child import become_child
 from smtpgate.proc.framing import encode, take_messages
 from smtpgate.spool import queries
@@ -71,6 +72,16 @@ class _Effects:
 
     def count(self, name: str) -> None:
         self.counters[name] = self.counters.get(name, 0) + 1
+
+
+@dataclasses.dataclass
+class Outcome:
+    """What a batch gives its callers: results and errors by token, and
+    the messages it made final."""
+
+    results: dict = dataclasses.field(default_factory=dict)
+    errors: dict = dataclasses.field(default_factory=dict)
+    finalized: list = dataclasses.field(default_factory=list)
 
 
 # Operations whose commit need not wait for an fsync: losing them in a power
@@ -139,20 +150,19 @@ class Writer:
             os.close(dir_fd)
         self.conn = conn
 
-    def committed(self, answers: list[Answer], finalized: list[str]) -> Committed:
-        """The reply to a batch: its answers, and the figures after it."""
-        return Committed(answers, finalized, dict(self.state_counts), dict(self.counters),
-                         self.commits, self.durable_commits, self.operations)
+    def committed(self, outcome: Outcome) -> Committed:
+        """The reply to a batch: its results and errors, and the figures after it."""
+        return Committed(outcome.results, outcome.errors, outcome.finalized, dict(self.state_counts),
+                         dict(self.counters), self.commits, self.durable_commits, self.operations)
 
     # --- batches -------------------------------------------------------------
 
-    def run_batch(self, batch: list[Call]) -> tuple[list[Answer], list[str]]:
-        """Run a batch of calls in one transaction; returns (answers,
-        finalized ids). If something unexpected fails, roll back and run
-        each call alone so only the culprit fails."""
+    def run_batch(self, batch: list[Call]) -> Outcome:
+        """Run a batch of calls in one transaction. If something unexpected
+        fails, roll back and run each call alone so only the culprit fails."""
         conn = self.conn
         effects = _Effects()
-        answers = []
+        outcome = Outcome()
         durable = not all(type(call.op) in RELAXED_OPS for call in batch)
         if durable != self.sync_full:
             conn.execute("PRAGMA synchronous=FULL" if durable else "PRAGMA synchronous=NORMAL")
@@ -162,15 +172,15 @@ class Writer:
             bulk = [call for call in batch if type(call.op) is Enqueue and call.op.idempotency_key is None]
             rest = batch
             if len(bulk) > 1:
-                answers = self._bulk_enqueue(conn, effects, bulk)
+                self._bulk_enqueue(conn, effects, bulk, outcome)
                 rest = [call for call in batch
                         if not (type(call.op) is Enqueue and call.op.idempotency_key is None)]
-            handlers = self.handlers
+            handlers, results, errors = self.handlers, outcome.results, outcome.errors
             for call in rest:
                 try:
-                    answers.append(Answer(call.token, handlers[type(call.op)](conn, effects, call.op), None))
+                    results[call.token] = handlers[type(call.op)](conn, effects, call.op)
                 except SpoolError as exc:  # raised before the op wrote anything
-                    answers.append(Answer(call.token, None, exc))
+                    errors[call.token] = exc
             conn.execute("COMMIT")
         except Exception as exc:
             if conn.in_transaction:
@@ -180,13 +190,14 @@ class Writer:
                     exc = SpoolFull("the disk is full")
                 elif not isinstance(exc, SpoolError):  # only our own errors cross the pipe
                     exc = SpoolError(f"{type(exc).__name__}: {exc}")
-                return [Answer(batch[0].token, None, exc)], []
-            answers, finalized = [], []
+                return Outcome(errors={batch[0].token: exc})
+            outcome = Outcome()
             for call in batch:
-                one, done = self.run_batch([call])
-                answers += one
-                finalized += done
-            return answers, finalized
+                one = self.run_batch([call])
+                outcome.results.update(one.results)
+                outcome.errors.update(one.errors)
+                outcome.finalized += one.finalized
+            return outcome
         self.commits += 1
         self.durable_commits += durable
         self.operations += len(batch)
@@ -194,29 +205,30 @@ class Writer:
             self.state_counts[state] += delta
         for name, delta in effects.counters.items():
             self.counters[name] += delta
-        return answers, effects.finalized
+        outcome.finalized = effects.finalized
+        return outcome
 
     def _unfinished(self, effects: _Effects) -> int:
         return sum(
             self.state_counts[s] + effects.state_delta.get(s, 0) for s in UNFINISHED_STATES
         )
 
-    def _bulk_enqueue(self, conn, effects, calls: list[Call]) -> list[Answer]:
+    def _bulk_enqueue(self, conn, effects, calls: list[Call], outcome: Outcome) -> None:
         """Store many enqueues (those without an idempotency key) with one
         multi-row INSERT per table: a batch costs a handful of statements
         whatever its size."""
-        answers, messages, recipients = [], [], []
+        messages, recipients = [], []
         for call in calls:
             op = call.op
             if self._unfinished(effects) >= self.max_queued:
-                answers.append(Answer(call.token, None, SpoolFull(f"{self.max_queued} messages queued")))
+                outcome.errors[call.token] = SpoolFull(f"{self.max_queued} messages queued")
                 continue
             msg_id = self.ulid.new(op.now)
             messages.append((msg_id, op.envelope_from, op.spec_json, op.now, op.now, op.now))
             recipients.extend((msg_id, address, i) for i, address in enumerate(dict.fromkeys(op.recipients)))
             effects.move(None, State.QUEUED)
             effects.count("accepted")
-            answers.append(Answer(call.token, Enqueued(msg_id, False), None))
+            outcome.results[call.token] = Enqueued(msg_id, False)
         for rows, head, row in (
             (messages, "INSERT INTO messages (id, state, envelope_from, spec, idempotency_key,"
                        " created, updated, next_attempt) VALUES ", f"(?, '{State.QUEUED}', ?, ?, NULL, ?, ?, ?)"),
@@ -233,7 +245,6 @@ class Writer:
                 chunk = rows[start:start + size]
                 conn.execute(head + ",".join([row] * size), [v for r in chunk for v in r])
                 start += size
-        return answers
 
     # --- operations: (conn, effects, op) -> result -------------------------
 
@@ -417,9 +428,9 @@ def main() -> int:
         writer.open()
     except (sqlite3.Error, OSError, SpoolError) as exc:
         error = SpoolError(f"cannot open spool {writer.db_path}: {exc}")
-        _send(wfd, writer.committed([Answer(call.token, None, error)], []))
+        _send(wfd, writer.committed(Outcome(errors={call.token: error})))
         return 1
-    _send(wfd, writer.committed([Answer(call.token, None, None)], []))
+    _send(wfd, writer.committed(Outcome(results={call.token: None})))
     pending = opening[1:]
     while True:
         pending += frames.read(block=not pending)
@@ -427,11 +438,11 @@ def main() -> int:
             break
         batch, pending = pending[:MAX_BATCH], pending[MAX_BATCH:]
         try:
-            answers, finalized = writer.run_batch(batch)
+            outcome = writer.run_batch(batch)
         except Exception as exc:  # e.g. ROLLBACK failed: fail the batch, keep serving
             error = SpoolError(f"{type(exc).__name__}: {exc}")
-            answers, finalized = [Answer(call.token, None, error) for call in batch], []
-        _send(wfd, writer.committed(answers, finalized))
+            outcome = Outcome(errors={call.token: error for call in batch})
+        _send(wfd, writer.committed(outcome))
     writer.conn.close()
     return 0
 
