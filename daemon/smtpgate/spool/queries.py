@@ -69,7 +69,9 @@ def queue_entries(conn: sqlite3.Connection, *, msg_id: str | None = None, includ
     the one `msg_id`), not final ones unless `include_final`, at most
     `limit` (-1: all). Each is {id, state, attempts, created, updated, from
     (the envelope sender), recipients: [{address, state, reply}],
-    next_attempt (when queued or deferred), possible_duplicate (when true)}."""
+    next_attempt (when queued or deferred), possible_duplicate (when true)}.
+    In the order they were stored (rowid: ids made in the same millisecond
+    are in random order, ulid.py)."""
     if msg_id is not None:
         where, params = "WHERE id=?", (msg_id,)
     else:
@@ -79,7 +81,7 @@ def queue_entries(conn: sqlite3.Connection, *, msg_id: str | None = None, includ
     try:
         rows = conn.execute(
             "SELECT id, state, attempts, created, updated, next_attempt, envelope_from, possible_duplicate"
-            f" FROM messages {where} ORDER BY id LIMIT ?",
+            f" FROM messages {where} ORDER BY rowid LIMIT ?",
             (*params, limit),
         ).fetchall()
         for msg_id, state, attempts, created, updated, next_attempt, sender, dup in rows:

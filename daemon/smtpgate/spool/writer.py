@@ -45,7 +45,7 @@ from smtpgate.spool.ops import (
     RecordAttempt, Release, Retry,
 )
 from smtpgate.spool.schema import FINAL_STATES, IS_DUE, IS_FINAL, SCHEMA, SCHEMA_VERSION, STATES, UNFINISHED_STATES, State
-from smtpgate.spool.ulid import UlidGenerator
+from smtpgate.spool.ulid import new_ulid
 
 # A batch is bounded so that one commit never holds thousands of callers on
 # one very large transaction (and the reply latency of the first caller).
@@ -110,7 +110,6 @@ class Writer:
             Configure: self.configure,
             Recount: self.recount,
         }
-        self.ulid = UlidGenerator()
         self.state_counts = {s: 0 for s in STATES}
         self.counters = {"accepted": 0, "delivered": 0, "failed": 0, "deferred": 0}
         self.commits = 0
@@ -223,7 +222,7 @@ class Writer:
             if self._unfinished(effects) >= self.max_queued:
                 outcome.errors[call.token] = SpoolFull(f"{self.max_queued} messages queued")
                 continue
-            msg_id = self.ulid.new(op.now)
+            msg_id = new_ulid(op.now)
             messages.append((msg_id, op.envelope_from, op.spec_json, op.now, op.now, op.now))
             recipients.extend((msg_id, address, i) for i, address in enumerate(dict.fromkeys(op.recipients)))
             effects.move(None, State.QUEUED)
@@ -256,7 +255,7 @@ class Writer:
                 return Enqueued(row[0], True)
         if self._unfinished(effects) >= self.max_queued:
             raise SpoolFull(f"{self.max_queued} messages queued")
-        msg_id = self.ulid.new(now)
+        msg_id = new_ulid(now)
         conn.execute(
             "INSERT INTO messages (id, state, envelope_from, spec, idempotency_key,"
             " created, updated, next_attempt) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
