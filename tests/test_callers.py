@@ -237,6 +237,7 @@ def test_a_forged_header_sender_is_denied_and_nothing_queued(make_daemon, upstre
         {"raw": "From: \"ceo@bank.example\" <app@shop.example>\r\n\r\nPay.\r\n"},
         {"raw": "From: app@shop.example <ceo@bank.example>\r\n\r\nPay.\r\n"},  # read two ways: refused
         {"raw": "Resent-From: ceo@bank.example\r\nFrom: app@shop.example\r\n\r\nPay.\r\n"},
+        {"raw": "From: app@shop.example <ceo@intranet>\r\n\r\nPay.\r\n"},  # no dot: only the parser sees it
         {"subject": "wire", "text": "Pay.", "headers": {"Sender": "CEO <ceo@bank.example>"}},
     ]
     with Line(daemon.tcp, TOKEN_A) as shop:
@@ -309,10 +310,10 @@ def test_max_pending_counts_from_the_spool_across_a_restart(make_daemon, upstrea
           "retry once some are delivered"
     with Line(daemon.tcp, TOKEN_A) as shop, Line(daemon.tcp, TOKEN_B) as blog:
         first = shop.sent_id(message("one", idempotency_key="k-one"))
-        shop.sent_id(message("two"))
-        # Pipelined SENDs share one commit: the cap still holds exactly.
+        # Pipelined SENDs share one commit: the cap holds exactly within it.
         shop.sock.sendall(b"".join(send_line(message(f"p{i}")).encode() + b"\n" for i in range(3)))
-        assert read_lines(shop.sock, 3) == [cap] * 3
+        replies = read_lines(shop.sock, 3)
+        assert replies[0].startswith("OK ") and replies[1:] == [cap] * 2
         assert shop.sent_id(message("one", idempotency_key="k-one")) == first  # a repeat stores nothing
         assert blog.send(message("blog")).startswith("OK ")  # another caller is not held back
         assert shop.stats()["callers"]["shop"]["pending"] == 2
