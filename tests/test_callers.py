@@ -22,14 +22,13 @@ import tempfile
 import time
 
 import pytest
-from conftest import _toml_value
+from support import read_line, read_lines
 
 from smtpgate.config import ConfigError, load_config
 from smtpgate.intake.callers import Callers, SlidingCount
 from smtpgate.intake.peer import Peer
 from smtpgate.message.validate import validate_send
 from smtpgate.spool.schema import SCHEMA_V1
-from support import read_line, read_lines
 
 # Tokens of 16 characters and more (shorter ones are a configuration error).
 TOKEN_A = "tok-a-51f0c3e98d2b7a46"
@@ -100,7 +99,8 @@ def start(make_daemon, callers: dict | None = None, **settings):
         with open(daemon.config_path, "a") as fh:
             for name, table in (callers or {}).items():
                 fh.write(f"\n[callers.{name}]\n")
-                fh.writelines(f"{key} = {_toml_value(value)}\n" for key, value in table.items())
+                # JSON's strings, numbers, booleans and arrays are TOML's too.
+                fh.writelines(f"{key} = {json.dumps(value)}\n" for key, value in table.items())
 
     daemon.write_config = write_config
     return daemon.start()
