@@ -20,13 +20,18 @@ import subprocess
 import sys
 import tempfile
 import time
+from email.errors import NonASCIILocalPartDefect, ObsoleteHeaderDefect
+from email.policy import default as email_policy
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from support import read_line, read_lines
 
 from smtpgate.config import ConfigError, load_config
 from smtpgate.intake.callers import Callers, SlidingCount
 from smtpgate.intake.peer import Peer
+from smtpgate.message.originators import _PLAIN_FIELD, _field_addresses
 from smtpgate.message.validate import validate_send
 from smtpgate.spool.schema import SCHEMA_V1
 
@@ -261,6 +266,33 @@ def test_a_forged_header_sender_is_denied_and_nothing_queued(make_daemon, upstre
     assert [m for m in received if m.mail_from == "app@shop.example"][0].message["Subject"] == "ok"
     with Line(daemon.tcp, TOKEN_A) as shop:
         assert json.loads(shop.ask(f"STATUS {good}")[3:])["id"] == good
+
+
+def test_hostile_sender_fields_are_refused_within_a_bound(make_daemon, tmp_path):
+    """Python's address parser is slow on some shapes and fails on others:
+    such fields are refused (DENIED), never an INTERNAL error, and never
+    read past a few hundred characters."""
+    daemon = start(make_daemon, hold=True, callers={
+        "shop": {"token_file": token_file(tmp_path, "shop", TOKEN_A), "allowed_senders": ["@shop.example"]},
+    })
+    nested = "\r\n ".join(["(" * 90] * 4) + "x" + "\r\n ".join([")" * 90] * 4)
+    hostile = {
+        "From: " + nested + " app@shop.example\r\n": "header From: too long to check",
+        "From: app" + " ." * 300 + "@shop.example\r\n": "header From: too long to check",
+        "From: g:app@shop.example;h:app@shop.example;\r\n": "header From: cannot be read",
+        "From: app@shop.example\r\n" * 17: "more than 16 From, Sender",
+    }
+    with Line(daemon.tcp, TOKEN_A) as shop:
+        for head, refusal in hostile.items():
+            reply = shop.send({"from": "app@shop.example", "to": "kelly@example.org", "raw": head + "\r\nPay.\r\n"})
+            assert reply.startswith(f"ERR DENIED {refusal}"), reply
+        # Nested comments within the bound are read, and what they hold is checked.
+        assert shop.send({"from": "app@shop.example", "to": "kelly@example.org",
+                          "raw": "From: " + "(" * 50 + "ceo@bank.example" + ")" * 50 + " app@shop.example\r\n\r\nx"}) \
+            == "ERR DENIED header sender ceo@bank.example is not allowed"
+        assert shop.send({"from": "app@shop.example", "to": "kelly@example.org",
+                          "raw": "From: J. R. Smith (orders) <app@shop.example>\r\n\r\nx"}).startswith("OK ")
+    assert not [line for line in daemon.log_lines() if line.get("event") == "request_failed"]
 
 
 def test_allowed_recipients_per_caller(make_daemon, tmp_path):
@@ -550,6 +582,29 @@ def test_callers_by_peer_token_and_login():
     open_daemon = Callers(Config(), b"k")
     assert name(open_daemon.for_peer(unix(1000, 1000))) == "anonymous"
     assert not open_daemon.has_tokens
+
+
+_NAME_CHARS = st.sampled_from(list("abcXYZ09 \t!#$%&'*+/^_`{|}~-.\"()@,;:<>=?[]\\") + ["张", "é", "\u00a0"])
+_ATOMS = st.text(alphabet=st.sampled_from(list("az09!#$%&'*+/=?^_`{|}~-")), min_size=1, max_size=6)
+_LOCAL = st.lists(_ATOMS, min_size=1, max_size=3).map(".".join)
+_DOMAIN = st.lists(st.text(alphabet=st.sampled_from(list("az09-")), min_size=1, max_size=6),
+                   min_size=2, max_size=3).map(".".join)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.text(alphabet=_NAME_CHARS, max_size=12), _LOCAL, _DOMAIN, st.booleans(), st.sampled_from(["", " ", "\t "]))
+def test_plain_fields_are_read_as_the_full_parser_reads_them(name, local, domain, angle, pad):
+    """The shortcut for `addr` and `Name <addr>` (originators.py) reads
+    what Python's full address parser reads, where it applies."""
+    address = f"{local}@{domain}"
+    value = f"{pad}{name}<{address}>{pad}" if angle else f"{pad}{address}{pad}"
+    plain = _PLAIN_FIELD.fullmatch(value)
+    if plain is None:
+        return
+    header = email_policy.header_factory("from", value)
+    assert [a.addr_spec for a in header.addresses] == [address]
+    assert not [d for d in header.defects if not isinstance(d, (NonASCIILocalPartDefect, ObsoleteHeaderDefect))]
+    assert _field_addresses("from", value, [0]) == [address]  # no budget needed
 
 
 def test_the_sliding_count_never_lets_more_than_its_limit_into_any_window():

@@ -129,8 +129,8 @@ class Policy:
 
 class SlidingCount:
     """At most `limit` events in any `span` seconds, counted in 60 steps of
-    span/60 (1 s for a minute, 24 min for a day), so memory stays 60 pairs
-    whatever the limit. An event counts for at least `span` and less than
+    span/60 (1 s for a minute, 24 min for a day), so memory stays a few
+    dozen pairs whatever the limit. An event counts for at least `span` and less than
     span + step: the limit holds in every window of `span`, at the price of
     freeing a slot up to one step late."""
 
@@ -146,14 +146,12 @@ class SlidingCount:
 
     def wait(self, now: float) -> float:
         """Seconds until one more event fits (0.0: it fits now)."""
-        index = int(now // self.step)
-        buckets = self.buckets
-        # Step i counts while index <= i + STEPS (the event may have come
-        # at the very end of step i, which is span ago only at i + STEPS + 1).
-        while buckets and buckets[0][0] < index - self.STEPS:
-            self.total -= buckets.popleft()[1]
+        if self.total < self.limit:  # (the total may still hold expired steps: never fewer)
+            return 0.0
+        self._expire(int(now // self.step))
         if self.total < self.limit:
             return 0.0
+        buckets = self.buckets
         excess, freed = self.total - self.limit + 1, 0
         for i, n in buckets:
             freed += n
@@ -167,8 +165,16 @@ class SlidingCount:
         if buckets and buckets[-1][0] == index:
             buckets[-1][1] += 1
         else:
+            self._expire(index)  # once a step: the deque never holds more than STEPS + 2
             buckets.append([index, 1])
         self.total += 1
+
+    def _expire(self, index: int) -> None:
+        # Step i counts while index <= i + STEPS (the event may have come
+        # at the very end of step i, which is span ago only at i + STEPS + 1).
+        buckets = self.buckets
+        while buckets and buckets[0][0] < index - self.STEPS:
+            self.total -= buckets.popleft()[1]
 
     def remove_newest(self) -> None:
         """Take back the latest event (a SEND that stored nothing after all)."""
