@@ -281,7 +281,7 @@ def main() -> int:
         rate = med([r["intake"][conns]["rate"] for r in rounds])
         ref = med([r["fsync_durable_creates"] for r in rounds]) if conns == 1 else None
         runs = [r["intake"][conns] for r in rounds]
-        unflushed = [f"{r['disk_flushes']} flushes for {r['commits']} commits" for r in runs
+        unflushed = [f"{r.get('disk_flushes', 0)} flushes for {r['commits']} commits" for r in runs
                      if r.get("disk_flushes", 0) < r["commits"]]
         why_not = flushes.why_not or (f"too few disk flushes: {', '.join(unflushed)}" if unflushed else None)
         what = "durable SENDs/s" if why_not is None else f"SENDs/s, NOT shown durable ({why_not})"

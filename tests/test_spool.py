@@ -20,7 +20,7 @@ from support import children_of, process_name
 from smtpgate.spool.errors import SpoolFull, SpoolLocked
 from smtpgate.spool.ops import RecipientOutcome
 from smtpgate.spool.store import Spool
-from smtpgate.spool.ulid import UlidGenerator
+from smtpgate.spool.ulid import new_ulid
 
 SPEC = b'{"from":"app@example.com","to":["a@example.org"],"text":"hi"}'
 RFC3339 = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
@@ -379,15 +379,22 @@ def test_queue_tools_list_retry_delete(tmp_path):
     assert stats["counters"]["deferred"] == 2
 
 
-def test_ulids_are_crockford_base32_and_time_ordered():
+def test_ulids_are_crockford_base32_time_prefixed_and_random_within_a_millisecond():
     now = 1_800_000_000.0
-    gen = UlidGenerator()
-    ids = [gen.new(now) for _ in range(1000)]  # all in the same millisecond
-    ids.append(gen.new(now + 0.001))
-    ids.append(gen.new(now))  # the clock stepped back: still after the others
+    ids = [new_ulid(now) for _ in range(1000)]  # all in the same millisecond
+    later = new_ulid(now + 0.001)
     assert all(re.fullmatch(r"[0-9A-HJKMNP-TV-Z]{26}", i) for i in ids)
-    assert ids == sorted(ids) and len(set(ids)) == len(ids)
-    assert ids[0][:10] == ids[999][:10] != ids[1000][:10] == ids[1001][:10]  # 10 chars = 48-bit time
+    assert len(set(ids)) == len(ids)
+    assert {i[:10] for i in ids} == {ids[0][:10]} and later[:10] > ids[0][:10]  # 10 chars = 48-bit time
+    # Each random part is drawn afresh: no id is one step from another (the
+    # monotonic variant's +1), so one's own id tells nothing of the next.
+    # (The chance that two of 1000 fresh 80-bit draws are within 2**40 is
+    # about 1000**2 * 2**40 / 2**80, one in a million.)
+    rands = sorted(int(i[10:].translate(_FROM_CROCKFORD), 32) for i in ids)
+    assert min(b - a for a, b in zip(rands, rands[1:])) > 1 << 40
+
+
+_FROM_CROCKFORD = str.maketrans("0123456789ABCDEFGHJKMNPQRSTVWXYZ", "0123456789abcdefghijklmnopqrstuv")
 
 
 @given(st.integers(0, (1 << 48) - 1), st.integers(0, (1 << 80) - 1))
@@ -481,7 +488,7 @@ def test_every_pipe_message_crosses_the_pipe_as_itself():
 
     types = [value for module in (calls, ops, process) for value in vars(module).values()
              if isinstance(value, type) and issubclass(value, tuple) and value.__module__ == module.__name__]
-    assert len(types) == 23
+    assert len(types) == 24
     # Each is marked @message (the cheap pickling), and comes back as its own type.
     assert [t.__name__ for t in types if t not in copyreg.dispatch_table] == []
     sent = [t(*(f"{t.__name__}.{field}" for field in t._fields)) for t in types]

@@ -9,8 +9,11 @@ docs/configuration.md; keep the two in step.
 from __future__ import annotations
 
 import dataclasses
+import grp
 import ipaddress
 import os
+import pwd
+import re
 import socket
 import tomllib
 from dataclasses import dataclass, field
@@ -66,6 +69,12 @@ class Config:
     message_id_domain: str = ""
     log_format: str = "auto"
     log_level: str = "info"
+    # Callers (docs/configuration.md, "Callers"): the policy of every caller
+    # that does not set its own, and the named callers ([callers.NAME]).
+    sends_per_minute: int = 0
+    sends_per_day: int = 0
+    max_pending: int = 0
+    callers: dict[str, CallerConfig] = field(default_factory=dict)
     # Filled in by load_config, never read from the file.
     upstream_password: str | None = field(default=None, repr=False)
     upstream_oauth2_token: str | None = field(default=None, repr=False)
@@ -80,6 +89,35 @@ class Config:
         bounds every acceptable request without letting one line pin memory.
         """
         return 2 * self.max_message_size + 64 * 1024
+
+
+@dataclass
+class CallerConfig:
+    """One [callers.NAME] table. Identified by a token of `token_file`
+    (over either door), or on the Unix socket by its uid and/or gid. A
+    policy key left out (None) takes the top-level key of the same name."""
+
+    name: str
+    token_file: str | None = None
+    unix_user: str | None = None
+    uid: int | None = None
+    unix_group: str | None = None
+    gid: int | None = None
+    allowed_senders: list[str] | None = None
+    allowed_recipients: list[str] | None = None
+    sends_per_minute: int | None = None
+    sends_per_day: int | None = None
+    max_pending: int | None = None
+    tokens: list[str] = field(default_factory=list, repr=False)  # read from token_file
+
+
+# Caller names go into logs, STATS and the spool: short and plain. Reserved:
+# "anonymous" (the caller of a daemon without callers) and "token-..." (the
+# names of the tokens in `tokens`, intake/callers.py).
+_CALLER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_CALLER_POLICY = {"allowed_senders": [], "allowed_recipients": [], "sends_per_minute": 0,
+                  "sends_per_day": 0, "max_pending": 0}
+_CALLER_IDS = {"token_file": "", "unix_user": "", "uid": 0, "unix_group": "", "gid": 0}
 
 
 _CHOICES = {
@@ -158,6 +196,7 @@ def load_config(path: str | None, overrides: dict | None = None) -> Config:
         if key not in known:
             raise ConfigError(f"{key}: unknown key")
     config = Config()
+    config.callers = _load_callers(values.pop("callers", {}))
     for key, value in values.items():
         value = _check_type(key, value, getattr(defaults, key))
         if key in _CHOICES and value not in _CHOICES[key]:
@@ -180,18 +219,16 @@ def _validate(config: Config) -> None:
         parse_hostport(config.smtp_listen, "smtp_listen")
 
     if config.tokens_file:
-        text = _read_secret_file(config.tokens_file, "tokens_file")
-        config.tokens = config.tokens + [t.strip() for t in text.splitlines() if t.strip()]
-    for token in config.tokens:
-        if not token or any(c.isspace() for c in token):
-            raise ConfigError("tokens: a token must be non-empty and contain no white space")
-    if not config.tokens:
+        config.tokens = config.tokens + _read_tokens(config.tokens_file, "tokens_file")
+    _check_tokens("tokens", config.tokens)
+    _check_callers(config)
+    if not config.tokens and not any(caller.tokens for caller in config.callers.values()):
         for value in config.listen + ([config.smtp_listen] if config.smtp_listen else []):
             host, _ = parse_hostport(value, "listen")
             if not is_loopback(host):
                 raise ConfigError(
-                    f"listen: {value} is not a loopback address; set tokens (or tokens_file) "
-                    "before listening on a network")
+                    f"listen: {value} is not a loopback address; set tokens (tokens_file, or a "
+                    "caller's token_file) before listening on a network")
     else:
         for value in config.listen:
             parse_hostport(value, "listen")
@@ -226,6 +263,105 @@ def _validate(config: Config) -> None:
         config.helo_name = socket.getfqdn() or "localhost"
     if config.socket_mode > 0o777:
         raise ConfigError("socket_mode: must be a file mode such as 0o660 (432)")
+
+
+def _read_tokens(path: str, key: str) -> list[str]:
+    """A file of tokens, one a line; blank lines are skipped."""
+    return [t.strip() for t in _read_secret_file(path, key).splitlines() if t.strip()]
+
+
+def _unix_id(where: str, name_key: str, name: str | None, id_key: str, number: int | None, lookup) -> int | None:
+    """A caller's uid or gid: given as a number, or as a name looked up on this system."""
+    if name is None:
+        return number
+    if number is not None:
+        raise ConfigError(f"{where}.{id_key}: give {name_key} or {id_key}, not both")
+    try:
+        return lookup(name)
+    except KeyError:
+        raise ConfigError(f"{where}.{name_key}: no {name_key.removeprefix('unix_')} {name!r} "
+                          "on this system") from None
+
+
+def _check_tokens(key: str, tokens: list[str]) -> None:
+    for token in tokens:
+        if not token or any(c.isspace() for c in token):
+            raise ConfigError(f"{key}: a token must be non-empty and contain no white space")
+
+
+def _load_callers(tables) -> dict[str, CallerConfig]:
+    """The [callers.NAME] tables, checked key by key; token files are read
+    later (_check_callers), with the rest of the secrets."""
+    if not isinstance(tables, dict):
+        raise ConfigError("callers: expected tables such as [callers.shop]")
+    callers = {}
+    for name, table in tables.items():
+        where = f"callers.{name}"
+        if not _CALLER_NAME.fullmatch(name) or name == "anonymous" or name.startswith("token-"):
+            raise ConfigError(f"{where}: a caller's name is 1 to 64 letters, digits, '.', '_' or '-', "
+                              "starting with a letter or digit; 'anonymous' and 'token-...' are reserved")
+        if not isinstance(table, dict):
+            raise ConfigError(f"{where}: expected a table of keys")
+        caller = CallerConfig(name)
+        for key, value in table.items():
+            default = _CALLER_POLICY.get(key, _CALLER_IDS.get(key))
+            if default is None:
+                raise ConfigError(f"{where}.{key}: unknown key")
+            setattr(caller, key, _check_type(f"{where}.{key}", value, default))
+        callers[name] = caller
+    return callers
+
+
+def _check_callers(config: Config) -> None:
+    """Resolve the callers' users and groups, read their tokens, and refuse
+    what would make two callers one: a shared token, the same uid and gid."""
+    seen_tokens = set(config.tokens)
+    seen_ids: dict[tuple, str] = {}
+    for name, caller in config.callers.items():
+        where = f"callers.{name}"
+        caller.uid = _unix_id(where, "unix_user", caller.unix_user, "uid", caller.uid,
+                              lambda user: pwd.getpwnam(user).pw_uid)
+        caller.gid = _unix_id(where, "unix_group", caller.unix_group, "gid", caller.gid,
+                              lambda group: grp.getgrnam(group).gr_gid)
+        if caller.token_file is not None:
+            caller.tokens = _read_tokens(caller.token_file, f"{where}.token_file")
+            if not caller.tokens:
+                raise ConfigError(f"{where}.token_file: {caller.token_file} holds no token")
+            _check_tokens(f"{where}.token_file", caller.tokens)
+            if seen_tokens & set(caller.tokens):
+                raise ConfigError(f"{where}.token_file: a token in it is also another caller's "
+                                  "(in tokens, tokens_file or another token_file)")
+            seen_tokens.update(caller.tokens)
+        if caller.uid is None and caller.gid is None:
+            if caller.token_file is None:
+                raise ConfigError(f"{where}: nothing identifies this caller: give token_file, "
+                                  "unix_user (or uid), unix_group (or gid)")
+            continue
+        for key, value, id_map in (("unix_user", caller.uid, UID_MAP), ("unix_group", caller.gid, GID_MAP)):
+            if value is not None and not _sees_every_id(id_map):
+                raise ConfigError(
+                    f"{where}.{key}: this daemon runs in a user namespace (systemd's PrivateUsers=yes) "
+                    "where other users' connections all show as nobody; set PrivateUsers=no for "
+                    "smtpgate.service (systemctl edit smtpgate), or give the caller a token_file")
+        other = seen_ids.setdefault((caller.uid, caller.gid), name)
+        if other != name:
+            raise ConfigError(f"{where}: callers.{other} has the same unix_user/uid and unix_group/gid")
+
+
+# Where the kernel says which user and group ids this process's user
+# namespace maps (user_namespaces(7)); identity over the whole range is the
+# initial namespace. In another, SO_PEERCRED shows an unmapped peer as the
+# overflow id (nobody): by uid, every outsider would be one caller.
+UID_MAP = "/proc/self/uid_map"
+GID_MAP = "/proc/self/gid_map"
+
+
+def _sees_every_id(id_map: str) -> bool:
+    try:
+        with open(id_map) as fh:
+            return fh.read().split() == ["0", "0", "4294967295"]
+    except OSError:
+        return False
 
 
 def _find_password(config: Config) -> str | None:

@@ -79,6 +79,9 @@ class Daemon:
         self.spool = Spool(config.spool, **spool_limits(config))
         await self.spool.open()
         self.spool.on_writer_lost = self._spool_lost
+        if self.spool.schema_upgrade:
+            old, new = self.spool.schema_upgrade
+            self.log.info("spool_upgraded", spool=config.spool, schema_from=old, schema_to=new)
         if config.dev:
             from smtpgate.tools.devupstream import start_dev_upstream
             folder = config.dev_maildir or os.path.join(config.spool, "dev-mail")
@@ -88,15 +91,15 @@ class Daemon:
                                         on_lost=self._delivery_lost)
         if not config.hold:
             await self.delivery.start()
-        handoff = Handoff(config, self.spool, self.delivery, self.log)
+        self.handoff = handoff = Handoff(config, self.spool, self.delivery, self.log)
         self.line_door = LineDoor(config, handoff, self.spool, self.log)
         await self.line_door.start(inherited)
         if config.smtp_listen:
             from smtpgate.intake.smtp_door import start_smtp_intake
             host, port = parse_hostport(config.smtp_listen, "smtp_listen")
-            # tokens as a function: a SIGHUP that changes them applies here too.
+            # The hand-off's callers: a SIGHUP that changes them applies here too.
             self.smtp_server = await start_smtp_intake(
-                host, port, enqueue=handoff.take_raw, tokens=lambda: self.config.tokens,
+                host, port, enqueue=handoff.take_raw, callers=handoff.callers,
                 max_message_bytes=config.max_message_size, log=self.log,
                 hostname=config.helo_name, timeout=config.idle_timeout)
 
@@ -182,6 +185,12 @@ class Daemon:
         try:
             config = load_config(self.config_path, self.overrides)
         except ConfigError as exc:
+            self.log.error("reload_refused", error=str(exc))
+            systemd.ready()
+            return
+        try:
+            self.handoff.callers.load(config)
+        except ValueError as exc:
             self.log.error("reload_refused", error=str(exc))
             systemd.ready()
             return

@@ -3,6 +3,11 @@
 A SEND goes through the hand-off (handoff.py) that the SMTP door shares;
 STATUS, WAIT and STATS read the spool.
 
+Each connection is a caller (callers.py): found by its peer when it
+connects (the anonymous caller of an open daemon, a Unix peer by its
+uid/gid), or by its AUTH token; STATUS and WAIT answer only for the
+caller's own messages, and every log line of a connection names it.
+
 A thin asyncio layer around the sans-IO `LineParser`, written as a Protocol
 with callbacks rather than streams and a task per request: the hand-off is
 the product, and each task step, stream wake-up and timeout context costs
@@ -25,7 +30,9 @@ import time
 
 from smtpgate import PROTOCOL_VERSION, __version__
 from smtpgate.config import Config, parse_hostport
+from smtpgate.intake.callers import Caller
 from smtpgate.intake.handoff import Handoff
+from smtpgate.intake.peer import peer_of
 from smtpgate.log import sockname
 from smtpgate.message.spec import RequestError
 from smtpgate.protocol import ForeignProtocol, LineParser, LineTooLong, Request, codes, reply_err, reply_ok
@@ -137,13 +144,13 @@ class Connection(asyncio.Protocol):
         self.handoff = door.handoff
         self.loop = asyncio.get_running_loop()
         self.parser = LineParser(max_line=self.config.max_line)
-        self.authenticated = not self.config.tokens
+        self.caller: Caller | None = None  # None until identified (callers.py): only OPEN_VERBS
         # One slot per request, in request order: [reply bytes or None].
         self.slots: collections.deque[list] = collections.deque()
         self.tasks: set[asyncio.Task] = set()  # STATUS/WAIT/STATS running now
         self.closing = False
         self.write_paused = False
-        self.peer = "unix"
+        self.peer = None
         self.transport = None
         self.last_activity = 0.0
         self.timer = None
@@ -157,7 +164,8 @@ class Connection(asyncio.Protocol):
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.peer = transport.get_extra_info("peername") or "unix"
+        self.peer = peer_of(transport)
+        self.caller = self.handoff.callers.for_peer(self.peer)
         if len(door.connections) >= self.config.max_connections or not door.accepting:
             transport.write(reply_err(codes.BUSY, "too many connections, try again later"))
             transport.close()
@@ -189,7 +197,7 @@ class Connection(asyncio.Protocol):
         while (event := self.parser.next_event()) is not None:
             if isinstance(event, ForeignProtocol):
                 self.door.counters["foreign_protocol"] += 1
-                self.door.log.warning("foreign_protocol_closed", peer=str(self.peer),
+                self.log.warning("foreign_protocol_closed", peer=str(self.peer),
                                       start=event.line_start[:40])
                 self.closing = True
                 self.transport.abort()
@@ -204,7 +212,7 @@ class Connection(asyncio.Protocol):
             try:
                 self._dispatch(event)
             except Exception:  # a bug: answer it, keep the connection and the daemon serving
-                self.door.log.exception("request_failed", verb=event.verb)
+                self.log.exception("request_failed", verb=event.verb)
                 self._reply(reply_err(codes.INTERNAL, "the daemon failed; see its log"))
             if self.closing:  # QUIT: nothing after it is answered
                 break
@@ -294,7 +302,7 @@ class Connection(asyncio.Protocol):
             limit, what = config.idle_timeout, "idle"
         now = self.loop.time()
         if limit is not None and now - self.last_activity >= limit:
-            log = self.door.log.warning if what == "replies not read" else self.door.log.info
+            log = self.log.warning if what == "replies not read" else self.log.info
             log("connection_cut" if what == "replies not read" else "connection_timeout",
                 peer=str(self.peer), reason=what, pending=self.parser.pending_bytes)
             self.closing = True
@@ -309,10 +317,23 @@ class Connection(asyncio.Protocol):
         handler = self.VERBS.get(req.verb)
         if handler is None:
             self._reply(reply_err(codes.BAD_REQUEST, f"unknown verb {req.verb[:32]!r}; try HELP"))
-        elif not self.authenticated and req.verb not in OPEN_VERBS:
+        elif (self.caller is None or self.caller.revoked) and req.verb not in OPEN_VERBS \
+                and not self._identify_again():
             self._reply(reply_err(codes.AUTH_REQUIRED, "send AUTH <token> first"))
         else:
             handler(self, req.arg)
+
+    def _identify_again(self) -> Caller | None:
+        """Who the peer is now: a reload may have revoked the caller this
+        connection was, or made its peer one (a new unix_user)."""
+        self.caller = self.handoff.callers.for_peer(self.peer)
+        return self.caller
+
+    @property
+    def log(self):
+        """The door's log, with this connection's caller on every line
+        (bound when a line is written: most connections never write one)."""
+        return self.door.log.bind(caller=self.caller.name if self.caller is not None else None)
 
     def _later(self, coro) -> None:
         """Run a coroutine that returns the reply bytes; its reply keeps its place.
@@ -338,7 +359,7 @@ class Connection(asyncio.Protocol):
             if task.cancelled():
                 self._fill(slot, reply_err(codes.INTERNAL, "cancelled"))
             elif task.exception() is not None:
-                self.door.log.error("request_failed", error=repr(task.exception()))
+                self.log.error("request_failed", error=repr(task.exception()))
                 self._fill(slot, reply_err(codes.INTERNAL, "the daemon failed; see its log"))
             else:
                 self._fill(slot, task.result())
@@ -354,17 +375,23 @@ class Connection(asyncio.Protocol):
         self._reply(reply_ok(f"smtpgate {PROTOCOL_VERSION} {__version__}"))
 
     def _auth(self, token: str | None) -> None:
-        if not self.config.tokens or self.handoff.authenticate((token or "").encode()):
-            self.authenticated = True
+        callers = self.handoff.callers
+        if callers.anonymous is not None:  # an open daemon: AUTH with anything is OK
+            self.caller = callers.anonymous
             self._reply(reply_ok())
             return
-        self.door.log.warning("auth_failed", peer=str(self.peer))
+        caller = callers.for_token((token or "").encode())
+        if caller is not None:
+            self.caller = caller
+            self._reply(reply_ok())
+            return
+        self.log.warning("auth_failed", peer=str(self.peer))
         self._reply(reply_err(codes.AUTH_FAILED, "wrong token"))
 
     def _send(self, arg: str | None) -> None:
         slot = self._slot()
         try:
-            self.handoff.take_send(arg, lambda result: self._sent(slot, result))
+            self.handoff.take_send(self.caller, arg, lambda result: self._sent(slot, result))
         except RequestError as exc:
             self._refused(slot, exc)  # written with the other replies to this read
 
@@ -382,11 +409,13 @@ class Connection(asyncio.Protocol):
         self.door.counters["sends_refused"] += 1
         slot[0] = reply_err(exc.code, exc.text)
 
+    # STATUS and WAIT take the caller as it is now: an AUTH pipelined
+    # behind them must not change whose message they may see.
     def _status(self, arg: str | None) -> None:
-        self._later(self._status_reply(arg))
+        self._later(self._status_reply(arg, self.caller.name))
 
     def _wait(self, arg: str | None) -> None:
-        self._later(self._wait_reply(arg))
+        self._later(self._wait_reply(arg, self.caller.name))
 
     def _stats(self, arg: str | None) -> None:
         self._later(self._stats_reply())
@@ -406,15 +435,15 @@ class Connection(asyncio.Protocol):
     VERBS = {"PING": _ping, "HELLO": _hello, "AUTH": _auth, "SEND": _send, "STATUS": _status,
              "WAIT": _wait, "STATS": _stats, "NOOP": _noop, "HELP": _help, "QUIT": _quit}
 
-    async def _status_reply(self, arg: str | None) -> bytes:
+    async def _status_reply(self, arg: str | None, caller: str) -> bytes:
         if not arg or " " in arg:
             return reply_err(codes.BAD_REQUEST, "usage: STATUS <id>")
-        state = await self.door.spool.status(arg)
-        if state is None:
+        state = await self.door.spool.status(arg, caller)
+        if state is None:  # no such id, or another caller's: the same answer
             return reply_err(codes.NOT_FOUND, f"no message {arg[:64]}")
         return reply_ok(_json(state))
 
-    async def _wait_reply(self, arg: str | None) -> bytes:
+    async def _wait_reply(self, arg: str | None, caller: str) -> bytes:
         parts = (arg or "").split(" ")
         if not parts[0] or len(parts) > 2:
             return reply_err(codes.BAD_REQUEST, "usage: WAIT <id> [seconds]")
@@ -428,7 +457,7 @@ class Connection(asyncio.Protocol):
                 return reply_err(codes.BAD_REQUEST, f"WAIT seconds must be 0 to {MAX_WAIT_SECONDS:g}")
         self.door.waits += 1
         try:
-            state = await self.door.spool.wait_final(parts[0], seconds)
+            state = await self.door.spool.wait_final(parts[0], seconds, caller)
         finally:
             self.door.waits -= 1
         if state is None:
@@ -445,6 +474,7 @@ class Connection(asyncio.Protocol):
         # Writes per commit: how well concurrent requests share fsyncs.
         stats["spool"] = {"commits": self.door.spool.commits,
                           "operations": self.door.spool.operations}
+        stats["callers"] = self.handoff.callers.stats(self.door.spool.pending)
         return reply_ok(_json(stats))
 
 

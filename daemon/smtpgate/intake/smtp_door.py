@@ -5,6 +5,12 @@ aiosmtpd speaks the protocol; this module decides what each step answers.
 It runs on the daemon's own event loop (no Controller thread), and the
 250 after DATA is sent only once `enqueue` has returned, which happens after
 the message is fsynced: the same promise as `OK <id>` on the line protocol.
+
+A session is a caller (callers.py): the anonymous caller of an open daemon,
+or the one it AUTHs as (RFC 4954: user = the caller's name, password = its
+token). Its policy answers MAIL FROM and RCPT TO at once (550 5.7.1), and
+the hand-off checks the whole message at DATA (header senders, rate,
+max_pending) as it does a SEND.
 """
 
 from __future__ import annotations
@@ -12,26 +18,24 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from email.utils import formatdate
 
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
 from smtpgate import __version__
 from smtpgate.config import is_loopback
-from smtpgate.intake.handoff import token_matches
+from smtpgate.intake.callers import Caller, CallerBusy, Callers
 from smtpgate.log import sockname
 from smtpgate.message.validate import MAX_RECIPIENTS
 from smtpgate.spool.errors import SpoolFull
 
-# enqueue(envelope_from, recipients, data) -> message id, once durable.
+# enqueue(caller, envelope_from, recipients, data) -> message id, once durable.
 # SpoolFull, or an exception whose `.code` is a PROTOCOL.md error code
 # (BUSY, TOO_LARGE, DENIED, BAD_ADDRESS, ...; message.spec.RequestError), picks
 # the SMTP reply; any other exception is answered 451 (try again later)
 # without its text.
-Enqueue = Callable[[str, list[str], bytes], Awaitable[str]]
-# The client tokens, or a function returning them (read at every AUTH/MAIL).
-Tokens = Sequence[str] | Callable[[], Sequence[str]]
+Enqueue = Callable[[Caller, str, list[str], bytes], Awaitable[str]]
 
 
 # Protocol error code -> SMTP reply (RFC 5321 4.2.2, RFC 3463 enhanced codes).
@@ -56,6 +60,8 @@ def _one_line(text: str, limit: int = 200) -> str:
 
 def smtp_reply_for(exc: BaseException) -> str:
     """The SMTP reply for an exception raised by enqueue."""
+    if isinstance(exc, CallerBusy):  # RFC 3463 4.7.1: refused by policy, for now
+        return f"451 4.7.1 {_one_line(exc.text)}"
     code = "BUSY" if isinstance(exc, SpoolFull) else getattr(exc, "code", None)
     if code == "BUSY":
         return _BUSY
@@ -80,42 +86,51 @@ class _LoginDataDeprecation(logging.Filter):
 
 
 class IntakeHandler:
-    """aiosmtpd handler: AUTH by token, envelope checks, DATA into the spool."""
+    """aiosmtpd handler: AUTH as a caller, envelope checks by its policy,
+    DATA into the spool. `callers` is the daemon's registry: a reload that
+    changes it applies to the next command."""
 
-    def __init__(self, *, enqueue: Enqueue, tokens: Tokens, hostname: str, log):
+    def __init__(self, *, enqueue: Enqueue, callers: Callers, hostname: str, log):
         self.enqueue = enqueue
-        self._tokens = tokens
+        self.callers = callers
         self.hostname = hostname
         self.log = log
 
-    @property
-    def tokens(self) -> Sequence[str]:
-        """The tokens now: a callable is asked every time, so a reload applies at once."""
-        return self._tokens() if callable(self._tokens) else self._tokens
-
     def authenticate(self, server: SMTP, session: Session, envelope: Envelope,
                      mechanism: str, auth_data) -> AuthResult:
-        """aiosmtpd authenticator: the password is a token, the user name is ignored."""
-        tokens = self.tokens
-        if (isinstance(auth_data, LoginPassword) and tokens
-                and token_matches(auth_data.password, tokens)):
-            return AuthResult(success=True)
-        self.log.warning("smtp_auth_failed", peer=_peer(session), mechanism=mechanism)
+        """aiosmtpd authenticator: user = the caller's name, password = its token."""
+        if isinstance(auth_data, LoginPassword):
+            user = auth_data.login.decode("utf-8", "replace")
+            caller = self.callers.for_login(user, auth_data.password)
+            if caller is not None:
+                return AuthResult(success=True, auth_data=caller)
+        self.log.warning("smtp_auth_failed", caller=None, peer=_peer(session), mechanism=mechanism)
         return AuthResult(success=False, handled=False)
+
+    def _caller(self, session: Session) -> Caller | None:
+        """The session's caller: the one it AUTHed as (unless a reload
+        revoked it), else the anonymous caller of an open daemon."""
+        caller = session.auth_data if session.authenticated else None
+        if caller is None or caller.revoked:
+            caller = self.callers.anonymous
+        return caller
 
     async def handle_EHLO(self, server, session, envelope, hostname, responses):
         # Without tokens there is nothing to authenticate against; offering
         # AUTH would only make clients send credentials that cannot succeed.
         session.host_name = hostname
-        if not self.tokens:
+        if not self.callers.has_tokens:
             responses = [r for r in responses if not r.startswith("250-AUTH")]
         return responses
 
     async def handle_MAIL(self, server, session, envelope, address, mail_options):
         # RFC 4954 6: 530 when the server requires authentication first.
         # Refusing MAIL is enough: RCPT and DATA need a MAIL first.
-        if self.tokens and not session.authenticated:
+        caller = self._caller(session)
+        if caller is None:
             return _AUTH_REQUIRED
+        if not caller.policy.sender_allowed(address):
+            return f"550 5.7.1 sender {_one_line(address)} is not allowed"
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         return "250 2.1.0 OK"
@@ -126,19 +141,27 @@ class IntakeHandler:
         # in another message.
         if len(envelope.rcpt_tos) >= MAX_RECIPIENTS:
             return "452 4.5.3 Too many recipients"
+        caller = self._caller(session)
+        if caller is None:
+            return _AUTH_REQUIRED
+        if not caller.policy.recipient_allowed(address):
+            return f"550 5.7.1 recipient {_one_line(address)} is not allowed"
         envelope.rcpt_tos.append(address)
         return "250 2.1.5 OK"
 
     async def handle_DATA(self, server, session, envelope):
+        caller = self._caller(session)
+        if caller is None:
+            return _AUTH_REQUIRED
         data = self._received_header(session) + envelope.original_content
         try:
-            msg_id = await self.enqueue(envelope.mail_from, list(envelope.rcpt_tos), data)
+            msg_id = await self.enqueue(caller, envelope.mail_from, list(envelope.rcpt_tos), data)
         except Exception as exc:  # every failure must become an SMTP reply
             reply = smtp_reply_for(exc)
-            self.log.warning("smtp_refused", peer=_peer(session), reply=reply,
+            self.log.warning("smtp_refused", caller=caller.name, peer=_peer(session), reply=reply,
                              error=type(exc).__name__)
             return reply
-        self.log.info("smtp_accepted", message_id=msg_id, peer=_peer(session),
+        self.log.info("smtp_accepted", caller=caller.name, message_id=msg_id, peer=_peer(session),
                       recipients=len(envelope.rcpt_tos), size=len(data))
         return f"250 2.0.0 OK queued as {msg_id}"
 
@@ -165,22 +188,22 @@ def _peer(session: Session) -> str:
 
 
 async def start_smtp_intake(host: str | None, port: int | None, *, enqueue: Enqueue,
-                            tokens: Tokens, max_message_bytes: int, log,
+                            callers: Callers, max_message_bytes: int, log,
                             hostname: str | None = None, timeout: float = 300.0,
                             sock: socket.socket | None = None) -> asyncio.Server:
     """Listen for SMTP on host:port (or on `sock`) and return the listening server.
 
-    AUTH PLAIN and LOGIN are offered and required when there are tokens;
-    the password must be one of them. Pass `tokens` as a function (e.g.
-    `lambda: config.tokens`) for a reload to change them. Without tokens at
-    start only a loopback address is accepted (ValueError otherwise), as for
-    the line protocol. Close with `server.close(); await server.wait_closed()`.
+    AUTH PLAIN and LOGIN are offered when `callers` has tokens, and
+    required unless the daemon is open (the anonymous caller). Without
+    tokens at start only a loopback address is accepted (ValueError
+    otherwise), as for the line protocol. Close with `server.close();
+    await server.wait_closed()`.
     """
     # aiosmtpd would call socket.getfqdn() (a blocking DNS lookup) for every
     # connection without a hostname; gethostname() is a plain system call.
     hostname = hostname or socket.gethostname()
-    handler = IntakeHandler(enqueue=enqueue, tokens=tokens, hostname=hostname, log=log)
-    if not handler.tokens and sock is None and not (host and is_loopback(host)):
+    handler = IntakeHandler(enqueue=enqueue, callers=callers, hostname=hostname, log=log)
+    if not callers.has_tokens and sock is None and not (host and is_loopback(host)):
         raise ValueError(f"smtp_listen: {host} is not a loopback address; set tokens first")
     loop = asyncio.get_running_loop()
     smtp_session = session_factory(handler, max_message_bytes=max_message_bytes,
@@ -190,7 +213,7 @@ async def start_smtp_intake(host: str | None, port: int | None, *, enqueue: Enqu
     else:
         server = await loop.create_server(smtp_session, host, port)
     log.info("smtp_listening", address=[sockname(s) for s in server.sockets],
-             auth=bool(handler.tokens))
+             auth=callers.has_tokens)
     return server
 
 

@@ -16,7 +16,7 @@ import time
 
 from smtpgate.spool import queries
 from smtpgate.spool.errors import SpoolError
-from smtpgate.spool.schema import DB_FILE, LOCK_FILE
+from smtpgate.spool.schema import DB_FILE, LOCK_FILE, SCHEMA_VERSION
 
 BUSY_TIMEOUT = 30.0  # seconds to wait for the daemon's writer between its commits
 
@@ -33,6 +33,15 @@ class SpoolAdmin:
         mode = "rw" if write else "ro"
         self._conn = sqlite3.connect(f"file:{db}?mode={mode}", uri=True, isolation_level=None,
                                      timeout=BUSY_TIMEOUT)
+        # Only the daemon's writer upgrades a spool (schema.migrate): its
+        # queries do not fit another version's tables.
+        row = self._conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+        found = int(row[0]) if row else 0
+        if found != SCHEMA_VERSION:
+            self._conn.close()
+            hint = "start the daemon once to upgrade it" if found < SCHEMA_VERSION else "a newer smtpgate wrote it"
+            raise SpoolError(f"the spool at {path_dir} has schema {found}, this smtpgate reads "
+                             f"{SCHEMA_VERSION}: {hint}")
 
     def close(self) -> None:
         self._conn.close()
@@ -54,7 +63,8 @@ class SpoolAdmin:
 
     def delete(self, msg_id: str) -> str | None:
         """Remove a message; returns the state it had, None if there was none."""
-        return self._write(queries.delete, msg_id)
+        deleted = self._write(queries.delete, msg_id)
+        return None if deleted is None else deleted.state
 
     def _write(self, change, *args):
         self._conn.execute("BEGIN IMMEDIATE")

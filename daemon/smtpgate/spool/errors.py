@@ -12,3 +12,8 @@ class SpoolFull(SpoolError):
 
 class SpoolLocked(SpoolError):
     """Another process holds the spool directory."""
+
+
+class CallerFull(SpoolFull):
+    """Back-pressure for one caller: it has `max_pending` messages not yet
+    final; nothing stored. The others may still send."""

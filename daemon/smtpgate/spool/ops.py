@@ -43,13 +43,16 @@ class Configure(NamedTuple):
 
 @message
 class Enqueue(NamedTuple):
-    """Store a message; answered with `Enqueued`."""
+    """Store a message for `caller`; answered with `Enqueued`, or CallerFull
+    when the caller has `max_pending` (0: no cap) messages not yet final."""
 
     now: float
     spec_json: bytes
     envelope_from: str
     recipients: list[str]
-    idempotency_key: str | None
+    idempotency_key: str | None  # the caller's own: another caller's same key is another key
+    caller: str
+    max_pending: int
 
 
 @message
@@ -114,6 +117,15 @@ class NextDue(NamedTuple):
 
 
 @message
+class Opened(NamedTuple):
+    """The answer to Open."""
+
+    caller_key: str  # the spool's secret for naming callers (hex; intake/callers.py)
+    schema_found: int  # the schema version of the spool as it was opened (lower: upgraded)
+    schema: int
+
+
+@message
 class Enqueued(NamedTuple):
     id: str
     existing: bool  # the idempotency key was seen within the window: nothing stored
@@ -150,6 +162,7 @@ class Committed(NamedTuple):
     finalized: list[str]  # messages that became sent or failed (or were deleted): WAIT returns
     state_counts: dict[str, int]  # messages per state, now
     counters: dict[str, int]  # accepted, delivered, failed, deferred since the writer started
+    pending: dict[str, int]  # caller -> its messages not yet final, for the callers this batch changed
     commits: int
     durable_commits: int  # those with an fsync (synchronous=FULL)
     operations: int

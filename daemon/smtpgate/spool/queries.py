@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sqlite3
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, NamedTuple
 
 from smtpgate.spool.schema import DUE_STATES, IS_DUE, IS_UNFINISHED, State
 
@@ -20,16 +20,18 @@ def rfc3339(ts: float) -> str:
     return text.replace("+00:00", "Z")
 
 
-def status(conn: sqlite3.Connection, msg_id: str) -> dict | None:
-    """The STATUS payload of PROTOCOL.md, or None if there is no such id."""
+def status(conn: sqlite3.Connection, msg_id: str, caller: str | None = None) -> dict | None:
+    """The STATUS payload of PROTOCOL.md, or None if there is no such id or,
+    when `caller` is given, if the message is another caller's: the two
+    cases look the same to whoever asks."""
     conn.execute("BEGIN")  # one snapshot for the message and its recipients
     try:
         row = conn.execute(
-            "SELECT state, attempts, created, updated, next_attempt, possible_duplicate"
+            "SELECT state, attempts, created, updated, next_attempt, possible_duplicate, caller"
             " FROM messages WHERE id=?",
             (msg_id,),
         ).fetchone()
-        if row is None:
+        if row is None or (caller is not None and row[6] != caller):
             return None
         recipients = conn.execute(
             "SELECT address, state, reply FROM recipients WHERE message_id=? ORDER BY position",
@@ -37,7 +39,7 @@ def status(conn: sqlite3.Connection, msg_id: str) -> dict | None:
         ).fetchall()
     finally:
         conn.execute("COMMIT")
-    state, attempts, created, updated, next_attempt, dup = row
+    state, attempts, created, updated, next_attempt, dup, _ = row
     payload: dict[str, Any] = {
         "id": msg_id,
         "state": state,
@@ -68,8 +70,10 @@ def queue_entries(conn: sqlite3.Connection, *, msg_id: str | None = None, includ
     """What `smtpgate queue list|show` prints: the messages oldest first (or
     the one `msg_id`), not final ones unless `include_final`, at most
     `limit` (-1: all). Each is {id, state, attempts, created, updated, from
-    (the envelope sender), recipients: [{address, state, reply}],
-    next_attempt (when queued or deferred), possible_duplicate (when true)}."""
+    (the envelope sender), caller (who sent it), recipients: [{address,
+    state, reply}], next_attempt (when queued or deferred),
+    possible_duplicate (when true)}. In the order they were stored (rowid:
+    ids made in the same millisecond are in random order, ulid.py)."""
     if msg_id is not None:
         where, params = "WHERE id=?", (msg_id,)
     else:
@@ -78,13 +82,14 @@ def queue_entries(conn: sqlite3.Connection, *, msg_id: str | None = None, includ
     conn.execute("BEGIN")  # one snapshot for the messages and their recipients
     try:
         rows = conn.execute(
-            "SELECT id, state, attempts, created, updated, next_attempt, envelope_from, possible_duplicate"
-            f" FROM messages {where} ORDER BY id LIMIT ?",
+            "SELECT id, state, attempts, created, updated, next_attempt, envelope_from, caller, possible_duplicate"
+            f" FROM messages {where} ORDER BY rowid LIMIT ?",
             (*params, limit),
         ).fetchall()
-        for msg_id, state, attempts, created, updated, next_attempt, sender, dup in rows:
+        for msg_id, state, attempts, created, updated, next_attempt, sender, caller, dup in rows:
             entry = {"id": msg_id, "state": state, "attempts": attempts, "created": rfc3339(created),
-                     "updated": rfc3339(updated), "from": sender, "recipients": _recipients(conn, msg_id)}
+                     "updated": rfc3339(updated), "from": sender, "caller": caller,
+                     "recipients": _recipients(conn, msg_id)}
             if state in DUE_STATES:
                 entry["next_attempt"] = rfc3339(next_attempt)
             if dup:
@@ -117,12 +122,17 @@ def retry(conn: sqlite3.Connection, now: float, msg_id: str | None) -> int:
     return cur.rowcount
 
 
-def delete(conn: sqlite3.Connection, msg_id: str) -> str | None:
-    """Remove a message, its recipients and its idempotency key; returns the
-    state it had, None if there was no such message."""
-    row = conn.execute("DELETE FROM messages WHERE id=? RETURNING state", (msg_id,)).fetchone()
+class Deleted(NamedTuple):
+    state: str  # the state the message had
+    caller: str  # whose it was
+
+
+def delete(conn: sqlite3.Connection, msg_id: str) -> Deleted | None:
+    """Remove a message, its recipients and its idempotency key; None if
+    there was no such message."""
+    row = conn.execute("DELETE FROM messages WHERE id=? RETURNING state, caller", (msg_id,)).fetchone()
     if row is None:
         return None
     conn.execute("DELETE FROM recipients WHERE message_id=?", (msg_id,))
     conn.execute("DELETE FROM idempotency WHERE message_id=?", (msg_id,))
-    return row[0]
+    return Deleted(*row)

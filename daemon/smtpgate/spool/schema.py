@@ -41,10 +41,18 @@ IS_UNFINISHED = state_in(UNFINISHED_STATES)
 DB_FILE = "spool.sqlite3"
 LOCK_FILE = "lock"  # flock()ed by the daemon (and its writer); holds the daemon's pid
 
-SCHEMA_VERSION = "1"
-SCHEMA = f"""
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS messages (
+# The anonymous caller: whoever uses a daemon that has no tokens and no
+# callers configured; the owner of every message stored before callers
+# existed (schema version 1).
+ANONYMOUS_CALLER = "anonymous"
+
+# The tables as schema version 1 created them. Never edit this text: a
+# change to the tables is a new step of MIGRATIONS. A new spool is made
+# with it and then taken through every step, so a new spool and an
+# upgraded one are the same (and every step runs in every test).
+SCHEMA_V1 = f"""
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE messages (
     id TEXT PRIMARY KEY,              -- ULID, time-ordered
     state TEXT NOT NULL,              -- queued|sending|deferred|sent|failed
     envelope_from TEXT NOT NULL,
@@ -58,11 +66,11 @@ CREATE TABLE IF NOT EXISTS messages (
 );
 -- Partial indexes: claim_due walks the pending messages in next_attempt
 -- order (no sort of the whole backlog), purge walks the final ones by age.
-CREATE INDEX IF NOT EXISTS messages_pending ON messages (next_attempt)
+CREATE INDEX messages_pending ON messages (next_attempt)
     WHERE {IS_DUE};
-CREATE INDEX IF NOT EXISTS messages_final ON messages (updated)
+CREATE INDEX messages_final ON messages (updated)
     WHERE {IS_FINAL};
-CREATE TABLE IF NOT EXISTS recipients (
+CREATE TABLE recipients (
     message_id TEXT NOT NULL,
     address TEXT NOT NULL,
     position INTEGER NOT NULL,
@@ -70,10 +78,65 @@ CREATE TABLE IF NOT EXISTS recipients (
     reply TEXT,                       -- the upstream's last reply
     PRIMARY KEY (message_id, address)
 ) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS idempotency (
+CREATE TABLE idempotency (
     key TEXT PRIMARY KEY,
     message_id TEXT NOT NULL,
     created REAL NOT NULL
 );
-CREATE INDEX IF NOT EXISTS idempotency_age ON idempotency (created);
+CREATE INDEX idempotency_age ON idempotency (created);
+INSERT INTO meta VALUES ('schema_version', '1');
 """
+
+# (version, SQL): run in order at open, each step in one transaction with
+# the new version, on a spool whose version is lower (spool.writer.open).
+MIGRATIONS: list[tuple[int, str]] = [
+    # 2: callers. Every message belongs to the caller that sent it (STATUS
+    # and WAIT answer only that caller); idempotency keys are per caller;
+    # `caller_key` is the secret that names the unnamed tokens' callers
+    # (intake/callers.py). Messages stored before are the anonymous caller's.
+    (2, f"""
+ALTER TABLE messages ADD COLUMN caller TEXT NOT NULL DEFAULT '{ANONYMOUS_CALLER}';
+CREATE TABLE idempotency_2 (
+    caller TEXT NOT NULL,
+    key TEXT NOT NULL,
+    message_id TEXT NOT NULL,
+    created REAL NOT NULL,
+    PRIMARY KEY (caller, key)
+) WITHOUT ROWID;
+INSERT INTO idempotency_2 SELECT '{ANONYMOUS_CALLER}', key, message_id, created FROM idempotency;
+DROP TABLE idempotency;
+ALTER TABLE idempotency_2 RENAME TO idempotency;
+CREATE INDEX idempotency_age ON idempotency (created);
+INSERT INTO meta VALUES ('caller_key', lower(hex(randomblob(32))));
+"""),
+]
+SCHEMA_VERSION = MIGRATIONS[-1][0]
+
+
+def migrate(conn) -> tuple[int, int]:
+    """Bring the database of `conn` (autocommit mode) to SCHEMA_VERSION:
+    create version 1 in an empty one, then run each step of MIGRATIONS
+    above its version. Returns (version found, version now); raises
+    ValueError for the spool of a newer smtpgate, leaving it untouched."""
+    if conn.execute("SELECT 1 FROM sqlite_master WHERE name='meta'").fetchone() is None:
+        _in_transaction(conn, SCHEMA_V1)
+    (found,) = conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+    version = int(found)
+    if version > SCHEMA_VERSION:
+        raise ValueError(f"schema {version} is newer than this smtpgate's ({SCHEMA_VERSION})")
+    for step, sql in MIGRATIONS:
+        if step > version:
+            _in_transaction(conn, f"{sql}\nUPDATE meta SET value='{step}' WHERE key='schema_version';")
+            version = step
+    return int(found), version
+
+
+def _in_transaction(conn, sql: str) -> None:
+    """Run a script in one transaction: SQLite's DDL is transactional, so a
+    step that fails (or a crash) leaves the spool as it was before it."""
+    try:
+        conn.executescript(f"BEGIN IMMEDIATE;\n{sql}\nCOMMIT;")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise

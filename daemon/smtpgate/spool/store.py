@@ -45,7 +45,7 @@ from smtpgate.spool.ops import (
     Claimed, ClaimDue, Committed, Configure, Delete, Enqueue, Limits, Open, Purge, RecipientOutcome, Recount,
     RecordAttempt, Release, Retry,
 )
-from smtpgate.spool.schema import DB_FILE, FINAL_STATES, LOCK_FILE, STATES
+from smtpgate.spool.schema import ANONYMOUS_CALLER, DB_FILE, FINAL_STATES, LOCK_FILE, STATES
 
 DISK_CHECK_INTERVAL = 1.0  # seconds between two statvfs calls
 # After a kill -9 of a daemon its writer still holds the lock for the
@@ -89,6 +89,9 @@ class Spool:
         self._disk_low = False
         # The writer's figures, as of its last answer.
         self._state_counts = {s: 0 for s in STATES}
+        self.pending: dict[str, int] = {}  # caller -> its messages not yet final
+        self.caller_key = b""  # the spool's secret for naming callers (intake/callers.py)
+        self.schema_upgrade: tuple[int, int] | None = None  # (from, to) if open() upgraded it
         self.counters = {"accepted": 0, "delivered": 0, "failed": 0, "deferred": 0}
         # Group-commit evidence for tests and the bench: commits vs operations.
         self.commits = 0
@@ -109,7 +112,10 @@ class Spool:
             self._calls = PendingCalls(self._loop)
             self._pipe = FramedPipe(self._on_committed, self._on_writer_gone)
             await self._pipe.open(self._process.stdout, self._process.stdin)
-            await self.submit(Open(self.db_path, self._limits()))
+            opened = await self.submit(Open(self.db_path, self._limits()))
+            self.caller_key = bytes.fromhex(opened.caller_key)
+            if opened.schema_found != opened.schema:
+                self.schema_upgrade = (opened.schema_found, opened.schema)
             self._read_conn = sqlite3.connect(self.db_path, isolation_level=None, check_same_thread=False)
             self._read_conn.execute("PRAGMA query_only=1")
             self._reader = ThreadPoolExecutor(1, thread_name_prefix="spool-reader")
@@ -202,6 +208,13 @@ class Spool:
     def _on_committed(self, committed: Committed) -> None:
         """A committed batch: update the figures, resolve the callers, wake WAIT."""
         self._state_counts, self.counters = committed.state_counts, committed.counters
+        if committed.pending:
+            pending = self.pending
+            for caller, n in committed.pending.items():
+                if n:
+                    pending[caller] = n
+                else:
+                    pending.pop(caller, None)
         self.commits, self.durable_commits = committed.commits, committed.durable_commits
         self.operations = committed.operations
         resolve = self._calls.resolve
@@ -232,17 +245,23 @@ class Spool:
         envelope_from: str,
         recipients: list[str],
         idempotency_key: str | None = None,
+        caller: str = ANONYMOUS_CALLER,
+        max_pending: int = 0,
     ) -> asyncio.Future:
-        """Store a message durably: a future of Enqueued(id, existing), done once
-        committed. existing is True when idempotency_key was seen within the
-        window: the first message's id is returned and nothing is stored. Raises SpoolFull
-        (at once for low disk, through the future when max_queued is reached).
+        """Store a message of `caller` durably: a future of Enqueued(id,
+        existing), done once committed. existing is True when the caller's
+        idempotency_key was seen within the window: the first message's id is
+        returned and nothing is stored. Raises SpoolFull (at once for low
+        disk, through the future when max_queued is reached, and CallerFull
+        when the caller already has `max_pending` messages not yet final;
+        0: no cap).
 
         A plain function returning the future, not a coroutine: `await
         spool.enqueue(...)` works, and the hand-off adds a callback instead
         of paying for a task per SEND."""
         self._check_disk()
-        return self.submit(Enqueue(self._clock(), spec_json, envelope_from, recipients, idempotency_key))
+        return self.submit(Enqueue(self._clock(), spec_json, envelope_from, recipients, idempotency_key,
+                                   caller, max_pending))
 
     def _check_disk(self) -> None:
         now = time.monotonic()
@@ -307,23 +326,25 @@ class Spool:
             raise SpoolError("spool is not open")
         return await self._loop.run_in_executor(self._reader, query, self._read_conn, *args)
 
-    async def status(self, msg_id: str) -> dict | None:
-        """The STATUS payload of PROTOCOL.md, or None if there is no such id."""
-        return await self._read(queries.status, msg_id)
+    async def status(self, msg_id: str, caller: str | None = None) -> dict | None:
+        """The STATUS payload of PROTOCOL.md, or None if there is no such id
+        (or it is not `caller`'s, when given)."""
+        return await self._read(queries.status, msg_id, caller)
 
-    async def wait_final(self, msg_id: str, timeout: float) -> dict | None:
+    async def wait_final(self, msg_id: str, timeout: float, caller: str | None = None) -> dict | None:
         """WAIT: the STATUS payload as soon as the message is final (sent or
         failed), or its current state after `timeout` seconds; None if there
-        is no such id. Woken by the writer's commit, no polling."""
+        is no such id (or it is not `caller`'s, when given). Woken by the
+        writer's commit, no polling."""
         fut = self._loop.create_future()
         self._waiters.setdefault(msg_id, set()).add(fut)  # before reading: no lost wake-up
         try:
-            state = await self.status(msg_id)
+            state = await self.status(msg_id, caller)
             if state is None or state["state"] in FINAL_STATES:
                 return state
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(fut, timeout)
-            return await self.status(msg_id)
+            return await self.status(msg_id, caller)
         finally:
             waiters = self._waiters.get(msg_id)
             if waiters is not None:

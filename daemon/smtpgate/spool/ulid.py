@@ -1,14 +1,20 @@
 """ULIDs (github.com/ulid/spec): 48 bits of milliseconds then 80 random
-bits, 26 characters of Crockford's base32, so ids sort by creation time and
-never collide. Message ids in the spool, and the left part of the
-Message-ID header of a composed message."""
+bits, 26 characters of Crockford's base32, so ids sort by creation time to
+the millisecond and never collide. Message ids in the spool, and the left
+part of the Message-ID header of a composed message.
+
+Every id draws its 80 bits afresh, also within one millisecond: the spec's
+"monotonic" variant (the random part plus one) would make the next id of
+another caller one guess away from one's own. So ids made in the same
+millisecond are in no particular order; nothing orders by id within a
+millisecond (claims go by next_attempt, `queue list` by created time).
+"""
 
 from __future__ import annotations
 
 import os
 
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
-_RANDOM_MASK = (1 << 80) - 1
 # Two characters per 10 bits: 13 lookups for 26 characters (130 bits, the
 # top two always 0) instead of 26, which halves the cost of an id (one is
 # made per SEND in the daemon, for its Message-ID, and one in the writer).
@@ -22,26 +28,6 @@ def _encode(ms: int, rand: int) -> str:
 
 
 def new_ulid(now: float) -> str:
-    """A ULID for `now` (unix seconds) with fresh random bits; no state, so
-    any thread may call it."""
+    """A ULID for `now` (unix seconds) with 80 fresh random bits from the
+    kernel's CSPRNG; no state, so any thread may call it."""
     return _encode(int(now * 1000), int.from_bytes(os.urandom(10), "big"))
-
-
-class UlidGenerator:
-    """Monotonic ULIDs (the spec's "monotonicity"): within one millisecond
-    (or when the clock steps back) the random part is incremented, so ids
-    sort in creation order. For one thread (the spool writer's)."""
-
-    def __init__(self) -> None:
-        self._last_ms = -1
-        self._last_rand = 0
-
-    def new(self, now: float) -> str:
-        ms = int(now * 1000)
-        if ms <= self._last_ms:
-            ms = self._last_ms
-            self._last_rand = (self._last_rand + 1) & _RANDOM_MASK
-        else:
-            self._last_ms = ms
-            self._last_rand = int.from_bytes(os.urandom(10), "big")
-        return _encode(ms, self._last_rand)

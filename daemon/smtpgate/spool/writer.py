@@ -39,13 +39,15 @@ from smtpgate.proc.calls import Call
 from smtpgate.proc.child import become_child
 from smtpgate.proc.framing import encode, take_messages
 from smtpgate.spool import queries
-from smtpgate.spool.errors import SpoolError, SpoolFull
+from smtpgate.spool.errors import CallerFull, SpoolError, SpoolFull
 from smtpgate.spool.ops import (
-    Claimed, ClaimDue, Committed, Configure, Delete, Enqueue, Enqueued, Limits, Open, Purge, Recount,
+    Claimed, ClaimDue, Committed, Configure, Delete, Enqueue, Enqueued, Limits, Open, Opened, Purge, Recount,
     RecordAttempt, Release, Retry,
 )
-from smtpgate.spool.schema import FINAL_STATES, IS_DUE, IS_FINAL, SCHEMA, SCHEMA_VERSION, STATES, UNFINISHED_STATES, State
-from smtpgate.spool.ulid import UlidGenerator
+from smtpgate.spool.schema import (
+    FINAL_STATES, IS_DUE, IS_FINAL, IS_UNFINISHED, STATES, UNFINISHED_STATES, State, migrate,
+)
+from smtpgate.spool.ulid import new_ulid
 
 # A batch is bounded so that one commit never holds thousands of callers on
 # one very large transaction (and the reply latency of the first caller).
@@ -60,8 +62,12 @@ class _Effects:
         self.state_delta: dict[str, int] = {}
         self.counters: dict[str, int] = {}
         self.finalized: list[str] = []
+        self.pending_delta: dict[str, int] = {}  # caller -> change of its unfinished messages
 
-    def move(self, old: str | None, new: str | None) -> None:
+    def move(self, old: str | None, new: str | None, caller: str | None = None) -> None:
+        """A message of `caller` went from state `old` to `new` (None: not
+        stored). The caller is needed only where a message starts or stops
+        being unfinished."""
         if old is not None:
             self.state_delta[old] = self.state_delta.get(old, 0) - 1
         if new is not None:
@@ -69,6 +75,9 @@ class _Effects:
         if new in FINAL_STATES and old not in FINAL_STATES:
             name = "delivered" if new == State.SENT else "failed"
             self.counters[name] = self.counters.get(name, 0) + 1
+        change = (new in UNFINISHED_STATES) - (old in UNFINISHED_STATES)
+        if change:
+            self.pending_delta[caller] = self.pending_delta.get(caller, 0) + change
 
     def count(self, name: str) -> None:
         self.counters[name] = self.counters.get(name, 0) + 1
@@ -82,6 +91,7 @@ class Outcome:
     results: dict = dataclasses.field(default_factory=dict)
     errors: dict = dataclasses.field(default_factory=dict)
     finalized: list = dataclasses.field(default_factory=list)
+    callers: set = dataclasses.field(default_factory=set)  # whose pending count changed
 
 
 # Operations whose commit need not wait for an fsync: losing them in a power
@@ -110,8 +120,13 @@ class Writer:
             Configure: self.configure,
             Recount: self.recount,
         }
-        self.ulid = UlidGenerator()
         self.state_counts = {s: 0 for s in STATES}
+        # Unfinished messages per caller, kept here like state_counts: the
+        # writer alone sees every change, so the max_pending check needs no
+        # read. Callers with none are left out.
+        self.pending: dict[str, int] = {}
+        self.caller_key = ""
+        self.schema = (0, 0)  # the schema version found at open, and now
         self.counters = {"accepted": 0, "delivered": 0, "failed": 0, "deferred": 0}
         self.commits = 0
         self.durable_commits = 0  # those with an fsync (synchronous=FULL)
@@ -120,8 +135,9 @@ class Writer:
         self.conn: sqlite3.Connection | None = None
 
     def open(self) -> None:
-        """Create the schema, put messages left in 'sending' by a crash back to
-        'queued', count the messages per state."""
+        """Create or upgrade the schema (schema.migrate), put messages left in
+        'sending' by a crash back to 'queued', count the messages per state
+        and the unfinished ones per caller."""
         conn = sqlite3.connect(self.db_path, isolation_level=None)
         # A writer of a daemon killed a moment ago may still be finishing
         # its last commit: wait for it rather than fail.
@@ -129,11 +145,12 @@ class Writer:
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=FULL")
         conn.execute("PRAGMA journal_size_limit=67108864")  # keep the WAL under 64 MiB
-        conn.executescript(SCHEMA)
-        conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (SCHEMA_VERSION,))
-        (version,) = conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
-        if version != SCHEMA_VERSION:
-            raise SpoolError(f"spool {self.db_path} has schema {version}, expected {SCHEMA_VERSION}")
+        try:
+            found, version = migrate(conn)
+        except ValueError as exc:
+            raise SpoolError(f"spool {self.db_path}: {exc}") from None
+        self.schema = (found, version)
+        (self.caller_key,) = conn.execute("SELECT value FROM meta WHERE key='caller_key'").fetchone()
         # Crash recovery: a 'sending' message was being delivered when the
         # process died; deliver it again (at-least-once).
         conn.execute("BEGIN IMMEDIATE")
@@ -141,6 +158,7 @@ class Writer:
         conn.execute("COMMIT")
         for state, n in conn.execute("SELECT state, COUNT(*) FROM messages GROUP BY state"):
             self.state_counts[state] = n
+        self.pending = dict(conn.execute(f"SELECT caller, COUNT(*) FROM messages WHERE {IS_UNFINISHED} GROUP BY caller"))
         # The database and WAL files were perhaps just created: make their
         # directory entries durable too.
         dir_fd = os.open(os.path.dirname(self.db_path) or ".", os.O_RDONLY | os.O_DIRECTORY)
@@ -150,10 +168,13 @@ class Writer:
             os.close(dir_fd)
         self.conn = conn
 
-    def committed(self, outcome: Outcome) -> Committed:
-        """The reply to a batch: its results and errors, and the figures after it."""
+    def committed(self, outcome: Outcome, all_callers: bool = False) -> Committed:
+        """The reply to a batch: its results and errors, and the figures after
+        it (the pending counts of the callers it changed, or of all)."""
+        callers = self.pending if all_callers else outcome.callers
         return Committed(outcome.results, outcome.errors, outcome.finalized, dict(self.state_counts),
-                         dict(self.counters), self.commits, self.durable_commits, self.operations)
+                         dict(self.counters), {c: self.pending.get(c, 0) for c in callers},
+                         self.commits, self.durable_commits, self.operations)
 
     # --- batches -------------------------------------------------------------
 
@@ -197,6 +218,7 @@ class Writer:
                 outcome.results.update(one.results)
                 outcome.errors.update(one.errors)
                 outcome.finalized += one.finalized
+                outcome.callers |= one.callers
             return outcome
         self.commits += 1
         self.durable_commits += durable
@@ -205,6 +227,13 @@ class Writer:
             self.state_counts[state] += delta
         for name, delta in effects.counters.items():
             self.counters[name] += delta
+        pending = self.pending
+        for caller, delta in effects.pending_delta.items():
+            if delta:
+                pending[caller] = pending.get(caller, 0) + delta
+                if not pending[caller]:
+                    del pending[caller]
+                outcome.callers.add(caller)
         outcome.finalized = effects.finalized
         return outcome
 
@@ -213,6 +242,16 @@ class Writer:
             self.state_counts[s] + effects.state_delta.get(s, 0) for s in UNFINISHED_STATES
         )
 
+    def _check_room(self, effects: _Effects, op: Enqueue) -> None:
+        """Raise SpoolFull when the spool, CallerFull when the caller, has no room for one more."""
+        if self._unfinished(effects) >= self.max_queued:
+            raise SpoolFull(f"{self.max_queued} messages queued")
+        if op.max_pending:
+            caller = op.caller
+            if self.pending.get(caller, 0) + effects.pending_delta.get(caller, 0) >= op.max_pending:
+                raise CallerFull(f"caller {caller} has {op.max_pending} messages not yet final (max_pending); "
+                                 "retry once some are delivered")
+
     def _bulk_enqueue(self, conn, effects, calls: list[Call], outcome: Outcome) -> None:
         """Store many enqueues (those without an idempotency key) with one
         multi-row INSERT per table: a batch costs a handful of statements
@@ -220,18 +259,20 @@ class Writer:
         messages, recipients = [], []
         for call in calls:
             op = call.op
-            if self._unfinished(effects) >= self.max_queued:
-                outcome.errors[call.token] = SpoolFull(f"{self.max_queued} messages queued")
+            try:
+                self._check_room(effects, op)
+            except SpoolFull as exc:
+                outcome.errors[call.token] = exc
                 continue
-            msg_id = self.ulid.new(op.now)
-            messages.append((msg_id, op.envelope_from, op.spec_json, op.now, op.now, op.now))
+            msg_id = new_ulid(op.now)
+            messages.append((msg_id, op.envelope_from, op.spec_json, op.caller, op.now, op.now, op.now))
             recipients.extend((msg_id, address, i) for i, address in enumerate(dict.fromkeys(op.recipients)))
-            effects.move(None, State.QUEUED)
+            effects.move(None, State.QUEUED, op.caller)
             effects.count("accepted")
             outcome.results[call.token] = Enqueued(msg_id, False)
         for rows, head, row in (
-            (messages, "INSERT INTO messages (id, state, envelope_from, spec, idempotency_key,"
-                       " created, updated, next_attempt) VALUES ", f"(?, '{State.QUEUED}', ?, ?, NULL, ?, ?, ?)"),
+            (messages, "INSERT INTO messages (id, state, envelope_from, spec, idempotency_key, caller,"
+                       " created, updated, next_attempt) VALUES ", f"(?, '{State.QUEUED}', ?, ?, NULL, ?, ?, ?, ?)"),
             (recipients, "INSERT INTO recipients (message_id, address, position, state) VALUES ",
              f"(?, ?, ?, '{State.QUEUED}')"),
         ):
@@ -249,18 +290,20 @@ class Writer:
     # --- operations: (conn, effects, op) -> result -------------------------
 
     def enqueue(self, conn, effects, op: Enqueue) -> Enqueued:
-        now, key = op.now, op.idempotency_key
+        now, key, caller = op.now, op.idempotency_key, op.caller
         if key is not None:
-            row = conn.execute("SELECT message_id, created FROM idempotency WHERE key=?", (key,)).fetchone()
+            # A repeat is answered even when the caller is at max_pending:
+            # it stores nothing.
+            row = conn.execute("SELECT message_id, created FROM idempotency WHERE caller=? AND key=?",
+                               (caller, key)).fetchone()
             if row is not None and row[1] >= now - self.idempotency_window:
                 return Enqueued(row[0], True)
-        if self._unfinished(effects) >= self.max_queued:
-            raise SpoolFull(f"{self.max_queued} messages queued")
-        msg_id = self.ulid.new(now)
+        self._check_room(effects, op)
+        msg_id = new_ulid(now)
         conn.execute(
-            "INSERT INTO messages (id, state, envelope_from, spec, idempotency_key,"
-            " created, updated, next_attempt) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (msg_id, State.QUEUED, op.envelope_from, op.spec_json, key, now, now, now),
+            "INSERT INTO messages (id, state, envelope_from, spec, idempotency_key, caller,"
+            " created, updated, next_attempt) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (msg_id, State.QUEUED, op.envelope_from, op.spec_json, key, caller, now, now, now),
         )
         conn.executemany(
             "INSERT INTO recipients (message_id, address, position, state) VALUES (?, ?, ?, ?)",
@@ -268,10 +311,10 @@ class Writer:
         )
         if key is not None:
             conn.execute(
-                "INSERT OR REPLACE INTO idempotency (key, message_id, created) VALUES (?, ?, ?)",
-                (key, msg_id, now),
+                "INSERT OR REPLACE INTO idempotency (caller, key, message_id, created) VALUES (?, ?, ?, ?)",
+                (caller, key, msg_id, now),
             )
-        effects.move(None, State.QUEUED)
+        effects.move(None, State.QUEUED, caller)
         effects.count("accepted")
         return Enqueued(msg_id, False)
 
@@ -304,7 +347,7 @@ class Writer:
 
     def record_attempt(self, conn, effects, op: RecordAttempt) -> str | None:
         msg_id, now = op.msg_id, op.now
-        row = conn.execute("SELECT state FROM messages WHERE id=?", (msg_id,)).fetchone()
+        row = conn.execute("SELECT state, caller FROM messages WHERE id=?", (msg_id,)).fetchone()
         if row is None:
             return None
         conn.executemany(
@@ -324,7 +367,7 @@ class Writer:
             " possible_duplicate=possible_duplicate OR ? WHERE id=?",
             (new_state, now, op.next_attempt if op.next_attempt is not None else now, op.possible_duplicate, msg_id),
         )
-        effects.move(row[0], new_state)
+        effects.move(row[0], new_state, row[1])
         if new_state in FINAL_STATES:
             effects.finalized.append(msg_id)
         return new_state
@@ -346,10 +389,10 @@ class Writer:
         return queries.retry(conn, op.now, op.msg_id)
 
     def delete(self, conn, effects, op: Delete) -> bool:
-        state = queries.delete(conn, op.msg_id)
-        if state is None:
+        deleted = queries.delete(conn, op.msg_id)
+        if deleted is None:
             return False
-        effects.move(state, None)
+        effects.move(deleted.state, None, deleted.caller)
         effects.finalized.append(op.msg_id)  # WAIT on it returns (NOT_FOUND)
         return True
 
@@ -376,6 +419,9 @@ class Writer:
         counts.update(conn.execute("SELECT state, COUNT(*) FROM messages GROUP BY state").fetchall())
         for state in STATES:  # so that current + delta == counted once committed
             effects.state_delta[state] = counts[state] - self.state_counts[state]
+        pending = dict(conn.execute(f"SELECT caller, COUNT(*) FROM messages WHERE {IS_UNFINISHED} GROUP BY caller"))
+        for caller in pending.keys() | self.pending.keys():
+            effects.pending_delta[caller] = pending.get(caller, 0) - self.pending.get(caller, 0)
         return counts
 
 
@@ -430,7 +476,7 @@ def main() -> int:
         error = SpoolError(f"cannot open spool {writer.db_path}: {exc}")
         _send(wfd, writer.committed(Outcome(errors={call.token: error})))
         return 1
-    _send(wfd, writer.committed(Outcome(results={call.token: None})))
+    _send(wfd, writer.committed(Outcome(results={call.token: Opened(writer.caller_key, *writer.schema)}), all_callers=True))
     pending = opening[1:]
     while True:
         pending += frames.read(block=not pending)

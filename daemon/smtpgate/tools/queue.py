@@ -74,7 +74,7 @@ def _print_list(entries: list[dict], as_json: bool) -> None:
     for m in entries:
         pending = [r for r in m["recipients"] if r["state"] not in FINAL_STATES] or m["recipients"]
         when = m.get("next_attempt", m["updated"])
-        print(f"{m['id']}  {m['state']:<8} {m['attempts']:>3}  {when}  {m['from']}")
+        print(f"{m['id']}  {m['state']:<8} {m['attempts']:>3}  {when}  {m['from']}  ({m['caller']})")
         for r in pending:
             print(f"    {r['address']:<40} {r['state']:<8} {r['reply'] or ''}")
     print(f"-- {len(entries)} message{'s' if len(entries) != 1 else ''}")

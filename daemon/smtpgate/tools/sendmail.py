@@ -381,9 +381,11 @@ def smtp_session_on_stdio(uri: str, token: str | None, limit: int,
     import asyncio
     import threading
 
+    from smtpgate.config import Config
+    from smtpgate.intake.callers import Callers
     from smtpgate.intake.smtp_door import IntakeHandler, session_factory
 
-    async def enqueue(envelope_from: str, recipients: list[str], data: bytes) -> str:
+    async def enqueue(caller, envelope_from: str, recipients: list[str], data: bytes) -> str:
         message = raw_send(envelope_from, recipients, data)
         # LineClient blocks; the event loop must keep serving the session.
         return await asyncio.to_thread(hand_over, uri, token, message)
@@ -421,7 +423,9 @@ def smtp_session_on_stdio(uri: str, token: str | None, limit: int,
         session_end = loop.create_future()
         ours, theirs = socket.socketpair()
         with theirs:
-            handler = IntakeHandler(enqueue=enqueue, tokens=[], log=_Silent(),
+            # Callers with none configured: this session is the anonymous
+            # caller; the daemon knows us by the token of `hand_over`.
+            handler = IntakeHandler(enqueue=enqueue, callers=Callers(Config(), b""), log=_Silent(),
                                     hostname=socket.gethostname())
             factory = session_factory(handler, max_message_bytes=limit, timeout=300.0, loop=loop)
             await loop.connect_accepted_socket(factory, sock=ours)
