@@ -338,18 +338,18 @@ def test_sendmail_into_the_real_daemon_over_tcp(daemon, upstream):
 
 
 def test_sendmail_authenticates_to_a_daemon_with_tokens(make_daemon, upstream):
-    daemon = make_daemon(tokens=["tok-for-php"])
+    daemon = make_daemon(tokens=["tok-for-php-2d8e41c9"])
     argv = [str(SMTPGATE), "sendmail", "-t", "-i", "--server", daemon.unix_uri]
     refused = subprocess.run(argv, input=MESSAGE, capture_output=True, timeout=30,
                              env={k: v for k, v in os.environ.items() if k != "SMTPGATE_TOKEN"})
     assert refused.returncode == EX_NOPERM
     assert b"AUTH_REQUIRED" in refused.stderr
     accepted = subprocess.run(argv, input=MESSAGE, capture_output=True, timeout=30,
-                              env=dict(os.environ, SMTPGATE_TOKEN="tok-for-php"))
+                              env=dict(os.environ, SMTPGATE_TOKEN="tok-for-php-2d8e41c9"))
     assert accepted.returncode == EX_OK, accepted.stderr
     [received] = upstream.wait_for(1)
     assert received.message["X-Mailer"] == "PHP/8.2"
-    assert b"tok-for-php" not in daemon.log_path.read_bytes()
+    assert b"tok-for-php-2d8e41c9" not in daemon.log_path.read_bytes()
 
 
 # --- sendmail -bs: SMTP on stdin/stdout (Symfony Mailer, Laravel, SwiftMailer) ---

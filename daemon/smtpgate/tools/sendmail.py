@@ -381,6 +381,8 @@ def smtp_session_on_stdio(uri: str, token: str | None, limit: int,
     import asyncio
     import threading
 
+    from smtpgate.intake.limits import Limits
+    from smtpgate.intake.peer import peer_of_socket
     from smtpgate.intake.smtp_door import IntakeHandler, session_factory
 
     async def enqueue(envelope_from: str, recipients: list[str], data: bytes) -> str:
@@ -423,8 +425,11 @@ def smtp_session_on_stdio(uri: str, token: str | None, limit: int,
         with theirs:
             handler = IntakeHandler(enqueue=enqueue, tokens=[], log=_Silent(),
                                     hostname=socket.gethostname())
-            factory = session_factory(handler, max_message_bytes=limit, timeout=300.0, loop=loop)
-            await loop.connect_accepted_socket(factory, sock=ours)
+            gate = Limits(Config(), _Silent()).gate("smtp")  # one session: the defaults
+            make_session = session_factory(handler, max_message_bytes=limit, gate=gate, loop=loop)
+            peer = peer_of_socket(ours)
+            session = make_session(peer, gate.admit(peer))
+            await loop.connect_accepted_socket(lambda: session, sock=ours)
             threading.Thread(target=copy_stdin, args=(theirs,), daemon=True).start()
             threading.Thread(target=copy_stdout, daemon=True, args=(
                 theirs, lambda: loop.call_soon_threadsafe(session_end.set_result, None))).start()
