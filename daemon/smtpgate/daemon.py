@@ -85,6 +85,9 @@ class Daemon:
         inherited = systemd.listen_fds()
         self.spool = Spool(config.spool, **spool_limits(config))
         await self.spool.open()
+        for path, mode in self.spool.modes_fixed:
+            self.log.warning("spool_mode_fixed", path=path, was=f"{mode:04o}",
+                             now="0700" if os.path.isdir(path) else "0600")
         self.spool.on_writer_lost = self._spool_lost
         if config.dev:
             from smtpgate.tools.devupstream import start_dev_upstream
