@@ -446,6 +446,10 @@ class Connection(asyncio.Protocol):
         except RequestError as exc:
             limits.inflight -= size
             self._refused(slot, exc)  # written with the other replies to this read
+        except BaseException:  # a bug: data_received answers it in this slot's place
+            limits.inflight -= size
+            self.slots.pop()
+            raise
 
     def _sent(self, slot: list, result: Enqueued | RequestError, size: int) -> None:
         """The hand-off's outcome: OK <id> once durable, or why nothing was stored."""
