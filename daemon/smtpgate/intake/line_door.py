@@ -285,7 +285,7 @@ class Connection(asyncio.Protocol):
         # The client does not read its replies: stop reading its requests.
         self.write_paused = True
         self.transport.pause_reading()
-        self._arm(self.loop.time() + self.config.request_timeout)
+        self._arm(self.loop.time() + self.door.gate.request_timeout)
 
     def resume_writing(self) -> None:
         self.write_paused = False
