@@ -190,6 +190,7 @@ def test_rss_stays_flat_under_50_unauthenticated_50_mib_lines(make_daemon):
     sampler.join()
     after = rss_kib(daemon.proc.pid)
     growth_mb = (max(peak[0], after) - before) / 1024
+    print(f"RSS of the daemon's processes: {before} KiB before, {peak[0]} KiB at the peak, {after} KiB after")
     assert growth_mb < 64, f"RSS grew {growth_mb:.0f} MB ({before} -> peak {peak[0]} KiB)"
     assert "sent all" not in results, "the daemon read a 50 MiB line before AUTH"
     assert daemon.request("PING") == "OK PONG"
