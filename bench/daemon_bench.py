@@ -154,8 +154,11 @@ class DiskFlushes:
         return sum(int(line.split()[18]) for line in self._lines())
 
 
-def loadgen(binary: Path, port: int, conns: int, seconds: float) -> dict:
-    out = subprocess.run([str(binary), "127.0.0.1", str(port), str(conns), str(seconds), REQUEST],
+def loadgen(binary: Path, port: int, conns: int, seconds: float, first_line: str | None = None) -> dict:
+    """Run loadgen.c: `conns` connections of SENDs for `seconds`; `first_line`
+    (an AUTH) is sent once on each connection first."""
+    out = subprocess.run([str(binary), "127.0.0.1", str(port), str(conns), str(seconds), REQUEST,
+                          *([first_line] if first_line else [])],
                          capture_output=True, text=True, check=True)
     return json.loads(out.stdout)
 

@@ -8,10 +8,11 @@
  * caller does). Prints one JSON object: requests, errors, seconds, rate,
  * latency percentiles in microseconds.
  *
- *   loadgen HOST PORT CONNECTIONS SECONDS 'SEND {...}'
+ *   loadgen HOST PORT CONNECTIONS SECONDS 'SEND {...}' ['AUTH token']
  *
  * The request may contain "%d", replaced by a per-request counter (for
- * distinct subjects or idempotency keys).
+ * distinct subjects or idempotency keys). A sixth argument is sent once on
+ * each connection before the timed requests (its reply must be OK).
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -31,6 +32,7 @@ static const char *host;
 static int port;
 static double seconds;
 static const char *request;
+static const char *first_line; /* sent once per connection, untimed (AUTH) */
 static volatile int stop;
 static unsigned *samples; /* latency in microseconds */
 static long nsamples;
@@ -41,6 +43,18 @@ static double now(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return ts.tv_sec + ts.tv_nsec / 1e9;
+}
+
+/* Read one CRLF-terminated reply into reply[cap]; 0 on success. */
+static int read_reply(int fd, char *reply, size_t cap) {
+    size_t got = 0;
+    for (;;) {
+        ssize_t r = read(fd, reply + got, cap - 1 - got);
+        if (r <= 0) return -1;
+        got += r;
+        if (got >= 2 && reply[got - 2] == '\r' && reply[got - 1] == '\n') return 0;
+        if (got == cap - 1) got = 0; /* long reply: keep only the end */
+    }
 }
 
 static int cmp(const void *a, const void *b) {
@@ -62,6 +76,14 @@ static void *worker(void *arg) {
     size_t cap = strlen(request) + 64;
     char *line = malloc(cap);
     char reply[4096];
+    if (first_line) {
+        size_t flen = strlen(first_line);
+        if (write(fd, first_line, flen) != (ssize_t)flen || write(fd, "\n", 1) != 1 ||
+            read_reply(fd, reply, sizeof reply) != 0 || strncmp(reply, "OK", 2) != 0) {
+            fprintf(stderr, "the first line was refused\n");
+            exit(2);
+        }
+    }
     unsigned *mine = malloc(sizeof(unsigned) * 1000000);
     long n = 0, errs = 0;
     while (!stop && n < 1000000) {
@@ -73,14 +95,7 @@ static void *worker(void *arg) {
             if (w <= 0) { perror("write"); exit(2); }
             off += w;
         }
-        size_t got = 0;
-        for (;;) {
-            ssize_t r = read(fd, reply + got, sizeof reply - 1 - got);
-            if (r <= 0) { fprintf(stderr, "connection closed\n"); exit(2); }
-            got += r;
-            if (got >= 2 && reply[got - 2] == '\r' && reply[got - 1] == '\n') break;
-            if (got == sizeof reply - 1) got = 0; /* long reply: keep only the end */
-        }
+        if (read_reply(fd, reply, sizeof reply) != 0) { fprintf(stderr, "connection closed\n"); exit(2); }
         mine[n++] = (unsigned)((now() - t0) * 1e6);
         if (strncmp(reply, "OK", 2) != 0) errs++;
     }
@@ -95,10 +110,11 @@ static void *worker(void *arg) {
 }
 
 int main(int argc, char **argv) {
-    if (argc != 6) {
-        fprintf(stderr, "usage: loadgen HOST PORT CONNECTIONS SECONDS REQUEST\n");
+    if (argc != 6 && argc != 7) {
+        fprintf(stderr, "usage: loadgen HOST PORT CONNECTIONS SECONDS REQUEST [FIRST_LINE]\n");
         return 64;
     }
+    first_line = argc == 7 ? argv[6] : NULL;
     host = argv[1];
     port = atoi(argv[2]);
     int conns = atoi(argv[3]);

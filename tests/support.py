@@ -64,3 +64,34 @@ def process_name(pid: int) -> str | None:
             return comm.read().strip()
     except FileNotFoundError:
         return None
+
+
+class RawSmtp:
+    """Line-by-line SMTP over a plain socket, for what smtplib hides. The
+    server's first reply (220, or a 421 refusal) is in `greeting`."""
+
+    CLOSED = "<closed>"  # what reply() gives for a connection the server ended
+
+    def __init__(self, port: int, host: str = "127.0.0.1"):
+        self.sock = socket.create_connection((host, port), timeout=10)
+        self.file = self.sock.makefile("rb")
+        self.greeting = self.reply()
+
+    def reply(self) -> str:
+        """One reply, its lines joined by "\\n"; CLOSED in place of what never came."""
+        lines = []
+        while True:
+            line = self.file.readline().decode()
+            if not line.endswith("\r\n"):
+                return "\n".join(lines + [self.CLOSED])
+            lines.append(line[:-2])
+            if line[3:4] != "-":
+                return "\n".join(lines)
+
+    def cmd(self, line: str) -> str:
+        self.sock.sendall(line.encode() + b"\r\n")
+        return self.reply()
+
+    def close(self):
+        self.file.close()
+        self.sock.close()

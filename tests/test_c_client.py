@@ -637,14 +637,14 @@ def test_wait_for_sent_and_for_failed(built, daemon, upstream):
 
 
 def test_token_daemon_via_environment(built, make_daemon, upstream):
-    daemon = make_daemon(tokens=["c-client-token"])
+    daemon = make_daemon(tokens=["c-client-token-7b3e"])
     args = ["--server", daemon.uri, "-f", "a@example.com", "-t", "b@example.org", "-s", "s"]
     missing = run_send(args, "x")
     assert missing.returncode == REFUSED and "AUTH_REQUIRED" in missing.stderr
     wrong = run_send(args, "x", env={"SMTPGATE_TOKEN": "not-the-token"})
     assert wrong.returncode == REFUSED and "AUTH_FAILED" in wrong.stderr
     assert "not-the-token" not in wrong.stderr
-    right = run_send([*args, "--wait", "20"], "x", env={"SMTPGATE_TOKEN": "c-client-token"})
+    right = run_send([*args, "--wait", "20"], "x", env={"SMTPGATE_TOKEN": "c-client-token-7b3e"})
     assert right.returncode == QUEUED, right.stderr
 
 
@@ -689,10 +689,10 @@ def test_readme_example_program_sends_and_waits(built, daemon, upstream):
 
 
 def test_library_reconnects_after_the_daemon_closed_an_idle_connection(lib, make_daemon, upstream):
-    daemon = make_daemon(idle_timeout=0.3, tokens=["c-client-token"])
+    daemon = make_daemon(idle_timeout=0.3, tokens=["c-client-token-7b3e"])
     ctx = lib.connect(daemon.uri)
     try:
-        assert lib.lib.smtpgate_auth(ctx, b"c-client-token") == 0
+        assert lib.lib.smtpgate_auth(ctx, b"c-client-token-7b3e") == 0
         assert lib.lib.smtpgate_ping(ctx) == 0
         # Wait (bounded) until the daemon's close has reached the library's socket.
         poller = select.poll()

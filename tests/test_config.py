@@ -26,6 +26,7 @@ def test_flags_override_the_file_and_upstreams_keep_their_order(tmp_path):
 def test_password_from_a_file_or_the_environment_never_from_the_file_itself(tmp_path, monkeypatch):
     secret = tmp_path / "pw"
     secret.write_text("s3cret\n")
+    secret.chmod(0o600)
     config = load_config(write(tmp_path, f'upstream = ["smtp.163.com:465"]\nupstream_tls = "tls"\n'
                                          f'upstream_user = "me@163.com"\nupstream_password_file = "{secret}"\n'))
     assert config.upstream_password == "s3cret"
@@ -48,6 +49,7 @@ def test_systemd_credential_is_the_password_when_nothing_else_is_set(tmp_path, m
 def test_xoauth2_token_reaches_the_upstream_settings(tmp_path):
     token = tmp_path / "token"
     token.write_text("ya29.token\n")
+    token.chmod(0o600)
     config = load_config(write(tmp_path, f'upstream = ["smtp.gmail.com:587"]\nupstream_user = "me@gmail.com"\n'
                                          f'upstream_oauth2_token_file = "{token}"\n'))
     upstream = delivery_settings(config).upstreams[0]
@@ -74,8 +76,9 @@ def test_mistakes_name_their_key(tmp_path, text, key):
 
 def test_tokens_allow_a_network_listener_and_a_bare_smtp_port_means_loopback(tmp_path):
     tokens = tmp_path / "tokens"
-    tokens.write_text("tok-1\n\ntok-2\n")
+    tokens.write_text("tok-1-0123456789ab\n\ntok-2-0123456789ab\n")
+    tokens.chmod(0o600)
     config = load_config(write(tmp_path, f'upstream = ["h:25"]\nlisten = ["0.0.0.0:2526"]\n'
                                          f'tokens_file = "{tokens}"\nsmtp_listen = "2525"\n'))
-    assert config.tokens == ["tok-1", "tok-2"]
+    assert config.tokens == ["tok-1-0123456789ab", "tok-2-0123456789ab"]
     assert config.smtp_listen == "127.0.0.1:2525"

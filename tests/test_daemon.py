@@ -174,9 +174,9 @@ def test_overlong_line_is_drained_and_connection_stays_usable(make_daemon):
 
 
 def test_tokens_required_and_checked(make_daemon):
-    daemon = make_daemon(tokens=["s3cret-token"])
+    daemon = make_daemon(tokens=["s3cret-token-4f9a2c"])
     with daemon.connect() as sock:
-        sock.sendall(b"PING\nSTATS\n" + send_line(SIMPLE).encode() + b"\nAUTH wrong\nAUTH s3cret-token\nSTATS\n")
+        sock.sendall(b"PING\nSTATS\n" + send_line(SIMPLE).encode() + b"\nAUTH wrong\nAUTH s3cret-token-4f9a2c\nSTATS\n")
         replies = read_lines(sock, 6)
     assert replies[0] == "OK PONG"
     assert err_code(replies[1]) == "AUTH_REQUIRED"
@@ -184,7 +184,7 @@ def test_tokens_required_and_checked(make_daemon):
     assert err_code(replies[3]) == "AUTH_FAILED"
     assert replies[4] == "OK"
     assert json.loads(ok_payload(replies[5]))["version"]
-    assert "s3cret-token" not in daemon.log_path.read_text()
+    assert "s3cret-token-4f9a2c" not in daemon.log_path.read_text()
 
 
 def test_policy_denies_senders_and_recipients(make_daemon):
@@ -379,6 +379,7 @@ def test_password_never_logged(make_daemon, tmp_path):
     # STATUS, and neither may carry it (nor its base64).
     secret = tmp_path / "pw"
     secret.write_text("hunter2-very-secret\n")
+    secret.chmod(0o600)
     seen = []
 
     class RefusingServer(socketserver.StreamRequestHandler):

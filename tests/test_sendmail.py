@@ -92,15 +92,19 @@ def no_ambient_server(monkeypatch):
     monkeypatch.delenv("SMTPGATE_TOKEN", raising=False)
 
 
-def run(argv, message=MESSAGE):
+def run(argv, message=MESSAGE, server=None, config=None):
+    """sendmail.main with $SMTPGATE_SERVER = `server` and $SMTPGATE_CONFIG = `config`
+    (the only ways to name them: never the command line)."""
+    env = dict(os.environ)
+    env.update({k: str(v) for k, v in (("SMTPGATE_SERVER", server), ("SMTPGATE_CONFIG", config)) if v})
     err = io.StringIO()
-    code = sendmail.main(argv, stdin=io.BytesIO(message), stderr=err)
+    code = sendmail.main(argv, stdin=io.BytesIO(message), stderr=err, env=env)
     return code, err.getvalue()
 
 
 def test_php_style_call_sends_one_raw_send(line_server):
     server = line_server()
-    code, err = run(["--server", server.uri, "-t", "-i", "-f", "bounce@example.com"])
+    code, err = run(["-t", "-i", "-f", "bounce@example.com"], server=server.uri)
     assert (code, err) == (EX_OK, "")
     [send] = server.sends()
     assert send["from"] == "bounce@example.com"
@@ -115,7 +119,7 @@ def test_php_style_call_sends_one_raw_send(line_server):
 
 def test_without_i_a_lone_dot_ends_the_message(line_server):
     server = line_server()
-    assert run(["--server", server.uri, "-t"])[0] == EX_OK
+    assert run(["-t"], server=server.uri)[0] == EX_OK
     raw = server.sends()[0]["raw"]
     assert raw.endswith("\nHello.\n")
 
@@ -123,8 +127,8 @@ def test_without_i_a_lone_dot_ends_the_message(line_server):
 def test_recipients_on_the_command_line_and_sender_from_the_header(line_server):
     server = line_server()
     message = b"From: Shop <shop@example.com>\r\nSubject: s\r\n\r\nbody\r\n"
-    assert run(["--server", server.uri, "-oi", "-odi", "-oem", "-bm", "-U",
-                "one@example.org, Two <two@example.org>", "one@example.org"], message)[0] == EX_OK
+    argv = ["-oi", "-odi", "-oem", "-bm", "-U", "one@example.org, Two <two@example.org>", "one@example.org"]
+    assert run(argv, message, server=server.uri)[0] == EX_OK
     [send] = server.sends()
     assert send["from"] == "shop@example.com"
     assert send["to"] == ["one@example.org", "two@example.org"]
@@ -134,8 +138,8 @@ def test_recipients_on_the_command_line_and_sender_from_the_header(line_server):
 def test_a_message_without_from_gets_one_from_f_and_F(line_server):
     server = line_server()
     message = b"To: kelly@example.org\r\nSubject: s\r\n\r\nbody\r\n"
-    assert run(["--server", server.uri, "-ti", "-fnoreply@example.com", "-F", "Jörg Shop"],
-               message)[0] == EX_OK
+    assert run(["-ti", "-fnoreply@example.com", "-F", "Jörg Shop"],
+               message, server=server.uri)[0] == EX_OK
     raw = server.sends()[0]["raw"]
     assert raw == "From: =?utf-8?q?J=C3=B6rg_Shop?= <noreply@example.com>\r\n" + message.decode()
 
@@ -143,8 +147,8 @@ def test_a_message_without_from_gets_one_from_f_and_F(line_server):
 def test_a_message_that_is_only_a_body_gets_a_header(line_server):
     """`echo text | sendmail addr`, as cron and scripts do."""
     server = line_server()
-    assert run(["--server", server.uri, "-f", "cron@example.com", "ops@example.org"],
-               b"backup failed: disk full\nsee /var/log/backup.log\n")[0] == EX_OK
+    assert run(["-f", "cron@example.com", "ops@example.org"],
+               b"backup failed: disk full\nsee /var/log/backup.log\n", server=server.uri)[0] == EX_OK
     assert server.sends()[0]["raw"] == ("From: cron@example.com\n\n"
                                         "backup failed: disk full\nsee /var/log/backup.log\n")
 
@@ -155,7 +159,7 @@ def test_token_and_unix_socket_from_the_config_file(line_server, tmp_path):
     config = tmp_path / "smtpgate.toml"
     config.write_text(f'listen = ["127.0.0.1:1"]\nsocket = "{tmp_path}/smtpgate.sock"\n'
                       f'tokens_file = "{tmp_path}/tokens"\nupstream_password_file = "/root/nope"\n')
-    assert run(["--config", str(config), "-t", "-i"])[0] == EX_OK
+    assert run(["-t", "-i"], config=str(config))[0] == EX_OK
     assert server.lines[0] == "AUTH secret-token-1"
     assert len(server.sends()) == 1
 
@@ -165,7 +169,7 @@ def test_listen_address_from_the_config_file(line_server, tmp_path):
     port = server.uri.rsplit(":", 1)[1]
     config = tmp_path / "smtpgate.toml"
     config.write_text(f'listen = "0.0.0.0:{port}"\ntokens = ["t1"]\n')
-    assert run(["--config", str(config), "-t", "-i"])[0] == EX_OK
+    assert run(["-t", "-i"], config=str(config))[0] == EX_OK
     assert server.lines[0] == "AUTH t1"
 
 
@@ -188,7 +192,7 @@ def test_environment_names_the_server_and_token(line_server, monkeypatch):
 ])
 def test_daemon_errors_become_sendmail_exit_codes(line_server, error, exit_code):
     server = line_server(reply=lambda line: error)
-    code, err = run(["--server", server.uri, "-t", "-i"])
+    code, err = run(["-t", "-i"], server=server.uri)
     assert code == exit_code
     assert error[4:] in err
 
@@ -197,25 +201,25 @@ def test_unreachable_daemon_is_a_temporary_failure(tmp_path):
     with socket.socket() as probe:  # a port nobody listens on
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    assert run(["--server", f"tcp://127.0.0.1:{port}", "-t", "-i"])[0] == EX_TEMPFAIL
-    assert run(["--server", f"unix://{tmp_path}/absent.sock", "-t", "-i"])[0] == EX_TEMPFAIL
+    assert run(["-t", "-i"], server=f"tcp://127.0.0.1:{port}")[0] == EX_TEMPFAIL
+    assert run(["-t", "-i"], server=f"unix://{tmp_path}/absent.sock")[0] == EX_TEMPFAIL
 
 
 def test_a_daemon_that_hangs_up_is_a_temporary_failure(line_server):
     server = line_server()
     server.server.RequestHandlerClass.handle = lambda self: None  # accept, then close
-    assert run(["--server", server.uri, "-t", "-i"])[0] == EX_TEMPFAIL
+    assert run(["-t", "-i"], server=server.uri)[0] == EX_TEMPFAIL
 
 
 def test_refusals_before_anything_is_sent(line_server, tmp_path):
     server = line_server()
     no_recipients = b"From: a@example.com\nSubject: s\n\nbody\n"
-    assert run(["--server", server.uri, "-t", "-i"], no_recipients)[0] == EX_USAGE
-    assert run(["--server", server.uri, "-bp"])[0] == EX_USAGE
-    assert run(["--server", server.uri, "-t", "-Z"])[0] == EX_USAGE
-    assert run(["--server", server.uri, "-t", "-f"])[0] == EX_USAGE
-    assert run(["--config", str(tmp_path / "missing.toml"), "-t"])[0] == EX_CONFIG
-    assert run(["--server", "nonsense", "-t", "-i"])[0] == EX_USAGE
+    assert run(["-t", "-i"], no_recipients, server=server.uri)[0] == EX_USAGE
+    assert run(["-bp"], server=server.uri)[0] == EX_USAGE
+    assert run(["-t", "-Z"], server=server.uri)[0] == EX_USAGE
+    assert run(["-t", "-f"], server=server.uri)[0] == EX_USAGE
+    assert run(["-t"], config=str(tmp_path / "missing.toml"))[0] == EX_CONFIG
+    assert run(["-t", "-i"], server="nonsense")[0] == EX_USAGE
     assert server.lines == []
 
 
@@ -225,16 +229,16 @@ def test_stdin_is_read_no_further_than_the_size_limit(line_server, tmp_path):
     config.write_text('max_message_size = 2048\n')
     big = MESSAGE.replace(b"\n.\n", b"\n") + b"x" * 3000 + b"\n"
     for flags in (["-t", "-i"], ["-t"]):
-        code, err = run(["--config", str(config), "--server", server.uri, *flags], big)
+        code, err = run(flags, big, config=str(config), server=server.uri)
         assert code == EX_DATAERR and "2048" in err
-    assert run(["--config", str(config), "--server", server.uri, "-t", "-i"])[0] == EX_OK
+    assert run(["-t", "-i"], config=str(config), server=server.uri)[0] == EX_OK
 
 
 def test_parse_args_accepts_what_mtas_accept():
     opts = parse_args(["-t", "-oi", "-odi", "-oem", "-bm", "-B", "8BITMIME", "-N", "never",
-                       "-fme@example.com", "-FMe", "-q30m", "-O", "DeliveryMode=b", "--", "-x@y"])
+                       "-fme@example.com", "-FMe", "-q30m", "-O", "DeliveryMode=b", "--", "x@y"])
     assert opts.extract_recipients and not opts.dot_ends_input
-    assert (opts.sender, opts.full_name, opts.recipients) == ("me@example.com", "Me", ["-x@y"])
+    assert (opts.sender, opts.full_name, opts.recipients) == ("me@example.com", "Me", ["x@y"])
 
 
 def test_the_installed_command_runs_it(line_server):
@@ -317,8 +321,8 @@ def test_legacy_8bit_mail_passes_octet_for_octet(daemon, upstream):
     # encoding; the relay must pass the octets on, not refuse or re-encode them.
     gbk = "Subject: 测试\nContent-Type: text/plain; charset=GBK\n\n你好，世界\n".encode("gbk")
     result = subprocess.run(
-        [str(SMTPGATE), "sendmail", "-i", "-f", "app@example.com", "--server", daemon.uri,
-         "ops@example.org"], input=gbk, capture_output=True, timeout=30)
+        [str(SMTPGATE), "sendmail", "-i", "-f", "app@example.com", "ops@example.org"], input=gbk,
+        capture_output=True, timeout=30, env=dict(os.environ, SMTPGATE_SERVER=daemon.uri))
     assert result.returncode == EX_OK, result.stderr
     [received] = upstream.wait_for(1)
     assert "Subject: 测试\r\n".encode("gbk") in received.data
@@ -327,9 +331,9 @@ def test_legacy_8bit_mail_passes_octet_for_octet(daemon, upstream):
 
 def test_sendmail_into_the_real_daemon_over_tcp(daemon, upstream):
     result = subprocess.run(
-        [str(SMTPGATE), "sendmail", "-i", "-f", "bounce@example.com", "-F", "Night Job",
-         "--server", daemon.uri, "ops@example.org"],
-        input=b"Subject: nightly backup\n\nbackup ok\n", capture_output=True, timeout=30)
+        [str(SMTPGATE), "sendmail", "-i", "-f", "bounce@example.com", "-F", "Night Job", "ops@example.org"],
+        input=b"Subject: nightly backup\n\nbackup ok\n", capture_output=True, timeout=30,
+        env=dict(os.environ, SMTPGATE_SERVER=daemon.uri))
     assert result.returncode == EX_OK, result.stderr
     [received] = upstream.wait_for(1)
     assert received.rcpt_tos == ["ops@example.org"]
@@ -338,18 +342,19 @@ def test_sendmail_into_the_real_daemon_over_tcp(daemon, upstream):
 
 
 def test_sendmail_authenticates_to_a_daemon_with_tokens(make_daemon, upstream):
-    daemon = make_daemon(tokens=["tok-for-php"])
-    argv = [str(SMTPGATE), "sendmail", "-t", "-i", "--server", daemon.unix_uri]
-    refused = subprocess.run(argv, input=MESSAGE, capture_output=True, timeout=30,
-                             env={k: v for k, v in os.environ.items() if k != "SMTPGATE_TOKEN"})
+    daemon = make_daemon(tokens=["tok-for-php-2d8e41c9"])
+    argv = [str(SMTPGATE), "sendmail", "-t", "-i"]
+    env = {k: v for k, v in os.environ.items() if k != "SMTPGATE_TOKEN"}
+    env["SMTPGATE_SERVER"] = daemon.unix_uri
+    refused = subprocess.run(argv, input=MESSAGE, capture_output=True, timeout=30, env=env)
     assert refused.returncode == EX_NOPERM
     assert b"AUTH_REQUIRED" in refused.stderr
     accepted = subprocess.run(argv, input=MESSAGE, capture_output=True, timeout=30,
-                              env=dict(os.environ, SMTPGATE_TOKEN="tok-for-php"))
+                              env=dict(env, SMTPGATE_TOKEN="tok-for-php-2d8e41c9"))
     assert accepted.returncode == EX_OK, accepted.stderr
     [received] = upstream.wait_for(1)
     assert received.message["X-Mailer"] == "PHP/8.2"
-    assert b"tok-for-php" not in daemon.log_path.read_bytes()
+    assert b"tok-for-php-2d8e41c9" not in daemon.log_path.read_bytes()
 
 
 # --- sendmail -bs: SMTP on stdin/stdout (Symfony Mailer, Laravel, SwiftMailer) ---

@@ -21,6 +21,7 @@ from smtpgate.intake.handoff import LARGE_REQUEST
 from smtpgate.intake.smtp_door import start_smtp_intake
 from smtpgate.spool.errors import SpoolFull
 from smtpgate.tools.lineclient import RemoteError
+from support import RawSmtp
 
 TOKEN = "tok-3f9a1c2e7b-5d0c8a"
 MESSAGE = (b"From: App <app@example.com>\r\n"
@@ -121,32 +122,6 @@ def door_factory():
         door.close()
 
 
-class RawSmtp:
-    """Line-by-line SMTP over a plain socket, for what smtplib hides."""
-
-    def __init__(self, port):
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-        self.file = self.sock.makefile("rb")
-        self.reply()
-
-    def reply(self) -> str:
-        lines = []
-        while True:
-            line = self.file.readline().decode()
-            assert line.endswith("\r\n"), f"connection ended: {lines + [line]}"
-            lines.append(line[:-2])
-            if line[3:4] != "-":
-                return "\n".join(lines)
-
-    def cmd(self, line: str) -> str:
-        self.sock.sendall(line.encode() + b"\r\n")
-        return self.reply()
-
-    def close(self):
-        self.file.close()
-        self.sock.close()
-
-
 def test_smtplib_hands_the_message_over_with_headers_intact(door_factory):
     door = door_factory()
     with smtplib.SMTP("127.0.0.1", door.port, timeout=10) as client:
@@ -204,8 +179,8 @@ def test_auth_is_required_and_checks_the_token(door_factory):
         assert smtp.cmd("MAIL FROM:<app@example.com>").startswith("250")
     finally:
         smtp.close()
-    failures = [r for r in door.log.records if r[1] == "smtp_auth_failed"]
-    assert len(failures) == 1
+    failures = [r for r in door.log.records if r[1] == "auth_failed"]
+    assert len(failures) == 1 and failures[0][2]["door"] == "smtp"
     assert TOKEN not in repr(door.log.records)
 
 

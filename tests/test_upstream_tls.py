@@ -73,6 +73,7 @@ def commands_seen(caplog):
 def tls_daemon(make_daemon, upstream, ca_file: str, tmp_path):
     password = tmp_path / "upstream-password"
     password.write_text(PASSWORD + "\n")
+    password.chmod(0o600)
     return make_daemon(upstream=[upstream.hostport], upstream_tls="starttls", upstream_ca_file=ca_file,
                        upstream_user=USER, upstream_password_file=str(password), retry_base=60.0)
 

@@ -15,14 +15,20 @@ import os
 import pwd
 import re
 import socket
+import stat
 import tomllib
 from dataclasses import dataclass, field
-from pathlib import Path
 
 DEFAULT_LISTEN = "127.0.0.1:2526"
 DEFAULT_CONFIG_PATH = "/etc/smtpgate/smtpgate.toml"
 # systemd's LoadCredential= name for the upstream password (smtpgate.service).
 CREDENTIAL_NAME = "upstream-password"
+# ... and for the client tokens: the unit's dynamic user can read no file
+# that others cannot, and a tokens file others can read is refused.
+TOKENS_CREDENTIAL = "tokens"
+# 16 characters of a random token (base64: 96 bits) are beyond guessing
+# through a socket that closes after 3 wrong AUTHs; a short one is a mistake.
+MIN_TOKEN_CHARS = 16
 
 
 class ConfigError(Exception):
@@ -66,6 +72,12 @@ class Config:
     connections_per_upstream: int = 10
     rate_per_minute: int = 0
     smtp_listen: str | None = None
+    # Limits before trust (docs/security.md); max_connections, idle_timeout
+    # and request_timeout above apply to each door too.
+    max_connections_per_peer: int = 512
+    max_inflight_bytes: int = 0  # 0: 4 x max_message_size (inflight_budget)
+    stress_idle_timeout: float = 10.0
+    stress_request_timeout: float = 5.0
     message_id_domain: str = ""
     log_format: str = "auto"
     log_level: str = "info"
@@ -89,6 +101,17 @@ class Config:
         bounds every acceptable request without letting one line pin memory.
         """
         return 2 * self.max_message_size + 64 * 1024
+
+    @property
+    def inflight_budget(self) -> int:
+        """Request bytes both doors may hold at once (`max_inflight_bytes`).
+
+        The default, 4 x max_message_size (100 MiB), lets two requests of
+        the largest size be received at once and many small ones besides;
+        the daemon's memory for them is a small multiple of it (the JSON
+        parsed, the stored form).
+        """
+        return self.max_inflight_bytes or 4 * self.max_message_size
 
 
 @dataclass
@@ -168,11 +191,31 @@ def _check_type(key: str, value, default):
 
 
 def _read_secret_file(path: str, key: str) -> str:
+    """A password or token file's text. Like OpenSSH with a private key, a
+    file that group or others may read or write stops the start (systemd's
+    credentials are exempt: their directory is the service's alone)."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        with open(path, "rb") as fh:
+            mode = stat.S_IMODE(os.fstat(fh.fileno()).st_mode)
+            data = fh.read()
     except OSError as exc:
         raise ConfigError(f"{key}: cannot read {path}: {exc.strerror}") from None
-    return text.rstrip("\r\n")
+    if mode & 0o077 and not _is_credential(path):
+        raise ConfigError(f"{key}: {path} is open to group or others (mode {mode:04o}); "
+                          "chmod 600 it, or pass it with systemd's LoadCredential=")
+    try:
+        return data.decode("utf-8").rstrip("\r\n")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{key}: {path} is not UTF-8 text") from None
+
+
+def _is_credential(path: str) -> bool:
+    """Whether `path` is in systemd's $CREDENTIALS_DIRECTORY (LoadCredential=)."""
+    creds = os.environ.get("CREDENTIALS_DIRECTORY")
+    if not creds:
+        return False
+    real = os.path.realpath(path)
+    return os.path.commonpath([real, os.path.realpath(creds)]) == os.path.realpath(creds)
 
 
 def load_config(path: str | None, overrides: dict | None = None) -> Config:
@@ -218,8 +261,9 @@ def _validate(config: Config) -> None:
             config.smtp_listen = f"127.0.0.1:{config.smtp_listen}"
         parse_hostport(config.smtp_listen, "smtp_listen")
 
-    if config.tokens_file:
-        config.tokens = config.tokens + _read_tokens(config.tokens_file, "tokens_file")
+    tokens_file = config.tokens_file or _credential(TOKENS_CREDENTIAL)
+    if tokens_file:
+        config.tokens = config.tokens + _read_tokens(tokens_file, "tokens_file")
     _check_tokens("tokens", config.tokens)
     _check_callers(config)
     if not config.tokens and not any(caller.tokens for caller in config.callers.values()):
@@ -263,6 +307,20 @@ def _validate(config: Config) -> None:
         config.helo_name = socket.getfqdn() or "localhost"
     if config.socket_mode > 0o777:
         raise ConfigError("socket_mode: must be a file mode such as 0o660 (432)")
+    _validate_limits(config)
+
+
+def _validate_limits(config: Config) -> None:
+    for key in ("max_connections", "max_connections_per_peer"):
+        if getattr(config, key) < 1:
+            raise ConfigError(f"{key}: must be at least 1")
+    if config.max_inflight_bytes and config.max_inflight_bytes < config.max_line:
+        raise ConfigError(
+            f"max_inflight_bytes: must hold one request line of the largest size "
+            f"({config.max_line} bytes: 2 x max_message_size + 64 KiB), got {config.max_inflight_bytes}")
+    for key in ("idle_timeout", "request_timeout", "stress_idle_timeout", "stress_request_timeout"):
+        if getattr(config, key) <= 0:
+            raise ConfigError(f"{key}: must be more than 0 seconds")
 
 
 def _read_tokens(path: str, key: str) -> list[str]:
@@ -287,6 +345,9 @@ def _check_tokens(key: str, tokens: list[str]) -> None:
     for token in tokens:
         if not token or any(c.isspace() for c in token):
             raise ConfigError(f"{key}: a token must be non-empty and contain no white space")
+        if len(token) < MIN_TOKEN_CHARS:
+            raise ConfigError(f"{key}: a token has {len(token)} characters; at least {MIN_TOKEN_CHARS} "
+                              "are required (make one with: openssl rand -base64 24)")
 
 
 def _load_callers(tables) -> dict[str, CallerConfig]:
@@ -373,7 +434,14 @@ def _find_password(config: Config) -> str | None:
             raise ConfigError(
                 f"upstream_password_env: the environment variable {config.upstream_password_env} is not set")
         return value
+    if path := _credential(CREDENTIAL_NAME):
+        return _read_secret_file(path, "upstream_password_file")
+    return None
+
+
+def _credential(name: str) -> str | None:
+    """The path of systemd credential `name` (LoadCredential=), if it was passed."""
     creds = os.environ.get("CREDENTIALS_DIRECTORY")
-    if creds and os.path.exists(os.path.join(creds, CREDENTIAL_NAME)):
-        return _read_secret_file(os.path.join(creds, CREDENTIAL_NAME), "upstream_password_file")
+    if creds and os.path.exists(os.path.join(creds, name)):
+        return os.path.join(creds, name)
     return None

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import resource
 import signal
 import time
 
@@ -22,6 +23,11 @@ from smtpgate.spool.schema import UNFINISHED_STATES, State
 STATUS_EVERY = 5.0
 PURGE_EVERY = 300.0
 STOP_GRACE = 20.0
+# Descriptors a process needs besides its connections: stdio, the event
+# loop's epoll and wake-up pair, the listening sockets, the spool's lock,
+# database, -wal and -shm, the pipes to and from each child, the spare of
+# intake/acceptor.py; with room to spare.
+FD_MARGIN = 64
 
 
 def delivery_settings(config: Config, dev_port: int | None = None):
@@ -70,6 +76,7 @@ class Daemon:
         from smtpgate import systemd
         from smtpgate.delivery.process import DeliveryProcess
         from smtpgate.intake.handoff import Handoff
+        from smtpgate.intake.limits import Limits
         from smtpgate.intake.line_door import LineDoor
         from smtpgate.spool.store import Spool
 
@@ -78,6 +85,9 @@ class Daemon:
         inherited = systemd.listen_fds()
         self.spool = Spool(config.spool, **spool_limits(config))
         await self.spool.open()
+        for path, mode in self.spool.modes_fixed:
+            self.log.warning("spool_mode_fixed", path=path, was=f"{mode:04o}",
+                             now="0700" if os.path.isdir(path) else "0600")
         self.spool.on_writer_lost = self._spool_lost
         if self.spool.schema_upgrade:
             old, new = self.spool.schema_upgrade
@@ -92,7 +102,8 @@ class Daemon:
         if not config.hold:
             await self.delivery.start()
         self.handoff = handoff = Handoff(config, self.spool, self.delivery, self.log)
-        self.line_door = LineDoor(config, handoff, self.spool, self.log)
+        limits = Limits(config, self.log)
+        self.line_door = LineDoor(config, handoff, self.spool, self.log, limits)
         await self.line_door.start(inherited)
         if config.smtp_listen:
             from smtpgate.intake.smtp_door import start_smtp_intake
@@ -101,7 +112,7 @@ class Daemon:
             self.smtp_server = await start_smtp_intake(
                 host, port, enqueue=handoff.take_raw, callers=handoff.callers,
                 max_message_bytes=config.max_message_size, log=self.log,
-                hostname=config.helo_name, timeout=config.idle_timeout)
+                hostname=config.helo_name, limits=limits)
 
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.stopping.set)
@@ -184,6 +195,7 @@ class Daemon:
         systemd.reloading()
         try:
             config = load_config(self.config_path, self.overrides)
+            check_descriptors(config, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
         except ConfigError as exc:
             self.log.error("reload_refused", error=str(exc))
             systemd.ready()
@@ -208,6 +220,43 @@ class Daemon:
         systemd.ready()
 
 
+def descriptors_needed(config: Config) -> int:
+    """File descriptors a process of ours may need at most: the daemon with
+    both doors full, or the delivery child with every upstream connection
+    open (it inherits the daemon's limit)."""
+    doors = 2 if config.smtp_listen else 1
+    daemon = doors * config.max_connections + FD_MARGIN
+    if config.dev:  # the embedded upstream takes the relay's connections in the daemon
+        daemon += config.connections_per_upstream
+    relay = config.connections_per_upstream * max(1, len(config.upstream)) + FD_MARGIN
+    return max(daemon, relay)
+
+
+def check_descriptors(config: Config, limit: int) -> None:
+    """ConfigError unless `limit` descriptors are enough for `config`."""
+    needed = descriptors_needed(config)
+    if needed > limit:
+        doors = "each of 2 doors" if config.smtp_listen else "the line door"
+        raise ConfigError(
+            f"max_connections: {config.max_connections} connections on {doors} need {needed} "
+            f"file descriptors, the limit is {limit}: raise it (ulimit -n, LimitNOFILE=) "
+            "or lower max_connections")
+
+
+def raise_descriptor_limit(config: Config) -> None:
+    """Raise the soft RLIMIT_NOFILE to the hard one (the soft default, 1024,
+    is for select(); we use epoll), then check that the doors fit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        target = hard if hard != resource.RLIM_INFINITY else 1 << 20
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (OSError, ValueError):
+            pass  # a system call filter (the unit's ~@resources): LimitNOFILE= sets it instead
+    check_descriptors(config, soft)
+
+
 def spool_limits(config: Config) -> dict:
     """The spool's settings that a reload may change."""
     return {"max_queued": config.max_queued, "min_free_bytes": config.min_free_space,
@@ -218,6 +267,7 @@ def serve(config_path: str | None, overrides: dict) -> int:
     """Run the daemon; return the process exit code."""
     try:
         config = load_config(config_path, overrides)
+        raise_descriptor_limit(config)
     except ConfigError as exc:
         print(f"smtpgate: configuration error: {exc}", flush=True, file=__import__("sys").stderr)
         return 78  # EX_CONFIG

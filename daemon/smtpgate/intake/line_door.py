@@ -16,6 +16,13 @@ takes effect for the requests after it), but a SEND waits for its durable
 commit concurrently with the SENDs pipelined behind it: all of them share one
 group commit in the spool. Replies leave strictly in request order, coalesced
 into one write when several are ready.
+
+Limits before trust (limits.py, docs/security.md): connections are admitted
+by acceptor.py; until it has authenticated, a connection's request line is
+held up to SMALL_LINE bytes and a longer one closes it; the bytes of partial
+lines and of SENDs until their reply count in the shared budget (plain
+integer adds on the hot path); a request must be complete within
+`request_timeout` of its first byte, checked by the connection's one timer.
 """
 
 from __future__ import annotations
@@ -30,12 +37,16 @@ import time
 
 from smtpgate import PROTOCOL_VERSION, __version__
 from smtpgate.config import Config, parse_hostport
+from smtpgate.intake.acceptor import Acceptor, listening_sockets, unix_listening_socket
 from smtpgate.intake.callers import Caller
 from smtpgate.intake.handoff import Handoff
-from smtpgate.intake.peer import peer_of
+from smtpgate.intake.limits import MAX_AUTH_FAILURES, SMALL_LINE, Limits, Slot
+from smtpgate.intake.peer import Peer
 from smtpgate.log import sockname
 from smtpgate.message.spec import RequestError
-from smtpgate.protocol import ForeignProtocol, LineParser, LineTooLong, Request, codes, reply_err, reply_ok
+from smtpgate.protocol import (
+    ForeignProtocol, LineDropped, LineParser, LineTooLong, Request, codes, reply_err, reply_ok,
+)
 from smtpgate.spool.ops import Enqueued
 
 OPEN_VERBS = frozenset({"PING", "HELLO", "HELP", "AUTH", "QUIT"})
@@ -45,6 +56,7 @@ OPEN_VERBS = frozenset({"PING", "HELLO", "HELP", "AUTH", "QUIT"})
 MAX_PIPELINE = 1024
 MAX_WAIT_SECONDS = 3600.0
 DEFAULT_WAIT_SECONDS = 30.0
+_BUDGET_FULL = "nothing stored: the daemon holds its limit of requests in flight, try again later"
 
 
 def _json(obj) -> str:
@@ -53,14 +65,18 @@ def _json(obj) -> str:
 
 class LineDoor:
     """Serves the line protocol; `start()` binds, `close()` stops accepting.
-    SENDs go to `handoff`; STATUS, WAIT and STATS read `spool`."""
+    SENDs go to `handoff`; STATUS, WAIT and STATS read `spool`; `limits` is
+    shared with the SMTP door."""
 
-    def __init__(self, config: Config, handoff: Handoff, spool, log):
+    def __init__(self, config: Config, handoff: Handoff, spool, log, limits: Limits):
         self.config = config
         self.handoff = handoff
         self.spool = spool
         self.log = log
-        self.servers: list[asyncio.AbstractServer] = []
+        self.limits = limits
+        self.gate = limits.gate("line")
+        self.gate.on_stress = self._stressed
+        self.acceptor: Acceptor | None = None
         self.connections: set[Connection] = set()
         self.accepting = True
         self.counters = {"connections": 0, "requests": 0, "sends_accepted": 0,
@@ -78,49 +94,44 @@ class LineDoor:
         READY=1: a connection already waiting in an inherited socket's backlog
         must not be served before that.
         """
-        loop = asyncio.get_running_loop()
-        factory = lambda: Connection(self)  # noqa: E731
-        opts = {"start_serving": False}
+        socks: list[socket.socket] = []
         if inherited:
-            for name, socks in inherited.items():
+            for name, inherited_socks in inherited.items():
                 if name not in ("tcp", "unix"):
                     self.log.warning("inherited_socket_unnamed", name=name,
                                      hint="set FileDescriptorName=tcp or unix in the socket unit")
-                for sock in socks:
-                    if sock.family == socket.AF_UNIX:
-                        self.servers.append(await loop.create_unix_server(factory, sock=sock, **opts))
-                    else:
-                        self.servers.append(await loop.create_server(factory, sock=sock, **opts))
+                socks += inherited_socks
         else:
-            for value in self.config.listen:
-                host, port = parse_hostport(value, "listen")
-                self.servers.append(await loop.create_server(
-                    factory, host, port, reuse_address=True, **opts))
-            if self.config.socket:
-                _remove_stale_socket(self.config.socket)
-                server = await loop.create_unix_server(factory, self.config.socket, **opts)
-                os.chmod(self.config.socket, self.config.socket_mode)
-                # Only a socket file we created is ours to remove at exit; an
-                # inherited one belongs to systemd's socket unit.
-                self.own_socket_path = self.config.socket
-                self.servers.append(server)
-        for server in self.servers:
-            for sock in server.sockets:
-                self.log.info("listening", address=sockname(sock))
+            try:
+                for value in self.config.listen:
+                    socks += listening_sockets(*parse_hostport(value, "listen"))
+                if self.config.socket:
+                    _remove_stale_socket(self.config.socket)
+                    socks.append(unix_listening_socket(self.config.socket))
+                    os.chmod(self.config.socket, self.config.socket_mode)
+                    # Only a socket file we created is ours to remove at exit; an
+                    # inherited one belongs to systemd's socket unit.
+                    self.own_socket_path = self.config.socket
+            except BaseException:
+                for sock in socks:
+                    sock.close()
+                raise
+        self.acceptor = Acceptor(socks, self.gate, lambda peer, slot: Connection(self, peer, slot),
+                                 _refusal, self.log)
+        for sock in socks:
+            self.log.info("listening", address=sockname(sock))
 
     async def start_serving(self) -> None:
-        for server in self.servers:
-            await server.start_serving()
+        await self.acceptor.start_serving()
 
     @property
     def addresses(self) -> list:
-        return [sock.getsockname() for server in self.servers for sock in server.sockets]
+        return [sock.getsockname() for sock in self.acceptor.sockets]
 
     async def close(self, grace: float = 5.0) -> None:
         """Stop accepting; give open connections `grace` seconds to finish, then cut them."""
         self.accepting = False
-        for server in self.servers:
-            server.close()
+        self.acceptor.close()
         if self.own_socket_path:
             try:
                 os.unlink(self.own_socket_path)
@@ -134,25 +145,44 @@ class LineDoor:
         for conn in list(self.connections):
             conn.transport.abort()
 
+    def _stressed(self) -> None:
+        """Stress began: every connection's timer checks its (now shorter) limit at once."""
+        now = asyncio.get_running_loop().time()
+        for conn in self.connections:
+            conn._arm(now)
+
+
+def _refusal(why: str) -> bytes:
+    return reply_err(codes.BUSY, f"{why}, try again later")
+
 
 class Connection(asyncio.Protocol):
     """One client connection: parse requests, dispatch them, write replies in order."""
 
-    def __init__(self, door: LineDoor):
+    def __init__(self, door: LineDoor, peer: Peer, slot: Slot):
         self.door = door
         self.config = door.config
         self.handoff = door.handoff
+        self.limits = door.limits
         self.loop = asyncio.get_running_loop()
-        self.parser = LineParser(max_line=self.config.max_line)
-        self.caller: Caller | None = None  # None until identified (callers.py): only OPEN_VERBS
+        self.peer = peer
+        self.slot = slot  # our place in the door's connection count, given back at the end
+        # None until identified (callers.py): only OPEN_VERBS, and a short line
+        self.caller: Caller | None = door.handoff.callers.for_peer(peer)
+        if self.caller is not None:
+            self.parser = LineParser(max_line=self.config.max_line)
+        else:
+            self.parser = LineParser(max_line=SMALL_LINE, drain=False)
+        self.auth_failures = 0
         # One slot per request, in request order: [reply bytes or None].
         self.slots: collections.deque[list] = collections.deque()
         self.tasks: set[asyncio.Task] = set()  # STATUS/WAIT/STATS running now
         self.closing = False
         self.write_paused = False
-        self.peer = None
         self.transport = None
         self.last_activity = 0.0
+        self.request_started: float | None = None  # first byte of the partial request
+        self.held = 0  # bytes of that partial request counted in limits.inflight
         self.timer = None
 
     # -- asyncio.Protocol ------------------------------------------------
@@ -164,18 +194,17 @@ class Connection(asyncio.Protocol):
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.peer = peer_of(transport)
-        self.caller = self.handoff.callers.for_peer(self.peer)
-        if len(door.connections) >= self.config.max_connections or not door.accepting:
-            transport.write(reply_err(codes.BUSY, "too many connections, try again later"))
-            transport.close()
-            return
         door.connections.add(self)
         self.last_activity = self.loop.time()
-        self._arm(self.last_activity + self.config.idle_timeout)
+        self._arm(self.last_activity + door.gate.idle_timeout)
+        if not door.accepting:  # accepted as the door closed
+            self.close_when_idle()
 
     def connection_lost(self, exc) -> None:
         self.door.connections.discard(self)
+        self.slot.release()
+        self.limits.inflight -= self.held
+        self.held = 0
         self.closing = True
         for slot in self.slots:  # coroutines never started: close them quietly
             if len(slot) > 1:
@@ -190,39 +219,70 @@ class Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.closing:
             return
-        # The timer checks this stamp when it fires: cheaper than moving a
+        # The timer checks these stamps when it fires: cheaper than moving a
         # timer on every read.
-        self.last_activity = self.loop.time()
-        self.parser.feed(data)
-        while (event := self.parser.next_event()) is not None:
-            if isinstance(event, ForeignProtocol):
-                self.door.counters["foreign_protocol"] += 1
-                self.log.warning("foreign_protocol_closed", peer=str(self.peer),
-                                      start=event.line_start[:40])
-                self.closing = True
-                self.transport.abort()
-                return
-            if isinstance(event, LineTooLong):
-                self._reply(reply_err(codes.TOO_LARGE, f"request line over {self.config.max_line} bytes"))
-                continue
-            if not isinstance(event, Request):  # a line that is not UTF-8, etc.
-                self._reply(reply_err(codes.BAD_REQUEST, str(getattr(event, "reason", "bad request line"))))
-                continue
-            self.door.counters["requests"] += 1
-            try:
-                self._dispatch(event)
-            except Exception:  # a bug: answer it, keep the connection and the daemon serving
-                self.log.exception("request_failed", verb=event.verb)
-                self._reply(reply_err(codes.INTERNAL, "the daemon failed; see its log"))
-            if self.closing:  # QUIT: nothing after it is answered
+        self.last_activity = now = self.loop.time()
+        parser = self.parser
+        parser.feed(data)
+        if self.held:  # counted again below, as much of it as is still held
+            self.limits.inflight -= self.held
+            self.held = 0
+        ended = False  # a line ended: what is held now is a new request
+        while (event := parser.next_event()) is not None:
+            ended = True
+            if isinstance(event, Request):
+                self.door.counters["requests"] += 1
+                try:
+                    self._dispatch(event)
+                except Exception:  # a bug: answer it, keep the connection and the daemon serving
+                    self.door.log.exception("request_failed", verb=event.verb)
+                    self._reply(reply_err(codes.INTERNAL, "the daemon failed; see its log"))
+            elif isinstance(event, LineTooLong):
+                self._too_long(event)
+            elif isinstance(event, LineDropped):
+                self._reply(reply_err(codes.BUSY, _BUDGET_FULL))
+            elif isinstance(event, ForeignProtocol):
+                self._foreign(event)
+            else:  # a line that is not UTF-8, etc.
+                self._reply(reply_err(codes.BAD_REQUEST, event.reason))
+            if self.closing:  # QUIT, a foreign protocol...: nothing after it is answered
                 break
         self._flush()
+        if self.closing:
+            return
         # A client that pipelines without reading may not grow our memory
         # without bound: stop reading until replies drain.
         if len(self.slots) >= MAX_PIPELINE:
             self.transport.pause_reading()
-        if self.parser.pending_bytes:
-            self._arm(self.last_activity + self.config.request_timeout)
+        if parser.mid_request:
+            held = parser.pending_bytes
+            if held > SMALL_LINE and not self.limits.budget_allows(held):
+                parser.drop_line()  # drained from now on, answered BUSY at its end
+                self.limits.refuse_over_budget()
+            elif held:
+                self.held = held
+                self.limits.inflight += held
+            if ended or self.request_started is None:
+                self.request_started = now
+                self._arm(now + self.door.gate.request_timeout)
+        else:
+            self.request_started = None
+
+    def _too_long(self, event: LineTooLong) -> None:
+        if self.parser.closed:  # before AUTH: the line is not held, the connection ends
+            self.limits.counters["preauth_too_long"] += 1
+            self._reply(reply_err(codes.TOO_LARGE, f"request line over {SMALL_LINE} bytes before AUTH"))
+            self.close_when_idle()
+        else:
+            self._reply(reply_err(codes.TOO_LARGE, f"request line over {self.config.max_line} bytes"))
+
+    def _foreign(self, event: ForeignProtocol) -> None:
+        """Read nothing more; answer what came before the line, then close (PROTOCOL.md)."""
+        self.door.counters["foreign_protocol"] += 1
+        if count := self.limits.throttle(("foreign", self.peer.key)):
+            self.door.log.warning("foreign_protocol_closed", peer=str(self.peer),
+                                  start=event.line_start[:40], times=count)
+        self.close_when_idle()
 
     def eof_received(self) -> bool:
         self.close_when_idle()
@@ -232,7 +292,7 @@ class Connection(asyncio.Protocol):
         # The client does not read its replies: stop reading its requests.
         self.write_paused = True
         self.transport.pause_reading()
-        self._arm(self.loop.time() + self.config.request_timeout)
+        self._arm(self.loop.time() + self.door.gate.request_timeout)
 
     def resume_writing(self) -> None:
         self.write_paused = False
@@ -289,27 +349,32 @@ class Connection(asyncio.Protocol):
 
     def _check_timeout(self) -> None:
         self.timer = None
-        config = self.config
+        gate = self.door.gate  # its timeouts are shorter under stress
+        since = self.last_activity
         if self.write_paused:
-            limit, what = config.request_timeout, "replies not read"
-        elif self.parser.pending_bytes:
-            # A half-sent request gets the short timeout: a slow or stalled
-            # client may not pin a connection slot.
-            limit, what = config.request_timeout, "request stalled"
+            limit, what = gate.request_timeout, "replies not read"
+        elif self.request_started is not None:
+            # A request must be whole within request_timeout of its first
+            # byte, however slowly it trickles: a slow or stalled client may
+            # not pin a connection slot.
+            limit, what, since = gate.request_timeout, "request stalled", self.request_started
         elif self.slots:
             limit, what = None, ""  # waiting on us (a WAIT, a commit): not the client's fault
         else:
-            limit, what = config.idle_timeout, "idle"
+            limit, what = gate.idle_timeout, "idle"
         now = self.loop.time()
-        if limit is not None and now - self.last_activity >= limit:
-            log = self.log.warning if what == "replies not read" else self.log.info
-            log("connection_cut" if what == "replies not read" else "connection_timeout",
-                peer=str(self.peer), reason=what, pending=self.parser.pending_bytes)
+        if limit is not None and now - since >= limit:
+            if what == "request stalled":
+                self.limits.counters["request_timeouts"] += 1
+            if count := self.limits.throttle((what, self.peer.key)):
+                log = self.door.log.warning if what == "replies not read" else self.door.log.info
+                log("connection_cut" if what == "replies not read" else "connection_timeout",
+                    peer=str(self.peer), reason=what, pending=self.parser.pending_bytes, times=count)
             self.closing = True
             # abort, not close: close() would wait to flush replies nobody reads.
             self.transport.abort()
             return
-        nxt = (self.last_activity + limit) if limit is not None else now + config.request_timeout
+        nxt = (since + limit) if limit is not None else now + gate.request_timeout
         self._arm(max(nxt, now + 0.01))
 
     def _dispatch(self, req: Request) -> None:
@@ -326,8 +391,17 @@ class Connection(asyncio.Protocol):
     def _identify_again(self) -> Caller | None:
         """Who the peer is now: a reload may have revoked the caller this
         connection was, or made its peer one (a new unix_user)."""
-        self.caller = self.handoff.callers.for_peer(self.peer)
-        return self.caller
+        caller = self.handoff.callers.for_peer(self.peer)
+        if caller is not None:
+            self._identified(caller)
+        else:
+            self.caller = None
+        return caller
+
+    def _identified(self, caller: Caller) -> None:
+        """The connection is `caller` from now on: its lines may be as long as a SEND's."""
+        self.caller = caller
+        self.parser.max_line, self.parser.drain = self.config.max_line, True
 
     @property
     def log(self):
@@ -376,27 +450,41 @@ class Connection(asyncio.Protocol):
 
     def _auth(self, token: str | None) -> None:
         callers = self.handoff.callers
-        if callers.anonymous is not None:  # an open daemon: AUTH with anything is OK
-            self.caller = callers.anonymous
-            self._reply(reply_ok())
-            return
-        caller = callers.for_token((token or "").encode())
+        # An open daemon: AUTH with anything is OK.
+        caller = callers.anonymous or callers.for_token((token or "").encode())
         if caller is not None:
-            self.caller = caller
+            self._identified(caller)
             self._reply(reply_ok())
             return
-        self.log.warning("auth_failed", peer=str(self.peer))
+        self.auth_failures += 1
+        self.limits.auth_failed("line", self.peer, self.caller.name if self.caller is not None else None)
         self._reply(reply_err(codes.AUTH_FAILED, "wrong token"))
+        if self.auth_failures >= MAX_AUTH_FAILURES:  # guessing: the reply, then the close
+            self.limits.counters["auth_closed"] += 1
+            self.close_when_idle()
 
     def _send(self, arg: str | None) -> None:
         slot = self._slot()
+        size = len(arg) if arg else 0
+        limits = self.limits
+        if limits.inflight + size > self.config.inflight_budget:
+            limits.refuse_over_budget()
+            self._refused(slot, RequestError(codes.BUSY, _BUDGET_FULL))
+            return
+        limits.inflight += size  # until the reply: the request and what is made of it
         try:
-            self.handoff.take_send(self.caller, arg, lambda result: self._sent(slot, result))
+            self.handoff.take_send(self.caller, arg, lambda result: self._sent(slot, result, size))
         except RequestError as exc:
+            limits.inflight -= size
             self._refused(slot, exc)  # written with the other replies to this read
+        except BaseException:  # a bug: data_received answers it in this slot's place
+            limits.inflight -= size
+            self.slots.pop()
+            raise
 
-    def _sent(self, slot: list, result: Enqueued | RequestError) -> None:
+    def _sent(self, slot: list, result: Enqueued | RequestError, size: int) -> None:
         """The hand-off's outcome: OK <id> once durable, or why nothing was stored."""
+        self.limits.inflight -= size
         if isinstance(result, RequestError):
             self._refused(slot, result)
             self._flush()
@@ -471,6 +559,7 @@ class Connection(asyncio.Protocol):
         stats["uptime"] = round(time.time() - self.door.started, 3)
         stats["intake"] = dict(self.door.counters, open_connections=len(self.door.connections),
                                waits=self.door.waits)
+        stats["limits"] = self.limits.stats()
         # Writes per commit: how well concurrent requests share fsyncs.
         stats["spool"] = {"commits": self.door.spool.commits,
                           "operations": self.door.spool.operations}

@@ -1,42 +1,59 @@
-"""Who is on the other end of a connection, as the kernel says.
+"""Who is on the other end of a connection (both doors).
 
-For a Unix socket, the peer's uid, gid and pid from SO_PEERCRED: taken by
-the kernel when the peer called connect(), so the peer cannot forge them
-(socket(7), unix(7)). For TCP, its address; a TCP peer's uid is not known
-to us (identd is no proof), so there it is None.
+On the Unix socket the kernel tells us the peer's uid, gid and pid
+(SO_PEERCRED, socket(7) and unix(7): the credentials of the process that
+called connect(), fixed at that moment). On TCP all we know is the address.
+The per-peer connection cap counts by `Peer.key`: the uid on the Unix socket,
+the address on TCP (every local process that uses TCP loopback is the one
+peer 127.0.0.1: the Unix socket is how local users are told apart).
 """
 
 from __future__ import annotations
 
 import socket
 import struct
-from typing import NamedTuple
+from dataclasses import dataclass
 
-_UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid (unix(7))
+_UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 
-class Peer(NamedTuple):
-    kind: str  # "unix" or "tcp"
-    address: str  # "host:port", or the Unix socket's path ("" for an unnamed one)
-    uid: int | None
+@dataclass(frozen=True, slots=True)
+class Peer:
+    kind: str                # "tcp" or "unix"
+    address: str | None      # TCP: the client's IP address; Unix: None
+    uid: int | None          # Unix: the peer process's credentials; TCP: None
     gid: int | None
     pid: int | None
 
+    @property
+    def key(self) -> tuple:
+        """What the per-peer limits count by."""
+        return (self.kind, self.address if self.kind == "tcp" else self.uid)
+
     def __str__(self) -> str:
-        if self.kind == "unix":
-            return f"unix:uid={self.uid}" if self.uid is not None else "unix"
-        return self.address
+        if self.kind == "tcp":
+            return self.address or "tcp"
+        return f"uid {self.uid} pid {self.pid}" if self.uid is not None else "unix"
+
+
+def peer_of_socket(sock) -> Peer:
+    """The peer of a connected socket (a socket.socket or asyncio's TransportSocket)."""
+    if sock.family == socket.AF_UNIX:
+        try:
+            pid, uid, gid = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
+        except OSError:  # not Linux, or the peer is already gone
+            return Peer("unix", None, None, None, None)
+        return Peer("unix", None, uid, gid, pid)
+    try:
+        address = sock.getpeername()[0]
+    except OSError:  # reset before we asked
+        address = None
+    return Peer("tcp", address, None, None, None)
 
 
 def peer_of(transport) -> Peer:
-    """The peer of an asyncio transport's socket (a TCP or Unix stream)."""
+    """The peer of an asyncio transport's connection."""
     sock = transport.get_extra_info("socket")
-    if sock is not None and sock.family == socket.AF_UNIX:
-        try:
-            pid, uid, gid = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
-        except OSError:  # the peer is already gone
-            pid = uid = gid = None
-        return Peer("unix", str(sock.getsockname() or ""), uid, gid, pid)
-    name = transport.get_extra_info("peername")
-    address = f"{name[0]}:{name[1]}" if isinstance(name, tuple) else str(name or "")
-    return Peer("tcp", address, None, None, None)
+    if sock is None:
+        return Peer("unix", None, None, None, None)
+    return peer_of_socket(sock)

@@ -11,6 +11,14 @@ or the one it AUTHs as (RFC 4954: user = the caller's name, password = its
 token). Its policy answers MAIL FROM and RCPT TO at once (550 5.7.1), and
 the hand-off checks the whole message at DATA (header senders, rate,
 max_pending) as it does a SEND.
+
+The door has the line door's limits (limits.py): connections admitted by
+acceptor.py (a refused peer gets a 421), a command must be whole within
+`request_timeout` of its first byte and a message's DATA within
+`request_timeout` of the DATA command (aiosmtpd's own timer is an idle
+timer, reset by each command), the bytes of a DATA count in the shared
+budget until its reply (past it: 421 and the close, since SMTP cannot
+refuse in the middle of DATA), and 3 failed AUTHs end the session.
 """
 
 from __future__ import annotations
@@ -24,8 +32,11 @@ from email.utils import formatdate
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
 from smtpgate import __version__
-from smtpgate.config import is_loopback
+from smtpgate.config import Config, is_loopback
+from smtpgate.intake.acceptor import Acceptor, listening_sockets
 from smtpgate.intake.callers import Caller, CallerBusy, Callers
+from smtpgate.intake.limits import MAX_AUTH_FAILURES, Gate, Limits, Slot
+from smtpgate.intake.peer import Peer
 from smtpgate.log import sockname
 from smtpgate.message.validate import MAX_RECIPIENTS
 from smtpgate.spool.errors import SpoolFull
@@ -96,7 +107,7 @@ class IntakeHandler:
         self.hostname = hostname
         self.log = log
 
-    def authenticate(self, server: SMTP, session: Session, envelope: Envelope,
+    def authenticate(self, server: SmtpSession, session: Session, envelope: Envelope,
                      mechanism: str, auth_data) -> AuthResult:
         """aiosmtpd authenticator: user = the caller's name, password = its token."""
         if isinstance(auth_data, LoginPassword):
@@ -104,7 +115,7 @@ class IntakeHandler:
             caller = self.callers.for_login(user, auth_data.password)
             if caller is not None:
                 return AuthResult(success=True, auth_data=caller)
-        self.log.warning("smtp_auth_failed", caller=None, peer=_peer(session), mechanism=mechanism)
+        server.wrong_token()
         return AuthResult(success=False, handled=False)
 
     def _caller(self, session: Session) -> Caller | None:
@@ -189,15 +200,16 @@ def _peer(session: Session) -> str:
 
 async def start_smtp_intake(host: str | None, port: int | None, *, enqueue: Enqueue,
                             callers: Callers, max_message_bytes: int, log,
-                            hostname: str | None = None, timeout: float = 300.0,
-                            sock: socket.socket | None = None) -> asyncio.Server:
+                            hostname: str | None = None, sock: socket.socket | None = None,
+                            limits: Limits | None = None) -> Acceptor:
     """Listen for SMTP on host:port (or on `sock`) and return the listening server.
 
     AUTH PLAIN and LOGIN are offered when `callers` has tokens, and
     required unless the daemon is open (the anonymous caller). Without
     tokens at start only a loopback address is accepted (ValueError
-    otherwise), as for the line protocol. Close with `server.close();
-    await server.wait_closed()`.
+    otherwise), as for the line protocol. `limits` are the daemon's (shared
+    with the line door); without them, the defaults of the configuration.
+    Close with `server.close(); await server.wait_closed()`.
     """
     # aiosmtpd would call socket.getfqdn() (a blocking DNS lookup) for every
     # connection without a hostname; gethostname() is a plain system call.
@@ -205,37 +217,44 @@ async def start_smtp_intake(host: str | None, port: int | None, *, enqueue: Enqu
     handler = IntakeHandler(enqueue=enqueue, callers=callers, hostname=hostname, log=log)
     if not callers.has_tokens and sock is None and not (host and is_loopback(host)):
         raise ValueError(f"smtp_listen: {host} is not a loopback address; set tokens first")
-    loop = asyncio.get_running_loop()
-    smtp_session = session_factory(handler, max_message_bytes=max_message_bytes,
-                                   timeout=timeout, loop=loop)
-    if sock is not None:
-        server = await loop.create_server(smtp_session, sock=sock)
-    else:
-        server = await loop.create_server(smtp_session, host, port)
+    gate = (limits or Limits(Config(), log)).gate("smtp")
+    make_session = session_factory(handler, max_message_bytes=max_message_bytes, gate=gate,
+                                   loop=asyncio.get_running_loop())
+    socks = [sock] if sock is not None else listening_sockets(host, port)
+    server = Acceptor(socks, gate, make_session,
+                      lambda why: f"421 4.7.0 {hostname} {why}, try again later\r\n".encode(), log)
+    await server.start_serving()
     log.info("smtp_listening", address=[sockname(s) for s in server.sockets],
              auth=callers.has_tokens)
     return server
 
 
-def session_factory(handler: IntakeHandler, *, max_message_bytes: int, timeout: float,
-                    loop: asyncio.AbstractEventLoop) -> Callable[[], SMTP]:
-    """A protocol factory: one aiosmtpd SMTP session answered by `handler`.
+def session_factory(handler: IntakeHandler, *, max_message_bytes: int, gate: Gate,
+                    loop: asyncio.AbstractEventLoop) -> Callable[[Peer, Slot], SmtpSession]:
+    """Makes the session of an admitted connection: `make(peer, slot)`.
 
     Shared by the listening door and `smtpgate sendmail -bs` (SMTP on stdin).
     """
     aiosmtpd_log = logging.getLogger("mail.log")
     if not any(isinstance(f, _LoginDataDeprecation) for f in aiosmtpd_log.filters):
         aiosmtpd_log.addFilter(_LoginDataDeprecation())
+    sessions: set[SmtpSession] = set()
 
-    def smtp_session() -> SMTP:
-        return SMTP(
-            handler,
+    def stressed() -> None:  # the open sessions' timers shrink too
+        for session in sessions:
+            session._reset_timeout()
+
+    gate.on_stress = stressed
+
+    def make(peer: Peer, slot: Slot) -> SmtpSession:
+        return SmtpSession(
+            handler, gate=gate, peer=peer, slot=slot, sessions=sessions,
             hostname=handler.hostname,
             ident=f"smtpgate {__version__} ESMTP",
             data_size_limit=max_message_bytes,
             enable_SMTPUTF8=True,
             decode_data=False,
-            timeout=timeout,
+            timeout=gate.idle_timeout,
             # AUTH is enforced in handle_MAIL (aiosmtpd's auth_required
             # would warn on every connection that AUTH is allowed without
             # TLS). This door is meant for loopback, where plaintext AUTH
@@ -246,4 +265,96 @@ def session_factory(handler: IntakeHandler, *, max_message_bytes: int, timeout: 
             loop=loop,
         )
 
-    return smtp_session
+    return make
+
+
+class SmtpSession(SMTP):
+    """An aiosmtpd session under the door's limits (module docstring).
+
+    aiosmtpd calls `_reset_timeout()` (no argument) when a command has come
+    in whole and when a session begins; from then on the timer is the idle
+    one, until the first byte of the next command starts its deadline.
+    """
+
+    def __init__(self, handler, *, gate: Gate, peer: Peer, slot: Slot, sessions: set, **kwargs):
+        self.gate = gate
+        self.limits = gate.limits
+        self.peer = peer
+        self.slot = slot
+        self.sessions = sessions
+        self.command_started = False
+        self.held: int | None = None  # bytes of the DATA being received, in limits.inflight
+        self.failed_auths = 0
+        super().__init__(handler, **kwargs)
+
+    def connection_made(self, transport) -> None:
+        self.sessions.add(self)
+        super().connection_made(transport)
+
+    def connection_lost(self, error) -> None:
+        self.sessions.discard(self)
+        self.slot.release()
+        self._data_done()
+        super().connection_lost(error)
+
+    def _reset_timeout(self, duration: float | None = None) -> None:
+        if duration is None:
+            self.command_started = False
+            duration = self.gate.idle_timeout
+        super()._reset_timeout(duration)
+
+    def data_received(self, data: bytes) -> None:
+        if self.held is not None:
+            self.held += len(data)
+            self.limits.inflight += len(data)
+            if not self.limits.budget_allows(0):
+                self._over_budget()
+                return
+        elif not self.command_started:
+            self.command_started = True
+            self._reset_timeout(self.gate.request_timeout)
+        super().data_received(data)
+
+    async def smtp_DATA(self, arg: str) -> None:
+        if not self.limits.budget_allows(0):
+            self.limits.refuse_over_budget()
+            await self.push("452 4.3.1 Too much mail in flight, try again later")
+            return
+        self.held = 0
+        self._reset_timeout(self.gate.request_timeout)  # the whole message, from the DATA command
+        try:
+            await super().smtp_DATA(arg)
+        finally:
+            self._data_done()
+
+    async def _call_handler_hook(self, command: str, *args):
+        if command == "DATA":  # the message is in: its commit is not the client's time
+            self._reset_timeout()
+        return await super()._call_handler_hook(command, *args)
+
+    def _data_done(self) -> None:
+        if self.held is not None:
+            self.limits.inflight -= self.held
+            self.held = None
+
+    def _over_budget(self) -> None:
+        """Past the budget in the middle of DATA: SMTP has no refusal there but 421 and the close."""
+        self.limits.refuse_over_budget()
+        self._data_done()
+        if self.transport is not None:
+            self.transport.write(f"421 4.3.2 {self.hostname} too much mail in flight, "
+                                 "try again later\r\n".encode())
+            self.transport.close()
+
+    # (Not auth_*: aiosmtpd takes every method of that name for a mechanism.)
+    def wrong_token(self) -> None:
+        """A wrong token (the handler's authenticator)."""
+        self.failed_auths += 1
+        self.limits.auth_failed("smtp", self.peer)
+
+    async def smtp_AUTH(self, arg: str) -> None:
+        await super().smtp_AUTH(arg)
+        if self.failed_auths >= MAX_AUTH_FAILURES and self.transport is not None:
+            self.limits.counters["auth_closed"] += 1
+            await self.push(f"421 4.7.0 {self.hostname} too many failed authentications")
+            self.transport.close()

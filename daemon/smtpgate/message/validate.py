@@ -449,7 +449,11 @@ def _attachments(items) -> tuple[list[Attachment], int]:
         filename = _SPACES.sub(" ", filename)   # runs of spaces could fold into blank lines
         if len(filename.encode("utf-8")) > MAX_FILENAME_OCTETS:
             raise RequestError(BAD_HEADER, f"{where}: filename over {MAX_FILENAME_OCTETS} octets")
-        if not isinstance(ctype, str) or not (m := _MIME_TYPE.fullmatch(ctype)):
+        if not isinstance(ctype, str):
+            raise RequestError(BAD_REQUEST, f"{where}: 'content_type' must be a string")
+        if _BAD_NAME.search(ctype):  # it ends up in a header, like the filename
+            raise RequestError(BAD_HEADER, f"{where}: content_type contains a control character or line break")
+        if not (m := _MIME_TYPE.fullmatch(ctype)):
             raise RequestError(BAD_REQUEST, f"{where}: 'content_type' must be type/subtype without parameters")
         if m.group(1).lower() in ("multipart", "message"):
             # RFC 2045 6.4 / RFC 2046 5.2.1: these may not be base64-encoded.

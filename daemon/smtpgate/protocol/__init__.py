@@ -9,6 +9,7 @@ from .parser import (
     FOREIGN_PREFIXES,
     BadLine,
     ForeignProtocol,
+    LineDropped,
     LineParser,
     LineTooLong,
     Request,
@@ -16,6 +17,6 @@ from .parser import (
 from .formatter import reply_err, reply_ok
 
 __all__ = [
-    "codes", "LineParser", "Request", "LineTooLong", "ForeignProtocol",
+    "codes", "LineParser", "Request", "LineTooLong", "LineDropped", "ForeignProtocol",
     "BadLine", "FOREIGN_PREFIXES", "reply_ok", "reply_err",
 ]

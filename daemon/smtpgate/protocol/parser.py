@@ -9,6 +9,12 @@ CR; at least 15, the longest foreign prefix) bytes plus whatever the caller
 fed since it last emptied the events.
 A longer line is drained: its bytes are counted and dropped as they arrive
 until its LF, then `LineTooLong(size)` is emitted and the connection goes on.
+With `drain=False` (a connection that has not authenticated yet) the parser
+does not wait for that LF: `LineTooLong(size)` comes as soon as the line
+passes `max_line`, and the parser closes. Both are attributes, so the caller
+changes them when the connection changes state (AUTH). `drop_line()` drains
+the incomplete line at the caller's request (its memory budget is spent):
+`LineDropped(size)` at its LF.
 
 Cost: the buffer remembers how far it has already looked for an LF (like
 h11's _receivebuffer), so a line arriving one byte at a time, or 1,000
@@ -24,7 +30,8 @@ connection without waiting for a line that a browser might never finish.
 
 from dataclasses import dataclass
 
-__all__ = ["LineParser", "Request", "LineTooLong", "ForeignProtocol", "BadLine", "FOREIGN_PREFIXES"]
+__all__ = ["LineParser", "Request", "LineTooLong", "LineDropped", "ForeignProtocol", "BadLine",
+           "FOREIGN_PREFIXES"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +45,12 @@ class Request:
 class LineTooLong:
     """A line longer than max_line was drained; `size` counts its bytes without
     the LF (a CR before it included)."""
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class LineDropped:
+    """A line the caller dropped with `drop_line()` was drained; `size` as for LineTooLong."""
     size: int
 
 
@@ -83,28 +96,44 @@ def _foreign_verdict(head: bytes) -> bool | None:
 
 
 class LineParser:
-    """Turns bytes into Request / LineTooLong / ForeignProtocol / BadLine events.
+    """Turns bytes into Request / LineTooLong / LineDropped / ForeignProtocol / BadLine events.
 
-    After a ForeignProtocol event the parser is closed: feed() drops data and
-    next_event() returns None; the caller is expected to close the connection.
+    After a ForeignProtocol event, or a LineTooLong with `drain` off, the
+    parser is closed: feed() drops data and next_event() returns None; the
+    caller is expected to close the connection.
     """
 
-    def __init__(self, max_line: int):
+    def __init__(self, max_line: int, *, drain: bool = True):
         if max_line < 1:
             raise ValueError("max_line must be positive")
         self.max_line = max_line
+        self.drain = drain
         self._buf = bytearray()
         self._searched = 0          # bytes of _buf already known to hold no LF
         self._line_checked = False  # the current line start is known not to be foreign
-        self._draining = False      # inside an over-long line, dropping bytes
+        self._draining = False      # inside an over-long or dropped line, dropping bytes
         self._drained = 0           # bytes dropped so far of that line
-        self._too_long: int | None = None  # size of a finished drained line, to emit
+        self._drain_event = LineTooLong  # what the drained line becomes at its LF
+        self._drained_line = None   # that event, once its LF came, to emit
         self.closed = False
 
     @property
     def pending_bytes(self) -> int:
         """Bytes held in the buffer (incomplete line and unread lines); 0 while draining."""
         return len(self._buf)
+
+    @property
+    def mid_request(self) -> bool:
+        """Whether a line has begun and not ended (held, or being drained)."""
+        return bool(self._buf) or self._draining
+
+    def drop_line(self) -> None:
+        """Drain the incomplete line instead of holding it; LineDropped(size) at its LF.
+
+        Call it only after next_event() returned None (the buffer then holds
+        one incomplete line, if any)."""
+        if self._buf and not self.closed:
+            self._start_drain(LineDropped)
 
     def feed(self, data: bytes) -> None:
         """Append received bytes. While draining, bytes up to the LF are dropped here."""
@@ -123,9 +152,9 @@ class LineParser:
         """Return the next event, or None when more data is needed."""
         if self.closed:
             return None
-        if self._too_long is not None:
-            size, self._too_long = self._too_long, None
-            return LineTooLong(size)
+        if self._drained_line is not None:
+            event, self._drained_line = self._drained_line, None
+            return event
         if self._draining:
             return None
         buf = self._buf
@@ -140,6 +169,8 @@ class LineParser:
             if len(line) > self.max_line + 1 or not line.endswith(b"\r"):
                 if not checked and line[:_LONGEST_PREFIX].upper().startswith(FOREIGN_PREFIXES):
                     return self._close(line)
+                if not self.drain:
+                    return self._refuse(len(line))
                 return LineTooLong(len(line))   # CR counted, as when drained
         if line.endswith(b"\r"):
             line = line[:-1]
@@ -167,17 +198,29 @@ class LineParser:
         # most _LONGEST_PREFIX bytes) so that the verdict does not depend on
         # how the bytes were cut.
         if len(buf) > self.max_line + 1 and self._line_checked:
-            self._draining = True
-            self._drained = len(buf)
-            buf.clear()
-            self._searched = 0
-            self._line_checked = False
+            if not self.drain:
+                return self._refuse(len(buf))
+            self._start_drain(LineTooLong)
         return None
+
+    def _start_drain(self, event) -> None:
+        self._draining = True
+        self._drain_event = event
+        self._drained = len(self._buf)
+        self._buf.clear()
+        self._searched = 0
+        self._line_checked = False
 
     def _finish_drain(self, size: int) -> None:
         self._draining = False
         self._drained = 0
-        self._too_long = size
+        self._drained_line = self._drain_event(size)
+
+    def _refuse(self, size: int) -> LineTooLong:
+        """An over-long line with `drain` off: report it now, hold nothing, close."""
+        self.closed = True
+        self._buf.clear()
+        return LineTooLong(size)
 
     def _close(self, line_start: bytes) -> ForeignProtocol:
         self.closed = True

@@ -76,8 +76,9 @@ class SpoolAdmin:
         self._conn.execute("COMMIT")
         return result
 
-    def notify_daemon(self) -> None:
-        """SIGUSR1 to the daemon that holds the spool, if one does.
+    def notify_daemon(self) -> bool:
+        """SIGUSR1 to the daemon that holds the spool, if one does; whether
+        one was told.
 
         The lock file keeps the pid of the last daemon after it stopped, and
         by now that pid may be another process's, which SIGUSR1 would kill:
@@ -87,10 +88,12 @@ class SpoolAdmin:
             with open(os.path.join(self.path_dir, LOCK_FILE)) as fh:
                 try:
                     fcntl.flock(fh, fcntl.LOCK_SH | fcntl.LOCK_NB)
-                    return  # nobody holds it (our probe ends when the file closes)
+                    return False  # nobody holds it (our probe ends when the file closes)
                 except BlockingIOError:
                     pid = int(fh.read().strip() or 0)
             if pid:
                 os.kill(pid, signal.SIGUSR1)
+                return True
         except (OSError, ValueError):
             pass
+        return False

@@ -31,6 +31,7 @@ import fcntl
 import functools
 import os
 import sqlite3
+import stat
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -84,6 +85,7 @@ class Spool:
         self._reader: ThreadPoolExecutor | None = None
         self._read_conn: sqlite3.Connection | None = None
         self._lock_fd: int | None = None
+        self.modes_fixed: list[tuple[str, int]] = []  # (path, mode it had) made private by open()
         self._waiters: dict[str, set[asyncio.Future]] = {}
         self._disk_checked_at = float("-inf")
         self._disk_low = False
@@ -138,6 +140,7 @@ class Spool:
     def _lock_and_spawn(self) -> None:
         try:
             os.makedirs(self.path_dir, mode=0o700, exist_ok=True)
+            self.modes_fixed = make_private(self.path_dir)
         except OSError as exc:
             raise SpoolError(f"cannot create spool directory {self.path_dir}: {exc.strerror}") from None
         fd = os.open(os.path.join(self.path_dir, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o600)
@@ -369,6 +372,24 @@ class Spool:
     async def spec(self, msg_id: str) -> bytes | None:
         """The stored spec bytes of a message (for `smtpgate queue show`)."""
         return await self._read(queries.spec, msg_id)
+
+
+def make_private(path_dir: str) -> list[tuple[str, int]]:
+    """Take group and other permissions off the spool directory (0700) and
+    the files in it (0600): message bodies live in the database and its
+    WAL. Returns the (path, old mode) of what it changed, for the log."""
+    fixed = []
+    mode = stat.S_IMODE(os.stat(path_dir).st_mode)
+    if mode & 0o077:
+        os.chmod(path_dir, 0o700)
+        fixed.append((path_dir, mode))
+    for entry in os.scandir(path_dir):
+        if entry.is_file(follow_symlinks=False):
+            mode = stat.S_IMODE(entry.stat(follow_symlinks=False).st_mode)
+            if mode & 0o077:
+                os.chmod(entry.path, 0o600)
+                fixed.append((entry.path, mode))
+    return fixed
 
 
 def _alive(pid_text: str) -> bool:

@@ -463,6 +463,9 @@ def _send(fd: int, committed: Committed) -> None:
 
 def main() -> int:
     rfd, wfd = become_child("smtpgate-spool")
+    # The database, -wal and -shm hold message bodies: 0600 whatever the
+    # umask the daemon was started with (SQLite creates them 0644 & ~umask).
+    os.umask(0o077)
     frames = _Frames(rfd)
     opening = frames.read(block=True)
     if not opening:

@@ -14,7 +14,8 @@ from smtpgate.config import DEFAULT_CONFIG_PATH
 from smtpgate.spool.schema import State
 
 # sysexits.h, as sendmail and postqueue use them.
-EX_OK, EX_USAGE, EX_DATAERR, EX_UNAVAILABLE, EX_SOFTWARE, EX_TEMPFAIL, EX_CONFIG = 0, 64, 65, 69, 70, 75, 78
+EX_OK, EX_USAGE, EX_DATAERR, EX_NOINPUT, EX_UNAVAILABLE, EX_SOFTWARE, EX_TEMPFAIL, EX_CONFIG = (
+    0, 64, 65, 66, 69, 70, 75, 78)
 
 
 def _serve_parser(sub) -> None:
@@ -57,14 +58,34 @@ def _serve(args) -> int:
 def _add_server_args(p) -> None:
     p.add_argument("--server", metavar="URI",
                    help="tcp://HOST:PORT or unix:///PATH (default $SMTPGATE_SERVER or tcp://127.0.0.1:2526)")
-    p.add_argument("--token", help="client token (default $SMTPGATE_TOKEN)")
+    p.add_argument("--token-file", metavar="FILE",
+                   help="file holding the client token (default: the token in $SMTPGATE_TOKEN)")
+    # Refused with a pointer to the two above: ps and shell histories show argv.
+    p.add_argument("--token", help=argparse.SUPPRESS)
 
 
-def _connect(args):
+class _CommandError(Exception):
+    """A command line we will not run: (exit code, message)."""
+
+
+def _token(args) -> str | None:
+    if args.token is not None:
+        raise _CommandError(EX_USAGE, "--token is not accepted (ps shows the command line to every "
+                                      "user); use --token-file FILE or $SMTPGATE_TOKEN")
+    if args.token_file:
+        try:
+            with open(args.token_file, encoding="utf-8") as fh:
+                return fh.read().strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise _CommandError(EX_NOINPUT, f"cannot read the token file {args.token_file}: "
+                                            f"{getattr(exc, 'strerror', None) or exc}") from None
+    return os.environ.get("SMTPGATE_TOKEN")
+
+
+def _connect(args, token: str | None):
     from smtpgate.tools.lineclient import DEFAULT_URI, LineClient
 
     uri = args.server or os.environ.get("SMTPGATE_SERVER") or DEFAULT_URI
-    token = args.token or os.environ.get("SMTPGATE_TOKEN")
     return LineClient(uri, token=token)
 
 
@@ -87,6 +108,12 @@ def _send_parser(sub) -> None:
 def _send(args) -> int:
     from smtpgate.tools.lineclient import RemoteError
 
+    try:
+        token = _token(args)
+    except _CommandError as exc:
+        code, text = exc.args
+        print(f"smtpgate send: {text}", file=sys.stderr)
+        return code
     body = sys.stdin.buffer.read().decode("utf-8", "replace")
     message: dict = {"from": args.sender, "to": args.to, "subject": args.subject,
                      ("html" if args.html else "text"): body}
@@ -115,7 +142,7 @@ def _send(args) -> int:
     if attachments:
         message["attachments"] = attachments
     try:
-        with _connect(args) as client:
+        with _connect(args, token) as client:
             msg_id = client.send(message)
             print(msg_id)
             if args.wait is not None:

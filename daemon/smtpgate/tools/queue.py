@@ -56,15 +56,20 @@ def run_queue_command(args) -> int:
         if command == "retry":
             changed = spool.retry(None if args.all else args.id)
             print(f"{changed} message{'s' if changed != 1 else ''} due now")
-            spool.notify_daemon()
+            _tell_daemon(spool)
             return 0 if changed or args.all else 1
         state = spool.delete(args.id)
         if state is None:
             print(f"smtpgate queue: no message {args.id}", file=sys.stderr)
             return 1
         print(f"deleted {args.id} ({state})")
-        spool.notify_daemon()
+        _tell_daemon(spool)
         return 0
+
+
+def _tell_daemon(spool: SpoolAdmin) -> None:
+    if not spool.notify_daemon():
+        print("the daemon is not running; it sees the change when it starts", file=sys.stderr)
 
 
 def _print_list(entries: list[dict], as_json: bool) -> None:

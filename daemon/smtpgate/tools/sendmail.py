@@ -12,6 +12,16 @@ stdin/stdout, the mode of Symfony Mailer, Laravel and SwiftMailer's sendmail
 transports); the many flags that tune a local MTA
 (-odi, -oem, -B, -N, -v ...) are accepted and ignored, so existing command
 lines keep working. Exit codes are sendmail's (sysexits.h).
+
+The command line is often built from untrusted input: PHP appends mail()'s
+fifth parameter to `sendmail_path`, and applications put a user's address
+after `-f` (the PHPMailer hole, CVE-2016-10033). So, as sendmail does,
+options end at the first recipient; an argument starting with `-` where a
+recipient or an option's value is expected is refused (exit 64); a `-F` name
+with a control character is refused; and where the message and the token go
+is never taken from the command line: only from $SMTPGATE_SERVER,
+$SMTPGATE_CONFIG and the configuration file, which the caller's environment
+and the administrator set, not the input it passes on.
 """
 
 from __future__ import annotations
@@ -38,7 +48,7 @@ EX_SOFTWARE = 70     # the daemon answered something we do not understand
 EX_TEMPFAIL = 75     # daemon unreachable or busy: nothing stored, try again later
 EX_IOERR = 74       # -bs: stdin or stdout failed
 EX_NOPERM = 77       # the daemon wants a token we do not have, or refused it
-EX_CONFIG = 78       # the configuration file named by --config cannot be read
+EX_CONFIG = 78       # the configuration file named by $SMTPGATE_CONFIG cannot be read
 
 # Stop reading stdin past the daemon's limit rather than hold a runaway
 # pipe in memory.
@@ -51,10 +61,16 @@ _WITH_VALUE = set("BCFLNORVXfhpr")
 _IGNORED = set("AGUimnvx")
 
 USAGE = """\
-usage: smtpgate sendmail [-t] [-i] [-f sender] [-F name] [--server URI]
-                         [--config FILE] [recipient ...] < message
-       smtpgate sendmail -bs [--server URI] [--config FILE]   (SMTP on stdin/stdout)
+usage: smtpgate sendmail [-t] [-i] [-f sender] [-F name] [recipient ...] < message
+       smtpgate sendmail -bs   (SMTP on stdin/stdout)
+The daemon: $SMTPGATE_SERVER (tcp://HOST:PORT, unix:///PATH), else the configuration
+file ($SMTPGATE_CONFIG, default /etc/smtpgate/smtpgate.toml); the token: $SMTPGATE_TOKEN,
+else the file's tokens.
 """
+
+# A display name for -F: no control characters (a line break would start a
+# header of the caller's choosing), as message/validate.py refuses in names.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 class UsageError(Exception):
@@ -69,31 +85,32 @@ class Options:
         self.full_name: str | None = None  # -F
         self.verbose = False              # -v: say the id on stderr
         self.smtp_session = False         # -bs: SMTP on stdin/stdout
-        self.server: str | None = None
-        self.config: str | None = None
         self.recipients: list[str] = []
 
 
 def parse_args(argv: list[str]) -> Options:
-    """Parse a sendmail command line; raise UsageError for what we cannot do."""
+    """Parse a sendmail command line; raise UsageError for what we cannot do
+    or will not do (module docstring)."""
     opts = Options()
     args = list(argv)
     while args:
         arg = args.pop(0)
         if arg == "--":
-            opts.recipients.extend(args)
+            opts.recipients = args
             break
-        if arg in ("--server", "--config") or arg.startswith(("--server=", "--config=")):
-            name, _, value = arg[2:].partition("=")
-            if not value:
-                if not args:
-                    raise UsageError(f"--{name} needs a value")
-                value = args.pop(0)
-            setattr(opts, name, value)
-            continue
-        if not arg.startswith("-") or arg == "-":
-            opts.recipients.append(arg)
-            continue
+        if not arg.startswith("-"):  # the first recipient: no option after it
+            opts.recipients = [arg, *args]
+            break
+        if arg.startswith("--"):
+            name = arg.partition("=")[0]
+            if name in ("--server", "--config"):
+                raise UsageError(
+                    f"{name} is not taken from the command line (a mail() parameter could "
+                    "send the message and the token elsewhere); set $SMTPGATE_SERVER or "
+                    "$SMTPGATE_CONFIG, or the configuration file")
+            raise UsageError(f"unknown option {name}")
+        if arg == "-":
+            raise UsageError("'-' where an option or a recipient is expected")
         flag, rest = arg[1], arg[2:]
         if flag == "o":
             # -oi is -i; -odi, -oem, -oQ/var/spool and friends tune a local MTA.
@@ -117,9 +134,13 @@ def parse_args(argv: list[str]) -> Options:
                 if not args:
                     raise UsageError(f"-{flag} needs a value")
                 rest = args.pop(0)
+            if rest.startswith("-"):
+                raise UsageError(f"-{flag} needs a value, not the option-like {rest[:40]!r}")
             if flag in "fr":
                 opts.sender = rest
             elif flag == "F":
+                if _CONTROL.search(rest):
+                    raise UsageError("-F: the name contains a control character or line break")
                 opts.full_name = rest
             continue
         for letter in arg[1:]:
@@ -131,6 +152,9 @@ def parse_args(argv: list[str]) -> Options:
                 opts.verbose = True
             elif letter not in _IGNORED:
                 raise UsageError(f"unknown option -{letter}")
+    for recipient in opts.recipients:
+        if recipient.startswith("-"):
+            raise UsageError(f"{recipient[:40]!r} where a recipient is expected (options come first)")
     return opts
 
 
@@ -227,10 +251,10 @@ def _local_sender() -> str:
     return f"{user}@{socket.gethostname()}"
 
 
-def find_server(opts: Options, settings: dict, env=os.environ) -> tuple[str, str | None]:
-    """(server URI, token): --server, $SMTPGATE_SERVER, the config file, the default."""
+def find_server(settings: dict, env=os.environ) -> tuple[str, str | None]:
+    """(server URI, token): $SMTPGATE_SERVER, the config file, the default."""
     token = env.get("SMTPGATE_TOKEN") or _first_token(settings)
-    uri = opts.server or env.get("SMTPGATE_SERVER")
+    uri = env.get("SMTPGATE_SERVER")
     if uri:
         return uri, token
     if settings.get("socket"):
@@ -251,7 +275,7 @@ def read_config(path: str | None) -> dict:
 
     Not load_config: that opens the secrets the file names (the upstream
     password file), which the user calling sendmail cannot and need not read.
-    Raises ConfigUnreadable when a file given with --config cannot be read.
+    Raises ConfigUnreadable when a file named by $SMTPGATE_CONFIG cannot be read.
     """
     try:
         with open(path or DEFAULT_CONFIG_PATH, "rb") as fh:
@@ -267,7 +291,7 @@ def read_config(path: str | None) -> dict:
 
 
 class ConfigUnreadable(Exception):
-    """The file named by --config cannot be read (exit EX_CONFIG)."""
+    """The file named by $SMTPGATE_CONFIG cannot be read (exit EX_CONFIG)."""
 
 
 def _first_token(settings: dict) -> str | None:
@@ -299,14 +323,16 @@ _EXIT_FOR_CODE = {
 }
 
 
-def main(argv: list[str], stdin=None, stderr=None, stdin_fd: int = 0, stdout_fd: int = 1) -> int:
+def main(argv: list[str], stdin=None, stderr=None, stdin_fd: int = 0, stdout_fd: int = 1,
+         env=None) -> int:
     """Run the command; return a sysexits.h exit code (0 once the daemon has the message).
 
     `stdin`/`stderr` are the streams of the plain mode; -bs speaks SMTP on
-    the descriptors `stdin_fd`/`stdout_fd`.
+    the descriptors `stdin_fd`/`stdout_fd`; `env` is os.environ unless given.
     """
     stdin = stdin or sys.stdin.buffer
     stderr = stderr or sys.stderr
+    env = os.environ if env is None else env
 
     def fail(code: int, text: str) -> int:
         print(f"smtpgate sendmail: {text}", file=stderr)
@@ -317,10 +343,10 @@ def main(argv: list[str], stdin=None, stderr=None, stdin_fd: int = 0, stdout_fd:
     except UsageError as exc:
         return fail(EX_USAGE, f"{exc}\n{USAGE}")
     try:
-        settings = read_config(opts.config)
+        settings = read_config(env.get("SMTPGATE_CONFIG"))
     except ConfigUnreadable as exc:
         return fail(EX_CONFIG, f"cannot read the configuration {exc}")
-    uri, token = find_server(opts, settings)
+    uri, token = find_server(settings, env)
     limit = settings.get("max_message_size", DEFAULT_MAX_MESSAGE)
     if not isinstance(limit, int) or isinstance(limit, bool):
         limit = DEFAULT_MAX_MESSAGE
@@ -383,6 +409,8 @@ def smtp_session_on_stdio(uri: str, token: str | None, limit: int,
 
     from smtpgate.config import Config
     from smtpgate.intake.callers import Callers
+    from smtpgate.intake.limits import Limits
+    from smtpgate.intake.peer import peer_of_socket
     from smtpgate.intake.smtp_door import IntakeHandler, session_factory
 
     async def enqueue(caller, envelope_from: str, recipients: list[str], data: bytes) -> str:
@@ -427,8 +455,11 @@ def smtp_session_on_stdio(uri: str, token: str | None, limit: int,
             # caller; the daemon knows us by the token of `hand_over`.
             handler = IntakeHandler(enqueue=enqueue, callers=Callers(Config(), b""), log=_Silent(),
                                     hostname=socket.gethostname())
-            factory = session_factory(handler, max_message_bytes=limit, timeout=300.0, loop=loop)
-            await loop.connect_accepted_socket(factory, sock=ours)
+            gate = Limits(Config(), _Silent()).gate("smtp")  # one session: the defaults
+            make_session = session_factory(handler, max_message_bytes=limit, gate=gate, loop=loop)
+            peer = peer_of_socket(ours)
+            session = make_session(peer, gate.admit(peer))
+            await loop.connect_accepted_socket(lambda: session, sock=ours)
             threading.Thread(target=copy_stdin, args=(theirs,), daemon=True).start()
             threading.Thread(target=copy_stdout, daemon=True, args=(
                 theirs, lambda: loop.call_soon_threadsafe(session_end.set_result, None))).start()
