@@ -40,8 +40,12 @@ IS_UNFINISHED = state_in(UNFINISHED_STATES)
 
 DB_FILE = "spool.sqlite3"
 LOCK_FILE = "lock"  # flock()ed by the daemon (and its writer); holds the daemon's pid
+# Which messages' final dot may have gone out (spool/dots.py): two files
+# written in turn by the delivery process, read and emptied at open.
+DOT_FILES = ("dots.0", "dots.1")
 
-SCHEMA_VERSION = "1"
+# The tables of the first version. A spool is created with these, then
+# brought to SCHEMA_VERSION by MIGRATIONS, as an older spool is: one path.
 SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS messages (
@@ -77,3 +81,24 @@ CREATE TABLE IF NOT EXISTS idempotency (
 );
 CREATE INDEX IF NOT EXISTS idempotency_age ON idempotency (created);
 """
+
+# Ordered steps from one version to the next: (version reached, statements).
+# The writer runs the missing ones at open, each in a transaction with the
+# new version number, so a spool of any earlier version opens with its
+# messages; a spool of a later version than this is refused.
+MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
+    (2, (
+        # The health of each upstream as delivery last saw it (delivery/health.py):
+        # what STATUS, STATS and `smtpgate queue` show while every upstream is down.
+        """CREATE TABLE upstreams (
+            position INTEGER PRIMARY KEY,  -- order in the configuration
+            name TEXT NOT NULL,            -- HOST:PORT
+            state TEXT NOT NULL,           -- unknown|up|down
+            since REAL NOT NULL,           -- unix seconds: down (or up) since
+            reason TEXT NOT NULL,          -- why it is down ('' when up)
+            failures INTEGER NOT NULL,     -- failed connection attempts in a row
+            next_probe REAL                -- when it is tried again, while down
+        )""",
+    )),
+)
+SCHEMA_VERSION = MIGRATIONS[-1][0]

@@ -39,12 +39,15 @@ from smtpgate.proc.calls import Call
 from smtpgate.proc.child import become_child
 from smtpgate.proc.framing import encode, take_messages
 from smtpgate.spool import queries
+from smtpgate.spool.dots import clear_dots, read_dots
 from smtpgate.spool.errors import SpoolError, SpoolFull
 from smtpgate.spool.ops import (
-    Claimed, ClaimDue, Committed, Configure, Delete, Enqueue, Enqueued, Limits, Open, Purge, Recount,
-    RecordAttempt, Release, Retry,
+    Claimed, ClaimDue, Committed, Configure, Delete, Enqueue, Enqueued, Expire, Limits, Open, Purge, Recount,
+    RecordAttempt, RecordUpstreams, Release, Retry,
 )
-from smtpgate.spool.schema import FINAL_STATES, IS_DUE, IS_FINAL, SCHEMA, SCHEMA_VERSION, STATES, UNFINISHED_STATES, State
+from smtpgate.spool.schema import (
+    FINAL_STATES, IS_DUE, IS_FINAL, MIGRATIONS, SCHEMA, SCHEMA_VERSION, STATES, UNFINISHED_STATES, State,
+)
 from smtpgate.spool.ulid import UlidGenerator
 
 # A batch is bounded so that one commit never holds thousands of callers on
@@ -89,7 +92,7 @@ class Outcome:
 # accepted message is lost. A batch of only these commits with
 # synchronous=NORMAL; the next durable commit (an enqueue) fsyncs the WAL and
 # with it every earlier frame, so recovery always sees a prefix of commits.
-RELAXED_OPS = frozenset({ClaimDue, RecordAttempt, Release, Configure})
+RELAXED_OPS = frozenset({ClaimDue, RecordAttempt, Release, RecordUpstreams, Expire, Configure})
 
 
 class Writer:
@@ -109,6 +112,8 @@ class Writer:
             Purge: self.purge,
             Configure: self.configure,
             Recount: self.recount,
+            RecordUpstreams: self.record_upstreams,
+            Expire: self.expire,
         }
         self.ulid = UlidGenerator()
         self.state_counts = {s: 0 for s in STATES}
@@ -120,8 +125,8 @@ class Writer:
         self.conn: sqlite3.Connection | None = None
 
     def open(self) -> None:
-        """Create the schema, put messages left in 'sending' by a crash back to
-        'queued', count the messages per state."""
+        """Create the schema or bring it up to date, put messages left in
+        'sending' by a crash back to 'queued', count the messages per state."""
         conn = sqlite3.connect(self.db_path, isolation_level=None)
         # A writer of a daemon killed a moment ago may still be finishing
         # its last commit: wait for it rather than fail.
@@ -130,15 +135,23 @@ class Writer:
         conn.execute("PRAGMA synchronous=FULL")
         conn.execute("PRAGMA journal_size_limit=67108864")  # keep the WAL under 64 MiB
         conn.executescript(SCHEMA)
-        conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (SCHEMA_VERSION,))
-        (version,) = conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
-        if version != SCHEMA_VERSION:
-            raise SpoolError(f"spool {self.db_path} has schema {version}, expected {SCHEMA_VERSION}")
+        conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', '1')")
+        migrate(conn, self.db_path)
         # Crash recovery: a 'sending' message was being delivered when the
-        # process died; deliver it again (at-least-once).
+        # process died; deliver it again (at-least-once). If its final dot
+        # had gone out (spool/dots.py), the upstream may have it: flag it
+        # and count that attempt.
+        spool_dir = os.path.dirname(self.db_path) or "."
+        dots = sorted(read_dots(spool_dir))
         conn.execute("BEGIN IMMEDIATE")
+        for start in range(0, len(dots), 500):  # SQLite's parameter limit
+            chunk = dots[start:start + 500]
+            conn.execute(
+                "UPDATE messages SET possible_duplicate=1, attempts=attempts+1"
+                f" WHERE state=? AND id IN ({','.join('?' * len(chunk))})", (State.SENDING, *chunk))
         conn.execute("UPDATE messages SET state=? WHERE state=?", (State.QUEUED, State.SENDING))
-        conn.execute("COMMIT")
+        conn.execute("COMMIT")  # synchronous=FULL: durable before the record goes
+        clear_dots(spool_dir)
         for state, n in conn.execute("SELECT state, COUNT(*) FROM messages GROUP BY state"):
             self.state_counts[state] = n
         # The database and WAL files were perhaps just created: make their
@@ -333,14 +346,34 @@ class Writer:
         released = 0
         for msg_id in op.msg_ids:
             cur = conn.execute(
-                "UPDATE messages SET state=?, possible_duplicate=possible_duplicate OR ?"
-                " WHERE id=? AND state=?",
-                (State.QUEUED, op.possible_duplicate, msg_id, State.SENDING),
+                "UPDATE messages SET state=?, possible_duplicate=possible_duplicate OR ?,"
+                " attempts=attempts+? WHERE id=? AND state=?",
+                (State.QUEUED, op.possible_duplicate, int(op.possible_duplicate), msg_id, State.SENDING),
             )
             if cur.rowcount:
                 effects.move(State.SENDING, State.QUEUED)
                 released += 1
         return released
+
+    def record_upstreams(self, conn, effects, op: RecordUpstreams) -> None:
+        conn.execute("DELETE FROM upstreams")
+        conn.executemany("INSERT INTO upstreams (position, name, state, since, reason, failures, next_probe)"
+                         " VALUES (?, ?, ?, ?, ?, ?, ?)", [(i, *row) for i, row in enumerate(op.rows)])
+
+    def expire(self, conn, effects, op: Expire) -> int:
+        rows = conn.execute(
+            f"UPDATE messages SET state=?, updated=? WHERE {IS_DUE} AND next_attempt <= ? AND created <= ?"
+            " RETURNING id, state",
+            (State.FAILED, op.now, op.now, op.created_before),
+        ).fetchall()
+        conn.executemany(
+            f"UPDATE recipients SET state=?, reply=? WHERE message_id=? AND {IS_DUE}",
+            [(State.FAILED, op.reply, msg_id) for msg_id, _ in rows],
+        )
+        for msg_id, state in rows:
+            effects.move(state, State.FAILED)
+            effects.finalized.append(msg_id)
+        return len(rows)
 
     def retry(self, conn, effects, op: Retry) -> int:
         return queries.retry(conn, op.now, op.msg_id)
@@ -377,6 +410,22 @@ class Writer:
         for state in STATES:  # so that current + delta == counted once committed
             effects.state_delta[state] = counts[state] - self.state_counts[state]
         return counts
+
+
+def migrate(conn: sqlite3.Connection, db_path: str) -> None:
+    """Run the steps of schema.MIGRATIONS the spool has not had, each with
+    its version number in one transaction; refuse a spool newer than us."""
+    (version,) = conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+    if not version.isdigit() or int(version) > SCHEMA_VERSION:
+        raise SpoolError(f"spool {db_path} has schema {version}, newer than this smtpgate's {SCHEMA_VERSION}")
+    for step, statements in MIGRATIONS:
+        if step <= int(version):
+            continue
+        conn.execute("BEGIN IMMEDIATE")
+        for statement in statements:
+            conn.execute(statement)
+        conn.execute("UPDATE meta SET value=? WHERE key='schema_version'", (str(step),))
+        conn.execute("COMMIT")
 
 
 # --- the process -----------------------------------------------------------
