@@ -1,8 +1,14 @@
-"""`smtpgate queue list|show|retry|delete`: the queue tools (like mailq, postqueue, postsuper).
+"""`smtpgate queue list|show|retry|delete|upstreams`: the queue tools (like
+mailq, postqueue, postsuper).
 
 They work on the spool whether or not the daemon runs, through the spool's
 own access for operators (spool/admin.py); after a change the running
-daemon is told with SIGUSR1.
+daemon is told with SIGUSR1 (and probes a down upstream at once).
+
+The upstreams' health comes from the spool too, where the running daemon's
+delivery records it at every change: the tool needs no socket and no
+token, and reads it in the same snapshot as the messages it holds. Without
+a running daemon nothing is held, and no health is shown.
 """
 
 from __future__ import annotations
@@ -51,7 +57,16 @@ def run_queue_command(args) -> int:
             print(json.dumps(found[0], ensure_ascii=False, indent=2))
             return 0
         if command == "list":
+            if not args.json:
+                _print_upstreams(spool.upstreams(), only_trouble=True)
             _print_list(spool.entries(include_final=args.all), args.json)
+            return 0
+        if command == "upstreams":
+            upstreams = spool.upstreams()
+            if args.json:
+                print(json.dumps(upstreams))
+            else:
+                _print_upstreams(upstreams, only_trouble=False)
             return 0
         if command == "retry":
             changed = spool.retry(None if args.all else args.id)
@@ -65,6 +80,22 @@ def run_queue_command(args) -> int:
         print(f"deleted {args.id} ({state})")
         spool.notify_daemon()
         return 0
+
+
+def _print_upstreams(upstreams: list[dict] | None, only_trouble: bool) -> None:
+    """One line per upstream (`list`: only when one is down)."""
+    if upstreams is None:
+        if not only_trouble:
+            print("no daemon is running: no upstream is being tried")
+        return
+    if only_trouble and all(u["state"] != "down" for u in upstreams):
+        return
+    for u in upstreams:
+        line = f"upstream {u['name']}: {u['state']} since {u['since']}"
+        if u["state"] == "down":
+            line += (f" ({u['reason']}); {u['failures']} failed attempts, next probe {u['next_probe']}, "
+                     f"{u['waiting']} messages waiting")
+        print(line)
 
 
 def _print_list(entries: list[dict], as_json: bool) -> None:
