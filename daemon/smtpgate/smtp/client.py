@@ -10,6 +10,7 @@ with TCP_NODELAY: the last line of a burst never waits for a delayed ACK.
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import ssl
 import time
@@ -202,7 +203,10 @@ class SmtpConnection:
         except TimeoutError as exc:
             raise SmtpConnectError(f"connecting to {self._where} timed out") from exc
         except OSError as exc:
-            raise SmtpConnectError(f"cannot connect to {self._where}: {exc.strerror or exc}") from exc
+            # asyncio's own text repeats the address ("Connect call failed
+            # ('127.0.0.1', 25)"): the errno says it plainly.
+            why = os.strerror(exc.errno) if exc.errno else str(exc)
+            raise SmtpConnectError(f"cannot connect to {self._where}: {why}") from exc
         self._transport = transport  # type: ignore[assignment]
         _set_nodelay(transport)
 
