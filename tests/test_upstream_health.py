@@ -234,6 +234,18 @@ def test_an_upstream_that_goes_away_holds_messages_untried_and_its_return_sends_
     assert len(events(daemon, "upstream_probe_failed")) <= 1  # at most one a minute
 
 
+def test_every_pooled_connection_failing_at_once_is_one_step_of_backoff(make_daemon, upstream):
+    daemon = make_daemon(**RARE_PROBES)
+    assert {wait_final(daemon, i)["state"] for i in send(daemon, 40)} == {"sent"}  # several pooled
+    upstream.stop()
+    try:
+        held(daemon, send(daemon, 40))  # ten workers find their connections dead and open new ones at once
+        down = upstream_state(daemon)
+    finally:
+        come_back(upstream)  # (the fixture stops it)
+    assert down["failures"] == 1 and epoch(down["next_probe"]) > time.time() + 10  # the first step: 15-30 s
+
+
 def test_while_down_only_probes_connect_and_queue_retry_probes_at_once(make_daemon, scripted):
     server = scripted("421")
     daemon = make_daemon(upstream=[server.hostport], **RARE_PROBES)

@@ -72,7 +72,7 @@ class Health:
     since: float = 0.0  # when it went down, or came up
     reason: str = ""  # the last failure: the server's reply or the error
     kind: str = ""  # failure_kind of the last failure
-    failures: int = 0  # failed connection attempts in a row (the first and the probes)
+    failures: int = 0  # the failure that took it down, and each failed probe since
     next_probe: float = 0.0  # while down
 
     def failed(self, now: float, exc: SmtpSessionError, base: float, cap: float, rand: float) -> None:

@@ -129,19 +129,19 @@ class UpstreamPool:
 
         async with self.slots, self._opening:
             try:
-                conn = await self._open()
+                conn = await self._open(probe=True)
             except SmtpSessionError:
                 return False
             self._keep(conn)
         return True
 
-    async def _open(self) -> SmtpConnection:
+    async def _open(self, probe: bool = False) -> SmtpConnection:
         from smtpgate.smtp import SmtpConnection, SmtpSessionError
 
         try:
             conn = await SmtpConnection.open(self.settings)
         except SmtpSessionError as exc:
-            self.session_failed(exc)
+            self.session_failed(exc, probe)
             raise
         self.opened += 1
         if self.health.state != UP:
@@ -150,9 +150,14 @@ class UpstreamPool:
             self._on_health(self, previous)
         return conn
 
-    def session_failed(self, exc: SmtpSessionError) -> None:
+    def session_failed(self, exc: SmtpSessionError, probe: bool = False) -> None:
         """A session could not be set up, or the server ended it with 421:
-        the upstream is down, and its idle connections are dropped."""
+        the upstream is down, and its idle connections are dropped. Once it
+        is down only a probe's failure counts: the others were started
+        before (ten connections failing at once are one failure, not ten
+        steps of backoff)."""
+        if self.health.state == DOWN and not probe:
+            return
         previous = dataclasses.replace(self.health)
         self.health.failed(time.time(), exc, self.probe_base, self.probe_max, self._rand())
         idle, self.idle = self.idle, []

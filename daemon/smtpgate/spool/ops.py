@@ -89,7 +89,7 @@ class UpstreamRow(NamedTuple):
     state: str  # unknown|up|down
     since: float  # unix seconds: down (or up) since
     reason: str  # why it is down: the server's reply or the error ('' when up)
-    failures: int  # failed connection attempts in a row
+    failures: int  # the failure that took it down, and each failed probe since
     next_probe: float | None  # when it is tried again, while down
 
 

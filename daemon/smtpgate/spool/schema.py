@@ -96,7 +96,7 @@ MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
             state TEXT NOT NULL,           -- unknown|up|down
             since REAL NOT NULL,           -- unix seconds: down (or up) since
             reason TEXT NOT NULL,          -- why it is down ('' when up)
-            failures INTEGER NOT NULL,     -- failed connection attempts in a row
+            failures INTEGER NOT NULL,     -- the failure that took it down, and failed probes since
             next_probe REAL                -- when it is tried again, while down
         )""",
     )),

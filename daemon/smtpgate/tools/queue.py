@@ -93,7 +93,7 @@ def _print_upstreams(upstreams: list[dict] | None, only_trouble: bool) -> None:
     for u in upstreams:
         line = f"upstream {u['name']}: {u['state']} since {u['since']}"
         if u["state"] == "down":
-            line += (f" ({u['reason']}); {u['failures']} failed attempts, next probe {u['next_probe']}, "
+            line += (f" ({u['reason']}); {u['failures']} failed tries, next probe {u['next_probe']}, "
                      f"{u['waiting']} messages waiting")
         print(line)
 
