@@ -13,6 +13,7 @@ connections. Pure parts (the backoff, the dot record) without sockets.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -151,13 +152,19 @@ def scripted():
         server.close()
 
 
-def come_back(upstream) -> None:
-    """Start a stopped conftest Upstream again, on the same port, with the
-    same handler (aiosmtpd's Controller cannot be started twice)."""
-    upstream.controller = Controller(
-        upstream.handler, hostname="127.0.0.1", port=upstream.port, ready_timeout=10,
-        data_size_limit=64 * 1024 * 1024, decode_data=False, enable_SMTPUTF8=True)
-    upstream.controller.start()
+@contextlib.contextmanager
+def gone(upstream):
+    """The conftest Upstream stopped (connections refused) for the block,
+    then started again on the same port with the same handler (aiosmtpd's
+    Controller cannot be started twice)."""
+    upstream.stop()
+    try:
+        yield
+    finally:
+        upstream.controller = Controller(
+            upstream.handler, hostname="127.0.0.1", port=upstream.port, ready_timeout=10,
+            data_size_limit=64 * 1024 * 1024, decode_data=False, enable_SMTPUTF8=True)
+        upstream.controller.start()
 
 
 def stats(daemon) -> dict:
@@ -208,19 +215,18 @@ def events(daemon, name: str, **match) -> list[dict]:
 def test_an_upstream_that_goes_away_holds_messages_untried_and_its_return_sends_them(make_daemon, upstream):
     daemon = make_daemon(**QUICK_PROBES)
     assert wait_final(daemon, send(daemon, 1)[0])["state"] == "sent"  # up, a pooled connection open
-    upstream.stop()  # connections refused from now on
-    ids = send(daemon, 20)
-    states = held(daemon, ids)
-    assert all(s["attempts"] == 0 and "next_attempt" in s for s in states)
-    assert all("127.0.0.1:%d down since" % upstream.port in s["recipients"][0]["reply"] for s in states)
-    outage = stats(daemon)
-    assert outage["states"]["deferred"] == 20 and outage["states"]["queued"] == 0
-    [down] = outage["upstreams"]
-    assert down["state"] == "down" and down["waiting"] == 20 and "cannot connect" in down["reason"]
-    probes = down["failures"]
-    until(lambda: upstream_state(daemon)["failures"] > probes, "a probe")  # still probing
-
-    come_back(upstream)  # no `queue retry`: a probe finds it
+    with gone(upstream):
+        ids = send(daemon, 20)
+        states = held(daemon, ids)
+        assert all(s["attempts"] == 0 and "next_attempt" in s for s in states)
+        assert all("127.0.0.1:%d down since" % upstream.port in s["recipients"][0]["reply"] for s in states)
+        outage = stats(daemon)
+        assert outage["states"]["deferred"] == 20 and outage["states"]["queued"] == 0
+        [down] = outage["upstreams"]
+        assert down["state"] == "down" and down["waiting"] == 20 and "Connection refused" in down["reason"]
+        probes = down["failures"]
+        until(lambda: upstream_state(daemon)["failures"] > probes, "a probe")  # still probing
+    # Back on the same port: no `queue retry`, a probe finds it.
     finals = [wait_final(daemon, i) for i in ids]
     assert [s["state"] for s in finals] == ["sent"] * 20 and {s["attempts"] for s in finals} == {1}
     assert len(upstream.wait_for(21)) == 21
@@ -237,12 +243,9 @@ def test_an_upstream_that_goes_away_holds_messages_untried_and_its_return_sends_
 def test_every_pooled_connection_failing_at_once_is_one_step_of_backoff(make_daemon, upstream):
     daemon = make_daemon(**RARE_PROBES)
     assert {wait_final(daemon, i)["state"] for i in send(daemon, 40)} == {"sent"}  # several pooled
-    upstream.stop()
-    try:
+    with gone(upstream):
         held(daemon, send(daemon, 40))  # ten workers find their connections dead and open new ones at once
         down = upstream_state(daemon)
-    finally:
-        come_back(upstream)  # (the fixture stops it)
     assert down["failures"] == 1 and epoch(down["next_probe"]) > time.time() + 10  # the first step: 15-30 s
 
 
@@ -390,6 +393,16 @@ def test_a_transaction_timeout_defers_the_message_and_leaves_the_upstream_up(
     assert upstream_state(daemon)["state"] == "up"
 
 
+def test_a_timeout_changed_by_a_reload_applies(make_daemon, scripted):
+    server = scripted("stall-dot")
+    daemon = make_daemon(upstream=[server.hostport], retry_base=30.0, **RARE_PROBES)
+    daemon.settings["upstream_data_end_timeout"] = 0.3
+    daemon.reload()
+    [msg_id] = send(daemon, 1)
+    state = until(lambda: (s := status(daemon, msg_id))["state"] == "deferred" and s, "the deferral")
+    assert "to DATA_END within 0.3 s" in state["recipients"][0]["reply"]
+
+
 def test_an_idle_pooled_connection_gets_quit_after_the_idle_timeout(make_daemon, upstream):
     quits = threading.Event()
 
@@ -422,6 +435,20 @@ def test_a_message_whose_final_dot_went_out_before_a_kill_9_is_flagged_after_the
     assert flagged["state"] == "sent" and flagged["possible_duplicate"] is True
     assert flagged["attempts"] == 2  # the one the kill cut short counts
     assert plain["state"] == "sent" and plain["attempts"] == 1 and "possible_duplicate" not in plain
+
+
+def test_a_killed_daemons_outage_is_not_shown_by_the_next_start(make_daemon):
+    daemon = make_daemon(upstream=["127.0.0.1:9"], start=False, **RARE_PROBES)
+    daemon.start(start_new_session=True)
+    [msg_id] = send(daemon, 1)
+    held(daemon, [msg_id])
+    os.killpg(daemon.proc.pid, signal.SIGKILL)
+    daemon.proc.wait(BOUND)
+    daemon.stop()
+    assert "no daemon is running" in smtpgate("queue", "--spool", daemon.spool, "upstreams").stdout
+    daemon.settings["hold"] = True  # nothing tries the upstream: nothing is held for it
+    daemon.start()
+    assert status(daemon, msg_id)["state"] == "queued" and stats(daemon)["upstreams"] == []
 
 
 def test_a_stuck_upstream_is_named_at_stop_and_a_second_sigterm_stops_at_once(make_daemon, upstream, scripted):

@@ -150,6 +150,9 @@ class Writer:
                 "UPDATE messages SET possible_duplicate=1, attempts=attempts+1"
                 f" WHERE state=? AND id IN ({','.join('?' * len(chunk))})", (State.SENDING, *chunk))
         conn.execute("UPDATE messages SET state=? WHERE state=?", (State.QUEUED, State.SENDING))
+        # The health recorded by a delivery process that is gone: nothing is
+        # known of the upstreams until the next one records its own.
+        conn.execute("DELETE FROM upstreams")
         conn.execute("COMMIT")  # synchronous=FULL: durable before the record goes
         clear_dots(spool_dir)
         for state, n in conn.execute("SELECT state, COUNT(*) FROM messages GROUP BY state"):

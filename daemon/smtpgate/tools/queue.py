@@ -70,7 +70,7 @@ def run_queue_command(args) -> int:
             return 0
         if command == "retry":
             changed = spool.retry(None if args.all else args.id)
-            print(f"{changed} message{'s' if changed != 1 else ''} due now")
+            print(f"{_count(changed, 'message')} due now")
             spool.notify_daemon()
             return 0 if changed or args.all else 1
         state = spool.delete(args.id)
@@ -93,9 +93,13 @@ def _print_upstreams(upstreams: list[dict] | None, only_trouble: bool) -> None:
     for u in upstreams:
         line = f"upstream {u['name']}: {u['state']} since {u['since']}"
         if u["state"] == "down":
-            line += (f" ({u['reason']}); {u['failures']} failed tries, next probe {u['next_probe']}, "
-                     f"{u['waiting']} messages waiting")
+            line += (f" ({u['reason']}); {_count(u['failures'], 'failed try', 'failed tries')}, "
+                     f"next probe {u['next_probe']}, {_count(u['waiting'], 'message')} waiting")
         print(line)
+
+
+def _count(n: int, one: str, many: str | None = None) -> str:
+    return f"{n} {one if n == 1 else many or one + 's'}"
 
 
 def _print_list(entries: list[dict], as_json: bool) -> None:
@@ -108,4 +112,4 @@ def _print_list(entries: list[dict], as_json: bool) -> None:
         print(f"{m['id']}  {m['state']:<8} {m['attempts']:>3}  {when}  {m['from']}")
         for r in pending:
             print(f"    {r['address']:<40} {r['state']:<8} {r['reply'] or ''}")
-    print(f"-- {len(entries)} message{'s' if len(entries) != 1 else ''}")
+    print(f"-- {_count(len(entries), 'message')}")
