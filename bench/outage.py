@@ -20,7 +20,8 @@ count this bench's connections and nothing else on the machine):
 3. healthy start, the reference in the same round: a fresh daemon on a
    fresh spool, `hold = true`, the same number of messages queued, then
    `hold = false` by SIGHUP with smtp-sink running: seconds from the SIGHUP
-   to the first and the last delivery.
+   to the first and the last delivery. Both daemons log at `info` (a JSON
+   line per delivery), so the drains (first to last delivery) compare.
 4. with `--before CHECKOUT` (the root of another checkout, main before the
    change): step 1 with that code, and its step 2 bounded to 120 s (it
    waits for each message's own retry timer).
@@ -112,7 +113,8 @@ def until_delivered(daemon: Daemon, total: int, start: float, limit: float) -> d
             break
         time.sleep(0.01)
     return {"first_delivery_s": None if first is None else round(first, 3),
-            "last_delivery_s": None if last is None else round(last, 3), "delivered": delivered}
+            "last_delivery_s": None if last is None else round(last, 3),
+            "drain_s": None if last is None else round(last - first, 3), "delivered": delivered}
 
 
 def settled(daemon: Daemon, limit: float = 600.0) -> float:
@@ -174,7 +176,8 @@ def healthy_phase(workdir: Path, messages: int) -> dict:
     run_dir = Path(tempfile.mkdtemp(dir=workdir))
     port = free_port()
     sink = start_sink(port)
-    daemon = Daemon(run_dir, upstream=[f"127.0.0.1:{port}"], connections_per_upstream=10, hold=True)
+    daemon = Daemon(run_dir, upstream=[f"127.0.0.1:{port}"], connections_per_upstream=10, hold=True,
+                    log_level="info", log_format="json")  # a line per delivery, as in the outage
     try:
         row = {"queue_s": round(queue_messages(daemon.port, messages), 1)}
         daemon.write_config(hold=False)
@@ -249,11 +252,13 @@ def main() -> int:
                        ("refused connection attempts per minute while down", "refused_connects_per_min"),
                        ("log lines per minute while down", "log_lines_per_min"),
                        ("seconds from the return to the first delivery", "first_delivery_s"),
-                       ("seconds from the return to the last delivery", "last_delivery_s")):
+                       ("seconds from the return to the last delivery", "last_delivery_s"),
+                       ("seconds from the first delivery to the last (the drain)", "drain_s")):
         cells = [med("outage", key)] + ([med("before", key)] if before else [])
         print(f"| {label} | " + " | ".join("-" if c is None else f"{c:,}" for c in cells) + " |")
-    print(f"| seconds from the release of a healthy start to the first / last delivery (reference) | "
-          f"{med('healthy', 'first_delivery_s')} / {med('healthy', 'last_delivery_s')} |" + (" |" if before else ""))
+    print(f"| reference, a healthy start (hold, then SIGHUP): seconds to the first / last delivery, drain | "
+          f"{med('healthy', 'first_delivery_s')} / {med('healthy', 'last_delivery_s')}, "
+          f"{med('healthy', 'drain_s')} |" + (" |" if before else ""))
     if before:
         print(f"| delivered {BEFORE_DRAIN:g} s after the return (before the change) | | "
               f"{med('before', 'delivered'):,} of {args.messages:,} |")
