@@ -85,16 +85,24 @@ def start_sink() -> tuple[subprocess.Popen, int]:
 
 
 class Daemon:
-    def __init__(self, workdir: Path, **settings):
+    """`smtpgate serve` with a config of `settings`; `env`: its environment
+    (PYTHONPATH names another checkout to measure)."""
+
+    def __init__(self, workdir: Path, env: dict | None = None, **settings):
         self.port = free_port()
-        config = {"listen": [f"127.0.0.1:{self.port}"], "spool": str(workdir / "spool"),
-                  "upstream_tls": "none", "log_level": "warning", **settings}
-        path = workdir / "bench.toml"
-        path.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in config.items()))
+        self.config = {"listen": [f"127.0.0.1:{self.port}"], "spool": str(workdir / "spool"),
+                       "upstream_tls": "none", "log_level": "warning", **settings}
+        self.config_path = workdir / "bench.toml"
+        self.write_config()
         self.log = open(workdir / "daemon.log", "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "smtpgate", "serve", "--config", str(path)],
-                                     stdout=self.log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen([sys.executable, "-m", "smtpgate", "serve", "--config", str(self.config_path)],
+                                     stdout=self.log, stderr=subprocess.STDOUT, env=env)
         wait_port(self.port)
+
+    def write_config(self, **changes) -> None:
+        """Write the config file (with `changes`); SIGHUP makes the daemon read it."""
+        self.config.update(changes)
+        self.config_path.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in self.config.items()))
 
     def request(self, line: str) -> str:
         with socket.create_connection(("127.0.0.1", self.port), timeout=30) as s:

@@ -352,6 +352,9 @@ def make_daemon(tmp_path, upstream):
                   "spool": str(workdir / "spool"), "upstream": [upstream.hostport],
                   "upstream_tls": "none", "helo_name": "smtpgate.test", **FAST_RETRIES}
         config.update(settings)
+        if "retry_base" in settings and "retry_max" not in settings:
+            # retry_max below retry_base is a configuration error
+            config["retry_max"] = max(config["retry_max"], config["retry_base"])
         daemon = Daemon(workdir, {k: v for k, v in config.items() if v is not None}, env)
         started.append(daemon)
         return daemon.start() if start else daemon

@@ -337,8 +337,9 @@ def test_status_while_upstream_is_down_is_deferred(make_daemon):
         time.sleep(0.05)
         state = json.loads(ok_payload(daemon.request(f"STATUS {msg_id}")))
     assert state["state"] == "deferred"
-    assert state["next_attempt"] and state["attempts"] >= 1
+    assert state["next_attempt"] and state["attempts"] == 0  # held for the upstream, not tried
     assert state["recipients"][0]["state"] == "deferred"
+    assert "upstream 127.0.0.1:9 down since" in state["recipients"][0]["reply"]
 
 
 # -- restart -----------------------------------------------------------------

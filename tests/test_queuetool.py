@@ -54,12 +54,13 @@ def test_queue_list_show_delete_retry_and_reload(make_daemon, upstream):
     assert deleted.returncode == 0, deleted.stderr
     assert daemon.request(f"STATUS {second}").startswith("ERR NOT_FOUND")
 
-    # Point the running daemon at the real upstream (SIGHUP), then retry now
-    # instead of in ten minutes.
-    daemon.settings["upstream"] = [upstream.hostport]
-    daemon.reload()
+    # Held for the down upstream, the message is due already (and the retry
+    # probes the upstream at once); pointing the running daemon at the real
+    # upstream (SIGHUP) tries the changed upstream at once.
     retried = smtpgate("queue", "--spool", daemon.spool, "retry", first)
     assert retried.returncode == 0 and "1 message due now" in retried.stdout
+    daemon.settings["upstream"] = [upstream.hostport]
+    daemon.reload()
     assert wait_state(daemon, first, "sent")["state"] == "sent"
     assert [m.message["Subject"] for m in upstream.wait_for(1)] == ["first"]
     stats = json.loads(ok_payload(daemon.request("STATS")))

@@ -87,6 +87,19 @@ class Config:
     sends_per_day: int = 0
     max_pending: int = 0
     callers: dict[str, CallerConfig] = field(default_factory=dict)
+    # Upstream health and timeouts (docs/configuration.md, "Upstream health and timeouts").
+    # Probes of a down upstream: probe_base doubling to probe_max, with jitter.
+    upstream_probe_base: float = 1.0
+    upstream_probe_max: float = 300.0
+    # RFC 5321 4.5.3.2 minimums; connecting and TLS are not SMTP commands.
+    upstream_connect_timeout: float = 30.0
+    upstream_tls_timeout: float = 60.0
+    upstream_greeting_timeout: float = 300.0
+    upstream_command_timeout: float = 300.0
+    upstream_data_timeout: float = 120.0
+    upstream_data_block_timeout: float = 180.0
+    upstream_data_end_timeout: float = 600.0
+    upstream_idle_timeout: float = 60.0
     # Filled in by load_config, never read from the file.
     upstream_password: str | None = field(default=None, repr=False)
     upstream_oauth2_token: str | None = field(default=None, repr=False)
@@ -303,6 +316,9 @@ def _validate(config: Config) -> None:
         raise ConfigError("max_message_size: must be at least 1024 bytes")
     if config.connections_per_upstream < 1:
         raise ConfigError("connections_per_upstream: must be at least 1")
+    if config.retry_max < config.retry_base:
+        raise ConfigError(f"retry_max: {config.retry_max:g} is less than retry_base ({config.retry_base:g})")
+    _validate_upstream_health(config)
     if not config.helo_name:
         config.helo_name = socket.getfqdn() or "localhost"
     if config.socket_mode > 0o777:
@@ -423,6 +439,19 @@ def _sees_every_id(id_map: str) -> bool:
             return fh.read().split() == ["0", "0", "4294967295"]
     except OSError:
         return False
+
+
+def _validate_upstream_health(config: Config) -> None:
+    for key in ("upstream_probe_base", "upstream_connect_timeout", "upstream_tls_timeout",
+                "upstream_greeting_timeout", "upstream_command_timeout", "upstream_data_timeout",
+                "upstream_data_block_timeout", "upstream_data_end_timeout", "upstream_idle_timeout"):
+        if getattr(config, key) <= 0:
+            raise ConfigError(f"{key}: must be more than 0 seconds")
+    if config.upstream_probe_max < config.upstream_probe_base:
+        raise ConfigError(f"upstream_probe_max: {config.upstream_probe_max:g} is less than "
+                          f"upstream_probe_base ({config.upstream_probe_base:g})")
+    if len(set(config.upstream)) != len(config.upstream):
+        raise ConfigError("upstream: an upstream is listed twice")
 
 
 def _find_password(config: Config) -> str | None:

@@ -1,10 +1,15 @@
 """`smtpgate serve`: a linear start, then serve until a signal.
 
 config -> logging -> spool (locked, recovered before the first connection)
--> embedded dev upstream (--dev) -> delivery -> the hand-off and the line
-door (own or systemd sockets) -> SMTP door -> READY=1 -> serve.
+-> embedded dev upstream (--dev) -> the hand-off and the line door (own or
+systemd sockets, bound) -> SMTP door -> delivery -> READY=1 -> serve. The
+addresses are bound before delivery starts, so an address in use stops
+the start before any message is claimed; a start that fails closes what
+it had started.
 SIGTERM/SIGINT: stop the doors, let in-flight deliveries finish within the
-grace period, keep the rest queued. SIGHUP: reload the configuration file.
+grace period, keep the rest queued; a second one interrupts them at once.
+SIGHUP: reload the configuration file. SIGUSR1: the queue tool changed the
+spool (and a down upstream is probed at once).
 """
 
 from __future__ import annotations
@@ -33,11 +38,17 @@ FD_MARGIN = 64
 def delivery_settings(config: Config, dev_port: int | None = None):
     """Build the delivery layer's settings (upstreams, pool, retries) from the config."""
     from smtpgate.delivery.settings import DeliverySettings
-    from smtpgate.smtp import UpstreamSettings
+    from smtpgate.smtp import Timeouts, UpstreamSettings
 
+    command = config.upstream_command_timeout
+    timeouts = Timeouts(
+        connect=config.upstream_connect_timeout, tls_handshake=config.upstream_tls_timeout,
+        greeting=config.upstream_greeting_timeout, command=command, mail=command, rcpt=command,
+        data_init=config.upstream_data_timeout, data_block=config.upstream_data_block_timeout,
+        data_end=config.upstream_data_end_timeout)
     if dev_port is not None and not config.upstream:
         upstreams = [UpstreamSettings(host="127.0.0.1", port=dev_port, tls="none",
-                                      helo_name=config.helo_name)]
+                                      helo_name=config.helo_name, timeouts=timeouts)]
     else:
         upstreams = []
         for value in config.upstream:
@@ -48,7 +59,7 @@ def delivery_settings(config: Config, dev_port: int | None = None):
                 xoauth2_token=config.upstream_oauth2_token,
                 allow_plaintext_auth=config.upstream_allow_plaintext_auth,
                 ca_file=config.upstream_ca_file, verify=config.upstream_verify,
-                helo_name=config.helo_name))
+                helo_name=config.helo_name, timeouts=timeouts))
     return DeliverySettings(
         upstreams=upstreams,
         connections_per_upstream=config.connections_per_upstream,
@@ -56,6 +67,9 @@ def delivery_settings(config: Config, dev_port: int | None = None):
         retry_base=config.retry_base,
         retry_max=config.retry_max,
         rate_per_minute=config.rate_per_minute,
+        idle_timeout=config.upstream_idle_timeout,
+        probe_base=config.upstream_probe_base,
+        probe_max=config.upstream_probe_max,
     )
 
 
@@ -92,30 +106,35 @@ class Daemon:
         if self.spool.schema_upgrade:
             old, new = self.spool.schema_upgrade
             self.log.info("spool_upgraded", spool=config.spool, schema_from=old, schema_to=new)
-        if config.dev:
-            from smtpgate.tools.devupstream import start_dev_upstream
-            folder = config.dev_maildir or os.path.join(config.spool, "dev-mail")
-            self.dev_server, self.dev_port = await start_dev_upstream(folder, self.log)
-        self.delivery = DeliveryProcess(self.spool, delivery_settings(config, self.dev_port), self.log,
-                                        log_format=config.log_format, log_level=config.log_level,
-                                        on_lost=self._delivery_lost)
-        if not config.hold:
-            await self.delivery.start()
-        self.handoff = handoff = Handoff(config, self.spool, self.delivery, self.log)
-        limits = Limits(config, self.log)
-        self.line_door = LineDoor(config, handoff, self.spool, self.log, limits)
-        await self.line_door.start(inherited)
-        if config.smtp_listen:
-            from smtpgate.intake.smtp_door import start_smtp_intake
-            host, port = parse_hostport(config.smtp_listen, "smtp_listen")
-            # The hand-off's callers: a SIGHUP that changes them applies here too.
-            self.smtp_server = await start_smtp_intake(
-                host, port, enqueue=handoff.take_raw, callers=handoff.callers,
-                max_message_bytes=config.max_message_size, log=self.log,
-                hostname=config.helo_name, limits=limits)
+        self.delivery = None
+        try:
+            if config.dev:
+                from smtpgate.tools.devupstream import start_dev_upstream
+                folder = config.dev_maildir or os.path.join(config.spool, "dev-mail")
+                self.dev_server, self.dev_port = await start_dev_upstream(folder, self.log)
+            self.delivery = DeliveryProcess(self.spool, delivery_settings(config, self.dev_port), self.log,
+                                            log_format=config.log_format, log_level=config.log_level,
+                                            on_lost=self._delivery_lost)
+            self.handoff = handoff = Handoff(config, self.spool, self.delivery, self.log)
+            limits = Limits(config, self.log)
+            self.line_door = LineDoor(config, handoff, self.spool, self.log, limits)
+            await self.line_door.start(inherited)
+            if config.smtp_listen:
+                from smtpgate.intake.smtp_door import start_smtp_intake
+                host, port = parse_hostport(config.smtp_listen, "smtp_listen")
+                # The hand-off's callers: a SIGHUP that changes them applies here too.
+                self.smtp_server = await start_smtp_intake(
+                    host, port, enqueue=handoff.take_raw, callers=handoff.callers,
+                    max_message_bytes=config.max_message_size, log=self.log,
+                    hostname=config.helo_name, limits=limits)
+            if not config.hold:
+                await self.delivery.start()
+        except BaseException:
+            await self._close_started()
+            raise
 
         for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, self.stopping.set)
+            loop.add_signal_handler(signum, self._stop_signal)
         loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload()))
         # `smtpgate queue retry|delete` changed the spool behind our back.
         loop.add_signal_handler(signal.SIGUSR1, lambda: asyncio.ensure_future(self.queue_changed()))
@@ -146,6 +165,27 @@ class Daemon:
         self.log.info("stopped")
         return self.exit_code
 
+    async def _close_started(self) -> None:
+        """A start that failed half-way: stop what it had started, in order."""
+        if self.smtp_server is not None:
+            self.smtp_server.close()
+        if self.delivery is not None:
+            await self.delivery.stop(0)
+        if self.dev_server is not None:
+            self.dev_server.close()
+        await self.spool.close()
+
+    def _stop_signal(self) -> None:
+        """SIGTERM/SIGINT: stop; a second one while stopping interrupts the
+        deliveries the stop waits for (their messages stay queued)."""
+        if not self.stopping.is_set():
+            self.stopping.set()
+            return
+        self.log.warning("stopping_now", note="second signal: deliveries in flight are interrupted; "
+                         "their messages stay queued")
+        if self.delivery is not None:
+            self.delivery.stop_now()
+
     def _delivery_lost(self, why: str) -> None:
         """Claimed messages would stay 'sending' until a restart: restart now
         (the next start puts them back to 'queued')."""
@@ -175,8 +215,11 @@ class Daemon:
                     delivered = stats["counters"]["delivered"]
                     last_delivery = ", last delivery " + time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
                 queued = sum(states.get(k, 0) for k in UNFINISHED_STATES)
+                down = [u for u in stats["upstreams"] if u["state"] == "down"]
+                outage = (f", upstream {down[0]['name']} down since {down[0]['since']}"
+                          if down and len(down) == len(stats["upstreams"]) else "")
                 systemd.notify(f"STATUS=queue {queued}, sent {states.get(State.SENT, 0)}, "
-                               f"failed {states.get(State.FAILED, 0)}{last_delivery}")
+                               f"failed {states.get(State.FAILED, 0)}{last_delivery}{outage}")
                 if time.monotonic() - last_purge > PURGE_EVERY:
                     last_purge = time.monotonic()
                     await self.spool.purge(time.time())
@@ -187,6 +230,7 @@ class Daemon:
     async def queue_changed(self) -> None:
         await self.spool.recount()
         if not self.config.hold:
+            self.delivery.probe_now()
             self.delivery.wake()
 
     async def reload(self) -> None:

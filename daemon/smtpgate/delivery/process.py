@@ -17,11 +17,12 @@ limits) as a daemon without this process would; only its spool is a
 stand-in (`SpoolCalls`) whose operations the daemon answers with the real
 spool. Messages on the pipe (named types, each side dispatching on the
 type with a table):
-- daemon -> child: `Start`, `Wake`, `Reload`, `Stop`, and the `Answer`s
-  to its calls.
+- daemon -> child: `Start`, `Wake`, `ProbeNow`, `Reload`, `Stop`,
+  `StopNow`, and the `Answer`s to its calls.
 - child -> daemon: `Started`, and `Call`s of the spool operations
-  `ClaimDue`, `RecordAttempt`, `Release`, `NextDue` (spool/ops.py); after
-  `Stop`, the end of its output says its Delivery has stopped.
+  `ClaimDue`, `RecordAttempt`, `Release`, `RecordUpstreams`, `Expire`,
+  `NextDue`, `CountDue` (spool/ops.py); after `Stop`, the end of its
+  output says its Delivery has stopped.
 The child ignores signals (the daemon decides), and exits when its stdin
 ends: a daemon killed with -9 takes its deliveries with it, and the
 messages they had claimed are 'sending' until the next start puts them
@@ -42,7 +43,9 @@ from smtpgate.proc.child import become_child, spawn
 from smtpgate.proc.framing import message
 from smtpgate.proc.pipe import FramedPipe
 from smtpgate.spool.errors import SpoolError
-from smtpgate.spool.ops import Claimed, ClaimDue, NextDue, RecordAttempt, Release
+from smtpgate.spool.ops import (
+    Claimed, ClaimDue, CountDue, Expire, NextDue, RecordAttempt, RecordUpstreams, Release, UpstreamRow,
+)
 from smtpgate.spool.store import Spool
 
 # Beyond the grace period, what a stopping child may take: its QUITs
@@ -58,6 +61,7 @@ class Start(NamedTuple):
     settings: Any  # delivery.settings.DeliverySettings
     log_format: str
     log_level: str
+    spool_dir: str  # where the record of final dots goes (spool/dots.py)
 
 
 @message
@@ -71,6 +75,11 @@ class Wake(NamedTuple):
 
 
 @message
+class ProbeNow(NamedTuple):
+    """Probe every down upstream at once (`smtpgate queue retry`)."""
+
+
+@message
 class Reload(NamedTuple):
     settings: Any
 
@@ -80,6 +89,11 @@ class Stop(NamedTuple):
     """Stop the Delivery (in-flight messages get `grace` seconds), then end the output."""
 
     grace: float
+
+
+@message
+class StopNow(NamedTuple):
+    """During a Stop: interrupt the deliveries it waits for (a second SIGTERM)."""
 
 
 class DeliveryProcess:
@@ -97,20 +111,22 @@ class DeliveryProcess:
         self._pipe: FramedPipe | None = None
         self._started: asyncio.Future | None = None
         self._stopping = False
+        self._interrupt = False  # stop_now() was asked for
         self._woken = False
         self._handlers = {Started: self._on_started, Call: self._on_call}
         # What the child may ask of the spool: the part of Spool that Delivery uses.
         self._spool_calls = {ClaimDue: self._write, RecordAttempt: self._write, Release: self._write,
-                             NextDue: self._next_due}
+                             RecordUpstreams: self._write, Expire: self._write,
+                             NextDue: self._next_due, CountDue: self._count_due}
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        self._stopping = False
+        self._stopping = self._interrupt = False
         self._process = await loop.run_in_executor(None, spawn, "smtpgate.delivery")
         self._started = loop.create_future()
         self._pipe = FramedPipe(self._on_message, self._on_eof)
         await self._pipe.open(self._process.stdout, self._process.stdin)
-        self._pipe.send(Start(self._settings, *self._log_setup))
+        self._pipe.send(Start(self._settings, *self._log_setup, self._spool.path_dir))
         await self._started
 
     def wake(self) -> None:
@@ -123,6 +139,18 @@ class DeliveryProcess:
 
     def _rearm(self) -> None:
         self._woken = False
+
+    def probe_now(self) -> None:
+        """Probe every down upstream at once."""
+        if self._pipe is not None and not self._stopping:
+            self._pipe.send(ProbeNow())
+
+    def stop_now(self) -> None:
+        """Interrupt the deliveries that stop() waits for (or will): their
+        messages stay queued."""
+        self._interrupt = True
+        if self._pipe is not None and self._stopping:
+            self._pipe.send(StopNow())
 
     def reload(self, settings) -> None:
         self._settings = settings
@@ -137,6 +165,8 @@ class DeliveryProcess:
             return
         self._stopping = True
         pipe.send(Stop(grace))
+        if self._interrupt:
+            pipe.send(StopNow())
         try:
             # The child ends its output once its Delivery stopped: in-flight
             # messages within `grace`, then QUIT to the pooled connections.
@@ -174,6 +204,9 @@ class DeliveryProcess:
 
     def _next_due(self, _: NextDue) -> asyncio.Future:
         return asyncio.ensure_future(self._spool.next_due())
+
+    def _count_due(self, op: CountDue) -> asyncio.Future:
+        return asyncio.ensure_future(self._spool.count_due(op.now))
 
     def _answer_from(self, token: int, done: asyncio.Future) -> None:
         if done.cancelled():
@@ -225,8 +258,17 @@ class SpoolCalls:
     async def release(self, msg_ids, possible_duplicate: bool = False) -> int:
         return await self._call(Release(list(msg_ids), possible_duplicate))
 
+    def record_upstreams(self, rows: list[UpstreamRow]) -> asyncio.Future:
+        return self._call(RecordUpstreams(list(rows)))
+
+    async def expire(self, created_before: float, reply: str) -> int:
+        return await self._call(Expire(time.time(), created_before, reply))
+
     async def next_due(self) -> float | None:
         return await self._call(NextDue())
+
+    async def count_due(self, now: float) -> int:
+        return await self._call(CountDue(now))
 
     def answer(self, answer: Answer) -> None:
         self._calls.resolve(answer.token, answer.value, answer.error)
@@ -241,8 +283,8 @@ class _Relay:
         self.delivery = None
         self.pipe = FramedPipe(self.on_message, self.on_eof)
         self.spool = SpoolCalls(self.pipe.send, loop)
-        self.handlers = {Start: self.start, Wake: self.wake, Reload: self.reload, Stop: self.stop,
-                         Answer: self.spool.answer}
+        self.handlers = {Start: self.start, Wake: self.wake, ProbeNow: self.probe_now, Reload: self.reload,
+                         Stop: self.stop, StopNow: self.stop_now, Answer: self.spool.answer}
 
     def on_message(self, message) -> None:
         self.handlers[type(message)](message)
@@ -252,10 +294,11 @@ class _Relay:
 
     async def _start(self, start: Start) -> None:
         from smtpgate.delivery.scheduler import Delivery  # the daemon, importing this module, needs none of it
+        from smtpgate.spool.dots import DotLog
 
         setup_logging(start.log_format, start.log_level)
         try:
-            self.delivery = Delivery(self.spool, start.settings, get_logger())
+            self.delivery = Delivery(self.spool, start.settings, get_logger(), dots=DotLog(start.spool_dir))
             await self.delivery.start()
         except Exception:
             get_logger().exception("delivery_start_failed")
@@ -267,12 +310,20 @@ class _Relay:
         if self.delivery is not None:
             self.delivery.wake()
 
+    def probe_now(self, _: ProbeNow) -> None:
+        if self.delivery is not None:
+            self.delivery.probe_now()
+
     def reload(self, reload: Reload) -> None:
         if self.delivery is not None:
             self.delivery.reload(reload.settings)
 
     def stop(self, stop: Stop) -> None:
         asyncio.ensure_future(self._stop(stop.grace))
+
+    def stop_now(self, _: StopNow) -> None:
+        if self.delivery is not None:
+            self.delivery.stop_now()
 
     async def _stop(self, grace: float) -> None:
         try:

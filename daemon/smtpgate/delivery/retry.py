@@ -43,11 +43,15 @@ def outcomes_from_result(result: DeliveryResult) -> list[RecipientOutcome]:
     return [RecipientOutcome(r.address, states[r.status], str(r.reply)) for r in result.recipients]
 
 
+def gave_up(reply: str | None, max_age: float) -> str:
+    """The reply of a recipient failed at its max age: the last reply, and why."""
+    return f"{reply or 'no reply'} (smtpgate: gave up after max_age {max_age:g} s)"
+
+
 def give_up(outcomes: list[RecipientOutcome], max_age: float) -> list[RecipientOutcome]:
     """Fail the still-deferred recipients of a message past its max age,
     keeping the upstream's last reply in the text."""
-    note = f" (smtpgate: gave up after max_age {max_age:g} s)"
     return [
-        RecipientOutcome(o.address, State.FAILED, (o.reply or "no reply") + note) if o.state == State.DEFERRED else o
+        RecipientOutcome(o.address, State.FAILED, gave_up(o.reply, max_age)) if o.state == State.DEFERRED else o
         for o in outcomes
     ]

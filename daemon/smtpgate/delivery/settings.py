@@ -22,7 +22,9 @@ class DeliverySettings:
     rate_per_minute: float = 0  # messages per minute per upstream; 0: no limit
     rate_burst: int = 1  # messages that may go at once after a quiet spell
     idle_noop_after: float = 5.0  # NOOP a pooled connection idle longer than this
-    upstream_down_for: float = 30.0  # skip an unreachable upstream this long
+    idle_timeout: float = 60.0  # QUIT a pooled connection idle this long
+    probe_base: float = 1.0  # first probe of a down upstream after about this long, doubling
+    probe_max: float = 300.0  # cap of the probe interval
 
     @property
     def worker_count(self) -> int:

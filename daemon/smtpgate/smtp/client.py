@@ -10,9 +10,11 @@ with TCP_NODELAY: the last line of a burst never waits for a delayed ACK.
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import ssl
 import time
+from typing import Callable
 
 from .core import (
     NEED_DATA,
@@ -73,6 +75,7 @@ class SmtpConnection:
         self._write_paused = False
         self._busy = False
         self._eof = False
+        self._before_data_end: Callable[[], None] | None = None
         self.last_used = time.monotonic()
 
     # -- public API --------------------------------------------------------------
@@ -102,8 +105,19 @@ class SmtpConnection:
         """EHLO keywords (upper case) to their parameters, as last announced."""
         return self._core.extensions
 
-    async def send(self, mail_from: str, recipients: list[str], data: bytes) -> DeliveryResult:
+    @property
+    def awaiting(self) -> str | None:
+        """The command whose reply the session waits for ("DATA_END": the
+        reply to the final dot), or None."""
+        return self._core.awaiting
+
+    async def send(self, mail_from: str, recipients: list[str], data: bytes, *,
+                   before_data_end: Callable[[], None] | None = None) -> DeliveryResult:
         """Run one mail transaction; per-recipient results in the DeliveryResult.
+
+        `before_data_end` is called just before the write that carries the
+        final dot (not at all if the message never gets that far): from then
+        on the server may have the message.
 
         Raises SmtpMessageError (connection still usable) if the message cannot
         be sent as given, other SmtpSessionError subclasses (connection closed)
@@ -111,7 +125,11 @@ class SmtpConnection:
         """
         self._check_usable()
         self._core.send_mail(mail_from, recipients, data)
-        event = await self._run()
+        self._before_data_end = before_data_end
+        try:
+            event = await self._run()
+        finally:
+            self._before_data_end = None
         assert isinstance(event, Delivered)
         return event.result
 
@@ -185,7 +203,10 @@ class SmtpConnection:
         except TimeoutError as exc:
             raise SmtpConnectError(f"connecting to {self._where} timed out") from exc
         except OSError as exc:
-            raise SmtpConnectError(f"cannot connect to {self._where}: {exc.strerror or exc}") from exc
+            # asyncio's own text repeats the address ("Connect call failed
+            # ('127.0.0.1', 25)"): the errno says it plainly.
+            why = os.strerror(exc.errno) if exc.errno else str(exc)
+            raise SmtpConnectError(f"cannot connect to {self._where}: {why}") from exc
         self._transport = transport  # type: ignore[assignment]
         _set_nodelay(transport)
 
@@ -265,6 +286,8 @@ class SmtpConnection:
         deadline = 0.0
         while True:
             event = core.next_event()
+            if core.data_end_queued and self._before_data_end is not None:
+                self._before_data_end()
             out = core.data_to_send()
             if out:
                 if self._transport is None:
@@ -273,7 +296,7 @@ class SmtpConnection:
                 while self._write_paused and not self._eof:
                     # A large body: wait for the socket to drain, each wait
                     # bounded by the data block timeout (RFC 5321 4.5.3.2.5).
-                    await self._wait(loop.time() + timeouts.data_block, core.awaiting)
+                    await self._wait(loop.time() + timeouts.data_block, core.awaiting, writing=True)
             if event is not NEED_DATA:
                 return event
             # One deadline per awaited reply, not per read: a server trickling
@@ -283,8 +306,10 @@ class SmtpConnection:
                 deadline = loop.time() + timeouts.for_reply(core.awaiting)
             await self._wait(deadline, core.awaiting)
 
-    async def _wait(self, deadline: float, verb: str | None) -> None:
-        """Sleep until the protocol calls _wake (data, EOF, writable) or the deadline passes."""
+    async def _wait(self, deadline: float, verb: str | None, writing: bool = False) -> None:
+        """Sleep until the protocol calls _wake (data, EOF, writable) or the
+        deadline passes (then SmtpTimeout: `writing`, the server stopped
+        taking the message's bytes; else no reply came to `verb`)."""
         if self._eof:
             return  # the core reports the EOF on the next next_event()
         loop = asyncio.get_running_loop()
@@ -295,11 +320,12 @@ class SmtpConnection:
         try:
             await waiter
         except TimeoutError:
-            timeout = self.settings.timeouts.for_reply(verb)
-            raise SmtpTimeout(
-                f"no reply from {self._where} to {verb} within {timeout:g} s",
-                after_data_end=verb == "DATA_END",
-            ) from None
+            timeouts = self.settings.timeouts
+            if writing:
+                why = f"{self._where} took no data for {timeouts.data_block:g} s while the message was sent"
+            else:
+                why = f"no reply from {self._where} to {verb} within {timeouts.for_reply(verb):g} s"
+            raise SmtpTimeout(why, after_data_end=verb == "DATA_END" and not writing) from None
         finally:
             timer.cancel()
             self._waiter = None

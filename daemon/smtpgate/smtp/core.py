@@ -268,6 +268,10 @@ class SmtpClient:
         # no end of data since): the next send_mail() sends RSET first.
         self.needs_reset = False
         self.replies_received = 0  # lets the driver tell one awaited reply from the next
+        # True when the bytes data_to_send() returns next hold a message's
+        # final dot: once they are written the server may have the message,
+        # whatever happens to its reply (the driver's cue to record that).
+        self.data_end_queued = False
         self._parser = ReplyParser()
         self._expected: deque[tuple[str, _Handler]] = deque()
         self._expected.append(("GREETING", self._on_greeting))
@@ -304,6 +308,7 @@ class SmtpClient:
         out = b"".join(self._out)
         self._out.clear()
         self._sent = len(self._expected)
+        self.data_end_queued = False
         return out
 
     def next_event(self) -> object:
@@ -376,6 +381,7 @@ class SmtpClient:
         self._expected.clear()
         self._sent = 0
         self._out.clear()
+        self.data_end_queued = False
 
     def _begin(self, action: str) -> None:
         if self._error is not None:
@@ -640,6 +646,7 @@ class SmtpClient:
             if self._any_accepted():
                 self._out.append(txn.body)
                 self._expected.append(("DATA_END", self._on_data_end))
+                self.data_end_queued = True
             else:
                 # RFC 2920 3.1: DATA accepted although no RCPT was; end the
                 # empty message at once, the server has no one to deliver to.

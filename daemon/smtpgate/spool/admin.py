@@ -3,7 +3,12 @@ whether or not the daemon runs, SQLite in WAL mode lets them read beside
 it, and write between its writer's transactions.
 
 After a change, `notify_daemon()` sends SIGUSR1 to the daemon that holds
-the spool, which recounts its queue and looks for due messages at once.
+the spool, which recounts its queue, looks for due messages at once and
+probes a down upstream at once.
+
+The upstreams' health is what the running daemon's delivery last recorded
+in the spool (queries.upstreams): read only while a daemon holds the spool,
+since a daemon that was killed leaves its last record behind.
 """
 
 from __future__ import annotations
@@ -42,6 +47,8 @@ class SpoolAdmin:
             hint = "start the daemon once to upgrade it" if found < SCHEMA_VERSION else "a newer smtpgate wrote it"
             raise SpoolError(f"the spool at {path_dir} has schema {found}, this smtpgate reads "
                              f"{SCHEMA_VERSION}: {hint}")
+        # Without a daemon, the health it recorded is stale.
+        self._live = self.daemon_pid() is not None
 
     def close(self) -> None:
         self._conn.close()
@@ -54,7 +61,13 @@ class SpoolAdmin:
 
     def entries(self, *, msg_id: str | None = None, include_final: bool = False) -> list[dict]:
         """The messages as `queue list|show` print them (queries.queue_entries)."""
-        return queries.queue_entries(self._conn, msg_id=msg_id, include_final=include_final)
+        return queries.queue_entries(self._conn, time.time(), msg_id=msg_id, include_final=include_final,
+                                     live=self._live)
+
+    def upstreams(self) -> list[dict] | None:
+        """Each upstream's health as the running daemon sees it
+        (queries.upstreams); None when no daemon runs."""
+        return queries.upstreams(self._conn, time.time()) if self._live else None
 
     def retry(self, msg_id: str | None) -> int:
         """Make a deferred message (every one when msg_id is None) due now;
@@ -76,24 +89,31 @@ class SpoolAdmin:
         self._conn.execute("COMMIT")
         return result
 
-    def notify_daemon(self) -> bool:
-        """SIGUSR1 to the daemon that holds the spool, if one does; whether
-        one was told.
+    def daemon_pid(self) -> int | None:
+        """The pid of the daemon that holds the spool, None if none does.
 
         The lock file keeps the pid of the last daemon after it stopped, and
-        by now that pid may be another process's, which SIGUSR1 would kill:
-        the pid counts only while the file is flock()ed. A daemon that is
-        not running sees the change when it starts."""
+        by now that pid may be another process's: the pid counts only while
+        the file is flock()ed."""
         try:
             with open(os.path.join(self.path_dir, LOCK_FILE)) as fh:
                 try:
                     fcntl.flock(fh, fcntl.LOCK_SH | fcntl.LOCK_NB)
-                    return False  # nobody holds it (our probe ends when the file closes)
+                    return None  # nobody holds it (our probe ends when the file closes)
                 except BlockingIOError:
-                    pid = int(fh.read().strip() or 0)
-            if pid:
-                os.kill(pid, signal.SIGUSR1)
-                return True
+                    return int(fh.read().strip() or 0) or None
         except (OSError, ValueError):
-            pass
-        return False
+            return None
+
+    def notify_daemon(self) -> bool:
+        """SIGUSR1 to the daemon that holds the spool, if one does; whether
+        one was told. A daemon that is not running sees the change when it
+        starts."""
+        pid = self.daemon_pid()
+        if pid is None:
+            return False
+        try:
+            os.kill(pid, signal.SIGUSR1)
+        except OSError:
+            return False
+        return True

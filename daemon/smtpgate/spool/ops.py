@@ -3,8 +3,9 @@
 They are the messages of two pipes: the daemon's spool (store.py) sends the
 write operations to the writer process (writer.py) as `proc.calls.Call`s,
 and the delivery process asks the daemon's spool for `ClaimDue`,
-`RecordAttempt`, `Release` and `NextDue` the same way
-(delivery/process.py). Each is made and read by name on both sides.
+`RecordAttempt`, `Release`, `RecordUpstreams`, `Expire`, `NextDue` and
+`CountDue` the same way (delivery/process.py). Each is made and read by
+name on both sides.
 
 `now` in an operation is the time it was submitted (the daemon spool's
 clock): the time a message was created, an attempt recorded, a retry made.
@@ -76,10 +77,42 @@ class RecordAttempt(NamedTuple):
 
 @message
 class Release(NamedTuple):
-    """Claimed messages whose attempt did not finish go back to 'queued'."""
+    """Claimed messages whose attempt did not finish go back to 'queued'.
+    With `possible_duplicate` (their final dot went out) the attempt counts."""
 
     msg_ids: list[str]
     possible_duplicate: bool
+
+
+@message
+class UpstreamRow(NamedTuple):
+    """One upstream's health as delivery sees it (delivery/health.py)."""
+
+    name: str  # HOST:PORT
+    state: str  # unknown|up|down
+    since: float  # unix seconds: down (or up) since
+    reason: str  # why it is down: the server's reply or the error ('' when up)
+    failures: int  # the failure that took it down, and each failed probe since
+    next_probe: float | None  # when it is tried again, while down
+
+
+@message
+class RecordUpstreams(NamedTuple):
+    """Replace the recorded health of the upstreams (in configured order):
+    what STATUS, STATS and the queue tool show of them."""
+
+    rows: list[UpstreamRow]
+
+
+@message
+class Expire(NamedTuple):
+    """While every upstream is down: fail the messages held for them (due by
+    `now`) that were created at or before `created_before` (their max age
+    has passed), each pending recipient with `reply`; answered with how many."""
+
+    now: float
+    created_before: float
+    reply: str
 
 
 @message
@@ -111,6 +144,13 @@ class Recount(NamedTuple):
 class NextDue(NamedTuple):
     """When the earliest queued or deferred message is due: a read, which the
     daemon's spool answers from its reader thread, not the writer."""
+
+
+@message
+class CountDue(NamedTuple):
+    """How many messages are due by `now` (those an outage holds): a read."""
+
+    now: float
 
 
 # --- what comes back -----------------------------------------------------------

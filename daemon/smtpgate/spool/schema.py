@@ -40,6 +40,9 @@ IS_UNFINISHED = state_in(UNFINISHED_STATES)
 
 DB_FILE = "spool.sqlite3"
 LOCK_FILE = "lock"  # flock()ed by the daemon (and its writer); holds the daemon's pid
+# Which messages' final dot may have gone out (spool/dots.py): two files
+# written in turn by the delivery process, read and emptied at open.
+DOT_FILES = ("dots.0", "dots.1")
 
 # The anonymous caller: whoever uses a daemon that has no tokens and no
 # callers configured; the owner of every message stored before callers
@@ -108,6 +111,20 @@ DROP TABLE idempotency;
 ALTER TABLE idempotency_2 RENAME TO idempotency;
 CREATE INDEX idempotency_age ON idempotency (created);
 INSERT INTO meta VALUES ('caller_key', lower(hex(randomblob(32))));
+"""),
+    # 3: the health of each upstream as delivery last saw it
+    # (delivery/health.py): what STATUS, STATS and `smtpgate queue` show
+    # while every upstream is down.
+    (3, """
+CREATE TABLE upstreams (
+    position INTEGER PRIMARY KEY,  -- order in the configuration
+    name TEXT NOT NULL,            -- HOST:PORT
+    state TEXT NOT NULL,           -- unknown|up|down
+    since REAL NOT NULL,           -- unix seconds: down (or up) since
+    reason TEXT NOT NULL,          -- why it is down ('' when up)
+    failures INTEGER NOT NULL,     -- the failure that took it down, and failed probes since
+    next_probe REAL                -- when it is tried again, while down
+);
 """),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]

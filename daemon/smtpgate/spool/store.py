@@ -43,10 +43,10 @@ from smtpgate.proc.pipe import FramedPipe
 from smtpgate.spool import queries
 from smtpgate.spool.errors import SpoolError, SpoolFull, SpoolLocked
 from smtpgate.spool.ops import (
-    Claimed, ClaimDue, Committed, Configure, Delete, Enqueue, Limits, Open, Purge, RecipientOutcome, Recount,
-    RecordAttempt, Release, Retry,
+    Claimed, ClaimDue, Committed, Configure, Delete, Enqueue, Expire, Limits, Open, Purge, RecipientOutcome,
+    Recount, RecordAttempt, RecordUpstreams, Release, Retry, UpstreamRow,
 )
-from smtpgate.spool.schema import ANONYMOUS_CALLER, DB_FILE, FINAL_STATES, LOCK_FILE, STATES
+from smtpgate.spool.schema import ANONYMOUS_CALLER, DB_FILE, FINAL_STATES, LOCK_FILE, STATES, State
 
 DISK_CHECK_INTERVAL = 1.0  # seconds between two statvfs calls
 # After a kill -9 of a daemon its writer still holds the lock for the
@@ -297,9 +297,19 @@ class Spool:
 
     async def release(self, msg_ids: list[str], possible_duplicate: bool = False) -> int:
         """Put claimed messages whose attempt did not finish back to 'queued'
-        (delivery stopping); possible_duplicate when it was interrupted while
-        the message may have reached the upstream. Returns how many."""
+        (delivery stopping, or every upstream down); possible_duplicate when
+        it was interrupted after the final dot went out (the attempt then
+        counts). Returns how many."""
         return await self.submit(Release(list(msg_ids), possible_duplicate))
+
+    def record_upstreams(self, rows: list[UpstreamRow]) -> asyncio.Future:
+        """Record the upstreams' health (delivery/health.py) for the reads."""
+        return self.submit(RecordUpstreams(list(rows)))
+
+    async def expire(self, created_before: float, reply: str) -> int:
+        """Fail the messages held by an outage that were created at or
+        before `created_before`, their pending recipients with `reply`."""
+        return await self.submit(Expire(self._clock(), created_before, reply))
 
     async def retry(self, msg_id: str | None = None) -> int:
         """Make a deferred message (or every deferred message when msg_id is
@@ -332,7 +342,7 @@ class Spool:
     async def status(self, msg_id: str, caller: str | None = None) -> dict | None:
         """The STATUS payload of PROTOCOL.md, or None if there is no such id
         (or it is not `caller`'s, when given)."""
-        return await self._read(queries.status, msg_id, caller)
+        return await self._read(queries.status, msg_id, self._clock(), caller)
 
     async def wait_final(self, msg_id: str, timeout: float, caller: str | None = None) -> dict | None:
         """WAIT: the STATUS payload as soon as the message is final (sent or
@@ -357,17 +367,29 @@ class Spool:
 
     async def stats(self) -> dict:
         """{'states': {state: count}, 'counters': {accepted, delivered, failed,
-        deferred}}: messages per state now, and counts since open()."""
-        return {"states": dict(self._state_counts), "counters": dict(self.counters)}
+        deferred}, 'upstreams': [...]}: messages per state now, counts since
+        open(), and each upstream's health (queries.upstreams). While every
+        upstream is down, the queued messages are held (shown deferred)."""
+        states = dict(self._state_counts)
+        upstreams = await self._read(queries.upstreams, self._clock())
+        if upstreams and all(u["state"] == "down" for u in upstreams):
+            states[State.DEFERRED] += states[State.QUEUED]  # a queued message is always due
+            states[State.QUEUED] = 0
+        return {"states": states, "counters": dict(self.counters), "upstreams": upstreams}
 
     async def next_due(self) -> float | None:
         """When the earliest queued or deferred message is due, or None."""
         return await self._read(queries.next_due)
 
+    async def count_due(self, now: float) -> int:
+        """How many messages are due by `now`."""
+        return await self._read(queries.count_due, now)
+
     async def list_messages(self, limit: int = 1000, include_final: bool = False) -> list[dict]:
         """Messages oldest first, not final ones unless include_final: the
         entries `smtpgate queue list` prints (queries.queue_entries)."""
-        return await self._read(functools.partial(queries.queue_entries, include_final=include_final, limit=limit))
+        return await self._read(functools.partial(queries.queue_entries, now=self._clock(),
+                                                  include_final=include_final, limit=limit))
 
     async def spec(self, msg_id: str) -> bytes | None:
         """The stored spec bytes of a message (for `smtpgate queue show`)."""

@@ -39,10 +39,11 @@ from smtpgate.proc.calls import Call
 from smtpgate.proc.child import become_child
 from smtpgate.proc.framing import encode, take_messages
 from smtpgate.spool import queries
+from smtpgate.spool.dots import clear_dots, read_dots
 from smtpgate.spool.errors import CallerFull, SpoolError, SpoolFull
 from smtpgate.spool.ops import (
-    Claimed, ClaimDue, Committed, Configure, Delete, Enqueue, Enqueued, Limits, Open, Opened, Purge, Recount,
-    RecordAttempt, Release, Retry,
+    Claimed, ClaimDue, Committed, Configure, Delete, Enqueue, Enqueued, Expire, Limits, Open, Opened, Purge,
+    Recount, RecordAttempt, RecordUpstreams, Release, Retry,
 )
 from smtpgate.spool.schema import (
     FINAL_STATES, IS_DUE, IS_FINAL, IS_UNFINISHED, STATES, UNFINISHED_STATES, State, migrate,
@@ -99,7 +100,7 @@ class Outcome:
 # accepted message is lost. A batch of only these commits with
 # synchronous=NORMAL; the next durable commit (an enqueue) fsyncs the WAL and
 # with it every earlier frame, so recovery always sees a prefix of commits.
-RELAXED_OPS = frozenset({ClaimDue, RecordAttempt, Release, Configure})
+RELAXED_OPS = frozenset({ClaimDue, RecordAttempt, Release, RecordUpstreams, Expire, Configure})
 
 
 class Writer:
@@ -119,6 +120,8 @@ class Writer:
             Purge: self.purge,
             Configure: self.configure,
             Recount: self.recount,
+            RecordUpstreams: self.record_upstreams,
+            Expire: self.expire,
         }
         self.state_counts = {s: 0 for s in STATES}
         # Unfinished messages per caller, kept here like state_counts: the
@@ -152,10 +155,23 @@ class Writer:
         self.schema = (found, version)
         (self.caller_key,) = conn.execute("SELECT value FROM meta WHERE key='caller_key'").fetchone()
         # Crash recovery: a 'sending' message was being delivered when the
-        # process died; deliver it again (at-least-once).
+        # process died; deliver it again (at-least-once). If its final dot
+        # had gone out (spool/dots.py), the upstream may have it: flag it
+        # and count that attempt.
+        spool_dir = os.path.dirname(self.db_path) or "."
+        dots = sorted(read_dots(spool_dir))
         conn.execute("BEGIN IMMEDIATE")
+        for start in range(0, len(dots), 500):  # SQLite's parameter limit
+            chunk = dots[start:start + 500]
+            conn.execute(
+                "UPDATE messages SET possible_duplicate=1, attempts=attempts+1"
+                f" WHERE state=? AND id IN ({','.join('?' * len(chunk))})", (State.SENDING, *chunk))
         conn.execute("UPDATE messages SET state=? WHERE state=?", (State.QUEUED, State.SENDING))
-        conn.execute("COMMIT")
+        # The health recorded by a delivery process that is gone: nothing is
+        # known of the upstreams until the next one records its own.
+        conn.execute("DELETE FROM upstreams")
+        conn.execute("COMMIT")  # synchronous=FULL: durable before the record goes
+        clear_dots(spool_dir)
         for state, n in conn.execute("SELECT state, COUNT(*) FROM messages GROUP BY state"):
             self.state_counts[state] = n
         self.pending = dict(conn.execute(f"SELECT caller, COUNT(*) FROM messages WHERE {IS_UNFINISHED} GROUP BY caller"))
@@ -376,14 +392,34 @@ class Writer:
         released = 0
         for msg_id in op.msg_ids:
             cur = conn.execute(
-                "UPDATE messages SET state=?, possible_duplicate=possible_duplicate OR ?"
-                " WHERE id=? AND state=?",
-                (State.QUEUED, op.possible_duplicate, msg_id, State.SENDING),
+                "UPDATE messages SET state=?, possible_duplicate=possible_duplicate OR ?,"
+                " attempts=attempts+? WHERE id=? AND state=?",
+                (State.QUEUED, op.possible_duplicate, int(op.possible_duplicate), msg_id, State.SENDING),
             )
             if cur.rowcount:
                 effects.move(State.SENDING, State.QUEUED)
                 released += 1
         return released
+
+    def record_upstreams(self, conn, effects, op: RecordUpstreams) -> None:
+        conn.execute("DELETE FROM upstreams")
+        conn.executemany("INSERT INTO upstreams (position, name, state, since, reason, failures, next_probe)"
+                         " VALUES (?, ?, ?, ?, ?, ?, ?)", [(i, *row) for i, row in enumerate(op.rows)])
+
+    def expire(self, conn, effects, op: Expire) -> int:
+        rows = conn.execute(
+            f"UPDATE messages SET state=?, updated=? WHERE {IS_DUE} AND next_attempt <= ? AND created <= ?"
+            " RETURNING id, state",
+            (State.FAILED, op.now, op.now, op.created_before),
+        ).fetchall()
+        conn.executemany(
+            f"UPDATE recipients SET state=?, reply=? WHERE message_id=? AND {IS_DUE}",
+            [(State.FAILED, op.reply, msg_id) for msg_id, _ in rows],
+        )
+        for msg_id, state in rows:
+            effects.move(state, State.FAILED)
+            effects.finalized.append(msg_id)
+        return len(rows)
 
     def retry(self, conn, effects, op: Retry) -> int:
         return queries.retry(conn, op.now, op.msg_id)

@@ -172,12 +172,14 @@ def _queue_parser(sub) -> None:
     ls.add_argument("--json", action="store_true")
     show = qsub.add_parser("show", help="one message: state, recipients, replies")
     show.add_argument("id")
-    retry = qsub.add_parser("retry", help="make deferred messages due now")
+    retry = qsub.add_parser("retry", help="make deferred messages due now (and probe a down upstream at once)")
     group = retry.add_mutually_exclusive_group(required=True)
     group.add_argument("id", nargs="?")
     group.add_argument("--all", action="store_true")
     delete = qsub.add_parser("delete", help="remove a message from the queue")
     delete.add_argument("id")
+    upstreams = qsub.add_parser("upstreams", help="each upstream's state as the running daemon sees it")
+    upstreams.add_argument("--json", action="store_true")
 
 
 def _queue(args) -> int:

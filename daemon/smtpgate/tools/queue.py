@@ -1,8 +1,14 @@
-"""`smtpgate queue list|show|retry|delete`: the queue tools (like mailq, postqueue, postsuper).
+"""`smtpgate queue list|show|retry|delete|upstreams`: the queue tools (like
+mailq, postqueue, postsuper).
 
 They work on the spool whether or not the daemon runs, through the spool's
 own access for operators (spool/admin.py); after a change the running
-daemon is told with SIGUSR1.
+daemon is told with SIGUSR1 (and probes a down upstream at once).
+
+The upstreams' health comes from the spool too, where the running daemon's
+delivery records it at every change: the tool needs no socket and no
+token, and reads it in the same snapshot as the messages it holds. Without
+a running daemon nothing is held, and no health is shown.
 """
 
 from __future__ import annotations
@@ -51,11 +57,20 @@ def run_queue_command(args) -> int:
             print(json.dumps(found[0], ensure_ascii=False, indent=2))
             return 0
         if command == "list":
+            if not args.json:
+                _print_upstreams(spool.upstreams(), only_trouble=True)
             _print_list(spool.entries(include_final=args.all), args.json)
+            return 0
+        if command == "upstreams":
+            upstreams = spool.upstreams()
+            if args.json:
+                print(json.dumps(upstreams))
+            else:
+                _print_upstreams(upstreams, only_trouble=False)
             return 0
         if command == "retry":
             changed = spool.retry(None if args.all else args.id)
-            print(f"{changed} message{'s' if changed != 1 else ''} due now")
+            print(f"{_count(changed, 'message')} due now")
             _tell_daemon(spool)
             return 0 if changed or args.all else 1
         state = spool.delete(args.id)
@@ -70,6 +85,24 @@ def run_queue_command(args) -> int:
 def _tell_daemon(spool: SpoolAdmin) -> None:
     if not spool.notify_daemon():
         print("the daemon is not running; it sees the change when it starts", file=sys.stderr)
+def _print_upstreams(upstreams: list[dict] | None, only_trouble: bool) -> None:
+    """One line per upstream (`list`: only when one is down)."""
+    if upstreams is None:
+        if not only_trouble:
+            print("no daemon is running: no upstream is being tried")
+        return
+    if only_trouble and all(u["state"] != "down" for u in upstreams):
+        return
+    for u in upstreams:
+        line = f"upstream {u['name']}: {u['state']} since {u['since']}"
+        if u["state"] == "down":
+            line += (f" ({u['reason']}); {_count(u['failures'], 'failed try', 'failed tries')}, "
+                     f"next probe {u['next_probe']}, {_count(u['waiting'], 'message')} waiting")
+        print(line)
+
+
+def _count(n: int, one: str, many: str | None = None) -> str:
+    return f"{n} {one if n == 1 else many or one + 's'}"
 
 
 def _print_list(entries: list[dict], as_json: bool) -> None:
@@ -82,4 +115,4 @@ def _print_list(entries: list[dict], as_json: bool) -> None:
         print(f"{m['id']}  {m['state']:<8} {m['attempts']:>3}  {when}  {m['from']}  ({m['caller']})")
         for r in pending:
             print(f"    {r['address']:<40} {r['state']:<8} {r['reply'] or ''}")
-    print(f"-- {len(entries)} message{'s' if len(entries) != 1 else ''}")
+    print(f"-- {_count(len(entries), 'message')}")
