@@ -31,6 +31,7 @@ from support import read_line, read_lines
 from smtpgate.config import ConfigError, load_config
 from smtpgate.intake.callers import Callers, SlidingCount
 from smtpgate.intake.peer import Peer
+from smtpgate.spool.schema import SCHEMA_VERSION
 from smtpgate.message.originators import _PLAIN_FIELD, _field_addresses
 from smtpgate.message.validate import validate_send
 from smtpgate.spool.schema import SCHEMA_V1
@@ -483,11 +484,11 @@ def test_a_spool_of_schema_1_is_upgraded_and_keeps_its_messages(make_daemon, ups
     # The queue tool reads only the tables it knows; the daemon upgrades them.
     early = subprocess.run([sys.executable, "-m", "smtpgate", "queue", "--spool", daemon.spool, "list"],
                            capture_output=True, text=True, timeout=30)
-    assert early.returncode != 0 and "has schema 1, this smtpgate reads 2: start the daemon once" in early.stderr
+    assert early.returncode != 0 and f"has schema 1, this smtpgate reads {SCHEMA_VERSION}: start the daemon once" in early.stderr
 
     daemon.start()
     [upgraded] = [line for line in daemon.log_lines() if line.get("event") == "spool_upgraded"]
-    assert (upgraded["schema_from"], upgraded["schema_to"]) == (1, 2)
+    assert (upgraded["schema_from"], upgraded["schema_to"]) == (1, SCHEMA_VERSION)
     [received] = upstream.wait_for(1)
     assert received.message["Subject"] == "from before"
     with Line(daemon.tcp) as anonymous:  # the owner of what schema 1 stored
