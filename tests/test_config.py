@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from smtpgate.config import ConfigError, load_config
+from smtpgate.config import Config, ConfigError, load_config
 from smtpgate.daemon import delivery_settings
 
 
@@ -82,3 +82,12 @@ def test_tokens_allow_a_network_listener_and_a_bare_smtp_port_means_loopback(tmp
                                          f'tokens_file = "{tokens}"\nsmtp_listen = "2525"\n'))
     assert config.tokens == ["tok-1-0123456789ab", "tok-2-0123456789ab"]
     assert config.smtp_listen == "127.0.0.1:2525"
+
+
+def test_the_default_inflight_budget_holds_one_line_of_the_largest_size():
+    # Below it an overlong line would be answered BUSY (the budget) or
+    # TOO_LARGE (the line) depending on how the kernel split the reads.
+    small = Config(max_message_size=4096)
+    assert small.inflight_budget == small.max_line
+    assert Config().inflight_budget == 4 * Config().max_message_size
+    assert Config(max_inflight_bytes=10 ** 9).inflight_budget == 10 ** 9

@@ -122,9 +122,11 @@ class Config:
         The default, 4 x max_message_size (100 MiB), lets two requests of
         the largest size be received at once and many small ones besides;
         the daemon's memory for them is a small multiple of it (the JSON
-        parsed, the stored form).
+        parsed, the stored form). It is never less than one request line of
+        the largest size (max_line): with a small max_message_size, 4 x it
+        would answer an overlong line BUSY instead of TOO_LARGE.
         """
-        return self.max_inflight_bytes or 4 * self.max_message_size
+        return self.max_inflight_bytes or max(4 * self.max_message_size, self.max_line)
 
 
 @dataclass
