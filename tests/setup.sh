@@ -34,6 +34,9 @@ command -v strace >/dev/null || need+=(strace)
 command -v pkg-config >/dev/null || need+=(pkg-config)
 command -v g++ >/dev/null || need+=(g++)
 command -v systemd-analyze >/dev/null || need+=(systemd)
+# The man pages are rendered with man -l, the zsh completion checked with zsh -n.
+command -v man >/dev/null || need+=(man-db)
+command -v zsh >/dev/null || need+=(zsh)
 # Postfix's smtp-sink: the real server that offers PIPELINING in the SMTP
 # core's tests (aiosmtpd does not). "No configuration": nothing is set up
 # or started, only the programs are installed.

@@ -184,11 +184,28 @@ _SEND_EXITS = epilog(
     (EX_NOPERM, "AUTH_REQUIRED, AUTH_FAILED: the token is missing or wrong"))
 
 
+_SEND_DESCRIPTION = ("Hand one message to the daemon and print the id it gave. The body is read "
+                     "from stdin (UTF-8). `smtpgate send` and the C `smtpgate-send` (clients/c) "
+                     "take the same flags and exit with the same codes.")
+
+
 def _send_parser(sub) -> None:
     p = _command(sub, "send", "hand one message to the daemon; the body is read from stdin", _SEND_EXITS,
-                 description="Hand one message to the daemon and print the id it gave. The body is "
-                             "read from stdin (UTF-8). The same flags and exit codes as the C "
-                             "smtpgate-send (clients/c).")
+                 description=_SEND_DESCRIPTION)
+    _send_arguments(p)
+
+
+def send_parser() -> argparse.ArgumentParser:
+    """`smtpgate send` on its own, as the man page smtpgate-send(1) of the C
+    command documents it (tests/test_exit_codes.py holds both to it)."""
+    p = _Parser(prog="smtpgate-send", description=_SEND_DESCRIPTION, epilog=_SEND_EXITS,
+                formatter_class=HelpFormatter)
+    _add_globals(p, _USES["send"], None)
+    _send_arguments(p)
+    return p
+
+
+def _send_arguments(p) -> None:
     p.add_argument("-f", "--from", dest="sender", required=True, metavar="ADDRESS",
                    help="sender address ('Name <a@example.com>' or a@example.com)")
     p.add_argument("-t", "--to", action="append", default=[], metavar="ADDRESS",

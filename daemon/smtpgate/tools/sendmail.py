@@ -74,7 +74,7 @@ def help_parser():
     import argparse
 
     p = argparse.ArgumentParser(
-        prog="smtpgate sendmail", usage=USAGE.split("\n")[0][len("usage: "):], add_help=False,
+        prog="smtpgate-sendmail", usage=USAGE.split("\n")[0][len("usage: "):], add_help=False,
         formatter_class=HelpFormatter,
         description="A sendmail-compatible command in front of the smtpgate daemon, for PHP's "
                     "mail() (sendmail_path = \"smtpgate sendmail -t -i\"), cron and anything else "
