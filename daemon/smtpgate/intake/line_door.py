@@ -274,7 +274,8 @@ class Connection(asyncio.Protocol):
             self._reply(reply_err(codes.TOO_LARGE, f"request line over {SMALL_LINE} bytes before AUTH"))
             self.close_when_idle()
         else:
-            self._reply(reply_err(codes.TOO_LARGE, f"request line over {self.config.max_line} bytes"))
+            self._reply(reply_err(codes.TOO_LARGE, f"request line over {self.config.max_line} bytes "
+                                                   "(2 x max_message_size + 64 KiB)"))
 
     def _foreign(self, event: ForeignProtocol) -> None:
         """Read nothing more; answer what came before the line, then close (PROTOCOL.md)."""
