@@ -100,3 +100,24 @@ def test_help_lists_every_exit_code_of_the_table(built, command):  # noqa: F811
     assert done.returncode == 0
     listed = {int(code) for code in re.findall(r"^  (\d+) ", done.stdout.rsplit("exit codes", 1)[1], re.M)}
     assert listed == set(CODES.values()) - {CODES["EX_CONFIG"]}, done.stdout
+
+
+# The rows that apply to `smtpgate sendmail`, whose daemon comes from
+# $SMTPGATE_SERVER (never the command line) and whose message from stdin.
+SENDMAIL_CASES = ["queued", "BAD_HEADER", "TOO_LARGE", "BAD_ADDRESS", "DENIED", "host does not resolve",
+                  "unknown error code", "not the protocol", "daemon down", "BUSY", "INTERNAL", "AUTH_FAILED",
+                  "AUTH_REQUIRED"]
+
+
+@pytest.mark.parametrize("case", SENDMAIL_CASES)
+def test_sendmail_exits_with_the_same_codes(peer, case):  # noqa: F811
+    answers, extra, _, expected = CASES[case]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SMTPGATE_")}
+    env["SMTPGATE_CONFIG"] = "/dev/null"  # not the machine's /etc/smtpgate
+    if extra == ["TOKEN"]:
+        env["SMTPGATE_TOKEN"] = "wrong-token"
+    env["SMTPGATE_SERVER"] = (peer(**answers).uri if answers is not None
+                              else f"tcp://127.0.0.1:{dead_port()}" if extra[1] == "DEAD" else extra[1])
+    done = subprocess.run([sys.executable, "-m", "smtpgate", "sendmail", "-t"], capture_output=True, timeout=60,
+                          input=b"From: a@example.com\nTo: b@example.org\nSubject: s\n\nbody\n", env=env)
+    assert done.returncode == CODES[expected], done.stderr.decode()

@@ -36,11 +36,11 @@ from email.utils import formataddr, getaddresses
 
 from smtpgate.config import DEFAULT_CONFIG_PATH, Config
 from smtpgate.message.spec import raw_send
-from smtpgate.tools.lineclient import DEFAULT_URI, LineClient, RemoteError
+from smtpgate.tools.lineclient import DEFAULT_URI, LineClient, ProtocolError, RemoteError
 
 from smtpgate.tools.exits import (
-    EX_CONFIG, EX_DATAERR, EX_IOERR, EX_NOPERM, EX_NOUSER, EX_OK, EX_TEMPFAIL, EX_UNAVAILABLE,
-    EX_USAGE, HelpFormatter, epilog, exit_for_error)
+    EX_CONFIG, EX_DATAERR, EX_IOERR, EX_NOHOST, EX_NOPERM, EX_NOUSER, EX_OK, EX_SOFTWARE,
+    EX_TEMPFAIL, EX_UNAVAILABLE, EX_USAGE, HelpFormatter, epilog, exit_for_error)
 
 # Stop reading stdin past the daemon's limit rather than hold a runaway
 # pipe in memory.
@@ -90,7 +90,9 @@ def help_parser():
             (EX_USAGE, "the command line, or no recipients"),
             (EX_DATAERR, "the message: over max_message_size, BAD_REQUEST, BAD_HEADER, TOO_LARGE"),
             (EX_NOUSER, "an address was refused: BAD_ADDRESS, DENIED"),
+            (EX_NOHOST, "the daemon's host name does not resolve"),
             (EX_UNAVAILABLE, "refused for good for another reason"),
+            (EX_SOFTWARE, "the peer does not speak the line protocol (a wrong port?)"),
             (EX_IOERR, "-bs: stdin or stdout failed"),
             (EX_TEMPFAIL, "nothing stored: the daemon is unreachable, BUSY or INTERNAL; "
                           "keep the message and try again"),
@@ -397,6 +399,10 @@ def main(argv: list[str], stdin=None, stderr=None, stdin_fd: int = 0, stdout_fd:
         return fail(EX_USAGE, str(exc))
     except RemoteError as exc:
         return fail(exit_for_error(exc.code), f"{exc.code} {exc.text}")
+    except ProtocolError as exc:
+        return fail(EX_SOFTWARE, f"{uri} does not speak the line protocol: {exc}")
+    except socket.gaierror as exc:
+        return fail(EX_NOHOST, f"cannot resolve the daemon's host in {uri}: {exc.strerror}")
     except OSError as exc:
         # Refused, no socket file, timed out, closed mid-reply: nothing is
         # known to be stored, so the caller should keep the mail and retry.
