@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+from itertools import pairwise
 import ctypes
 import json
 import os
@@ -368,7 +369,7 @@ def read_replies(lib, chunks: list[bytes], max_line: int = 0) -> tuple[list[tupl
 
 def split_at(data: bytes, cuts: list[int]) -> list[bytes]:
     points = sorted({c % (len(data) + 1) for c in cuts} | {0, len(data)})
-    return [data[a:b] for a, b in zip(points, points[1:])] or [b""]
+    return [data[a:b] for a, b in pairwise(points)] or [b""]
 
 
 # Payload bytes: anything but the line ends and NUL (a reply line never carries them).
