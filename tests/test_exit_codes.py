@@ -35,6 +35,8 @@ CASES = {
     "unknown option": ({"SEND": b"OK 01ID\r\n"}, ["--bogus"], "x", "EX_USAGE"),
     "no subject": ({"SEND": b"OK 01ID\r\n"}, ["NO_SUBJECT"], "x", "EX_USAGE"),
     "bad server URI": (None, ["--server", "smtp.example.com"], "x", "EX_USAGE"),
+    "--wait out of range": ({"SEND": b"OK 01ID\r\n"}, ["--wait", "-1"], "x", "EX_USAGE"),
+    "--timeout zero": ({"SEND": b"OK 01ID\r\n"}, ["--timeout", "0"], "x", "EX_USAGE"),
     "header without a colon": ({"SEND": b"OK 01ID\r\n"}, ["-H", "X-No-Colon"], "x", "EX_USAGE"),
     "body not UTF-8": ({"SEND": b"OK 01ID\r\n"}, [], b"caf\xe9", "EX_DATAERR"),
     "BAD_HEADER": ({"SEND": b"ERR BAD_HEADER line break in subject\r\n"}, [], "x", "EX_DATAERR"),

@@ -108,9 +108,22 @@ def _add_client_args(p) -> None:
     """The options of the commands that talk to the daemon, beside --server
     and --token-file. --token is hidden, and refused with a pointer to
     --token-file: ps and shell histories show the command line."""
-    p.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS",
+    p.add_argument("--timeout", type=_seconds(1), default=10.0, metavar="SECONDS",
                    help="connect, read and write timeout (default 10)")
     p.add_argument("--token", help=argparse.SUPPRESS)
+
+
+def _seconds(least: float):
+    """An argparse type: seconds from `least` to a day, as smtpgate-send takes them."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = -1.0
+        if not least <= value <= 86400:
+            raise argparse.ArgumentTypeError(f"needs seconds ({least:g}..86400), got {text!r}")
+        return value
+    return parse
 
 
 class _CommandError(Exception):
@@ -224,8 +237,9 @@ def _send_arguments(p) -> None:
     p.add_argument("-k", "--idempotency-key", metavar="KEY",
                    help="a repeat with the same key queues nothing new and answers the first id")
     p.add_argument("--html", action="store_true", help="the body on stdin is HTML, not plain text")
-    p.add_argument("--wait", type=float, metavar="SECONDS",
-                   help="wait up to SECONDS for the message to be sent or to fail, and print its state")
+    p.add_argument("--wait", type=_seconds(0), metavar="SECONDS",
+                   help="wait up to SECONDS (0 to 86400; 0: do not wait) for the message to be sent "
+                        "or to fail, and print its state")
     _add_client_args(p)
 
 
@@ -280,7 +294,7 @@ def _send(args) -> int:
     def hand_off(client) -> int:
         msg_id = client.send(message)
         print(msg_id, flush=True)
-        if args.wait is None:
+        if not args.wait:
             return EX_OK
         until = time.monotonic() + args.wait
         while True:
