@@ -71,6 +71,16 @@ def test_stats_is_readable_and_names_the_daemon_it_cannot_reach(daemon, upstream
     assert f"daemon unreachable at {gone}: No such file or directory" in down.stderr
 
 
+def test_send_waits_longer_than_its_io_timeout(make_daemon):
+    """--timeout bounds each read, but a WAIT is answered after its seconds."""
+    daemon = make_daemon(upstream=["127.0.0.1:9"], retry_base=600.0, retry_max=600.0)
+    done = smtpgate("send", "--server", daemon.uri, "-f", "a@example.com", "-t", "b@example.org", "-s", "s",
+                    "--wait", "3", "--timeout", "1", stdin="x")
+    assert done.returncode == 75, done.stderr
+    msg_id, state = done.stdout.splitlines()
+    assert json.loads(state)["state"] == "deferred" and "waiting failed" not in done.stderr
+
+
 def test_sendmail_help_only_as_the_sole_argument():
     helped = smtpgate("sendmail", "--help")
     assert helped.returncode == 0 and "usage: smtpgate sendmail" in helped.stdout

@@ -123,3 +123,15 @@ def test_sendmail_exits_with_the_same_codes(peer, case):  # noqa: F811
     done = subprocess.run([sys.executable, "-m", "smtpgate", "sendmail", "-t"], capture_output=True, timeout=60,
                           input=b"From: a@example.com\nTo: b@example.org\nSubject: s\n\nbody\n", env=env)
     assert done.returncode == CODES[expected], done.stderr.decode()
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_a_stored_message_is_not_handed_to_the_next_daemon_when_waiting_fails(built, peer, command):  # noqa: F811
+    stored = peer(SEND=b"OK 01STORED\r\n", WAIT=b"HTTP/1.1 400 Bad Request\r\n")
+    other = peer(SEND=b"OK 01DUPLICATE\r\n")
+    done = subprocess.run([*COMMANDS[command], "--server", stored.uri, "--server", other.uri, *MESSAGE,
+                           "--wait", "5"], input=b"x", capture_output=True, timeout=60,
+                          env={k: v for k, v in os.environ.items() if not k.startswith("SMTPGATE_")})
+    assert done.returncode == CODES["EX_TEMPFAIL"], done.stderr.decode()
+    assert done.stdout.decode().splitlines()[0] == "01STORED"
+    assert other.connections == [], "sent again elsewhere: a duplicate"

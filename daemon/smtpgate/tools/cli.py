@@ -284,9 +284,8 @@ _MAX_WAIT_PER_REQUEST = 3600
 
 
 def _send(args) -> int:
-    import time
-
     from smtpgate.spool.schema import State
+    from smtpgate.tools.lineclient import RemoteError
 
     token = _token(args)
     message = _read_message(args)
@@ -296,12 +295,11 @@ def _send(args) -> int:
         print(msg_id, flush=True)
         if not args.wait:
             return EX_OK
-        until = time.monotonic() + args.wait
-        while True:
-            left = max(0.0, until - time.monotonic())
-            state = client.wait(msg_id, min(left, _MAX_WAIT_PER_REQUEST))
-            if state["state"] in (State.SENT, State.FAILED) or time.monotonic() >= until:
-                break
+        try:
+            state = _wait(client, msg_id, args.wait, args.timeout)
+        except (OSError, RemoteError) as exc:
+            # Stored: it must not fail over to another daemon (a duplicate).
+            raise _CommandError(EX_TEMPFAIL, f"message {msg_id} queued, but waiting failed: {exc}") from None
         print(json.dumps(state, ensure_ascii=False))
         if state["state"] == State.SENT:
             return EX_OK
@@ -309,6 +307,22 @@ def _send(args) -> int:
         return EX_UNAVAILABLE if state["state"] == State.FAILED else EX_TEMPFAIL
 
     return _request(args, token, hand_off)
+
+
+def _wait(client, msg_id: str, seconds: float, timeout: float) -> dict:
+    """WAIT until the message is final or `seconds` passed (several WAITs
+    past the daemon's cap); its last state."""
+    import time
+
+    from smtpgate.spool.schema import FINAL_STATES
+
+    until = time.monotonic() + seconds
+    while True:
+        left = min(max(0.0, until - time.monotonic()), _MAX_WAIT_PER_REQUEST)
+        client.sock.settimeout(left + timeout)  # the daemon answers a WAIT after `left`
+        state = client.wait(msg_id, left)
+        if state["state"] in FINAL_STATES or time.monotonic() >= until:
+            return state
 
 
 def _stats_parser(sub) -> None:
