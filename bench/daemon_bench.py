@@ -282,7 +282,10 @@ def main() -> int:
             sink.wait()
         shutil.rmtree(workdir, ignore_errors=True)
 
-    med = lambda values: statistics.median(v for v in values if v is not None) if any(v is not None for v in values) else None
+    def med(values):
+        present = [v for v in values if v is not None]
+        return statistics.median(present) if present else None
+
     OUT.mkdir(exist_ok=True)
     (OUT / "daemon_bench.json").write_text(json.dumps(rounds, indent=1))
     print(f"\nmachine: {platform.node()} {platform.machine()}, {os.cpu_count()} cores, "

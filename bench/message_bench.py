@@ -78,9 +78,9 @@ def main() -> None:
         obj = json.loads(json.dumps(obj))          # as the server gets it
         spec = validate_send(obj, max_message_bytes=LIMIT)
         funcs = {
-            "validate": lambda: validate_send(obj, max_message_bytes=LIMIT),
-            "build": lambda: build_message(spec),
-            "reference": lambda: reference_build(obj),
+            "validate": lambda obj=obj: validate_send(obj, max_message_bytes=LIMIT),
+            "build": lambda spec=spec: build_message(spec),
+            "reference": lambda obj=obj: reference_build(obj),
         }
         runs = {key: [] for key in funcs}
         for _ in range(repeats):

@@ -61,7 +61,7 @@ BEFORE_DRAIN = 120.0  # seconds the code before the change gets to drain
 def tcp_counters() -> dict[str, int]:
     """This network namespace's TCP counters (/proc/net/snmp)."""
     lines = [line.split() for line in open("/proc/net/snmp") if line.startswith("Tcp:")]
-    return dict(zip(lines[0][1:], map(int, lines[1][1:])))
+    return dict(zip(lines[0][1:], map(int, lines[1][1:]), strict=True))
 
 
 def queue_messages(port: int, total: int, conns: int = 8, window: int = 128) -> float:

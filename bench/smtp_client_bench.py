@@ -172,7 +172,7 @@ def main() -> None:
         for reference in ("aiosmtplib", "smtplib"):
             # Ratios within a round are paired (same minutes of a noisy
             # machine), so their median is steadier than a ratio of medians.
-            paired = [ours / theirs for ours, theirs in zip(rates[("smtpgate", conns)], rates[(reference, conns)])]
+            paired = [ours / theirs for ours, theirs in zip(rates[("smtpgate", conns)], rates[(reference, conns)], strict=True)]
             print(f"smtpgate / {reference} at {conns} connection(s): ratio of medians "
                   f"{medians[('smtpgate', conns)] / medians[(reference, conns)]:.2f}x, "
                   f"median of per-round ratios {statistics.median(paired):.2f}x "

@@ -1,17 +1,26 @@
 #!/usr/bin/env bash
 # Install everything the test suite needs on a fresh Debian machine:
-# the Python package with its test extras, php-cli, PHPUnit and Composer (the
+# the Python package with its test and dev extras in a virtual environment
+# (.venv: Debian 12 and Ubuntu 24.04 refuse pip outside one, PEP 668; their
+# python3-venv package provides it), php-cli, PHPUnit and Composer (the
 # PHP client's tests and its README's Composer example), a C and C++
 # toolchain, valgrind and strace (the C client's tests, the
 # one-write-per-request checks, the fsync witness), swaks (the SMTP front
 # door's tests), Postfix's smtp-sink (a PIPELINING server), systemd for
 # systemd-analyze (the unit files' checks; nothing is started), and the
-# linters .ci/run uses: phpcs (php-codesniffer) and cppcheck. Run as root
+# linters .ci/run uses: phpcs (php-codesniffer), cppcheck and ruff (a dev
+# extra, with the man page and completion generators). Run as root
 # (or with sudo for the apt part).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need=()
+# Debian's python3 lacks venv's ensurepip without python3-venv.
+for python in python3 /usr/bin/python3; do
+  if command -v "$python" >/dev/null && ! "$python" -c 'import ensurepip' 2>/dev/null; then
+    need+=(python3-venv); break
+  fi
+done
 command -v php >/dev/null || need+=(php-cli)
 command -v phpunit >/dev/null || need+=(phpunit)
 command -v composer >/dev/null || need+=(composer)
@@ -25,6 +34,9 @@ command -v strace >/dev/null || need+=(strace)
 command -v pkg-config >/dev/null || need+=(pkg-config)
 command -v g++ >/dev/null || need+=(g++)
 command -v systemd-analyze >/dev/null || need+=(systemd)
+# The man pages are rendered with man -l, the zsh completion checked with zsh -n.
+command -v man >/dev/null || need+=(man-db)
+command -v zsh >/dev/null || need+=(zsh)
 # Postfix's smtp-sink: the real server that offers PIPELINING in the SMTP
 # core's tests (aiosmtpd does not). "No configuration": nothing is set up
 # or started, only the programs are installed.
@@ -35,4 +47,5 @@ if [ ${#need[@]} -gt 0 ]; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}"
 fi
-python3 -m pip install -q --disable-pip-version-check -e '.[test]'
+[ -x .venv/bin/python ] || python3 -m venv .venv
+.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test,dev]'

@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+from itertools import pairwise
 import ctypes
 import json
 import os
@@ -36,8 +37,9 @@ CDIR = ROOT / "clients" / "c"
 BUILD = CDIR / "build"
 SEND = BUILD / "smtpgate-send"
 
-# smtpgate-send exit codes (clients/c/README.md)
-QUEUED, REFUSED, USAGE, UNREACHABLE, FAILED, NOT_FINAL = 0, 1, 2, 3, 4, 5
+# smtpgate-send exit codes (docs/exit-codes.md)
+QUEUED, USAGE, DATAERR, NOINPUT, NOUSER, FAILED, UNREACHABLE, NOPERM = 0, 64, 65, 66, 67, 69, 75, 77
+NOT_FINAL = UNREACHABLE
 
 
 @pytest.fixture(scope="module")
@@ -152,8 +154,8 @@ def test_install_puts_library_header_and_pkgconfig_under_destdir(built, tmp_path
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     root = tmp_path / "opt" / "sg"
-    for rel in ("bin/smtpgate-send", "include/smtpgate.h", "lib/libsmtpgate.a", "lib/libsmtpgate.so",
-                "lib/libsmtpgate.so.0", "lib/pkgconfig/smtpgate.pc"):
+    for rel in ("bin/smtpgate-send", "share/man/man1/smtpgate-send.1", "include/smtpgate.h", "lib/libsmtpgate.a",
+                "lib/libsmtpgate.so", "lib/libsmtpgate.so.0", "lib/pkgconfig/smtpgate.pc"):
         assert (root / rel).exists(), rel
     pc = (root / "lib/pkgconfig/smtpgate.pc").read_text()
     assert "prefix=/opt/sg" in pc and "-lsmtpgate" in pc and re.search(r"Version: \d+\.\d+\.\d+", pc)
@@ -367,7 +369,7 @@ def read_replies(lib, chunks: list[bytes], max_line: int = 0) -> tuple[list[tupl
 
 def split_at(data: bytes, cuts: list[int]) -> list[bytes]:
     points = sorted({c % (len(data) + 1) for c in cuts} | {0, len(data)})
-    return [data[a:b] for a, b in zip(points, points[1:])] or [b""]
+    return [data[a:b] for a, b in pairwise(points)] or [b""]
 
 
 # Payload bytes: anything but the line ends and NUL (a reply line never carries them).
@@ -503,7 +505,7 @@ def test_exit_codes_for_refused_busy_everywhere_and_usage(built, peer, tmp_path)
     refused = peer(SEND=b"ERR BAD_ADDRESS not an address\r\n")
     busy = peer(SEND=b"ERR BUSY spool full\r\n")
     proc = run_send(["--server", refused.uri, "--server", busy.uri, *message], "x")
-    assert proc.returncode == REFUSED and "BAD_ADDRESS: not an address" in proc.stderr
+    assert proc.returncode == NOUSER and "BAD_ADDRESS: not an address" in proc.stderr
     assert proc.stdout == "" and busy.connections == []  # a refusal is not retried elsewhere
 
     proc = run_send(["--server", busy.uri, "--server", f"tcp://127.0.0.1:{dead_port()}", *message], "x")
@@ -512,12 +514,12 @@ def test_exit_codes_for_refused_busy_everywhere_and_usage(built, peer, tmp_path)
 
     assert run_send(message[:4], "x").returncode == USAGE  # no -s
     assert run_send([*message, "--bogus"], "x").returncode == USAGE
-    assert run_send([*message, "-a", str(tmp_path / "missing.txt")], "x").returncode == USAGE
+    assert run_send([*message, "-a", str(tmp_path / "missing.txt")], "x").returncode == NOINPUT
     bad = run_send(["--server", busy.uri, *message], b"caf\xe9")
-    assert bad.returncode == USAGE and "text: invalid UTF-8 at byte 3" in bad.stderr
+    assert bad.returncode == DATAERR and "text: invalid UTF-8 at byte 3" in bad.stderr
     assert len(busy.connections) == 1  # invalid input never reached a daemon
     helped = run_send(["--help"])
-    assert helped.returncode == 0 and "exit codes:" in helped.stdout and "SMTPGATE_TOKEN" in helped.stdout
+    assert helped.returncode == 0 and "exit codes (sysexits.h" in helped.stdout and "SMTPGATE_TOKEN" in helped.stdout
 
 
 def test_failover_past_a_busy_daemon_and_a_dead_one(built, peer):
@@ -551,7 +553,7 @@ def test_smtpgate_send_is_clean_under_valgrind(built, peer, tmp_path):
     common = ["-f", "a@example.com", "-t", "b@example.org", "-s", "s"]
     runs = [([f"--server=tcp://127.0.0.1:{dead_port()}", "--server", p.uri, *common, "-c", "c@example.org",
               "-a", str(tmp_path / "a.bin"), "-H", "X-A: 1", "--wait", "2"], FAILED),
-            ([*common, "-a", str(tmp_path / "missing")], USAGE),
+            ([*common, "-a", str(tmp_path / "missing")], NOINPUT),
             ([f"--server=tcp://127.0.0.1:{dead_port()}", *common], UNREACHABLE)]
     for args, code in runs:
         proc = subprocess.run([*valgrind, *args], input=b"body", capture_output=True, timeout=60)
@@ -616,11 +618,11 @@ def test_failover_to_the_daemon_and_daemon_down(built, daemon, upstream):
 
 def test_refused_request_exit_code(built, daemon, upstream):
     proc = run_send(["--server", daemon.uri, "-f", "a@example.com", "-t", "not an address", "-s", "s"], "x")
-    assert proc.returncode == REFUSED and proc.stdout == ""
+    assert proc.returncode == NOUSER and proc.stdout == ""
     assert "BAD_ADDRESS" in proc.stderr
     injected = run_send(["--server", daemon.uri, "-f", "a@example.com", "-t", "b@example.org",
                          "-s", "hi\r\nBcc: victim@example.net"], "x")
-    assert injected.returncode == REFUSED and "BAD_HEADER" in injected.stderr
+    assert injected.returncode == DATAERR and "BAD_HEADER" in injected.stderr
     assert upstream.messages == []
 
 
@@ -640,9 +642,9 @@ def test_token_daemon_via_environment(built, make_daemon, upstream):
     daemon = make_daemon(tokens=["c-client-token-7b3e"])
     args = ["--server", daemon.uri, "-f", "a@example.com", "-t", "b@example.org", "-s", "s"]
     missing = run_send(args, "x")
-    assert missing.returncode == REFUSED and "AUTH_REQUIRED" in missing.stderr
+    assert missing.returncode == NOPERM and "AUTH_REQUIRED" in missing.stderr
     wrong = run_send(args, "x", env={"SMTPGATE_TOKEN": "not-the-token"})
-    assert wrong.returncode == REFUSED and "AUTH_FAILED" in wrong.stderr
+    assert wrong.returncode == NOPERM and "AUTH_FAILED" in wrong.stderr
     assert "not-the-token" not in wrong.stderr
     right = run_send([*args, "--wait", "20"], "x", env={"SMTPGATE_TOKEN": "c-client-token-7b3e"})
     assert right.returncode == QUEUED, right.stderr
@@ -713,7 +715,7 @@ def test_too_large_is_refused_and_the_library_connection_stays_usable(built, lib
     big.write_bytes(os.urandom(300_000))  # 400 kB of base64: over the line limit, drained by the daemon
     proc = run_send(["--server", daemon.uri, "-f", "a@example.com", "-t", "b@example.org", "-s", "big",
                      "-a", str(big)], "x")
-    assert proc.returncode == REFUSED and "TOO_LARGE" in proc.stderr
+    assert proc.returncode == DATAERR and "TOO_LARGE" in proc.stderr
     ctx = lib.connect(daemon.uri)
     try:
         fields = {"from": "a@example.com", "to": "b@example.org", "subject": "big",

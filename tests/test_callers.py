@@ -10,6 +10,7 @@ that tell nothing of the next one, and a spool of the previous schema.
 
 from __future__ import annotations
 
+from itertools import pairwise
 import json
 import os
 import shutil
@@ -197,7 +198,7 @@ def public_dir():
 def test_a_unix_peer_is_a_caller_by_its_uid_with_its_policy(make_daemon, upstream, tmp_path, public_dir):
     assert os.geteuid() == 0, "the tests run as root, to run a client as another user"
     path = os.path.join(public_dir, "smtpgate.sock")
-    daemon = start(make_daemon, socket=path, socket_mode=0o666, callers={
+    start(make_daemon, socket=path, socket_mode=0o666, callers={
         "pool": {"uid": NOBODY, "allowed_senders": ["@pool.example"]},
         "cron": {"token_file": token_file(tmp_path, "cron", TOKEN_A)},
     })
@@ -224,7 +225,7 @@ def test_a_unix_peer_is_a_caller_by_its_uid_with_its_policy(make_daemon, upstrea
 
 def test_an_open_daemon_serves_every_unix_peer_as_the_anonymous_caller(make_daemon, public_dir):
     path = os.path.join(public_dir, "smtpgate.sock")
-    daemon = make_daemon(socket=path, socket_mode=0o666)
+    make_daemon(socket=path, socket_mode=0o666)
     [sent] = as_nobody(path, send_line(message()))
     with Line(path) as root:
         assert root.ask(f"STATUS {sent[3:]}").startswith("OK ")  # the same (anonymous) caller
@@ -456,7 +457,7 @@ def test_ids_of_one_caller_in_one_millisecond_are_not_adjacent(make_daemon):
     shared = [sorted(g) for g in groups.values() if len(g) > 1]
     assert shared, "no two SENDs in one millisecond"
     # Drawn afresh, two 80-bit parts are within 2**40 once in ~2**40 pairs.
-    assert min(b - a for g in shared for a, b in zip(g, g[1:])) > 1 << 40
+    assert min(b - a for g in shared for a, b in pairwise(g)) > 1 << 40
 
 
 # -- a spool of schema version 1 ------------------------------------------------------

@@ -54,10 +54,10 @@ async def send(spool: Spool, delivery: Delivery, **fields) -> str:
     return msg_id
 
 
-async def until_deferred(spool: Spool, msg_id: str, timeout: float = 20.0) -> dict:
-    """The message's state once it is deferred, or after `timeout` seconds
+async def until_deferred(spool: Spool, msg_id: str, seconds: float = 20.0) -> dict:
+    """The message's state once it is deferred, or after `seconds`
     (WAIT wakes only at final states, so this looks every 50 ms)."""
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + seconds
     state = await spool.status(msg_id)
     while state["state"] != "deferred" and time.monotonic() < deadline:
         state = await spool.wait_final(msg_id, 0.05)

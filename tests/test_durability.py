@@ -194,7 +194,7 @@ def wait_for_subjects(daemon, upstream, wanted: set[str], timeout: float = 120.0
         if idle:
             break
         with handler.cond:
-            handler.cond.wait_for(lambda: len(handler.messages) > parsed, 0.2)
+            handler.cond.wait_for(lambda parsed=parsed: len(handler.messages) > parsed, 0.2)
     return seen
 
 

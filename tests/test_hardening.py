@@ -223,7 +223,7 @@ def smtpgate(*args, stdin: str = "", env=None) -> subprocess.CompletedProcess:
 
 def test_smtpgate_send_takes_the_token_from_a_file_or_the_environment_only(make_daemon, tmp_path):
     daemon = make_daemon(tokens=[TOKEN])
-    base = ["send", "--server", daemon.uri, "-f", "app@example.com", "-t", "kelly@example.org"]
+    base = ["send", "--server", daemon.uri, "-f", "app@example.com", "-t", "kelly@example.org", "-s", "hi"]
     env = {k: v for k, v in os.environ.items() if k != "SMTPGATE_TOKEN"}
     refused = smtpgate(*base, "--token", TOKEN, env=env)
     assert refused.returncode == 64

@@ -438,7 +438,10 @@ def test_too_large():
     with pytest.raises(RequestError) as info:
         validate({**SIMPLE, "attachments": att}, limit=len(data) - 1)
     refused_text = info.value.text
-    assert info.value.code == codes.TOO_LARGE and "over the limit" in refused_text
+    # How large it would be, the limit and the key that sets it (issue 13).
+    assert info.value.code == codes.TOO_LARGE
+    assert re.search(rf"would be up to \d+ bytes \(0\.0 MiB\), over max_message_size = {len(data) - 1} "
+                     r"\(0\.0 MiB\); attachments count in base64", refused_text), refused_text
     # The estimate is an upper bound, not far above the truth.
     assert len(data) <= spec.size_estimate <= 2 * len(data) + 4096
     with pytest.raises(RequestError) as info:
@@ -446,7 +449,7 @@ def test_too_large():
     assert info.value.code == codes.TOO_LARGE
     with pytest.raises(RequestError) as info:
         validate({"from": "a@example.com", "to": "b@example.org", "raw": "S: x\n\n" + "y\n" * 600}, limit=1000)
-    assert info.value.code == codes.TOO_LARGE
+    assert info.value.code == codes.TOO_LARGE and "over max_message_size = 1000" in info.value.text
 
 
 def test_null_means_absent():

@@ -196,8 +196,8 @@ def test_every_error_code_has_its_exception_class_and_the_connection_stays_usabl
                       "INTERNAL": "InternalException", "SOMETHING_NEW": "ServerException"}
     assert [r["class"] for r in result] == [expected_class[c] for c in codes]
     assert [r["code"] for r in result] == codes
-    assert all(r["text"] == f"text of {c}: 配额" and r["is_smtpgate"] for r, c in zip(result, codes))
-    assert [c for r, c in zip(result, codes) if r["retryable"]] == ["BUSY", "INTERNAL"]
+    assert all(r["text"] == f"text of {c}: 配额" and r["is_smtpgate"] for r, c in zip(result, codes, strict=True))
+    assert [c for r, c in zip(result, codes, strict=True) if r["retryable"]] == ["BUSY", "INTERNAL"]
     assert len(peer.received) == 1, "an ERR reply must not cost the connection"
 
 

@@ -81,14 +81,6 @@ def test_smtpgate_send_reads_body_from_stdin_and_waits(daemon, upstream, tmp_pat
     assert next(parsed.iter_attachments()).get_payload(decode=True) == b"numbers\n"
 
 
-def test_smtpgate_send_exit_codes(daemon):
-    refused = smtpgate("send", "--server", daemon.uri, "-f", "bad address", "-t", "x@example.org", stdin="x")
-    assert refused.returncode == 65 and "BAD_ADDRESS" in refused.stderr
-    down = smtpgate("send", "--server", "tcp://127.0.0.1:9", "-f", "a@example.com", "-t", "x@example.org",
-                    stdin="x")
-    assert down.returncode == 75 and "unreachable" in down.stderr
-
-
 def test_queue_tool_finds_the_spool_in_the_config_without_reading_secrets(daemon, tmp_path):
     # The config names a password file the tool's user cannot read; only `spool` matters.
     config = tmp_path / "smtpgate.toml"
@@ -102,8 +94,8 @@ def test_queue_tool_finds_the_spool_in_the_config_without_reading_secrets(daemon
 
 def test_smtpgate_send_refuses_a_header_without_a_colon(daemon):
     bad = smtpgate("send", "--server", daemon.uri, "-f", "a@example.com", "-t", "b@example.org",
-                   "--header", "X-No-Colon", stdin="x")
-    assert bad.returncode == 64 and "NAME:VALUE" in bad.stderr
+                   "-s", "hi", "--header", "X-No-Colon", stdin="x")
+    assert bad.returncode == 64 and "'X-No-Colon' is not 'Name: value'" in bad.stderr
 
 
 def stopped_daemons_spool(folder, deferred_for: float | None = None) -> str:

@@ -3,6 +3,7 @@ idempotency, back-pressure, recovery, STATUS/WAIT payloads, purge, queue tools."
 
 from __future__ import annotations
 
+from itertools import pairwise
 import asyncio
 import os
 import re
@@ -90,7 +91,7 @@ def test_ok_messages_survive_kill_9_of_the_writer_process(tmp_path):
         return states
 
     states = run(check())
-    lost = [msg_id for msg_id, s in zip(acknowledged, states) if s is None or s["state"] != "queued"]
+    lost = [msg_id for msg_id, s in zip(acknowledged, states, strict=True) if s is None or s["state"] != "queued"]
     assert not lost, f"{len(lost)} of {len(acknowledged)} acknowledged ids lost"
 
 
@@ -125,7 +126,7 @@ def test_batched_enqueues_store_every_recipient_and_respect_max_queued(tmp_path)
     stored, states, full, stats = run(main())
     assert (len(stored), len(full)) == (10, 3)
     assert stats["states"]["queued"] == 10 and stats["counters"]["accepted"] == 10
-    for (msg_id, _), state in zip(stored, states):
+    for (msg_id, _), state in zip(stored, states, strict=True):
         i = int(state["recipients"][0]["address"][1:].split("@")[0])
         assert [r["address"] for r in state["recipients"]] == [f"a{i}@y.org", f"b{i}@y.org"]  # deduplicated, in order
         assert state["id"] == msg_id and state["state"] == "queued"
@@ -391,7 +392,7 @@ def test_ulids_are_crockford_base32_time_prefixed_and_random_within_a_millisecon
     # (The chance that two of 1000 fresh 80-bit draws are within 2**40 is
     # about 1000**2 * 2**40 / 2**80, one in a million.)
     rands = sorted(int(i[10:].translate(_FROM_CROCKFORD), 32) for i in ids)
-    assert min(b - a for a, b in zip(rands, rands[1:])) > 1 << 40
+    assert min(b - a for a, b in pairwise(rands)) > 1 << 40
 
 
 _FROM_CROCKFORD = str.maketrans("0123456789ABCDEFGHJKMNPQRSTVWXYZ", "0123456789abcdefghijklmnopqrstuv")
@@ -471,7 +472,7 @@ def test_only_batches_with_durable_writes_fsync(tmp_path):
     marks = [c.entry for c in trace.calls if c.name == "write" and c.args.split(", ", 1)[-1].startswith('"phase ')]
     assert len(marks) == 4
     flushes = [f.entry for f in trace.flushes()]
-    per_phase = [sum(start < f < end for f in flushes) for start, end in zip(marks, marks[1:])]
+    per_phase = [sum(start < f < end for f in flushes) for start, end in pairwise(marks)]
     # Each enqueue commits with an fsync; the claim and the records commit
     # without (synchronous=NORMAL: a power cut only means a message is sent
     # again); the delete fsyncs again.

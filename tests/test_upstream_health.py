@@ -591,7 +591,7 @@ def test_probes_back_off_from_the_base_doubling_to_the_cap_with_jitter_and_reset
     health = Health("smtp.example:587")
     failure = SmtpConnectError("cannot connect to smtp.example:587: Connection refused")
     delays = []
-    for n in range(12):
+    for _ in range(12):
         health.failed(1000.0, failure, 1.0, 300.0, 0.0)  # rand 0: the lower bound, half the step
         delays.append(health.next_probe - 1000.0)
     assert delays[:4] == [0.5, 1.0, 2.0, 4.0] and delays[-1] == 150.0

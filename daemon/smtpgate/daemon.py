@@ -100,8 +100,9 @@ class Daemon:
         self.spool = Spool(config.spool, **spool_limits(config))
         await self.spool.open()
         for path, mode in self.spool.modes_fixed:
+            # The spool directory is the one directory make_private() fixes.
             self.log.warning("spool_mode_fixed", path=path, was=f"{mode:04o}",
-                             now="0700" if os.path.isdir(path) else "0600")
+                             now="0700" if path == self.spool.path_dir else "0600")
         self.spool.on_writer_lost = self._spool_lost
         if self.spool.schema_upgrade:
             old, new = self.spool.schema_upgrade

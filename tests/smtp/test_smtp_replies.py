@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from itertools import pairwise
 import pytest
 
 from smtpgate.smtp import Reply, ReplyParser, SmtpProtocolError
@@ -26,7 +27,7 @@ def split_bytes(data: bytes) -> list[bytes]:
 def split_odd(data: bytes) -> list[bytes]:
     # Cuts inside the code, right after the code, between CR and LF.
     cuts = [0, 2, 3, 4, 7, 20, 21, 22, 50, len(data)]
-    return [data[a:b] for a, b in zip(cuts, cuts[1:]) if a < len(data)]
+    return [data[a:b] for a, b in pairwise(cuts) if a < len(data)]
 
 
 SPLITS = [split_whole, split_bytes, split_odd]

@@ -11,14 +11,19 @@
 
 #include "smtpgate.h"
 
-/* Exit codes: documented in usage() and README.md; scripts depend on them. */
+/* Exit codes (sysexits.h), the same table as `smtpgate send` and `smtpgate
+ * sendmail`: docs/exit-codes.md. Scripts depend on them. */
 enum {
-    EXIT_QUEUED = 0,      /* accepted (and, with --wait, sent) */
-    EXIT_REFUSED = 1,     /* the daemon refused the request: retrying will not help */
-    EXIT_USAGE = 2,       /* bad command line, unreadable attachment, invalid UTF-8 */
-    EXIT_UNREACHABLE = 3, /* no daemon took the message (down, busy, timed out): retry later */
-    EXIT_FAILED = 4,      /* --wait: the message failed for good */
-    EXIT_NOT_FINAL = 5    /* --wait: accepted, but not final when the time ran out */
+    EX_OK = 0,           /* accepted (and, with --wait, sent) */
+    EX_USAGE = 64,       /* bad command line, bad --server URI */
+    EX_DATAERR = 65,     /* the message: invalid UTF-8, BAD_REQUEST, BAD_HEADER, TOO_LARGE */
+    EX_NOINPUT = 66,     /* an attachment or the token file cannot be read */
+    EX_NOUSER = 67,      /* an address refused: BAD_ADDRESS, DENIED */
+    EX_NOHOST = 68,      /* the daemon's host name does not resolve */
+    EX_UNAVAILABLE = 69, /* refused for another reason; --wait: the message failed */
+    EX_SOFTWARE = 70,    /* the peer does not speak the line protocol */
+    EX_TEMPFAIL = 75,    /* nothing stored: down, busy; --wait: not final in time */
+    EX_NOPERM = 77       /* AUTH_REQUIRED, AUTH_FAILED */
 };
 
 #define DEFAULT_SERVER "tcp://127.0.0.1:2526"
@@ -31,7 +36,8 @@ static void usage(FILE *out)
     fputs(
         "usage: smtpgate-send [--server URI]... -f FROM -t TO [-t TO]... [-c CC]... [-b BCC]...\n"
         "                     -s SUBJECT [-r REPLY_TO] [-a FILE]... [-H 'Name: value']...\n"
-        "                     [--html] [--wait SECONDS] [--timeout SECONDS] [-k KEY] < body\n"
+        "                     [--html] [--wait SECONDS] [--timeout SECONDS] [-k KEY]\n"
+        "                     [--token-file FILE] < body\n"
         "\n"
         "Hands one message to the smtpgate daemon and prints its id.\n"
         "\n"
@@ -48,24 +54,32 @@ static void usage(FILE *out)
         "      --html       the body on stdin is HTML, not plain text\n"
         "      --wait N     wait up to N seconds for the message to be sent or to fail\n"
         "      --timeout N  connect/read/write timeout in seconds (default 10)\n"
+        "      --token-file FILE  the client token for AUTH (default $SMTPGATE_TOKEN)\n"
         "  -h, --help       this text;  --version  the version\n"
         "\n"
-        "The token for AUTH is read from $SMTPGATE_TOKEN (never from the command line,\n"
-        "where other users could read it in the process list).\n"
+        "The token for AUTH is read from --token-file FILE, else $SMTPGATE_TOKEN (never from\n"
+        "the command line, where other users could read it in the process list).\n"
         "\n"
-        "exit codes:\n"
-        "  0  queued (with --wait: sent)\n"
-        "  1  refused by the daemon (bad address, denied, auth failed, too large, ...)\n"
-        "  2  usage error (bad option, unreadable attachment, invalid UTF-8)\n"
-        "  3  daemon unreachable or busy on every server: nothing was handed off\n"
-        "  4  with --wait: the message failed\n"
-        "  5  with --wait: accepted, but not sent or failed when the time ran out\n",
+        "exit codes (sysexits.h; the full table: docs/exit-codes.md):\n"
+        "  0   the daemon has the message (with --wait: sent); its id is on stdout\n"
+        "  64  the command line: an unknown option, no -f, -t or -s, a bad --server\n"
+        "  65  the message: the body is not UTF-8, or BAD_REQUEST, BAD_HEADER,\n"
+        "      TOO_LARGE\n"
+        "  66  an attachment or the token file cannot be read\n"
+        "  67  an address was refused: BAD_ADDRESS, DENIED\n"
+        "  68  the daemon's host name does not resolve\n"
+        "  69  with --wait: the message failed; or refused for another reason\n"
+        "  70  the peer does not speak the line protocol (a wrong port?)\n"
+        "  75  nothing stored: every daemon down, BUSY or INTERNAL (try again later);\n"
+        "      with --wait: stored, but not final when the time ran out\n"
+        "  77  AUTH_REQUIRED, AUTH_FAILED: the token is missing or wrong\n",
         out);
 }
 
 struct options {
     const char *servers[MAX_SERVERS];
     int n_servers;
+    const char *token_file;
     int html, wait_seconds, timeout_seconds;
 };
 
@@ -74,7 +88,7 @@ static int die_usage(const char *fmt, const char *arg)
     fprintf(stderr, "smtpgate-send: ");
     fprintf(stderr, fmt, arg);
     fprintf(stderr, "\ntry 'smtpgate-send --help'\n");
-    return EXIT_USAGE;
+    return EX_USAGE;
 }
 
 static int parse_seconds(const char *s, int *out)
@@ -122,6 +136,7 @@ static int parse_args(int argc, char **argv, struct options *opts, smtpgate_msg 
         {'a', 'a', "attach", 1},   {'H', 'H', "header", 1},     {'k', 'k', "idempotency-key", 1},
         {'h', 'h', "help", 0},     {'S', 0, "server", 1},       {'W', 0, "wait", 1},
         {'T', 0, "timeout", 1},    {'m', 0, "html", 0},         {'V', 0, "version", 0},
+        {'K', 0, "token-file", 1},
     };
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *value = NULL;
@@ -161,7 +176,15 @@ static int parse_args(int argc, char **argv, struct options *opts, smtpgate_msg 
         case 'b': smtpgate_msg_add_bcc(m, value); *have_rcpt = 1; break;
         case 'r': smtpgate_msg_add_reply_to(m, value); break;
         case 's': smtpgate_msg_set_subject(m, value); *have_subject = 1; break;
-        case 'a': smtpgate_msg_attach_file(m, value, NULL, NULL); break;
+        case 'a':
+            /* An earlier error is reported after parsing; this one is the file's. */
+            if (smtpgate_msg_error(m) == NULL &&
+                smtpgate_msg_attach_file(m, value, NULL, NULL) != SMTPGATE_OK) {
+                fprintf(stderr, "smtpgate-send: cannot read the %s\n", smtpgate_msg_error(m));
+                return EX_NOINPUT;
+            }
+            break;
+        case 'K': opts->token_file = value; break;
         case 'k': smtpgate_msg_set_idempotency_key(m, value); break;
         case 'H':
             if (add_header(m, value) != 0)
@@ -181,8 +204,8 @@ static int parse_args(int argc, char **argv, struct options *opts, smtpgate_msg 
                 return die_usage("--timeout needs seconds (1..86400), got '%s'", value);
             break;
         case 'm': opts->html = 1; break;
-        case 'h': usage(stdout); return EXIT_QUEUED;
-        case 'V': printf("smtpgate-send %s (protocol %d)\n", SMTPGATE_VERSION, SMTPGATE_PROTOCOL_VERSION); return EXIT_QUEUED;
+        case 'h': usage(stdout); return EX_OK;
+        case 'V': printf("smtpgate-send %s (protocol %d)\n", SMTPGATE_VERSION, SMTPGATE_PROTOCOL_VERSION); return EX_OK;
         }
     }
     return -1;
@@ -221,16 +244,48 @@ static int read_body(smtpgate_msg *m, int html)
     return bad ? -1 : 0;
 }
 
+/* The exit code for the daemon's `ERR CODE` (docs/exit-codes.md); a code
+ * not in the table (one a newer daemon may add) is a refusal for good. */
+static int exit_for_error(const char *code)
+{
+    static const struct {
+        const char *code;
+        int exit_code;
+    } table[] = {
+        {"BUSY", EX_TEMPFAIL},       {"INTERNAL", EX_TEMPFAIL},   {"BAD_ADDRESS", EX_NOUSER},
+        {"DENIED", EX_NOUSER},       {"BAD_HEADER", EX_DATAERR},  {"TOO_LARGE", EX_DATAERR},
+        {"BAD_REQUEST", EX_DATAERR}, {"AUTH_REQUIRED", EX_NOPERM}, {"AUTH_FAILED", EX_NOPERM},
+    };
+    for (size_t i = 0; i < sizeof table / sizeof table[0]; i++)
+        if (strcmp(code, table[i].code) == 0)
+            return table[i].exit_code;
+    return EX_UNAVAILABLE;
+}
+
+/* The exit code of a failed connect, AUTH or SEND. */
+static int exit_for_failure(const smtpgate_ctx *c)
+{
+    switch (c->err) {
+    case SMTPGATE_ERR_SERVER: return exit_for_error(c->code);
+    case SMTPGATE_ERR_INVALID: return EX_USAGE; /* a bad --server URI or token */
+    case SMTPGATE_ERR_PROTOCOL: return EX_SOFTWARE;
+    default:
+        /* net.c words a failed getaddrinfo "resolve URI: reason". */
+        return strncmp(c->errstr, "resolve ", 8) == 0 ? EX_NOHOST : EX_TEMPFAIL;
+    }
+}
+
 /* Hands m to the first server that takes it: a server that is down, busy
  * (BUSY, INTERNAL: nothing was stored) or fails mid-request makes us try the
  * next one. Mid-request failover is at-least-once: a daemon that stored the
  * message but lost the connection before answering may deliver a duplicate.
- * Returns the context that took it (id filled) or NULL with *code set. */
+ * Returns the context that took it (id filled) or NULL with *code set to
+ * the exit code of the last failure. */
 static smtpgate_ctx *hand_off(const struct options *opts, const smtpgate_msg *m,
                               const char *token, char *id, int *code)
 {
     int timeout_ms = (opts->timeout_seconds ? opts->timeout_seconds : 10) * 1000;
-    *code = EXIT_UNREACHABLE;
+    *code = EX_TEMPFAIL;
     for (int i = 0; i < opts->n_servers; i++) {
         smtpgate_ctx *c = smtpgate_connect(opts->servers[i], timeout_ms);
         if (c == NULL) {
@@ -244,18 +299,33 @@ static smtpgate_ctx *hand_off(const struct options *opts, const smtpgate_msg *m,
         if (!c->err)
             return c;
         fprintf(stderr, "smtpgate-send: %s\n", c->errstr);
-        int retry_elsewhere = c->err != SMTPGATE_ERR_SERVER || strcmp(c->code, "BUSY") == 0 ||
-                              strcmp(c->code, "INTERNAL") == 0;
-        if (c->err == SMTPGATE_ERR_INVALID) { /* our input: every server would refuse it */
-            *code = EXIT_USAGE;
-            retry_elsewhere = 0;
-        } else if (!retry_elsewhere)
-            *code = EXIT_REFUSED;
+        *code = exit_for_failure(c);
+        /* A refusal for good, or our own input: every server would say the same. */
+        int retry_elsewhere = c->err != SMTPGATE_ERR_INVALID &&
+                              (c->err != SMTPGATE_ERR_SERVER || *code == EX_TEMPFAIL);
         smtpgate_free(c);
         if (!retry_elsewhere)
             return NULL;
     }
     return NULL;
+}
+
+/* The first line of the token file, without its line ending; NULL with a
+ * message on stderr when it cannot be read. The caller frees it. */
+static char *read_token_file(const char *path)
+{
+    FILE *f = fopen(path, "r");
+    char line[1024];
+    if (f == NULL || fgets(line, sizeof line, f) == NULL) {
+        fprintf(stderr, "smtpgate-send: cannot read the token file %s: %s\n", path,
+                f == NULL || ferror(f) ? strerror(errno) : "empty");
+        if (f != NULL)
+            fclose(f);
+        return NULL;
+    }
+    fclose(f);
+    line[strcspn(line, "\r\n")] = '\0';
+    return strdup(line);
 }
 
 /* WAIT until the message is final or `seconds` passed; returns the exit code. */
@@ -274,17 +344,17 @@ static int wait_final(smtpgate_ctx *c, const char *id, int seconds)
         if (smtpgate_wait(c, id, left, &state, &json) != SMTPGATE_OK) {
             fprintf(stderr, "smtpgate-send: message %s queued, but waiting failed: %s\n", id,
                     c->errstr);
-            return EXIT_NOT_FINAL;
+            return EX_TEMPFAIL;
         }
         /* The daemon may cap one WAIT below what we asked: ask again while time is left. */
         if (state == SMTPGATE_STATE_SENT || state == SMTPGATE_STATE_FAILED || left == 0 ||
             time(NULL) >= until)
             break;
     }
-    int code = state == SMTPGATE_STATE_SENT     ? EXIT_QUEUED
-               : state == SMTPGATE_STATE_FAILED ? EXIT_FAILED
-                                                : EXIT_NOT_FINAL;
-    if (code != EXIT_QUEUED)
+    int code = state == SMTPGATE_STATE_SENT     ? EX_OK
+               : state == SMTPGATE_STATE_FAILED ? EX_UNAVAILABLE
+                                                : EX_TEMPFAIL;
+    if (code != EX_OK)
         fprintf(stderr, "smtpgate-send: message %s is %s: %s\n", id, smtpgate_state_name(state),
                 json);
     free(json);
@@ -299,7 +369,7 @@ int main(int argc, char **argv)
     smtpgate_msg *m = smtpgate_msg_new();
     if (m == NULL) {
         fprintf(stderr, "smtpgate-send: out of memory\n");
-        return EXIT_USAGE;
+        return EX_TEMPFAIL;
     }
     int code = parse_args(argc, argv, &opts, m, &have_from, &have_rcpt, &have_subject);
     if (code >= 0) {
@@ -316,27 +386,37 @@ int main(int argc, char **argv)
         const char *env = getenv("SMTPGATE_SERVER");
         opts.servers[opts.n_servers++] = env && *env ? env : DEFAULT_SERVER;
     }
+    char *token = NULL;
+    if (opts.token_file != NULL) {
+        token = read_token_file(opts.token_file);
+        if (token == NULL) {
+            smtpgate_msg_free(m);
+            return EX_NOINPUT;
+        }
+    } else if (getenv("SMTPGATE_TOKEN") != NULL && *getenv("SMTPGATE_TOKEN") != '\0') {
+        token = strdup(getenv("SMTPGATE_TOKEN"));
+    }
     if (read_body(m, opts.html) != 0) {
-        smtpgate_msg_free(m);
         fprintf(stderr, "smtpgate-send: cannot read the body from stdin\n");
-        return EXIT_USAGE;
-    }
-    if (smtpgate_msg_error(m) != NULL) {
+        code = EX_NOINPUT;
+    } else if (smtpgate_msg_error(m) != NULL) {
         fprintf(stderr, "smtpgate-send: %s\n", smtpgate_msg_error(m));
-        smtpgate_msg_free(m);
-        return EXIT_USAGE;
+        code = EX_DATAERR;
     }
-    const char *token = getenv("SMTPGATE_TOKEN");
-    if (token != NULL && *token == '\0')
-        token = NULL;
+    if (code >= 0) {
+        smtpgate_msg_free(m);
+        free(token);
+        return code;
+    }
     char id[SMTPGATE_ID_SIZE];
     smtpgate_ctx *c = hand_off(&opts, m, token, id, &code);
     smtpgate_msg_free(m);
+    free(token);
     if (c == NULL)
         return code;
     printf("%s\n", id);
     fflush(stdout);
-    code = EXIT_QUEUED;
+    code = EX_OK;
     if (opts.wait_seconds > 0)
         code = wait_final(c, id, opts.wait_seconds);
     smtpgate_free(c);

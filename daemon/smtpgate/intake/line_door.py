@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import json
 import os
 import socket
@@ -78,6 +79,7 @@ class LineDoor:
         self.gate.on_stress = self._stressed
         self.acceptor: Acceptor | None = None
         self.connections: set[Connection] = set()
+        self.all_closed = asyncio.Event()  # set by the last connection to close after close()
         self.accepting = True
         self.counters = {"connections": 0, "requests": 0, "sends_accepted": 0,
                          "sends_refused": 0, "foreign_protocol": 0}
@@ -139,9 +141,9 @@ class LineDoor:
                 pass
         for conn in list(self.connections):
             conn.close_when_idle()
-        deadline = asyncio.get_running_loop().time() + grace
-        while self.connections and asyncio.get_running_loop().time() < deadline:
-            await asyncio.sleep(0.05)
+        if self.connections:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.all_closed.wait(), grace)
         for conn in list(self.connections):
             conn.transport.abort()
 
@@ -202,6 +204,8 @@ class Connection(asyncio.Protocol):
 
     def connection_lost(self, exc) -> None:
         self.door.connections.discard(self)
+        if not self.door.connections and not self.door.accepting:
+            self.door.all_closed.set()
         self.slot.release()
         self.limits.inflight -= self.held
         self.held = 0
@@ -274,7 +278,8 @@ class Connection(asyncio.Protocol):
             self._reply(reply_err(codes.TOO_LARGE, f"request line over {SMALL_LINE} bytes before AUTH"))
             self.close_when_idle()
         else:
-            self._reply(reply_err(codes.TOO_LARGE, f"request line over {self.config.max_line} bytes"))
+            self._reply(reply_err(codes.TOO_LARGE, f"request line over {self.config.max_line} bytes "
+                                                   "(2 x max_message_size + 64 KiB)"))
 
     def _foreign(self, event: ForeignProtocol) -> None:
         """Read nothing more; answer what came before the line, then close (PROTOCOL.md)."""

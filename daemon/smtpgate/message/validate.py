@@ -43,6 +43,13 @@ MAX_IDEMPOTENCY_KEY = 200      # PROTOCOL.md
 MAX_LOCAL_OCTETS, MAX_DOMAIN_OCTETS, MAX_ADDRESS_OCTETS = 64, 255, 254
 
 
+def over_max_message_size(what: str, size: int, limit: int) -> str:
+    """The TOO_LARGE text: how large, the limit and the key that sets it."""
+    mib = 1024 * 1024
+    return (f"{what} would be up to {size} bytes ({size / mib:.1f} MiB), over "
+            f"max_message_size = {limit} ({limit / mib:.1f} MiB)")
+
+
 # ---------------------------------------------------------------- characters
 
 # Header text (names, subject, values): C0 controls except TAB, DEL, C1
@@ -238,7 +245,9 @@ def _validate_composed(obj: dict, addresses: _Addresses, key: str | None, date: 
         attachments, attachment_octets = _attachments(raw_attachments)
         size += attachment_octets
     if size > max_message_bytes:
-        raise RequestError(TOO_LARGE, f"the message would be up to {size} bytes, over the limit of {max_message_bytes}")
+        # Attachments count as base64, 4/3 of their size: a 20 MB file is 27 MB.
+        raise RequestError(TOO_LARGE, over_max_message_size("the message", size, max_message_bytes)
+                           + "; attachments count in base64, 4/3 of their size")
 
     return MessageSpec(
         envelope_from=from_addr, recipients=addresses.recipients, message_id=message_id, date=date,
@@ -495,8 +504,9 @@ def _validate_raw(raw, envelope_from, recipients, smtputf8, key, date, id_domain
         data = raw.encode("utf-8", OCTETS if octets_ok else "strict")
     except UnicodeEncodeError:
         raise RequestError(BAD_REQUEST, "raw message contains an unpaired surrogate") from None
-    if len(data) + 2 * raw.count("\n") + 200 > max_message_bytes:
-        raise RequestError(TOO_LARGE, f"the raw message is over the limit of {max_message_bytes} bytes")
+    size = len(data) + 2 * raw.count("\n") + 200
+    if size > max_message_bytes:
+        raise RequestError(TOO_LARGE, over_max_message_size("the raw message", size, max_message_bytes))
     if _LONG_LINE.search(data):
         raise RequestError(TOO_LARGE, f"raw message has a line over {MAX_LINE_OCTETS} octets (RFC 5322 2.1.1); "
                                       "encode long lines as quoted-printable or base64")

@@ -344,9 +344,10 @@ class Spool:
         (or it is not `caller`'s, when given)."""
         return await self._read(queries.status, msg_id, self._clock(), caller)
 
-    async def wait_final(self, msg_id: str, timeout: float, caller: str | None = None) -> dict | None:
+    async def wait_final(self, msg_id: str, seconds: float, caller: str | None = None) -> dict | None:
         """WAIT: the STATUS payload as soon as the message is final (sent or
-        failed), or its current state after `timeout` seconds; None if there
+        failed), or its current state after `seconds` (an answer, not an
+        error: no timeout to cancel it from outside); None if there
         is no such id (or it is not `caller`'s, when given). Woken by the
         writer's commit, no polling."""
         fut = self._loop.create_future()
@@ -356,7 +357,7 @@ class Spool:
             if state is None or state["state"] in FINAL_STATES:
                 return state
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(fut, timeout)
+                await asyncio.wait_for(fut, seconds)
             return await self.status(msg_id, caller)
         finally:
             waiters = self._waiters.get(msg_id)

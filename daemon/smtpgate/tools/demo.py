@@ -3,6 +3,8 @@ message through it, and show what the embedded upstream received."""
 
 from __future__ import annotations
 
+import email
+import email.policy
 import json
 import os
 import socket
@@ -53,10 +55,25 @@ def run_demo() -> int:
                 print(f"< OK {json.dumps(state, ensure_ascii=False)}")
             maildir = os.path.join(folder, "dev-mail")
             for name in sorted(os.listdir(maildir)):
-                print(f"\n--- the embedded upstream received {name}:")
                 with open(os.path.join(maildir, name), "rb") as fh:
-                    print(fh.read().decode("utf-8", "replace"))
+                    print_received(name, fh.read())
             return EX_OK if state["state"] == State.SENT else EX_SOFTWARE
         finally:
             daemon.terminate()
             daemon.wait(30)
+
+
+def print_received(name: str, raw: bytes) -> None:
+    """The message as a mail reader shows it: the envelope, the header
+    fields decoded (RFC 2047 encoded words) and the text decoded from its
+    transfer encoding (base64, quoted-printable)."""
+    message = email.message_from_bytes(raw, policy=email.policy.default)
+    print(f"\n--- the embedded upstream received {name} ({len(raw)} bytes on the wire):")
+    print(f"envelope: {message['X-Smtpgate-Dev-Envelope-From']} -> "
+          f"{message['X-Smtpgate-Dev-Envelope-To']}")
+    for field in ("From", "To", "Cc", "Subject", "Date", "Message-ID"):
+        if message[field] is not None:
+            print(f"{field}: {message[field]}")
+    body = message.get_body(("plain", "html"))
+    print()
+    print(body.get_content().replace("\r\n", "\n").rstrip("\n") if body is not None else "(no text part)")

@@ -9,6 +9,7 @@ accepts anything from anyone on loopback.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import time
 from pathlib import Path
@@ -37,9 +38,9 @@ class MaildirHandler:
 async def start_dev_upstream(folder: str, log, host: str = "127.0.0.1"):
     """Start the embedded upstream on a free loopback port; return (server, port)."""
     path = Path(folder)
-    path.mkdir(parents=True, exist_ok=True)
-    handler = MaildirHandler(path, log)
     loop = asyncio.get_running_loop()
+    await loop.run_in_executor(None, functools.partial(path.mkdir, parents=True, exist_ok=True))
+    handler = MaildirHandler(path, log)
     server = await loop.create_server(
         lambda: SMTP(handler, hostname="smtpgate-dev", decode_data=False,
                      data_size_limit=None, enable_SMTPUTF8=True),

@@ -2,7 +2,8 @@
 
 Used by `smtpgate send`, `smtpgate sendmail` and the tests. Every request
 goes out in one `sendall`; replies are read up to CRLF. An `ERR` reply
-raises `RemoteError(code, text)`; a network failure raises `OSError`.
+raises `RemoteError(code, text)`; a network failure raises `OSError`, and
+a reply that is not the protocol `ProtocolError` (an OSError too).
 """
 
 from __future__ import annotations
@@ -21,6 +22,10 @@ class RemoteError(Exception):
         super().__init__(f"{code} {text}")
         self.code = code
         self.text = text
+
+
+class ProtocolError(ConnectionError):
+    """The peer answered something that is not a line-protocol reply."""
 
 
 def parse_uri(uri: str) -> tuple[int, object]:
@@ -71,15 +76,18 @@ class LineClient:
                 raise ConnectionError("the daemon closed the connection")
             self.buffer += chunk
             if len(self.buffer) > MAX_REPLY:
-                raise ConnectionError("reply too long")
+                raise ProtocolError("reply too long")
         line, self.buffer = self.buffer.split(b"\r\n", 1)
-        text = line.decode("utf-8")
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ProtocolError(f"malformed reply: {line[:80]!r}") from None
         if text == "OK" or text.startswith("OK "):
             return text[3:]
         if text.startswith("ERR "):
             code, _, message = text[4:].partition(" ")
             raise RemoteError(code, message)
-        raise ConnectionError(f"malformed reply: {text[:80]!r}")
+        raise ProtocolError(f"malformed reply: {text[:80]!r}")
 
     def request(self, line: str) -> str:
         self.send_lines([line])

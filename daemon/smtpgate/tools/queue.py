@@ -15,13 +15,19 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 import sys
 import tomllib
 
 from smtpgate.config import DEFAULT_CONFIG_PATH, Config
 from smtpgate.spool.admin import SpoolAdmin
 from smtpgate.spool.errors import SpoolError
-from smtpgate.spool.schema import FINAL_STATES
+from smtpgate.spool.schema import FINAL_STATES, STATES
+from smtpgate.tools.exits import EX_CONFIG, EX_NOINPUT
+
+
+class _QueueError(Exception):
+    """(exit code, message): the tool cannot start."""
 
 
 def _spool_dir(args) -> str:
@@ -35,19 +41,25 @@ def _spool_dir(args) -> str:
             with open(path, "rb") as fh:
                 spool = tomllib.load(fh).get("spool")
         except (OSError, tomllib.TOMLDecodeError) as exc:
-            raise SystemExit(f"smtpgate queue: cannot read {path}: {exc}")
+            raise _QueueError(EX_CONFIG, f"cannot read the configuration {path}: "
+                                         f"{getattr(exc, 'strerror', None) or exc}") from None
         if spool is not None:
             return spool
     return os.environ.get("STATE_DIRECTORY", Config.spool)
 
 
 def run_queue_command(args) -> int:
-    path = _spool_dir(args)
     command = args.queue_command
     try:
-        spool = SpoolAdmin(path, write=command in ("retry", "delete"))
-    except SpoolError as exc:
-        raise SystemExit(f"smtpgate queue: {exc} (give --spool DIR or --config FILE)")
+        path = _spool_dir(args)
+        try:
+            spool = SpoolAdmin(path, write=command in ("retry", "delete"))
+        except SpoolError as exc:
+            raise _QueueError(EX_NOINPUT, f"{exc} (give --spool DIR or --config FILE)") from None
+    except _QueueError as exc:
+        code, text = exc.args
+        print(f"smtpgate queue: {text}", file=sys.stderr)
+        return code
     with spool:
         if command == "show":
             found = spool.entries(msg_id=args.id)
@@ -85,6 +97,8 @@ def run_queue_command(args) -> int:
 def _tell_daemon(spool: SpoolAdmin) -> None:
     if not spool.notify_daemon():
         print("the daemon is not running; it sees the change when it starts", file=sys.stderr)
+
+
 def _print_upstreams(upstreams: list[dict] | None, only_trouble: bool) -> None:
     """One line per upstream (`list`: only when one is down)."""
     if upstreams is None:
@@ -106,13 +120,19 @@ def _count(n: int, one: str, many: str | None = None) -> str:
 
 
 def _print_list(entries: list[dict], as_json: bool) -> None:
+    """A header line, one line per message (and one per recipient not yet
+    final, with its last reply), then the totals by state."""
     if as_json:
         print(json.dumps(entries, ensure_ascii=False))
         return
+    if entries:
+        print(f"{'ID':<26}  {'STATE':<8} {'TRIES':>5}  {'NEXT TRY OR LAST CHANGE':<24}  FROM  (CALLER)")
     for m in entries:
         pending = [r for r in m["recipients"] if r["state"] not in FINAL_STATES] or m["recipients"]
         when = m.get("next_attempt", m["updated"])
-        print(f"{m['id']}  {m['state']:<8} {m['attempts']:>3}  {when}  {m['from']}  ({m['caller']})")
+        print(f"{m['id']:<26}  {m['state']:<8} {m['attempts']:>5}  {when:<24}  {m['from']}  ({m['caller']})")
         for r in pending:
             print(f"    {r['address']:<40} {r['state']:<8} {r['reply'] or ''}")
-    print(f"-- {_count(len(entries), 'message')}")
+    by_state = Counter(m["state"] for m in entries)
+    totals = ", ".join(f"{by_state[state]} {state}" for state in STATES if by_state[state])
+    print(f"-- {_count(len(entries), 'message')}" + (f": {totals}" if totals else ""))

@@ -36,19 +36,11 @@ from email.utils import formataddr, getaddresses
 
 from smtpgate.config import DEFAULT_CONFIG_PATH, Config
 from smtpgate.message.spec import raw_send
-from smtpgate.tools.lineclient import DEFAULT_URI, LineClient, RemoteError
+from smtpgate.tools.lineclient import DEFAULT_URI, LineClient, ProtocolError, RemoteError
 
-# sysexits.h
-EX_OK = 0
-EX_USAGE = 64        # bad command line, no recipients
-EX_DATAERR = 65      # the message itself is unusable (not UTF-8, too large, bad header)
-EX_NOUSER = 67       # an address was refused (invalid, or outside the policy)
-EX_UNAVAILABLE = 69  # the daemon refused the message for good
-EX_SOFTWARE = 70     # the daemon answered something we do not understand
-EX_TEMPFAIL = 75     # daemon unreachable or busy: nothing stored, try again later
-EX_IOERR = 74       # -bs: stdin or stdout failed
-EX_NOPERM = 77       # the daemon wants a token we do not have, or refused it
-EX_CONFIG = 78       # the configuration file named by $SMTPGATE_CONFIG cannot be read
+from smtpgate.tools.exits import (
+    EX_CONFIG, EX_DATAERR, EX_IOERR, EX_NOHOST, EX_NOPERM, EX_NOUSER, EX_OK, EX_SOFTWARE,
+    EX_TEMPFAIL, EX_UNAVAILABLE, EX_USAGE, HelpFormatter, epilog, exit_for_error)
 
 # Stop reading stdin past the daemon's limit rather than hold a runaway
 # pipe in memory.
@@ -71,6 +63,54 @@ else the file's tokens.
 # A display name for -F: no control characters (a line break would start a
 # header of the caller's choosing), as message/validate.py refuses in names.
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def help_parser():
+    """`smtpgate sendmail --help` and the man page smtpgate-sendmail(8).
+
+    Only documentation: the command line itself is read by parse_args,
+    whose rules (module docstring) argparse cannot express.
+    """
+    import argparse
+
+    p = argparse.ArgumentParser(
+        prog="smtpgate-sendmail", usage=USAGE.split("\n")[0][len("usage: "):], add_help=False,
+        formatter_class=HelpFormatter,
+        description="A sendmail-compatible command in front of the smtpgate daemon, for PHP's "
+                    "mail() (sendmail_path = \"smtpgate sendmail -t -i\"), cron and anything else "
+                    "that pipes a message into /usr/sbin/sendmail. It returns once the daemon has "
+                    "the message on disk. Options end at the first recipient; an argument starting "
+                    "with '-' where a recipient or a value is expected is refused. The daemon is "
+                    "$SMTPGATE_SERVER (tcp://HOST:PORT, unix:///PATH), else the one the "
+                    "configuration file names ($SMTPGATE_CONFIG, default "
+                    f"{DEFAULT_CONFIG_PATH}); the token is $SMTPGATE_TOKEN, else the file's first; "
+                    "never from the command line.",
+        epilog=epilog(
+            (EX_OK, "the daemon has the message (-bs: always; failures are SMTP replies)"),
+            (EX_USAGE, "the command line, or no recipients"),
+            (EX_DATAERR, "the message: over max_message_size, BAD_REQUEST, BAD_HEADER, TOO_LARGE"),
+            (EX_NOUSER, "an address was refused: BAD_ADDRESS, DENIED"),
+            (EX_NOHOST, "the daemon's host name does not resolve"),
+            (EX_UNAVAILABLE, "refused for good for another reason"),
+            (EX_SOFTWARE, "the peer does not speak the line protocol (a wrong port?)"),
+            (EX_IOERR, "-bs: stdin or stdout failed"),
+            (EX_TEMPFAIL, "nothing stored: the daemon is unreachable, BUSY or INTERNAL; "
+                          "keep the message and try again"),
+            (EX_NOPERM, "AUTH_REQUIRED, AUTH_FAILED: the token is missing or wrong"),
+            (EX_CONFIG, "the file named by $SMTPGATE_CONFIG cannot be read")))
+    p.add_argument("-t", action="store_true",
+                   help="take the recipients from To, Cc and Bcc (added to those given), remove Bcc")
+    p.add_argument("-i", "-oi", action="store_true",
+                   help="a line of a single '.' does not end the message")
+    p.add_argument("-f", "-r", metavar="SENDER", help="the envelope sender (and From, if the message has none)")
+    p.add_argument("-F", metavar="NAME", help="the sender's full name, for a From the message lacks")
+    p.add_argument("-bm", action="store_true", help="read the message from stdin (the default)")
+    p.add_argument("-bs", action="store_true",
+                   help="speak SMTP on stdin and stdout (Symfony Mailer, Laravel, SwiftMailer)")
+    p.add_argument("-v", action="store_true", help="print the id the daemon gave on stderr")
+    p.add_argument("recipient", nargs="*", help="recipient addresses (with -t: in addition to the header's)")
+    p.add_argument("--help", action="store_true", help="this text (only as the sole argument)")
+    return p
 
 
 class UsageError(Exception):
@@ -309,20 +349,6 @@ def _first_token(settings: dict) -> str | None:
     return None
 
 
-# Protocol error code -> exit code.
-_EXIT_FOR_CODE = {
-    "BUSY": EX_TEMPFAIL,
-    "INTERNAL": EX_TEMPFAIL,
-    "BAD_ADDRESS": EX_NOUSER,
-    "DENIED": EX_NOUSER,
-    "BAD_HEADER": EX_DATAERR,
-    "TOO_LARGE": EX_DATAERR,
-    "BAD_REQUEST": EX_DATAERR,
-    "AUTH_REQUIRED": EX_NOPERM,
-    "AUTH_FAILED": EX_NOPERM,
-}
-
-
 def main(argv: list[str], stdin=None, stderr=None, stdin_fd: int = 0, stdout_fd: int = 1,
          env=None) -> int:
     """Run the command; return a sysexits.h exit code (0 once the daemon has the message).
@@ -338,6 +364,11 @@ def main(argv: list[str], stdin=None, stderr=None, stdin_fd: int = 0, stdout_fd:
         print(f"smtpgate sendmail: {text}", file=stderr)
         return code
 
+    if argv == ["--help"]:
+        # Only alone: in a sendmail command line built from a mail() call,
+        # "--help" among other words stays an unknown option (exit 64).
+        print(help_parser().format_help(), end="")
+        return EX_OK
     try:
         opts = parse_args(argv)
     except UsageError as exc:
@@ -367,7 +398,11 @@ def main(argv: list[str], stdin=None, stderr=None, stdin_fd: int = 0, stdout_fd:
     except ValueError as exc:
         return fail(EX_USAGE, str(exc))
     except RemoteError as exc:
-        return fail(_EXIT_FOR_CODE.get(exc.code, EX_UNAVAILABLE), f"{exc.code} {exc.text}")
+        return fail(exit_for_error(exc.code), f"{exc.code} {exc.text}")
+    except ProtocolError as exc:
+        return fail(EX_SOFTWARE, f"{uri} does not speak the line protocol: {exc}")
+    except socket.gaierror as exc:
+        return fail(EX_NOHOST, f"cannot resolve the daemon's host in {uri}: {exc.strerror}")
     except OSError as exc:
         # Refused, no socket file, timed out, closed mid-reply: nothing is
         # known to be stored, so the caller should keep the mail and retry.
