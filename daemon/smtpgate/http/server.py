@@ -22,7 +22,7 @@ from email.parser import HeaderParser
 from email.policy import default as default_policy
 
 from aiohttp import web
-from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.exposition import generate_latest
 
 from smtpgate.config import Config, parse_hostport
 from smtpgate.http import page
@@ -45,6 +45,10 @@ SECURITY_HEADERS = {
     "Referrer-Policy": "no-referrer",
     "Cache-Control": "no-store",
 }
+# generate_latest writes the classic text format (names escaped to
+# underscores), which every Prometheus reads; newer prometheus-clients name
+# a 1.0.0 in CONTENT_TYPE_LATEST that Prometheus 2 does not know.
+METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 NOTICES = {"retried": "Retried: due now.", "not-due": "Not retried: it is not deferred (queued, "
            "held by an outage or being sent).", "deleted": "Deleted."}
 
@@ -238,7 +242,7 @@ class HttpSide:
         oldest = await self.spool.oldest_due()
         body = generate_latest(Snapshot(families(stats, oldest_due=oldest, now=time.time(),
                                                  handoff=self.handoff, delivery=self.delivery_figures)))
-        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+        return web.Response(body=body, headers={"Content-Type": METRICS_TYPE})
 
     # --- the queue page ---------------------------------------------------------------
 

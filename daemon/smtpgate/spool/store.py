@@ -375,12 +375,13 @@ class Spool:
         deferred}, 'upstreams': [...]}: messages per state now, counts since
         open(), and each upstream's health (queries.upstreams). While every
         upstream is down, the queued messages are held (shown deferred)."""
-        states = dict(self._state_counts)
+        # Both figures of one commit: another may land while the upstreams are read.
+        states, counters = dict(self._state_counts), dict(self.counters)
         upstreams = await self._read(queries.upstreams, self._clock())
         if upstreams and all(u["state"] == "down" for u in upstreams):
             states[State.DEFERRED] += states[State.QUEUED]  # a queued message is always due
             states[State.QUEUED] = 0
-        return {"states": states, "counters": dict(self.counters), "upstreams": upstreams}
+        return {"states": states, "counters": counters, "upstreams": upstreams}
 
     async def next_due(self) -> float | None:
         """When the earliest queued or deferred message is due, or None."""
