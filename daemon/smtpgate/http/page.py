@@ -18,6 +18,7 @@ body{font-family:system-ui,sans-serif;margin:0 auto;max-width:60em;padding:.5em;
 h1{font-size:1.3em;margin:.3em 0}h2{font-size:1.1em;margin:1em 0 .3em}
 table{border-collapse:collapse;width:100%}td,th{text-align:left;padding:.25em .4em;
 border-bottom:1px solid #ddd;vertical-align:top;overflow-wrap:anywhere}
+.id{font-family:monospace;font-size:.9em}.st{white-space:nowrap}
 .counts{display:flex;flex-wrap:wrap;gap:.4em}.counts span{background:#eee;padding:.3em .6em;border-radius:.3em}
 .down{color:#a00;font-weight:bold}.up{color:#070}.note{background:#ffd;padding:.4em}
 .reply{color:#555;font-size:.9em}form.inline{display:inline}input[type=text],input[type=password]{width:14em}
@@ -53,11 +54,15 @@ def _upstreams(upstreams: list[dict]) -> str:
         state = u["state"]
         detail = ""
         if state == "down":
-            detail = (f'{escape(u["reason"])}<br>{u["failures"]} failed tries, next probe '
-                      f'{escape(u["next_probe"])}, {u["waiting"]} messages waiting')
-        rows.append(f'<tr><td>{escape(u["name"])}</td><td class="{escape(state)}">{escape(state)}</td>'
-                    f'<td>since {escape(u["since"])}</td><td class=reply>{detail}</td></tr>')
-    return "<table><tr><th>Upstream</th><th>State</th><th></th><th></th></tr>" + "".join(rows) + "</table>"
+            detail = (f'<br><span class=reply>{escape(u["reason"])}; {_count(u["failures"], "failed try", "failed tries")}, '
+                      f'next probe {escape(u["next_probe"])}, {_count(u["waiting"], "message")} waiting</span>')
+        rows.append(f'<tr><td class=st>{escape(u["name"])}</td><td><span class="{escape(state)}">{escape(state)}</span> '
+                    f'since {escape(u["since"])}{detail}</td></tr>')
+    return "<table><tr><th>Upstream</th><th>State</th></tr>" + "".join(rows) + "</table>"
+
+
+def _count(n: int, one: str, many: str | None = None) -> str:
+    return f"{n} {one if n == 1 else many or one + 's'}"
 
 
 def _last_reply(entry: dict) -> str:
@@ -74,9 +79,9 @@ def _entries(entries: list[dict]) -> str:
         if len(m["recipients"]) > 3:
             to += f" and {len(m['recipients']) - 3} more"
         rows.append(
-            f'<tr><td><a href="/message/{quote(m["id"])}">{escape(m["id"])}</a><br>'
-            f'<small>{escape(m["created"])}</small></td><td>{escape(m["state"])}<br>'
-            f'<small>{m["attempts"]} attempts</small></td><td>{escape(to)}<br>'
+            f'<tr><td><a class=id href="/message/{quote(m["id"])}">{escape(m["id"])}</a><br>'
+            f'<small>{escape(m["created"])}</small></td><td class=st>{escape(m["state"])}<br>'
+            f'<small>{_count(m["attempts"], "attempt")}</small></td><td>{escape(to)}<br>'
             f'<span class=reply>{escape(_last_reply(m))}</span></td></tr>')
     return ("<table><tr><th>Message</th><th>State</th><th>To, last reply</th></tr>"
             + "".join(rows) + "</table>")
