@@ -31,7 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cpu_bench import cpu_seconds  # noqa: E402
-from daemon_bench import build_loadgen, free_port, loadgen, running_daemon, start_sink  # noqa: E402
+from daemon_bench import build_loadgen, free_port, loadgen, running_daemon, start_sink, wait_port  # noqa: E402
 
 
 class Scraper(threading.Thread):
@@ -61,6 +61,8 @@ def one_run(binary: Path, workdir: Path, sink_port: int, seconds: float, http: b
     if http:
         settings["http_listen"] = f"127.0.0.1:{http_port}"
     with running_daemon(workdir, **settings) as daemon:
+        if http:
+            wait_port(http_port)  # bound after the line door, which running_daemon waits for
         time.sleep(0.5)  # the children are up and idle
         scraper = Scraper(http_port) if http else None
         if scraper:

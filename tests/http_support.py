@@ -9,7 +9,7 @@ import re
 import time
 from urllib.parse import urlencode
 
-from conftest import free_port
+from support import free_port
 
 HTTP_TIMEOUT = 10.0
 

@@ -12,7 +12,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from http_support import csrf_of, http_daemon, request, wait_until
-from support import read_line
+from support import free_port, read_line
 from test_callers import start, token_file
 
 from smtpgate.config import ConfigError, load_config
@@ -152,7 +152,7 @@ def test_healthz_is_503_with_the_part_that_is_down(tmp_path):
 @pytest.fixture
 def closed_daemon(make_daemon, tmp_path):
     """Callers shop and blog, an admin token and a metrics token."""
-    port = __import__("conftest").free_port()
+    port = free_port()
     daemon = start(make_daemon, callers={
         "shop": {"token_file": token_file(tmp_path, "shop", SHOP)},
         "blog": {"token_file": token_file(tmp_path, "blog", BLOG)},

@@ -15,7 +15,7 @@ import shutil
 
 import pytest
 
-from conftest import free_port
+from support import free_port
 from http_support import http_daemon, wait_until
 
 pytest.importorskip("selenium")
