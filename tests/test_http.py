@@ -298,3 +298,14 @@ def test_a_large_body_and_a_long_header_are_refused(closed_daemon):
     long_header = request(daemon.http, "GET", "/healthz", headers={"X-Long": "y" * 9000})
     assert long_header.status in (400, 431)
     assert request(daemon.http, "GET", "/healthz").status == 200
+
+
+def test_a_reload_that_removes_a_token_ends_its_sessions(closed_daemon, tmp_path):
+    daemon = closed_daemon
+    session = request(daemon.http, "POST", "/login", form={"token": ADMIN}).cookie("smtpgate_session")
+    assert request(daemon.http, "GET", "/", cookie=session).status == 200
+    token_file(tmp_path, "admin", "another-admin-token-0123456789")
+    daemon.reload()
+    assert request(daemon.http, "GET", "/", cookie=session).status == 401
+    assert request(daemon.http, "GET", "/metrics", token=ADMIN).status == 401
+    assert request(daemon.http, "GET", "/metrics", token="another-admin-token-0123456789").status == 200
