@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """What the HTTP side costs the line protocol (issue 12's goal: within 10%).
 
-    python3 bench/http_bench.py [--rounds 5] [--seconds 5]
+    python3 bench/http_bench.py [--rounds 5] [--seconds 5] [--hold]
 
 Each round runs the same load twice, alternately in order (off/on, then
 on/off): 16 connections of bench/loadgen.c SENDs for `seconds` while the
@@ -9,7 +9,9 @@ daemon relays to Postfix's smtp-sink with 10 pooled connections,
 - off: no `http_listen` (the reference);
 - on: `http_listen` set and a scraper reading /metrics every second
   (every scrape must be a 200 with the accepted count in it).
-Per run: SENDs/s, hand-off p50/p99 (loadgen's, from the client's side),
+With --hold, delivery is on hold instead (intake alone: the daemon's CPU
+per SEND is then the hand-off path's, where the HTTP side adds its
+histogram observe). Per run: SENDs/s, hand-off p50/p99 (loadgen's, from the client's side),
 and the daemon process's CPU per SEND accepted (/proc/PID/stat: the
 figure that moves least on a shared machine, bench/cpu_bench.py).
 Prints one JSON line per run and a Markdown table of the medians.
@@ -55,8 +57,8 @@ class Scraper(threading.Thread):
             self.scrapes += 1
 
 
-def one_run(binary: Path, workdir: Path, sink_port: int, seconds: float, http: bool) -> dict:
-    settings = {"upstream": [f"127.0.0.1:{sink_port}"], "connections_per_upstream": 10}
+def one_run(binary: Path, workdir: Path, sink_port: int, seconds: float, http: bool, hold: bool) -> dict:
+    settings = {"upstream": [f"127.0.0.1:{sink_port}"], "connections_per_upstream": 10, "hold": hold}
     http_port = free_port()
     if http:
         settings["http_listen"] = f"127.0.0.1:{http_port}"
@@ -86,6 +88,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--seconds", type=float, default=5.0)
+    ap.add_argument("--hold", action="store_true", help="delivery on hold: intake alone")
     args = ap.parse_args()
     if not shutil.which("smtp-sink"):
         raise SystemExit("http_bench: Postfix's smtp-sink is needed (apt-get install postfix)")
@@ -97,7 +100,7 @@ def main() -> int:
     try:
         for r in range(args.rounds):
             for http in ((False, True) if r % 2 == 0 else (True, False)):
-                runs.append(one_run(binary, workdir, sink_port, args.seconds, http))
+                runs.append(one_run(binary, workdir, sink_port, args.seconds, http, args.hold))
                 print(json.dumps(runs[-1]), flush=True)
     finally:
         sink.terminate()
@@ -107,7 +110,8 @@ def main() -> int:
     def med(http: bool, key: str) -> float:
         return statistics.median(run[key] for run in runs if run["http"] == http)
 
-    print(f"\n{args.rounds} rounds of {args.seconds:g} s, 16 connections, relaying to smtp-sink; medians\n")
+    doing = "delivery on hold" if args.hold else "relaying to smtp-sink"
+    print(f"\n{args.rounds} rounds of {args.seconds:g} s, 16 connections, {doing}; medians\n")
     print("| figure | HTTP side off | on, /metrics every 1 s | on / off |\n| --- | ---: | ---: | ---: |")
     for key, what, scale, unit in (("rate", "SENDs/s", 1, ""), ("p50_us", "hand-off p50", 1000, " ms"),
                                    ("p99_us", "hand-off p99", 1000, " ms"),
