@@ -187,7 +187,7 @@ def test_a_caller_sees_its_own_messages_only_and_may_not_change_them(closed_daem
 
     page = request(daemon.http, "GET", "/", token=SHOP)
     assert page.status == 200 and shop_id in page.text and blog_id not in page.text
-    assert "caller shop" in page.text
+    assert "caller shop" in page.text and "not final <b>1</b>" in page.text
     assert request(daemon.http, "GET", f"/message/{shop_id}", token=SHOP).status == 200
     # Another caller's message is not found, like an unknown id (STATUS says the same).
     theirs = request(daemon.http, "GET", f"/message/{blog_id}", token=SHOP)

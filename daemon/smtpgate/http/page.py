@@ -9,7 +9,7 @@ from __future__ import annotations
 from html import escape
 from urllib.parse import quote
 
-from smtpgate.spool.schema import FINAL_STATES, STATES
+from smtpgate.spool.schema import FINAL_STATES
 
 REFRESH = 10  # seconds between two loads of the list (meta refresh)
 
@@ -89,7 +89,7 @@ def _entries(entries: list[dict]) -> str:
 
 def index(*, who: str, csrf: str | None, logout: bool, states: dict, upstreams: list[dict],
           oldest: list[dict], query: str | None, found: list[dict] | None, notice: str | None) -> str:
-    counts = "".join(f"<span>{escape(s)} <b>{states.get(s, 0)}</b></span>" for s in STATES)
+    counts = "".join(f"<span>{escape(state)} <b>{n}</b></span>" for state, n in states.items())
     body = _header(who, csrf, logout)
     if notice:
         body += f"<p class=note>{escape(notice)}</p>"

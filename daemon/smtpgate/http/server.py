@@ -258,7 +258,7 @@ class HttpSide:
                                                        recipient=query, caller=mine)
         stats = await self.spool.stats()
         states = stats["states"]
-        if mine is not None:  # a caller sees its own queue only
+        if mine is not None:  # a caller sees its own queue only: the count the spool keeps
             states = {"not final": self.spool.pending.get(mine, 0)}
         oldest = await self.spool.list_messages(OLDEST_SHOWN, caller=mine)
         return self._html(request, page.index(
