@@ -7,7 +7,7 @@ them out. The only additions are two histograms and one count, kept
 only while the HTTP side runs:
 - hand-off latency: a SEND's request line to its `OK <id>` (the line
   door observes it: two clock reads and a bisect over 14 bounds, 0.8 us
-  a SEND beside the daemon's ~245 us, bench/results.md);
+  a SEND beside the daemon's ~175-205 us, bench/results.md);
 - delivery latency: a message's creation (its ULID's time) to the attempt
   that sent it, and each recipient's outcome of every attempt by the
   class of its reply (2xx, 4xx, 5xx, or none: no SMTP reply, such as a
