@@ -31,7 +31,7 @@ import pytest
 from aiosmtpd.controller import Controller
 
 
-from support import children_of, process_name, read_line
+from support import children_of, free_port, process_name, read_line
 
 ROOT = Path(__file__).resolve().parent.parent
 START_TIMEOUT = 20.0
@@ -82,13 +82,6 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         terminalreporter.section("skips not in ALLOWED_SKIPS (tests/conftest.py): the run fails")
         for line in _unlisted_skips:
             terminalreporter.line(line)
-
-
-def free_port() -> int:
-    """A port free right now (aiosmtpd's Controller cannot bind port 0: it probes its own port)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @dataclass

@@ -7,9 +7,10 @@
 # toolchain, valgrind and strace (the C client's tests, the
 # one-write-per-request checks, the fsync witness), swaks (the SMTP front
 # door's tests), Postfix's smtp-sink (a PIPELINING server), systemd for
-# systemd-analyze (the unit files' checks; nothing is started), and the
-# linters .ci/run uses: phpcs (php-codesniffer), cppcheck and ruff (a dev
-# extra, with the man page and completion generators). Run as root
+# systemd-analyze (the unit files' checks; nothing is started), chromium
+# and chromium-driver (the queue page's browser tests), and the linters
+# .ci/run uses: phpcs (php-codesniffer), cppcheck and ruff (a dev extra,
+# with the man page and completion generators). Run as root
 # (or with sudo for the apt part).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -41,6 +42,10 @@ command -v zsh >/dev/null || need+=(zsh)
 # core's tests (aiosmtpd does not). "No configuration": nothing is set up
 # or started, only the programs are installed.
 command -v smtp-sink >/dev/null || need+=(postfix)
+# The queue page's tests drive Debian's Chromium headless through its
+# ChromeDriver (selenium, from the test extras).
+command -v chromium >/dev/null || need+=(chromium)
+command -v chromedriver >/dev/null || need+=(chromium-driver)
 if [ ${#need[@]} -gt 0 ]; then
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
   echo "postfix postfix/main_mailer_type select No configuration" | $SUDO debconf-set-selections

@@ -7,6 +7,13 @@ import os
 import socket
 
 
+def free_port() -> int:
+    """A port free right now (aiosmtpd's Controller cannot bind port 0: it probes its own port)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def read_line(sock: socket.socket, buffer: bytearray | None = None) -> str:
     """Read one CRLF-terminated reply from `sock` (byte by byte is fine in tests)."""
     data = bytearray()

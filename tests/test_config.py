@@ -65,7 +65,7 @@ def test_xoauth2_token_reaches_the_upstream_settings(tmp_path):
     ('upstream = ["h:25"]\nmax_connections = "many"\n', "max_connections"),
     ('upstream = ["h:25"]\nmax_connections = -1\n', "max_connections"),
     ('upstream = ["h:25"]\nlisten = ["10.0.0.1:2526"]\n', "listen"),
-    ('upstream = ["h:25"]\nsmtp_listen = "0.0.0.0:25"\n', "listen"),
+    ('upstream = ["h:25"]\nsmtp_listen = "0.0.0.0:25"\n', "smtp_listen"),  # the key at fault, not listen
     ('listen = ["127.0.0.1:2526"]\n', "upstream"),
 ])
 def test_mistakes_name_their_key(tmp_path, text, key):

@@ -100,9 +100,18 @@ class Config:
     upstream_data_block_timeout: float = 180.0
     upstream_data_end_timeout: float = 600.0
     upstream_idle_timeout: float = 60.0
+    # The HTTP side (docs/http.md): off unless http_listen is set; its
+    # connections count against max_connections and max_connections_per_peer
+    # like each door's. An admin token may do everything (the queue tool's
+    # retry and delete included); a metrics token may read /metrics only.
+    http_listen: str | None = None
+    http_admin_token_file: str | None = None
+    http_metrics_token_file: str | None = None
     # Filled in by load_config, never read from the file.
     upstream_password: str | None = field(default=None, repr=False)
     upstream_oauth2_token: str | None = field(default=None, repr=False)
+    http_admin_tokens: list[str] = field(default_factory=list, repr=False)
+    http_metrics_tokens: list[str] = field(default_factory=list, repr=False)
 
     @property
     def max_line(self) -> int:
@@ -249,7 +258,8 @@ def load_config(path: str | None, overrides: dict | None = None) -> Config:
             values[key] = value
 
     defaults = Config()
-    known = {f.name for f in dataclasses.fields(Config)} - {"upstream_password", "upstream_oauth2_token"}
+    known = {f.name for f in dataclasses.fields(Config)} - {
+        "upstream_password", "upstream_oauth2_token", "http_admin_tokens", "http_metrics_tokens"}
     for key in values:
         if key not in known:
             raise ConfigError(f"{key}: unknown key")
@@ -281,16 +291,21 @@ def _validate(config: Config) -> None:
         config.tokens = config.tokens + _read_tokens(tokens_file, "tokens_file")
     _check_tokens("tokens", config.tokens)
     _check_callers(config)
-    if not config.tokens and not any(caller.tokens for caller in config.callers.values()):
-        for value in config.listen + ([config.smtp_listen] if config.smtp_listen else []):
-            host, _ = parse_hostport(value, "listen")
-            if not is_loopback(host):
-                raise ConfigError(
-                    f"listen: {value} is not a loopback address; set tokens (tokens_file, or a "
-                    "caller's token_file) before listening on a network")
-    else:
-        for value in config.listen:
-            parse_hostport(value, "listen")
+    _read_http_tokens(config)
+    if config.http_listen and config.http_listen.isdigit():
+        config.http_listen = f"127.0.0.1:{config.http_listen}"
+    callers_have_tokens = bool(config.tokens or any(caller.tokens for caller in config.callers.values()))
+    doors = [("listen", v) for v in config.listen] + [("smtp_listen", config.smtp_listen)] * bool(config.smtp_listen)
+    if config.http_listen:
+        # The HTTP side is closed by its own tokens too (docs/http.md).
+        doors.append(("http_listen", config.http_listen))
+    for key, value in doors:
+        host, _ = parse_hostport(value, key)
+        closed = callers_have_tokens or (key == "http_listen" and has_tokens(config))
+        if not closed and not is_loopback(host):
+            raise ConfigError(
+                f"{key}: {value} is not a loopback address; set tokens (tokens_file, or a "
+                "caller's token_file) before listening on a network")
 
     if config.upstream_oauth2_token_file:
         # XOAUTH2 (Gmail, Outlook): an outside tool refreshes the token file,
@@ -339,6 +354,30 @@ def _validate_limits(config: Config) -> None:
     for key in ("idle_timeout", "request_timeout", "stress_idle_timeout", "stress_request_timeout"):
         if getattr(config, key) <= 0:
             raise ConfigError(f"{key}: must be more than 0 seconds")
+
+
+def has_tokens(config: Config) -> bool:
+    """Whether any token is configured (the callers', or the HTTP side's):
+    without one the daemon is open, and listens on loopback only."""
+    return bool(config.tokens or config.http_admin_tokens or config.http_metrics_tokens
+                or any(caller.tokens for caller in config.callers.values()))
+
+
+def _read_http_tokens(config: Config) -> None:
+    """The HTTP side's own tokens: each one of a kind, none a caller's."""
+    seen = set(config.tokens) | {t for caller in config.callers.values() for t in caller.tokens}
+    for key in ("http_admin_token_file", "http_metrics_token_file"):
+        path = getattr(config, key)
+        if path is None:
+            continue
+        tokens = _read_tokens(path, key)
+        if not tokens:
+            raise ConfigError(f"{key}: {path} holds no token")
+        _check_tokens(key, tokens)
+        if seen & set(tokens):
+            raise ConfigError(f"{key}: a token in it is also a caller's or another HTTP token's")
+        seen.update(tokens)
+        setattr(config, key.removesuffix("_file") + "s", tokens)
 
 
 def _read_tokens(path: str, key: str) -> list[str]:

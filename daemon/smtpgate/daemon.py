@@ -83,6 +83,7 @@ class Daemon:
         self.dev_server = None
         self.dev_port = None
         self.smtp_server = None
+        self.http = None
         self.exit_code = 0
         self.spool_lost = False
 
@@ -128,6 +129,12 @@ class Daemon:
                     host, port, enqueue=handoff.take_raw, callers=handoff.callers,
                     max_message_bytes=config.max_message_size, log=self.log,
                     hostname=config.helo_name, limits=limits)
+            if config.http_listen:
+                from smtpgate.http.server import HttpSide
+                self.http = HttpSide(config, door=self.line_door, spool=self.spool, delivery=self.delivery,
+                                     limits=limits, callers=handoff.callers,
+                                     queue_changed=self._queue_changed_here, log=self.log)
+                await self.http.start()
             if not config.hold:
                 await self.delivery.start()
         except BaseException:
@@ -141,6 +148,8 @@ class Daemon:
         loop.add_signal_handler(signal.SIGUSR1, lambda: asyncio.ensure_future(self.queue_changed()))
         systemd.notify("READY=1", f"STATUS=serving, version {__version__}")
         await self.line_door.start_serving()
+        if self.http is not None:
+            await self.http.start_serving()
         self.log.info("started", version=__version__, pid=os.getpid(),
                       upstreams=config.upstream or (["dev"] if config.dev else []))
         housekeeping = asyncio.create_task(self._housekeeping(systemd))
@@ -151,6 +160,8 @@ class Daemon:
         housekeeping.cancel()
         if self.smtp_server is not None:
             self.smtp_server.close()
+        if self.http is not None:
+            await self.http.close()
         if self.spool_lost and not self.config.hold:
             # No outcome can be recorded any more, so every message delivery
             # started from now on would be sent again after the restart (up
@@ -170,6 +181,8 @@ class Daemon:
         """A start that failed half-way: stop what it had started, in order."""
         if self.smtp_server is not None:
             self.smtp_server.close()
+        if self.http is not None:
+            await self.http.close()
         if self.delivery is not None:
             await self.delivery.stop(0)
         if self.dev_server is not None:
@@ -230,6 +243,11 @@ class Daemon:
 
     async def queue_changed(self) -> None:
         await self.spool.recount()
+        self._queue_changed_here()
+
+    def _queue_changed_here(self) -> None:
+        """A retry or delete went through our own spool (the queue page):
+        the writer's counts are right; delivery looks again."""
         if not self.config.hold:
             self.delivery.probe_now()
             self.delivery.wake()
@@ -254,7 +272,7 @@ class Daemon:
         was_held = self.config.hold
         # Listening addresses, the spool and --dev need a restart; the rest applies now.
         self.config.__dict__.update({k: v for k, v in config.__dict__.items()
-                                     if k not in ("listen", "socket", "spool", "dev", "smtp_listen")})
+                                     if k not in ("listen", "socket", "spool", "dev", "smtp_listen", "http_listen")})
         await self.spool.configure(**spool_limits(self.config))
         self.delivery.reload(delivery_settings(self.config, self.dev_port))
         if was_held and not self.config.hold:
@@ -269,7 +287,7 @@ def descriptors_needed(config: Config) -> int:
     """File descriptors a process of ours may need at most: the daemon with
     both doors full, or the delivery child with every upstream connection
     open (it inherits the daemon's limit)."""
-    doors = 2 if config.smtp_listen else 1
+    doors = 1 + bool(config.smtp_listen) + bool(config.http_listen)
     daemon = doors * config.max_connections + FD_MARGIN
     if config.dev:  # the embedded upstream takes the relay's connections in the daemon
         daemon += config.connections_per_upstream
@@ -281,7 +299,8 @@ def check_descriptors(config: Config, limit: int) -> None:
     """ConfigError unless `limit` descriptors are enough for `config`."""
     needed = descriptors_needed(config)
     if needed > limit:
-        doors = "each of 2 doors" if config.smtp_listen else "the line door"
+        count = 1 + bool(config.smtp_listen) + bool(config.http_listen)
+        doors = f"each of {count} doors" if count > 1 else "the line door"
         raise ConfigError(
             f"max_connections: {config.max_connections} connections on {doors} need {needed} "
             f"file descriptors, the limit is {limit}: raise it (ulimit -n, LimitNOFILE=) "

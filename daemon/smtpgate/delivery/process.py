@@ -32,6 +32,7 @@ back to 'queued' (at-least-once).
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import subprocess
 import time
@@ -114,6 +115,9 @@ class DeliveryProcess:
         self._interrupt = False  # stop_now() was asked for
         self._woken = False
         self._handlers = {Started: self._on_started, Call: self._on_call}
+        # Told of each attempt the child records, with its future (the new
+        # state): the HTTP side's delivery figures (http/metrics.py).
+        self.on_record: Callable[[RecordAttempt, asyncio.Future], None] | None = None
         # What the child may ask of the spool: the part of Spool that Delivery uses.
         self._spool_calls = {ClaimDue: self._write, RecordAttempt: self._write, Release: self._write,
                              RecordUpstreams: self._write, Expire: self._write,
@@ -198,6 +202,13 @@ class DeliveryProcess:
             self._answer(call.token, None, exc)
             return
         result.add_done_callback(lambda done: self._answer_from(call.token, done))
+        if self.on_record is not None and type(call.op) is RecordAttempt:
+            result.add_done_callback(functools.partial(self.on_record, call.op))
+
+    @property
+    def alive(self) -> bool:
+        """Whether the child runs and is not stopping (/healthz)."""
+        return self._process is not None and not self._stopping and self._process.poll() is None
 
     def _write(self, op) -> asyncio.Future:
         return self._spool.submit(op)

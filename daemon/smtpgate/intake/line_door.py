@@ -86,6 +86,9 @@ class LineDoor:
         self.started = time.time()
         self.own_socket_path: str | None = None
         self.waits = 0  # WAIT requests in progress
+        # Set by the HTTP side (http/metrics.py): each stored SEND's time
+        # from its request line to its OK, observed when it is answered.
+        self.handoff_seconds = None
 
     # -- binding ---------------------------------------------------------
 
@@ -125,6 +128,20 @@ class LineDoor:
 
     async def start_serving(self) -> None:
         await self.acceptor.start_serving()
+
+    async def stats(self) -> dict:
+        """The STATS payload (PROTOCOL.md); /metrics reads it too."""
+        spool = self.spool
+        stats = dict(await spool.stats())
+        stats["version"] = __version__
+        stats["protocol"] = PROTOCOL_VERSION
+        stats["uptime"] = round(time.time() - self.started, 3)
+        stats["intake"] = dict(self.counters, open_connections=len(self.connections), waits=self.waits)
+        stats["limits"] = self.limits.stats()
+        # Writes per commit: how well concurrent requests share fsyncs.
+        stats["spool"] = {"commits": spool.commits, "operations": spool.operations}
+        stats["callers"] = self.handoff.callers.stats(spool.pending)
+        return stats
 
     @property
     def addresses(self) -> list:
@@ -477,8 +494,9 @@ class Connection(asyncio.Protocol):
             self._refused(slot, RequestError(codes.BUSY, _BUDGET_FULL))
             return
         limits.inflight += size  # until the reply: the request and what is made of it
+        start = time.monotonic() if self.door.handoff_seconds is not None else 0.0
         try:
-            self.handoff.take_send(self.caller, arg, lambda result: self._sent(slot, result, size))
+            self.handoff.take_send(self.caller, arg, lambda result: self._sent(slot, result, size, start))
         except RequestError as exc:
             limits.inflight -= size
             self._refused(slot, exc)  # written with the other replies to this read
@@ -487,7 +505,7 @@ class Connection(asyncio.Protocol):
             self.slots.pop()
             raise
 
-    def _sent(self, slot: list, result: Enqueued | RequestError, size: int) -> None:
+    def _sent(self, slot: list, result: Enqueued | RequestError, size: int, start: float) -> None:
         """The hand-off's outcome: OK <id> once durable, or why nothing was stored."""
         self.limits.inflight -= size
         if isinstance(result, RequestError):
@@ -496,6 +514,8 @@ class Connection(asyncio.Protocol):
             return
         if not result.existing:
             self.door.counters["sends_accepted"] += 1
+        if start:
+            self.door.handoff_seconds.observe(time.monotonic() - start)
         self._fill(slot, reply_ok(result.id))
 
     def _refused(self, slot: list, exc: RequestError) -> None:
@@ -558,18 +578,7 @@ class Connection(asyncio.Protocol):
         return reply_ok(_json(state))
 
     async def _stats_reply(self) -> bytes:
-        stats = dict(await self.door.spool.stats())
-        stats["version"] = __version__
-        stats["protocol"] = PROTOCOL_VERSION
-        stats["uptime"] = round(time.time() - self.door.started, 3)
-        stats["intake"] = dict(self.door.counters, open_connections=len(self.door.connections),
-                               waits=self.door.waits)
-        stats["limits"] = self.limits.stats()
-        # Writes per commit: how well concurrent requests share fsyncs.
-        stats["spool"] = {"commits": self.door.spool.commits,
-                          "operations": self.door.spool.operations}
-        stats["callers"] = self.handoff.callers.stats(self.door.spool.pending)
-        return reply_ok(_json(stats))
+        return reply_ok(_json(await self.door.stats()))
 
 
 def _remove_stale_socket(path: str) -> None:

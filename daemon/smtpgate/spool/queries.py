@@ -135,7 +135,8 @@ def _recipients(conn: sqlite3.Connection, msg_id: str) -> list[dict]:
 
 
 def queue_entries(conn: sqlite3.Connection, now: float, *, msg_id: str | None = None,
-                  include_final: bool = False, limit: int = -1, live: bool = True) -> list[dict]:
+                  include_final: bool = False, limit: int = -1, live: bool = True,
+                  caller: str | None = None, recipient: str | None = None) -> list[dict]:
     """What `smtpgate queue list|show` prints at `now`: the messages oldest
     first (or the one `msg_id`), not final ones unless `include_final`, at
     most `limit` (-1: all). Each is {id, state, attempts, created, updated,
@@ -143,11 +144,24 @@ def queue_entries(conn: sqlite3.Connection, now: float, *, msg_id: str | None = 
     state, reply}], next_attempt (when queued or deferred),
     possible_duplicate (when true)}. In the order they were stored (rowid:
     ids made in the same millisecond are in random order, ulid.py).
-    `live`: a daemon runs, so its recorded outage holds due messages."""
+    `live`: a daemon runs, so its recorded outage holds due messages.
+    `caller`: only that caller's messages. `recipient`: only the messages
+    with a recipient whose address contains it (any case; a scan of the
+    recipients, for the queue page's search)."""
+    conditions, params = [], []
     if msg_id is not None:
-        where, params = "WHERE id=?", (msg_id,)
-    else:
-        where, params = ("" if include_final else f"WHERE {IS_UNFINISHED}"), ()
+        conditions.append("id=?")
+        params.append(msg_id)
+    elif not include_final:
+        conditions.append(IS_UNFINISHED)
+    if caller is not None:
+        conditions.append("caller=?")
+        params.append(caller)
+    if recipient is not None:
+        pattern = "%" + recipient.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        conditions.append("id IN (SELECT message_id FROM recipients WHERE address LIKE ? ESCAPE '\\')")
+        params.append(pattern)
+    where = ("WHERE " + " AND ".join(conditions)) if conditions else ""
     entries = []
     conn.execute("BEGIN")  # one snapshot for the messages, their recipients and the upstreams
     try:
@@ -170,6 +184,12 @@ def queue_entries(conn: sqlite3.Connection, now: float, *, msg_id: str | None = 
     finally:
         conn.execute("COMMIT")
     return entries
+
+
+def oldest_due(conn: sqlite3.Connection) -> float | None:
+    """When the oldest message waiting (queued or deferred) was created, or
+    None (through the partial index of the due messages: a read of each)."""
+    return conn.execute(f"SELECT MIN(created) FROM messages WHERE {IS_DUE}").fetchone()[0]
 
 
 def spec(conn: sqlite3.Connection, msg_id: str) -> bytes | None:

@@ -196,6 +196,11 @@ class Spool:
             os.close(self._lock_fd)  # releases the flock (once the writer is gone too)
             self._lock_fd = None
 
+    @property
+    def alive(self) -> bool:
+        """Whether the writer runs and takes operations (/healthz)."""
+        return self._process is not None and self._broken is None and not self._closing
+
     # --- the pipe to the writer --------------------------------------------
 
     def submit(self, op) -> asyncio.Future:
@@ -371,12 +376,13 @@ class Spool:
         deferred}, 'upstreams': [...]}: messages per state now, counts since
         open(), and each upstream's health (queries.upstreams). While every
         upstream is down, the queued messages are held (shown deferred)."""
-        states = dict(self._state_counts)
+        # Both figures of one commit: another may land while the upstreams are read.
+        states, counters = dict(self._state_counts), dict(self.counters)
         upstreams = await self._read(queries.upstreams, self._clock())
         if upstreams and all(u["state"] == "down" for u in upstreams):
             states[State.DEFERRED] += states[State.QUEUED]  # a queued message is always due
             states[State.QUEUED] = 0
-        return {"states": states, "counters": dict(self.counters), "upstreams": upstreams}
+        return {"states": states, "counters": counters, "upstreams": upstreams}
 
     async def next_due(self) -> float | None:
         """When the earliest queued or deferred message is due, or None."""
@@ -386,11 +392,16 @@ class Spool:
         """How many messages are due by `now`."""
         return await self._read(queries.count_due, now)
 
-    async def list_messages(self, limit: int = 1000, include_final: bool = False) -> list[dict]:
+    async def list_messages(self, limit: int = 1000, include_final: bool = False, **where) -> list[dict]:
         """Messages oldest first, not final ones unless include_final: the
-        entries `smtpgate queue list` prints (queries.queue_entries)."""
+        entries `smtpgate queue list` prints (queries.queue_entries; `where`:
+        its msg_id, caller and recipient)."""
         return await self._read(functools.partial(queries.queue_entries, now=self._clock(),
-                                                  include_final=include_final, limit=limit))
+                                                  include_final=include_final, limit=limit, **where))
+
+    async def oldest_due(self) -> float | None:
+        """When the oldest message waiting to be tried was created, or None."""
+        return await self._read(queries.oldest_due)
 
     async def spec(self, msg_id: str) -> bytes | None:
         """The stored spec bytes of a message (for `smtpgate queue show`)."""

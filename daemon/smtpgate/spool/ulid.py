@@ -31,3 +31,11 @@ def new_ulid(now: float) -> str:
     """A ULID for `now` (unix seconds) with 80 fresh random bits from the
     kernel's CSPRNG; no state, so any thread may call it."""
     return _encode(int(now * 1000), int.from_bytes(os.urandom(10), "big"))
+
+
+def ulid_seconds(ulid: str) -> float:
+    """The creation time (unix seconds, to the millisecond) of `ulid`."""
+    ms = 0
+    for char in ulid[:10]:  # 50 bits, the top two 0: the 48 of the milliseconds
+        ms = ms * 32 + _CROCKFORD.index(char)
+    return ms / 1000

@@ -1,0 +1,1 @@
+"""The HTTP side: /healthz, /metrics and the queue page (docs/http.md)."""

@@ -1,0 +1,185 @@
+"""/metrics: the daemon's figures in the Prometheus text format.
+
+Nothing is counted for Prometheus on the way of a message: at each scrape
+the figures the daemon keeps anyway (the STATS payload, PROTOCOL.md) are
+turned into metric families by `families`, and prometheus_client writes
+them out. The only additions are two histograms and one count, kept
+only while the HTTP side runs:
+- hand-off latency: a SEND's request line to its `OK <id>` (the line
+  door observes it: two clock reads and a bisect over 14 bounds, 0.8 us
+  a SEND beside the daemon's ~175-205 us, bench/results.md);
+- delivery latency: a message's creation (its ULID's time) to the attempt
+  that sent it, and each recipient's outcome of every attempt by the
+  class of its reply (2xx, 4xx, 5xx, or none: no SMTP reply, such as a
+  refused connection). Both come from the delivery child's own records,
+  which pass through the daemon on their way to the spool
+  (DeliveryProcess.on_record): nothing new crosses the pipe.
+
+Labels are bounded by the configuration: callers (configured), upstreams
+(configured), states, protocol codes, reply classes; never an id or an
+address.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from bisect import bisect_left
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.process_collector import ProcessCollector
+
+from smtpgate.spool.ops import RecordAttempt
+from smtpgate.spool.schema import STATES, State
+from smtpgate.spool.ulid import ulid_seconds
+
+# Seconds. A hand-off is an fsync away (0.5 to 20 ms on the disks of
+# anchors/); a delivery from a second (a near upstream) to days (retries).
+HANDOFF_BOUNDS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+DELIVERY_BOUNDS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 21600.0, 86400.0)
+REPLY_CLASSES = ("2xx", "4xx", "5xx", "none")
+
+
+class Histogram:
+    """Counts per bucket and a sum: observe() is a bisect and two adds."""
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]):
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last: above every bound (+Inf)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1  # first bound >= value: Prometheus' le
+        self.sum += value
+
+    def family(self, name: str, doc: str) -> HistogramMetricFamily:
+        buckets, total = [], 0
+        for bound, count in zip((*map(str, self.bounds), "+Inf"), self.counts):
+            total += count
+            buckets.append((bound, total))
+        return HistogramMetricFamily(name, doc, buckets=buckets, sum_value=self.sum)
+
+
+def reply_class(reply: str | None) -> str:
+    """2xx, 4xx, 5xx for an SMTP reply; none for what is not one."""
+    if reply and len(reply) >= 3 and reply[:3].isdigit() and reply[0] in "245":
+        return reply[0] + "xx"
+    return "none"
+
+
+class DeliveryFigures:
+    """What the delivery child's records tell, counted as they pass."""
+
+    def __init__(self) -> None:
+        self.seconds = Histogram(DELIVERY_BOUNDS)
+        self.outcomes = {(state, cls): 0 for state in (State.SENT, State.DEFERRED, State.FAILED)
+                         for cls in REPLY_CLASSES}
+
+    def record(self, op: RecordAttempt, stored: asyncio.Future) -> None:
+        """One attempt, once the spool has it (DeliveryProcess.on_record)."""
+        if stored.cancelled() or stored.exception() is not None:
+            return
+        for outcome in op.outcomes:
+            key = (outcome.state, reply_class(outcome.reply))
+            if key in self.outcomes:
+                self.outcomes[key] += 1
+        if stored.result() == State.SENT:
+            self.seconds.observe(max(0.0, op.now - ulid_seconds(op.msg_id)))
+
+
+class Snapshot:
+    """A collector of families made beforehand (generate_latest takes any
+    object with collect())."""
+
+    def __init__(self, families: list):
+        self._families = families
+
+    def collect(self):
+        return self._families
+
+
+_process = ProcessCollector(registry=None)  # process_cpu_seconds_total, process_resident_memory_bytes, ...
+
+
+def families(stats: dict, *, oldest_due: float | None, now: float, handoff: Histogram,
+             delivery: DeliveryFigures) -> list:
+    """The metric families of the STATS payload `stats` and the HTTP side's own figures."""
+    out = [*_process.collect()]
+
+    def gauge(name, doc, value=None, labels=(), samples=()):
+        family = GaugeMetricFamily(name, doc, value=value, labels=labels or None)
+        for label_values, v in samples:
+            family.add_metric(label_values, v)
+        out.append(family)
+
+    def counter(name, doc, value=None, labels=(), samples=()):
+        family = CounterMetricFamily(name, doc, value=value, labels=labels or None)
+        for label_values, v in samples:
+            family.add_metric(label_values, v)
+        out.append(family)
+
+    gauge("smtpgate_build_info", "The running version (always 1).", labels=("version", "protocol"),
+          samples=[((stats["version"], stats["protocol"]), 1)])
+    gauge("smtpgate_start_time_seconds", "When the daemon started, unix seconds.",
+          value=now - stats["uptime"])
+
+    callers = stats["callers"]
+    counter("smtpgate_messages_accepted", "Messages stored since start, per caller.", labels=("caller",),
+            samples=[((name, ), c["accepted"]) for name, c in callers.items()])
+    counter("smtpgate_sends_refused", "SENDs (and SMTP messages) refused since start, per caller and code.",
+            labels=("caller", "code"),
+            samples=[((name, code), n) for name, c in callers.items() for code, n in c["refused"].items()])
+    gauge("smtpgate_caller_pending_messages", "Messages not yet final, per caller.", labels=("caller",),
+          samples=[((name, ), c["pending"]) for name, c in callers.items()])
+
+    counters = stats["counters"]
+    counter("smtpgate_messages_delivered", "Messages sent to every recipient since start.",
+            value=counters["delivered"])
+    counter("smtpgate_messages_failed", "Messages that failed (a recipient refused, or too old) since start.",
+            value=counters["failed"])
+    counter("smtpgate_messages_deferred", "Delivery attempts that left a message deferred since start.",
+            value=counters["deferred"])
+    counter("smtpgate_recipient_attempts",
+            "Each recipient's outcome of each delivery attempt since start, by the class of its reply "
+            "(none: no SMTP reply, such as a refused connection or a timeout).",
+            labels=("result", "reply"), samples=[(key, n) for key, n in delivery.outcomes.items()])
+
+    gauge("smtpgate_queue_messages", "Messages in the spool, per state.", labels=("state",),
+          samples=[((state, ), stats["states"].get(state, 0)) for state in STATES])
+    gauge("smtpgate_queue_oldest_age_seconds", "Age of the oldest message waiting (queued or deferred); "
+          "0 when none waits.", value=0.0 if oldest_due is None else max(0.0, now - oldest_due))
+
+    out.append(handoff.family("smtpgate_handoff_seconds",
+                              "A stored SEND's time from its request line to its OK, on the line door."))
+    out.append(delivery.seconds.family("smtpgate_delivery_seconds",
+                                       "A sent message's time from its acceptance to the attempt that sent it."))
+
+    upstreams = stats["upstreams"]
+    gauge("smtpgate_upstream_up", "1 while the upstream takes mail, 0 while it is down "
+          "(not shown before its first connection).", labels=("upstream",),
+          samples=[((u["name"], ), 1 if u["state"] == "up" else 0) for u in upstreams if u["state"] != "unknown"])
+    gauge("smtpgate_upstream_failures", "Failed tries in a row of a down upstream (0 while up).",
+          labels=("upstream",), samples=[((u["name"], ), u.get("failures", 0)) for u in upstreams])
+
+    spool = stats["spool"]
+    counter("smtpgate_spool_commits", "Spool transactions committed since start.", value=spool["commits"])
+    counter("smtpgate_spool_operations", "Spool writes committed since start (operations / commits: "
+            "how many writes share an fsync).", value=spool["operations"])
+
+    intake, limits = stats["intake"], stats["limits"]
+    gauge("smtpgate_connections", "Open connections, per door.", labels=("door",),
+          samples=[((door, ), n) for door, n in limits["connections"].items()])
+    counter("smtpgate_connections_refused", "Connections refused by a connection cap since start.",
+            value=limits["refused_connections"])
+    counter("smtpgate_auth_failures", "Wrong tokens since start (every door and the HTTP side).",
+            value=limits["auth_failures"])
+    counter("smtpgate_requests", "Line protocol requests since start.", value=intake["requests"])
+    gauge("smtpgate_inflight_bytes", "Request bytes held by the doors now.", value=limits["inflight_bytes"])
+
+    webhooks = stats.get("webhooks")
+    if webhooks is not None:
+        counter("smtpgate_webhook_deliveries", "Webhook events since start, by result.", labels=("result",),
+                samples=[(("delivered", ), webhooks["delivered"]), (("failed", ), webhooks["failed"])])
+        gauge("smtpgate_webhook_pending", "Webhook events waiting in the outbox.", value=webhooks["pending"])
+    return out

@@ -1,0 +1,324 @@
+"""The HTTP side (docs/http.md): /metrics parsed with prometheus_client's
+own parser while real SENDs are stored and delivered to a real aiosmtpd
+upstream; who may see and change what; the limits a hostile client meets.
+The queue page in a real browser: test_http_page.py."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from http_support import csrf_of, http_daemon, request, wait_until
+from support import free_port, read_line
+from test_callers import start, token_file
+
+from smtpgate.config import ConfigError, load_config
+
+ADMIN = "admin-token-0123456789abcdef"
+METRICS = "metrics-token-0123456789abcd"
+SHOP = "shop-token-0123456789abcdefgh"
+BLOG = "blog-token-0123456789abcdefgh"
+
+
+def scrape(daemon, token=None) -> dict:
+    """{(name, frozenset(labels)): value} of every sample on /metrics."""
+    reply = request(daemon.http, "GET", "/metrics", token=token)
+    assert reply.status == 200, reply.text
+    assert reply.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+    return {(s.name, frozenset(s.labels.items())): s.value
+            for family in text_string_to_metric_families(reply.text) for s in family.samples}
+
+
+def value(samples: dict, name: str, **labels) -> float:
+    return samples[(name, frozenset(labels.items()))]
+
+
+def message(to: str, subject: str = "hello") -> dict:
+    return {"from": "app@example.com", "to": [to], "subject": subject, "text": "hi"}
+
+
+# -- /metrics -----------------------------------------------------------------
+
+
+def test_metrics_move_with_real_sends_and_deliveries(make_daemon, upstream):
+    daemon = http_daemon(make_daemon, retry_base=60.0, retry_max=60.0)
+    before = scrape(daemon)
+    assert value(before, "smtpgate_messages_accepted_total", caller="anonymous") == 0
+    assert value(before, "smtpgate_handoff_seconds_count") == 0
+    upstream.script_rcpt("later@example.org", "451 4.3.0 try again later")
+    with daemon.client() as client:
+        for n in range(5):
+            client.send(message(f"rcpt{n}@example.org"))
+        deferred = client.send(message("later@example.org"))
+    upstream.wait_for(5)
+    wait_until(lambda: daemon.client().status(deferred)["state"] == "deferred", what="the deferral")
+    samples = wait_until(lambda: (s := scrape(daemon))
+                         and value(s, "smtpgate_messages_delivered_total") == 5 and s, what="5 delivered")
+
+    assert value(samples, "smtpgate_messages_accepted_total", caller="anonymous") == 6
+    assert value(samples, "smtpgate_handoff_seconds_count") == 6
+    assert value(samples, "smtpgate_handoff_seconds_bucket", le="+Inf") == 6
+    assert value(samples, "smtpgate_delivery_seconds_count") == 5
+    assert value(samples, "smtpgate_messages_deferred_total") == 1
+    assert value(samples, "smtpgate_recipient_attempts_total", result="sent", reply="2xx") == 5
+    assert value(samples, "smtpgate_recipient_attempts_total", result="deferred", reply="4xx") == 1
+    assert value(samples, "smtpgate_queue_messages", state="sent") == 5
+    assert value(samples, "smtpgate_queue_messages", state="deferred") == 1
+    assert value(samples, "smtpgate_queue_oldest_age_seconds") > 0
+    assert value(samples, "smtpgate_upstream_up", upstream=upstream.hostport) == 1
+    assert value(samples, "smtpgate_spool_operations_total") >= value(samples, "smtpgate_spool_commits_total") > 0
+    assert value(samples, "smtpgate_connections", door="http") == 1  # this scrape's own
+
+
+def test_refusals_are_counted_by_caller_and_code_with_no_address_in_a_label(make_daemon, upstream):
+    daemon = http_daemon(make_daemon)
+    with daemon.client() as client:
+        for _ in range(2):
+            with pytest.raises(Exception):
+                client.send({"from": "not an address", "to": ["x@example.org"], "text": "hi"})
+    samples = scrape(daemon)
+    assert value(samples, "smtpgate_sends_refused_total", caller="anonymous", code="BAD_ADDRESS") == 2
+    labels = {v for (_, pairs) in samples for _, v in pairs}
+    assert not any("@" in label for label in labels)
+
+
+def test_webhook_figures_are_shown_when_stats_has_them_and_absent_otherwise(make_daemon):
+    from smtpgate.http.metrics import HANDOFF_BOUNDS, DeliveryFigures, Histogram, Snapshot, families
+    from prometheus_client import generate_latest
+
+    daemon = http_daemon(make_daemon)
+    with daemon.client() as client:
+        stats = client.stats()
+    assert "smtpgate_webhook_pending" not in request(daemon.http, "GET", "/metrics").text
+
+    def text(stats):
+        made = families(stats, oldest_due=None, now=1e9, handoff=Histogram(HANDOFF_BOUNDS),
+                        delivery=DeliveryFigures())
+        return generate_latest(Snapshot(made)).decode()
+
+    assert "smtpgate_webhook" not in text(stats)
+    stats["webhooks"] = {"delivered": 7, "failed": 2, "pending": 3}
+    samples = {(s.name, frozenset(s.labels.items())): s.value
+               for f in text_string_to_metric_families(text(stats)) for s in f.samples}
+    assert value(samples, "smtpgate_webhook_deliveries_total", result="delivered") == 7
+    assert value(samples, "smtpgate_webhook_deliveries_total", result="failed") == 2
+    assert value(samples, "smtpgate_webhook_pending") == 3
+
+
+# -- /healthz ---------------------------------------------------------------------
+
+
+def test_healthz_says_ok_without_a_token_while_everything_runs(make_daemon, tmp_path):
+    daemon = http_daemon(make_daemon, tokens=[SHOP])
+    reply = request(daemon.http, "GET", "/healthz")
+    assert (reply.status, reply.text) == (200, "ok\n")
+
+
+def test_healthz_is_503_with_the_part_that_is_down(tmp_path):
+    """The handler on a real spool and a delivery process that is not running."""
+    from smtpgate.config import Config
+    from smtpgate.delivery.process import DeliveryProcess
+    from smtpgate.http.server import HttpSide
+    from smtpgate.intake.callers import Callers
+    from smtpgate.intake.limits import Limits
+    from smtpgate.log import get_logger
+    from smtpgate.spool.store import Spool
+
+    async def run():
+        config = Config(upstream=["127.0.0.1:25"])
+        spool = Spool(tmp_path / "spool")
+        await spool.open()
+        log = get_logger()
+        delivery = DeliveryProcess(spool, None, log, log_format="json", log_level="info")
+        side = HttpSide(config, door=None, spool=spool, delivery=delivery, limits=Limits(config, log),
+                        callers=Callers(config, spool.caller_key), queue_changed=lambda: None, log=log)
+        down = await side.healthz(None)
+        await spool.close()
+        both = await side.healthz(None)
+        config.hold = True
+        held = await side.healthz(None)
+        return [(r.status, r.text) for r in (down, both, held)]
+
+    assert asyncio.run(run()) == [(503, "delivery down\n"), (503, "spool writer down; delivery down\n"),
+                                  (503, "spool writer down\n")]
+
+
+# -- who may see and change what ---------------------------------------------------
+
+
+@pytest.fixture
+def closed_daemon(make_daemon, tmp_path):
+    """Callers shop and blog, an admin token and a metrics token."""
+    port = free_port()
+    daemon = start(make_daemon, callers={
+        "shop": {"token_file": token_file(tmp_path, "shop", SHOP)},
+        "blog": {"token_file": token_file(tmp_path, "blog", BLOG)},
+    }, http_listen=f"127.0.0.1:{port}", http_admin_token_file=token_file(tmp_path, "admin", ADMIN),
+        http_metrics_token_file=token_file(tmp_path, "metrics", METRICS), retry_base=60.0, retry_max=60.0)
+    daemon.http = ("127.0.0.1", port)
+    return daemon
+
+
+def test_metrics_need_an_admin_or_metrics_token_and_a_wrong_one_is_counted(closed_daemon):
+    daemon = closed_daemon
+    assert request(daemon.http, "GET", "/metrics").status == 401
+    refused = request(daemon.http, "GET", "/metrics", token="wrong-token-0123456789abcdef")
+    assert refused.status == 401 and refused.headers["WWW-Authenticate"] == "Bearer"
+    assert request(daemon.http, "GET", "/metrics", token=SHOP).status == 403  # a caller's: it names the others
+    samples = scrape(daemon, token=METRICS)
+    assert value(samples, "smtpgate_auth_failures_total") == 1
+    assert scrape(daemon, token=ADMIN)
+    assert request(daemon.http, "GET", "/", token=METRICS).status == 403
+
+
+def test_a_caller_sees_its_own_messages_only_and_may_not_change_them(closed_daemon, upstream):
+    daemon = closed_daemon
+    upstream.script_rcpt("shop-customer@example.org", "451 4.3.0 greylisted")
+    upstream.script_rcpt("blog-reader@example.org", "451 4.3.0 greylisted")
+    with daemon.client(token=SHOP) as shop, daemon.client(token=BLOG) as blog:
+        shop_id = shop.send(message("shop-customer@example.org"))
+        blog_id = blog.send(message("blog-reader@example.org"))
+        for client, msg_id in ((shop, shop_id), (blog, blog_id)):
+            wait_until(lambda: client.status(msg_id)["state"] == "deferred", what="deferred")
+
+    page = request(daemon.http, "GET", "/", token=SHOP)
+    assert page.status == 200 and shop_id in page.text and blog_id not in page.text
+    assert "caller shop" in page.text and "not final <b>1</b>" in page.text
+    assert request(daemon.http, "GET", f"/message/{shop_id}", token=SHOP).status == 200
+    # Another caller's message is not found, like an unknown id (STATUS says the same).
+    theirs = request(daemon.http, "GET", f"/message/{blog_id}", token=SHOP)
+    unknown = request(daemon.http, "GET", "/message/01ZZZZZZZZZZZZZZZZZZZZZZZZ", token=SHOP)
+    assert theirs.status == unknown.status == 404
+    assert blog_id not in request(daemon.http, "GET", "/?q=blog-reader", token=SHOP).text
+    assert request(daemon.http, "POST", f"/message/{shop_id}/delete", token=SHOP).status == 403
+    assert daemon.client(token=SHOP).status(shop_id)["state"] == "deferred"
+
+    everything = request(daemon.http, "GET", "/", token=ADMIN).text
+    assert shop_id in everything and blog_id in everything
+    assert request(daemon.http, "POST", f"/message/{blog_id}/delete", token=ADMIN).status == 303
+    assert request(daemon.http, "GET", f"/message/{blog_id}", token=ADMIN).status == 404
+
+
+def test_a_form_without_its_session_csrf_token_changes_nothing(closed_daemon, upstream):
+    daemon = closed_daemon
+    upstream.script_rcpt("csrf@example.org", "451 4.3.0 greylisted")
+    with daemon.client(token=SHOP) as shop:
+        msg_id = shop.send(message("csrf@example.org"))
+        wait_until(lambda: shop.status(msg_id)["state"] == "deferred", what="deferred")
+    assert request(daemon.http, "GET", "/").status == 401  # the login form
+    assert request(daemon.http, "POST", "/login", form={"token": "wrong-token-0123456789abcdef"}).status == 401
+    login = request(daemon.http, "POST", "/login", form={"token": ADMIN})
+    assert login.status == 303
+    session = login.cookie("smtpgate_session")
+    assert "HttpOnly" in login.headers["Set-Cookie"] and "SameSite=Strict" in login.headers["Set-Cookie"]
+    csrf = csrf_of(request(daemon.http, "GET", f"/message/{msg_id}", cookie=session).text)
+
+    for form in ({}, {"csrf": "forged"}, {"csrf": csrf[:-1]}):
+        refused = request(daemon.http, "POST", f"/message/{msg_id}/delete", cookie=session, form=form)
+        assert refused.status == 403, form
+    assert daemon.client(token=SHOP).status(msg_id)["state"] == "deferred"
+    # Another session's token is not this one's.
+    other = request(daemon.http, "POST", "/login", form={"token": ADMIN}).cookie("smtpgate_session")
+    assert request(daemon.http, "POST", f"/message/{msg_id}/delete", cookie=other,
+                   form={"csrf": csrf}).status == 403
+
+    done = request(daemon.http, "POST", f"/message/{msg_id}/retry", cookie=session, form={"csrf": csrf})
+    assert (done.status, done.headers["Location"]) == (303, f"/message/{msg_id}?done=retried")
+    done = request(daemon.http, "POST", f"/message/{msg_id}/delete", cookie=session, form={"csrf": csrf})
+    assert (done.status, done.headers["Location"]) == (303, "/?done=deleted")
+    assert request(daemon.http, "GET", f"/message/{msg_id}", cookie=session).status == 404
+
+
+def test_an_open_daemon_refuses_other_sites_forms_and_names(make_daemon, upstream):
+    """No token: loopback only, but a browser on this machine visits other
+    sites too. Their forms have no session; their names (DNS rebinding) are not ours."""
+    daemon = http_daemon(make_daemon, retry_base=60.0, retry_max=60.0)
+    upstream.script_rcpt("open@example.org", "451 4.3.0 greylisted")
+    with daemon.client() as client:
+        msg_id = client.send(message("open@example.org"))
+        wait_until(lambda: client.status(msg_id)["state"] == "deferred", what="deferred")
+    assert request(daemon.http, "POST", f"/message/{msg_id}/delete").status == 403
+    assert request(daemon.http, "GET", "/", headers={"Host": "evil.example:8080"}).status == 403
+    assert request(daemon.http, "GET", "/metrics", headers={"Host": "rebind.evil.example"}).status == 403
+    page = request(daemon.http, "GET", f"/message/{msg_id}")
+    session, csrf = page.cookie("smtpgate_session"), csrf_of(page.text)
+    assert request(daemon.http, "POST", f"/message/{msg_id}/delete", cookie=session, form={}).status == 403
+    assert request(daemon.http, "POST", f"/message/{msg_id}/delete", cookie=session,
+                   form={"csrf": csrf}).status == 303
+
+
+def test_http_listen_off_loopback_needs_a_token(tmp_path):
+    base = {"upstream": ["127.0.0.1:25"], "spool": str(tmp_path)}
+    with pytest.raises(ConfigError, match=r"^http_listen: 0\.0\.0\.0:8080 is not a loopback address"):
+        load_config(None, dict(base, http_listen="0.0.0.0:8080"))
+    admin = token_file(tmp_path, "admin", ADMIN)
+    assert load_config(None, dict(base, http_listen="0.0.0.0:8080", http_admin_token_file=admin)).http_listen
+    # The HTTP side's token does not close the line door.
+    with pytest.raises(ConfigError, match="^listen: "):
+        load_config(None, dict(base, listen=["0.0.0.0:2526"], http_admin_token_file=admin))
+    assert load_config(None, dict(base, http_listen="8080")).http_listen == "127.0.0.1:8080"
+    with pytest.raises(ConfigError, match="^http_metrics_token_file: a token in it is also"):
+        load_config(None, dict(base, http_admin_token_file=admin,
+                               http_metrics_token_file=token_file(tmp_path, "m", ADMIN)))
+
+
+# -- limits a hostile client meets ------------------------------------------------------
+
+
+def test_connections_past_the_cap_get_a_503_line_and_the_close(make_daemon):
+    daemon = http_daemon(make_daemon, max_connections=4, max_connections_per_peer=4)
+    held = [socket.create_connection(daemon.http, timeout=10) for _ in range(4)]
+    try:
+        wait_until(lambda: daemon.client().stats()["limits"]["connections"].get("http") == 4, what="4 held")
+        with socket.create_connection(daemon.http, timeout=10) as extra:
+            assert read_line(extra).startswith("HTTP/1.1 503")
+    finally:
+        for sock in held:
+            sock.close()
+    wait_until(lambda: daemon.client().stats()["limits"]["connections"]["http"] == 0, what="the places back")
+    assert request(daemon.http, "GET", "/healthz").status == 200
+
+
+def test_a_slow_client_is_cut_after_request_timeout(make_daemon):
+    """A form's body trickled a byte at a time never ends by itself (aiohttp
+    has no timeout for a body): the connection's life does (request_timeout
+    1 s; the loop gives up after 40 s)."""
+    daemon = http_daemon(make_daemon, request_timeout=1.0)
+    with socket.create_connection(daemon.http, timeout=10) as slow:
+        slow.sendall(b"POST /login HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                     b"Content-Type: application/x-www-form-urlencoded\r\nContent-Length: 10000\r\n\r\ntoken=")
+        cut = False
+        for _ in range(200):
+            try:
+                slow.sendall(b"a")
+            except (BrokenPipeError, ConnectionResetError):
+                cut = True
+                break
+            time.sleep(0.2)
+        assert cut
+    assert request(daemon.http, "GET", "/healthz").status == 200
+
+
+def test_a_large_body_and_a_long_header_are_refused(closed_daemon):
+    daemon = closed_daemon
+    big = request(daemon.http, "POST", "/login", body=b"token=" + b"x" * 20000,
+                  headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert big.status == 413
+    long_header = request(daemon.http, "GET", "/healthz", headers={"X-Long": "y" * 9000})
+    assert long_header.status in (400, 431)
+    assert request(daemon.http, "GET", "/healthz").status == 200
+
+
+def test_a_reload_that_removes_a_token_ends_its_sessions(closed_daemon, tmp_path):
+    daemon = closed_daemon
+    session = request(daemon.http, "POST", "/login", form={"token": ADMIN}).cookie("smtpgate_session")
+    assert request(daemon.http, "GET", "/", cookie=session).status == 200
+    token_file(tmp_path, "admin", "another-admin-token-0123456789")
+    daemon.reload()
+    assert request(daemon.http, "GET", "/", cookie=session).status == 401
+    assert request(daemon.http, "GET", "/metrics", token=ADMIN).status == 401
+    assert request(daemon.http, "GET", "/metrics", token="another-admin-token-0123456789").status == 200
