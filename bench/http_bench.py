@@ -117,7 +117,7 @@ def main() -> int:
                                    ("p99_us", "hand-off p99", 1000, " ms"),
                                    ("daemon_cpu_us_per_send", "daemon CPU per SEND", 1, " us")):
         off, on = med(False, key), med(True, key)
-        fmt = (lambda v: f"{v / scale:.3f}{unit}") if scale != 1 else (lambda v: f"{v:,.1f}{unit}")
+        fmt = (lambda v, s=scale, u=unit: f"{v / s:.3f}{u}") if scale != 1 else (lambda v, u=unit: f"{v:,.1f}{u}")
         print(f"| {what} | {fmt(off)} | {fmt(on)} | {on / off:.2f} |")
     return 0
 

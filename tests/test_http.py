@@ -17,6 +17,7 @@ from support import free_port, read_line
 from test_callers import start, token_file
 
 from smtpgate.config import ConfigError, load_config
+from smtpgate.tools.lineclient import RemoteError
 
 ADMIN = "admin-token-0123456789abcdef"
 METRICS = "metrics-token-0123456789abcd"
@@ -78,7 +79,7 @@ def test_refusals_are_counted_by_caller_and_code_with_no_address_in_a_label(make
     daemon = http_daemon(make_daemon)
     with daemon.client() as client:
         for _ in range(2):
-            with pytest.raises(Exception):
+            with pytest.raises(RemoteError, match="^BAD_ADDRESS"):
                 client.send({"from": "not an address", "to": ["x@example.org"], "text": "hi"})
     samples = scrape(daemon)
     assert value(samples, "smtpgate_sends_refused_total", caller="anonymous", code="BAD_ADDRESS") == 2
@@ -183,7 +184,7 @@ def test_a_caller_sees_its_own_messages_only_and_may_not_change_them(closed_daem
         shop_id = shop.send(message("shop-customer@example.org"))
         blog_id = blog.send(message("blog-reader@example.org"))
         for client, msg_id in ((shop, shop_id), (blog, blog_id)):
-            wait_until(lambda: client.status(msg_id)["state"] == "deferred", what="deferred")
+            wait_until(lambda c=client, m=msg_id: c.status(m)["state"] == "deferred", what="deferred")
 
     page = request(daemon.http, "GET", "/", token=SHOP)
     assert page.status == 200 and shop_id in page.text and blog_id not in page.text
@@ -240,7 +241,7 @@ def test_an_open_daemon_refuses_other_sites_forms_and_names(make_daemon, upstrea
     upstream.script_rcpt("open@example.org", "451 4.3.0 greylisted")
     with daemon.client() as client:
         msg_id = client.send(message("open@example.org"))
-        wait_until(lambda: client.status(msg_id)["state"] == "deferred", what="deferred")
+        wait_until(lambda c=client, m=msg_id: c.status(m)["state"] == "deferred", what="deferred")
     assert request(daemon.http, "POST", f"/message/{msg_id}/delete").status == 403
     assert request(daemon.http, "GET", "/", headers={"Host": "evil.example:8080"}).status == 403
     assert request(daemon.http, "GET", "/metrics", headers={"Host": "rebind.evil.example"}).status == 403

@@ -55,7 +55,7 @@ class Histogram:
 
     def family(self, name: str, doc: str) -> HistogramMetricFamily:
         buckets, total = [], 0
-        for bound, count in zip((*map(str, self.bounds), "+Inf"), self.counts):
+        for bound, count in zip((*map(str, self.bounds), "+Inf"), self.counts, strict=True):
             total += count
             buckets.append((bound, total))
         return HistogramMetricFamily(name, doc, buckets=buckets, sum_value=self.sum)
