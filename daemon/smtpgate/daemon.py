@@ -85,6 +85,7 @@ class Daemon:
         self.smtp_server = None
         self.exit_code = 0
         self.spool_lost = False
+        self.webhooks = None
 
     async def run(self) -> int:
         from smtpgate import systemd
@@ -129,6 +130,9 @@ class Daemon:
                     hostname=config.helo_name, limits=limits)
             if not config.hold:
                 await self.delivery.start()
+            from smtpgate.webhooks.sender import WebhookSender
+            self.webhooks = WebhookSender(self.spool, config, self.log)
+            self.webhooks.start()
         except BaseException:
             await self._close_started()
             raise
@@ -161,6 +165,7 @@ class Daemon:
             await self.delivery.stop(STOP_GRACE)
         if self.dev_server is not None:
             self.dev_server.close()
+        await self.webhooks.stop()
         await self.spool.close()
         self.log.info("stopped")
         return self.exit_code
@@ -171,6 +176,8 @@ class Daemon:
             self.smtp_server.close()
         if self.delivery is not None:
             await self.delivery.stop(0)
+        if self.webhooks is not None:
+            await self.webhooks.stop()
         if self.dev_server is not None:
             self.dev_server.close()
         await self.spool.close()
@@ -256,6 +263,7 @@ class Daemon:
                                      if k not in ("listen", "socket", "spool", "dev", "smtp_listen")})
         await self.spool.configure(**spool_limits(self.config))
         self.delivery.reload(delivery_settings(self.config, self.dev_port))
+        self.webhooks.reload(self.config)
         if was_held and not self.config.hold:
             await self.delivery.start()
         elif self.config.hold and not was_held:
@@ -303,8 +311,11 @@ def raise_descriptor_limit(config: Config) -> None:
 
 def spool_limits(config: Config) -> dict:
     """The spool's settings that a reload may change."""
+    from smtpgate.webhooks.sender import webhook_callers
+
     return {"max_queued": config.max_queued, "min_free_bytes": config.min_free_space,
-            "keep_final": config.keep_final, "idempotency_window": config.idempotency_window}
+            "keep_final": config.keep_final, "idempotency_window": config.idempotency_window,
+            "webhook_callers": webhook_callers(config)}
 
 
 def serve(config_path: str | None, overrides: dict) -> int:
