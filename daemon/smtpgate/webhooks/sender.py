@@ -169,7 +169,7 @@ class WebhookSender:
             if status is not None and 200 <= status < 300:
                 self._down.pop(target.url, None)
                 await self.spool.webhook_done(event.seq, event.message_id, True)
-                self.log.info("webhook_sent", event=event.id, type=event.type, message_id=event.message_id,
+                self.log.info("webhook_sent", webhook_id=event.id, type=event.type, message_id=event.message_id,
                               url=shown(target.url), status=status, attempts=event.attempts + 1)
                 return
             if status == 410:  # Gone: the receiver wants no more of this
@@ -180,13 +180,13 @@ class WebhookSender:
                 await self._give_up(event, f"{error}; {webhook_retry_for(self.retry_for)}", target.url)
                 return
             await self.spool.webhook_retry(until, [(event.seq, event.message_id)], error)
-            self.log.warning("webhook_failed", event=event.id, type=event.type, message_id=event.message_id,
+            self.log.warning("webhook_failed", webhook_id=event.id, type=event.type, message_id=event.message_id,
                              url=shown(target.url), error=error, attempts=event.attempts + 1,
                              next_attempt=round(until, 3))
         except SpoolError:
             pass  # the spool is closing: the event stays in the outbox
         except Exception:
-            self.log.exception("webhook_sender_failed", event=event.id)
+            self.log.exception("webhook_sender_failed", webhook_id=event.id)
         finally:
             self._inflight.discard(event.seq)
 
@@ -236,7 +236,7 @@ class WebhookSender:
 
     async def _give_up(self, event: OutboxEvent, why: str, url: str | None = None) -> None:
         await self.spool.webhook_done(event.seq, event.message_id, False)
-        self.log.error("webhook_given_up", event=event.id, type=event.type, message_id=event.message_id,
+        self.log.error("webhook_given_up", webhook_id=event.id, type=event.type, message_id=event.message_id,
                        url=shown(url) if url else None, error=why, attempts=event.attempts)
 
 
