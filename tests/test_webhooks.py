@@ -14,6 +14,7 @@ import asyncio
 import base64
 import json
 import os
+import signal
 import threading
 import time
 from collections import defaultdict
@@ -22,6 +23,7 @@ from datetime import datetime, timezone
 import pytest
 from aiohttp import web
 from conftest import free_port
+from test_upstream_health import Scripted
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from smtpgate.config import ConfigError, load_config
@@ -46,6 +48,9 @@ class Receiver:
         self.rejected: list[str] = []
         self.answer = 204
         self.headers: dict[str, str] = {}  # added to the answer (Location, ...)
+        self.delay = 0.0  # seconds each answer takes
+        self.handling: set[str] = set()  # message ids of the requests being answered
+        self.overlaps: list[str] = []  # a message's event that came before the one before it was answered
         self.cond = threading.Condition()
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
@@ -65,9 +70,16 @@ class Receiver:
                 self.rejected.append(str(exc))
                 self.cond.notify_all()
             return web.Response(status=401, text="bad signature")
+        msg_id = payload["data"]["message_id"]
         with self.cond:
+            if msg_id in self.handling:
+                self.overlaps.append(msg_id)
+            self.handling.add(msg_id)
             self.events.append((dict(request.headers), payload))
             self.cond.notify_all()
+        await asyncio.sleep(self.delay)
+        with self.cond:
+            self.handling.discard(msg_id)
         return web.Response(status=self.answer, headers=self.headers)
 
     def _run(self, coro):
@@ -219,17 +231,20 @@ def test_a_receiver_down_for_a_while_gets_every_event_in_order_once_back(make_da
         for n in range(0, 12, 2):
             upstream.script_rcpt(f"r{n}@example.org", "451 4.7.1 greylisted")
         daemon = make_daemon(webhook_url=receiver.url, webhook_secret_file=secret_file(tmp_path))
+        ids = []
         with daemon.client(timeout=40) as client:
-            ids = [client.send(mail(f"r{n}@example.org", subject=f"n{n}")) for n in range(12)]
-            for msg_id in ids:
-                final(client, msg_id)
+            for n in range(12):  # one after the other: a message's events are side by side in the outbox
+                ids.append(client.send(mail(f"r{n}@example.org", subject=f"n{n}")))
+                final(client, ids[-1])
         wait_until(lambda: any(line.get("event") == "webhook_failed" for line in daemon.log_lines()),
                    "a failed try while the receiver is down")
         assert stats(daemon)["webhooks"]["pending"] == 12 + 6  # six were deferred first
         assert receiver.events == []
 
+        receiver.delay = 0.2  # a message's next event must wait for this answer
         receiver.start()
         receiver.wait(lambda r: sum(len(types) for types in r.by_message().values()) == 18, "every event")
+        assert receiver.overlaps == []
         events = receiver.by_message()
         assert {msg_id: events[msg_id] for msg_id in ids} == {
             msg_id: (["message.deferred", "message.sent"] if n % 2 == 0 else ["message.sent"])
@@ -257,6 +272,44 @@ def test_an_event_survives_a_kill_9_between_the_state_change_and_the_webhook(mak
                    "the outbox empties")
     finally:
         receiver.close()
+
+
+def test_a_possible_duplicate_is_told_before_the_deferral_and_the_delivery(make_daemon, receiver, tmp_path):
+    server = Scripted("stall-dot")  # takes the message, never answers its final dot
+    try:
+        daemon = make_daemon(upstream=[server.hostport], upstream_data_end_timeout=0.5,
+                             webhook_url=receiver.url, webhook_secret_file=secret_file(tmp_path))
+        with daemon.client(timeout=40) as client:
+            msg_id = client.send(mail("kelly@example.org"))
+            assert server.wait(lambda s: len(s.bodies) == 1)
+            server.mode = "ok"
+            assert final(client, msg_id)["state"] == "sent"
+        receiver.wait(lambda r: "message.sent" in r.by_message()[msg_id], "the sent event")
+        assert receiver.by_message()[msg_id] == ["message.possible_duplicate", "message.deferred", "message.sent"]
+        flagged = receiver.payloads()[0]["data"]
+        assert flagged["possible_duplicate"] is True and flagged["state"] == "deferred"
+    finally:
+        server.close()
+
+
+def test_a_final_dot_cut_short_by_a_kill_9_is_told_a_possible_duplicate(make_daemon, upstream, receiver, tmp_path):
+    server = Scripted("stall-dot")
+    try:
+        daemon = make_daemon(upstream=[server.hostport], webhook_url=receiver.url,
+                             webhook_secret_file=secret_file(tmp_path), start=False)
+        daemon.start(start_new_session=True)
+        with daemon.client(timeout=40) as client:
+            msg_id = client.send(mail("kelly@example.org"))
+        assert server.wait(lambda s: len(s.bodies) == 1)
+        os.killpg(daemon.proc.pid, signal.SIGKILL)
+        daemon.proc.wait(30)
+        daemon.stop()
+        daemon.settings["upstream"] = [upstream.hostport]
+        daemon.start()  # the spool's recovery flags it, in the transaction that writes the event
+        receiver.wait(lambda r: "message.sent" in r.by_message()[msg_id], "the sent event")
+        assert receiver.by_message()[msg_id] == ["message.possible_duplicate", "message.sent"]
+    finally:
+        server.close()
 
 
 def test_an_event_is_retried_until_answered_2xx_and_kept_its_id(make_daemon, upstream, receiver, tmp_path):
@@ -356,7 +409,8 @@ def test_each_caller_gets_its_own_url_and_secret_and_others_none(make_daemon, up
         shop_hooks.wait(lambda r: r.by_message()[shop_id] == ["message.sent"], "the shop's event")
         wait_until(lambda: stats(daemon, TOKEN_SHOP)["webhooks"]["pending"] == 0, "the outbox empties")
         assert [p["data"]["caller"] for p in shop_hooks.payloads()] == ["shop"]
-        assert stats(daemon, TOKEN_SHOP)["webhooks"]["delivered"] == 1  # nothing was written for the blog
+        # Nothing was written for the blog (not even an event given up).
+        assert stats(daemon, TOKEN_SHOP)["webhooks"] == {"delivered": 1, "failed": 0, "pending": 0}
     finally:
         shop_hooks.close()
 
