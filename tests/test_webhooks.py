@@ -15,6 +15,7 @@ import base64
 import json
 import os
 import signal
+import socket
 import threading
 import time
 from collections import defaultdict
@@ -22,7 +23,6 @@ from datetime import datetime, timezone
 
 import pytest
 from aiohttp import web
-from conftest import free_port
 from test_upstream_health import Scripted
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
@@ -34,6 +34,12 @@ OTHER_SECRET = "whsec_" + base64.b64encode(b"another secret of at least 24 bytes
 TOKEN_SHOP = "tok-shop-51f0c3e98d2b7a46"
 TOKEN_BLOG = "tok-blog-0e7c2d19a8f4b635"
 WAIT = 60.0  # seconds: the bound of every wait for an event
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 class Receiver:
