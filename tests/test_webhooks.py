@@ -172,7 +172,7 @@ def final(client, msg_id: str) -> dict:
 def test_events_are_signed_and_carry_each_recipients_result(make_daemon, upstream, receiver, tmp_path):
     upstream.script_rcpt("gone@example.org", "550 5.1.1 no such user")
     upstream.script_rcpt("later@example.org", "451 4.7.1 greylisted, try again")
-    daemon = make_daemon(webhook_url=receiver.url, webhook_secret_file=secret_file(tmp_path))
+    daemon = make_daemon(webhook_url=receiver.url, webhook_secret_file=secret_file(tmp_path), log_level="debug")
     with daemon.client(timeout=40) as client:
         failed = client.send(mail(["kelly@example.org", "gone@example.org"], idempotency_key="order-17"))
         deferred = client.send(mail("later@example.org"))
