@@ -221,6 +221,17 @@ def test_a_deferral_is_told_once_however_many_attempts_it_takes(make_daemon, ups
     assert last["data"]["attempts"] == 4
 
 
+def test_a_message_held_past_max_age_by_an_outage_is_told_failed(make_daemon, receiver, tmp_path):
+    daemon = make_daemon(upstream=["127.0.0.1:9"], max_age=1.0, upstream_probe_base=0.05, upstream_probe_max=0.2,
+                         webhook_url=receiver.url, webhook_secret_file=secret_file(tmp_path))
+    with daemon.client(timeout=40) as client:
+        msg_id = client.send(mail("kelly@example.org"))
+        assert final(client, msg_id)["state"] == "failed"
+    receiver.wait(lambda r: r.by_message()[msg_id] == ["message.failed"], "the failed event")
+    [recipient] = receiver.payloads()[0]["data"]["recipients"]
+    assert recipient["state"] == "failed" and "gave up after max_age 1 s" in recipient["reply"]
+
+
 def test_no_webhook_configured_writes_no_event(make_daemon, upstream):
     daemon = make_daemon()
     with daemon.client(timeout=40) as client:
