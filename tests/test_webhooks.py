@@ -379,7 +379,7 @@ def test_a_receiver_with_another_secret_rejects_every_request(make_daemon, upstr
 
 
 def test_the_signer_matches_the_reference_library():
-    key = signing.parse_secret(SECRET)
+    key = signing.parse_secrets(SECRET)
     body = '{"type":"message.sent","data":{"subject":"记得收衣服"}}'.encode()
     headers = signing.headers(key, "evt_01JEXAMPLE", 1765000000, body)
     reference = Webhook(SECRET).sign("evt_01JEXAMPLE", datetime.fromtimestamp(1765000000, timezone.utc), body)
@@ -388,11 +388,33 @@ def test_the_signer_matches_the_reference_library():
         Webhook(SECRET).verify(body, headers)
     now = int(time.time())
     assert Webhook(SECRET).verify(body, signing.headers(key, "evt_1", now, body))["data"]["subject"] == "记得收衣服"
-    for wrong in (signing.headers(signing.parse_secret(OTHER_SECRET), "evt_1", now, body),
+    for wrong in (signing.headers(signing.parse_secrets(OTHER_SECRET), "evt_1", now, body),
                   signing.headers(key, "evt_2", now, body) | {"webhook-id": "evt_1"},
                   signing.headers(key, "evt_1", now, body + b" ")):
         with pytest.raises(WebhookVerificationError):
             Webhook(SECRET).verify(body, wrong)
+
+
+def test_while_a_secret_changes_each_request_is_signed_with_both(make_daemon, upstream, tmp_path):
+    old, new = Receiver(SECRET).start(), Receiver(OTHER_SECRET).start()
+    try:
+        both = secret_file(tmp_path, f"{OTHER_SECRET}\n{SECRET}")  # the new one, then the old one
+        daemon = make_daemon(webhook_url=old.url, webhook_secret_file=both)
+        with daemon.client(timeout=40) as client:
+            first = client.send(mail("kelly@example.org"))
+            final(client, first)
+        old.wait(lambda r: r.by_message()[first] == ["message.sent"], "verified with the old secret")
+        daemon.settings["webhook_url"] = new.url
+        daemon.reload()
+        with daemon.client(timeout=40) as client:
+            second = client.send(mail("kelly@example.org"))
+            final(client, second)
+        new.wait(lambda r: r.by_message()[second] == ["message.sent"], "verified with the new secret")
+        assert old.rejected == [] and new.rejected == []
+        assert len(new.events[0][0]["webhook-signature"].split(" ")) == 2
+    finally:
+        old.close()
+        new.close()
 
 
 # -- callers ------------------------------------------------------------------
@@ -463,4 +485,4 @@ def test_a_callers_webhook_needs_a_secret_of_its_own_or_the_top_level_one(tmp_pa
     with pytest.raises(ConfigError, match="callers.shop.webhook_secret_file: a webhook is signed"):
         load_config(str(config))
     loaded = load_config(str(config), {"webhook_secret_file": secret_file(tmp_path)})
-    assert loaded.callers["shop"].webhook_secret == b"" and loaded.webhook_secret == signing.parse_secret(SECRET)
+    assert loaded.callers["shop"].webhook_secret == () and loaded.webhook_secret == signing.parse_secrets(SECRET)

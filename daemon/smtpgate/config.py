@@ -113,7 +113,7 @@ class Config:
     # Filled in by load_config, never read from the file.
     upstream_password: str | None = field(default=None, repr=False)
     upstream_oauth2_token: str | None = field(default=None, repr=False)
-    webhook_secret: bytes = field(default=b"", repr=False)
+    webhook_secret: tuple[bytes, ...] = field(default=(), repr=False)
 
     @property
     def max_line(self) -> int:
@@ -158,7 +158,7 @@ class CallerConfig:
     webhook_url: str | None = None  # None: the top-level webhook_url
     webhook_secret_file: str | None = None  # None: the top-level secret
     tokens: list[str] = field(default_factory=list, repr=False)  # read from token_file
-    webhook_secret: bytes = field(default=b"", repr=False)  # read from webhook_secret_file
+    webhook_secret: tuple[bytes, ...] = field(default=(), repr=False)  # read from webhook_secret_file
 
 
 # Caller names go into logs, STATS and the spool: short and plain. Reserved:
@@ -474,7 +474,7 @@ def _validate_upstream_health(config: Config) -> None:
 def _validate_webhooks(config: Config) -> None:
     """Check the webhook URLs, and read the secrets of those in use: every
     URL is signed, so a URL without a secret stops the start."""
-    from smtpgate.webhooks.signing import parse_secret
+    from smtpgate.webhooks.signing import parse_secrets
 
     for key in ("webhook_retry_for", "webhook_timeout"):
         if getattr(config, key) <= 0:
@@ -488,7 +488,7 @@ def _validate_webhooks(config: Config) -> None:
         if path:
             secret_key = key.replace("webhook_url", "webhook_secret_file")
             try:
-                owner.webhook_secret = parse_secret(_read_secret_file(path, secret_key))
+                owner.webhook_secret = parse_secrets(_read_secret_file(path, secret_key))
             except ValueError as exc:
                 raise ConfigError(f"{secret_key}: {path}: {exc}") from None
     for name, caller in config.callers.items():

@@ -112,7 +112,7 @@ final class WebhookTest extends TestCase
         $env['PYTHONPATH'] = "{$repository}/daemon" . (isset($env['PYTHONPATH']) ? ":{$env['PYTHONPATH']}" : '');
         $python = getenv('SMTPGATE_TEST_PYTHON') ?: 'python3';
         $script = 'import json, sys; from smtpgate.webhooks import signing; '
-            . 'print(json.dumps(signing.headers(signing.parse_secret(sys.argv[1]), sys.argv[2], int(sys.argv[3]), '
+            . 'print(json.dumps(signing.headers(signing.parse_secrets(sys.argv[1]), sys.argv[2], int(sys.argv[3]), '
             . 'sys.stdin.buffer.read())))';
         $io = [0 => ['pipe', 'r'], 1 => ['pipe', 'w'], 2 => ['pipe', 'w']];
         $process = proc_open([$python, '-c', $script, $secret, $id, (string) $timestamp], $io, $pipes, null, $env);

@@ -42,10 +42,10 @@ SHOWN_REPLY = 200  # bytes of a failed receiver's body read for the log; the res
 
 
 class Target(NamedTuple):
-    """Where a caller's events go, and the key that signs them."""
+    """Where a caller's events go, and the keys that sign them."""
 
     url: str
-    key: bytes
+    keys: tuple[bytes, ...]
 
 
 class _Down(NamedTuple):
@@ -200,7 +200,7 @@ class WebhookSender:
                 connector=aiohttp.TCPConnector(limit=CONCURRENCY),
                 auto_decompress=False,  # the body is never used: no decompression bomb either
                 headers={"User-Agent": f"smtpgate/{__version__}"})
-        headers = signing.headers(target.key, event.id, timestamp, event.payload)
+        headers = signing.headers(target.keys, event.id, timestamp, event.payload)
         headers["Content-Type"] = "application/json"
         try:
             async with self._session.post(target.url, data=event.payload, headers=headers,

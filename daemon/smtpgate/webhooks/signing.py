@@ -1,7 +1,9 @@
 """Standard Webhooks signatures (https://www.standardwebhooks.com, "Signature
 scheme" and "Webhook headers"), symmetric: HMAC-SHA256 under a secret
 shown as `whsec_` and its base64, over `{webhook-id}.{webhook-timestamp}.{body}`,
-sent as `webhook-signature: v1,<base64 of the MAC>`.
+sent as `webhook-signature: v1,<base64 of the MAC>`. While a secret is
+being changed, a request is signed with each of two (the header holds both
+signatures, space-separated) and a receiver accepts it with either.
 
 The timestamp is that of the attempt, not of the event: a receiver rejects
 one outside its tolerance (5 minutes in the reference libraries), so a
@@ -39,13 +41,22 @@ def parse_secret(text: str) -> bytes:
     return key
 
 
+def parse_secrets(text: str) -> tuple[bytes, ...]:
+    """The keys of a secret file: one secret a line, two while it is being
+    changed (the new one and the old one); ValueError as parse_secret."""
+    keys = tuple(parse_secret(line) for line in text.splitlines() if line.strip())
+    if not keys:
+        raise ValueError("holds no secret")
+    return keys
+
+
 def signature(key: bytes, event_id: str, timestamp: int, body: bytes) -> str:
-    """The `webhook-signature` header's value."""
+    """One signature: v1, and the base64 of the MAC."""
     mac = hmac.new(key, f"{event_id}.{timestamp}.".encode() + body, hashlib.sha256).digest()
     return "v1," + base64.b64encode(mac).decode()
 
 
-def headers(key: bytes, event_id: str, timestamp: int, body: bytes) -> dict[str, str]:
-    """The three Standard Webhooks headers of one attempt."""
+def headers(keys: tuple[bytes, ...], event_id: str, timestamp: int, body: bytes) -> dict[str, str]:
+    """The three Standard Webhooks headers of one attempt, signed with each key."""
     return {"webhook-id": event_id, "webhook-timestamp": str(timestamp),
-            "webhook-signature": signature(key, event_id, timestamp, body)}
+            "webhook-signature": " ".join(signature(key, event_id, timestamp, body) for key in keys)}
