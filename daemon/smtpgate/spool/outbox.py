@@ -49,10 +49,10 @@ class OutboxEvent(NamedTuple):
 
 
 def before(conn: sqlite3.Connection, msg_id: str) -> Before:
-    deferred = conn.execute("SELECT 1 FROM recipients WHERE message_id=? AND state=? LIMIT 1",
-                            (msg_id, State.DEFERRED)).fetchone() is not None
-    (dup,) = conn.execute("SELECT possible_duplicate FROM messages WHERE id=?", (msg_id,)).fetchone()
-    return Before(deferred, bool(dup))
+    deferred, dup = conn.execute(
+        "SELECT EXISTS (SELECT 1 FROM recipients WHERE message_id=?1 AND state=?2), possible_duplicate"
+        " FROM messages WHERE id=?1", (msg_id, State.DEFERRED)).fetchone()
+    return Before(bool(deferred), bool(dup))
 
 
 def attempt_events(was: Before, new_state: str, possible_duplicate: bool) -> list[str]:
