@@ -17,6 +17,7 @@ import re
 import socket
 import stat
 import tomllib
+import urllib.parse
 from dataclasses import dataclass, field
 
 DEFAULT_LISTEN = "127.0.0.1:2526"
@@ -29,6 +30,8 @@ TOKENS_CREDENTIAL = "tokens"
 # 16 characters of a random token (base64: 96 bits) are beyond guessing
 # through a socket that closes after 3 wrong AUTHs; a short one is a mistake.
 MIN_TOKEN_CHARS = 16
+# ... and for the webhook secret (webhook_secret_file).
+WEBHOOK_SECRET_CREDENTIAL = "webhook-secret"
 
 
 class ConfigError(Exception):
@@ -107,11 +110,19 @@ class Config:
     http_listen: str | None = None
     http_admin_token_file: str | None = None
     http_metrics_token_file: str | None = None
+    # Delivery webhooks (docs/configuration.md, "Webhooks"; docs/webhooks.md):
+    # the URL of every caller without its own, the whsec_ secret signing
+    # them, how long an event is retried, how long one try may take.
+    webhook_url: str = ""
+    webhook_secret_file: str | None = None
+    webhook_retry_for: float = 24 * 3600.0
+    webhook_timeout: float = 15.0
     # Filled in by load_config, never read from the file.
     upstream_password: str | None = field(default=None, repr=False)
     upstream_oauth2_token: str | None = field(default=None, repr=False)
     http_admin_tokens: list[str] = field(default_factory=list, repr=False)
     http_metrics_tokens: list[str] = field(default_factory=list, repr=False)
+    webhook_secret: tuple[bytes, ...] = field(default=(), repr=False)
 
     @property
     def max_line(self) -> int:
@@ -155,7 +166,10 @@ class CallerConfig:
     sends_per_minute: int | None = None
     sends_per_day: int | None = None
     max_pending: int | None = None
+    webhook_url: str | None = None  # None: the top-level webhook_url
+    webhook_secret_file: str | None = None  # None: the top-level secret
     tokens: list[str] = field(default_factory=list, repr=False)  # read from token_file
+    webhook_secret: tuple[bytes, ...] = field(default=(), repr=False)  # read from webhook_secret_file
 
 
 # Caller names go into logs, STATS and the spool: short and plain. Reserved:
@@ -165,6 +179,7 @@ _CALLER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _CALLER_POLICY = {"allowed_senders": [], "allowed_recipients": [], "sends_per_minute": 0,
                   "sends_per_day": 0, "max_pending": 0}
 _CALLER_IDS = {"token_file": "", "unix_user": "", "uid": 0, "unix_group": "", "gid": 0}
+_CALLER_WEBHOOK = {"webhook_url": "", "webhook_secret_file": ""}
 
 
 _CHOICES = {
@@ -259,7 +274,8 @@ def load_config(path: str | None, overrides: dict | None = None) -> Config:
 
     defaults = Config()
     known = {f.name for f in dataclasses.fields(Config)} - {
-        "upstream_password", "upstream_oauth2_token", "http_admin_tokens", "http_metrics_tokens"}
+        "upstream_password", "upstream_oauth2_token", "http_admin_tokens", "http_metrics_tokens",
+        "webhook_secret"}
     for key in values:
         if key not in known:
             raise ConfigError(f"{key}: unknown key")
@@ -341,6 +357,7 @@ def _validate(config: Config) -> None:
     if config.socket_mode > 0o777:
         raise ConfigError("socket_mode: must be a file mode such as 0o660 (432)")
     _validate_limits(config)
+    _validate_webhooks(config)
 
 
 def _validate_limits(config: Config) -> None:
@@ -422,7 +439,7 @@ def _load_callers(tables) -> dict[str, CallerConfig]:
             raise ConfigError(f"{where}: expected a table of keys")
         caller = CallerConfig(name)
         for key, value in table.items():
-            default = _CALLER_POLICY.get(key, _CALLER_IDS.get(key))
+            default = {**_CALLER_POLICY, **_CALLER_IDS, **_CALLER_WEBHOOK}.get(key)
             if default is None:
                 raise ConfigError(f"{where}.{key}: unknown key")
             setattr(caller, key, _check_type(f"{where}.{key}", value, default))
@@ -493,6 +510,49 @@ def _validate_upstream_health(config: Config) -> None:
                           f"upstream_probe_base ({config.upstream_probe_base:g})")
     if len(set(config.upstream)) != len(config.upstream):
         raise ConfigError("upstream: an upstream is listed twice")
+
+
+def _validate_webhooks(config: Config) -> None:
+    """Check the webhook URLs, and read the secrets of those in use: every
+    URL is signed, so a URL without a secret stops the start."""
+    from smtpgate.webhooks.signing import parse_secrets
+
+    for key in ("webhook_retry_for", "webhook_timeout"):
+        if getattr(config, key) <= 0:
+            raise ConfigError(f"{key}: must be more than 0 seconds")
+    secret_file = config.webhook_secret_file or _credential(WEBHOOK_SECRET_CREDENTIAL)
+    for key, url, path, owner in [("webhook_url", config.webhook_url, secret_file, config)] + [
+            (f"callers.{name}.webhook_url", caller.webhook_url, caller.webhook_secret_file, caller)
+            for name, caller in config.callers.items()]:
+        if url:
+            _check_webhook_url(key, url)
+        if path:
+            secret_key = key.replace("webhook_url", "webhook_secret_file")
+            try:
+                owner.webhook_secret = parse_secrets(_read_secret_file(path, secret_key))
+            except ValueError as exc:
+                raise ConfigError(f"{secret_key}: {path}: {exc}") from None
+    for name, caller in config.callers.items():
+        if (caller.webhook_url or caller.webhook_secret_file) and not (caller.webhook_secret or config.webhook_secret):
+            raise ConfigError(f"callers.{name}.webhook_secret_file: a webhook is signed; give this caller "
+                              "a webhook_secret_file, or a top-level one")
+    if config.webhook_url and not config.webhook_secret:
+        raise ConfigError("webhook_secret_file: a webhook is signed; give webhook_secret_file "
+                          f"(or the systemd credential {WEBHOOK_SECRET_CREDENTIAL})")
+
+
+def _check_webhook_url(key: str, url: str) -> None:
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 -- raises ValueError for a port that is not a number
+    except ValueError as exc:
+        raise ConfigError(f"{key}: {url!r} is not a URL: {exc}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"{key}: expected an http:// or https:// URL, got {url!r}")
+    if parts.username is not None or parts.password is not None:
+        # It would be logged with every failed try; the signature is the authentication.
+        raise ConfigError(f"{key}: a webhook URL carries no user or password (the signature "
+                          "authenticates each request)")
 
 
 def _find_password(config: Config) -> str | None:

@@ -86,6 +86,7 @@ class Daemon:
         self.http = None
         self.exit_code = 0
         self.spool_lost = False
+        self.webhooks = None
 
     async def run(self) -> int:
         from smtpgate import systemd
@@ -137,6 +138,9 @@ class Daemon:
                 await self.http.start()
             if not config.hold:
                 await self.delivery.start()
+            from smtpgate.webhooks.sender import WebhookSender
+            self.webhooks = WebhookSender(self.spool, config, self.log)
+            self.webhooks.start()
         except BaseException:
             await self._close_started()
             raise
@@ -173,6 +177,7 @@ class Daemon:
             await self.delivery.stop(STOP_GRACE)
         if self.dev_server is not None:
             self.dev_server.close()
+        await self.webhooks.stop()
         await self.spool.close()
         self.log.info("stopped")
         return self.exit_code
@@ -185,6 +190,8 @@ class Daemon:
             await self.http.close()
         if self.delivery is not None:
             await self.delivery.stop(0)
+        if self.webhooks is not None:
+            await self.webhooks.stop()
         if self.dev_server is not None:
             self.dev_server.close()
         await self.spool.close()
@@ -275,6 +282,7 @@ class Daemon:
                                      if k not in ("listen", "socket", "spool", "dev", "smtp_listen", "http_listen")})
         await self.spool.configure(**spool_limits(self.config))
         self.delivery.reload(delivery_settings(self.config, self.dev_port))
+        self.webhooks.reload(self.config)
         if was_held and not self.config.hold:
             await self.delivery.start()
         elif self.config.hold and not was_held:
@@ -323,8 +331,11 @@ def raise_descriptor_limit(config: Config) -> None:
 
 def spool_limits(config: Config) -> dict:
     """The spool's settings that a reload may change."""
+    from smtpgate.webhooks.sender import webhook_callers
+
     return {"max_queued": config.max_queued, "min_free_bytes": config.min_free_space,
-            "keep_final": config.keep_final, "idempotency_window": config.idempotency_window}
+            "keep_final": config.keep_final, "idempotency_window": config.idempotency_window,
+            "webhook_callers": webhook_callers(config)}
 
 
 def serve(config_path: str | None, overrides: dict) -> int:

@@ -27,6 +27,9 @@ class Limits(NamedTuple):
     max_queued: int
     keep_final: float  # seconds a final message is kept
     idempotency_window: float  # seconds an idempotency key is remembered
+    # Whose messages' state changes go to the webhook outbox (webhooks/):
+    # these callers', or every caller's (None: a top-level webhook_url).
+    webhook_callers: frozenset[str] | None = frozenset()
 
 
 @message
@@ -153,6 +156,30 @@ class CountDue(NamedTuple):
     now: float
 
 
+@message
+class WebhookDone(NamedTuple):
+    """An event of the webhook outbox is done with: its receiver answered
+    2xx (`delivered`), or it was given up. It is deleted, and the next event
+    of its message is due at `now`."""
+
+    now: float
+    seq: int
+    message_id: str
+    delivered: bool
+
+
+@message
+class WebhookRetry(NamedTuple):
+    """Events of the outbox to try again at `next_attempt`, with the later
+    events of their messages (which wait for them). `error`: they were sent
+    and failed (their attempts count); None: held while their receiver is
+    down."""
+
+    next_attempt: float
+    events: list[tuple[int, str]]  # (seq, message_id)
+    error: str | None
+
+
 # --- what comes back -----------------------------------------------------------
 
 
@@ -201,7 +228,10 @@ class Committed(NamedTuple):
     errors: dict[int, BaseException]  # token -> why the operation failed (SpoolError)
     finalized: list[str]  # messages that became sent or failed (or were deleted): WAIT returns
     state_counts: dict[str, int]  # messages per state, now
-    counters: dict[str, int]  # accepted, delivered, failed, deferred since the writer started
+    # accepted, delivered, failed, deferred since the writer started; and
+    # the webhook outbox's webhooks_delivered, webhooks_failed (since then)
+    # and webhooks_pending (events in it now)
+    counters: dict[str, int]
     pending: dict[str, int]  # caller -> its messages not yet final, for the callers this batch changed
     commits: int
     durable_commits: int  # those with an fsync (synchronous=FULL)

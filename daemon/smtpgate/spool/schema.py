@@ -126,6 +126,27 @@ CREATE TABLE upstreams (
     next_probe REAL                -- when it is tried again, while down
 );
 """),
+    # 4: the webhook outbox (smtpgate/webhooks/): an event per state change
+    # a caller's webhook wants, written in the transaction of that change
+    # and deleted once its receiver answered 2xx (or it was given up). The
+    # payload is the JSON body, made once and sent as it is at every try.
+    (4, """
+CREATE TABLE webhook_outbox (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,  -- the events' order; never reused
+    id TEXT NOT NULL,              -- the webhook-id header: evt_ and a ULID
+    message_id TEXT NOT NULL,
+    caller TEXT NOT NULL,          -- whose webhook_url it goes to (read when sent)
+    type TEXT NOT NULL,            -- message.sent|deferred|failed|possible_duplicate
+    payload BLOB NOT NULL,         -- the body, exactly as signed and sent
+    created REAL NOT NULL,         -- unix seconds: when the state changed
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt REAL NOT NULL,    -- a message's later events wait with its first
+    last_error TEXT
+);
+-- The sender walks the due events; a message's events go out in seq order.
+CREATE INDEX webhook_outbox_due ON webhook_outbox (next_attempt);
+CREATE INDEX webhook_outbox_message ON webhook_outbox (message_id, seq);
+"""),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 

@@ -40,11 +40,11 @@ from typing import Any, Callable, Iterable
 from smtpgate.proc.calls import PendingCalls
 from smtpgate.proc.child import spawn
 from smtpgate.proc.pipe import FramedPipe
-from smtpgate.spool import queries
+from smtpgate.spool import outbox, queries
 from smtpgate.spool.errors import SpoolError, SpoolFull, SpoolLocked
 from smtpgate.spool.ops import (
     Claimed, ClaimDue, Committed, Configure, Delete, Enqueue, Expire, Limits, Open, Purge, RecipientOutcome,
-    Recount, RecordAttempt, RecordUpstreams, Release, Retry, UpstreamRow,
+    Recount, RecordAttempt, RecordUpstreams, Release, Retry, UpstreamRow, WebhookDone, WebhookRetry,
 )
 from smtpgate.spool.schema import ANONYMOUS_CALLER, DB_FILE, FINAL_STATES, LOCK_FILE, STATES, State
 
@@ -66,6 +66,7 @@ class Spool:
         min_free_bytes: int = 100 * 1024 * 1024,
         keep_final: float = 7 * 86400.0,
         idempotency_window: float = 86400.0,
+        webhook_callers: frozenset[str] | None = frozenset(),
         clock: Callable[[], float] = time.time,
     ):
         self.path_dir = os.fspath(path_dir)
@@ -74,6 +75,7 @@ class Spool:
         self.min_free_bytes = min_free_bytes
         self.keep_final = keep_final
         self.idempotency_window = idempotency_window
+        self.webhook_callers = webhook_callers  # whose events go to the outbox (None: everyone's)
         self._clock = clock  # "now" of every write, read when it is submitted
         self._loop: asyncio.AbstractEventLoop | None = None
         self._process: subprocess.Popen | None = None
@@ -127,13 +129,14 @@ class Spool:
             raise
 
     def _limits(self) -> Limits:
-        return Limits(self.max_queued, self.keep_final, self.idempotency_window)
+        return Limits(self.max_queued, self.keep_final, self.idempotency_window, self.webhook_callers)
 
     async def configure(self, *, max_queued: int, min_free_bytes: int, keep_final: float,
-                        idempotency_window: float) -> None:
+                        idempotency_window: float, webhook_callers: frozenset[str] | None = frozenset()) -> None:
         """Apply new limits (a reloaded configuration) from the next batch on."""
         self.max_queued, self.min_free_bytes = max_queued, min_free_bytes
         self.keep_final, self.idempotency_window = keep_final, idempotency_window
+        self.webhook_callers = webhook_callers
         self._disk_checked_at = float("-inf")  # the free-space floor may have moved
         await self.submit(Configure(self._limits()))
 
@@ -316,6 +319,16 @@ class Spool:
         before `created_before`, their pending recipients with `reply`."""
         return await self.submit(Expire(self._clock(), created_before, reply))
 
+    def webhook_done(self, seq: int, message_id: str, delivered: bool) -> asyncio.Future:
+        """An outbox event was delivered (2xx) or given up: delete it; the
+        next event of its message becomes due."""
+        return self.submit(WebhookDone(self._clock(), seq, message_id, delivered))
+
+    def webhook_retry(self, next_attempt: float, events: list[tuple[int, str]], error: str | None) -> asyncio.Future:
+        """Try outbox events (seq, message_id) again at `next_attempt`:
+        after a failed try (`error`), or held while their receiver is down."""
+        return self.submit(WebhookRetry(next_attempt, list(events), error))
+
     async def retry(self, msg_id: str | None = None) -> int:
         """Make a deferred message (or every deferred message when msg_id is
         None) due now; returns how many were changed."""
@@ -373,16 +386,19 @@ class Spool:
 
     async def stats(self) -> dict:
         """{'states': {state: count}, 'counters': {accepted, delivered, failed,
-        deferred}, 'upstreams': [...]}: messages per state now, counts since
-        open(), and each upstream's health (queries.upstreams). While every
-        upstream is down, the queued messages are held (shown deferred)."""
-        # Both figures of one commit: another may land while the upstreams are read.
-        states, counters = dict(self._state_counts), dict(self.counters)
+        deferred}, 'upstreams': [...], 'webhooks': {delivered, failed,
+        pending}}: messages per state now, counts since open(), each
+        upstream's health (queries.upstreams), and the webhook events
+        delivered and given up since open() and in the outbox now. While
+        every upstream is down, the queued messages are held (shown deferred)."""
+        counters = dict(self.counters)
+        webhooks = {name: counters.pop(f"webhooks_{name}", 0) for name in ("delivered", "failed", "pending")}
+        states = dict(self._state_counts)
         upstreams = await self._read(queries.upstreams, self._clock())
         if upstreams and all(u["state"] == "down" for u in upstreams):
             states[State.DEFERRED] += states[State.QUEUED]  # a queued message is always due
             states[State.QUEUED] = 0
-        return {"states": states, "counters": counters, "upstreams": upstreams}
+        return {"states": states, "counters": counters, "upstreams": upstreams, "webhooks": webhooks}
 
     async def next_due(self) -> float | None:
         """When the earliest queued or deferred message is due, or None."""
@@ -402,6 +418,11 @@ class Spool:
     async def oldest_due(self) -> float | None:
         """When the oldest message waiting to be tried was created, or None."""
         return await self._read(queries.oldest_due)
+
+    async def webhook_due(self, now: float, limit: int, exclude: tuple[int, ...] = ()) -> list[outbox.OutboxEvent]:
+        """Up to `limit` outbox events due at `now`, each the first of its
+        message, leaving out `exclude` (seqs being sent)."""
+        return await self._read(outbox.due, now, limit, tuple(exclude))
 
     async def spec(self, msg_id: str) -> bytes | None:
         """The stored spec bytes of a message (for `smtpgate queue show`)."""

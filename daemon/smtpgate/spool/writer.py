@@ -34,16 +34,17 @@ import dataclasses
 import os
 import select
 import sqlite3
+import time
 
 from smtpgate.proc.calls import Call
 from smtpgate.proc.child import become_child
 from smtpgate.proc.framing import encode, take_messages
-from smtpgate.spool import queries
+from smtpgate.spool import outbox, queries
 from smtpgate.spool.dots import clear_dots, read_dots
 from smtpgate.spool.errors import CallerFull, SpoolError, SpoolFull
 from smtpgate.spool.ops import (
     Claimed, ClaimDue, Committed, Configure, Delete, Enqueue, Enqueued, Expire, Limits, Open, Opened, Purge,
-    Recount, RecordAttempt, RecordUpstreams, Release, Retry,
+    Recount, RecordAttempt, RecordUpstreams, Release, Retry, WebhookDone, WebhookRetry,
 )
 from smtpgate.spool.schema import (
     FINAL_STATES, IS_DUE, IS_FINAL, IS_UNFINISHED, STATES, UNFINISHED_STATES, State, migrate,
@@ -80,8 +81,8 @@ class _Effects:
         if change:
             self.pending_delta[caller] = self.pending_delta.get(caller, 0) + change
 
-    def count(self, name: str) -> None:
-        self.counters[name] = self.counters.get(name, 0) + 1
+    def count(self, name: str, n: int = 1) -> None:
+        self.counters[name] = self.counters.get(name, 0) + n
 
 
 @dataclasses.dataclass
@@ -100,7 +101,8 @@ class Outcome:
 # accepted message is lost. A batch of only these commits with
 # synchronous=NORMAL; the next durable commit (an enqueue) fsyncs the WAL and
 # with it every earlier frame, so recovery always sees a prefix of commits.
-RELAXED_OPS = frozenset({ClaimDue, RecordAttempt, Release, RecordUpstreams, Expire, Configure})
+RELAXED_OPS = frozenset({ClaimDue, RecordAttempt, Release, RecordUpstreams, Expire, Configure,
+                         WebhookDone, WebhookRetry})
 
 
 class Writer:
@@ -109,7 +111,7 @@ class Writer:
 
     def __init__(self, db_path: str, limits: Limits):
         self.db_path = db_path
-        self.max_queued, self.keep_final, self.idempotency_window = limits
+        self.max_queued, self.keep_final, self.idempotency_window, self.webhook_callers = limits
         self.handlers = {
             Enqueue: self.enqueue,
             ClaimDue: self.claim_due,
@@ -122,6 +124,8 @@ class Writer:
             Recount: self.recount,
             RecordUpstreams: self.record_upstreams,
             Expire: self.expire,
+            WebhookDone: self.webhook_done,
+            WebhookRetry: self.webhook_retry,
         }
         self.state_counts = {s: 0 for s in STATES}
         # Unfinished messages per caller, kept here like state_counts: the
@@ -130,7 +134,8 @@ class Writer:
         self.pending: dict[str, int] = {}
         self.caller_key = ""
         self.schema = (0, 0)  # the schema version found at open, and now
-        self.counters = {"accepted": 0, "delivered": 0, "failed": 0, "deferred": 0}
+        self.counters = {"accepted": 0, "delivered": 0, "failed": 0, "deferred": 0,
+                         "webhooks_delivered": 0, "webhooks_failed": 0, "webhooks_pending": 0}
         self.commits = 0
         self.durable_commits = 0  # those with an fsync (synchronous=FULL)
         self.operations = 0
@@ -161,12 +166,15 @@ class Writer:
         spool_dir = os.path.dirname(self.db_path) or "."
         dots = sorted(read_dots(spool_dir))
         conn.execute("BEGIN IMMEDIATE")
+        flagged = self._hooked_of(outbox.unflagged(conn, dots))
         for start in range(0, len(dots), 500):  # SQLite's parameter limit
             chunk = dots[start:start + 500]
             conn.execute(
                 "UPDATE messages SET possible_duplicate=1, attempts=attempts+1"
                 f" WHERE state=? AND id IN ({','.join('?' * len(chunk))})", (State.SENDING, *chunk))
         conn.execute("UPDATE messages SET state=? WHERE state=?", (State.QUEUED, State.SENDING))
+        for msg_id in flagged:
+            outbox.add(conn, time.time(), msg_id, [outbox.POSSIBLE_DUPLICATE])
         # The health recorded by a delivery process that is gone: nothing is
         # known of the upstreams until the next one records its own.
         conn.execute("DELETE FROM upstreams")
@@ -175,6 +183,7 @@ class Writer:
         for state, n in conn.execute("SELECT state, COUNT(*) FROM messages GROUP BY state"):
             self.state_counts[state] = n
         self.pending = dict(conn.execute(f"SELECT caller, COUNT(*) FROM messages WHERE {IS_UNFINISHED} GROUP BY caller"))
+        self.counters["webhooks_pending"] = outbox.count(conn)
         # The database and WAL files were perhaps just created: make their
         # directory entries durable too.
         dir_fd = os.open(os.path.dirname(self.db_path) or ".", os.O_RDONLY | os.O_DIRECTORY)
@@ -366,6 +375,7 @@ class Writer:
         row = conn.execute("SELECT state, caller FROM messages WHERE id=?", (msg_id,)).fetchone()
         if row is None:
             return None
+        was = outbox.before(conn, msg_id) if self._hooked(row[1]) else None
         conn.executemany(
             "UPDATE recipients SET state=?, reply=? WHERE message_id=? AND address=?",
             [(o.state, o.reply, msg_id, o.address) for o in op.outcomes],
@@ -386,9 +396,12 @@ class Writer:
         effects.move(row[0], new_state, row[1])
         if new_state in FINAL_STATES:
             effects.finalized.append(msg_id)
+        if was is not None:
+            self._events(conn, effects, now, msg_id, outbox.attempt_events(was, new_state, op.possible_duplicate))
         return new_state
 
     def release(self, conn, effects, op: Release) -> int:
+        flagged = self._hooked_of(outbox.unflagged(conn, op.msg_ids)) if op.possible_duplicate else []
         released = 0
         for msg_id in op.msg_ids:
             cur = conn.execute(
@@ -399,6 +412,8 @@ class Writer:
             if cur.rowcount:
                 effects.move(State.SENDING, State.QUEUED)
                 released += 1
+        for msg_id in flagged:
+            self._events(conn, effects, time.time(), msg_id, [outbox.POSSIBLE_DUPLICATE])
         return released
 
     def record_upstreams(self, conn, effects, op: RecordUpstreams) -> None:
@@ -409,17 +424,37 @@ class Writer:
     def expire(self, conn, effects, op: Expire) -> int:
         rows = conn.execute(
             f"UPDATE messages SET state=?, updated=? WHERE {IS_DUE} AND next_attempt <= ? AND created <= ?"
-            " RETURNING id, state",
+            " RETURNING id, state, caller",
             (State.FAILED, op.now, op.now, op.created_before),
         ).fetchall()
         conn.executemany(
             f"UPDATE recipients SET state=?, reply=? WHERE message_id=? AND {IS_DUE}",
-            [(State.FAILED, op.reply, msg_id) for msg_id, _ in rows],
+            [(State.FAILED, op.reply, msg_id) for msg_id, _, _ in rows],
         )
-        for msg_id, state in rows:
+        for msg_id, state, caller in rows:
             effects.move(state, State.FAILED)
             effects.finalized.append(msg_id)
+            if self._hooked(caller):
+                self._events(conn, effects, op.now, msg_id, [outbox.FAILED])
         return len(rows)
+
+    def webhook_done(self, conn, effects, op: WebhookDone) -> None:
+        if outbox.done(conn, op.now, op.seq, op.message_id):
+            effects.count("webhooks_delivered" if op.delivered else "webhooks_failed")
+            effects.count("webhooks_pending", -1)
+
+    def webhook_retry(self, conn, effects, op: WebhookRetry) -> None:
+        outbox.retry(conn, op.next_attempt, op.events, op.error)
+
+    def _hooked(self, caller: str) -> bool:
+        """Whether `caller`'s state changes go to the webhook outbox."""
+        return self.webhook_callers is None or caller in self.webhook_callers
+
+    def _hooked_of(self, messages: list[tuple[str, str]]) -> list[str]:
+        return [msg_id for msg_id, caller in messages if self._hooked(caller)]
+
+    def _events(self, conn, effects, now: float, msg_id: str, types: list[str]) -> None:
+        effects.count("webhooks_pending", outbox.add(conn, now, msg_id, types))
 
     def retry(self, conn, effects, op: Retry) -> int:
         return queries.retry(conn, op.now, op.msg_id)
@@ -448,7 +483,7 @@ class Writer:
 
     def configure(self, conn, effects, op: Configure) -> None:
         """New limits from a reloaded configuration; writes nothing."""
-        self.max_queued, self.keep_final, self.idempotency_window = op.limits
+        self.max_queued, self.keep_final, self.idempotency_window, self.webhook_callers = op.limits
 
     def recount(self, conn, effects, op: Recount) -> dict[str, int]:
         counts = {s: 0 for s in STATES}

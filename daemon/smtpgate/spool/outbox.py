@@ -1,0 +1,147 @@
+"""The webhook outbox (schema step 4): the events the writer adds in the
+transaction of the state change that causes them, and the reads and writes
+of the daemon's sender (smtpgate/webhooks/sender.py).
+
+An event is added when a message is sent, failed, deferred for the first
+time (no recipient was deferred before this attempt), or newly marked a
+possible duplicate. Its payload (docs/webhooks.md) is made here, once,
+from the rows the transaction has just written, and sent as it is at every
+try: the signature covers these very bytes. A message's events go out in
+`seq` order: only the first of a message is ever due (`due` skips the
+others), and when it is done the next one is made due.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from datetime import datetime, timezone
+from typing import NamedTuple
+
+from smtpgate.spool.schema import State
+from smtpgate.spool.ulid import new_ulid
+
+SENT = "message.sent"
+DEFERRED = "message.deferred"
+FAILED = "message.failed"
+POSSIBLE_DUPLICATE = "message.possible_duplicate"
+EVENT_TYPES = (SENT, DEFERRED, FAILED, POSSIBLE_DUPLICATE)
+
+
+class Before(NamedTuple):
+    """What a message was before an attempt is recorded: what decides its events."""
+
+    deferred: bool  # a recipient was deferred by an earlier attempt
+    possible_duplicate: bool
+
+
+class OutboxEvent(NamedTuple):
+    """One event as the sender reads it."""
+
+    seq: int
+    id: str  # the webhook-id header
+    message_id: str
+    caller: str
+    type: str
+    payload: bytes
+    created: float
+    attempts: int
+
+
+def before(conn: sqlite3.Connection, msg_id: str) -> Before:
+    deferred, dup = conn.execute(
+        "SELECT EXISTS (SELECT 1 FROM recipients WHERE message_id=?1 AND state=?2), possible_duplicate"
+        " FROM messages WHERE id=?1", (msg_id, State.DEFERRED)).fetchone()
+    return Before(bool(deferred), bool(dup))
+
+
+def attempt_events(was: Before, new_state: str, possible_duplicate: bool) -> list[str]:
+    """The events of a recorded attempt, in the order they are sent."""
+    events = [POSSIBLE_DUPLICATE] if possible_duplicate and not was.possible_duplicate else []
+    if new_state == State.SENT:
+        events.append(SENT)
+    elif new_state == State.FAILED:
+        events.append(FAILED)
+    elif not was.deferred:
+        events.append(DEFERRED)
+    return events
+
+
+def unflagged(conn: sqlite3.Connection, msg_ids: list[str]) -> list[tuple[str, str]]:
+    """(id, caller) of those of `msg_ids` being sent and not yet marked a
+    possible duplicate: marking them now is an event."""
+    found = []
+    for start in range(0, len(msg_ids), 500):  # SQLite's parameter limit
+        chunk = msg_ids[start:start + 500]
+        found += conn.execute(
+            f"SELECT id, caller FROM messages WHERE id IN ({','.join('?' * len(chunk))})"
+            " AND state=? AND possible_duplicate=0", (*chunk, State.SENDING)).fetchall()
+    return found
+
+
+def add(conn: sqlite3.Connection, now: float, msg_id: str, types: list[str]) -> int:
+    """Add the events `types` of message `msg_id` as it stands in this
+    transaction; returns how many were added."""
+    row = conn.execute(
+        "SELECT caller, state, envelope_from, idempotency_key, attempts, created, next_attempt,"
+        " possible_duplicate FROM messages WHERE id=?", (msg_id,)).fetchone()
+    if row is None or not types:
+        return 0
+    caller, state, envelope_from, key, attempts, created, next_attempt, dup = row
+    recipients = [{"address": address, "state": rstate, "reply": reply} for address, rstate, reply in conn.execute(
+        "SELECT address, state, reply FROM recipients WHERE message_id=? ORDER BY position", (msg_id,))]
+    data = {
+        "message_id": msg_id, "caller": caller, "state": state, "from": envelope_from,
+        "idempotency_key": key, "created": iso(created), "attempts": attempts,
+        "next_attempt": iso(next_attempt) if state == State.DEFERRED else None,
+        "possible_duplicate": bool(dup), "recipients": recipients,
+    }
+    rows = []
+    for event_type in types:
+        payload = json.dumps({"type": event_type, "timestamp": iso(now), "data": data},
+                             ensure_ascii=False, separators=(",", ":")).encode()
+        rows.append(("evt_" + new_ulid(now), msg_id, caller, event_type, payload, now, now))
+    conn.executemany("INSERT INTO webhook_outbox (id, message_id, caller, type, payload, created, next_attempt)"
+                     " VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+    return len(rows)
+
+
+def iso(when: float) -> str:
+    """RFC 3339 in UTC to the millisecond: 2026-12-06T13:04:05.123Z."""
+    return datetime.fromtimestamp(when, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def count(conn: sqlite3.Connection) -> int:
+    return conn.execute("SELECT COUNT(*) FROM webhook_outbox").fetchone()[0]
+
+
+def due(conn: sqlite3.Connection, now: float, limit: int, exclude: tuple[int, ...] = ()) -> list[OutboxEvent]:
+    """Up to `limit` events due at `now`, each the first of its message,
+    earliest due first, leaving out the events `exclude` (being sent). The
+    index on next_attempt walks only due events: a receiver's held events
+    have their next_attempt in the future (WebhookRetry moves every event
+    of their messages)."""
+    skip = f" AND o.seq NOT IN ({','.join('?' * len(exclude))})" if exclude else ""
+    return [OutboxEvent(*row) for row in conn.execute(
+        "SELECT seq, id, message_id, caller, type, payload, created, attempts FROM webhook_outbox o"
+        f" WHERE next_attempt <= ?{skip} AND NOT EXISTS (SELECT 1 FROM webhook_outbox p"
+        " WHERE p.message_id = o.message_id AND p.seq < o.seq)"
+        " ORDER BY next_attempt LIMIT ?", (now, *exclude, limit))]
+
+
+def done(conn: sqlite3.Connection, now: float, seq: int, message_id: str) -> bool:
+    """Delete an event (False if it was gone already); its message's next event is due now."""
+    if conn.execute("DELETE FROM webhook_outbox WHERE seq=?", (seq,)).rowcount == 0:
+        return False
+    conn.execute("UPDATE webhook_outbox SET next_attempt=? WHERE message_id=?", (now, message_id))
+    return True
+
+
+def retry(conn: sqlite3.Connection, next_attempt: float, events: list[tuple[int, str]], error: str | None) -> None:
+    """Move events, and every event of their messages, to `next_attempt`;
+    with `error`, the events themselves were tried and failed."""
+    conn.executemany("UPDATE webhook_outbox SET next_attempt=? WHERE message_id=?",
+                     [(next_attempt, message_id) for _, message_id in events])
+    if error is not None:
+        conn.executemany("UPDATE webhook_outbox SET attempts=attempts+1, last_error=? WHERE seq=?",
+                         [(error, seq) for seq, _ in events])

@@ -1,0 +1,244 @@
+"""The daemon's webhook sender: POSTs the events of the spool's outbox
+(spool/outbox.py) to their callers' URLs, signed (signing.py), until each
+is answered 2xx or given up after `webhook_retry_for`.
+
+It runs on the daemon's loop beside intake and never holds it: the outbox
+is read by the spool's reader thread, a page of at most CONCURRENCY events
+at a time (so a receiver that is down costs rows on disk, not memory), and
+every outcome is written back by the spool's writer (no fsync: losing one
+in a power cut only sends an event again). At least once and in order per
+message: an event is deleted only after a 2xx, and only the first event of
+a message is ever due.
+
+A receiver that fails is "down" until a backoff passes (RETRY_BASE doubling
+to RETRY_MAX, with jitter; longer if it sent Retry-After): its events found
+due meanwhile are moved to that time without a request, and the first page
+due then probes it. Standard Webhooks, "Delivery success and failure": 2xx
+is success, a redirect is a failure (not followed), 410 Gone gives the event
+up at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+import urllib.parse
+from typing import Callable, NamedTuple
+
+from smtpgate import __version__
+from smtpgate.config import Config
+from smtpgate.delivery.retry import retry_delay
+from smtpgate.spool.errors import SpoolError
+from smtpgate.spool.outbox import OutboxEvent
+from smtpgate.webhooks import signing
+
+CONCURRENCY = 16  # requests at once, and the events read per page
+POLL = 1.0  # seconds between two reads of the outbox when nothing woke the sender
+RETRY_BASE = 5.0  # seconds before the first retry of a failed receiver
+RETRY_MAX = 1800.0
+SHOWN_REPLY = 200  # bytes of a failed receiver's body read for the log; the rest is never read
+
+
+class Target(NamedTuple):
+    """Where a caller's events go, and the keys that sign them."""
+
+    url: str
+    keys: tuple[bytes, ...]
+
+
+class _Down(NamedTuple):
+    until: float  # no request before this
+    failures: int  # in a row
+    since: float  # when the last failure was counted
+
+
+def targets(config: Config) -> tuple[dict[str, Target], Target | None]:
+    """The named callers' own targets, and the top-level one (every other caller's)."""
+    default = Target(config.webhook_url, config.webhook_secret) if config.webhook_url else None
+    own = {}
+    for name, caller in config.callers.items():
+        url = caller.webhook_url or config.webhook_url
+        if url:
+            own[name] = Target(url, caller.webhook_secret or config.webhook_secret)
+    return own, default
+
+
+def webhook_callers(config: Config) -> frozenset[str] | None:
+    """Whose state changes the spool writes to the outbox: every caller's
+    (None) when there is a top-level webhook_url, else those with their own."""
+    own, default = targets(config)
+    return None if default is not None else frozenset(own)
+
+
+def shown(url: str) -> str:
+    """A URL for the logs: without its query, which may hold a token."""
+    parts = urllib.parse.urlsplit(url)
+    return urllib.parse.urlunsplit((parts.scheme, parts.netloc, parts.path, "", ""))
+
+
+class WebhookSender:
+    def __init__(self, spool, config: Config, log, clock: Callable[[], float] = time.time):
+        self.spool = spool
+        self.log = log
+        self._clock = clock
+        self.reload(config)
+        self._down: dict[str, _Down] = {}  # by URL: bounded by the configuration
+        self._inflight: set[int] = set()  # seqs being sent
+        self._tasks: set[asyncio.Task] = set()
+        self._wake = asyncio.Event()
+        self._runner: asyncio.Task | None = None
+        self._session = None  # aiohttp.ClientSession, made at the first request
+
+    def reload(self, config: Config) -> None:
+        self._own, self._default = targets(config)
+        self.retry_for = config.webhook_retry_for
+        self.timeout = config.webhook_timeout
+
+    def start(self) -> None:
+        self._runner = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        """Stop sending; an event in flight stays in the outbox and is sent
+        again by the next start (at least once)."""
+        tasks = [t for t in (self._runner, *self._tasks) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def _target(self, caller: str) -> Target | None:
+        return self._own.get(caller, self._default)
+
+    async def _run(self) -> None:
+        while True:
+            self._wake.clear()
+            try:
+                if await self._page():
+                    continue
+            except SpoolError:
+                pass  # the spool is closing or gone: the daemon stops
+            except Exception:
+                self.log.exception("webhook_sender_failed")
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), POLL)
+
+    async def _page(self) -> bool:
+        """Start sending the events due now (up to the free slots); hold
+        those of a receiver that is down, give up the stale ones. True when
+        more may be due at once."""
+        free = CONCURRENCY - len(self._inflight)
+        if free < CONCURRENCY // 2 and self._inflight:
+            return False  # a read per half page, not per event: each costs a trip to the reader thread
+        now = self._clock()
+        events = await self.spool.webhook_due(now, free, tuple(self._inflight))
+        held: dict[float, list[tuple[int, str]]] = {}
+        for event in events:
+            target = self._target(event.caller)
+            if target is None:
+                await self._give_up(event, "no webhook_url for its caller any more")
+                continue
+            down = self._down.get(target.url)
+            if down is not None and down.until > now:
+                if down.until - event.created >= self.retry_for:
+                    await self._give_up(event, f"its receiver is down: {webhook_retry_for(self.retry_for)}")
+                else:
+                    held.setdefault(down.until, []).append((event.seq, event.message_id))
+                continue
+            self._inflight.add(event.seq)
+            task = asyncio.create_task(self._send(event, target))
+            self._tasks.add(task)
+            task.add_done_callback(self._sent)
+        for until, ids in held.items():
+            await self.spool.webhook_retry(until, ids, None)
+        # A full page of which some were not sent: read the next one now.
+        return len(events) == free and len(self._inflight) < CONCURRENCY
+
+    def _sent(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        self._wake.set()
+
+    async def _send(self, event: OutboxEvent, target: Target) -> None:
+        """One try of one event, and its outcome written to the outbox."""
+        try:
+            started = self._clock()
+            status, error, retry_after = await self._post(event, target, int(started))
+            if status is not None and 200 <= status < 300:
+                self._down.pop(target.url, None)
+                await self.spool.webhook_done(event.seq, event.message_id, True)
+                self.log.debug("webhook_sent", webhook_id=event.id, type=event.type, message_id=event.message_id,
+                              url=shown(target.url), status=status, attempts=event.attempts + 1)
+                return
+            if status == 410:  # Gone: the receiver wants no more of this
+                await self._give_up(event, error, target.url)
+                return
+            until = self._failed(target.url, started, retry_after)
+            if until - event.created >= self.retry_for:
+                await self._give_up(event, f"{error}; {webhook_retry_for(self.retry_for)}", target.url)
+                return
+            await self.spool.webhook_retry(until, [(event.seq, event.message_id)], error)
+            self.log.warning("webhook_failed", webhook_id=event.id, type=event.type, message_id=event.message_id,
+                             url=shown(target.url), error=error, attempts=event.attempts + 1,
+                             next_attempt=round(until, 3))
+        except SpoolError:
+            pass  # the spool is closing: the event stays in the outbox
+        except Exception:
+            self.log.exception("webhook_sender_failed", webhook_id=event.id)
+        finally:
+            self._inflight.discard(event.seq)
+
+    async def _post(self, event: OutboxEvent, target: Target, timestamp: int) -> tuple[int | None, str, str | None]:
+        """POST the event: (status or None, what went wrong, Retry-After)."""
+        import aiohttp  # here: a daemon without webhooks never loads it
+
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=self.timeout),
+                connector=aiohttp.TCPConnector(limit=CONCURRENCY),
+                auto_decompress=False,  # the body is never used: no decompression bomb either
+                headers={"User-Agent": f"smtpgate/{__version__}"})
+        headers = signing.headers(target.keys, event.id, timestamp, event.payload)
+        headers["Content-Type"] = "application/json"
+        try:
+            async with self._session.post(target.url, data=event.payload, headers=headers,
+                                          allow_redirects=False) as response:
+                if 200 <= response.status < 300:
+                    return response.status, "", None
+                # A little of the body, for the log; leaving the rest unread
+                # closes the connection instead of draining it.
+                text = await response.content.read(SHOWN_REPLY)
+                reason = text.decode("utf-8", "replace").strip() or response.reason or ""
+                error = f"HTTP {response.status} {reason}".strip()
+                if 300 <= response.status < 400:
+                    error += " (redirects are not followed: configure the final URL)"
+                return response.status, error, response.headers.get("Retry-After")
+        except asyncio.TimeoutError:
+            return None, f"no answer within webhook_timeout ({self.timeout:g} s)", None
+        except (aiohttp.ClientError, OSError) as exc:
+            return None, f"{type(exc).__name__}: {exc}", None
+
+    def _failed(self, url: str, started: float, retry_after: str | None) -> float:
+        """Mark `url` down after a failed try begun at `started`; returns when
+        it is tried again. The tries of one round count as one failure."""
+        down = self._down.get(url)
+        if down is not None and down.since >= started:
+            return down.until
+        failures = (down.failures if down is not None else 0) + 1
+        now = self._clock()
+        delay = retry_delay(failures, RETRY_BASE, RETRY_MAX, random.random())
+        if retry_after is not None and retry_after.strip().isdigit():
+            delay = max(delay, min(float(retry_after), RETRY_MAX))
+        self._down[url] = _Down(now + delay, failures, now)
+        return now + delay
+
+    async def _give_up(self, event: OutboxEvent, why: str, url: str | None = None) -> None:
+        await self.spool.webhook_done(event.seq, event.message_id, False)
+        self.log.error("webhook_given_up", webhook_id=event.id, type=event.type, message_id=event.message_id,
+                       url=shown(url) if url else None, error=why, attempts=event.attempts)
+
+
+def webhook_retry_for(seconds: float) -> str:
+    return f"given up after webhook_retry_for ({seconds:g} s)"

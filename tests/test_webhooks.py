@@ -1,0 +1,488 @@
+"""Delivery webhooks (docs/webhooks.md): a real daemon and upstream, and a
+real aiohttp receiver that verifies every request with the Standard
+Webhooks reference library (`standardwebhooks`).
+
+Events sent, failed, deferred the first time, in order per message; a
+receiver down for a while (every event arrives once it is back), a daemon
+killed with -9 after the state change and before the webhook, a wrong
+secret, a redirect, per-caller URLs, the configuration's refusals.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import signal
+import socket
+import threading
+import time
+from collections import defaultdict
+from datetime import datetime, timezone
+
+import pytest
+from aiohttp import web
+from test_upstream_health import Scripted
+from standardwebhooks.webhooks import Webhook, WebhookVerificationError
+
+from smtpgate.config import ConfigError, load_config
+from smtpgate.webhooks import signing
+
+SECRET = "whsec_" + base64.b64encode(b"smtpgate webhook test secret, 32B").decode()
+OTHER_SECRET = "whsec_" + base64.b64encode(b"another secret of at least 24 bytes").decode()
+TOKEN_SHOP = "tok-shop-51f0c3e98d2b7a46"
+TOKEN_BLOG = "tok-blog-0e7c2d19a8f4b635"
+WAIT = 60.0  # seconds: the bound of every wait for an event
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Receiver:
+    """An aiohttp server on 127.0.0.1 in a thread of its own. Each POST is
+    verified with standardwebhooks under `secret`: a good one is kept in
+    `events` and answered `answer` (204), a bad one in `rejected` (401)."""
+
+    def __init__(self, secret: str, port: int | None = None):
+        self.verifier = Webhook(secret)
+        self.port = port or free_port()
+        self.events: list[tuple[dict, dict]] = []  # (headers, payload)
+        self.rejected: list[str] = []
+        self.answer = 204
+        self.headers: dict[str, str] = {}  # added to the answer (Location, ...)
+        self.delay = 0.0  # seconds each answer takes
+        self.handling: set[str] = set()  # message ids of the requests being answered
+        self.overlaps: list[str] = []  # a message's event that came before the one before it was answered
+        self.cond = threading.Condition()
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.runner = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/hooks/smtpgate?source=test"
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        try:
+            payload = self.verifier.verify(body, dict(request.headers))
+        except WebhookVerificationError as exc:
+            with self.cond:
+                self.rejected.append(str(exc))
+                self.cond.notify_all()
+            return web.Response(status=401, text="bad signature")
+        msg_id = payload["data"]["message_id"]
+        with self.cond:
+            if msg_id in self.handling:
+                self.overlaps.append(msg_id)
+            self.handling.add(msg_id)
+            self.events.append((dict(request.headers), payload))
+            self.cond.notify_all()
+        await asyncio.sleep(self.delay)
+        with self.cond:
+            self.handling.discard(msg_id)
+        return web.Response(status=self.answer, headers=self.headers)
+
+    def _run(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(10)
+
+    def start(self) -> Receiver:
+        async def start():
+            app = web.Application()
+            app.router.add_post("/hooks/smtpgate", self._handle)
+            self.runner = web.AppRunner(app)
+            await self.runner.setup()
+            await web.TCPSite(self.runner, "127.0.0.1", self.port, reuse_address=True).start()
+        self._run(start())
+        return self
+
+    def stop(self) -> None:
+        if self.runner is not None:
+            self._run(self.runner.cleanup())
+            self.runner = None
+
+    def close(self) -> None:
+        self.stop()
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+    def wait(self, predicate, what: str) -> None:
+        with self.cond:
+            assert self.cond.wait_for(lambda: predicate(self), WAIT), f"{what}; got {self.payloads()}"
+
+    def payloads(self) -> list[dict]:
+        with self.cond:
+            return [payload for _, payload in self.events]
+
+    def by_message(self) -> dict[str, list[str]]:
+        """Each message's event types in arrival order, a repeated event id once."""
+        seen, types = set(), defaultdict(list)
+        with self.cond:
+            for headers, payload in self.events:
+                if headers["webhook-id"] not in seen:
+                    seen.add(headers["webhook-id"])
+                    types[payload["data"]["message_id"]].append(payload["type"])
+        return types
+
+
+@pytest.fixture
+def receiver():
+    server = Receiver(SECRET).start()
+    yield server
+    server.close()
+
+
+def secret_file(tmp_path, text: str = SECRET, name: str = "webhook.secret", mode: int = 0o600) -> str:
+    path = tmp_path / name
+    path.write_text(text + "\n")
+    os.chmod(path, mode)
+    return str(path)
+
+
+def stats(daemon, token: str | None = None) -> dict:
+    with daemon.client(token=token) as client:
+        return client.stats()
+
+
+def wait_until(condition, what: str) -> None:
+    deadline = time.monotonic() + WAIT
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+
+
+def mail(to, subject: str = "hi", **fields) -> dict:
+    return {"from": "app@shop.example", "to": to, "subject": subject, "text": "hello", **fields}
+
+
+def final(client, msg_id: str) -> dict:
+    state = client.wait(msg_id, 30)
+    assert state["state"] in ("sent", "failed"), state
+    return state
+
+
+# -- the events and their payload -------------------------------------------
+
+
+def test_events_are_signed_and_carry_each_recipients_result(make_daemon, upstream, receiver, tmp_path):
+    upstream.script_rcpt("gone@example.org", "550 5.1.1 no such user")
+    upstream.script_rcpt("later@example.org", "451 4.7.1 greylisted, try again")
+    daemon = make_daemon(webhook_url=receiver.url, webhook_secret_file=secret_file(tmp_path), log_level="debug")
+    with daemon.client(timeout=40) as client:
+        failed = client.send(mail(["kelly@example.org", "gone@example.org"], idempotency_key="order-17"))
+        deferred = client.send(mail("later@example.org"))
+        final(client, failed), final(client, deferred)
+
+    receiver.wait(lambda r: len(r.by_message()[failed]) >= 1 and len(r.by_message()[deferred]) >= 2,
+                  "the failed message's event and the deferred one's two")
+    assert receiver.rejected == []
+    events = receiver.by_message()
+    assert events[failed] == ["message.failed"]
+    assert events[deferred] == ["message.deferred", "message.sent"]
+
+    (headers, payload), = [(h, p) for h, p in receiver.events if p["data"]["message_id"] == failed]
+    assert headers["webhook-id"].startswith("evt_") and headers["Content-Type"] == "application/json"
+    assert abs(int(headers["webhook-timestamp"]) - time.time()) < 300  # what the receiver's verify checked
+    data = payload["data"]
+    assert data["caller"] == "anonymous" and data["state"] == "failed" and data["from"] == "app@shop.example"
+    assert data["idempotency_key"] == "order-17" and data["attempts"] == 1 and data["possible_duplicate"] is False
+    assert data["next_attempt"] is None
+    assert [(r["address"], r["state"]) for r in data["recipients"]] == [
+        ("kelly@example.org", "sent"), ("gone@example.org", "failed")]
+    assert data["recipients"][0]["reply"].startswith("250") and "no such user" in data["recipients"][1]["reply"]
+    when = datetime.fromisoformat(payload["timestamp"].replace("Z", "+00:00"))
+    assert when.tzinfo == timezone.utc and abs(when.timestamp() - time.time()) < 300
+
+    first = next(p for p in receiver.payloads() if p["data"]["message_id"] == deferred)
+    assert first["data"]["state"] == "deferred" and first["data"]["next_attempt"] is not None
+    assert first["data"]["recipients"] == [
+        {"address": "later@example.org", "state": "deferred", "reply": "451 4.7.1 greylisted, try again"}]
+
+    wait_until(lambda: stats(daemon)["webhooks"]["pending"] == 0, "the outbox empties")
+    assert stats(daemon)["webhooks"] == {"delivered": 3, "failed": 0, "pending": 0}
+    sent = [line for line in daemon.log_lines() if line.get("event") == "webhook_sent"]
+    assert sent and all("source=test" not in line["url"] for line in sent)  # the query may hold a token
+
+
+def test_a_deferral_is_told_once_however_many_attempts_it_takes(make_daemon, upstream, receiver, tmp_path):
+    upstream.script_rcpt("slow@example.org", "451 4.3.0 busy", "452 4.3.1 still busy", "451 4.3.0 busy")
+    daemon = make_daemon(webhook_url=receiver.url, webhook_secret_file=secret_file(tmp_path))
+    with daemon.client(timeout=40) as client:
+        msg_id = client.send(mail("slow@example.org"))
+        assert final(client, msg_id)["state"] == "sent"
+    receiver.wait(lambda r: "message.sent" in r.by_message()[msg_id], "the sent event")
+    assert receiver.by_message()[msg_id] == ["message.deferred", "message.sent"]
+    last = [p for p in receiver.payloads() if p["type"] == "message.sent"][-1]
+    assert last["data"]["attempts"] == 4
+
+
+def test_a_message_held_past_max_age_by_an_outage_is_told_failed(make_daemon, receiver, tmp_path):
+    daemon = make_daemon(upstream=["127.0.0.1:9"], max_age=1.0, upstream_probe_base=0.05, upstream_probe_max=0.2,
+                         webhook_url=receiver.url, webhook_secret_file=secret_file(tmp_path))
+    with daemon.client(timeout=40) as client:
+        msg_id = client.send(mail("kelly@example.org"))
+        assert final(client, msg_id)["state"] == "failed"
+    receiver.wait(lambda r: r.by_message()[msg_id] == ["message.failed"], "the failed event")
+    [recipient] = receiver.payloads()[0]["data"]["recipients"]
+    assert recipient["state"] == "failed" and "gave up after max_age 1 s" in recipient["reply"]
+
+
+def test_no_webhook_configured_writes_no_event(make_daemon, upstream):
+    daemon = make_daemon()
+    with daemon.client(timeout=40) as client:
+        final(client, client.send(mail("kelly@example.org")))
+    assert stats(daemon)["webhooks"] == {"delivered": 0, "failed": 0, "pending": 0}
+
+
+# -- at least once, in order --------------------------------------------------
+
+
+def test_a_receiver_down_for_a_while_gets_every_event_in_order_once_back(make_daemon, upstream, tmp_path):
+    receiver = Receiver(SECRET)  # not started: connections are refused
+    try:
+        for n in range(0, 12, 2):
+            upstream.script_rcpt(f"r{n}@example.org", "451 4.7.1 greylisted")
+        daemon = make_daemon(webhook_url=receiver.url, webhook_secret_file=secret_file(tmp_path))
+        ids = []
+        with daemon.client(timeout=40) as client:
+            for n in range(12):  # one after the other: a message's events are side by side in the outbox
+                ids.append(client.send(mail(f"r{n}@example.org", subject=f"n{n}")))
+                final(client, ids[-1])
+        wait_until(lambda: any(line.get("event") == "webhook_failed" for line in daemon.log_lines()),
+                   "a failed try while the receiver is down")
+        assert stats(daemon)["webhooks"]["pending"] == 12 + 6  # six were deferred first
+        assert receiver.events == []
+
+        receiver.delay = 0.2  # a message's next event must wait for this answer
+        receiver.start()
+        receiver.wait(lambda r: sum(len(types) for types in r.by_message().values()) == 18, "every event")
+        assert receiver.overlaps == []
+        events = receiver.by_message()
+        assert {msg_id: events[msg_id] for msg_id in ids} == {
+            msg_id: (["message.deferred", "message.sent"] if n % 2 == 0 else ["message.sent"])
+            for n, msg_id in enumerate(ids)}
+        wait_until(lambda: stats(daemon)["webhooks"]["pending"] == 0, "the outbox empties")
+        assert stats(daemon)["webhooks"]["delivered"] == 18
+    finally:
+        receiver.close()
+
+
+def test_an_event_survives_a_kill_9_between_the_state_change_and_the_webhook(make_daemon, upstream, tmp_path):
+    receiver = Receiver(SECRET)  # down while the message is delivered
+    try:
+        daemon = make_daemon(webhook_url=receiver.url, webhook_secret_file=secret_file(tmp_path))
+        with daemon.client(timeout=40) as client:
+            msg_id = client.send(mail("kelly@example.org"))
+            assert final(client, msg_id)["state"] == "sent"
+        assert stats(daemon)["webhooks"]["pending"] == 1
+        daemon.kill()
+
+        receiver.start()
+        daemon.start()
+        receiver.wait(lambda r: r.by_message()[msg_id] == ["message.sent"], "the event after the restart")
+        wait_until(lambda: stats(daemon)["webhooks"] == {"delivered": 1, "failed": 0, "pending": 0},
+                   "the outbox empties")
+    finally:
+        receiver.close()
+
+
+def test_a_possible_duplicate_is_told_before_the_deferral_and_the_delivery(make_daemon, receiver, tmp_path):
+    server = Scripted("stall-dot")  # takes the message, never answers its final dot
+    try:
+        daemon = make_daemon(upstream=[server.hostport], upstream_data_end_timeout=0.5,
+                             webhook_url=receiver.url, webhook_secret_file=secret_file(tmp_path))
+        with daemon.client(timeout=40) as client:
+            msg_id = client.send(mail("kelly@example.org"))
+            assert server.wait(lambda s: len(s.bodies) == 1)
+            server.mode = "ok"
+            assert final(client, msg_id)["state"] == "sent"
+        receiver.wait(lambda r: "message.sent" in r.by_message()[msg_id], "the sent event")
+        assert receiver.by_message()[msg_id] == ["message.possible_duplicate", "message.deferred", "message.sent"]
+        flagged = receiver.payloads()[0]["data"]
+        assert flagged["possible_duplicate"] is True and flagged["state"] == "deferred"
+    finally:
+        server.close()
+
+
+def test_a_final_dot_cut_short_by_a_kill_9_is_told_a_possible_duplicate(make_daemon, upstream, receiver, tmp_path):
+    server = Scripted("stall-dot")
+    try:
+        daemon = make_daemon(upstream=[server.hostport], webhook_url=receiver.url,
+                             webhook_secret_file=secret_file(tmp_path), start=False)
+        daemon.start(start_new_session=True)
+        with daemon.client(timeout=40) as client:
+            msg_id = client.send(mail("kelly@example.org"))
+        assert server.wait(lambda s: len(s.bodies) == 1)
+        os.killpg(daemon.proc.pid, signal.SIGKILL)
+        daemon.proc.wait(30)
+        daemon.stop()
+        daemon.settings["upstream"] = [upstream.hostport]
+        daemon.start()  # the spool's recovery flags it, in the transaction that writes the event
+        receiver.wait(lambda r: "message.sent" in r.by_message()[msg_id], "the sent event")
+        assert receiver.by_message()[msg_id] == ["message.possible_duplicate", "message.sent"]
+    finally:
+        server.close()
+
+
+def test_an_event_is_retried_until_answered_2xx_and_kept_its_id(make_daemon, upstream, receiver, tmp_path):
+    receiver.answer = 503
+    receiver.headers = {"Retry-After": "1"}
+    daemon = make_daemon(webhook_url=receiver.url, webhook_secret_file=secret_file(tmp_path))
+    with daemon.client(timeout=40) as client:
+        final(client, client.send(mail("kelly@example.org")))
+    receiver.wait(lambda r: len(r.events) >= 1, "a try answered 503")
+    receiver.answer, receiver.headers = 200, {}
+    wait_until(lambda: stats(daemon)["webhooks"]["delivered"] == 1, "delivered once answered 200")
+    ids = {headers["webhook-id"] for headers, _ in receiver.events}
+    stamps = [int(headers["webhook-timestamp"]) for headers, _ in receiver.events]
+    assert len(ids) == 1 and len(receiver.events) >= 2 and stamps == sorted(stamps)
+    failed = [line for line in daemon.log_lines() if line.get("event") == "webhook_failed"]
+    assert failed and "HTTP 503" in failed[0]["error"]
+
+
+def test_a_redirect_is_not_followed(make_daemon, upstream, receiver, tmp_path):
+    elsewhere = Receiver(SECRET).start()
+    try:
+        receiver.answer = 307
+        receiver.headers = {"Location": elsewhere.url}
+        daemon = make_daemon(webhook_url=receiver.url, webhook_secret_file=secret_file(tmp_path))
+        with daemon.client(timeout=40) as client:
+            final(client, client.send(mail("kelly@example.org")))
+        wait_until(lambda: any(line.get("event") == "webhook_failed" for line in daemon.log_lines()),
+                   "the 307 is a failed try")
+        failed = next(line for line in daemon.log_lines() if line.get("event") == "webhook_failed")
+        assert "HTTP 307" in failed["error"] and "redirects are not followed" in failed["error"]
+        assert elsewhere.events == [] and stats(daemon)["webhooks"]["pending"] == 1
+    finally:
+        elsewhere.close()
+
+
+# -- secrets ------------------------------------------------------------------
+
+
+def test_a_receiver_with_another_secret_rejects_every_request(make_daemon, upstream, tmp_path):
+    receiver = Receiver(OTHER_SECRET).start()
+    try:
+        daemon = make_daemon(webhook_url=receiver.url, webhook_secret_file=secret_file(tmp_path))
+        with daemon.client(timeout=40) as client:
+            final(client, client.send(mail("kelly@example.org")))
+        receiver.wait(lambda r: r.rejected, "a rejected request")
+        assert receiver.events == [] and receiver.rejected[0] == "No matching signature found"
+        assert stats(daemon)["webhooks"]["pending"] == 1  # kept, to be retried
+    finally:
+        receiver.close()
+
+
+def test_the_signer_matches_the_reference_library():
+    key = signing.parse_secrets(SECRET)
+    body = '{"type":"message.sent","data":{"subject":"记得收衣服"}}'.encode()
+    headers = signing.headers(key, "evt_01JEXAMPLE", 1765000000, body)
+    reference = Webhook(SECRET).sign("evt_01JEXAMPLE", datetime.fromtimestamp(1765000000, timezone.utc), body)
+    assert headers["webhook-signature"] == reference
+    with pytest.raises(WebhookVerificationError):  # 1765000000 is long past the tolerance
+        Webhook(SECRET).verify(body, headers)
+    now = int(time.time())
+    assert Webhook(SECRET).verify(body, signing.headers(key, "evt_1", now, body))["data"]["subject"] == "记得收衣服"
+    for wrong in (signing.headers(signing.parse_secrets(OTHER_SECRET), "evt_1", now, body),
+                  signing.headers(key, "evt_2", now, body) | {"webhook-id": "evt_1"},
+                  signing.headers(key, "evt_1", now, body + b" ")):
+        with pytest.raises(WebhookVerificationError):
+            Webhook(SECRET).verify(body, wrong)
+
+
+def test_while_a_secret_changes_each_request_is_signed_with_both(make_daemon, upstream, tmp_path):
+    old, new = Receiver(SECRET).start(), Receiver(OTHER_SECRET).start()
+    try:
+        both = secret_file(tmp_path, f"{OTHER_SECRET}\n{SECRET}")  # the new one, then the old one
+        daemon = make_daemon(webhook_url=old.url, webhook_secret_file=both)
+        with daemon.client(timeout=40) as client:
+            first = client.send(mail("kelly@example.org"))
+            final(client, first)
+        old.wait(lambda r: r.by_message()[first] == ["message.sent"], "verified with the old secret")
+        daemon.settings["webhook_url"] = new.url
+        daemon.reload()
+        with daemon.client(timeout=40) as client:
+            second = client.send(mail("kelly@example.org"))
+            final(client, second)
+        new.wait(lambda r: r.by_message()[second] == ["message.sent"], "verified with the new secret")
+        assert old.rejected == [] and new.rejected == []
+        assert len(new.events[0][0]["webhook-signature"].split(" ")) == 2
+    finally:
+        old.close()
+        new.close()
+
+
+# -- callers ------------------------------------------------------------------
+
+
+def test_each_caller_gets_its_own_url_and_secret_and_others_none(make_daemon, upstream, tmp_path):
+    shop_hooks = Receiver(OTHER_SECRET).start()
+    try:
+        daemon = make_daemon(start=False)
+        tables = {
+            "shop": {"token_file": secret_file(tmp_path, TOKEN_SHOP, "shop.token"),
+                     "webhook_url": shop_hooks.url,
+                     "webhook_secret_file": secret_file(tmp_path, OTHER_SECRET, "shop.secret")},
+            "blog": {"token_file": secret_file(tmp_path, TOKEN_BLOG, "blog.token")},
+        }
+        write_plain = daemon.write_config
+
+        def write_config():
+            write_plain()
+            with open(daemon.config_path, "a") as fh:
+                for name, table in tables.items():
+                    fh.write(f"\n[callers.{name}]\n")
+                    fh.writelines(f"{key} = {json.dumps(value)}\n" for key, value in table.items())
+        daemon.write_config = write_config
+        daemon.start()
+
+        with daemon.client(token=TOKEN_BLOG, timeout=40) as blog, daemon.client(token=TOKEN_SHOP, timeout=40) as shop:
+            blog_id = blog.send(mail("kelly@example.org"))
+            shop_id = shop.send(mail("kelly@example.org"))
+            final(blog, blog_id), final(shop, shop_id)
+        shop_hooks.wait(lambda r: r.by_message()[shop_id] == ["message.sent"], "the shop's event")
+        wait_until(lambda: stats(daemon, TOKEN_SHOP)["webhooks"]["pending"] == 0, "the outbox empties")
+        assert [p["data"]["caller"] for p in shop_hooks.payloads()] == ["shop"]
+        # Nothing was written for the blog (not even an event given up).
+        assert stats(daemon, TOKEN_SHOP)["webhooks"] == {"delivered": 1, "failed": 0, "pending": 0}
+    finally:
+        shop_hooks.close()
+
+
+# -- configuration ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("settings, error", [
+    ({"webhook_url": "http://127.0.0.1:9/h"}, "webhook_secret_file: a webhook is signed"),
+    ({"webhook_url": "ftp://127.0.0.1/h", "secret": SECRET}, "webhook_url: expected an http:// or https:// URL"),
+    ({"webhook_url": "https://user:pw@hooks.example/h", "secret": SECRET}, "webhook_url: a webhook URL carries no user"),
+    ({"webhook_url": "http://127.0.0.1:9/h", "secret": "s3cret-not-whsec"}, "webhook_secret_file: "),
+    ({"webhook_url": "http://127.0.0.1:9/h", "secret": "whsec_" + base64.b64encode(b"short").decode()},
+     "holds 24 to 64 random bytes, this one 5"),
+    ({"webhook_url": "http://127.0.0.1:9/h", "secret": SECRET, "mode": 0o644}, "is open to group or others"),
+    ({"webhook_url": "http://127.0.0.1:9/h", "secret": SECRET, "webhook_timeout": 0}, "webhook_timeout: must be more"),
+])
+def test_the_configuration_refuses_an_unsigned_or_unclear_webhook(tmp_path, settings, error):
+    settings = dict(settings, upstream=["127.0.0.1:25"])
+    if "secret" in settings:
+        settings["webhook_secret_file"] = secret_file(tmp_path, settings.pop("secret"), mode=settings.pop("mode", 0o600))
+    with pytest.raises(ConfigError) as refused:
+        load_config(None, settings)
+    assert error in str(refused.value)
+    assert "whsec_" + "x" not in str(refused.value) and SECRET not in str(refused.value)
+
+
+def test_a_callers_webhook_needs_a_secret_of_its_own_or_the_top_level_one(tmp_path):
+    config = tmp_path / "smtpgate.toml"
+    token = secret_file(tmp_path, TOKEN_SHOP, "shop.token")
+    config.write_text(f'upstream = "127.0.0.1:25"\n[callers.shop]\ntoken_file = "{token}"\n'
+                      'webhook_url = "https://hooks.example/smtpgate"\n')
+    with pytest.raises(ConfigError, match="callers.shop.webhook_secret_file: a webhook is signed"):
+        load_config(str(config))
+    loaded = load_config(str(config), {"webhook_secret_file": secret_file(tmp_path)})
+    assert loaded.callers["shop"].webhook_secret == () and loaded.webhook_secret == signing.parse_secrets(SECRET)
