@@ -336,6 +336,10 @@ def test_an_event_is_retried_until_answered_2xx_and_kept_its_id(make_daemon, ups
     with daemon.client(timeout=40) as client:
         final(client, client.send(mail("kelly@example.org")))
     receiver.wait(lambda r: len(r.events) >= 1, "a try answered 503")
+    # The receiver reads its answer after it records the event: wait for the
+    # daemon to have seen the 503 before the receiver starts saying 200.
+    wait_until(lambda: any(line.get("event") == "webhook_failed" for line in daemon.log_lines()),
+               "the 503 seen by the daemon")
     receiver.answer, receiver.headers = 200, {}
     wait_until(lambda: stats(daemon)["webhooks"]["delivered"] == 1, "delivered once answered 200")
     ids = {headers["webhook-id"] for headers, _ in receiver.events}
