@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from smtpgate.message.sendmail import resolve
 from smtpgate.tools import sendmail
 from smtpgate.tools.sendmail import (EX_CONFIG, EX_DATAERR, EX_NOPERM, EX_NOUSER, EX_OK,
                                EX_TEMPFAIL, EX_USAGE, parse_args)
@@ -64,8 +65,18 @@ class LineServer:
         else:
             self.uri = "tcp://127.0.0.1:%d" % self.server.server_address[1]
 
-    def sends(self) -> list[dict]:
+    def wire_sends(self) -> list[dict]:
         return [json.loads(line[5:]) for line in self.lines if line.startswith("SEND ")]
+
+    def sends(self) -> list[dict]:
+        """The SENDs as the daemon reads them: the `sendmail` field resolved
+        by the daemon's own code into `from`, `to` and the message."""
+        out = []
+        for send in self.wire_sends():
+            if "sendmail" in send:
+                send, send["raw"] = resolve(send, send.get("raw"))
+            out.append(send)
+        return out
 
     def close(self):
         self.server.shutdown()
@@ -115,6 +126,12 @@ def test_php_style_call_sends_one_raw_send(line_server):
     assert send["raw"] == (MESSAGE.replace(b"Bcc: audit@example.com,\n archive@example.com\n", b"")
                            .decode())
     assert set(send) == {"from", "to", "raw"}
+    # On the wire: the message as PHP wrote it and the command line; the
+    # daemon applies the sendmail rules (message/sendmail.py).
+    [wire] = server.wire_sends()
+    assert wire["raw"] == MESSAGE.decode()
+    assert wire["sendmail"] == {"extract_recipients": True, "recipients": [], "sender": "bounce@example.com",
+                                "full_name": None, "default_sender": sendmail._local_sender()}
 
 
 def test_without_i_a_lone_dot_ends_the_message(line_server):
@@ -213,8 +230,7 @@ def test_a_daemon_that_hangs_up_is_a_temporary_failure(line_server):
 
 def test_refusals_before_anything_is_sent(line_server, tmp_path):
     server = line_server()
-    no_recipients = b"From: a@example.com\nSubject: s\n\nbody\n"
-    assert run(["-t", "-i"], no_recipients, server=server.uri)[0] == EX_USAGE
+    assert run(["-i", "-f", "a@example.com"], server=server.uri)[0] == EX_USAGE  # no recipient, no -t
     assert run(["-bp"], server=server.uri)[0] == EX_USAGE
     assert run(["-t", "-Z"], server=server.uri)[0] == EX_USAGE
     assert run(["-t", "-f"], server=server.uri)[0] == EX_USAGE
@@ -327,6 +343,16 @@ def test_legacy_8bit_mail_passes_octet_for_octet(daemon, upstream):
     [received] = upstream.wait_for(1)
     assert "Subject: 测试\r\n".encode("gbk") in received.data
     assert received.data.endswith("\r\n\r\n你好，世界\r\n".encode("gbk"))
+
+
+def test_t_with_no_recipient_in_the_header_is_refused_by_the_daemon(daemon, upstream):
+    result = subprocess.run(
+        [str(SMTPGATE), "sendmail", "-t", "-i"], input=b"From: a@example.com\nSubject: s\n\nbody\n",
+        capture_output=True, timeout=30, env=dict(os.environ, SMTPGATE_SERVER=daemon.uri))
+    assert result.returncode == EX_DATAERR
+    assert b"BAD_REQUEST no recipient" in result.stderr
+    with daemon.client() as client:
+        assert client.stats()["counters"]["accepted"] == 0
 
 
 def test_sendmail_into_the_real_daemon_over_tcp(daemon, upstream):
