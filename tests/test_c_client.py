@@ -152,7 +152,7 @@ def test_install_puts_library_header_and_pkgconfig_under_destdir(built, tmp_path
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     root = tmp_path / "opt" / "sg"
-    for rel in ("bin/smtpgate-send", "include/smtpgate.h", "lib/libsmtpgate.a", "lib/libsmtpgate.so",
+    for rel in ("bin/smtpgate-send", "bin/smtpgate-sendmail", "include/smtpgate.h", "lib/libsmtpgate.a", "lib/libsmtpgate.so",
                 "lib/libsmtpgate.so.0", "lib/pkgconfig/smtpgate.pc"):
         assert (root / rel).exists(), rel
     pc = (root / "lib/pkgconfig/smtpgate.pc").read_text()
