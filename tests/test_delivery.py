@@ -7,6 +7,7 @@ without sockets."""
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import threading
 import time
@@ -516,3 +517,15 @@ def test_a_delivery_process_that_dies_at_start_fails_the_start(monkeypatch, tmp_
     asyncio.run(main())
     # (the status is None when the pipe's end is seen before the exit is)
     assert len(lost) == 1 and lost[0].startswith("the delivery process exited unexpectedly")
+
+
+def test_delivery_runs_nicer_than_intake_and_the_spool_writer(daemon, upstream):
+    """A caller waits for its SEND's reply; nobody waits for a relay by the
+    millisecond: the delivery process yields the CPU to the daemon and its
+    writer (issue 15)."""
+    intake = os.getpriority(os.PRIO_PROCESS, daemon.proc.pid)
+    assert os.getpriority(os.PRIO_PROCESS, daemon.child_pid("smtpgate-relay")) == min(intake + 10, 19)
+    assert os.getpriority(os.PRIO_PROCESS, daemon.child_pid("smtpgate-spool")) == intake
+    with daemon.client() as client:  # and it still delivers
+        msg_id = client.send({"from": "a@example.com", "to": "b@example.org", "subject": "s", "text": "t"})
+        assert client.wait(msg_id, 20)["state"] == "sent"
