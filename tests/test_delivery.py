@@ -529,3 +529,28 @@ def test_delivery_runs_nicer_than_intake_and_the_spool_writer(daemon, upstream):
     with daemon.client() as client:  # and it still delivers
         msg_id = client.send({"from": "a@example.com", "to": "b@example.org", "subject": "s", "text": "t"})
         assert client.wait(msg_id, 20)["state"] == "sent"
+
+
+def test_a_lone_send_is_claimed_by_its_own_commit(daemon, upstream):
+    """With room in delivery, the SEND's transaction stores the message
+    'sending' and the daemon hands it over: the writer sees the enqueue and
+    the attempt's record, no wake-up and claim in between (issue 15)."""
+    message = {"from": "a@example.com", "to": "b@example.org", "subject": "s", "text": "t"}
+    with daemon.client() as client:
+        assert client.wait(client.send(message), 20)["state"] == "sent"  # the upstream is known up
+        before = client.stats()["spool"]["operations"]
+        msg_id = client.send(message)
+        assert client.wait(msg_id, 20)["state"] == "sent"
+        assert client.stats()["spool"]["operations"] - before == 2
+
+
+def test_a_message_claimed_at_enqueue_and_deferred_is_retried_on_time(daemon, upstream):
+    """Nothing else wakes the scheduler here (the upstream is known up,
+    nothing else is queued): the deferred attempt's own record must make it
+    look at the next due time, not its 30-second sleep (WAIT gives up at 20)."""
+    message = {"from": "a@example.com", "to": "kelly@example.org", "subject": "s", "text": "t"}
+    with daemon.client() as client:
+        assert client.wait(client.send(dict(message, to="warm@example.org")), 20)["state"] == "sent"
+        upstream.script_rcpt("kelly@example.org", "451 4.7.1 greylisted, try later")
+        state = client.wait(client.send(message), 20)
+        assert (state["state"], state["attempts"]) == ("sent", 2)

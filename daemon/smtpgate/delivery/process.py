@@ -17,9 +17,9 @@ limits) as a daemon without this process would; only its spool is a
 stand-in (`SpoolCalls`) whose operations the daemon answers with the real
 spool. Messages on the pipe (named types, each side dispatching on the
 type with a table):
-- daemon -> child: `Start`, `Wake`, `ProbeNow`, `Reload`, `Stop`,
-  `StopNow`, and the `Answer`s to its calls.
-- child -> daemon: `Started`, and `Call`s of the spool operations
+- daemon -> child: `Start`, `Wake`, `Deliver`, `ProbeNow`, `Reload`,
+  `Stop`, `StopNow`, and the `Answer`s to its calls.
+- child -> daemon: `Started`, `Want`, and `Call`s of the spool operations
   `ClaimDue`, `RecordAttempt`, `Release`, `RecordUpstreams`, `Expire`,
   `NextDue`, `CountDue` (spool/ops.py); after `Stop`, the end of its
   output says its Delivery has stopped.
@@ -37,6 +37,7 @@ import subprocess
 import time
 from typing import Any, Callable, NamedTuple
 
+from smtpgate.delivery.health import DOWN
 from smtpgate.log import get_logger, setup_logging
 from smtpgate.proc.calls import Answer, Call, PendingCalls
 from smtpgate.proc.child import become_child, spawn
@@ -83,6 +84,20 @@ class Wake(NamedTuple):
 
 
 @message
+class Want(NamedTuple):
+    """Delivery has room for `n` more messages claimed at enqueue."""
+
+    n: int
+
+
+@message
+class Deliver(NamedTuple):
+    """A message intake stored already claimed ('sending'), on room of a `Want`."""
+
+    message: Claimed
+
+
+@message
 class ProbeNow(NamedTuple):
     """Probe every down upstream at once (`smtpgate queue retry`)."""
 
@@ -121,7 +136,12 @@ class DeliveryProcess:
         self._stopping = False
         self._interrupt = False  # stop_now() was asked for
         self._woken = False
-        self._handlers = {Started: self._on_started, Call: self._on_call}
+        # Claim at enqueue: the room delivery offered (Want) and intake has
+        # not used, and whether every upstream is down (then nothing is
+        # claimed at enqueue: the outage holds new messages with the rest).
+        self._room = 0
+        self._all_down = False
+        self._handlers = {Started: self._on_started, Call: self._on_call, Want: self._on_want}
         # What the child may ask of the spool: the part of Spool that Delivery uses.
         self._spool_calls = {ClaimDue: self._write, RecordAttempt: self._write, Release: self._write,
                              RecordUpstreams: self._write, Expire: self._write,
@@ -148,6 +168,30 @@ class DeliveryProcess:
     def _rearm(self) -> None:
         self._woken = False
 
+    def reserve(self) -> bool:
+        """True when the SEND about to be stored is to be claimed by its own
+        commit (`Spool.enqueue(claim=True)`), on room delivery offered;
+        then `hand_over` or `give_back` follows."""
+        if self._room <= 0 or self._all_down or self._stopping or self._pipe is None:
+            return False
+        self._room -= 1
+        return True
+
+    def give_back(self) -> None:
+        """The reserved SEND stored nothing new (refused, or a repeat)."""
+        self._room += 1
+
+    def hand_over(self, message: Claimed) -> None:
+        """Pass a message stored claimed to delivery. If delivery is stopping
+        meanwhile, the message goes back to 'queued' for the next start."""
+        if self._pipe is None or self._stopping:
+            self._spool.submit(Release([message.id], False))
+            return
+        self._pipe.send(Deliver(message))
+
+    def _on_want(self, want: Want) -> None:
+        self._room += want.n
+
     def probe_now(self) -> None:
         """Probe every down upstream at once."""
         if self._pipe is not None and not self._stopping:
@@ -172,6 +216,7 @@ class DeliveryProcess:
         if process is None:
             return
         self._stopping = True
+        self._room = 0
         pipe.send(Stop(grace))
         if self._interrupt:
             pipe.send(StopNow())
@@ -197,6 +242,8 @@ class DeliveryProcess:
             self._started.set_result(None)
 
     def _on_call(self, call: Call) -> None:
+        if type(call.op) is RecordUpstreams:
+            self._all_down = bool(call.op.rows) and all(row.state == DOWN for row in call.op.rows)
         run = self._spool_calls.get(type(call.op))
         try:
             if run is None:
@@ -291,8 +338,8 @@ class _Relay:
         self.delivery = None
         self.pipe = FramedPipe(self.on_message, self.on_eof)
         self.spool = SpoolCalls(self.pipe.send, loop)
-        self.handlers = {Start: self.start, Wake: self.wake, ProbeNow: self.probe_now, Reload: self.reload,
-                         Stop: self.stop, StopNow: self.stop_now, Answer: self.spool.answer}
+        self.handlers = {Start: self.start, Wake: self.wake, Deliver: self.deliver, ProbeNow: self.probe_now,
+                         Reload: self.reload, Stop: self.stop, StopNow: self.stop_now, Answer: self.spool.answer}
 
     def on_message(self, message) -> None:
         self.handlers[type(message)](message)
@@ -306,7 +353,8 @@ class _Relay:
 
         setup_logging(start.log_format, start.log_level)
         try:
-            self.delivery = Delivery(self.spool, start.settings, get_logger(), dots=DotLog(start.spool_dir))
+            self.delivery = Delivery(self.spool, start.settings, get_logger(), dots=DotLog(start.spool_dir),
+                                     offer=lambda n: self.pipe.send(Want(n)))
             await self.delivery.start()
         except Exception:
             get_logger().exception("delivery_start_failed")
@@ -317,6 +365,9 @@ class _Relay:
     def wake(self, _: Wake) -> None:
         if self.delivery is not None:
             self.delivery.wake()
+
+    def deliver(self, deliver: Deliver) -> None:
+        self.delivery.take(deliver.message)  # room is offered only once delivery started
 
     def probe_now(self, _: ProbeNow) -> None:
         if self.delivery is not None:

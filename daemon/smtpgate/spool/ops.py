@@ -45,7 +45,9 @@ class Configure(NamedTuple):
 @message
 class Enqueue(NamedTuple):
     """Store a message for `caller`; answered with `Enqueued`, or CallerFull
-    when the caller has `max_pending` (0: no cap) messages not yet final."""
+    when the caller has `max_pending` (0: no cap) messages not yet final.
+    With `claim`, a new message is stored 'sending', claimed for delivery
+    in the same transaction (the daemon hands it to delivery itself)."""
 
     now: float
     spec_json: bytes
@@ -54,6 +56,7 @@ class Enqueue(NamedTuple):
     idempotency_key: str | None  # the caller's own: another caller's same key is another key
     caller: str
     max_pending: int
+    claim: bool = False
 
 
 @message

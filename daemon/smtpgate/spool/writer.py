@@ -281,14 +281,15 @@ class Writer:
                 outcome.errors[call.token] = exc
                 continue
             msg_id = new_ulid(op.now)
-            messages.append((msg_id, op.envelope_from, op.spec_json, op.caller, op.now, op.now, op.now))
+            state = State.SENDING if op.claim else State.QUEUED
+            messages.append((msg_id, state, op.envelope_from, op.spec_json, op.caller, op.now, op.now, op.now))
             recipients.extend((msg_id, address, i) for i, address in enumerate(dict.fromkeys(op.recipients)))
-            effects.move(None, State.QUEUED, op.caller)
+            effects.move(None, state, op.caller)
             effects.count("accepted")
             outcome.results[call.token] = Enqueued(msg_id, False)
         for rows, head, row in (
             (messages, "INSERT INTO messages (id, state, envelope_from, spec, idempotency_key, caller,"
-                       " created, updated, next_attempt) VALUES ", f"(?, '{State.QUEUED}', ?, ?, NULL, ?, ?, ?, ?)"),
+                       " created, updated, next_attempt) VALUES ", "(?, ?, ?, ?, NULL, ?, ?, ?, ?)"),
             (recipients, "INSERT INTO recipients (message_id, address, position, state) VALUES ",
              f"(?, ?, ?, '{State.QUEUED}')"),
         ):
@@ -316,10 +317,11 @@ class Writer:
                 return Enqueued(row[0], True)
         self._check_room(effects, op)
         msg_id = new_ulid(now)
+        state = State.SENDING if op.claim else State.QUEUED
         conn.execute(
             "INSERT INTO messages (id, state, envelope_from, spec, idempotency_key, caller,"
             " created, updated, next_attempt) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (msg_id, State.QUEUED, op.envelope_from, op.spec_json, key, caller, now, now, now),
+            (msg_id, state, op.envelope_from, op.spec_json, key, caller, now, now, now),
         )
         conn.executemany(
             "INSERT INTO recipients (message_id, address, position, state) VALUES (?, ?, ?, ?)",
@@ -330,7 +332,7 @@ class Writer:
                 "INSERT OR REPLACE INTO idempotency (caller, key, message_id, created) VALUES (?, ?, ?, ?)",
                 (caller, key, msg_id, now),
             )
-        effects.move(None, State.QUEUED, caller)
+        effects.move(None, state, caller)
         effects.count("accepted")
         return Enqueued(msg_id, False)
 
