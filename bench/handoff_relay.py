@@ -96,7 +96,7 @@ def main() -> int:
                         help="LABEL=PATH of a checkout to measure (repeat); default this=<this checkout>")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--count", type=int, default=2000, help="SENDs per mode and round")
-    parser.add_argument("--no-hold", action="store_true", help="skip the no-delivery modes")
+    parser.add_argument("--hold", help="comma-separated labels that get a no-delivery mode (default: all)")
     parser.add_argument("--floor-server", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.floor_server:
@@ -115,7 +115,8 @@ def main() -> int:
     try:
         for label, path in checkouts.items():
             env = dict(os.environ, PYTHONPATH=str(Path(path).resolve() / "daemon"))
-            for kind in ("relay",) + (() if args.no_hold else ("hold",)):
+            held = args.hold is None or label in args.hold.split(",")
+            for kind in ("relay",) + (("hold",) if held else ()):
                 run_dir = workdir / f"{kind}-{label}"
                 run_dir.mkdir()
                 daemons[f"{kind}@{label}"] = Daemon(

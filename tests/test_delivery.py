@@ -26,6 +26,7 @@ from smtpgate.message.validate import validate_send
 from smtpgate.smtp import UpstreamSettings
 from smtpgate.smtp.core import DeliveryResult, RecipientResult
 from smtpgate.smtp.replies import Reply
+from smtpgate.proc.calls import Answer
 from smtpgate.spool.ops import RecipientOutcome
 from smtpgate.spool.store import Spool
 
@@ -554,3 +555,30 @@ def test_a_message_claimed_at_enqueue_and_deferred_is_retried_on_time(daemon, up
         upstream.script_rcpt("kelly@example.org", "451 4.7.1 greylisted, try later")
         state = client.wait(client.send(message), 20)
         assert (state["state"], state["attempts"]) == ("sent", 2)
+
+
+def test_the_delivery_process_sends_its_attempt_records_together():
+    """Records made within RECORD_EVERY leave the child as one operation
+    (one Call, one writer operation); each record's future gets its own
+    answer, or the operation's error (issue 15)."""
+    from smtpgate.delivery.process import SpoolCalls
+    from smtpgate.spool.errors import SpoolError
+    from smtpgate.spool.ops import RecordAttempts
+
+    async def main():
+        calls = []
+        spool = SpoolCalls(calls.append, asyncio.get_running_loop())
+        outcome = [RecipientOutcome("a@example.org", "sent", "250 ok")]
+        first = [spool.record_attempt(f"m{i}", outcome) for i in range(3)]
+        await asyncio.sleep(0.05)
+        second = [spool.record_attempt("m3", outcome)]
+        await asyncio.sleep(0.05)
+        assert [type(call.op) for call in calls] == [RecordAttempts, RecordAttempts]
+        assert [[r.msg_id for r in call.op.records] for call in calls] == [["m0", "m1", "m2"], ["m3"]]
+        spool.answer(Answer(calls[0].token, ["sent", "deferred", None], None))
+        spool.answer(Answer(calls[1].token, None, SpoolError("the spool failed")))
+        assert await asyncio.gather(*first) == ["sent", "deferred", None]
+        with pytest.raises(SpoolError):
+            await second[0]
+
+    asyncio.run(main())

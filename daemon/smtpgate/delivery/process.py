@@ -20,7 +20,7 @@ type with a table):
 - daemon -> child: `Start`, `Wake`, `Deliver`, `ProbeNow`, `Reload`,
   `Stop`, `StopNow`, and the `Answer`s to its calls.
 - child -> daemon: `Started`, `Want`, and `Call`s of the spool operations
-  `ClaimDue`, `RecordAttempt`, `Release`, `RecordUpstreams`, `Expire`,
+  `ClaimDue`, `RecordAttempts`, `Release`, `RecordUpstreams`, `Expire`,
   `NextDue`, `CountDue` (spool/ops.py); after `Stop`, the end of its
   output says its Delivery has stopped.
 The child ignores signals (the daemon decides), and exits when its stdin
@@ -45,7 +45,8 @@ from smtpgate.proc.framing import message
 from smtpgate.proc.pipe import FramedPipe
 from smtpgate.spool.errors import SpoolError
 from smtpgate.spool.ops import (
-    Claimed, ClaimDue, CountDue, Expire, NextDue, RecordAttempt, RecordUpstreams, Release, UpstreamRow,
+    Claimed, ClaimDue, CountDue, Expire, NextDue, RecordAttempt, RecordAttempts, RecordUpstreams, Release,
+    UpstreamRow,
 )
 from smtpgate.spool.store import Spool
 
@@ -60,6 +61,13 @@ STOP_MARGIN = 15.0  # seconds
 # 25 us, with end-to-end delivery unchanged (issue 15; bench/results.md).
 # Not SCHED_IDLE: that starves delivery whenever intake is busy (-32%).
 DELIVERY_NICE = 10
+
+# Attempt records wait this long in the child and go to the daemon together
+# (one Call, one writer operation): while relaying, a record per message
+# cost the daemon a pipe message each way and the writer a transaction
+# beside the SENDs' (issue 15). A crash loses at most these: their messages
+# stay 'sending' and are sent again after the restart (at-least-once).
+RECORD_EVERY = 0.003  # seconds
 
 
 
@@ -143,7 +151,7 @@ class DeliveryProcess:
         self._all_down = False
         self._handlers = {Started: self._on_started, Call: self._on_call, Want: self._on_want}
         # What the child may ask of the spool: the part of Spool that Delivery uses.
-        self._spool_calls = {ClaimDue: self._write, RecordAttempt: self._write, Release: self._write,
+        self._spool_calls = {ClaimDue: self._write, RecordAttempts: self._write, Release: self._write,
                              RecordUpstreams: self._write, Expire: self._write,
                              NextDue: self._next_due, CountDue: self._count_due}
 
@@ -297,7 +305,9 @@ class SpoolCalls:
 
     def __init__(self, send: Callable[[Call], None], loop: asyncio.AbstractEventLoop):
         self._send = send
+        self._loop = loop
         self._calls = PendingCalls(loop)
+        self._records: list[tuple[RecordAttempt, asyncio.Future]] = []  # until RECORD_EVERY is over
 
     def _call(self, op) -> asyncio.Future:
         call, fut = self._calls.new(op)
@@ -308,7 +318,29 @@ class SpoolCalls:
         return await self._call(ClaimDue(now, limit))
 
     def record_attempt(self, msg_id, outcomes, *, next_attempt=None, possible_duplicate=False) -> asyncio.Future:
-        return self._call(RecordAttempt(time.time(), msg_id, list(outcomes), next_attempt, possible_duplicate))
+        record = RecordAttempt(time.time(), msg_id, list(outcomes), next_attempt, possible_duplicate)
+        fut = self._loop.create_future()
+        self._records.append((record, fut))
+        if len(self._records) == 1:
+            self._loop.call_later(RECORD_EVERY, self._send_records)
+        return fut
+
+    def _send_records(self) -> None:
+        records, self._records = self._records, []
+        sent = self._call(RecordAttempts([record for record, _ in records]))
+        sent.add_done_callback(lambda done: self._recorded(done, [fut for _, fut in records]))
+
+    @staticmethod
+    def _recorded(done: asyncio.Future, futures: list[asyncio.Future]) -> None:
+        """Each record's future gets its own state, or the operation's error."""
+        error = done.exception() if not done.cancelled() else SpoolError("cancelled")
+        for i, fut in enumerate(futures):
+            if fut.done():
+                continue
+            if error is not None:
+                fut.set_exception(error)
+            else:
+                fut.set_result(done.result()[i])
 
     async def release(self, msg_ids, possible_duplicate: bool = False) -> int:
         return await self._call(Release(list(msg_ids), possible_duplicate))

@@ -3,7 +3,7 @@
 They are the messages of two pipes: the daemon's spool (store.py) sends the
 write operations to the writer process (writer.py) as `proc.calls.Call`s,
 and the delivery process asks the daemon's spool for `ClaimDue`,
-`RecordAttempt`, `Release`, `RecordUpstreams`, `Expire`, `NextDue` and
+`RecordAttempts`, `Release`, `RecordUpstreams`, `Expire`, `NextDue` and
 `CountDue` the same way (delivery/process.py). Each is made and read by
 name on both sides.
 
@@ -76,6 +76,14 @@ class RecordAttempt(NamedTuple):
     outcomes: list[RecipientOutcome]
     next_attempt: float | None
     possible_duplicate: bool
+
+
+@message
+class RecordAttempts(NamedTuple):
+    """Several RecordAttempt in one operation (the delivery process sends
+    its records every few milliseconds); answered with their new states."""
+
+    records: list[RecordAttempt]
 
 
 @message

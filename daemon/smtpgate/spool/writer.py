@@ -43,7 +43,7 @@ from smtpgate.spool.dots import clear_dots, read_dots
 from smtpgate.spool.errors import CallerFull, SpoolError, SpoolFull
 from smtpgate.spool.ops import (
     Claimed, ClaimDue, Committed, Configure, Delete, Enqueue, Enqueued, Expire, Limits, Open, Opened, Purge,
-    Recount, RecordAttempt, RecordUpstreams, Release, Retry,
+    Recount, RecordAttempt, RecordAttempts, RecordUpstreams, Release, Retry,
 )
 from smtpgate.spool.schema import (
     FINAL_STATES, IS_DUE, IS_FINAL, IS_UNFINISHED, STATES, UNFINISHED_STATES, State, migrate,
@@ -100,7 +100,7 @@ class Outcome:
 # accepted message is lost. A batch of only these commits with
 # synchronous=NORMAL; the next durable commit (an enqueue) fsyncs the WAL and
 # with it every earlier frame, so recovery always sees a prefix of commits.
-RELAXED_OPS = frozenset({ClaimDue, RecordAttempt, Release, RecordUpstreams, Expire, Configure})
+RELAXED_OPS = frozenset({ClaimDue, RecordAttempt, RecordAttempts, Release, RecordUpstreams, Expire, Configure})
 
 
 class Writer:
@@ -114,6 +114,7 @@ class Writer:
             Enqueue: self.enqueue,
             ClaimDue: self.claim_due,
             RecordAttempt: self.record_attempt,
+            RecordAttempts: self.record_attempts,
             Release: self.release,
             Retry: self.retry,
             Delete: self.delete,
@@ -389,6 +390,9 @@ class Writer:
         if new_state in FINAL_STATES:
             effects.finalized.append(msg_id)
         return new_state
+
+    def record_attempts(self, conn, effects, op: RecordAttempts) -> list[str | None]:
+        return [self.record_attempt(conn, effects, record) for record in op.records]
 
     def release(self, conn, effects, op: Release) -> int:
         released = 0
