@@ -3,7 +3,8 @@
 Times the whole process (spawn, read stdin, connect, SEND, the daemon's
 fsync, exit) of `smtpgate-sendmail -t -i` (C), `smtpgate sendmail -t -i`
 (Python) and msmtp (SMTP straight to the same smtp-sink the daemon relays
-to), rounds rotated so no command always runs first, plus the CPU each
+to), beside `cat` (the cost of a process that reads the message: the
+floor), rounds rotated so no command always runs first, plus the CPU each
 process used (user + system, from the children's rusage). Optionally the
 same through real `php -r 'mail(...)'` for the C command and msmtp, which
 adds PHP's own start-up to both.
@@ -42,6 +43,7 @@ PHP_MAIL = ('mail("kelly@example.org", "Order 42 shipped", str_repeat("Your orde
 def commands(targets: dict) -> dict[str, list[str]]:
     host, port = targets["smtp"].split(":")
     return {
+        "cat": ["cat"],  # the floor: a process that reads the message and exits
         "c": [str(C_SENDMAIL), "-t", "-i"],
         "python": [str(PY_SMTPGATE), "sendmail", "-t", "-i"],
         "msmtp": ["msmtp", "-C", "/dev/null", f"--host={host}", f"--port={port}", "--auth=off", "--tls=off",
@@ -51,7 +53,7 @@ def commands(targets: dict) -> dict[str, list[str]]:
 
 def php_commands(targets: dict) -> dict[str, list[str]]:
     return {f"php_{name}": ["php", "-n", "-d", f'sendmail_path="{" ".join(argv)}"', "-r", PHP_MAIL]
-            for name, argv in commands(targets).items() if name != "python"}
+            for name, argv in commands(targets).items() if name in ("c", "msmtp")}
 
 
 def time_processes(argv: list[str], count: int, env: dict, stdin: bytes | None) -> dict:

@@ -520,16 +520,19 @@ def test_a_delivery_process_that_dies_at_start_fails_the_start(monkeypatch, tmp_
     assert len(lost) == 1 and lost[0].startswith("the delivery process exited unexpectedly")
 
 
-def test_delivery_runs_nicer_than_intake_and_the_spool_writer(daemon, upstream):
+@pytest.mark.parametrize("nice", [None, 0, 3])
+def test_delivery_runs_nicer_than_intake_and_the_spool_writer(make_daemon, upstream, nice):
     """A caller waits for its SEND's reply; nobody waits for a relay by the
     millisecond: the delivery process yields the CPU to the daemon and its
-    writer (issue 15)."""
-    intake = os.getpriority(os.PRIO_PROCESS, daemon.proc.pid)
-    assert os.getpriority(os.PRIO_PROCESS, daemon.child_pid("smtpgate-relay")) == min(intake + 10, 19)
-    assert os.getpriority(os.PRIO_PROCESS, daemon.child_pid("smtpgate-spool")) == intake
-    with daemon.client() as client:  # and it still delivers
+    writer, by `delivery_nice` steps (default 10; issue 15)."""
+    daemon = make_daemon(**({} if nice is None else {"delivery_nice": nice}))
+    with daemon.client() as client:  # it delivers
         msg_id = client.send({"from": "a@example.com", "to": "b@example.org", "subject": "s", "text": "t"})
         assert client.wait(msg_id, 20)["state"] == "sent"
+    intake = os.getpriority(os.PRIO_PROCESS, daemon.proc.pid)
+    steps = 10 if nice is None else nice
+    assert os.getpriority(os.PRIO_PROCESS, daemon.child_pid("smtpgate-relay")) == min(intake + steps, 19)
+    assert os.getpriority(os.PRIO_PROCESS, daemon.child_pid("smtpgate-spool")) == intake
 
 
 def test_a_lone_send_is_claimed_by_its_own_commit(daemon, upstream):

@@ -160,7 +160,8 @@ def kill_mid_stream(daemon, target: str, rng: random.Random, tag: str) -> list[t
     daemon.stop()  # closes its log
     assert status == TARGETS[target], f"daemon ended with {status} after kill -9 of {target}"
     if target in LOGGED:
-        assert any(line.get("event") == LOGGED[target] for line in daemon.log_lines()[logged:])
+        lines = daemon.log_lines()[logged:]
+        assert any(line.get("event") == LOGGED[target] for line in lines), lines[-5:]
     # A SEND the dying daemon could not store gets an error, never an OK.
     assert not [r for r in callers.refused if not r.startswith("ERR INTERNAL ")], callers.refused
     return callers.acknowledged

@@ -100,6 +100,9 @@ class Config:
     upstream_data_block_timeout: float = 180.0
     upstream_data_end_timeout: float = 600.0
     upstream_idle_timeout: float = 60.0
+    # Delivery's CPU priority (docs/configuration.md, "Delivery priority"):
+    # the delivery process runs this much nicer than intake.
+    delivery_nice: int = 10
     # Filled in by load_config, never read from the file.
     upstream_password: str | None = field(default=None, repr=False)
     upstream_oauth2_token: str | None = field(default=None, repr=False)
@@ -316,6 +319,8 @@ def _validate(config: Config) -> None:
         raise ConfigError("max_message_size: must be at least 1024 bytes")
     if config.connections_per_upstream < 1:
         raise ConfigError("connections_per_upstream: must be at least 1")
+    if not 0 <= config.delivery_nice <= 19:
+        raise ConfigError("delivery_nice: must be 0 (as intake) to 19 (the lowest priority)")
     if config.retry_max < config.retry_base:
         raise ConfigError(f"retry_max: {config.retry_max:g} is less than retry_base ({config.retry_base:g})")
     _validate_upstream_health(config)

@@ -54,14 +54,6 @@ from smtpgate.spool.store import Spool
 # (pool.QUIT_TIMEOUT) and the last records.
 STOP_MARGIN = 15.0  # seconds
 
-# The child runs this much nicer than the daemon. A caller waits for its
-# SEND's reply, nobody waits for a relay by the millisecond: on 2 cores
-# busy relaying, the daemon waited ~250 us per SEND on the run queue
-# behind the delivery child; at +10 (CFS weight 110 against 1024) about
-# 25 us, with end-to-end delivery unchanged (issue 15; bench/results.md).
-# Not SCHED_IDLE: that starves delivery whenever intake is busy (-32%).
-DELIVERY_NICE = 10
-
 # Attempt records wait this long in the child and go to the daemon together
 # (one Call, one writer operation): while relaying, a record per message
 # cost the daemon a pipe message each way and the writer a transaction
@@ -384,6 +376,12 @@ class _Relay:
         from smtpgate.spool.dots import DotLog
 
         setup_logging(start.log_format, start.log_level)
+        # A caller waits for its SEND's reply, nobody waits for a relay by
+        # the millisecond: on 2 cores busy relaying, the daemon waited ~250
+        # us per SEND on the run queue behind this process; at +10 (CFS
+        # weight 110 against 1024) about 25 us (issue 15; bench/results.md).
+        # Not SCHED_IDLE: that starves delivery whenever intake is busy.
+        os.nice(start.settings.nice)
         try:
             self.delivery = Delivery(self.spool, start.settings, get_logger(), dots=DotLog(start.spool_dir),
                                      offer=lambda n: self.pipe.send(Want(n)))
@@ -444,6 +442,5 @@ async def _child(in_fd: int, out_fd: int) -> None:
 
 def main() -> int:
     pipe_in, pipe_out = become_child("smtpgate-relay")
-    os.nice(DELIVERY_NICE)
     asyncio.run(_child(pipe_in, pipe_out))
     return 0
