@@ -351,7 +351,8 @@ def test_nothing_after_a_sender_value_is_read_as_an_option(line_server, run):
     server = line_server()
     assert run(["-i", "-f", "a@example.com", "b@example.org", "-t"], server=server.uri)[0] == EX_USAGE
     assert run(["-i", "-f", "a@example.com", "--", "-t@example.org"], server=server.uri)[0] == EX_USAGE
-    assert run(["-i", "-fa@example.com", "b@example.org"], server=server.uri)[0] == EX_OK
+    code, err = run(["-i", "-fa@example.com", "b@example.org"], server=server.uri)
+    assert code == EX_OK, (err, server.lines)
     [wire] = server.wire_sends()
     assert (wire["sendmail"]["sender"], wire["sendmail"]["recipients"]) == ("a@example.com", ["b@example.org"])
 
