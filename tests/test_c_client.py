@@ -154,8 +154,9 @@ def test_install_puts_library_header_and_pkgconfig_under_destdir(built, tmp_path
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     root = tmp_path / "opt" / "sg"
-    for rel in ("bin/smtpgate-send", "share/man/man1/smtpgate-send.1", "include/smtpgate.h", "lib/libsmtpgate.a",
-                "lib/libsmtpgate.so", "lib/libsmtpgate.so.0", "lib/pkgconfig/smtpgate.pc"):
+    for rel in ("bin/smtpgate-send", "bin/smtpgate-sendmail", "share/man/man1/smtpgate-send.1",
+                "include/smtpgate.h", "lib/libsmtpgate.a", "lib/libsmtpgate.so", "lib/libsmtpgate.so.0",
+                "lib/pkgconfig/smtpgate.pc"):
         assert (root / rel).exists(), rel
     pc = (root / "lib/pkgconfig/smtpgate.pc").read_text()
     assert "prefix=/opt/sg" in pc and "-lsmtpgate" in pc and re.search(r"Version: \d+\.\d+\.\d+", pc)

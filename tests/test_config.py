@@ -67,6 +67,8 @@ def test_xoauth2_token_reaches_the_upstream_settings(tmp_path):
     ('upstream = ["h:25"]\nlisten = ["10.0.0.1:2526"]\n', "listen"),
     ('upstream = ["h:25"]\nsmtp_listen = "0.0.0.0:25"\n', "smtp_listen"),  # the key at fault, not listen
     ('listen = ["127.0.0.1:2526"]\n', "upstream"),
+    ('upstream = ["h:25"]\ndelivery_nice = 20\n', "delivery_nice"),
+    ('upstream = ["h:25"]\ndelivery_nice = -5\n', "delivery_nice"),
 ])
 def test_mistakes_name_their_key(tmp_path, text, key):
     with pytest.raises(ConfigError) as exc:

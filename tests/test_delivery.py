@@ -7,6 +7,7 @@ without sockets."""
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import threading
 import time
@@ -25,6 +26,7 @@ from smtpgate.message.validate import validate_send
 from smtpgate.smtp import UpstreamSettings
 from smtpgate.smtp.core import DeliveryResult, RecipientResult
 from smtpgate.smtp.replies import Reply
+from smtpgate.proc.calls import Answer
 from smtpgate.spool.ops import RecipientOutcome
 from smtpgate.spool.store import Spool
 
@@ -516,3 +518,70 @@ def test_a_delivery_process_that_dies_at_start_fails_the_start(monkeypatch, tmp_
     asyncio.run(main())
     # (the status is None when the pipe's end is seen before the exit is)
     assert len(lost) == 1 and lost[0].startswith("the delivery process exited unexpectedly")
+
+
+@pytest.mark.parametrize("nice", [None, 0, 3])
+def test_delivery_runs_nicer_than_intake_and_the_spool_writer(make_daemon, upstream, nice):
+    """A caller waits for its SEND's reply; nobody waits for a relay by the
+    millisecond: the delivery process yields the CPU to the daemon and its
+    writer, by `delivery_nice` steps (default 10; issue 15)."""
+    daemon = make_daemon(**({} if nice is None else {"delivery_nice": nice}))
+    with daemon.client() as client:  # it delivers
+        msg_id = client.send({"from": "a@example.com", "to": "b@example.org", "subject": "s", "text": "t"})
+        assert client.wait(msg_id, 20)["state"] == "sent"
+    intake = os.getpriority(os.PRIO_PROCESS, daemon.proc.pid)
+    steps = 10 if nice is None else nice
+    assert os.getpriority(os.PRIO_PROCESS, daemon.child_pid("smtpgate-relay")) == min(intake + steps, 19)
+    assert os.getpriority(os.PRIO_PROCESS, daemon.child_pid("smtpgate-spool")) == intake
+
+
+def test_a_lone_send_is_claimed_by_its_own_commit(daemon, upstream):
+    """With room in delivery, the SEND's transaction stores the message
+    'sending' and the daemon hands it over: the writer sees the enqueue and
+    the attempt's record, no wake-up and claim in between (issue 15)."""
+    message = {"from": "a@example.com", "to": "b@example.org", "subject": "s", "text": "t"}
+    with daemon.client() as client:
+        assert client.wait(client.send(message), 20)["state"] == "sent"  # the upstream is known up
+        before = client.stats()["spool"]["operations"]
+        msg_id = client.send(message)
+        assert client.wait(msg_id, 20)["state"] == "sent"
+        assert client.stats()["spool"]["operations"] - before == 2
+
+
+def test_a_message_claimed_at_enqueue_and_deferred_is_retried_on_time(daemon, upstream):
+    """Nothing else wakes the scheduler here (the upstream is known up,
+    nothing else is queued): the deferred attempt's own record must make it
+    look at the next due time, not its 30-second sleep (WAIT gives up at 20)."""
+    message = {"from": "a@example.com", "to": "kelly@example.org", "subject": "s", "text": "t"}
+    with daemon.client() as client:
+        assert client.wait(client.send(dict(message, to="warm@example.org")), 20)["state"] == "sent"
+        upstream.script_rcpt("kelly@example.org", "451 4.7.1 greylisted, try later")
+        state = client.wait(client.send(message), 20)
+        assert (state["state"], state["attempts"]) == ("sent", 2)
+
+
+def test_the_delivery_process_sends_its_attempt_records_together():
+    """Records made within RECORD_EVERY leave the child as one operation
+    (one Call, one writer operation); each record's future gets its own
+    answer, or the operation's error (issue 15)."""
+    from smtpgate.delivery.process import SpoolCalls
+    from smtpgate.spool.errors import SpoolError
+    from smtpgate.spool.ops import RecordAttempts
+
+    async def main():
+        calls = []
+        spool = SpoolCalls(calls.append, asyncio.get_running_loop())
+        outcome = [RecipientOutcome("a@example.org", "sent", "250 ok")]
+        first = [spool.record_attempt(f"m{i}", outcome) for i in range(3)]
+        await asyncio.sleep(0.05)
+        second = [spool.record_attempt("m3", outcome)]
+        await asyncio.sleep(0.05)
+        assert [type(call.op) for call in calls] == [RecordAttempts, RecordAttempts]
+        assert [[r.msg_id for r in call.op.records] for call in calls] == [["m0", "m1", "m2"], ["m3"]]
+        spool.answer(Answer(calls[0].token, ["sent", "deferred", None], None))
+        spool.answer(Answer(calls[1].token, None, SpoolError("the spool failed")))
+        assert await asyncio.gather(*first) == ["sent", "deferred", None]
+        with pytest.raises(SpoolError):
+            await second[0]
+
+    asyncio.run(main())

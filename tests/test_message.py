@@ -568,3 +568,48 @@ def test_whatever_raw_validates_builds(raw, to):
     except RequestError:
         return
     build({"from": "a@example.com", "to": to, "raw": raw})
+
+
+# ---------------------------------------------------------------- sendmail
+
+def sendmail_send(raw="To: a@example.org\nBcc: b@example.org\nSubject: s\n\nbody\n", **opts):
+    return {"raw": raw, "sendmail": {"default_sender": "www-data@web1", **opts}}
+
+
+def test_sendmail_field_applies_t_and_removes_bcc():
+    spec = validate_send(sendmail_send(extract_recipients=True, recipients=["c@example.org, D <d@example.org>"]),
+                         max_message_bytes=10**6)
+    assert spec.recipients == ["c@example.org", "d@example.org", "a@example.org", "b@example.org"]
+    assert spec.envelope_from == "www-data@web1"
+    assert spec.raw.startswith("From: www-data@web1\nTo: a@example.org\nSubject: s\n")
+    assert "Bcc" not in spec.raw
+
+
+def test_sendmail_field_sender_from_f_then_from_field():
+    raw = "From: Shop <shop@example.com>\nTo: a@example.org\n\nbody\n"
+    assert validate_send(sendmail_send(raw, extract_recipients=True), max_message_bytes=10**6).envelope_from \
+        == "shop@example.com"
+    spec = validate_send(sendmail_send(raw, extract_recipients=True, sender="<bounce@example.com>"),
+                         max_message_bytes=10**6)
+    assert spec.envelope_from == "bounce@example.com"
+    assert spec.raw.startswith("From: Shop <shop@example.com>\n")
+
+
+@pytest.mark.parametrize("send, fragment", [
+    ({"raw": "S: s\n\nb\n", "sendmail": "yes"}, "must be an object"),
+    ({"raw": "S: s\n\nb\n", "sendmail": {"default_sender": "a@b.c", "recipients": "x@y.z"}}, "must be a list"),
+    ({"raw": "S: s\n\nb\n", "sendmail": {"default_sender": "a@b.c", "recipients": [1]}}, "at most 1000 strings"),
+    ({"raw": "S: s\n\nb\n", "sendmail": {"default_sender": "a@b.c", "recipients": ["x@y.z"] * 1001}},
+     "at most 1000 strings"),
+    ({"raw": "S: s\n\nb\n", "sendmail": {"default_sender": "a@b.c", "recipients": ["x@y.z"], "Q": 1}},
+     "unknown key"),
+    ({"raw": "S: s\n\nb\n", "sendmail": {"recipients": ["x@y.z"]}}, "default_sender"),
+    ({"raw": "S: s\n\nb\n", "sendmail": {"default_sender": "a@b.c", "recipients": ["x@y.z"],
+                                         "full_name": "Eve\nBcc: victim@example.org"}}, "control"),
+    ({"raw": "S: s\n\nb\n", "to": "x@y.z", "sendmail": {"default_sender": "a@b.c"}}, "excludes 'to'"),
+    ({"subject": "s", "text": "b", "sendmail": {"default_sender": "a@b.c", "recipients": ["x@y.z"]}},
+     "needs the message in 'raw'"),
+    ({"raw": "S: s\n\nb\n", "sendmail": {"default_sender": "a@b.c", "extract_recipients": True}}, "no recipient"),
+])
+def test_sendmail_field_refused(send, fragment):
+    refused(send, codes.BAD_REQUEST, fragment)

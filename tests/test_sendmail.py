@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from smtpgate.message.sendmail import resolve
 from smtpgate.tools import sendmail
 from smtpgate.tools.sendmail import (EX_CONFIG, EX_DATAERR, EX_NOPERM, EX_NOUSER, EX_OK,
                                EX_TEMPFAIL, EX_USAGE, parse_args)
@@ -64,8 +65,18 @@ class LineServer:
         else:
             self.uri = "tcp://127.0.0.1:%d" % self.server.server_address[1]
 
-    def sends(self) -> list[dict]:
+    def wire_sends(self) -> list[dict]:
         return [json.loads(line[5:]) for line in self.lines if line.startswith("SEND ")]
+
+    def sends(self) -> list[dict]:
+        """The SENDs as the daemon reads them: the `sendmail` field resolved
+        by the daemon's own code into `from`, `to` and the message."""
+        out = []
+        for send in self.wire_sends():
+            if "sendmail" in send:
+                send, send["raw"] = resolve(send, send.get("raw"))
+            out.append(send)
+        return out
 
     def close(self):
         self.server.shutdown()
@@ -92,17 +103,52 @@ def no_ambient_server(monkeypatch):
     monkeypatch.delenv("SMTPGATE_TOKEN", raising=False)
 
 
-def run(argv, message=MESSAGE, server=None, config=None):
-    """sendmail.main with $SMTPGATE_SERVER = `server` and $SMTPGATE_CONFIG = `config`
-    (the only ways to name them: never the command line)."""
+CDIR = Path(__file__).resolve().parent.parent / "clients" / "c"
+SMTPGATE = Path(sys.executable).parent / "smtpgate"
+
+
+@pytest.fixture(scope="session")
+def c_sendmail() -> Path:
+    """The C command, `make -C clients/c` once per run."""
+    proc = subprocess.run(["make", "-s", "-C", str(CDIR)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return CDIR / "build" / "smtpgate-sendmail"
+
+
+@pytest.fixture(params=["python", "c"])
+def sendmail_argv(request) -> list[str]:
+    """Each test runs against both commands: `smtpgate sendmail` and the C `smtpgate-sendmail`."""
+    if request.param == "python":
+        return [str(SMTPGATE), "sendmail"]
+    return [str(request.getfixturevalue("c_sendmail"))]
+
+
+def _env(server=None, config=None) -> dict:
     env = dict(os.environ)
     env.update({k: str(v) for k, v in (("SMTPGATE_SERVER", server), ("SMTPGATE_CONFIG", config)) if v})
-    err = io.StringIO()
-    code = sendmail.main(argv, stdin=io.BytesIO(message), stderr=err, env=env)
-    return code, err.getvalue()
+    return env
 
 
-def test_php_style_call_sends_one_raw_send(line_server):
+@pytest.fixture
+def run(sendmail_argv):
+    """run(argv, message, server, config) -> (exit code, stderr): the command
+    with $SMTPGATE_SERVER = `server` and $SMTPGATE_CONFIG = `config` (the only
+    ways to name them: never the command line). The Python command runs
+    in-process (sendmail.main), the C one as a process."""
+    def in_process(argv, message=MESSAGE, server=None, config=None):
+        err = io.StringIO()
+        code = sendmail.main(argv, stdin=io.BytesIO(message), stderr=err, env=_env(server, config))
+        return code, err.getvalue()
+
+    def as_process(argv, message=MESSAGE, server=None, config=None):
+        proc = subprocess.run([*sendmail_argv, *argv], input=message, capture_output=True, timeout=30,
+                              env=_env(server, config))
+        return proc.returncode, proc.stderr.decode()
+
+    return in_process if sendmail_argv[-1] == "sendmail" else as_process
+
+
+def test_php_style_call_sends_one_raw_send(line_server, run):
     server = line_server()
     code, err = run(["-t", "-i", "-f", "bounce@example.com"], server=server.uri)
     assert (code, err) == (EX_OK, "")
@@ -115,16 +161,22 @@ def test_php_style_call_sends_one_raw_send(line_server):
     assert send["raw"] == (MESSAGE.replace(b"Bcc: audit@example.com,\n archive@example.com\n", b"")
                            .decode())
     assert set(send) == {"from", "to", "raw"}
+    # On the wire: the message as PHP wrote it and the command line; the
+    # daemon applies the sendmail rules (message/sendmail.py).
+    [wire] = server.wire_sends()
+    assert wire["raw"] == MESSAGE.decode()
+    assert wire["sendmail"] == {"extract_recipients": True, "recipients": [], "sender": "bounce@example.com",
+                                "full_name": None, "default_sender": sendmail._local_sender()}
 
 
-def test_without_i_a_lone_dot_ends_the_message(line_server):
+def test_without_i_a_lone_dot_ends_the_message(line_server, run):
     server = line_server()
     assert run(["-t"], server=server.uri)[0] == EX_OK
     raw = server.sends()[0]["raw"]
     assert raw.endswith("\nHello.\n")
 
 
-def test_recipients_on_the_command_line_and_sender_from_the_header(line_server):
+def test_recipients_on_the_command_line_and_sender_from_the_header(line_server, run):
     server = line_server()
     message = b"From: Shop <shop@example.com>\r\nSubject: s\r\n\r\nbody\r\n"
     argv = ["-oi", "-odi", "-oem", "-bm", "-U", "one@example.org, Two <two@example.org>", "one@example.org"]
@@ -135,7 +187,7 @@ def test_recipients_on_the_command_line_and_sender_from_the_header(line_server):
     assert send["raw"] == message.decode()
 
 
-def test_a_message_without_from_gets_one_from_f_and_F(line_server):
+def test_a_message_without_from_gets_one_from_f_and_F(line_server, run):
     server = line_server()
     message = b"To: kelly@example.org\r\nSubject: s\r\n\r\nbody\r\n"
     assert run(["-ti", "-fnoreply@example.com", "-F", "Jörg Shop"],
@@ -144,7 +196,7 @@ def test_a_message_without_from_gets_one_from_f_and_F(line_server):
     assert raw == "From: =?utf-8?q?J=C3=B6rg_Shop?= <noreply@example.com>\r\n" + message.decode()
 
 
-def test_a_message_that_is_only_a_body_gets_a_header(line_server):
+def test_a_message_that_is_only_a_body_gets_a_header(line_server, run):
     """`echo text | sendmail addr`, as cron and scripts do."""
     server = line_server()
     assert run(["-f", "cron@example.com", "ops@example.org"],
@@ -153,7 +205,7 @@ def test_a_message_that_is_only_a_body_gets_a_header(line_server):
                                         "backup failed: disk full\nsee /var/log/backup.log\n")
 
 
-def test_token_and_unix_socket_from_the_config_file(line_server, tmp_path):
+def test_token_and_unix_socket_from_the_config_file(line_server, tmp_path, run):
     server = line_server(address=str(tmp_path / "smtpgate.sock"))
     (tmp_path / "tokens").write_text("\nsecret-token-1\nsecret-token-2\n")
     config = tmp_path / "smtpgate.toml"
@@ -164,7 +216,25 @@ def test_token_and_unix_socket_from_the_config_file(line_server, tmp_path):
     assert len(server.sends()) == 1
 
 
-def test_listen_address_from_the_config_file(line_server, tmp_path):
+def test_config_file_with_arrays_over_lines_and_tables(line_server, tmp_path, run):
+    """The C command reads only a few top-level keys, without a TOML library:
+    lines inside a multi-line array or string are not keys, and a key of a
+    table is not a top-level key."""
+    server = line_server(address=str(tmp_path / "smtpgate.sock"))
+    config = tmp_path / "smtpgate.toml"
+    config.write_text(
+        '# smtpgate\n'
+        'upstream = [\n  "smtp1.example.com:587",  # [primary]\n  "socket = \'/wrong\'",\n]\n'
+        'motd = """\nsocket = "/wrong/too"\n"""\n'
+        f'socket = "{tmp_path}/smtpgate.sock"   # the Unix door\n'
+        'tokens = [\n  "tok-a",\n  "tok-b",\n]\n'
+        'max_message_size = 26_214_400\n'
+        '[callers.shop]\nsocket = "/wrong/table"\ntokens = ["nope"]\n')
+    assert run(["-t", "-i"], config=str(config))[0] == EX_OK
+    assert server.lines[0] == "AUTH tok-a"
+
+
+def test_listen_address_from_the_config_file(line_server, tmp_path, run):
     server = line_server()
     port = server.uri.rsplit(":", 1)[1]
     config = tmp_path / "smtpgate.toml"
@@ -173,7 +243,7 @@ def test_listen_address_from_the_config_file(line_server, tmp_path):
     assert server.lines[0] == "AUTH t1"
 
 
-def test_environment_names_the_server_and_token(line_server, monkeypatch):
+def test_environment_names_the_server_and_token(line_server, monkeypatch, run):
     server = line_server()
     monkeypatch.setenv("SMTPGATE_SERVER", server.uri)
     monkeypatch.setenv("SMTPGATE_TOKEN", "env-token")
@@ -190,14 +260,14 @@ def test_environment_names_the_server_and_token(line_server, monkeypatch):
     ("ERR TOO_LARGE over 25 MiB", EX_DATAERR),
     ("ERR AUTH_REQUIRED send AUTH first", EX_NOPERM),
 ])
-def test_daemon_errors_become_sendmail_exit_codes(line_server, error, exit_code):
+def test_daemon_errors_become_sendmail_exit_codes(line_server, error, exit_code, run):
     server = line_server(reply=lambda line: error)
     code, err = run(["-t", "-i"], server=server.uri)
     assert code == exit_code
     assert error[4:] in err
 
 
-def test_unreachable_daemon_is_a_temporary_failure(tmp_path):
+def test_unreachable_daemon_is_a_temporary_failure(tmp_path, run):
     with socket.socket() as probe:  # a port nobody listens on
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -205,16 +275,15 @@ def test_unreachable_daemon_is_a_temporary_failure(tmp_path):
     assert run(["-t", "-i"], server=f"unix://{tmp_path}/absent.sock")[0] == EX_TEMPFAIL
 
 
-def test_a_daemon_that_hangs_up_is_a_temporary_failure(line_server):
+def test_a_daemon_that_hangs_up_is_a_temporary_failure(line_server, run):
     server = line_server()
     server.server.RequestHandlerClass.handle = lambda self: None  # accept, then close
     assert run(["-t", "-i"], server=server.uri)[0] == EX_TEMPFAIL
 
 
-def test_refusals_before_anything_is_sent(line_server, tmp_path):
+def test_refusals_before_anything_is_sent(line_server, tmp_path, run):
     server = line_server()
-    no_recipients = b"From: a@example.com\nSubject: s\n\nbody\n"
-    assert run(["-t", "-i"], no_recipients, server=server.uri)[0] == EX_USAGE
+    assert run(["-i", "-f", "a@example.com"], server=server.uri)[0] == EX_USAGE  # no recipient, no -t
     assert run(["-bp"], server=server.uri)[0] == EX_USAGE
     assert run(["-t", "-Z"], server=server.uri)[0] == EX_USAGE
     assert run(["-t", "-f"], server=server.uri)[0] == EX_USAGE
@@ -223,7 +292,7 @@ def test_refusals_before_anything_is_sent(line_server, tmp_path):
     assert server.lines == []
 
 
-def test_stdin_is_read_no_further_than_the_size_limit(line_server, tmp_path):
+def test_stdin_is_read_no_further_than_the_size_limit(line_server, tmp_path, run):
     server = line_server()
     config = tmp_path / "smtpgate.toml"
     config.write_text('max_message_size = 2048\n')
@@ -241,6 +310,53 @@ def test_parse_args_accepts_what_mtas_accept():
     assert (opts.sender, opts.full_name, opts.recipients) == ("me@example.com", "Me", ["x@y"])
 
 
+def test_options_mtas_accept_are_accepted_and_ignored(line_server, run):
+    server = line_server()
+    argv = ["-t", "-oi", "-odi", "-oem", "-bm", "-B", "8BITMIME", "-N", "never", "-fme@example.com",
+            "-FMe", "-q30m", "-O", "DeliveryMode=b", "-U", "-m", "--", "x@example.org"]
+    assert run(argv, server=server.uri)[0] == EX_OK
+    [wire] = server.wire_sends()
+    assert {k: wire["sendmail"][k] for k in ("extract_recipients", "recipients", "sender", "full_name")} == {
+        "extract_recipients": True, "recipients": ["x@example.org"], "sender": "me@example.com", "full_name": "Me"}
+    assert wire["raw"] == MESSAGE.decode(), "-oi: the lone dot is content"
+
+
+# The command line is built from input the application may not have checked:
+# mail()'s fifth parameter, a user's address after -f (CVE-2016-10033).
+@pytest.mark.parametrize("argv", [
+    ["-t", "-i", "-f", "-oQ/tmp/", "-X/var/www/shell.php"],       # an option where -f's value belongs
+    ["-t", "-i", "-f", "a@example.com", "x@example.org", "-X/var/www/shell.php"],  # option after a recipient
+    ["-i", "x@example.org", "-fattacker@example.com"],
+    ["-t", "-i", "-F", "Eve\nBcc: victim@example.org"],           # a header through -F
+    ["-t", "-i", "-F", "Eve\rX: y"],
+    ["-t", "-i", "-F", "Eve\u2028X: y"],
+    ["-t", "-i", "-F", "Eve\x85X: y"],
+    ["-t", "-i", "--server=tcp://attacker.example:25"],            # where the message and the token go
+    ["-t", "-i", "--server", "tcp://attacker.example:25"],
+    ["-t", "-i", "--config=/tmp/evil.toml"],
+    ["-t", "-i", "-"],
+    ["-t", "-bp"],
+    ["-t", "-bd"],
+])
+def test_hostile_arguments_are_refused_before_anything_is_sent(line_server, run, argv):
+    server = line_server()
+    code, err = run(argv, server=server.uri)
+    assert code == EX_USAGE, err
+    assert server.lines == []
+
+
+def test_nothing_after_a_sender_value_is_read_as_an_option(line_server, run):
+    """`-f` takes the next word as it is, even one that looks like a flag's
+    value; what follows is a recipient, never an option."""
+    server = line_server()
+    assert run(["-i", "-f", "a@example.com", "b@example.org", "-t"], server=server.uri)[0] == EX_USAGE
+    assert run(["-i", "-f", "a@example.com", "--", "-t@example.org"], server=server.uri)[0] == EX_USAGE
+    code, err = run(["-i", "-fa@example.com", "b@example.org"], server=server.uri)
+    assert code == EX_OK, (err, server.lines)
+    [wire] = server.wire_sends()
+    assert (wire["sendmail"]["sender"], wire["sendmail"]["recipients"]) == ("a@example.com", ["b@example.org"])
+
+
 def test_the_installed_command_runs_it(line_server):
     """`smtpgate sendmail` (the console script) reaches sendmail.main with its argv."""
     server = line_server()
@@ -254,7 +370,6 @@ def test_the_installed_command_runs_it(line_server):
 
 # --- end to end: php mail() -> smtpgate sendmail -> daemon -> upstream ------
 
-SMTPGATE = Path(sys.executable).parent / "smtpgate"
 php = pytest.mark.skipif(shutil.which("php") is None, reason="php not installed")
 
 # mail() as PHP applications call it: headers as an array (PHP >= 7.2), the
@@ -279,16 +394,16 @@ echo $ok ? "sent" : "failed";
 """
 
 
-def run_php_mail(server_uri):
+def run_php_mail(server_uri, sendmail_argv):
     return subprocess.run(
-        ["php", "-n", "-d", f"sendmail_path={SMTPGATE} sendmail -t -i", "-r", PHP_MAIL],
+        ["php", "-n", "-d", f"sendmail_path={' '.join(sendmail_argv)} -t -i", "-r", PHP_MAIL],
         capture_output=True, text=True, timeout=60,
         env=dict(os.environ, SMTPGATE_SERVER=server_uri))
 
 
 @php
-def test_php_mail_reaches_the_upstream_with_headers_intact(daemon, upstream):
-    result = run_php_mail(daemon.unix_uri)
+def test_php_mail_reaches_the_upstream_with_headers_intact(daemon, upstream, sendmail_argv):
+    result = run_php_mail(daemon.unix_uri, sendmail_argv)
     assert (result.returncode, result.stdout) == (0, "sent"), result.stderr
     [received] = upstream.wait_for(1)
     assert received.mail_from == "bounce@example.com"
@@ -311,17 +426,17 @@ def test_php_mail_reaches_the_upstream_with_headers_intact(daemon, upstream):
 
 
 @php
-def test_php_mail_returns_false_when_the_daemon_is_down(tmp_path):
-    result = run_php_mail(f"unix://{tmp_path}/no-daemon.sock")
+def test_php_mail_returns_false_when_the_daemon_is_down(tmp_path, sendmail_argv):
+    result = run_php_mail(f"unix://{tmp_path}/no-daemon.sock", sendmail_argv)
     assert result.stdout == "failed"
 
 
-def test_legacy_8bit_mail_passes_octet_for_octet(daemon, upstream):
+def test_legacy_8bit_mail_passes_octet_for_octet(daemon, upstream, sendmail_argv):
     # Old PHP code in China sends GBK headers and bodies without any MIME
     # encoding; the relay must pass the octets on, not refuse or re-encode them.
     gbk = "Subject: 测试\nContent-Type: text/plain; charset=GBK\n\n你好，世界\n".encode("gbk")
     result = subprocess.run(
-        [str(SMTPGATE), "sendmail", "-i", "-f", "app@example.com", "ops@example.org"], input=gbk,
+        [*sendmail_argv, "-i", "-f", "app@example.com", "ops@example.org"], input=gbk,
         capture_output=True, timeout=30, env=dict(os.environ, SMTPGATE_SERVER=daemon.uri))
     assert result.returncode == EX_OK, result.stderr
     [received] = upstream.wait_for(1)
@@ -329,9 +444,19 @@ def test_legacy_8bit_mail_passes_octet_for_octet(daemon, upstream):
     assert received.data.endswith("\r\n\r\n你好，世界\r\n".encode("gbk"))
 
 
-def test_sendmail_into_the_real_daemon_over_tcp(daemon, upstream):
+def test_t_with_no_recipient_in_the_header_is_refused_by_the_daemon(daemon, upstream, sendmail_argv):
     result = subprocess.run(
-        [str(SMTPGATE), "sendmail", "-i", "-f", "bounce@example.com", "-F", "Night Job", "ops@example.org"],
+        [*sendmail_argv, "-t", "-i"], input=b"From: a@example.com\nSubject: s\n\nbody\n",
+        capture_output=True, timeout=30, env=dict(os.environ, SMTPGATE_SERVER=daemon.uri))
+    assert result.returncode == EX_DATAERR
+    assert b"BAD_REQUEST no recipient" in result.stderr
+    with daemon.client() as client:
+        assert client.stats()["counters"]["accepted"] == 0
+
+
+def test_sendmail_into_the_real_daemon_over_tcp(daemon, upstream, sendmail_argv):
+    result = subprocess.run(
+        [*sendmail_argv, "-i", "-f", "bounce@example.com", "-F", "Night Job", "ops@example.org"],
         input=b"Subject: nightly backup\n\nbackup ok\n", capture_output=True, timeout=30,
         env=dict(os.environ, SMTPGATE_SERVER=daemon.uri))
     assert result.returncode == EX_OK, result.stderr
@@ -341,9 +466,9 @@ def test_sendmail_into_the_real_daemon_over_tcp(daemon, upstream):
     assert received.message["Subject"] == "nightly backup"
 
 
-def test_sendmail_authenticates_to_a_daemon_with_tokens(make_daemon, upstream):
+def test_sendmail_authenticates_to_a_daemon_with_tokens(make_daemon, upstream, sendmail_argv):
     daemon = make_daemon(tokens=["tok-for-php-2d8e41c9"])
-    argv = [str(SMTPGATE), "sendmail", "-t", "-i"]
+    argv = [*sendmail_argv, "-t", "-i"]
     env = {k: v for k, v in os.environ.items() if k != "SMTPGATE_TOKEN"}
     env["SMTPGATE_SERVER"] = daemon.unix_uri
     refused = subprocess.run(argv, input=MESSAGE, capture_output=True, timeout=30, env=env)
@@ -371,17 +496,18 @@ BS_DIALOGUE = (b"EHLO client.test\r\n"
                b"Subject: second\r\n\r\nbody two\r\n.\r\n")
 
 
-def run_bs(server_uri, dialogue, *extra):
-    return subprocess.run([str(SMTPGATE), "sendmail", "-bs", "-i", *extra], input=dialogue,
-                          capture_output=True, timeout=30,
-                          env=dict(os.environ, SMTPGATE_SERVER=server_uri))
+def run_bs(server_uri, dialogue, sendmail_argv):
+    # The C command runs `smtpgate sendmail -bs`, found on $PATH.
+    path = f"{SMTPGATE.parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    return subprocess.run([*sendmail_argv, "-bs", "-i"], input=dialogue, capture_output=True, timeout=30,
+                          env=dict(os.environ, SMTPGATE_SERVER=server_uri, PATH=path))
 
 
-def test_bs_hands_each_message_of_the_session_over(line_server):
+def test_bs_hands_each_message_of_the_session_over(line_server, sendmail_argv):
     server = line_server()
     # The whole dialogue is written at once and stdin closed, as a script
     # would: every buffered command is still answered, then the session ends.
-    result = run_bs(server.uri, BS_DIALOGUE)
+    result = run_bs(server.uri, BS_DIALOGUE, sendmail_argv)
     assert result.returncode == EX_OK, result.stderr
     replies = result.stdout.decode().split("\r\n")
     assert replies[0].startswith("220 ") and "smtpgate" in replies[0]
@@ -396,7 +522,7 @@ def test_bs_hands_each_message_of_the_session_over(line_server):
 
 
 def test_bs_reports_an_unreachable_daemon_in_smtp(tmp_path):
-    result = run_bs(f"unix://{tmp_path}/absent.sock", BS_DIALOGUE)
+    result = run_bs(f"unix://{tmp_path}/absent.sock", BS_DIALOGUE, [str(SMTPGATE), "sendmail"])
     replies = result.stdout.decode().split("\r\n")
     assert replies.count("451 4.3.0 Local error, try again later") == 2
     assert "221 Bye" in replies

@@ -117,6 +117,9 @@ class Config:
     webhook_secret_file: str | None = None
     webhook_retry_for: float = 24 * 3600.0
     webhook_timeout: float = 15.0
+    # Delivery's CPU priority (docs/configuration.md, "Delivery priority"):
+    # the delivery process runs this much nicer than intake.
+    delivery_nice: int = 10
     # Filled in by load_config, never read from the file.
     upstream_password: str | None = field(default=None, repr=False)
     upstream_oauth2_token: str | None = field(default=None, repr=False)
@@ -349,6 +352,8 @@ def _validate(config: Config) -> None:
         raise ConfigError("max_message_size: must be at least 1024 bytes")
     if config.connections_per_upstream < 1:
         raise ConfigError("connections_per_upstream: must be at least 1")
+    if not 0 <= config.delivery_nice <= 19:
+        raise ConfigError("delivery_nice: must be 0 (as intake) to 19 (the lowest priority)")
     if config.retry_max < config.retry_base:
         raise ConfigError(f"retry_max: {config.retry_max:g} is less than retry_base ({config.retry_base:g})")
     _validate_upstream_health(config)

@@ -70,6 +70,7 @@ def delivery_settings(config: Config, dev_port: int | None = None):
         idle_timeout=config.upstream_idle_timeout,
         probe_base=config.upstream_probe_base,
         probe_max=config.upstream_probe_max,
+        nice=config.delivery_nice,
     )
 
 

@@ -17,10 +17,10 @@ limits) as a daemon without this process would; only its spool is a
 stand-in (`SpoolCalls`) whose operations the daemon answers with the real
 spool. Messages on the pipe (named types, each side dispatching on the
 type with a table):
-- daemon -> child: `Start`, `Wake`, `ProbeNow`, `Reload`, `Stop`,
-  `StopNow`, and the `Answer`s to its calls.
-- child -> daemon: `Started`, and `Call`s of the spool operations
-  `ClaimDue`, `RecordAttempt`, `Release`, `RecordUpstreams`, `Expire`,
+- daemon -> child: `Start`, `Wake`, `Deliver`, `ProbeNow`, `Reload`,
+  `Stop`, `StopNow`, and the `Answer`s to its calls.
+- child -> daemon: `Started`, `Want`, and `Call`s of the spool operations
+  `ClaimDue`, `RecordAttempts`, `Release`, `RecordUpstreams`, `Expire`,
   `NextDue`, `CountDue` (spool/ops.py); after `Stop`, the end of its
   output says its Delivery has stopped.
 The child ignores signals (the daemon decides), and exits when its stdin
@@ -38,6 +38,7 @@ import subprocess
 import time
 from typing import Any, Callable, NamedTuple
 
+from smtpgate.delivery.health import DOWN
 from smtpgate.log import get_logger, setup_logging
 from smtpgate.proc.calls import Answer, Call, PendingCalls
 from smtpgate.proc.child import become_child, spawn
@@ -45,13 +46,21 @@ from smtpgate.proc.framing import message
 from smtpgate.proc.pipe import FramedPipe
 from smtpgate.spool.errors import SpoolError
 from smtpgate.spool.ops import (
-    Claimed, ClaimDue, CountDue, Expire, NextDue, RecordAttempt, RecordUpstreams, Release, UpstreamRow,
+    Claimed, ClaimDue, CountDue, Expire, NextDue, RecordAttempt, RecordAttempts, RecordUpstreams, Release,
+    UpstreamRow,
 )
 from smtpgate.spool.store import Spool
 
 # Beyond the grace period, what a stopping child may take: its QUITs
 # (pool.QUIT_TIMEOUT) and the last records.
 STOP_MARGIN = 15.0  # seconds
+
+# Attempt records wait this long in the child and go to the daemon together
+# (one Call, one writer operation): while relaying, a record per message
+# cost the daemon a pipe message each way and the writer a transaction
+# beside the SENDs' (issue 15). A crash loses at most these: their messages
+# stay 'sending' and are sent again after the restart (at-least-once).
+RECORD_EVERY = 0.003  # seconds
 
 
 
@@ -73,6 +82,20 @@ class Started(NamedTuple):
 @message
 class Wake(NamedTuple):
     """Something was enqueued: look at the spool now."""
+
+
+@message
+class Want(NamedTuple):
+    """Delivery has room for `n` more messages claimed at enqueue."""
+
+    n: int
+
+
+@message
+class Deliver(NamedTuple):
+    """A message intake stored already claimed ('sending'), on room of a `Want`."""
+
+    message: Claimed
 
 
 @message
@@ -114,12 +137,17 @@ class DeliveryProcess:
         self._stopping = False
         self._interrupt = False  # stop_now() was asked for
         self._woken = False
-        self._handlers = {Started: self._on_started, Call: self._on_call}
-        # Told of each attempt the child records, with its future (the new
-        # state): the HTTP side's delivery figures (http/metrics.py).
-        self.on_record: Callable[[RecordAttempt, asyncio.Future], None] | None = None
+        self._handlers = {Started: self._on_started, Call: self._on_call, Want: self._on_want}
+        # Told of each attempt the child records, with its new state: the
+        # HTTP side's delivery figures (http/metrics.py).
+        self.on_record: Callable[[RecordAttempt, str | None], None] | None = None
+        # Claim at enqueue: the room delivery offered (Want) and intake has
+        # not used, and whether every upstream is down (then nothing is
+        # claimed at enqueue: the outage holds new messages with the rest).
+        self._room = 0
+        self._all_down = False
         # What the child may ask of the spool: the part of Spool that Delivery uses.
-        self._spool_calls = {ClaimDue: self._write, RecordAttempt: self._write, Release: self._write,
+        self._spool_calls = {ClaimDue: self._write, RecordAttempts: self._write, Release: self._write,
                              RecordUpstreams: self._write, Expire: self._write,
                              NextDue: self._next_due, CountDue: self._count_due}
 
@@ -143,6 +171,30 @@ class DeliveryProcess:
 
     def _rearm(self) -> None:
         self._woken = False
+
+    def reserve(self) -> bool:
+        """True when the SEND about to be stored is to be claimed by its own
+        commit (`Spool.enqueue(claim=True)`), on room delivery offered;
+        then `hand_over` or `give_back` follows."""
+        if self._room <= 0 or self._all_down or self._stopping or self._pipe is None:
+            return False
+        self._room -= 1
+        return True
+
+    def give_back(self) -> None:
+        """The reserved SEND stored nothing new (refused, or a repeat)."""
+        self._room += 1
+
+    def hand_over(self, message: Claimed) -> None:
+        """Pass a message stored claimed to delivery. If delivery is stopping
+        meanwhile, the message goes back to 'queued' for the next start."""
+        if self._pipe is None or self._stopping:
+            self._spool.submit(Release([message.id], False))
+            return
+        self._pipe.send(Deliver(message))
+
+    def _on_want(self, want: Want) -> None:
+        self._room += want.n
 
     def probe_now(self) -> None:
         """Probe every down upstream at once."""
@@ -168,6 +220,7 @@ class DeliveryProcess:
         if process is None:
             return
         self._stopping = True
+        self._room = 0
         pipe.send(Stop(grace))
         if self._interrupt:
             pipe.send(StopNow())
@@ -193,6 +246,8 @@ class DeliveryProcess:
             self._started.set_result(None)
 
     def _on_call(self, call: Call) -> None:
+        if type(call.op) is RecordUpstreams:
+            self._all_down = bool(call.op.rows) and all(row.state == DOWN for row in call.op.rows)
         run = self._spool_calls.get(type(call.op))
         try:
             if run is None:
@@ -202,8 +257,15 @@ class DeliveryProcess:
             self._answer(call.token, None, exc)
             return
         result.add_done_callback(lambda done: self._answer_from(call.token, done))
-        if self.on_record is not None and type(call.op) is RecordAttempt:
-            result.add_done_callback(functools.partial(self.on_record, call.op))
+        if self.on_record is not None and type(call.op) is RecordAttempts:
+            result.add_done_callback(functools.partial(self._tell_records, call.op))
+
+    def _tell_records(self, op: RecordAttempts, stored: asyncio.Future) -> None:
+        """on_record for each attempt of a batch the spool has stored."""
+        if stored.cancelled() or stored.exception() is not None or self.on_record is None:
+            return
+        for record, state in zip(op.records, stored.result(), strict=True):
+            self.on_record(record, state)
 
     @property
     def alive(self) -> bool:
@@ -253,7 +315,9 @@ class SpoolCalls:
 
     def __init__(self, send: Callable[[Call], None], loop: asyncio.AbstractEventLoop):
         self._send = send
+        self._loop = loop
         self._calls = PendingCalls(loop)
+        self._records: list[tuple[RecordAttempt, asyncio.Future]] = []  # until RECORD_EVERY is over
 
     def _call(self, op) -> asyncio.Future:
         call, fut = self._calls.new(op)
@@ -264,7 +328,29 @@ class SpoolCalls:
         return await self._call(ClaimDue(now, limit))
 
     def record_attempt(self, msg_id, outcomes, *, next_attempt=None, possible_duplicate=False) -> asyncio.Future:
-        return self._call(RecordAttempt(time.time(), msg_id, list(outcomes), next_attempt, possible_duplicate))
+        record = RecordAttempt(time.time(), msg_id, list(outcomes), next_attempt, possible_duplicate)
+        fut = self._loop.create_future()
+        self._records.append((record, fut))
+        if len(self._records) == 1:
+            self._loop.call_later(RECORD_EVERY, self._send_records)
+        return fut
+
+    def _send_records(self) -> None:
+        records, self._records = self._records, []
+        sent = self._call(RecordAttempts([record for record, _ in records]))
+        sent.add_done_callback(lambda done: self._recorded(done, [fut for _, fut in records]))
+
+    @staticmethod
+    def _recorded(done: asyncio.Future, futures: list[asyncio.Future]) -> None:
+        """Each record's future gets its own state, or the operation's error."""
+        error = done.exception() if not done.cancelled() else SpoolError("cancelled")
+        for i, fut in enumerate(futures):
+            if fut.done():
+                continue
+            if error is not None:
+                fut.set_exception(error)
+            else:
+                fut.set_result(done.result()[i])
 
     async def release(self, msg_ids, possible_duplicate: bool = False) -> int:
         return await self._call(Release(list(msg_ids), possible_duplicate))
@@ -294,8 +380,8 @@ class _Relay:
         self.delivery = None
         self.pipe = FramedPipe(self.on_message, self.on_eof)
         self.spool = SpoolCalls(self.pipe.send, loop)
-        self.handlers = {Start: self.start, Wake: self.wake, ProbeNow: self.probe_now, Reload: self.reload,
-                         Stop: self.stop, StopNow: self.stop_now, Answer: self.spool.answer}
+        self.handlers = {Start: self.start, Wake: self.wake, Deliver: self.deliver, ProbeNow: self.probe_now,
+                         Reload: self.reload, Stop: self.stop, StopNow: self.stop_now, Answer: self.spool.answer}
 
     def on_message(self, message) -> None:
         self.handlers[type(message)](message)
@@ -308,8 +394,15 @@ class _Relay:
         from smtpgate.spool.dots import DotLog
 
         setup_logging(start.log_format, start.log_level)
+        # A caller waits for its SEND's reply, nobody waits for a relay by
+        # the millisecond: on 2 cores busy relaying, the daemon waited ~250
+        # us per SEND on the run queue behind this process; at +10 (CFS
+        # weight 110 against 1024) about 25 us (issue 15; bench/results.md).
+        # Not SCHED_IDLE: that starves delivery whenever intake is busy.
+        os.nice(start.settings.nice)
         try:
-            self.delivery = Delivery(self.spool, start.settings, get_logger(), dots=DotLog(start.spool_dir))
+            self.delivery = Delivery(self.spool, start.settings, get_logger(), dots=DotLog(start.spool_dir),
+                                     offer=lambda n: self.pipe.send(Want(n)))
             await self.delivery.start()
         except Exception:
             get_logger().exception("delivery_start_failed")
@@ -320,6 +413,9 @@ class _Relay:
     def wake(self, _: Wake) -> None:
         if self.delivery is not None:
             self.delivery.wake()
+
+    def deliver(self, deliver: Deliver) -> None:
+        self.delivery.take(deliver.message)  # room is offered only once delivery started
 
     def probe_now(self, _: ProbeNow) -> None:
         if self.delivery is not None:

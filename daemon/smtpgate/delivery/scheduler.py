@@ -6,8 +6,13 @@
 - The scheduler keeps up to CLAIM_AHEAD times `workers` messages claimed
   (in flight or ready), claiming a worker's count at a time, so a worker that
   finishes finds the next one without waiting for a claim; it sleeps until `wake()`
-  (intake stored something), a worker finished, or the earliest deferred
-  message is due.
+  (intake stored something), a worker finished while more may be due, an
+  attempt was deferred, or the earliest deferred message is due.
+- Claim at enqueue: with `offer`, delivery offers intake room for
+  `workers` messages; intake then stores a new message already claimed
+  ('sending', in the SEND's own commit) and hands it over (`take`),
+  instead of a wake-up and a claim through the daemon and the writer.
+  Each such message, once attempted, gives its room back (`offer(1)`).
 - Each upstream has a pool of reused connections, a rate limit and a
   health (pool.py, health.py). Upstreams are tried in order; one that is
   down is skipped (failover at once) and probed on its backoff by the
@@ -121,6 +126,7 @@ class Delivery:
         build: Callable[[bytes], bytes] = default_build,
         rand: Callable[[], float] = random.random,
         dots: DotLog | None = None,
+        offer: Callable[[int], None] | None = None,
     ):
         self._spool = spool
         self._settings = settings
@@ -128,6 +134,10 @@ class Delivery:
         self._build = build
         self._rand = rand
         self._dots = dots
+        self._offer = offer
+        self._unspent = 0  # room offered to intake and not yet used (take)
+        self._taken: set[str] = set()  # ids handed over by intake, until attempted
+        self._claim_more = True  # the last claim may have left due messages: a finishing worker wakes us
         self._pools = [self._new_pool(u) for u in settings.upstreams]
         self._ready: asyncio.Queue[Claimed] = asyncio.Queue()
         self._wake = asyncio.Event()
@@ -160,11 +170,20 @@ class Delivery:
         self._scheduler = asyncio.create_task(self._schedule(), name="delivery-scheduler")
         self._prober = asyncio.create_task(self._probe_loop(), name="delivery-prober")
         self._adjust_workers()
+        if self._offer is not None:
+            self._unspent = self._settings.worker_count
+            self._offer(self._unspent)
         self._log.info("delivery_started", upstreams=[p.name for p in self._pools], workers=len(self._workers))
 
     def wake(self) -> None:
         """Something was enqueued or made due: look at the spool now."""
         self._wake.set()
+
+    def take(self, message: Claimed) -> None:
+        """A message intake claimed for us at enqueue, on room we offered."""
+        self._unspent = max(0, self._unspent - 1)
+        self._taken.add(message.id)
+        self._ready.put_nowait(message)
 
     def probe_now(self) -> None:
         """Probe every down upstream at once (the operator ran `queue retry`)."""
@@ -420,7 +439,8 @@ class Delivery:
         # Claiming when a worker's count of room is free makes one
         # writer operation serve many messages, while the ready queue
         # covers the claim's round trip: workers never starve.
-        room = CLAIM_AHEAD * workers - len(self._in_flight) - self._ready.qsize()
+        room = CLAIM_AHEAD * workers - len(self._in_flight) - self._ready.qsize() - self._unspent
+        self._claim_more = True
         if not (room >= workers or (room > 0 and self._ready.empty())):
             return None  # not claiming (little room): a finishing worker wakes us
         try:
@@ -431,7 +451,9 @@ class Delivery:
                 # With messages claimed, a finishing worker wakes us to claim
                 # again, and that claim finds whatever became due meanwhile.
                 return None
-            # Nothing due now: when is the next one?
+            # Nothing due now (intake's wake-ups and the deferred attempts
+            # say when that changes): when is the next one?
+            self._claim_more = False
             due = await self._spool.next_due()
         except Exception as exc:  # the spool failed (its writer gone: the daemon stops)
             self._log.error("claim_failed", error=str(exc) or repr(exc))
@@ -449,7 +471,13 @@ class Delivery:
                 await self._deliver(message)
             finally:
                 del self._in_flight[me]
-                self._wake.set()
+                if message.id in self._taken:
+                    self._taken.discard(message.id)
+                    if not self._stopping:
+                        self._unspent += 1
+                        self._offer(1)
+                if self._claim_more:
+                    self._wake.set()
 
     async def _deliver(self, message: Claimed) -> None:
         """One attempt at one message, recorded in the spool; if every
@@ -506,6 +534,8 @@ class Delivery:
         """Log one attempt once it is in the spool, with the resulting state."""
         if record.cancelled() or record.exception() is not None:
             return  # logged by _written; stays 'sending' until restart
+        if next_attempt is not None:
+            self._wake.set()  # the scheduler's next due time may be this one
         log.info(
             "delivery_attempt",
             state=record.result(),

@@ -25,6 +25,7 @@ class DeliverySettings:
     idle_timeout: float = 60.0  # QUIT a pooled connection idle this long
     probe_base: float = 1.0  # first probe of a down upstream after about this long, doubling
     probe_max: float = 300.0  # cap of the probe interval
+    nice: int = 10  # the delivery process's priority below intake's (os.nice), set when it starts
 
     @property
     def worker_count(self) -> int:

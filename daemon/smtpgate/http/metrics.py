@@ -22,7 +22,6 @@ address.
 
 from __future__ import annotations
 
-import asyncio
 from bisect import bisect_left
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
@@ -76,15 +75,14 @@ class DeliveryFigures:
         self.outcomes = {(state, cls): 0 for state in (State.SENT, State.DEFERRED, State.FAILED)
                          for cls in REPLY_CLASSES}
 
-    def record(self, op: RecordAttempt, stored: asyncio.Future) -> None:
-        """One attempt, once the spool has it (DeliveryProcess.on_record)."""
-        if stored.cancelled() or stored.exception() is not None:
-            return
+    def record(self, op: RecordAttempt, state: str | None) -> None:
+        """One attempt, once the spool has it, and the message's new state
+        (DeliveryProcess.on_record)."""
         for outcome in op.outcomes:
             key = (outcome.state, reply_class(outcome.reply))
             if key in self.outcomes:
                 self.outcomes[key] += 1
-        if stored.result() == State.SENT:
+        if state == State.SENT:
             self.seconds.observe(max(0.0, op.now - ulid_seconds(op.msg_id)))
 
 

@@ -4,8 +4,10 @@ DATA), for the caller the door identified (callers.py).
 
     validate (in a thread past LARGE_REQUEST) -> the caller's policy
     (allowed senders and recipients) -> its rate -> enqueue for the caller,
-    durable (the spool's writer checks its max_pending) -> wake delivery
-    -> the door answers `OK <id>` or `250 ... queued as <id>`
+    durable (the spool's writer checks its max_pending) -> hand it to
+    delivery (claimed by that same commit, while delivery has room for it
+    and an upstream is not down), or else wake delivery -> the door
+    answers `OK <id>` or `250 ... queued as <id>`
 
 A refusal is a RequestError with the protocol's code (PROTOCOL.md): what
 validation or the policy refuses, BUSY when the spool is full or the
@@ -28,7 +30,7 @@ from smtpgate.message.spec import MessageSpec, RequestError, raw_send
 from smtpgate.message.validate import validate_send
 from smtpgate.protocol import codes
 from smtpgate.spool.errors import CallerFull, SpoolFull
-from smtpgate.spool.ops import Enqueued
+from smtpgate.spool.ops import Claimed, Enqueued
 
 # Requests (a SEND's argument, an SMTP message) of more characters than this
 # are validated in a thread: decoding and checking megabytes of attachments
@@ -141,31 +143,44 @@ class Handoff:
                                      per_minute=caller.policy.sends_per_minute,
                                      per_day=caller.policy.sends_per_day)
                 raise
+        spec_json = spec.to_json()
+        claim = self.delivery.reserve()
         try:
-            fut = self.spool.enqueue(spec.to_json(), spec.envelope_from, spec.recipients, spec.idempotency_key,
-                                     caller.name, caller.policy.max_pending)
-        except SpoolFull as exc:
+            fut = self.spool.enqueue(spec_json, spec.envelope_from, spec.recipients, spec.idempotency_key,
+                                     caller.name, caller.policy.max_pending, claim=claim)
+        except Exception as exc:
             caller.give_back_send()
-            raise RequestError(codes.BUSY, f"nothing stored: {exc}") from None
-        except Exception:
-            caller.give_back_send()
+            if claim:
+                self.delivery.give_back()
+            if isinstance(exc, SpoolFull):
+                raise RequestError(codes.BUSY, f"nothing stored: {exc}") from None
             self.log.exception("enqueue_failed", caller=caller.name)
             raise RequestError(codes.INTERNAL, _SPOOL_FAILED) from None
-        fut.add_done_callback(lambda stored: self._stored(caller, stored, done))
+        claimed = (Claimed(None, spec_json, spec.envelope_from, list(dict.fromkeys(spec.recipients)), 0,
+                           time.time(), False) if claim else None)
+        fut.add_done_callback(lambda stored: self._stored(caller, stored, done, claimed))
 
-    def _stored(self, caller: Caller, fut: asyncio.Future, done: Done) -> None:
+    def _stored(self, caller: Caller, fut: asyncio.Future, done: Done, claimed: Claimed | None) -> None:
+        """The enqueue committed or failed: count it, pass the message on, answer."""
         exc = fut.exception() if not fut.cancelled() else asyncio.CancelledError()
         if exc is None:
             enqueued = fut.result()
             if enqueued.existing:
                 caller.give_back_send()
+                if claimed is not None:
+                    self.delivery.give_back()  # a repeat: nothing new was claimed
             else:
                 caller.accepted += 1
                 caller.limited = False
-                self.delivery.wake()
+                if claimed is not None:
+                    self.delivery.hand_over(claimed._replace(id=enqueued.id))
+                else:
+                    self.delivery.wake()
             done(enqueued)
             return
         caller.give_back_send()
+        if claimed is not None:
+            self.delivery.give_back()
         if isinstance(exc, CallerFull):
             refused = CallerBusy(f"nothing stored: {exc}")
         elif isinstance(exc, SpoolFull):

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from email.utils import format_datetime
 
+from smtpgate.message import sendmail
 from smtpgate.message.spec import (
     MAX_HEADER_SPACE_RUN, MAX_HEADER_WORD, MAX_LINE_OCTETS, OCTETS, Attachment, MessageSpec,
     RequestError, is_7bit_text,
@@ -84,7 +85,7 @@ _B64_SPACE = re.compile(r"[ \t\r\n]+")
 
 _FIELDS = frozenset({
     "from", "to", "cc", "bcc", "reply_to", "subject", "text", "html",
-    "attachments", "headers", "raw", "raw_base64", "idempotency_key",
+    "attachments", "headers", "raw", "raw_base64", "idempotency_key", "sendmail",
 })
 _RAW_EXCLUDES = ("reply_to", "subject", "text", "html", "attachments", "headers")
 _ATTACHMENT_FIELDS = frozenset({"filename", "content_type", "content_base64", "content_id"})
@@ -124,11 +125,18 @@ def validate_send(obj: dict, *, max_message_bytes: int, now: float | datetime | 
     unknown = obj.keys() - _FIELDS
     if unknown:
         raise RequestError(BAD_REQUEST, f"unknown field {sorted(unknown)[0]!r}")
-    addresses = _addresses(obj)
+    if obj.get("sendmail") is not None:
+        # The sendmail rules read the message to decide the envelope, so the
+        # raw message comes first here (message/sendmail.py).
+        raw, octets_ok = _raw_text(obj)
+        obj, raw = sendmail.resolve(obj, raw)
+        addresses = _addresses(obj)
+    else:
+        addresses = _addresses(obj)
+        raw, octets_ok = _raw_text(obj)
     key = _idempotency_key(obj.get("idempotency_key"))
     date = _format_date(now)
     id_domain = message_id_domain or _ascii_domain(addresses.sender[1])
-    raw, octets_ok = _raw_text(obj)
     if raw is not None:
         return _validate_raw(raw, addresses.sender[1], addresses.recipients, addresses.smtputf8, key, date,
                              id_domain, max_message_bytes, octets_ok=octets_ok)

@@ -3,7 +3,7 @@
 They are the messages of two pipes: the daemon's spool (store.py) sends the
 write operations to the writer process (writer.py) as `proc.calls.Call`s,
 and the delivery process asks the daemon's spool for `ClaimDue`,
-`RecordAttempt`, `Release`, `RecordUpstreams`, `Expire`, `NextDue` and
+`RecordAttempts`, `Release`, `RecordUpstreams`, `Expire`, `NextDue` and
 `CountDue` the same way (delivery/process.py). Each is made and read by
 name on both sides.
 
@@ -48,7 +48,9 @@ class Configure(NamedTuple):
 @message
 class Enqueue(NamedTuple):
     """Store a message for `caller`; answered with `Enqueued`, or CallerFull
-    when the caller has `max_pending` (0: no cap) messages not yet final."""
+    when the caller has `max_pending` (0: no cap) messages not yet final.
+    With `claim`, a new message is stored 'sending', claimed for delivery
+    in the same transaction (the daemon hands it to delivery itself)."""
 
     now: float
     spec_json: bytes
@@ -57,6 +59,7 @@ class Enqueue(NamedTuple):
     idempotency_key: str | None  # the caller's own: another caller's same key is another key
     caller: str
     max_pending: int
+    claim: bool = False
 
 
 @message
@@ -76,6 +79,14 @@ class RecordAttempt(NamedTuple):
     outcomes: list[RecipientOutcome]
     next_attempt: float | None
     possible_duplicate: bool
+
+
+@message
+class RecordAttempts(NamedTuple):
+    """Several RecordAttempt in one operation (the delivery process sends
+    its records every few milliseconds); answered with their new states."""
+
+    records: list[RecordAttempt]
 
 
 @message

@@ -258,6 +258,7 @@ class Spool:
         idempotency_key: str | None = None,
         caller: str = ANONYMOUS_CALLER,
         max_pending: int = 0,
+        claim: bool = False,
     ) -> asyncio.Future:
         """Store a message of `caller` durably: a future of Enqueued(id,
         existing), done once committed. existing is True when the caller's
@@ -265,14 +266,15 @@ class Spool:
         returned and nothing is stored. Raises SpoolFull (at once for low
         disk, through the future when max_queued is reached, and CallerFull
         when the caller already has `max_pending` messages not yet final;
-        0: no cap).
+        0: no cap). With `claim`, a new message is stored 'sending': claimed
+        for delivery by the same commit (an existing one is not).
 
         A plain function returning the future, not a coroutine: `await
         spool.enqueue(...)` works, and the hand-off adds a callback instead
         of paying for a task per SEND."""
         self._check_disk()
         return self.submit(Enqueue(self._clock(), spec_json, envelope_from, recipients, idempotency_key,
-                                   caller, max_pending))
+                                   caller, max_pending, claim))
 
     def _check_disk(self) -> None:
         now = time.monotonic()

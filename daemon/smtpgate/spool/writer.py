@@ -44,7 +44,7 @@ from smtpgate.spool.dots import clear_dots, read_dots
 from smtpgate.spool.errors import CallerFull, SpoolError, SpoolFull
 from smtpgate.spool.ops import (
     Claimed, ClaimDue, Committed, Configure, Delete, Enqueue, Enqueued, Expire, Limits, Open, Opened, Purge,
-    Recount, RecordAttempt, RecordUpstreams, Release, Retry, WebhookDone, WebhookRetry,
+    Recount, RecordAttempt, RecordAttempts, RecordUpstreams, Release, Retry, WebhookDone, WebhookRetry,
 )
 from smtpgate.spool.schema import (
     FINAL_STATES, IS_DUE, IS_FINAL, IS_UNFINISHED, STATES, UNFINISHED_STATES, State, migrate,
@@ -101,7 +101,7 @@ class Outcome:
 # accepted message is lost. A batch of only these commits with
 # synchronous=NORMAL; the next durable commit (an enqueue) fsyncs the WAL and
 # with it every earlier frame, so recovery always sees a prefix of commits.
-RELAXED_OPS = frozenset({ClaimDue, RecordAttempt, Release, RecordUpstreams, Expire, Configure,
+RELAXED_OPS = frozenset({ClaimDue, RecordAttempt, RecordAttempts, Release, RecordUpstreams, Expire, Configure,
                          WebhookDone, WebhookRetry})
 
 
@@ -116,6 +116,7 @@ class Writer:
             Enqueue: self.enqueue,
             ClaimDue: self.claim_due,
             RecordAttempt: self.record_attempt,
+            RecordAttempts: self.record_attempts,
             Release: self.release,
             Retry: self.retry,
             Delete: self.delete,
@@ -290,14 +291,15 @@ class Writer:
                 outcome.errors[call.token] = exc
                 continue
             msg_id = new_ulid(op.now)
-            messages.append((msg_id, op.envelope_from, op.spec_json, op.caller, op.now, op.now, op.now))
+            state = State.SENDING if op.claim else State.QUEUED
+            messages.append((msg_id, state, op.envelope_from, op.spec_json, op.caller, op.now, op.now, op.now))
             recipients.extend((msg_id, address, i) for i, address in enumerate(dict.fromkeys(op.recipients)))
-            effects.move(None, State.QUEUED, op.caller)
+            effects.move(None, state, op.caller)
             effects.count("accepted")
             outcome.results[call.token] = Enqueued(msg_id, False)
         for rows, head, row in (
             (messages, "INSERT INTO messages (id, state, envelope_from, spec, idempotency_key, caller,"
-                       " created, updated, next_attempt) VALUES ", f"(?, '{State.QUEUED}', ?, ?, NULL, ?, ?, ?, ?)"),
+                       " created, updated, next_attempt) VALUES ", "(?, ?, ?, ?, NULL, ?, ?, ?, ?)"),
             (recipients, "INSERT INTO recipients (message_id, address, position, state) VALUES ",
              f"(?, ?, ?, '{State.QUEUED}')"),
         ):
@@ -325,10 +327,11 @@ class Writer:
                 return Enqueued(row[0], True)
         self._check_room(effects, op)
         msg_id = new_ulid(now)
+        state = State.SENDING if op.claim else State.QUEUED
         conn.execute(
             "INSERT INTO messages (id, state, envelope_from, spec, idempotency_key, caller,"
             " created, updated, next_attempt) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (msg_id, State.QUEUED, op.envelope_from, op.spec_json, key, caller, now, now, now),
+            (msg_id, state, op.envelope_from, op.spec_json, key, caller, now, now, now),
         )
         conn.executemany(
             "INSERT INTO recipients (message_id, address, position, state) VALUES (?, ?, ?, ?)",
@@ -339,7 +342,7 @@ class Writer:
                 "INSERT OR REPLACE INTO idempotency (caller, key, message_id, created) VALUES (?, ?, ?, ?)",
                 (caller, key, msg_id, now),
             )
-        effects.move(None, State.QUEUED, caller)
+        effects.move(None, state, caller)
         effects.count("accepted")
         return Enqueued(msg_id, False)
 
@@ -399,6 +402,9 @@ class Writer:
         if was is not None:
             self._events(conn, effects, now, msg_id, outbox.attempt_events(was, new_state, op.possible_duplicate))
         return new_state
+
+    def record_attempts(self, conn, effects, op: RecordAttempts) -> list[str | None]:
+        return [self.record_attempt(conn, effects, record) for record in op.records]
 
     def release(self, conn, effects, op: Release) -> int:
         flagged = self._hooked_of(outbox.unflagged(conn, op.msg_ids)) if op.possible_duplicate else []

@@ -32,7 +32,6 @@ import re
 import socket
 import sys
 import tomllib
-from email.utils import formataddr, getaddresses
 
 from smtpgate.config import DEFAULT_CONFIG_PATH, Config
 from smtpgate.message.spec import raw_send
@@ -217,69 +216,17 @@ def read_message(stream, dot_ends_input: bool, limit: int) -> bytes | None:
     return b"".join(lines)
 
 
-_FIELD_NAME = re.compile(r"[!-9;-~]+[ \t]*:")  # RFC 5322 2.2 (and obs- space before the colon)
-
-
-def split_header(text: str) -> tuple[list[str], str]:
-    """(header lines with their line endings, the rest from the blank line on).
-
-    As sendmail does, the header also ends at the first line that is neither
-    a field nor a continuation; the blank line the message lacked is added.
-    """
-    lines = text.splitlines(keepends=True)
-    for index, line in enumerate(lines):
-        if line in ("\n", "\r\n"):
-            return lines[:index], "".join(lines[index:])
-        if not _FIELD_NAME.match(line) and not (index and line[:1] in (" ", "\t")):
-            newline = "\r\n" if line.endswith("\r\n") else "\n"
-            return lines[:index], newline + "".join(lines[index:])
-    return lines, ""
-
-
-def header_fields(lines: list[str]) -> list[tuple[str, str, list[str]]]:
-    """Group header lines into fields: (lower-case name, unfolded value, raw lines).
-
-    A line starting with white space continues the field before it
-    (RFC 5322 2.2.3, folding).
-    """
-    fields: list[tuple[str, str, list[str]]] = []
-    for line in lines:
-        if line[:1] in (" ", "\t") and fields:
-            name, value, raw = fields[-1]
-            fields[-1] = (name, value + " " + line.strip(), raw + [line])
-        else:
-            name, _, value = line.partition(":")
-            fields.append((name.strip().lower(), value.strip(), [line]))
-    return fields
-
-
-def addresses(values: list[str]) -> list[str]:
-    """The bare addresses in header values or command-line words ("a@x, B <b@y>")."""
-    return [addr for _, addr in getaddresses(values) if addr]
-
-
-def prepare(message: str, opts: Options) -> tuple[str, list[str], str]:
-    """Apply -t, -f and -F to the message: (envelope sender, recipients, message).
-
-    -t takes the recipients from To, Cc and Bcc (added to those on the
-    command line, as Postfix does) and removes Bcc from the message. A
-    message without From gets one built from -F and the sender.
-    """
-    header, body = split_header(message)
-    fields = header_fields(header)
-    recipients = addresses(opts.recipients)
-    if opts.extract_recipients:
-        recipients += addresses([v for name, v, _ in fields if name in ("to", "cc", "bcc")])
-        header = [line for name, _, raw in fields if name != "bcc" for line in raw]
-    from_values = [v for name, v, _ in fields if name == "from"]
-    # -f "Name <a@b>" and -f "<a@b>" both mean a@b; -f "" or "<>" (the null
-    # sender of bounces) is not something a relay account may send as.
-    sender = (next(iter(addresses([opts.sender or ""])), None)
-              or next(iter(addresses(from_values)), None) or _local_sender())
-    if not from_values:
-        newline = "\r\n" if message.endswith("\r\n") or "\r\n" in message[:1000] else "\n"
-        header.insert(0, f"From: {formataddr((opts.full_name or '', sender))}{newline}")
-    return sender, list(dict.fromkeys(recipients)), "".join(header) + body
+def sendmail_send(opts: Options, data: bytes) -> dict:
+    """The SEND for a message and its command line: the daemon applies -t,
+    -f and -F to the message (the `sendmail` field, docs/protocol.md), as
+    for `smtpgate-sendmail`. Legacy 8-bit mail (GBK, ISO-8859-1 bodies from
+    old PHP code) goes as raw_base64, octet for octet."""
+    send = raw_send("", [], data)
+    del send["from"], send["to"]
+    send["sendmail"] = {"extract_recipients": opts.extract_recipients, "recipients": opts.recipients,
+                        "sender": opts.sender, "full_name": opts.full_name,
+                        "default_sender": _local_sender()}
+    return send
 
 
 def _local_sender() -> str:
@@ -373,6 +320,8 @@ def main(argv: list[str], stdin=None, stderr=None, stdin_fd: int = 0, stdout_fd:
         opts = parse_args(argv)
     except UsageError as exc:
         return fail(EX_USAGE, f"{exc}\n{USAGE}")
+    if not opts.recipients and not opts.extract_recipients and not opts.smtp_session:
+        return fail(EX_USAGE, "no recipients: give them as arguments, or use -t with To/Cc/Bcc")
     try:
         settings = read_config(env.get("SMTPGATE_CONFIG"))
     except ConfigUnreadable as exc:
@@ -386,15 +335,9 @@ def main(argv: list[str], stdin=None, stderr=None, stdin_fd: int = 0, stdout_fd:
     data = read_message(stdin, opts.dot_ends_input, limit)
     if data is None:
         return fail(EX_DATAERR, f"the message is over max_message_size ({limit} bytes)")
-    # Legacy 8-bit mail (GBK, ISO-8859-1 bodies from old PHP code) is passed
-    # on octet for octet: surrogate escapes here, raw_base64 on the wire.
-    message = data.decode("utf-8", "surrogateescape")
-    sender, recipients, message = prepare(message, opts)
-    if not recipients:
-        return fail(EX_USAGE, "no recipients: give them as arguments, or use -t with To/Cc/Bcc")
     try:
         with LineClient(uri, token=token, timeout=30) as client:
-            msg_id = client.send(raw_send(sender, recipients, message.encode("utf-8", "surrogateescape")))
+            msg_id = client.send(sendmail_send(opts, data))
     except ValueError as exc:
         return fail(EX_USAGE, str(exc))
     except RemoteError as exc:
