@@ -94,7 +94,7 @@ def main() -> int:
 
         results = rotated_rounds(list(argvs), args.rounds, run)
     print("uptime:", os.popen("uptime").read().strip())
-    print(f"\n| command, one process per message | p50 | p99 | CPU per process | rounds x processes |")
+    print("\n| command, one process per message | p50 | p99 | CPU per process | rounds x processes |")
     print("| --- | ---: | ---: | ---: | --- |")
     for key, runs in results.items():
         p50 = statistics.median(r["p50"] for r in runs)
