@@ -30,7 +30,11 @@ def setup_logging(fmt: str = "auto", level: str = "info", stream=None) -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
-        logger_factory=structlog.PrintLoggerFactory(stream),
+        # One write() per line: print() writes the text and its newline
+        # apart, which unbuffered (PYTHONUNBUFFERED) is two system calls; a
+        # child killed between them left half a line, and the next process
+        # to log appended its own line to it, unreadable.
+        logger_factory=structlog.WriteLoggerFactory(stream),
         cache_logger_on_first_use=True,
     )
     root = logging.getLogger()
