@@ -33,12 +33,13 @@ from smtpgate.delivery.retry import retry_delay
 from smtpgate.spool.errors import SpoolError
 from smtpgate.spool.outbox import OutboxEvent
 from smtpgate.webhooks import signing
+from smtpgate.webhooks.client import Client, ProtocolError
 
 CONCURRENCY = 16  # requests at once, and the events read per page
 POLL = 1.0  # seconds between two reads of the outbox when nothing woke the sender
 RETRY_BASE = 5.0  # seconds before the first retry of a failed receiver
 RETRY_MAX = 1800.0
-SHOWN_REPLY = 200  # bytes of a failed receiver's body read for the log; the rest is never read
+SHOWN_REPLY = 200  # bytes of a failed receiver's body shown in the log
 
 
 class Target(NamedTuple):
@@ -89,7 +90,7 @@ class WebhookSender:
         self._tasks: set[asyncio.Task] = set()
         self._wake = asyncio.Event()
         self._runner: asyncio.Task | None = None
-        self._session = None  # aiohttp.ClientSession, made at the first request
+        self._client = Client(f"smtpgate/{__version__}")
 
     def reload(self, config: Config) -> None:
         self._own, self._default = targets(config)
@@ -106,9 +107,7 @@ class WebhookSender:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        self._client.close()
 
     def _target(self, caller: str) -> Target | None:
         return self._own.get(caller, self._default)
@@ -192,33 +191,21 @@ class WebhookSender:
 
     async def _post(self, event: OutboxEvent, target: Target, timestamp: int) -> tuple[int | None, str, str | None]:
         """POST the event: (status or None, what went wrong, Retry-After)."""
-        import aiohttp  # here: a daemon without webhooks never loads it
-
-        if self._session is None:
-            self._session = aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(total=self.timeout),
-                connector=aiohttp.TCPConnector(limit=CONCURRENCY),
-                auto_decompress=False,  # the body is never used: no decompression bomb either
-                headers={"User-Agent": f"smtpgate/{__version__}"})
-        headers = signing.headers(target.keys, event.id, timestamp, event.payload)
-        headers["Content-Type"] = "application/json"
+        headers = [("Content-Type", "application/json"),
+                   *signing.headers(target.keys, event.id, timestamp, event.payload).items()]
         try:
-            async with self._session.post(target.url, data=event.payload, headers=headers,
-                                          allow_redirects=False) as response:
-                if 200 <= response.status < 300:
-                    return response.status, "", None
-                # A little of the body, for the log; leaving the rest unread
-                # closes the connection instead of draining it.
-                text = await response.content.read(SHOWN_REPLY)
-                reason = text.decode("utf-8", "replace").strip() or response.reason or ""
-                error = f"HTTP {response.status} {reason}".strip()
-                if 300 <= response.status < 400:
-                    error += " (redirects are not followed: configure the final URL)"
-                return response.status, error, response.headers.get("Retry-After")
-        except asyncio.TimeoutError:
+            answer = await self._client.post(target.url, headers, event.payload, self.timeout)
+        except TimeoutError:
             return None, f"no answer within webhook_timeout ({self.timeout:g} s)", None
-        except (aiohttp.ClientError, OSError) as exc:
+        except (ProtocolError, OSError) as exc:
             return None, f"{type(exc).__name__}: {exc}", None
+        if 200 <= answer.status < 300:
+            return answer.status, "", None
+        reason = answer.body[:SHOWN_REPLY].decode("utf-8", "replace").strip() or answer.reason
+        error = f"HTTP {answer.status} {reason}".strip()
+        if 300 <= answer.status < 400:
+            error += " (redirects are not followed: configure the final URL)"
+        return answer.status, error, answer.header(b"retry-after")
 
     def _failed(self, url: str, started: float, retry_after: str | None) -> float:
         """Mark `url` down after a failed try begun at `started`; returns when
