@@ -115,14 +115,14 @@ class _Connection:
                 if reading.final:
                     break  # a body that ends with the connection
                 raise ProtocolError("the connection was closed without an answer")
-            if not reading.final:
-                head += len(data)
-                if head > MAX_HEAD:
-                    raise ProtocolError(f"an answer's head over {MAX_HEAD} bytes")
             try:
                 parser.feed_data(data)
             except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
                 raise ProtocolError(f"not an HTTP/1.1 answer: {exc}") from None
+            if not reading.final:  # all of `data` was head
+                head += len(data)
+                if head > MAX_HEAD:
+                    raise ProtocolError(f"an answer's head over {MAX_HEAD} bytes")
             if reading.final and len(reading.body) >= MAX_BODY:
                 break  # the rest is never read: the connection is closed
         self.reusable = reading.complete and parser.should_keep_alive()
@@ -141,22 +141,21 @@ class Client:
         self._tls: ssl.SSLContext | None = None  # made at the first https URL: loading the CAs costs
         self._swept = time.monotonic()
 
-    async def post(self, url: str, headers: list[tuple[str, str]], body: bytes, timeout: float) -> Answer:
-        """POST `body` to `url` within `timeout` seconds. Raises ProtocolError,
-        OSError (ssl.SSLError among them) or TimeoutError."""
+    async def post(self, url: str, headers: list[tuple[str, str]], body: bytes) -> Answer:
+        """POST `body` to `url` (the caller bounds the time: asyncio.timeout).
+        Raises ProtocolError or OSError (ssl.SSLError among them)."""
         origin = self._origins.get(url) or self._origin(url)
         request = b"".join([origin.head, *(f"{name}: {value}\r\n".encode() for name, value in headers),
                             b"Content-Length: %d\r\n\r\n" % len(body), body])
         key = origin[:3]
-        async with asyncio.timeout(timeout):
-            conn = self._take(key)
-            if conn is not None:
-                try:
-                    return await self._exchange(key, conn, request)
-                except (ProtocolError, ConnectionError):
-                    pass  # closed by the receiver as it was reused: once more on a new connection
-            conn = await self._open(origin)
-            return await self._exchange(key, conn, request)
+        conn = self._take(key)
+        if conn is not None:
+            try:
+                return await self._exchange(key, conn, request)
+            except (ProtocolError, ConnectionError):
+                pass  # closed by the receiver as it was reused: once more on a new connection
+        conn = await self._open(origin)
+        return await self._exchange(key, conn, request)
 
     async def _exchange(self, key: tuple[str, int, bool], conn: _Connection, request: bytes) -> Answer:
         try:

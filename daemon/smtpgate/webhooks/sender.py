@@ -194,7 +194,8 @@ class WebhookSender:
         headers = [("Content-Type", "application/json"),
                    *signing.headers(target.keys, event.id, timestamp, event.payload).items()]
         try:
-            answer = await self._client.post(target.url, headers, event.payload, self.timeout)
+            async with asyncio.timeout(self.timeout):
+                answer = await self._client.post(target.url, headers, event.payload)
         except TimeoutError:
             return None, f"no answer within webhook_timeout ({self.timeout:g} s)", None
         except (ProtocolError, OSError) as exc:
