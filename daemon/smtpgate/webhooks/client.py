@@ -110,7 +110,8 @@ class _Connection:
         parser = reading.parser = httptools.HttpResponseParser(reading)
         head = 0
         while not reading.complete:
-            data = await self.reader.read(READ_SIZE)
+            # While the head is unfinished, no more than its bound allows.
+            data = await self.reader.read(READ_SIZE if reading.final else MAX_HEAD + 1 - head)
             if not data:
                 if reading.final:
                     break  # a body that ends with the connection
