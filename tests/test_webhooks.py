@@ -1,6 +1,7 @@
 """Delivery webhooks (docs/webhooks.md): a real daemon and upstream, and a
 real aiohttp receiver that verifies every request with the Standard
-Webhooks reference library (`standardwebhooks`).
+Webhooks reference library (`standardwebhooks`); the sender's HTTP client
+against receivers on real sockets that misbehave.
 
 Events sent, failed, deferred the first time, in order per message; a
 receiver down for a while (every event arrives once it is back), a daemon
@@ -12,22 +13,27 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import os
 import signal
 import socket
+import ssl
 import threading
 import time
 from collections import defaultdict
 from datetime import datetime, timezone
 
+import httptools
 import pytest
+import trustme
 from aiohttp import web
 from test_upstream_health import Scripted
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from smtpgate.config import ConfigError, load_config
 from smtpgate.webhooks import signing
+from smtpgate.webhooks.client import MAX_BODY, MAX_HEAD, Client, ProtocolError
 
 SECRET = "whsec_" + base64.b64encode(b"smtpgate webhook test secret, 32B").decode()
 OTHER_SECRET = "whsec_" + base64.b64encode(b"another secret of at least 24 bytes").decode()
@@ -82,11 +88,14 @@ class Receiver:
                 self.overlaps.append(msg_id)
             self.handling.add(msg_id)
             self.events.append((dict(request.headers), payload))
+            # Decided as the request is recorded: a test that changes the
+            # answer once it saw a request does not change that one's.
+            answer, headers = self.answer, self.headers
             self.cond.notify_all()
         await asyncio.sleep(self.delay)
         with self.cond:
             self.handling.discard(msg_id)
-        return web.Response(status=self.answer, headers=self.headers)
+        return web.Response(status=answer, headers=headers)
 
     def _run(self, coro):
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(10)
@@ -465,6 +474,9 @@ def test_each_caller_gets_its_own_url_and_secret_and_others_none(make_daemon, up
     ({"webhook_url": "http://127.0.0.1:9/h"}, "webhook_secret_file: a webhook is signed"),
     ({"webhook_url": "ftp://127.0.0.1/h", "secret": SECRET}, "webhook_url: expected an http:// or https:// URL"),
     ({"webhook_url": "https://user:pw@hooks.example/h", "secret": SECRET}, "webhook_url: a webhook URL carries no user"),
+    ({"webhook_url": "http://127.0.0.1:9/h\r\nX-Injected: 1", "secret": SECRET}, "holds a space, a control"),
+    ({"webhook_url": "http://127.0.0.1:9/a b", "secret": SECRET}, "holds a space, a control"),
+    ({"webhook_url": "https://bücher.example/h", "secret": SECRET}, "in its xn-- form"),
     ({"webhook_url": "http://127.0.0.1:9/h", "secret": "s3cret-not-whsec"}, "webhook_secret_file: "),
     ({"webhook_url": "http://127.0.0.1:9/h", "secret": "whsec_" + base64.b64encode(b"short").decode()},
      "holds 24 to 64 random bytes, this one 5"),
@@ -490,3 +502,151 @@ def test_a_callers_webhook_needs_a_secret_of_its_own_or_the_top_level_one(tmp_pa
         load_config(str(config))
     loaded = load_config(str(config), {"webhook_secret_file": secret_file(tmp_path)})
     assert loaded.callers["shop"].webhook_secret == () and loaded.webhook_secret == signing.parse_secrets(SECRET)
+
+
+# -- the HTTP client (webhooks/client.py) against receivers that misbehave -----
+
+
+class RawReceiver:
+    """An asyncio server on 127.0.0.1 that reads each request (httptools)
+    and calls `answer(writer, nth request on this connection)`; counts the
+    connections, and how many were closed by the client."""
+
+    def __init__(self, answer):
+        self.answer = answer
+        self.connections = 0
+        self.closed_by_client = 0
+
+    async def __aenter__(self):
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.url = f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}/hook?token=x"
+        return self
+
+    async def __aexit__(self, *exc):
+        self.server.close()
+
+    async def _serve(self, reader, writer):
+        self.connections += 1
+        done = []
+        parser = httptools.HttpRequestParser(type("On", (), {"on_message_complete": lambda _: done.append(1)})())
+        nth = 0
+        try:
+            while data := await reader.read(65536):
+                parser.feed_data(data)
+                while nth < len(done):
+                    nth += 1
+                    if not await self.answer(writer, nth):
+                        writer.close()
+                        return
+            self.closed_by_client += 1
+        except ConnectionError:
+            self.closed_by_client += 1
+        writer.close()
+
+
+async def post(client, url: str):
+    async with asyncio.timeout(10):
+        return await client.post(url, [("Content-Type", "application/json")], b'{"type":"message.sent"}')
+
+
+def test_the_client_keeps_connections_alive_unless_told_to_close():
+    async def keep(writer, nth):
+        writer.write(b"HTTP/1.1 204 No Content\r\n\r\n")
+        return True
+
+    async def close(writer, nth):
+        writer.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok")
+        return True
+
+    async def main():
+        client = Client("smtpgate/test")
+        async with RawReceiver(keep) as kept, RawReceiver(close) as closing:
+            assert [(await post(client, kept.url)).status for _ in range(3)] == [204] * 3
+            assert [(await post(client, closing.url)).body for _ in range(3)] == [b"ok"] * 3
+            client.close()
+            await asyncio.sleep(0.1)
+        return kept, closing
+
+    kept, closing = asyncio.run(main())
+    assert kept.connections == 1 and closing.connections == 3
+
+
+def test_the_client_reads_a_bounded_head_and_body_and_then_drops_the_connection():
+    async def endless_head(writer, nth):
+        writer.write(b"HTTP/1.1 200 OK\r\n")
+        for _ in range(MAX_HEAD // 1000 + 100):  # bounded: the client stops reading long before
+            writer.write(b"X-Pad: " + b"a" * 1000 + b"\r\n")
+            await writer.drain()
+        return False
+
+    async def long_body(writer, nth):
+        writer.write(b"HTTP/1.1 500 Oops\r\nContent-Length: 1000000\r\n\r\n" + b"e" * 100_000)
+        return True
+
+    async def main():
+        client = Client("smtpgate/test")
+        async with RawReceiver(endless_head) as heads, RawReceiver(long_body) as bodies:
+            with pytest.raises(ProtocolError, match="head over"):
+                await post(client, heads.url)
+            answers = [await post(client, bodies.url) for _ in range(2)]
+            await asyncio.sleep(0.1)
+        client.close()
+        return bodies, answers
+
+    bodies, answers = asyncio.run(main())
+    assert [(a.status, a.reason, a.body) for a in answers] == [(500, "Oops", b"e" * MAX_BODY)] * 2
+    assert bodies.connections == 2 and bodies.closed_by_client == 2  # the rest of each body never read
+
+
+def test_a_kept_connection_the_receiver_drops_is_replaced_and_the_event_sent():
+    async def once_per_connection(writer, nth):
+        if nth > 1:
+            return False  # closed on the second request, unanswered: a receiver's idle timeout racing it
+        writer.write(b"HTTP/1.1 204 No Content\r\n\r\n")
+        return True
+
+    async def mute(writer, nth):
+        return False
+
+    async def main():
+        client = Client("smtpgate/test")
+        async with RawReceiver(once_per_connection) as racing, RawReceiver(mute) as silent:
+            statuses = [(await post(client, racing.url)).status for _ in range(3)]
+            with pytest.raises(ProtocolError, match="closed without an answer"):
+                await post(client, silent.url)
+        client.close()
+        return racing, statuses
+
+    racing, statuses = asyncio.run(main())
+    assert statuses == [204] * 3 and racing.connections == 3
+
+
+@pytest.mark.parametrize("name, verified", [("localhost", True), ("hooks.example", False)])
+def test_https_checks_the_receivers_certificate_and_name(tmp_path, monkeypatch, name, verified):
+    ca = trustme.CA()
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "ca.pem"))  # the "system's" CAs: ours
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert(name).configure_cert(server_tls)
+
+    async def answer(reader, writer):
+        with contextlib.suppress(ConnectionError, ssl.SSLError):
+            await reader.read(65536)
+            writer.write(b"HTTP/1.1 204 No Content\r\n\r\n")
+            await writer.drain()
+        writer.close()
+
+    async def main():
+        server = await asyncio.start_server(answer, "127.0.0.1", 0, ssl=server_tls)
+        port = server.sockets[0].getsockname()[1]
+        client = Client("smtpgate/test")
+        try:
+            return (await post(client, f"https://localhost:{port}/hook")).status
+        except ssl.SSLCertVerificationError as exc:
+            return exc.verify_message
+        finally:
+            client.close()
+            server.close()
+
+    assert asyncio.run(main()) == (204 if verified else "Hostname mismatch, certificate is not valid for 'localhost'.")
+

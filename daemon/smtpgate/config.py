@@ -554,6 +554,10 @@ def _check_webhook_url(key: str, url: str) -> None:
         raise ConfigError(f"{key}: {url!r} is not a URL: {exc}") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError(f"{key}: expected an http:// or https:// URL, got {url!r}")
+    if not url.isascii() or not url.isprintable() or " " in url:
+        # It goes into the request line and Host header as it is (webhooks/client.py).
+        raise ConfigError(f"{key}: {url!r} holds a space, a control or a non-ASCII character "
+                          "(percent-encode it; an international domain name in its xn-- form)")
     if parts.username is not None or parts.password is not None:
         # It would be logged with every failed try; the signature is the authentication.
         raise ConfigError(f"{key}: a webhook URL carries no user or password (the signature "

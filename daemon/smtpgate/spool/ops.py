@@ -169,14 +169,12 @@ class CountDue(NamedTuple):
 
 @message
 class WebhookDone(NamedTuple):
-    """An event of the webhook outbox is done with: its receiver answered
-    2xx (`delivered`), or it was given up. It is deleted, and the next event
-    of its message is due at `now`."""
+    """Events of the webhook outbox done with: each one's receiver answered
+    2xx (`delivered`), or it was given up. They are deleted, and the next
+    event of each one's message is due at `now`."""
 
     now: float
-    seq: int
-    message_id: str
-    delivered: bool
+    events: list[tuple[int, str, bool]]  # (seq, message_id, delivered)
 
 
 @message

@@ -321,10 +321,10 @@ class Spool:
         before `created_before`, their pending recipients with `reply`."""
         return await self.submit(Expire(self._clock(), created_before, reply))
 
-    def webhook_done(self, seq: int, message_id: str, delivered: bool) -> asyncio.Future:
-        """An outbox event was delivered (2xx) or given up: delete it; the
-        next event of its message becomes due."""
-        return self.submit(WebhookDone(self._clock(), seq, message_id, delivered))
+    def webhook_done(self, events: list[tuple[int, str, bool]]) -> asyncio.Future:
+        """Outbox events (seq, message_id, delivered) were delivered (2xx) or
+        given up: delete them; the next event of each one's message becomes due."""
+        return self.submit(WebhookDone(self._clock(), list(events)))
 
     def webhook_retry(self, next_attempt: float, events: list[tuple[int, str]], error: str | None) -> asyncio.Future:
         """Try outbox events (seq, message_id) again at `next_attempt`:

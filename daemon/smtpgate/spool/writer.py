@@ -445,9 +445,10 @@ class Writer:
         return len(rows)
 
     def webhook_done(self, conn, effects, op: WebhookDone) -> None:
-        if outbox.done(conn, op.now, op.seq, op.message_id):
-            effects.count("webhooks_delivered" if op.delivered else "webhooks_failed")
-            effects.count("webhooks_pending", -1)
+        for seq, message_id, delivered in op.events:
+            if outbox.done(conn, op.now, seq, message_id):
+                effects.count("webhooks_delivered" if delivered else "webhooks_failed")
+                effects.count("webhooks_pending", -1)
 
     def webhook_retry(self, conn, effects, op: WebhookRetry) -> None:
         outbox.retry(conn, op.next_attempt, op.events, op.error)

@@ -6,9 +6,10 @@ It runs on the daemon's loop beside intake and never holds it: the outbox
 is read by the spool's reader thread, a page of at most CONCURRENCY events
 at a time (so a receiver that is down costs rows on disk, not memory), and
 every outcome is written back by the spool's writer (no fsync: losing one
-in a power cut only sends an event again). At least once and in order per
-message: an event is deleted only after a 2xx, and only the first event of
-a message is ever due.
+in a power cut only sends an event again), the 2xx answers of SETTLE
+seconds in one operation. At least once and in order per message: an
+event is deleted only after a 2xx, and only the first event of a message
+is ever due.
 
 A receiver that fails is "down" until a backoff passes (RETRY_BASE doubling
 to RETRY_MAX, with jitter; longer if it sent Retry-After): its events found
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import random
 import time
 import urllib.parse
@@ -33,12 +35,18 @@ from smtpgate.delivery.retry import retry_delay
 from smtpgate.spool.errors import SpoolError
 from smtpgate.spool.outbox import OutboxEvent
 from smtpgate.webhooks import signing
+from smtpgate.webhooks.client import Client, ProtocolError
 
 CONCURRENCY = 16  # requests at once, and the events read per page
 POLL = 1.0  # seconds between two reads of the outbox when nothing woke the sender
 RETRY_BASE = 5.0  # seconds before the first retry of a failed receiver
 RETRY_MAX = 1800.0
-SHOWN_REPLY = 200  # bytes of a failed receiver's body read for the log; the rest is never read
+SHOWN_REPLY = 200  # bytes of a failed receiver's body shown in the log
+# Seconds the 2xx answers gather before one write to the spool: each write
+# wakes the writer process, about as costly as the POST itself
+# (bench/results.md, "Delivery webhooks"); the next event of those
+# messages waits as long.
+SETTLE = 0.02
 
 
 class Target(NamedTuple):
@@ -72,6 +80,7 @@ def webhook_callers(config: Config) -> frozenset[str] | None:
     return None if default is not None else frozenset(own)
 
 
+@functools.lru_cache(maxsize=256)  # a few URLs, each logged at every event
 def shown(url: str) -> str:
     """A URL for the logs: without its query, which may hold a token."""
     parts = urllib.parse.urlsplit(url)
@@ -86,10 +95,13 @@ class WebhookSender:
         self.reload(config)
         self._down: dict[str, _Down] = {}  # by URL: bounded by the configuration
         self._inflight: set[int] = set()  # seqs being sent
+        self._settling: list[tuple[int, str, bool]] = []  # answered 2xx, to be written
+        self._settled: set[int] = set()  # their seqs, until written: not read as due again
+        self._settle_timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task] = set()
         self._wake = asyncio.Event()
         self._runner: asyncio.Task | None = None
-        self._session = None  # aiohttp.ClientSession, made at the first request
+        self._client = Client(f"smtpgate/{__version__}")
 
     def reload(self, config: Config) -> None:
         self._own, self._default = targets(config)
@@ -106,9 +118,10 @@ class WebhookSender:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        self._client.close()
+        if self._settle_timer is not None:
+            self._settle_timer.cancel()
+            self._write_settled()
 
     def _target(self, caller: str) -> Target | None:
         return self._own.get(caller, self._default)
@@ -134,7 +147,7 @@ class WebhookSender:
         if free < CONCURRENCY // 2 and self._inflight:
             return False  # a read per half page, not per event: each costs a trip to the reader thread
         now = self._clock()
-        events = await self.spool.webhook_due(now, free, tuple(self._inflight))
+        events = await self.spool.webhook_due(now, free, (*self._inflight, *self._settled))
         held: dict[float, list[tuple[int, str]]] = {}
         for event in events:
             target = self._target(event.caller)
@@ -168,7 +181,7 @@ class WebhookSender:
             status, error, retry_after = await self._post(event, target, int(started))
             if status is not None and 200 <= status < 300:
                 self._down.pop(target.url, None)
-                await self.spool.webhook_done(event.seq, event.message_id, True)
+                self._settle(event)
                 self.log.debug("webhook_sent", webhook_id=event.id, type=event.type, message_id=event.message_id,
                               url=shown(target.url), status=status, attempts=event.attempts + 1)
                 return
@@ -192,33 +205,44 @@ class WebhookSender:
 
     async def _post(self, event: OutboxEvent, target: Target, timestamp: int) -> tuple[int | None, str, str | None]:
         """POST the event: (status or None, what went wrong, Retry-After)."""
-        import aiohttp  # here: a daemon without webhooks never loads it
-
-        if self._session is None:
-            self._session = aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(total=self.timeout),
-                connector=aiohttp.TCPConnector(limit=CONCURRENCY),
-                auto_decompress=False,  # the body is never used: no decompression bomb either
-                headers={"User-Agent": f"smtpgate/{__version__}"})
-        headers = signing.headers(target.keys, event.id, timestamp, event.payload)
-        headers["Content-Type"] = "application/json"
+        headers = [("Content-Type", "application/json"),
+                   *signing.headers(target.keys, event.id, timestamp, event.payload).items()]
         try:
-            async with self._session.post(target.url, data=event.payload, headers=headers,
-                                          allow_redirects=False) as response:
-                if 200 <= response.status < 300:
-                    return response.status, "", None
-                # A little of the body, for the log; leaving the rest unread
-                # closes the connection instead of draining it.
-                text = await response.content.read(SHOWN_REPLY)
-                reason = text.decode("utf-8", "replace").strip() or response.reason or ""
-                error = f"HTTP {response.status} {reason}".strip()
-                if 300 <= response.status < 400:
-                    error += " (redirects are not followed: configure the final URL)"
-                return response.status, error, response.headers.get("Retry-After")
-        except asyncio.TimeoutError:
+            async with asyncio.timeout(self.timeout):
+                answer = await self._client.post(target.url, headers, event.payload)
+        except TimeoutError:
             return None, f"no answer within webhook_timeout ({self.timeout:g} s)", None
-        except (aiohttp.ClientError, OSError) as exc:
+        except (ProtocolError, OSError) as exc:
             return None, f"{type(exc).__name__}: {exc}", None
+        if 200 <= answer.status < 300:
+            return answer.status, "", None
+        reason = answer.body[:SHOWN_REPLY].decode("utf-8", "replace").strip() or answer.reason
+        error = f"HTTP {answer.status} {reason}".strip()
+        if 300 <= answer.status < 400:
+            error += " (redirects are not followed: configure the final URL)"
+        return answer.status, error, answer.header(b"retry-after")
+
+    def _settle(self, event: OutboxEvent) -> None:
+        """Write that `event` was answered 2xx, with the others of SETTLE seconds."""
+        if not self._settling:
+            self._settle_timer = asyncio.get_running_loop().call_later(SETTLE, self._write_settled)
+        self._settling.append((event.seq, event.message_id, True))
+        self._settled.add(event.seq)
+
+    def _write_settled(self) -> None:
+        events, self._settling, self._settle_timer = self._settling, [], None
+        seqs = [seq for seq, _, _ in events]
+
+        def written(future: asyncio.Future) -> None:
+            self._settled.difference_update(seqs)  # deleted, or read and sent again (at least once)
+            if not future.cancelled() and not isinstance(future.exception(), (SpoolError, type(None))):
+                self.log.error("webhook_sender_failed", error=repr(future.exception()))
+            self._wake.set()
+
+        try:
+            self.spool.webhook_done(events).add_done_callback(written)
+        except SpoolError:
+            self._settled.difference_update(seqs)  # the spool is closing: they stay in the outbox
 
     def _failed(self, url: str, started: float, retry_after: str | None) -> float:
         """Mark `url` down after a failed try begun at `started`; returns when
@@ -235,7 +259,7 @@ class WebhookSender:
         return now + delay
 
     async def _give_up(self, event: OutboxEvent, why: str, url: str | None = None) -> None:
-        await self.spool.webhook_done(event.seq, event.message_id, False)
+        await self.spool.webhook_done([(event.seq, event.message_id, False)])
         self.log.error("webhook_given_up", webhook_id=event.id, type=event.type, message_id=event.message_id,
                        url=shown(url) if url else None, error=why, attempts=event.attempts)
 

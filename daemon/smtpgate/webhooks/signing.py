@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import hmac
 
 PREFIX = "whsec_"
@@ -52,7 +51,7 @@ def parse_secrets(text: str) -> tuple[bytes, ...]:
 
 def signature(key: bytes, event_id: str, timestamp: int, body: bytes) -> str:
     """One signature: v1, and the base64 of the MAC."""
-    mac = hmac.new(key, f"{event_id}.{timestamp}.".encode() + body, hashlib.sha256).digest()
+    mac = hmac.digest(key, f"{event_id}.{timestamp}.".encode() + body, "sha256")  # one C call, no HMAC object
     return "v1," + base64.b64encode(mac).decode()
 
 

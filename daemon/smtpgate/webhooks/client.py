@@ -1,0 +1,208 @@
+"""The webhook sender's HTTP/1.1 client: httptools (llhttp, Node.js's
+HTTP parser, in C) reads the answers, over asyncio streams, with
+keep-alive connections per receiver.
+
+Only what a webhook POST needs, and cheap (the daemon's CPU is shared with
+intake; bench/results.md, "Delivery webhooks"): a request with its
+Content-Length, the answer's status and headers, at most MAX_BODY bytes of
+its body (a longer one closes the connection instead of being read). No
+redirects (a 3xx is an answer like any other), no decompression, no
+cookies. A connection goes back to its receiver's pool only after a
+complete answer that keeps it open (no `Connection: close`, RFC 9112
+section 9.6); any error, timeout or cancellation closes it. https is
+checked as a browser would: the system's CA certificates, and the URL's
+host name against the certificate.
+
+The request is rendered here (config.py lets no whitespace or control
+character into a webhook URL; the other header values are ours: ASCII
+without either).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import time
+import urllib.parse
+from typing import NamedTuple
+
+import httptools
+
+MAX_HEAD = 16384  # bytes of an answer's status line and headers (with any 1xx before it)
+MAX_BODY = 4096  # bytes of an answer's body read (a receiver's "ok", or its error page's start)
+KEEP_IDLE = 15.0  # seconds an idle connection is kept; receivers close theirs after 5-75 s
+READ_SIZE = 65536
+
+
+class Answer(NamedTuple):
+    status: int
+    reason: str
+    headers: list[tuple[bytes, bytes]]  # names lowercased
+    body: bytes  # at most MAX_BODY bytes
+
+    def header(self, name: bytes) -> str | None:
+        for key, value in self.headers:
+            if key == name:
+                return value.decode("latin-1")
+        return None
+
+
+class ProtocolError(Exception):
+    """The receiver broke HTTP/1.1, or closed the connection without an answer."""
+
+
+class _Origin(NamedTuple):
+    host: str
+    port: int
+    tls: bool
+    head: bytes  # the request line, Host and User-Agent
+
+
+class _Reading:
+    """The parser's callbacks: one answer as it comes."""
+
+    def __init__(self):
+        self.reason = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.body = b""
+        self.final = False  # the final (not 1xx) answer's headers are in
+        self.complete = False
+
+    def on_status(self, reason: bytes) -> None:
+        self.reason += reason
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name.lower(), value))
+
+    def on_headers_complete(self) -> None:
+        self.final = self.parser.get_status_code() >= 200
+        if not self.final:  # 103 Early Hints and the like: the answer follows
+            self.reason, self.headers = b"", []
+
+    def on_body(self, data: bytes) -> None:
+        if len(self.body) < MAX_BODY:
+            self.body += data[:MAX_BODY - len(self.body)]
+
+    def on_message_complete(self) -> None:
+        self.complete = self.final
+
+
+class _Connection:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        self.reader = reader
+        self.writer = writer
+        self.idle_since = 0.0
+        self.reusable = False  # the last answer was complete and keeps the connection open
+
+    def usable(self, now: float) -> bool:
+        """Still open on both sides and not idle too long: a receiver that
+        closed it meanwhile has sent its FIN, which the transport has read."""
+        return now - self.idle_since < KEEP_IDLE and not self.reader.at_eof() and not self.writer.is_closing()
+
+    def close(self) -> None:
+        self.writer.close()
+
+    async def exchange(self, request: bytes) -> Answer:
+        self.reusable = False
+        self.writer.write(request)
+        await self.writer.drain()
+        reading = _Reading()
+        parser = reading.parser = httptools.HttpResponseParser(reading)
+        head = 0
+        while not reading.complete:
+            # While the head is unfinished, no more than its bound allows.
+            data = await self.reader.read(READ_SIZE if reading.final else MAX_HEAD + 1 - head)
+            if not data:
+                if reading.final:
+                    break  # a body that ends with the connection
+                raise ProtocolError("the connection was closed without an answer")
+            try:
+                parser.feed_data(data)
+            except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
+                raise ProtocolError(f"not an HTTP/1.1 answer: {exc}") from None
+            if not reading.final:  # all of `data` was head
+                head += len(data)
+                if head > MAX_HEAD:
+                    raise ProtocolError(f"an answer's head over {MAX_HEAD} bytes")
+            if reading.final and len(reading.body) >= MAX_BODY:
+                break  # the rest is never read: the connection is closed
+        self.reusable = reading.complete and parser.should_keep_alive()
+        return Answer(parser.get_status_code(), reading.reason.decode("latin-1"), reading.headers, reading.body)
+
+
+class Client:
+    """POSTs over pooled connections. A pool holds at most as many idle
+    connections as requests were sent to it at once (the sender's
+    CONCURRENCY bounds those)."""
+
+    def __init__(self, user_agent: str):
+        self.user_agent = user_agent
+        self._origins: dict[str, _Origin] = {}  # by URL: bounded by the configuration
+        self._idle: dict[tuple[str, int, bool], list[_Connection]] = {}
+        self._tls: ssl.SSLContext | None = None  # made at the first https URL: loading the CAs costs
+        self._swept = time.monotonic()
+
+    async def post(self, url: str, headers: list[tuple[str, str]], body: bytes) -> Answer:
+        """POST `body` to `url` (the caller bounds the time: asyncio.timeout).
+        Raises ProtocolError or OSError (ssl.SSLError among them)."""
+        origin = self._origins.get(url) or self._origin(url)
+        request = b"".join([origin.head, *(f"{name}: {value}\r\n".encode() for name, value in headers),
+                            b"Content-Length: %d\r\n\r\n" % len(body), body])
+        key = origin[:3]
+        conn = self._take(key)
+        if conn is not None:
+            try:
+                return await self._exchange(key, conn, request)
+            except (ProtocolError, ConnectionError):
+                pass  # closed by the receiver as it was reused: once more on a new connection
+        conn = await self._open(origin)
+        return await self._exchange(key, conn, request)
+
+    async def _exchange(self, key: tuple[str, int, bool], conn: _Connection, request: bytes) -> Answer:
+        try:
+            return await conn.exchange(request)
+        finally:
+            if conn.reusable:
+                conn.idle_since = time.monotonic()
+                self._idle.setdefault(key, []).append(conn)
+            else:
+                conn.close()
+
+    def _take(self, key: tuple[str, int, bool]) -> _Connection | None:
+        now = time.monotonic()
+        if now - self._swept > KEEP_IDLE:  # the pools of receivers no longer sent to, too
+            self._swept = now
+            for idle in self._idle.values():
+                for conn in [c for c in idle if not c.usable(now)]:
+                    idle.remove(conn)
+                    conn.close()
+        idle = self._idle.get(key)
+        while idle:
+            conn = idle.pop()  # the most recently used: the likeliest still open
+            if conn.usable(now):
+                return conn
+            conn.close()
+        return None
+
+    async def _open(self, origin: _Origin) -> _Connection:
+        if origin.tls and self._tls is None:
+            self._tls = ssl.create_default_context()
+        tls = self._tls if origin.tls else None
+        reader, writer = await asyncio.open_connection(
+            origin.host, origin.port, ssl=tls, server_hostname=origin.host if tls else None)
+        return _Connection(reader, writer)
+
+    def _origin(self, url: str) -> _Origin:
+        parts = urllib.parse.urlsplit(url)  # config.py checked it: http(s), a host, no user
+        tls = parts.scheme == "https"
+        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        head = f"POST {target} HTTP/1.1\r\nHost: {parts.netloc}\r\nUser-Agent: {self.user_agent}\r\n"
+        origin = _Origin(parts.hostname, parts.port or (443 if tls else 80), tls, head.encode())
+        self._origins[url] = origin
+        return origin
+
+    def close(self) -> None:
+        for idle in self._idle.values():
+            for conn in idle:
+                conn.close()
+        self._idle.clear()
