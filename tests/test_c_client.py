@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 from itertools import pairwise
+import contextlib
 import ctypes
 import json
 import os
@@ -113,6 +114,11 @@ class Peer:
                         conn.sendall(reply)
 
     def close(self):
+        # shutdown first: close() alone leaves the accept() blocked in the
+        # other thread holding the listening socket, which goes on answering
+        # with this test's script on its port for the rest of the run.
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
         self.sock.close()
 
 

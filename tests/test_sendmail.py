@@ -79,7 +79,10 @@ class LineServer:
         return out
 
     def close(self):
-        self.server.shutdown()
+        # shutdown() waits for serve_forever to notice; if that thread is
+        # gone it would wait forever.
+        if self.thread.is_alive():
+            self.server.shutdown()
         self.server.server_close()
 
 
