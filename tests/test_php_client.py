@@ -18,6 +18,7 @@ A PHP warning or notice fails every one of them: stderr has to stay empty.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -154,6 +155,11 @@ class ScriptedPeer:
             return [line for lines in self.lines for line in lines]
 
     def close(self) -> None:
+        # shutdown wakes the accept() blocked in the other thread, so that
+        # thread ends now; close() alone leaves it waiting on the socket,
+        # to pick up a later test's connections if the number is reused.
+        with contextlib.suppress(OSError):
+            self.listener.shutdown(socket.SHUT_RDWR)
         self.listener.close()
 
 

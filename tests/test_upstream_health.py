@@ -80,6 +80,11 @@ class Scripted:
 
     def close(self) -> None:
         self.closed.set()
+        # shutdown wakes the accept() blocked in the other thread, so that
+        # thread ends now; close() alone leaves it waiting on the socket,
+        # to pick up a later test's connections if the number is reused.
+        with contextlib.suppress(OSError):
+            self.listener.shutdown(socket.SHUT_RDWR)
         self.listener.close()
         for sock in self._sockets:
             sock.close()
