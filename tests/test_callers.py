@@ -509,6 +509,9 @@ def test_a_spool_of_schema_1_is_upgraded_and_keeps_its_messages(make_daemon, ups
 
 def test_the_configuration_refuses_what_would_make_two_callers_one(tmp_path, monkeypatch):
     shared = token_file(tmp_path, "shared", TOKEN_A)
+    short = token_file(tmp_path, "short", "only-15-chars-x")
+    open_file = token_file(tmp_path, "open", TOKEN_B)
+    os.chmod(open_file, 0o644)
 
     def load(text: str):
         path = tmp_path / "smtpgate.toml"
@@ -528,6 +531,8 @@ def test_the_configuration_refuses_what_would_make_two_callers_one(tmp_path, mon
         '[callers.a]\nuid = 33\nmax_pending = -1\n': "callers.a.max_pending: must not be negative",
         '[callers.a]\nuid = 33\nallowed_senders = 5\n': "callers.a.allowed_senders: expected a string or a list",
         'callers = 5\n': "callers: expected tables",
+        f'[callers.a]\ntoken_file = "{short}"\n': "callers.a.token_file: a token has 15 characters",
+        f'[callers.a]\ntoken_file = "{open_file}"\n': "callers.a.token_file:",
     }
     for text, start_of_error in errors.items():
         with pytest.raises(ConfigError) as refused:
