@@ -532,6 +532,22 @@ def test_bs_reports_an_unreachable_daemon_in_smtp(tmp_path):
     assert result.returncode == EX_OK  # sendmail -bs reports through SMTP
 
 
+def test_c_bs_without_smtpgate_on_the_path_exits_71(c_sendmail, tmp_path):
+    result = subprocess.run([str(c_sendmail), "-bs"], input=BS_DIALOGUE, capture_output=True, timeout=30,
+                            env=dict(os.environ, PATH=str(tmp_path)))
+    assert result.returncode == 71, result.stderr  # EX_OSERR, docs/exit-codes.md
+    assert b"smtpgate sendmail -bs" in result.stderr and result.stdout == b""
+
+
+def test_bs_whose_client_went_away_exits_74(tmp_path):
+    # The SMTP client closed its end before the greeting: writing it fails.
+    proc = subprocess.Popen([str(SMTPGATE), "sendmail", "-bs"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=dict(os.environ, SMTPGATE_SERVER=f"unix://{tmp_path}/a.sock"))
+    proc.stdout.close()
+    _, err = proc.communicate(BS_DIALOGUE, timeout=30)
+    assert proc.returncode == 74, err  # EX_IOERR, docs/exit-codes.md
+
+
 @pytest.mark.skipif(shutil.which("swaks") is None, reason="swaks not installed")
 def test_swaks_through_sendmail_bs_to_the_upstream(daemon, upstream):
     """swaks --pipe runs the command and speaks SMTP on its stdin/stdout,

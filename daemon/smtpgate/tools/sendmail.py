@@ -414,15 +414,16 @@ def smtp_session_on_stdio(uri: str, token: str | None, limit: int,
             pass  # the session is over (QUIT, timeout): the rest is not read
 
     def copy_stdout(peer: socket.socket, done) -> None:
+        failure = None
         try:
             while data := peer.recv(65536):
                 view = memoryview(data)
                 while view:
                     view = view[os.write(stdout_fd, view):]
-        except OSError:
-            pass  # the client stopped reading: nothing more can be said
+        except OSError as error:
+            failure = error  # the client stopped reading: replies were lost, so not EX_OK
         finally:
-            done()
+            done(failure)
 
     async def run() -> None:
         loop = asyncio.get_running_loop()
@@ -439,8 +440,14 @@ def smtp_session_on_stdio(uri: str, token: str | None, limit: int,
             session = make_session(peer, gate.admit(peer))
             await loop.connect_accepted_socket(lambda: session, sock=ours)
             threading.Thread(target=copy_stdin, args=(theirs,), daemon=True).start()
+            def end(failure: OSError | None) -> None:
+                if failure is None:
+                    session_end.set_result(None)
+                else:
+                    session_end.set_exception(failure)
+
             threading.Thread(target=copy_stdout, daemon=True, args=(
-                theirs, lambda: loop.call_soon_threadsafe(session_end.set_result, None))).start()
+                theirs, lambda failure: loop.call_soon_threadsafe(end, failure))).start()
             await session_end
 
     try:
