@@ -21,6 +21,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 DOCS = Path(__file__).resolve().parent.parent
@@ -49,13 +50,37 @@ def _version() -> str:
 
 
 def parser_page(module: str, function: str, section: int, prog: str, description: str) -> str:
-    done = subprocess.run(
-        [sys.executable, "-c", "from argparse_manpage.cli import main; main()", "--module", module, "--function", function,
-         "--manual-section", str(section), "--manual-title", "smtpgate manual",
-         "--project-name", "smtpgate", "--version", _version(), "--prog", prog,
-         "--description", description, "--url", URL],
-        capture_output=True, text=True, check=True, env=dict(os.environ, SOURCE_DATE_EPOCH=RELEASE_EPOCH))
+    with tempfile.NamedTemporaryFile("w", suffix=".include", encoding="utf-8") as include:
+        include.write(exit_status(module, function) if prog == "smtpgate" else "")
+        include.flush()
+        done = subprocess.run(
+            [sys.executable, "-c", "from argparse_manpage.cli import main; main()", "--module", module,
+             "--function", function, "--manual-section", str(section), "--manual-title", "smtpgate manual",
+             "--project-name", "smtpgate", "--version", _version(), "--prog", prog,
+             "--description", description, "--url", URL, "--include", include.name],
+            capture_output=True, text=True, check=True, env=dict(os.environ, SOURCE_DATE_EPOCH=RELEASE_EPOCH))
     return done.stdout
+
+
+def exit_status(module: str, function: str) -> str:
+    """smtpgate(8)'s EXIT STATUS: each command's exit-code table, from the
+    epilog of its --help (argparse-manpage shows subcommands' options, not
+    their epilogs)."""
+    import importlib
+
+    from smtpgate.tools.sendmail import help_parser
+
+    parser = getattr(importlib.import_module(module), function)()
+    commands = next(a for a in parser._actions if a.choices and hasattr(a, "_name_parser_map")).choices
+    out = ["[EXIT STATUS]", "Each command exits with the codes of sysexits.h (docs/exit-codes.md):"]
+    for name, command in commands.items():
+        text = (help_parser() if name == "sendmail" else command).epilog or ""
+        rows = re.findall(r"^  (\d+) +(.*(?:\n {6}.*)*)", text, re.M)
+        if rows:
+            out.append(f".SS {name}")
+            out += [f".TP\n.B {code}\n" + _line(_roff_text(" ".join(row.split())).replace("-", "\\-"))
+                    for code, row in rows]
+    return "\n".join(out) + "\n"
 
 
 def _roff_text(text: str) -> str:
