@@ -38,6 +38,11 @@ def value(samples: dict, name: str, **labels) -> float:
     return samples[(name, frozenset(labels.items()))]
 
 
+def value_or_0(samples: dict, name: str, **labels) -> float:
+    """A counter's value; 0 for one not (yet) shown."""
+    return samples.get((name, frozenset(labels.items())), 0)
+
+
 def message(to: str, subject: str = "hello") -> dict:
     return {"from": "app@example.com", "to": [to], "subject": subject, "text": "hi"}
 
@@ -75,6 +80,75 @@ def test_metrics_move_with_real_sends_and_deliveries(make_daemon, upstream):
     assert value(samples, "smtpgate_connections", door="http") == 1  # this scrape's own
 
 
+def test_outcomes_count_per_upstream_and_caller_and_failures_by_reason(make_daemon, make_upstream, tmp_path):
+    """Three real upstreams in order: one not listening, one that refuses
+    with a 4xx and a 5xx (then stops), one that takes mail; two callers."""
+    dead = f"127.0.0.1:{free_port()}"
+    refusing, good = make_upstream(), make_upstream()
+    refusing.script_rcpt("later@example.org", "451 4.3.0 try again later")
+    refusing.script_rcpt("bad@example.org", "550 5.1.1 no such user")
+    port = free_port()
+    daemon = start(make_daemon, callers={
+        "shop": {"token_file": token_file(tmp_path, "shop", SHOP)},
+        "blog": {"token_file": token_file(tmp_path, "blog", BLOG)},
+    }, http_listen=f"127.0.0.1:{port}", http_admin_token_file=token_file(tmp_path, "admin", ADMIN),
+        upstream=[dead, refusing.hostport, good.hostport], retry_base=60.0, retry_max=60.0)
+    daemon.http = ("127.0.0.1", port)
+    with daemon.client(token=SHOP) as shop, daemon.client(token=BLOG) as blog:
+        later = shop.send(message("later@example.org"))
+        bad = blog.send(message("bad@example.org"))
+        wait_until(lambda: shop.status(later)["state"] == "deferred", what="the deferral")
+        wait_until(lambda: blog.status(bad)["state"] == "failed", what="the failure")
+        refusing.stop()  # its pooled connection drops, a new one is refused: good takes the rest
+        for n in range(2):
+            shop.send(message(f"shop{n}@example.org"))
+        blog.send(message("blog@example.org"))
+    good.wait_for(3)
+    samples = wait_until(lambda: (s := scrape(daemon, ADMIN))
+                         and value_or_0(s, "smtpgate_upstream_messages_total", upstream=good.hostport,
+                                        result="delivered") == 3
+                         and value_or_0(s, "smtpgate_delivery_failures_total", upstream=refusing.hostport,
+                                        reason="connect") >= 1 and s, what="3 delivered by the good upstream")
+
+    def upstream_results(name):
+        return [value(samples, "smtpgate_upstream_messages_total", upstream=name, result=r)
+                for r in ("delivered", "deferred", "failed")]
+
+    assert upstream_results(dead) == [0, 0, 0]
+    assert upstream_results(refusing.hostport) == [0, 1, 1]
+    assert upstream_results(good.hostport) == [3, 0, 0]
+
+    def caller_results(name):
+        return [value(samples, "smtpgate_caller_messages_total", caller=name, result=r)
+                for r in ("delivered", "deferred", "failed")]
+
+    assert caller_results("shop") == [2, 1, 0]
+    assert caller_results("blog") == [1, 0, 1]
+    # The callers' counts add up to the daemon's, which the spool's writer counts too.
+    assert value(samples, "smtpgate_messages_delivered_total") == 3
+    assert value(samples, "smtpgate_messages_deferred_total") == 1
+    assert value(samples, "smtpgate_messages_failed_total") == 1
+
+    failures = {dict(labels)["reason"]: n for (name, labels), n in samples.items()
+                if name == "smtpgate_delivery_failures_total" and dict(labels)["upstream"] == refusing.hostport}
+    assert failures.pop("connect") >= 1  # after stop(): its probes are refused too
+    assert failures == {"reply_4xx": 1, "reply_5xx": 1}
+    assert {dict(labels)["reason"] for (name, labels), _ in samples.items()
+            if name == "smtpgate_delivery_failures_total" and dict(labels)["upstream"] == dead} == {"connect"}
+    assert value(samples, "smtpgate_delivery_failures_total", upstream=dead, reason="connect") >= 1
+    assert not any(name == "smtpgate_delivery_failures_total" and dict(labels)["upstream"] == good.hostport
+                   for name, labels in samples)
+
+    assert value(samples, "smtpgate_upstream_sessions_total", upstream=dead) == 0
+    assert value(samples, "smtpgate_upstream_sessions_total", upstream=refusing.hostport) == refusing.handler.sessions
+    assert value(samples, "smtpgate_upstream_sessions_total", upstream=good.hostport) == good.handler.sessions >= 1
+    # The same counts in STATS, per caller (new keys beside accepted, refused, pending).
+    with daemon.client(token=SHOP) as shop:
+        stats = shop.stats()
+    assert {k: stats["callers"]["shop"][k] for k in ("delivered", "deferred", "failed")} == \
+        {"delivered": 2, "deferred": 1, "failed": 0}
+
+
 def test_refusals_are_counted_by_caller_and_code_with_no_address_in_a_label(make_daemon, upstream):
     daemon = http_daemon(make_daemon)
     with daemon.client() as client:
@@ -100,7 +174,7 @@ def test_webhook_figures_follow_stats_and_are_absent_without_the_key(make_daemon
 
     def text(stats):
         made = families(stats, oldest_due=None, now=1e9, handoff=Histogram(HANDOFF_BOUNDS),
-                        delivery=DeliveryFigures())
+                        delivery=DeliveryFigures(), sessions={})
         return generate_latest(Snapshot(made)).decode()
 
     assert "smtpgate_webhook" not in text(stats)

@@ -246,7 +246,8 @@ class HttpSide:
         stats = await self.door.stats()
         oldest = await self.spool.oldest_due()
         body = generate_latest(Snapshot(families(stats, oldest_due=oldest, now=time.time(),
-                                                 handoff=self.handoff, delivery=self.delivery_figures)))
+                                                 handoff=self.handoff, delivery=self.delivery_figures,
+                                                 sessions=self.delivery.sessions)))
         return web.Response(body=body, headers={"Content-Type": METRICS_TYPE})
 
     # --- the queue page ---------------------------------------------------------------
