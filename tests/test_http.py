@@ -6,8 +6,10 @@ The queue page in a real browser: test_http_page.py."""
 from __future__ import annotations
 
 import asyncio
+import re
 import socket
 import time
+from urllib.parse import urlencode
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -388,6 +390,50 @@ def test_a_large_body_and_a_long_header_are_refused(closed_daemon):
     long_header = request(daemon.http, "GET", "/healthz", headers={"X-Long": "y" * 9000})
     assert long_header.status in (400, 431)
     assert request(daemon.http, "GET", "/healthz").status == 200
+
+
+def found_ids(page: str) -> list[str]:
+    """The ids a queue page lists under "Found for" (its other lists left out)."""
+    assert "<h2>Found for" in page, page
+    return re.findall(r"/message/([0-9A-Z]{26})", page.split("<h2>Found for", 1)[1].split("<h2>Upstreams", 1)[0])
+
+
+def test_a_search_by_recipient_is_bounded_in_length_wildcards_results_and_rate(make_daemon):
+    from smtpgate.http.server import MIN_QUERY, OLDEST_SHOWN, SEARCHES_PER_MINUTE
+
+    daemon = http_daemon(make_daemon, hold=True)  # everything stays queued, to be found
+    with daemon.client() as client:
+        ids = [client.send(message(f"many{n}@example.org")) for n in range(OLDEST_SHOWN + 5)]
+        odd = client.send(message("odd_one%x@example.org"))
+
+    def search(q: str):
+        return request(daemon.http, "GET", "/?" + urlencode({"q": q}))
+
+    # Too short: no search at all (every address holds "a" or "or").
+    short = search("or")
+    assert short.status == 200 and f"needs at least {MIN_QUERY} characters" in short.text
+    assert "<h2>Found for" not in short.text
+    # Wildcards are themselves: % and _ match only a % and a _ (no scan that
+    # finds the whole queue), and a search shows OLDEST_SHOWN at most.
+    assert found_ids(search("%%%").text) == []
+    assert found_ids(search("___").text) == []
+    assert found_ids(search("_one%").text) == [odd]
+    assert found_ids(search("MANY").text) == ids[:OLDEST_SHOWN]
+    # An address may search SEARCHES_PER_MINUTE times a minute (4 done), then 429.
+    for n in range(SEARCHES_PER_MINUTE - 4):
+        assert search(f"nobody{n}").status == 200
+    for q in ("nobody", "%%%%%%", "many"):
+        refused = search(q)
+        assert refused.status == 429, refused.text
+        assert 1 <= int(refused.headers["Retry-After"]) <= 61  # a minute, counted in steps of a second
+        assert "<h2>Found for" not in refused.text
+    # The rest goes on: the page, a search by id (an index read), a too short
+    # one (nothing read), /metrics and the line protocol.
+    assert request(daemon.http, "GET", "/").status == 200
+    assert found_ids(search(odd).text) == [odd]
+    assert search("xy").status == 200
+    assert request(daemon.http, "GET", "/metrics").status == 200
+    assert daemon.client().status(odd)["state"] == "queued"
 
 
 def test_a_reload_that_removes_a_token_ends_its_sessions(closed_daemon, tmp_path):
