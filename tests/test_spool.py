@@ -341,6 +341,28 @@ def test_purge_deletes_old_final_messages_and_expired_keys(tmp_path):
     assert stats["states"]["sent"] == 0 and stats["states"]["failed"] == 1
 
 
+def test_messages_failed_at_max_age_while_held_count_for_their_caller(tmp_path):
+    """Expire (every upstream down, max_age passed): the caller's pending
+    count (max_pending) goes down, and its failed count up."""
+    clock = Clock()
+
+    async def main():
+        spool = await opened(tmp_path, clock=clock)
+        for caller in ("shop", "shop", "blog"):
+            await spool.enqueue(SPEC, "s@x.org", ["a@y.org"], caller=caller)
+        before = dict(spool.pending)
+        clock.now += 100
+        failed = await spool.expire(clock.now, "451 down (smtpgate: gave up after max_age)")
+        after, counters = dict(spool.pending), spool.caller_counters
+        await spool.close()
+        return before, failed, after, counters
+
+    before, failed, after, counters = run(main())
+    assert (before, failed, after) == ({"shop": 2, "blog": 1}, 3, {})
+    assert counters == {"shop": {"delivered": 0, "failed": 2, "deferred": 0},
+                        "blog": {"delivered": 0, "failed": 1, "deferred": 0}}
+
+
 def test_queue_tools_list_retry_delete(tmp_path):
     clock = Clock()
 

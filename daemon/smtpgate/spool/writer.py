@@ -447,11 +447,14 @@ class Writer:
                          " VALUES (?, ?, ?, ?, ?, ?, ?)", [(i, *row) for i, row in enumerate(op.rows)])
 
     def expire(self, conn, effects, op: Expire) -> int:
-        rows = conn.execute(
-            f"UPDATE messages SET state=?, updated=? WHERE {IS_DUE} AND next_attempt <= ? AND created <= ?"
-            " RETURNING id, state, caller",
-            (State.FAILED, op.now, op.now, op.created_before),
-        ).fetchall()
+        # Their states before (RETURNING would give the new one: each move
+        # would be failed to failed, and the counts per state and caller
+        # would not change).
+        held = f"{IS_DUE} AND next_attempt <= ? AND created <= ?"
+        rows = conn.execute(f"SELECT id, state, caller FROM messages WHERE {held}",
+                            (op.now, op.created_before)).fetchall()
+        conn.execute(f"UPDATE messages SET state=?, updated=? WHERE {held}",
+                     (State.FAILED, op.now, op.now, op.created_before))
         conn.executemany(
             f"UPDATE recipients SET state=?, reply=? WHERE message_id=? AND {IS_DUE}",
             [(State.FAILED, op.reply, msg_id) for msg_id, _, _ in rows],
