@@ -101,6 +101,11 @@ def test_outcomes_count_per_upstream_and_caller_and_failures_by_reason(make_daem
         bad = blog.send(message("bad@example.org"))
         wait_until(lambda: shop.status(later)["state"] == "deferred", what="the deferral")
         wait_until(lambda: blog.status(bad)["state"] == "failed", what="the failure")
+        # The delivery process's first count of sessions arrives; those after
+        # come in later ones (each counted once: no total sent twice).
+        wait_until(lambda: value_or_0(scrape(daemon, ADMIN), "smtpgate_upstream_sessions_total",
+                                      upstream=refusing.hostport) == refusing.handler.sessions >= 1,
+                   what="the first sessions counted")
         refusing.stop()  # its pooled connection drops, a new one is refused: good takes the rest
         for n in range(2):
             shop.send(message(f"shop{n}@example.org"))

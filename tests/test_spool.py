@@ -549,3 +549,46 @@ def test_the_writer_runs_this_package_whatever_the_current_directory(tmp_path, m
         return state
 
     assert run(main())["state"] == "queued"
+
+
+def test_a_search_by_recipient_stops_reading_once_it_has_found_enough(tmp_path):
+    """Its cost, in SQLite's virtual machine steps (the progress handler:
+    deterministic, unlike time): a search that every address matches costs
+    less than one that matches none, for an admin and for a caller; the
+    worst, every address matching another caller's message, a few times
+    that (a message looked up per matching address)."""
+    import sqlite3
+
+    from smtpgate.spool import queries
+    from smtpgate.spool.schema import migrate
+
+    conn = sqlite3.connect(tmp_path / "search.db", isolation_level=None)
+    migrate(conn)
+    conn.execute("BEGIN")
+    for n in range(3000):
+        msg_id = new_ulid(1.8e9 + n)
+        conn.execute("INSERT INTO messages (id, state, envelope_from, spec, created, updated, next_attempt, caller)"
+                      " VALUES (?, 'sent', 'a@x.org', x'7b7d', 0, 0, 0, ?)", (msg_id, ("shop", "blog")[n % 2]))
+        conn.execute("INSERT INTO recipients VALUES (?, ?, 0, 'sent', NULL)", (msg_id, f"user{n}@example.org"))
+    conn.execute("COMMIT")
+
+    def steps(recipient: str, caller: str | None = None) -> tuple[int, int]:
+        counted = [0]
+
+        def count() -> int:
+            counted[0] += 1
+            return 0
+
+        conn.set_progress_handler(count, 100)
+        found = queries.queue_entries(conn, 2e9, include_final=True, limit=50, live=False,
+                                      recipient=recipient, caller=caller)
+        conn.set_progress_handler(None, 0)
+        return len(found), counted[0]
+
+    every, none = steps("example"), steps("nobody")
+    assert (every[0], none[0]) == (50, 0)
+    assert every[1] < none[1]  # it stopped after 50 (of 3000): no collecting and sorting every match
+    theirs, worst = steps("example", caller="shop"), steps("example", caller="nobody")
+    assert theirs[0] == 50 and theirs[1] < none[1]
+    # Every address matches and none is the caller's: a lookup each.
+    assert worst[0] == 0 and worst[1] <= 8 * none[1]
