@@ -18,13 +18,14 @@ and a few counts, kept only while the HTTP side runs:
   and pass through the daemon on their way to the spool
   (DeliveryProcess.on_record), counted once each, after their commit: a
   dict increment or two per attempt.
-- SMTP sessions set up per upstream, and those that could not be by
-  reason, come from the child's `Sessions` messages (DeliveryProcess.sessions,
-  at most one a second: a count per session, not per message).
+SMTP sessions set up per upstream, and those that could not be by
+reason, come from the child's `Sessions` messages, which the daemon adds up
+whether the HTTP side runs or not (DeliveryProcess.sessions: at most one
+message a second, a count per session, not per message).
 
 Labels are bounded by the configuration: callers (configured), upstreams
-(configured), states, protocol codes, reply classes; never an id or an
-address.
+(configured), states, protocol codes, reply classes, results, reasons
+(delivery.health.REASONS); never an id or an address.
 """
 
 from __future__ import annotations
