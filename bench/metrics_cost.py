@@ -11,6 +11,11 @@ Run it once per checkout (PYTHONPATH=/path/to/checkout/daemon), alternately:
   carries the per-caller counts, None for an enqueue-only batch);
 - figures_record: DeliveryFigures.record per attempt (the daemon, while
   the HTTP side runs);
+- writer_enqueue: the spool writer's batch of 16 Enqueues (Writer.run_batch
+  and its Committed), per SEND; writer_relay: a batch of 16 Enqueues
+  claimed at enqueue and the batch of their 16 attempt records, per
+  message; on a database in /dev/shm without fsync (synchronous=OFF), so
+  that only the CPU is measured;
 best of 5 repeats, in microseconds. With --search N: a spool of N sent
 messages of one recipient each (in a temporary folder), and the seconds
 of a search matching every address, one address, and none, for an admin
@@ -31,9 +36,12 @@ from smtpgate.http.metrics import DeliveryFigures
 from smtpgate.proc.calls import Call
 from smtpgate.proc.framing import encode, take_messages
 from smtpgate.spool import queries
-from smtpgate.spool.ops import Committed, Enqueued, RecipientOutcome, RecordAttempt, RecordAttempts
+from smtpgate.spool.ops import (
+    Committed, Enqueue, Enqueued, Limits, RecipientOutcome, RecordAttempt, RecordAttempts,
+)
 from smtpgate.spool.schema import migrate
 from smtpgate.spool.ulid import new_ulid
+from smtpgate.spool.writer import Writer
 
 BATCH = 16
 NUMBER = 20_000
@@ -67,6 +75,32 @@ def frames() -> dict:
             "figures_record_us": best_us(record_all, BATCH)}
 
 
+def writer() -> dict:
+    with tempfile.TemporaryDirectory(dir="/dev/shm") as folder:
+        spool = Writer(str(Path(folder) / "spool.db"), Limits(10**9, 3600.0, 3600.0))
+        spool.open()
+        spool.conn.execute("PRAGMA synchronous=OFF")  # sync_full stays True: run_batch leaves it so
+        tokens = iter(range(10**9))
+
+        def enqueue(claim: bool) -> list:
+            calls = [Call(next(tokens), Enqueue(1.8e9, b"{}", "a@x.org", ["b@y.org"], None, "shop", 0, claim))
+                     for _ in range(BATCH)]
+            outcome = spool.run_batch(calls)
+            spool.committed(outcome)
+            return [outcome.results[call.token].id for call in calls]
+
+        def relay() -> None:
+            ids = enqueue(True)
+            outcome = spool.run_batch([Call(next(tokens), RecordAttempts([
+                RecordAttempt(1.8e9, msg_id, [RecipientOutcome("b@y.org", "sent", "250 ok")], None, False)
+                for msg_id in ids]))])
+            spool.committed(outcome)
+
+        result = {"writer_enqueue_us": best_us(lambda: enqueue(False), BATCH), "writer_relay_us": best_us(relay, BATCH)}
+        spool.conn.close()
+        return result
+
+
 def search(n: int) -> dict:
     with tempfile.TemporaryDirectory() as folder:
         conn = sqlite3.connect(Path(folder) / "spool.db", isolation_level=None)
@@ -95,7 +129,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--search", type=int, default=0, help="recipients in the spool searched (0: no search)")
     args = ap.parse_args()
-    result = frames()
+    result = frames() | writer()
     if args.search:
         result |= search(args.search)
     print(json.dumps(result))
