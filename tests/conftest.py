@@ -150,7 +150,9 @@ class Upstream:
         return self
 
     def stop(self):
-        self.controller.stop()
+        """Stop it (a test may do so before its fixture does)."""
+        if self.controller.loop.is_running():
+            self.controller.stop()
 
     @property
     def hostport(self) -> str:

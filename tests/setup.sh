@@ -8,9 +8,9 @@
 # one-write-per-request checks, the fsync witness), swaks (the SMTP front
 # door's tests), Postfix's smtp-sink (a PIPELINING server), systemd for
 # systemd-analyze (the unit files' checks; nothing is started), chromium
-# and chromium-driver (the queue page's browser tests), and the linters
-# .ci/run uses: phpcs (php-codesniffer), cppcheck and ruff (a dev extra,
-# with the man page and completion generators). Run as root
+# and chromium-driver (the queue page's browser tests), promtool (below),
+# and the linters .ci/run uses: phpcs (php-codesniffer), cppcheck and ruff
+# (a dev extra, with the man page and completion generators). Run as root
 # (or with sudo for the apt part).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -54,3 +54,17 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test,dev]'
+# promtool (tests/test_prometheus.py: the alert rules of docs/prometheus/
+# and a scrape of /metrics) from Debian's prometheus package: 19 MB to
+# download, and only the program (48 MB) is unpacked, into the venv.
+# Installing the package would add 8 packages of web assets (96 MB) and,
+# where systemd runs, enable and start a Prometheus server.
+if ! command -v promtool >/dev/null && [ ! -x .venv/bin/promtool ]; then
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  deb_dir="$(mktemp -d)"
+  (cd "$deb_dir" && apt-get download -qq -o APT::Sandbox::User="$(id -un)" prometheus)
+  dpkg-deb --fsys-tarfile "$deb_dir"/prometheus_*.deb | tar -xO ./usr/bin/promtool > .venv/bin/promtool
+  chmod 755 .venv/bin/promtool
+  rm -r "$deb_dir"
+fi

@@ -330,7 +330,8 @@ def test_the_rate_limit_answers_busy_with_the_time_to_wait_and_stores_nothing(ma
         assert 86400 - 120 < int(wait[:-2]) <= 86400 + 1440, reply
         stats = burst.stats()
     assert stats["counters"]["accepted"] == 5 and stats["states"]["queued"] == 5
-    assert stats["callers"]["burst"] == {"accepted": 3, "refused": {"BAD_ADDRESS": 1, "BUSY": 2}, "pending": 3}
+    assert stats["callers"]["burst"] == {"accepted": 3, "refused": {"BAD_ADDRESS": 1, "BUSY": 2}, "pending": 3,
+                                         "delivered": 0, "failed": 0, "deferred": 0}
     assert len(set(ids)) == 3
     limited = [line for line in daemon.log_lines() if line.get("event") == "caller_rate_limited"]
     assert [line["caller"] for line in limited] == ["burst", "daily"]  # one line per episode
@@ -355,7 +356,8 @@ def test_max_pending_counts_from_the_spool_across_a_restart(make_daemon, upstrea
     daemon.start()
     with Line(daemon.tcp, TOKEN_A) as shop:
         assert shop.send(message("three")) == cap
-        assert shop.stats()["callers"]["shop"] == {"accepted": 0, "refused": {"BUSY": 1}, "pending": 2}
+        assert shop.stats()["callers"]["shop"] == {"accepted": 0, "refused": {"BUSY": 1}, "pending": 2,
+                                                   "delivered": 0, "failed": 0, "deferred": 0}
     daemon.settings["hold"] = False
     daemon.reload()
     upstream.wait_for(3)

@@ -6,8 +6,10 @@ The queue page in a real browser: test_http_page.py."""
 from __future__ import annotations
 
 import asyncio
+import re
 import socket
 import time
+from urllib.parse import urlencode
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -36,6 +38,11 @@ def scrape(daemon, token=None) -> dict:
 
 def value(samples: dict, name: str, **labels) -> float:
     return samples[(name, frozenset(labels.items()))]
+
+
+def value_or_0(samples: dict, name: str, **labels) -> float:
+    """A counter's value; 0 for one not (yet) shown."""
+    return samples.get((name, frozenset(labels.items())), 0)
 
 
 def message(to: str, subject: str = "hello") -> dict:
@@ -75,6 +82,80 @@ def test_metrics_move_with_real_sends_and_deliveries(make_daemon, upstream):
     assert value(samples, "smtpgate_connections", door="http") == 1  # this scrape's own
 
 
+def test_outcomes_count_per_upstream_and_caller_and_failures_by_reason(make_daemon, make_upstream, tmp_path):
+    """Three real upstreams in order: one not listening, one that refuses
+    with a 4xx and a 5xx (then stops), one that takes mail; two callers."""
+    dead = f"127.0.0.1:{free_port()}"
+    refusing, good = make_upstream(), make_upstream()
+    refusing.script_rcpt("later@example.org", "451 4.3.0 try again later")
+    refusing.script_rcpt("bad@example.org", "550 5.1.1 no such user")
+    port = free_port()
+    daemon = start(make_daemon, callers={
+        "shop": {"token_file": token_file(tmp_path, "shop", SHOP)},
+        "blog": {"token_file": token_file(tmp_path, "blog", BLOG)},
+    }, http_listen=f"127.0.0.1:{port}", http_admin_token_file=token_file(tmp_path, "admin", ADMIN),
+        upstream=[dead, refusing.hostport, good.hostport], retry_base=60.0, retry_max=60.0)
+    daemon.http = ("127.0.0.1", port)
+    with daemon.client(token=SHOP) as shop, daemon.client(token=BLOG) as blog:
+        later = shop.send(message("later@example.org"))
+        bad = blog.send(message("bad@example.org"))
+        wait_until(lambda: shop.status(later)["state"] == "deferred", what="the deferral")
+        wait_until(lambda: blog.status(bad)["state"] == "failed", what="the failure")
+        # The delivery process's first count of sessions arrives; those after
+        # come in later ones (each counted once: no total sent twice).
+        wait_until(lambda: value_or_0(scrape(daemon, ADMIN), "smtpgate_upstream_sessions_total",
+                                      upstream=refusing.hostport) == refusing.handler.sessions >= 1,
+                   what="the first sessions counted")
+        refusing.stop()  # its pooled connection drops, a new one is refused: good takes the rest
+        for n in range(2):
+            shop.send(message(f"shop{n}@example.org"))
+        blog.send(message("blog@example.org"))
+    good.wait_for(3)
+    samples = wait_until(lambda: (s := scrape(daemon, ADMIN))
+                         and value_or_0(s, "smtpgate_upstream_messages_total", upstream=good.hostport,
+                                        result="delivered") == 3
+                         and value_or_0(s, "smtpgate_delivery_failures_total", upstream=refusing.hostport,
+                                        reason="connect") >= 1 and s, what="3 delivered by the good upstream")
+
+    def upstream_results(name):
+        return [value(samples, "smtpgate_upstream_messages_total", upstream=name, result=r)
+                for r in ("delivered", "deferred", "failed")]
+
+    assert upstream_results(dead) == [0, 0, 0]
+    assert upstream_results(refusing.hostport) == [0, 1, 1]
+    assert upstream_results(good.hostport) == [3, 0, 0]
+
+    def caller_results(name):
+        return [value(samples, "smtpgate_caller_messages_total", caller=name, result=r)
+                for r in ("delivered", "deferred", "failed")]
+
+    assert caller_results("shop") == [2, 1, 0]
+    assert caller_results("blog") == [1, 0, 1]
+    # The callers' counts add up to the daemon's, which the spool's writer counts too.
+    assert value(samples, "smtpgate_messages_delivered_total") == 3
+    assert value(samples, "smtpgate_messages_deferred_total") == 1
+    assert value(samples, "smtpgate_messages_failed_total") == 1
+
+    failures = {dict(labels)["reason"]: n for (name, labels), n in samples.items()
+                if name == "smtpgate_delivery_failures_total" and dict(labels)["upstream"] == refusing.hostport}
+    assert failures.pop("connect") >= 1  # after stop(): its probes are refused too
+    assert failures == {"reply_4xx": 1, "reply_5xx": 1}
+    assert {dict(labels)["reason"] for (name, labels), _ in samples.items()
+            if name == "smtpgate_delivery_failures_total" and dict(labels)["upstream"] == dead} == {"connect"}
+    assert value(samples, "smtpgate_delivery_failures_total", upstream=dead, reason="connect") >= 1
+    assert not any(name == "smtpgate_delivery_failures_total" and dict(labels)["upstream"] == good.hostport
+                   for name, labels in samples)
+
+    assert value(samples, "smtpgate_upstream_sessions_total", upstream=dead) == 0
+    assert value(samples, "smtpgate_upstream_sessions_total", upstream=refusing.hostport) == refusing.handler.sessions
+    assert value(samples, "smtpgate_upstream_sessions_total", upstream=good.hostport) == good.handler.sessions >= 1
+    # The same counts in STATS, per caller (new keys beside accepted, refused, pending).
+    with daemon.client(token=SHOP) as shop:
+        stats = shop.stats()
+    assert {k: stats["callers"]["shop"][k] for k in ("delivered", "deferred", "failed")} == \
+        {"delivered": 2, "deferred": 1, "failed": 0}
+
+
 def test_refusals_are_counted_by_caller_and_code_with_no_address_in_a_label(make_daemon, upstream):
     daemon = http_daemon(make_daemon)
     with daemon.client() as client:
@@ -100,7 +181,7 @@ def test_webhook_figures_follow_stats_and_are_absent_without_the_key(make_daemon
 
     def text(stats):
         made = families(stats, oldest_due=None, now=1e9, handoff=Histogram(HANDOFF_BOUNDS),
-                        delivery=DeliveryFigures())
+                        delivery=DeliveryFigures(), sessions={})
         return generate_latest(Snapshot(made)).decode()
 
     assert "smtpgate_webhook" not in text(stats)
@@ -314,6 +395,51 @@ def test_a_large_body_and_a_long_header_are_refused(closed_daemon):
     long_header = request(daemon.http, "GET", "/healthz", headers={"X-Long": "y" * 9000})
     assert long_header.status in (400, 431)
     assert request(daemon.http, "GET", "/healthz").status == 200
+
+
+def found_ids(page: str) -> list[str]:
+    """The ids a queue page lists under "Found for" (its other lists left out)."""
+    assert "<h2>Found for" in page, page
+    return re.findall(r"/message/([0-9A-Z]{26})", page.split("<h2>Found for", 1)[1].split("<h2>Upstreams", 1)[0])
+
+
+def test_a_search_by_recipient_is_bounded_in_length_wildcards_results_and_rate(make_daemon):
+    from smtpgate.http.server import MIN_QUERY, OLDEST_SHOWN, SEARCHES_PER_MINUTE
+
+    daemon = http_daemon(make_daemon, hold=True)  # everything stays queued, to be found
+    with daemon.client() as client:
+        ids = [client.send(message(f"many{n}@example.org")) for n in range(OLDEST_SHOWN + 5)]
+        odd = client.send(message("odd_one%x@example.org"))
+
+    def search(q: str):
+        return request(daemon.http, "GET", "/?" + urlencode({"q": q}))
+
+    # Too short: no search at all (every address holds "a" or "or").
+    short = search("or")
+    assert short.status == 200 and f"needs at least {MIN_QUERY} characters" in short.text
+    assert "<h2>Found for" not in short.text
+    # Wildcards are themselves: % and _ match only a % and a _ (no scan that
+    # finds the whole queue), and a search shows OLDEST_SHOWN at most.
+    assert found_ids(search("%%%").text) == []
+    assert found_ids(search("___").text) == []
+    assert found_ids(search("_one%").text) == [odd]
+    many = found_ids(search("MANY").text)  # in the order of their ids (the same millisecond: any)
+    assert len(many) == OLDEST_SHOWN and set(many) < set(ids)
+    # An address may search SEARCHES_PER_MINUTE times a minute (4 done), then 429.
+    for n in range(SEARCHES_PER_MINUTE - 4):
+        assert search(f"nobody{n}").status == 200
+    for q in ("nobody", "%%%%%%", "many"):
+        refused = search(q)
+        assert refused.status == 429, refused.text
+        assert 1 <= int(refused.headers["Retry-After"]) <= 61  # a minute, counted in steps of a second
+        assert "<h2>Found for" not in refused.text
+    # The rest goes on: the page, a search by id (an index read), a too short
+    # one (nothing read), /metrics and the line protocol.
+    assert request(daemon.http, "GET", "/").status == 200
+    assert found_ids(search(odd).text) == [odd]
+    assert search("xy").status == 200
+    assert request(daemon.http, "GET", "/metrics").status == 200
+    assert daemon.client().status(odd)["state"] == "queued"
 
 
 def test_a_reload_that_removes_a_token_ends_its_sessions(closed_daemon, tmp_path):

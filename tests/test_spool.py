@@ -341,6 +341,28 @@ def test_purge_deletes_old_final_messages_and_expired_keys(tmp_path):
     assert stats["states"]["sent"] == 0 and stats["states"]["failed"] == 1
 
 
+def test_messages_failed_at_max_age_while_held_count_for_their_caller(tmp_path):
+    """Expire (every upstream down, max_age passed): the caller's pending
+    count (max_pending) goes down, and its failed count up."""
+    clock = Clock()
+
+    async def main():
+        spool = await opened(tmp_path, clock=clock)
+        for caller in ("shop", "shop", "blog"):
+            await spool.enqueue(SPEC, "s@x.org", ["a@y.org"], caller=caller)
+        before = dict(spool.pending)
+        clock.now += 100
+        failed = await spool.expire(clock.now, "451 down (smtpgate: gave up after max_age)")
+        after, counters = dict(spool.pending), spool.caller_counters
+        await spool.close()
+        return before, failed, after, counters
+
+    before, failed, after, counters = run(main())
+    assert (before, failed, after) == ({"shop": 2, "blog": 1}, 3, {})
+    assert counters == {"shop": {"delivered": 0, "failed": 2, "deferred": 0},
+                        "blog": {"delivered": 0, "failed": 1, "deferred": 0}}
+
+
 def test_queue_tools_list_retry_delete(tmp_path):
     clock = Clock()
 
@@ -489,7 +511,7 @@ def test_every_pipe_message_crosses_the_pipe_as_itself():
 
     types = [value for module in (calls, ops, process) for value in vars(module).values()
              if isinstance(value, type) and issubclass(value, tuple) and value.__module__ == module.__name__]
-    assert len(types) == 35
+    assert len(types) == 36
     # Each is marked @message (the cheap pickling), and comes back as its own type.
     assert [t.__name__ for t in types if t not in copyreg.dispatch_table] == []
     sent = [t(*(f"{t.__name__}.{field}" for field in t._fields)) for t in types]
@@ -527,3 +549,46 @@ def test_the_writer_runs_this_package_whatever_the_current_directory(tmp_path, m
         return state
 
     assert run(main())["state"] == "queued"
+
+
+def test_a_search_by_recipient_stops_reading_once_it_has_found_enough(tmp_path):
+    """Its cost, in SQLite's virtual machine steps (the progress handler:
+    deterministic, unlike time): a search that every address matches costs
+    less than one that matches none, for an admin and for a caller; the
+    worst, every address matching another caller's message, a few times
+    that (a message looked up per matching address)."""
+    import sqlite3
+
+    from smtpgate.spool import queries
+    from smtpgate.spool.schema import migrate
+
+    conn = sqlite3.connect(tmp_path / "search.db", isolation_level=None)
+    migrate(conn)
+    conn.execute("BEGIN")
+    for n in range(3000):
+        msg_id = new_ulid(1.8e9 + n)
+        conn.execute("INSERT INTO messages (id, state, envelope_from, spec, created, updated, next_attempt, caller)"
+                      " VALUES (?, 'sent', 'a@x.org', x'7b7d', 0, 0, 0, ?)", (msg_id, ("shop", "blog")[n % 2]))
+        conn.execute("INSERT INTO recipients VALUES (?, ?, 0, 'sent', NULL)", (msg_id, f"user{n}@example.org"))
+    conn.execute("COMMIT")
+
+    def steps(recipient: str, caller: str | None = None) -> tuple[int, int]:
+        counted = [0]
+
+        def count() -> int:
+            counted[0] += 1
+            return 0
+
+        conn.set_progress_handler(count, 100)
+        found = queries.queue_entries(conn, 2e9, include_final=True, limit=50, live=False,
+                                      recipient=recipient, caller=caller)
+        conn.set_progress_handler(None, 0)
+        return len(found), counted[0]
+
+    every, none = steps("example"), steps("nobody")
+    assert (every[0], none[0]) == (50, 0)
+    assert every[1] < none[1]  # it stopped after 50 (of 3000): no collecting and sorting every match
+    theirs, worst = steps("example", caller="shop"), steps("example", caller="nobody")
+    assert theirs[0] == 50 and theirs[1] < none[1]
+    # Every address matches and none is the caller's: a lookup each.
+    assert worst[0] == 0 and worst[1] <= 8 * none[1]

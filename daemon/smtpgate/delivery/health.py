@@ -32,8 +32,9 @@ import dataclasses
 from typing import TYPE_CHECKING
 
 from smtpgate.delivery.retry import retry_delay
-from smtpgate.spool.ops import UpstreamRow
+from smtpgate.spool.ops import RecipientOutcome, UpstreamRow
 from smtpgate.spool.queries import down_reply
+from smtpgate.spool.schema import State
 
 if TYPE_CHECKING:
     from smtpgate.smtp import SmtpSessionError
@@ -55,6 +56,36 @@ def failure_kind(exc: SmtpSessionError) -> str:
              (SmtpAuthError, "auth"), (SmtpServerRefused, "refused"), (SmtpConnectionLost, "lost"),
              (SmtpProtocolError, "protocol"))
     return next((kind for cls, kind in kinds if isinstance(exc, cls)), "error")
+
+
+# Why delivery's work with an upstream failed, for /metrics (a fixed set:
+# a label's values must be bounded): a TCP connection not made (refused,
+# unreachable), no reply in time, TLS (handshake, certificate, STARTTLS
+# refused or missing), AUTH refused, the connection dropped, the SMTP
+# grammar broken, a 4xx or 5xx reply (to the greeting, EHLO, MAIL, RCPT,
+# DATA, the final dot; a 421 at any point), a message that cannot be
+# sent as it is, anything else.
+REASONS = ("connect", "timeout", "tls", "auth", "dropped", "protocol", "reply_4xx", "reply_5xx", "message", "other")
+_REASON_OF_KIND = {"connect": "connect", "timeout": "timeout", "tls": "tls", "auth": "auth", "lost": "dropped",
+                   "protocol": "protocol"}
+
+
+def failure_reason(exc: SmtpSessionError) -> str:
+    """The REASONS word of a session error."""
+    kind = failure_kind(exc)
+    if kind == "refused":
+        code = exc.reply.code if exc.reply is not None else 0
+        return "reply_4xx" if 400 <= code < 500 else "reply_5xx" if 500 <= code < 600 else "protocol"
+    return _REASON_OF_KIND.get(kind, "other")
+
+
+def outcomes_reason(outcomes: list[RecipientOutcome]) -> str | None:
+    """The REASONS word of a transaction's replies: reply_4xx if a recipient
+    was deferred, else reply_5xx if one failed; None if all were sent."""
+    states = {o.state for o in outcomes}
+    if State.DEFERRED in states:
+        return "reply_4xx"
+    return "reply_5xx" if State.FAILED in states else None
 
 
 def failure_text(exc: SmtpSessionError) -> str:

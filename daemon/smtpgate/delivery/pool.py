@@ -14,7 +14,8 @@ rate limit (a token bucket) and its health (health.py).
   not at all while it is down, but for `probe()`. A session that cannot be
   set up marks it down, one that is set up marks it up; `on_health(pool,
   previous)` (previous: the Health before) hears of every failure and of
-  every change to up.
+  every change to up, and `on_session(name, reason)` of every session set
+  up (reason None) or not (health.REASONS): what /metrics counts.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import random
 import time
 from typing import TYPE_CHECKING, Callable
 
-from smtpgate.delivery.health import DOWN, UNKNOWN, UP, Health
+from smtpgate.delivery.health import DOWN, UNKNOWN, UP, Health, failure_reason
 from smtpgate.delivery.settings import DeliverySettings
 
 if TYPE_CHECKING:
@@ -65,6 +66,7 @@ class UpstreamPool:
 
     def __init__(self, settings: UpstreamSettings, delivery_settings: DeliverySettings, *,
                  on_health: Callable[[UpstreamPool, Health], None] | None = None,
+                 on_session: Callable[[str, str | None], None] | None = None,
                  rand: Callable[[], float] = random.random):
         self.settings = settings
         self.name = f"{settings.host}:{settings.port}"
@@ -76,6 +78,7 @@ class UpstreamPool:
         self.opened = 0  # connections opened so far (tests and logs)
         self._opening = asyncio.Lock()  # held by the one connection attempt allowed while not up
         self._on_health = on_health or (lambda pool, before: None)
+        self._on_session = on_session or (lambda name, reason: None)
         self._rand = rand
         self._reaper: asyncio.TimerHandle | None = None
         self._quitting: set[asyncio.Future] = set()
@@ -141,9 +144,11 @@ class UpstreamPool:
         try:
             conn = await SmtpConnection.open(self.settings)
         except SmtpSessionError as exc:
+            self._on_session(self.name, failure_reason(exc))
             self.session_failed(exc, probe)
             raise
         self.opened += 1
+        self._on_session(self.name, None)
         if self.health.state != UP:
             previous = dataclasses.replace(self.health)
             self.health.succeeded(time.time())

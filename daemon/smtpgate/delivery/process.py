@@ -19,7 +19,7 @@ spool. Messages on the pipe (named types, each side dispatching on the
 type with a table):
 - daemon -> child: `Start`, `Wake`, `Deliver`, `ProbeNow`, `Reload`,
   `Stop`, `StopNow`, and the `Answer`s to its calls.
-- child -> daemon: `Started`, `Want`, and `Call`s of the spool operations
+- child -> daemon: `Started`, `Want`, `Sessions`, and `Call`s of the spool operations
   `ClaimDue`, `RecordAttempts`, `Release`, `RecordUpstreams`, `Expire`,
   `NextDue`, `CountDue` (spool/ops.py); after `Stop`, the end of its
   output says its Delivery has stopped.
@@ -62,6 +62,9 @@ STOP_MARGIN = 15.0  # seconds
 # stay 'sending' and are sent again after the restart (at-least-once).
 RECORD_EVERY = 0.003  # seconds
 
+# The child's counts of SMTP sessions go to the daemon at most this often
+# (a scrape every 15 s needs no more): nothing is sent per message.
+SESSIONS_EVERY = 1.0  # seconds
 
 
 @message
@@ -89,6 +92,15 @@ class Want(NamedTuple):
     """Delivery has room for `n` more messages claimed at enqueue."""
 
     n: int
+
+
+@message
+class Sessions(NamedTuple):
+    """SMTP sessions since the last `Sessions`, per (upstream, reason):
+    reason None for those set up, a health.REASONS word for those that
+    could not be (probes included)."""
+
+    counts: dict[tuple[str, str | None], int]
 
 
 @message
@@ -137,10 +149,13 @@ class DeliveryProcess:
         self._stopping = False
         self._interrupt = False  # stop_now() was asked for
         self._woken = False
-        self._handlers = {Started: self._on_started, Call: self._on_call, Want: self._on_want}
+        self._handlers = {Started: self._on_started, Call: self._on_call, Want: self._on_want,
+                          Sessions: self._on_sessions}
         # Told of each attempt the child records, with its new state: the
         # HTTP side's delivery figures (http/metrics.py).
         self.on_record: Callable[[RecordAttempt, str | None], None] | None = None
+        # The child's `Sessions`, added up since start: (upstream, reason) -> count.
+        self.sessions: dict[tuple[str, str | None], int] = {}
         # Claim at enqueue: the room delivery offered (Want) and intake has
         # not used, and whether every upstream is down (then nothing is
         # claimed at enqueue: the outage holds new messages with the rest).
@@ -195,6 +210,10 @@ class DeliveryProcess:
 
     def _on_want(self, want: Want) -> None:
         self._room += want.n
+
+    def _on_sessions(self, sessions: Sessions) -> None:
+        for key, n in sessions.counts.items():
+            self.sessions[key] = self.sessions.get(key, 0) + n
 
     def probe_now(self) -> None:
         """Probe every down upstream at once."""
@@ -327,8 +346,9 @@ class SpoolCalls:
     async def claim_due(self, now: float, limit: int) -> list[Claimed]:
         return await self._call(ClaimDue(now, limit))
 
-    def record_attempt(self, msg_id, outcomes, *, next_attempt=None, possible_duplicate=False) -> asyncio.Future:
-        record = RecordAttempt(time.time(), msg_id, list(outcomes), next_attempt, possible_duplicate)
+    def record_attempt(self, msg_id, outcomes, *, next_attempt=None, possible_duplicate=False, upstream=None,
+                       reason=None) -> asyncio.Future:
+        record = RecordAttempt(time.time(), msg_id, list(outcomes), next_attempt, possible_duplicate, upstream, reason)
         fut = self._loop.create_future()
         self._records.append((record, fut))
         if len(self._records) == 1:
@@ -380,6 +400,7 @@ class _Relay:
         self.delivery = None
         self.pipe = FramedPipe(self.on_message, self.on_eof)
         self.spool = SpoolCalls(self.pipe.send, loop)
+        self.sessions: dict[tuple[str, str | None], int] = {}  # since the last Sessions sent
         self.handlers = {Start: self.start, Wake: self.wake, Deliver: self.deliver, ProbeNow: self.probe_now,
                          Reload: self.reload, Stop: self.stop, StopNow: self.stop_now, Answer: self.spool.answer}
 
@@ -402,13 +423,25 @@ class _Relay:
         os.nice(start.settings.nice)
         try:
             self.delivery = Delivery(self.spool, start.settings, get_logger(), dots=DotLog(start.spool_dir),
-                                     offer=lambda n: self.pipe.send(Want(n)))
+                                     offer=lambda n: self.pipe.send(Want(n)), on_session=self.count_session)
             await self.delivery.start()
         except Exception:
             get_logger().exception("delivery_start_failed")
             self.done.set_result(None)  # the daemon sees our end and does not start
             return
         self.pipe.send(Started())
+
+    def count_session(self, upstream: str, reason: str | None) -> None:
+        """A session set up, or not (pool.py): sent with the others in SESSIONS_EVERY."""
+        if not self.sessions:
+            asyncio.get_running_loop().call_later(SESSIONS_EVERY, self.send_sessions)
+        key = (upstream, reason)
+        self.sessions[key] = self.sessions.get(key, 0) + 1
+
+    def send_sessions(self) -> None:
+        if self.sessions:
+            sessions, self.sessions = self.sessions, {}
+            self.pipe.send(Sessions(sessions))
 
     def wake(self, _: Wake) -> None:
         if self.delivery is not None:
@@ -436,6 +469,7 @@ class _Relay:
         try:
             if self.delivery is not None:
                 await self.delivery.stop(grace)
+            self.send_sessions()  # before the end of our output
         except Exception:  # e.g. the spool failed: what is unrecorded stays 'sending' until restart
             get_logger().exception("delivery_stop_failed")
         finally:

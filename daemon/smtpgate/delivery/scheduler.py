@@ -49,7 +49,7 @@ import random
 import time
 from typing import TYPE_CHECKING, Callable
 
-from smtpgate.delivery.health import DOWN, UP, Health, failure_text
+from smtpgate.delivery.health import DOWN, UP, Health, failure_reason, failure_text, outcomes_reason
 from smtpgate.delivery.pool import UpstreamDown, UpstreamPool
 from smtpgate.delivery.retry import gave_up, give_up, next_attempt_at, outcomes_from_result
 from smtpgate.delivery.settings import DeliverySettings
@@ -103,6 +103,7 @@ class _Attempt:
     upstream: str | None = None
     possible_duplicate: bool = False
     upstream_down: bool = False  # the session failed the upstream (a 421): held with the rest
+    reason: str | None = None  # why not every recipient was sent (health.REASONS)
 
 
 @dataclasses.dataclass
@@ -127,6 +128,7 @@ class Delivery:
         rand: Callable[[], float] = random.random,
         dots: DotLog | None = None,
         offer: Callable[[int], None] | None = None,
+        on_session: Callable[[str, str | None], None] | None = None,
     ):
         self._spool = spool
         self._settings = settings
@@ -135,6 +137,7 @@ class Delivery:
         self._rand = rand
         self._dots = dots
         self._offer = offer
+        self._on_session = on_session  # each session set up or not (pool.py)
         self._unspent = 0  # room offered to intake and not yet used (take)
         self._taken: set[str] = set()  # ids handed over by intake, until attempted
         self._claim_more = True  # the last claim may have left due messages: a finishing worker wakes us
@@ -156,7 +159,8 @@ class Delivery:
         self._stopping = False
 
     def _new_pool(self, upstream) -> UpstreamPool:
-        return UpstreamPool(upstream, self._settings, on_health=self._health_changed, rand=self._rand)
+        return UpstreamPool(upstream, self._settings, on_health=self._health_changed, on_session=self._on_session,
+                            rand=self._rand)
 
     @property
     def pools(self) -> list[UpstreamPool]:
@@ -497,7 +501,7 @@ class Delivery:
             log.exception("delivery_error")
             attempt = _Attempt(
                 [RecipientOutcome(r, State.DEFERRED, "smtpgate: internal error, see the log") for r in message.recipients],
-                possible_duplicate=message.id in self._dot_sent,
+                possible_duplicate=message.id in self._dot_sent, reason="other",
             )
         self._dot_sent.discard(message.id)
         if attempt is None:  # every upstream is down: held, not attempted
@@ -516,7 +520,8 @@ class Delivery:
         # its group commit: a crash before that commit only means the message
         # is sent again (at-least-once), and the worker is not idle meanwhile.
         record = self._spool.record_attempt(
-            message.id, outcomes, next_attempt=next_attempt, possible_duplicate=attempt.possible_duplicate
+            message.id, outcomes, next_attempt=next_attempt, possible_duplicate=attempt.possible_duplicate,
+            upstream=attempt.upstream, reason=attempt.reason,
         )
         self._settle(record, message.id)
         record.add_done_callback(lambda done: self._recorded(done, message, attempt, outcomes, next_attempt, log))
@@ -561,7 +566,8 @@ class Delivery:
         except Exception as exc:
             log.error("message_build_failed", error=f"{type(exc).__name__}: {exc}")
             return _Attempt(
-                [RecipientOutcome(r, State.FAILED, "smtpgate: the message could not be built") for r in message.recipients]
+                [RecipientOutcome(r, State.FAILED, "smtpgate: the message could not be built") for r in message.recipients],
+                reason="message",
             )
         # RFC 5321 4.5.3.1.8: a server need only take 100 recipients per
         # transaction and answers 452 to the rest; sending them in several
@@ -587,6 +593,7 @@ class Delivery:
             combined.upstream = part.upstream or combined.upstream
             combined.possible_duplicate |= part.possible_duplicate
             combined.upstream_down |= part.upstream_down
+            combined.reason = combined.reason or part.reason
         return combined
 
     def _final_dot(self, msg_id: str) -> None:
@@ -618,7 +625,8 @@ class Delivery:
                 except SmtpMessageError as exc:
                     pool.release(conn)  # nothing was sent; the session is fine
                     reply = f"smtpgate: {exc}"
-                    return _Attempt([RecipientOutcome(r, State.FAILED, reply) for r in recipients], pool.name)
+                    return _Attempt([RecipientOutcome(r, State.FAILED, reply) for r in recipients], pool.name,
+                                    reason="message")
                 except SmtpSessionError as exc:
                     pool.discard(conn)
                     if reused and not exc.after_data_end and exc.reply is None and not fresh:
@@ -637,6 +645,7 @@ class Delivery:
                         pool.name,
                         possible_duplicate=exc.after_data_end,
                         upstream_down=pool.health.state == DOWN,
+                        reason=failure_reason(exc),
                     )
                 except BaseException:
                     pool.discard(conn)
@@ -644,7 +653,8 @@ class Delivery:
                 finally:
                     self._doing.pop(message.id, None)
                 pool.release(conn)
-                return _Attempt(outcomes_from_result(result), pool.name)
+                outcomes = outcomes_from_result(result)
+                return _Attempt(outcomes, pool.name, reason=outcomes_reason(outcomes))
         return None
 
 

@@ -1,23 +1,31 @@
 """/metrics: the daemon's figures in the Prometheus text format.
 
 Nothing is counted for Prometheus on the way of a message: at each scrape
-the figures the daemon keeps anyway (the STATS payload, PROTOCOL.md) are
-turned into metric families by `families`, and prometheus_client writes
-them out. The only additions are two histograms and one count, kept
-only while the HTTP side runs:
+the figures the daemon keeps anyway (the STATS payload, PROTOCOL.md, with
+each caller's messages delivered, failed and deferred as the spool's
+writer counts them) are turned into metric families by `families`, and
+prometheus_client writes them out. The only additions are two histograms
+and a few counts, kept only while the HTTP side runs:
 - hand-off latency: a SEND's request line to its `OK <id>` (the line
   door observes it: two clock reads and a bisect over 14 bounds, 0.8 us
   a SEND beside the daemon's ~175-205 us, bench/results.md);
 - delivery latency: a message's creation (its ULID's time) to the attempt
   that sent it, and each recipient's outcome of every attempt by the
   class of its reply (2xx, 4xx, 5xx, or none: no SMTP reply, such as a
-  refused connection). Both come from the delivery child's own records,
-  which pass through the daemon on their way to the spool
-  (DeliveryProcess.on_record): nothing new crosses the pipe.
+  refused connection), and each attempt's result per upstream and the
+  reason of those that did not send every recipient. They come from the
+  delivery child's own records, which carry the upstream and the reason
+  and pass through the daemon on their way to the spool
+  (DeliveryProcess.on_record), counted once each, after their commit: a
+  dict increment or two per attempt.
+SMTP sessions set up per upstream, and those that could not be by
+reason, come from the child's `Sessions` messages, which the daemon adds up
+whether the HTTP side runs or not (DeliveryProcess.sessions: at most one
+message a second, a count per session, not per message).
 
 Labels are bounded by the configuration: callers (configured), upstreams
-(configured), states, protocol codes, reply classes; never an id or an
-address.
+(configured), states, protocol codes, reply classes, results, reasons
+(delivery.health.REASONS); never an id or an address.
 """
 
 from __future__ import annotations
@@ -36,6 +44,7 @@ from smtpgate.spool.ulid import ulid_seconds
 HANDOFF_BOUNDS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 DELIVERY_BOUNDS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 21600.0, 86400.0)
 REPLY_CLASSES = ("2xx", "4xx", "5xx", "none")
+RESULTS = {State.SENT: "delivered", State.DEFERRED: "deferred", State.FAILED: "failed"}  # a message's state after an attempt
 
 
 class Histogram:
@@ -74,6 +83,8 @@ class DeliveryFigures:
         self.seconds = Histogram(DELIVERY_BOUNDS)
         self.outcomes = {(state, cls): 0 for state in (State.SENT, State.DEFERRED, State.FAILED)
                          for cls in REPLY_CLASSES}
+        self.upstream_results: dict[tuple[str, str], int] = {}  # (upstream, RESULTS value) -> attempts
+        self.failures: dict[tuple[str, str], int] = {}  # (upstream, health.REASONS word) -> attempts
 
     def record(self, op: RecordAttempt, state: str | None) -> None:
         """One attempt, once the spool has it, and the message's new state
@@ -84,6 +95,13 @@ class DeliveryFigures:
                 self.outcomes[key] += 1
         if state == State.SENT:
             self.seconds.observe(max(0.0, op.now - ulid_seconds(op.msg_id)))
+        upstream = op.upstream
+        if upstream is not None and state is not None:  # None: deleted meanwhile
+            key = (upstream, RESULTS[state])
+            self.upstream_results[key] = self.upstream_results.get(key, 0) + 1
+            if op.reason is not None:
+                key = (upstream, op.reason)
+                self.failures[key] = self.failures.get(key, 0) + 1
 
 
 class Snapshot:
@@ -101,8 +119,9 @@ _process = ProcessCollector(registry=None)  # process_cpu_seconds_total, process
 
 
 def families(stats: dict, *, oldest_due: float | None, now: float, handoff: Histogram,
-             delivery: DeliveryFigures) -> list:
-    """The metric families of the STATS payload `stats` and the HTTP side's own figures."""
+             delivery: DeliveryFigures, sessions: dict[tuple[str, str | None], int]) -> list:
+    """The metric families of the STATS payload `stats`, the HTTP side's own
+    figures, and the delivery child's `sessions` (DeliveryProcess.sessions)."""
     out = [*_process.collect()]
 
     def gauge(name, doc, value=None, labels=(), samples=()):
@@ -130,6 +149,9 @@ def families(stats: dict, *, oldest_due: float | None, now: float, handoff: Hist
             samples=[((name, code), n) for name, c in callers.items() for code, n in c["refused"].items()])
     gauge("smtpgate_caller_pending_messages", "Messages not yet final, per caller.", labels=("caller",),
           samples=[((name, ), c["pending"]) for name, c in callers.items()])
+    counter("smtpgate_caller_messages", "Messages delivered and failed, and attempts that left a message "
+            "deferred, since start, per caller.", labels=("caller", "result"),
+            samples=[((name, result), c[result]) for name, c in callers.items() for result in RESULTS.values()])
 
     counters = stats["counters"]
     counter("smtpgate_messages_delivered", "Messages sent to every recipient since start.",
@@ -159,6 +181,25 @@ def families(stats: dict, *, oldest_due: float | None, now: float, handoff: Hist
           samples=[((u["name"], ), 1 if u["state"] == "up" else 0) for u in upstreams if u["state"] != "unknown"])
     gauge("smtpgate_upstream_failures", "Failed tries in a row of a down upstream (0 while up).",
           labels=("upstream",), samples=[((u["name"], ), u.get("failures", 0)) for u in upstreams])
+    # Every upstream delivery knows has its series from 0 (rate() needs the start).
+    known = [u["name"] for u in upstreams]
+    results = {(name, result): 0 for name in known for result in RESULTS.values()}
+    results.update(delivery.upstream_results)
+    counter("smtpgate_upstream_messages", "Delivery attempts since start, per upstream that took them, by the "
+            "message's state after each: delivered, deferred or failed.", labels=("upstream", "result"),
+            samples=sorted(results.items()))
+    opened = dict.fromkeys(known, 0)
+    failures = dict(delivery.failures)
+    for (name, reason), n in sessions.items():
+        if reason is None:
+            opened[name] = opened.get(name, 0) + n
+        else:
+            failures[name, reason] = failures.get((name, reason), 0) + n
+    counter("smtpgate_upstream_sessions", "SMTP sessions set up (through EHLO, STARTTLS and AUTH) since start, "
+            "per upstream.", labels=("upstream",), samples=[((name, ), n) for name, n in sorted(opened.items())])
+    counter("smtpgate_delivery_failures", "Failures since start, per upstream and reason: sessions that could "
+            "not be set up (probes included), and attempts that did not send every recipient.",
+            labels=("upstream", "reason"), samples=sorted(failures.items()))
 
     spool = stats["spool"]
     counter("smtpgate_spool_commits", "Spool transactions committed since start.", value=spool["commits"])

@@ -95,7 +95,7 @@ def index(*, who: str, csrf: str | None, logout: bool, states: dict, upstreams: 
         body += f"<p class=note>{escape(notice)}</p>"
     body += (f"<div class=counts>{counts}</div>"
              '<form method=get action="/"><p><label>Find an id or recipient '
-             f'<input type=text name=q value="{escape(query or "")}" maxlength=320></label> '
+             f'<input type=text name=q value="{escape(query or "")}" minlength=3 maxlength=320></label> '
              "<button>Find</button></p></form>")
     if found is not None:
         body += f"<h2>Found for {escape(query)}</h2>" + _entries(found)

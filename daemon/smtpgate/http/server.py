@@ -17,6 +17,7 @@ Who may do what: auth.py.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from email.parser import HeaderParser
 from email.policy import default as default_policy
@@ -29,6 +30,7 @@ from smtpgate.http import page
 from smtpgate.http.auth import SESSION_COOKIE, Access, Keys, Session, Sessions, host_is_loopback
 from smtpgate.http.metrics import HANDOFF_BOUNDS, DeliveryFigures, Histogram, Snapshot, families
 from smtpgate.intake.acceptor import Acceptor, listening_sockets
+from smtpgate.intake.callers import SlidingCount
 from smtpgate.intake.peer import Peer
 from smtpgate.message.spec import MessageSpec
 
@@ -37,6 +39,15 @@ SHUTDOWN_GRACE = 2.0  # seconds
 MAX_BODY = 16 * 1024  # a form with a token and a CSRF token fits many times
 OLDEST_SHOWN = 50  # messages on the list, and found by a search
 MAX_QUERY = 320  # characters of a search: an address is at most 254 (RFC 5321 4.5.3.1.3)
+# A search by recipient reads every recipient row of the spool (0.13 s a
+# million, in the reader thread STATUS also waits for): it needs MIN_QUERY
+# characters (fewer match most addresses), and one address may start
+# SEARCHES_PER_MINUTE of them a minute, which keeps that thread under a
+# third busy per address with a million recipients. Past SEARCH_PEERS
+# addresses the counts start again (a bound on memory).
+MIN_QUERY = 3
+SEARCHES_PER_MINUTE = 20
+SEARCH_PEERS = 10_000
 # Every page: no script may run, nothing may frame it, no URL leaks on.
 SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; "
@@ -112,6 +123,7 @@ class HttpSide:
         self.gate = limits.gate("http")
         self.handoff = Histogram(HANDOFF_BOUNDS)
         self.delivery_figures = DeliveryFigures()
+        self.searches: dict[str, SlidingCount] = {}  # peer address -> its searches by recipient of the last minute
         self.acceptor: Acceptor | None = None
         self.runner: web.AppRunner | None = None
 
@@ -246,7 +258,8 @@ class HttpSide:
         stats = await self.door.stats()
         oldest = await self.spool.oldest_due()
         body = generate_latest(Snapshot(families(stats, oldest_due=oldest, now=time.time(),
-                                                 handoff=self.handoff, delivery=self.delivery_figures)))
+                                                 handoff=self.handoff, delivery=self.delivery_figures,
+                                                 sessions=self.delivery.sessions)))
         return web.Response(body=body, headers={"Content-Type": METRICS_TYPE})
 
     # --- the queue page ---------------------------------------------------------------
@@ -256,9 +269,13 @@ class HttpSide:
         mine = None if access.sees_all else access.caller
         query = request.query.get("q", "").strip()[:MAX_QUERY] or None
         found = None
+        notice = NOTICES.get(request.query.get("done", ""))
         if query is not None:
             found = await self.spool.list_messages(OLDEST_SHOWN, msg_id=query, caller=mine)
-            if not found:
+            if not found and len(query) < MIN_QUERY:
+                found, notice = None, f"A search by recipient needs at least {MIN_QUERY} characters."
+            elif not found:
+                self._count_search(request)
                 found = await self.spool.list_messages(OLDEST_SHOWN, include_final=True,
                                                        recipient=query, caller=mine)
         stats = await self.spool.stats()
@@ -269,7 +286,24 @@ class HttpSide:
         return self._html(request, page.index(
             who=self._label(access), csrf=session.csrf if session else None, logout=bool(session and session.token),
             states=states, upstreams=stats["upstreams"], oldest=oldest, query=query, found=found,
-            notice=NOTICES.get(request.query.get("done", ""))), made)
+            notice=notice), made)
+
+    def _count_search(self, request: web.Request) -> None:
+        """Count a search by recipient against its peer's SEARCHES_PER_MINUTE;
+        past it, 429 with the seconds until one more fits."""
+        now = time.monotonic()
+        window = self.searches.get(request.remote)
+        if window is None:
+            if len(self.searches) >= SEARCH_PEERS:
+                self.searches.clear()
+            window = self.searches[request.remote] = SlidingCount(SEARCHES_PER_MINUTE, 60.0)
+        wait = window.wait(now)
+        if wait > 0:
+            raise web.HTTPTooManyRequests(
+                text=page.message_page("Too many searches", f"At most {SEARCHES_PER_MINUTE} searches by recipient "
+                                       f"a minute from one address; try again in {math.ceil(wait)} s."),
+                content_type="text/html", headers={"Retry-After": str(math.ceil(wait))})
+        window.add(now)
 
     async def message(self, request: web.Request) -> web.Response:
         access, session, made = self._viewer(request)

@@ -332,10 +332,13 @@ class Callers:
                 found = caller
         return found
 
-    def stats(self, pending: dict[str, int]) -> dict:
+    def stats(self, pending: dict[str, int], counters: dict[str, dict[str, int]]) -> dict:
         """STATS `callers`: per configured caller (so its size is bounded by
         the configuration), messages stored and SENDs refused (by code)
-        since start, and its messages not yet final (`pending`: the spool's)."""
+        since start, its messages not yet final (`pending`: the spool's),
+        and its messages delivered and failed and attempts deferred since
+        start (`counters`: the spool's)."""
+        none = {"delivered": 0, "failed": 0, "deferred": 0}
         return {name: {"accepted": caller.accepted, "refused": dict(caller.refused),
-                       "pending": pending.get(name, 0)}
+                       "pending": pending.get(name, 0), **counters.get(name, none)}
                 for name, caller in self.by_name.items()}

@@ -140,7 +140,7 @@ class LineDoor:
         stats["limits"] = self.limits.stats()
         # Writes per commit: how well concurrent requests share fsyncs.
         stats["spool"] = {"commits": spool.commits, "operations": spool.operations}
-        stats["callers"] = self.handoff.callers.stats(spool.pending)
+        stats["callers"] = self.handoff.callers.stats(spool.pending, spool.caller_counters)
         return stats
 
     @property

@@ -79,6 +79,11 @@ class RecordAttempt(NamedTuple):
     outcomes: list[RecipientOutcome]
     next_attempt: float | None
     possible_duplicate: bool
+    # Who took the attempt (HOST:PORT, from the configuration; None: no
+    # upstream was reached) and why it did not send every recipient (one
+    # of delivery.health.REASONS; None: it did): counted by /metrics.
+    upstream: str | None = None
+    reason: str | None = None
 
 
 @message
@@ -245,3 +250,6 @@ class Committed(NamedTuple):
     commits: int
     durable_commits: int  # those with an fsync (synchronous=FULL)
     operations: int
+    # caller -> its messages delivered, failed and attempts deferred since
+    # the writer started, for the callers whose counts this batch changed
+    caller_counters: dict[str, dict[str, int]] | None = None

@@ -146,8 +146,8 @@ def queue_entries(conn: sqlite3.Connection, now: float, *, msg_id: str | None = 
     ids made in the same millisecond are in random order, ulid.py).
     `live`: a daemon runs, so its recorded outage holds due messages.
     `caller`: only that caller's messages. `recipient`: only the messages
-    with a recipient whose address contains it (any case; a scan of the
-    recipients, for the queue page's search)."""
+    with a recipient whose address contains it (any case; % and _ are
+    themselves; a scan of the recipients, for the queue page's search)."""
     conditions, params = [], []
     if msg_id is not None:
         conditions.append("id=?")
@@ -158,9 +158,19 @@ def queue_entries(conn: sqlite3.Connection, now: float, *, msg_id: str | None = 
         conditions.append("caller=?")
         params.append(caller)
     if recipient is not None:
+        # The scan of the recipients stops at `limit` messages found, and
+        # looks a message up (the other conditions) only for an address
+        # that matches: a search matching every address stops at once
+        # instead of collecting and sorting every match (0.24 s for
+        # 300,000 recipients, against 0.04 s for one matching none). The
+        # worst left: every address matches and none passes the other
+        # conditions (another caller's), 0.3 s for 300,000.
         pattern = "%" + recipient.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
-        conditions.append("id IN (SELECT message_id FROM recipients WHERE address LIKE ? ESCAPE '\\')")
-        params.append(pattern)
+        among = (" AND EXISTS (SELECT 1 FROM messages WHERE id = recipients.message_id AND "
+                 + " AND ".join(conditions) + ")") if conditions else ""
+        conditions = [f"id IN (SELECT DISTINCT message_id FROM recipients WHERE address LIKE ? ESCAPE '\\'{among}"
+                      " LIMIT ?)"]
+        params = [pattern, *params, limit]
     where = ("WHERE " + " AND ".join(conditions)) if conditions else ""
     entries = []
     conn.execute("BEGIN")  # one snapshot for the messages, their recipients and the upstreams

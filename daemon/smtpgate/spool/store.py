@@ -94,6 +94,8 @@ class Spool:
         # The writer's figures, as of its last answer.
         self._state_counts = {s: 0 for s in STATES}
         self.pending: dict[str, int] = {}  # caller -> its messages not yet final
+        # caller -> its messages delivered, failed and attempts deferred since open()
+        self.caller_counters: dict[str, dict[str, int]] = {}
         self.caller_key = b""  # the spool's secret for naming callers (intake/callers.py)
         self.schema_upgrade: tuple[int, int] | None = None  # (from, to) if open() upgraded it
         self.counters = {"accepted": 0, "delivered": 0, "failed": 0, "deferred": 0}
@@ -226,6 +228,8 @@ class Spool:
                     pending[caller] = n
                 else:
                     pending.pop(caller, None)
+        if committed.caller_counters:
+            self.caller_counters.update(committed.caller_counters)
         self.commits, self.durable_commits = committed.commits, committed.durable_commits
         self.operations = committed.operations
         resolve = self._calls.resolve
@@ -297,13 +301,17 @@ class Spool:
         *,
         next_attempt: float | None = None,
         possible_duplicate: bool = False,
+        upstream: str | None = None,
+        reason: str | None = None,
     ) -> asyncio.Future:
         """Write one delivery attempt's per-recipient outcomes; the message
         becomes 'sent' when every recipient is sent, 'failed' when every
         recipient is final and one failed, else 'deferred' until next_attempt.
         Returns a future (await it, or add a callback: delivery does not wait)
-        of the new state (None if the message was deleted meanwhile)."""
-        return self.submit(RecordAttempt(self._clock(), msg_id, list(outcomes), next_attempt, possible_duplicate))
+        of the new state (None if the message was deleted meanwhile).
+        `upstream` and `reason`: ops.RecordAttempt."""
+        return self.submit(RecordAttempt(self._clock(), msg_id, list(outcomes), next_attempt, possible_duplicate,
+                                         upstream, reason))
 
     async def release(self, msg_ids: list[str], possible_duplicate: bool = False) -> int:
         """Put claimed messages whose attempt did not finish back to 'queued'

@@ -65,6 +65,7 @@ class _Effects:
         self.counters: dict[str, int] = {}
         self.finalized: list[str] = []
         self.pending_delta: dict[str, int] = {}  # caller -> change of its unfinished messages
+        self.caller_delta: dict[tuple[str, str], int] = {}  # (caller, counter) -> its increase
 
     def move(self, old: str | None, new: str | None, caller: str | None = None) -> None:
         """A message of `caller` went from state `old` to `new` (None: not
@@ -75,14 +76,17 @@ class _Effects:
         if new is not None:
             self.state_delta[new] = self.state_delta.get(new, 0) + 1
         if new in FINAL_STATES and old not in FINAL_STATES:
-            name = "delivered" if new == State.SENT else "failed"
-            self.counters[name] = self.counters.get(name, 0) + 1
+            self.count("delivered" if new == State.SENT else "failed", caller=caller)
         change = (new in UNFINISHED_STATES) - (old in UNFINISHED_STATES)
         if change:
             self.pending_delta[caller] = self.pending_delta.get(caller, 0) + change
 
-    def count(self, name: str, n: int = 1) -> None:
+    def count(self, name: str, n: int = 1, caller: str | None = None) -> None:
+        """Add to a counter, and to `caller`'s if one is given (those of CALLER_COUNTERS)."""
         self.counters[name] = self.counters.get(name, 0) + n
+        if caller is not None:
+            key = (caller, name)
+            self.caller_delta[key] = self.caller_delta.get(key, 0) + n
 
 
 @dataclasses.dataclass
@@ -94,6 +98,7 @@ class Outcome:
     errors: dict = dataclasses.field(default_factory=dict)
     finalized: list = dataclasses.field(default_factory=list)
     callers: set = dataclasses.field(default_factory=set)  # whose pending count changed
+    counted: set = dataclasses.field(default_factory=set)  # whose CALLER_COUNTERS changed
 
 
 # Operations whose commit need not wait for an fsync: losing them in a power
@@ -101,6 +106,10 @@ class Outcome:
 # accepted message is lost. A batch of only these commits with
 # synchronous=NORMAL; the next durable commit (an enqueue) fsyncs the WAL and
 # with it every earlier frame, so recovery always sees a prefix of commits.
+# What the writer counts per caller as well (the callers of STATS and
+# /metrics); each caller's is sent to the daemon after a batch changed it.
+CALLER_COUNTERS = ("delivered", "failed", "deferred")
+
 RELAXED_OPS = frozenset({ClaimDue, RecordAttempt, RecordAttempts, Release, RecordUpstreams, Expire, Configure,
                          WebhookDone, WebhookRetry})
 
@@ -133,6 +142,7 @@ class Writer:
         # writer alone sees every change, so the max_pending check needs no
         # read. Callers with none are left out.
         self.pending: dict[str, int] = {}
+        self.caller_counters: dict[str, dict[str, int]] = {}  # caller -> CALLER_COUNTERS since start
         self.caller_key = ""
         self.schema = (0, 0)  # the schema version found at open, and now
         self.counters = {"accepted": 0, "delivered": 0, "failed": 0, "deferred": 0,
@@ -198,9 +208,11 @@ class Writer:
         """The reply to a batch: its results and errors, and the figures after
         it (the pending counts of the callers it changed, or of all)."""
         callers = self.pending if all_callers else outcome.callers
+        counted = self.caller_counters if all_callers else outcome.counted
         return Committed(outcome.results, outcome.errors, outcome.finalized, dict(self.state_counts),
                          dict(self.counters), {c: self.pending.get(c, 0) for c in callers},
-                         self.commits, self.durable_commits, self.operations)
+                         self.commits, self.durable_commits, self.operations,
+                         {c: dict(self.caller_counters[c]) for c in counted} if counted else None)
 
     # --- batches -------------------------------------------------------------
 
@@ -245,6 +257,7 @@ class Writer:
                 outcome.errors.update(one.errors)
                 outcome.finalized += one.finalized
                 outcome.callers |= one.callers
+                outcome.counted |= one.counted
             return outcome
         self.commits += 1
         self.durable_commits += durable
@@ -260,6 +273,12 @@ class Writer:
                 if not pending[caller]:
                     del pending[caller]
                 outcome.callers.add(caller)
+        for (caller, name), delta in effects.caller_delta.items():
+            counters = self.caller_counters.get(caller)
+            if counters is None:
+                counters = self.caller_counters[caller] = dict.fromkeys(CALLER_COUNTERS, 0)
+            counters[name] += delta
+            outcome.counted.add(caller)
         outcome.finalized = effects.finalized
         return outcome
 
@@ -390,7 +409,7 @@ class Writer:
             new_state = State.FAILED
         else:
             new_state = State.DEFERRED
-            effects.count("deferred")
+            effects.count("deferred", caller=row[1])
         conn.execute(
             "UPDATE messages SET state=?, attempts=attempts+1, updated=?, next_attempt=?,"
             " possible_duplicate=possible_duplicate OR ? WHERE id=?",
@@ -428,17 +447,20 @@ class Writer:
                          " VALUES (?, ?, ?, ?, ?, ?, ?)", [(i, *row) for i, row in enumerate(op.rows)])
 
     def expire(self, conn, effects, op: Expire) -> int:
-        rows = conn.execute(
-            f"UPDATE messages SET state=?, updated=? WHERE {IS_DUE} AND next_attempt <= ? AND created <= ?"
-            " RETURNING id, state, caller",
-            (State.FAILED, op.now, op.now, op.created_before),
-        ).fetchall()
+        # Their states before (RETURNING would give the new one: each move
+        # would be failed to failed, and the counts per state and caller
+        # would not change).
+        held = f"{IS_DUE} AND next_attempt <= ? AND created <= ?"
+        rows = conn.execute(f"SELECT id, state, caller FROM messages WHERE {held}",
+                            (op.now, op.created_before)).fetchall()
+        conn.execute(f"UPDATE messages SET state=?, updated=? WHERE {held}",
+                     (State.FAILED, op.now, op.now, op.created_before))
         conn.executemany(
             f"UPDATE recipients SET state=?, reply=? WHERE message_id=? AND {IS_DUE}",
             [(State.FAILED, op.reply, msg_id) for msg_id, _, _ in rows],
         )
         for msg_id, state, caller in rows:
-            effects.move(state, State.FAILED)
+            effects.move(state, State.FAILED, caller)
             effects.finalized.append(msg_id)
             if self._hooked(caller):
                 self._events(conn, effects, op.now, msg_id, [outbox.FAILED])
