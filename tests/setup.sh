@@ -10,7 +10,8 @@
 # systemd-analyze (the unit files' checks; nothing is started), chromium
 # and chromium-driver (the queue page's browser tests), and the linters
 # .ci/run uses: phpcs (php-codesniffer), cppcheck and ruff (a dev extra,
-# with the man page and completion generators). Run as root
+# with the man page and completion generators). The fast extra (uvloop)
+# too: the suite runs the daemon as it runs where uvloop is installed. Run as root
 # (or with sudo for the apt part).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -53,4 +54,4 @@ if [ ${#need[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}"
 fi
 [ -x .venv/bin/python ] || python3 -m venv .venv
-.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test,dev]'
+.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test,dev,fast]'

@@ -502,7 +502,7 @@ def test_a_delivery_process_that_dies_at_start_fails_the_start(monkeypatch, tmp_
 
     from smtpgate.delivery import process
 
-    def broken(module):  # a child that exits before it reads its first message
+    def broken(module, **_):  # a child that exits before it reads its first message
         return subprocess.Popen([sys.executable, "-c", "import sys; sys.exit(3)"],
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE)
 
@@ -533,6 +533,30 @@ def test_delivery_runs_nicer_than_intake_and_the_spool_writer(make_daemon, upstr
     steps = 10 if nice is None else nice
     assert os.getpriority(os.PRIO_PROCESS, daemon.child_pid("smtpgate-relay")) == min(intake + steps, 19)
     assert os.getpriority(os.PRIO_PROCESS, daemon.child_pid("smtpgate-spool")) == intake
+
+
+def _loads_uvloop(pid: int) -> bool:
+    with open(f"/proc/{pid}/maps") as maps:
+        return "uvloop" in maps.read()
+
+
+@pytest.mark.parametrize("choice", [None, "asyncio", "uvloop"])
+def test_the_daemon_and_its_delivery_run_the_event_loop_configured(make_daemon, upstream, choice):
+    """uvloop when installed (smtpgate[fast]) unless `event_loop = "asyncio"`;
+    the delivery process runs the daemon's kind of loop."""
+    from smtpgate.eventloop import resolve
+
+    if choice == "uvloop":
+        pytest.importorskip("uvloop")
+    daemon = make_daemon(**({} if choice is None else {"event_loop": choice}))
+    with daemon.client() as client:
+        msg_id = client.send({"from": "a@example.com", "to": "b@example.org", "subject": "s", "text": "t"})
+        assert client.wait(msg_id, 20)["state"] == "sent"
+    expected = resolve("auto") if choice is None else choice
+    assert [line["event_loop"] for line in daemon.log_lines() if line["event"] == "started"] == [expected]
+    for pid in (daemon.proc.pid, daemon.child_pid("smtpgate-relay")):
+        assert _loads_uvloop(pid) == (expected == "uvloop")
+    assert upstream.messages[-1].rcpt_tos == ["b@example.org"]
 
 
 def test_a_lone_send_is_claimed_by_its_own_commit(daemon, upstream):

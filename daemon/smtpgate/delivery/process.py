@@ -125,8 +125,9 @@ class DeliveryProcess:
     scheduler.Delivery (start, wake, reload, stop)."""
 
     def __init__(self, spool: Spool, settings, log, *, log_format: str, log_level: str,
-                 on_lost: Callable[[str], None] | None = None):
+                 on_lost: Callable[[str], None] | None = None, loop: str = "asyncio"):
         self._spool = spool
+        self._loop_name = loop  # the child runs the daemon's kind of event loop (eventloop.py)
         self._settings = settings
         self._log = log
         self._log_setup = (log_format, log_level)
@@ -154,7 +155,8 @@ class DeliveryProcess:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         self._stopping = self._interrupt = False
-        self._process = await loop.run_in_executor(None, spawn, "smtpgate.delivery")
+        self._process = await loop.run_in_executor(
+            None, functools.partial(spawn, "smtpgate.delivery", args=(self._loop_name,)))
         self._started = loop.create_future()
         self._pipe = FramedPipe(self._on_message, self._on_eof)
         await self._pipe.open(self._process.stdout, self._process.stdin)
@@ -458,7 +460,10 @@ async def _child(in_fd: int, out_fd: int) -> None:
     await relay.done
 
 
-def main() -> int:
+def main(argv: list[str]) -> int:
+    """argv: the event loop to run ("uvloop" or "asyncio"; eventloop.py), as the daemon's."""
+    from smtpgate.eventloop import run
+
     pipe_in, pipe_out = become_child("smtpgate-relay")
-    asyncio.run(_child(pipe_in, pipe_out))
+    run(_child(pipe_in, pipe_out), argv[0] if argv else "asyncio")
     return 0
