@@ -315,11 +315,18 @@ class DeliveryProcess:
 class SpoolCalls:
     """The child's spool: the operations Delivery uses, answered by the daemon."""
 
-    def __init__(self, send: Callable[[Call], None], loop: asyncio.AbstractEventLoop):
+    def __init__(self, send: Callable[[Call], None], loop: asyncio.AbstractEventLoop,
+                 before_records: Callable[[], None] = lambda: None):
         self._send = send
         self._loop = loop
         self._calls = PendingCalls(loop)
         self._records: list[tuple[RecordAttempt, asyncio.Future]] = []  # until RECORD_EVERY is over
+        self._before_records = before_records  # called just before the records go, in their frame
+
+    @property
+    def records_waiting(self) -> bool:
+        """Whether attempt records wait for RECORD_EVERY to be over."""
+        return bool(self._records)
 
     def _call(self, op) -> asyncio.Future:
         call, fut = self._calls.new(op)
@@ -338,6 +345,7 @@ class SpoolCalls:
         return fut
 
     def _send_records(self) -> None:
+        self._before_records()
         records, self._records = self._records, []
         sent = self._call(RecordAttempts([record for record, _ in records]))
         sent.add_done_callback(lambda done: self._recorded(done, [fut for _, fut in records]))
@@ -381,7 +389,8 @@ class _Relay:
         self.done = loop.create_future()  # set when the child may exit
         self.delivery = None
         self.pipe = FramedPipe(self.on_message, self.on_eof)
-        self.spool = SpoolCalls(self.pipe.send, loop)
+        self.spool = SpoolCalls(self.pipe.send, loop, before_records=self._send_room)
+        self._room = 0  # room for messages claimed at enqueue, not yet offered (Want)
         self.handlers = {Start: self.start, Wake: self.wake, Deliver: self.deliver, ProbeNow: self.probe_now,
                          Reload: self.reload, Stop: self.stop, StopNow: self.stop_now, Answer: self.spool.answer}
 
@@ -404,13 +413,28 @@ class _Relay:
         os.nice(start.settings.nice)
         try:
             self.delivery = Delivery(self.spool, start.settings, get_logger(), dots=DotLog(start.spool_dir),
-                                     offer=lambda n: self.pipe.send(Want(n)))
+                                     offer=self.offer)
             await self.delivery.start()
         except Exception:
             get_logger().exception("delivery_start_failed")
             self.done.set_result(None)  # the daemon sees our end and does not start
             return
         self.pipe.send(Started())
+
+    def offer(self, n: int) -> None:
+        """Room for `n` more messages claimed at enqueue. Room an attempt
+        gives back goes to the daemon just before that attempt's record, in
+        the same frame (SpoolCalls, RECORD_EVERY), so the room is there by
+        the time WAIT sees the outcome: one Want per frame of records
+        instead of a pipe write (and a wake-up of the daemon) per message."""
+        self._room += n
+        if not self.spool.records_waiting:
+            self._send_room()
+
+    def _send_room(self) -> None:
+        if self._room:
+            self.pipe.send(Want(self._room))
+            self._room = 0
 
     def wake(self, _: Wake) -> None:
         if self.delivery is not None:
