@@ -129,8 +129,8 @@ class SmtpConnection:
         """Run one mail transaction; per-recipient results in the DeliveryResult.
 
         `before_data_end` is called just before the write that carries the
-        final dot (not at all if the message never gets that far): from then
-        on the server may have the message.
+        final dot, or the last BDAT chunk (not at all if the message never
+        gets that far): from then on the server may have the message.
 
         Raises SmtpMessageError (connection still usable) if the message cannot
         be sent as given, other SmtpSessionError subclasses (connection closed)
