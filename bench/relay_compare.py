@@ -15,16 +15,20 @@ Per round, in rotated order:
   empty) and its HOLD intake, 16 sessions.
 
 Each LABEL=PATH of --checkout runs from that checkout's `daemon/`
-(PYTHONPATH). Postfix is set up and torn down by the anchors' scripts, so
+(PYTHONPATH); `--setting LABEL:KEY=VALUE` adds a configuration key to
+that label's daemons, so one checkout can run twice, e.g. with and without
+uvloop (`--checkout this=. --checkout std=. --setting std:event_loop=asyncio`). Postfix is set up and torn down by the anchors' scripts, so
 run it under the machine's bench lock:
 
     flock /work/team/bench.lock python3 bench/relay_compare.py \
-        --checkout base=/tmp/base --checkout this=. [--rounds 3] [--seconds 5] [--postfix-messages 10000]
+        --checkout base=/tmp/base --checkout this=. [--setting this:KEY=VALUE] \
+        [--rounds 3] [--seconds 5] [--postfix-messages 10000]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import shutil
@@ -57,9 +61,9 @@ def per_message(daemon: Daemon, run, roles: set[str]) -> dict:
     return {"messages": messages, "seconds": seconds, "rate": messages / seconds, "cpu_us": cpu}
 
 
-def e2e(binary: Path, workdir: Path, env: dict, sink_port: int, seconds: float) -> dict:
+def e2e(binary: Path, workdir: Path, env: dict, settings: dict, sink_port: int, seconds: float) -> dict:
     daemon = Daemon(Path(tempfile.mkdtemp(dir=workdir)), env=env, upstream=[f"127.0.0.1:{sink_port}"],
-                    connections_per_upstream=10)
+                    connections_per_upstream=10, **settings)
     try:
         return per_message(daemon, lambda: send_and_drain(binary, daemon, seconds)[1],
                            {"daemon", "writer", "delivery"})
@@ -67,8 +71,8 @@ def e2e(binary: Path, workdir: Path, env: dict, sink_port: int, seconds: float) 
         daemon.stop()
 
 
-def intake(binary: Path, workdir: Path, env: dict, seconds: float, flushes: DiskFlushes) -> dict:
-    daemon = Daemon(Path(tempfile.mkdtemp(dir=workdir)), env=env, upstream=["127.0.0.1:9"], hold=True)
+def intake(binary: Path, workdir: Path, env: dict, settings: dict, seconds: float, flushes: DiskFlushes) -> dict:
+    daemon = Daemon(Path(tempfile.mkdtemp(dir=workdir)), env=env, upstream=["127.0.0.1:9"], hold=True, **settings)
     try:
         commits = daemon.stats()["spool"]["commits"]
         flushed = None if flushes.why_not else flushes.read()
@@ -96,6 +100,8 @@ def postfix(messages: int) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--checkout", action="append", default=[], help="LABEL=PATH (repeat); default this=.")
+    ap.add_argument("--setting", action="append", default=[],
+                    help="LABEL:KEY=VALUE (repeat): a config key for that label's daemons; VALUE is JSON or a string")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--postfix-messages", type=int, default=10000)
@@ -104,6 +110,14 @@ def main() -> int:
     checkouts = dict(c.split("=", 1) for c in args.checkout) or {"this": str(ROOT)}
     envs = {label: dict(os.environ, PYTHONPATH=str(Path(path).resolve() / "daemon"))
             for label, path in checkouts.items()}
+    settings: dict[str, dict] = {label: {} for label in checkouts}
+    for item in args.setting:
+        label, _, pair = item.partition(":")
+        key, _, value = pair.partition("=")
+        try:
+            settings[label][key] = json.loads(value)
+        except json.JSONDecodeError:
+            settings[label][key] = value
     binary = build_loadgen()
     workdir = Path(tempfile.mkdtemp(prefix="smtpgate-relay-compare-", dir=os.environ.get("SCRATCH", "/var/tmp")))
     flushes = DiskFlushes(workdir)
@@ -122,8 +136,9 @@ def main() -> int:
                     result = postfix(args.postfix_messages)
                 else:
                     kind, label = mode.split("@")
-                    result = (e2e(binary, workdir, envs[label], sink_port, args.seconds) if kind == "e2e"
-                              else intake(binary, workdir, envs[label], args.seconds, flushes))
+                    result = (e2e(binary, workdir, envs[label], settings[label], sink_port, args.seconds)
+                              if kind == "e2e" else
+                              intake(binary, workdir, envs[label], settings[label], args.seconds, flushes))
                 results[mode].append(result)
                 print(f"round={r} mode={mode} {result}", flush=True)
     finally:

@@ -10,7 +10,9 @@
 # systemd-analyze (the unit files' checks; nothing is started), chromium
 # and chromium-driver (the queue page's browser tests), promtool (below),
 # and the linters .ci/run uses: phpcs (php-codesniffer), cppcheck and ruff
-# (a dev extra, with the man page and completion generators). Run as root
+# (a dev extra, with the man page and completion generators). The fast
+# extra (uvloop) too: the suite runs the daemon as it runs where uvloop is
+# installed. Run as root
 # (or with sudo for the apt part).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -53,7 +55,7 @@ if [ ${#need[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}"
 fi
 [ -x .venv/bin/python ] || python3 -m venv .venv
-.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test,dev]'
+.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test,dev,fast]'
 # promtool (tests/test_prometheus.py: the alert rules of docs/prometheus/
 # and a scrape of /metrics) from Debian's prometheus package: 19 MB to
 # download, and only the program (48 MB) is unpacked, into the venv.

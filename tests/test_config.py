@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 
 from smtpgate.config import Config, ConfigError, load_config
@@ -69,11 +71,22 @@ def test_xoauth2_token_reaches_the_upstream_settings(tmp_path):
     ('listen = ["127.0.0.1:2526"]\n', "upstream"),
     ('upstream = ["h:25"]\ndelivery_nice = 20\n', "delivery_nice"),
     ('upstream = ["h:25"]\ndelivery_nice = -5\n', "delivery_nice"),
+    ('upstream = ["h:25"]\nevent_loop = "trio"\n', "event_loop"),
 ])
 def test_mistakes_name_their_key(tmp_path, text, key):
     with pytest.raises(ConfigError) as exc:
         load_config(write(tmp_path, text))
     assert str(exc.value).startswith(f"{key}:"), str(exc.value)
+
+
+def test_uvloop_asked_for_but_not_installed_is_refused_and_auto_falls_back(tmp_path, monkeypatch):
+    from smtpgate.eventloop import resolve
+
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # import uvloop raises ImportError
+    with pytest.raises(ConfigError, match=r"^event_loop: uvloop is not installed \(pip install smtpgate\[fast\]\)"):
+        load_config(write(tmp_path, 'upstream = ["h:25"]\nevent_loop = "uvloop"\n'))
+    assert load_config(write(tmp_path, 'upstream = ["h:25"]\n')).event_loop == "auto"
+    assert (resolve("auto"), resolve("asyncio")) == ("asyncio", "asyncio")
 
 
 def test_tokens_allow_a_network_listener_and_a_bare_smtp_port_means_loopback(tmp_path):

@@ -502,7 +502,7 @@ def test_a_delivery_process_that_dies_at_start_fails_the_start(monkeypatch, tmp_
 
     from smtpgate.delivery import process
 
-    def broken(module):  # a child that exits before it reads its first message
+    def broken(module, **_):  # a child that exits before it reads its first message
         return subprocess.Popen([sys.executable, "-c", "import sys; sys.exit(3)"],
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE)
 
@@ -533,6 +533,30 @@ def test_delivery_runs_nicer_than_intake_and_the_spool_writer(make_daemon, upstr
     steps = 10 if nice is None else nice
     assert os.getpriority(os.PRIO_PROCESS, daemon.child_pid("smtpgate-relay")) == min(intake + steps, 19)
     assert os.getpriority(os.PRIO_PROCESS, daemon.child_pid("smtpgate-spool")) == intake
+
+
+def _loads_uvloop(pid: int) -> bool:
+    with open(f"/proc/{pid}/maps") as maps:
+        return "uvloop" in maps.read()
+
+
+@pytest.mark.parametrize("choice", [None, "asyncio", "uvloop"])
+def test_the_daemon_and_its_delivery_run_the_event_loop_configured(make_daemon, upstream, choice):
+    """uvloop when installed (smtpgate[fast]) unless `event_loop = "asyncio"`;
+    the delivery process runs the daemon's kind of loop."""
+    from smtpgate.eventloop import resolve
+
+    if choice == "uvloop":
+        pytest.importorskip("uvloop")
+    daemon = make_daemon(**({} if choice is None else {"event_loop": choice}))
+    with daemon.client() as client:
+        msg_id = client.send({"from": "a@example.com", "to": "b@example.org", "subject": "s", "text": "t"})
+        assert client.wait(msg_id, 20)["state"] == "sent"
+    expected = resolve("auto") if choice is None else choice
+    assert [line["event_loop"] for line in daemon.log_lines() if line["event"] == "started"] == [expected]
+    for pid in (daemon.proc.pid, daemon.child_pid("smtpgate-relay")):
+        assert _loads_uvloop(pid) == (expected == "uvloop")
+    assert upstream.messages[-1].rcpt_tos == ["b@example.org"]
 
 
 def test_a_lone_send_is_claimed_by_its_own_commit(daemon, upstream):
@@ -585,3 +609,59 @@ def test_the_delivery_process_sends_its_attempt_records_together():
             await second[0]
 
     asyncio.run(main())
+
+
+def test_room_given_back_goes_in_the_frame_of_its_attempt_record():
+    """The delivery process's pipe to the daemon: room offered with no record
+    waiting goes at once; room an attempt gives back waits for that
+    attempt's record and goes just before it, in one frame (a wake-up of
+    the daemon per frame of records, not per message), so the daemon has
+    the room by the time the outcome is committed."""
+    from smtpgate.delivery.process import RECORD_EVERY, Want, _Relay
+    from smtpgate.proc.calls import Call
+    from smtpgate.proc.framing import take_messages
+    from smtpgate.spool.ops import RecordAttempts
+
+    def frames(fd: int) -> list[list]:
+        os.set_blocking(fd, False)
+        data = bytearray()
+        try:
+            while chunk := os.read(fd, 65536):
+                data += chunk
+        except BlockingIOError:
+            pass
+        found = []
+        while data:
+            size = 4 + int.from_bytes(data[:4], "big")
+            found.append(take_messages(data[:size]))
+            del data[:size]
+        return found
+
+    async def main():
+        to_child, from_daemon = os.pipe()
+        from_child, to_daemon = os.pipe()
+        relay = _Relay()
+        await relay.pipe.open(os.fdopen(to_child, "rb", buffering=0), os.fdopen(to_daemon, "wb", buffering=0))
+        relay.offer(20)  # delivery's start: nothing recorded yet
+        await asyncio.sleep(0)
+        first = frames(from_child)
+        outcome = [RecipientOutcome("b@example.org", "sent", "250 ok")]
+        for msg_id in ("m1", "m2"):
+            relay.spool.record_attempt(msg_id, outcome)
+            relay.offer(1)
+        await asyncio.sleep(RECORD_EVERY / 3)
+        early = frames(from_child)
+        await asyncio.sleep(RECORD_EVERY * 3)
+        later = frames(from_child)
+        relay.pipe.close_write()
+        os.close(from_child)
+        return first, early, later, from_daemon
+
+    first, early, later, from_daemon = asyncio.run(main())
+    os.close(from_daemon)  # not before: at the end of its input the child leaves at once (os._exit)
+    assert first == [[Want(20)]]
+    assert early == []
+    assert len(later) == 1 and [type(m) for m in later[0]] == [Want, Call]
+    want, call = later[0]
+    assert want == Want(2) and type(call.op) is RecordAttempts
+    assert [record.msg_id for record in call.op.records] == ["m1", "m2"]

@@ -120,6 +120,9 @@ class Config:
     # Delivery's CPU priority (docs/configuration.md, "Delivery priority"):
     # the delivery process runs this much nicer than intake.
     delivery_nice: int = 10
+    # The event loop of the daemon and its delivery process (docs/configuration.md,
+    # "Event loop"): uvloop when installed (smtpgate[fast]), or the standard one.
+    event_loop: str = "auto"
     # Filled in by load_config, never read from the file.
     upstream_password: str | None = field(default=None, repr=False)
     upstream_oauth2_token: str | None = field(default=None, repr=False)
@@ -189,6 +192,7 @@ _CHOICES = {
     "upstream_tls": ("none", "starttls", "tls"),
     "log_format": ("auto", "json", "console"),
     "log_level": ("debug", "info", "warning", "error"),
+    "event_loop": ("auto", "asyncio", "uvloop"),
 }
 
 
@@ -354,6 +358,12 @@ def _validate(config: Config) -> None:
         raise ConfigError("connections_per_upstream: must be at least 1")
     if not 0 <= config.delivery_nice <= 19:
         raise ConfigError("delivery_nice: must be 0 (as intake) to 19 (the lowest priority)")
+    if config.event_loop == "uvloop":
+        from smtpgate.eventloop import LoopUnavailable, resolve
+        try:
+            resolve(config.event_loop)
+        except LoopUnavailable as exc:
+            raise ConfigError(str(exc)) from None
     if config.retry_max < config.retry_base:
         raise ConfigError(f"retry_max: {config.retry_max:g} is less than retry_base ({config.retry_base:g})")
     _validate_upstream_health(config)

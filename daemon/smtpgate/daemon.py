@@ -75,8 +75,9 @@ def delivery_settings(config: Config, dev_port: int | None = None):
 
 
 class Daemon:
-    def __init__(self, config: Config, config_path: str | None, overrides: dict):
+    def __init__(self, config: Config, config_path: str | None, overrides: dict, loop: str = "asyncio"):
         self.config = config
+        self.loop_name = loop  # the event loop running this (eventloop.py), the delivery process's too
         self.config_path = config_path
         self.overrides = overrides
         self.log = get_logger()
@@ -118,7 +119,7 @@ class Daemon:
                 self.dev_server, self.dev_port = await start_dev_upstream(folder, self.log)
             self.delivery = DeliveryProcess(self.spool, delivery_settings(config, self.dev_port), self.log,
                                             log_format=config.log_format, log_level=config.log_level,
-                                            on_lost=self._delivery_lost)
+                                            on_lost=self._delivery_lost, loop=self.loop_name)
             self.handoff = handoff = Handoff(config, self.spool, self.delivery, self.log)
             limits = Limits(config, self.log)
             self.line_door = LineDoor(config, handoff, self.spool, self.log, limits)
@@ -155,7 +156,7 @@ class Daemon:
         await self.line_door.start_serving()
         if self.http is not None:
             await self.http.start_serving()
-        self.log.info("started", version=__version__, pid=os.getpid(),
+        self.log.info("started", version=__version__, pid=os.getpid(), event_loop=self.loop_name,
                       upstreams=config.upstream or (["dev"] if config.dev else []))
         housekeeping = asyncio.create_task(self._housekeeping(systemd))
         await self.stopping.wait()
@@ -348,10 +349,12 @@ def serve(config_path: str | None, overrides: dict) -> int:
         print(f"smtpgate: configuration error: {exc}", flush=True, file=__import__("sys").stderr)
         return 78  # EX_CONFIG
     setup_logging(config.log_format, config.log_level)
+    from smtpgate import eventloop
     from smtpgate.spool.errors import SpoolError
 
+    loop = eventloop.resolve(config.event_loop)
     try:
-        return asyncio.run(Daemon(config, config_path, overrides).run())
+        return eventloop.run(Daemon(config, config_path, overrides, loop).run(), loop)
     except SpoolError as exc:  # locked by another daemon, wrong schema, unusable directory
         get_logger().error("start_failed", error=str(exc))
         return 73  # EX_CANTCREAT

@@ -172,6 +172,76 @@ def test_pipelined_transaction_is_one_write_and_replies_match_in_order(split):
     assert not client.needs_reset and client.state is State.READY
 
 
+EHLO_CHUNKING = b"250-mx.example.org\r\n250-PIPELINING\r\n250-SIZE 1000000\r\n250 CHUNKING\r\n"
+
+
+@pytest.mark.parametrize("split", ["whole", "bytes"])
+def test_with_chunking_the_body_goes_as_bdat_last_in_the_first_write(split):
+    """RFC 3030: MAIL, the RCPTs and BDAT <size> LAST with the body, one
+    write; the body as it is (CRLF made canonical, no dot-stuffing, no final
+    dot), SIZE its exact octets; the BDAT reply ends the data."""
+    client = ready_client(EHLO_CHUNKING)
+    body = b"Subject: s\n\n.leading dot\r\nbody\n"
+    client.send_mail("a@x.org", ["b@y.org", "bad@y.org"], body)
+    assert client.data_end_queued
+    first_burst = client.data_to_send()
+    canonical = b"Subject: s\r\n\r\n.leading dot\r\nbody\r\n"
+    assert first_burst == (
+        b"MAIL FROM:<a@x.org> SIZE=%d\r\nRCPT TO:<b@y.org>\r\nRCPT TO:<bad@y.org>\r\n"
+        b"BDAT %d LAST\r\n" % (len(canonical), len(canonical)) + canonical
+    )
+    wire, event = converse(
+        client, b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n550 5.1.1 no such user\r\n250 2.0.0 Ok: queued as 4F2\r\n",
+        split=split,
+    )
+    assert wire == b""  # nothing after the replies: no DATA, no body, no dot
+    result = event.result
+    assert [(r.address, r.status, r.reply.code) for r in result.recipients] == [
+        ("b@y.org", "accepted", 250), ("bad@y.org", "permanent", 550)]
+    assert result.data_reply == Reply(250, ("2.0.0 Ok: queued as 4F2",))
+    assert not client.needs_reset and client.state is State.READY
+
+
+def test_bdat_refused_when_no_recipient_was_taken_leaves_the_rcpt_replies_deciding():
+    client = ready_client(EHLO_CHUNKING)
+    client.send_mail("a@x.org", ["b@y.org"], b"hi\r\n")
+    wire, event = converse(client, b"250 2.1.0 Ok\r\n550 5.1.1 no such user\r\n554 5.5.1 no valid recipients\r\n")
+    assert wire.endswith(b"BDAT 4 LAST\r\nhi\r\n")
+    assert [(r.status, r.reply.code) for r in event.result.recipients] == [("permanent", 550)]
+    assert event.result.data_reply is None
+    assert client.needs_reset  # MAIL was taken: the next transaction starts with RSET
+    client.send_mail("a@x.org", ["c@y.org"], b"hi\r\n")
+    assert client.data_to_send().startswith(b"RSET\r\nMAIL FROM:<a@x.org>")
+
+
+def test_a_refused_last_chunk_fails_the_accepted_recipients_by_its_reply():
+    client = ready_client(EHLO_CHUNKING)
+    client.send_mail("a@x.org", ["b@y.org"], b"hi\r\n")
+    _, event = converse(client, b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n452 4.3.1 out of storage\r\n")
+    assert [(r.status, r.reply.code) for r in event.result.recipients] == [("temporary", 452)]
+    assert client.needs_reset
+
+
+def test_chunking_without_pipelining_keeps_data():
+    client = ready_client(b"250-mx.example.org\r\n250 CHUNKING\r\n")
+    client.send_mail("a@x.org", ["b@y.org"], b"hi\r\n")
+    wire, event = converse(client, b"250 ok\r\n", b"250 ok\r\n", b"354 go\r\n", b"250 queued\r\n")
+    assert wire == b"MAIL FROM:<a@x.org>\r\nRCPT TO:<b@y.org>\r\nDATA\r\nhi\r\n.\r\n"
+    assert event.result.accepted == ["b@y.org"]
+
+
+def test_a_connection_lost_after_the_last_chunk_went_out_may_have_delivered():
+    client = ready_client(EHLO_CHUNKING)
+    client.send_mail("a@x.org", ["b@y.org"], b"hi\r\n")
+    client.data_to_send()
+    client.receive_data(b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n")
+    assert client.next_event() is NEED_DATA and client.awaiting == "DATA_END"
+    client.receive_data(b"")
+    with pytest.raises(SmtpConnectionLost) as caught:
+        client.next_event()
+    assert caught.value.after_data_end
+
+
 def test_without_pipelining_each_command_waits_for_its_reply():
     client = ready_client(EHLO_PLAIN)
     client.send_mail("a@x.org", ["b@y.org", "c@y.org"], b"hi\r\n")

@@ -241,6 +241,18 @@ def test_a_trickling_server_cannot_stretch_the_reply_timeout():
     run(scenario())
 
 
+async def send_to(serve, recipients: list[str], data: bytes, **kwargs):
+    """One message from a@example.org through SmtpConnection to the server `serve` runs."""
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    try:
+        conn = await SmtpConnection.open(settings(server.sockets[0].getsockname()[1]))
+        result = await conn.send("a@example.org", recipients, data, **kwargs)
+        conn.close()
+        return result
+    finally:
+        server.close()
+
+
 def test_pipelined_commands_leave_in_one_write():
     # With PIPELINING, MAIL, every RCPT and DATA are one write (one segment
     # on loopback): the server's first read after EHLO holds all of them.
@@ -256,18 +268,34 @@ def test_pipelined_commands_leave_in_one_write():
         writer.write(b"250 queued\r\n")
         await reader.read()
 
-    async def scenario():
-        server = await asyncio.start_server(serve, "127.0.0.1", 0)
-        try:
-            conn = await SmtpConnection.open(settings(server.sockets[0].getsockname()[1]))
-            result = await conn.send("a@example.org", ["b@example.org", "c@example.org"], b"x")
-            conn.close()
-            return result
-        finally:
-            server.close()
-
-    assert [r.status for r in run(scenario()).recipients] == ["accepted", "accepted"]
+    result = run(send_to(serve, ["b@example.org", "c@example.org"], b"x"))
+    assert [r.status for r in result.recipients] == ["accepted", "accepted"]
     assert first_reads == [b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.org>\r\nRCPT TO:<c@example.org>\r\nDATA\r\n"]
+
+
+def test_with_chunking_a_message_is_one_write_and_one_round_trip():
+    # A server offering CHUNKING (RFC 3030; aiosmtpd and smtp-sink do not,
+    # Postfix's smtpd does): its first read after EHLO holds MAIL, RCPT and
+    # BDAT LAST with the body, and one reply burst ends the transaction;
+    # before_data_end runs before that one write.
+    first_reads: list[bytes] = []
+    order: list[str] = []
+
+    async def serve(reader, writer):
+        writer.write(b"220 raw\r\n")
+        await reader.readline()  # EHLO
+        writer.write(b"250-raw\r\n250-PIPELINING\r\n250 CHUNKING\r\n")
+        first_reads.append(await reader.read(65536))
+        order.append("read")
+        writer.write(b"250 ok\r\n250 ok\r\n250 2.0.0 queued\r\n")
+        await reader.read()
+
+    result = run(send_to(serve, ["b@example.org"], b"Subject: s\r\n\r\n.x\r\n",
+                         before_data_end=lambda: order.append("before_data_end")))
+    assert [r.status for r in result.recipients] == ["accepted"] and result.data_reply.code == 250
+    assert first_reads == [b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.org>\r\n"
+                           b"BDAT 18 LAST\r\nSubject: s\r\n\r\n.x\r\n"]
+    assert order == ["before_data_end", "read"]
 
 
 @pytest.mark.parametrize("tls", ["tls", "starttls"])

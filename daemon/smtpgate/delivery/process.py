@@ -137,8 +137,9 @@ class DeliveryProcess:
     scheduler.Delivery (start, wake, reload, stop)."""
 
     def __init__(self, spool: Spool, settings, log, *, log_format: str, log_level: str,
-                 on_lost: Callable[[str], None] | None = None):
+                 on_lost: Callable[[str], None] | None = None, loop: str = "asyncio"):
         self._spool = spool
+        self._loop_name = loop  # the child runs the daemon's kind of event loop (eventloop.py)
         self._settings = settings
         self._log = log
         self._log_setup = (log_format, log_level)
@@ -169,7 +170,8 @@ class DeliveryProcess:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         self._stopping = self._interrupt = False
-        self._process = await loop.run_in_executor(None, spawn, "smtpgate.delivery")
+        self._process = await loop.run_in_executor(
+            None, functools.partial(spawn, "smtpgate.delivery", args=(self._loop_name,)))
         self._started = loop.create_future()
         self._pipe = FramedPipe(self._on_message, self._on_eof)
         await self._pipe.open(self._process.stdout, self._process.stdin)
@@ -332,11 +334,18 @@ class DeliveryProcess:
 class SpoolCalls:
     """The child's spool: the operations Delivery uses, answered by the daemon."""
 
-    def __init__(self, send: Callable[[Call], None], loop: asyncio.AbstractEventLoop):
+    def __init__(self, send: Callable[[Call], None], loop: asyncio.AbstractEventLoop,
+                 before_records: Callable[[], None] = lambda: None):
         self._send = send
         self._loop = loop
         self._calls = PendingCalls(loop)
         self._records: list[tuple[RecordAttempt, asyncio.Future]] = []  # until RECORD_EVERY is over
+        self._before_records = before_records  # called just before the records go, in their frame
+
+    @property
+    def records_waiting(self) -> bool:
+        """Whether attempt records wait for RECORD_EVERY to be over."""
+        return bool(self._records)
 
     def _call(self, op) -> asyncio.Future:
         call, fut = self._calls.new(op)
@@ -356,6 +365,7 @@ class SpoolCalls:
         return fut
 
     def _send_records(self) -> None:
+        self._before_records()
         records, self._records = self._records, []
         sent = self._call(RecordAttempts([record for record, _ in records]))
         sent.add_done_callback(lambda done: self._recorded(done, [fut for _, fut in records]))
@@ -399,7 +409,8 @@ class _Relay:
         self.done = loop.create_future()  # set when the child may exit
         self.delivery = None
         self.pipe = FramedPipe(self.on_message, self.on_eof)
-        self.spool = SpoolCalls(self.pipe.send, loop)
+        self.spool = SpoolCalls(self.pipe.send, loop, before_records=self._send_room)
+        self._room = 0  # room for messages claimed at enqueue, not yet offered (Want)
         self.sessions: dict[tuple[str, str | None], int] = {}  # since the last Sessions sent
         self.handlers = {Start: self.start, Wake: self.wake, Deliver: self.deliver, ProbeNow: self.probe_now,
                          Reload: self.reload, Stop: self.stop, StopNow: self.stop_now, Answer: self.spool.answer}
@@ -423,7 +434,7 @@ class _Relay:
         os.nice(start.settings.nice)
         try:
             self.delivery = Delivery(self.spool, start.settings, get_logger(), dots=DotLog(start.spool_dir),
-                                     offer=lambda n: self.pipe.send(Want(n)), on_session=self.count_session)
+                                     offer=self.offer, on_session=self.count_session)
             await self.delivery.start()
         except Exception:
             get_logger().exception("delivery_start_failed")
@@ -442,6 +453,21 @@ class _Relay:
         if self.sessions:
             sessions, self.sessions = self.sessions, {}
             self.pipe.send(Sessions(sessions))
+
+    def offer(self, n: int) -> None:
+        """Room for `n` more messages claimed at enqueue. Room an attempt
+        gives back goes to the daemon just before that attempt's record, in
+        the same frame (SpoolCalls, RECORD_EVERY), so the room is there by
+        the time WAIT sees the outcome: one Want per frame of records
+        instead of a pipe write (and a wake-up of the daemon) per message."""
+        self._room += n
+        if not self.spool.records_waiting:
+            self._send_room()
+
+    def _send_room(self) -> None:
+        if self._room:
+            self.pipe.send(Want(self._room))
+            self._room = 0
 
     def wake(self, _: Wake) -> None:
         if self.delivery is not None:
@@ -492,7 +518,10 @@ async def _child(in_fd: int, out_fd: int) -> None:
     await relay.done
 
 
-def main() -> int:
+def main(argv: list[str]) -> int:
+    """argv: the event loop to run ("uvloop" or "asyncio"; eventloop.py), as the daemon's."""
+    from smtpgate.eventloop import run
+
     pipe_in, pipe_out = become_child("smtpgate-relay")
-    asyncio.run(_child(pipe_in, pipe_out))
+    run(_child(pipe_in, pipe_out), argv[0] if argv else "asyncio")
     return 0

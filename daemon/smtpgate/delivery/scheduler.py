@@ -9,10 +9,11 @@
   (intake stored something), a worker finished while more may be due, an
   attempt was deferred, or the earliest deferred message is due.
 - Claim at enqueue: with `offer`, delivery offers intake room for
-  `workers` messages; intake then stores a new message already claimed
-  ('sending', in the SEND's own commit) and hands it over (`take`),
-  instead of a wake-up and a claim through the daemon and the writer.
-  Each such message, once attempted, gives its room back (`offer(1)`).
+  OFFER_PER_WORKER x `workers` messages; intake then stores a new message
+  already claimed ('sending', in the SEND's own commit) and hands it over
+  (`take`), instead of a wake-up and a claim through the daemon and the
+  writer. Each such message, once attempted, gives its room back
+  (`offer(1)`; the delivery process sends it with the attempt's record).
 - Each upstream has a pool of reused connections, a rate limit and a
   health (pool.py, health.py). Upstreams are tried in order; one that is
   down is skipped (failover at once) and probed on its backoff by the
@@ -68,6 +69,13 @@ MAX_SCHEDULER_SLEEP = 30.0  # seconds
 # pipes and a commit, a few ms under load); 10 workers' worth of 10 keeps
 # 5,000 messages/s going for 20 ms. A claimed message shows 'sending'.
 CLAIM_AHEAD = 10
+# Room offered to intake for messages claimed at enqueue, per worker. The
+# room an attempt gives back reaches the daemon with the attempt records,
+# every few ms (process.py, RECORD_EVERY = 3 ms): one worker's worth
+# would cap claims at enqueue at 10 / 3 ms = 3,300 messages/s with 10
+# workers, the rest taking the slower wake-and-claim path; two keep them
+# flowing past the relay's rate here.
+OFFER_PER_WORKER = 2
 
 # Specs larger than this are built in a thread.
 LARGE_SPEC = 256 * 1024
@@ -175,7 +183,7 @@ class Delivery:
         self._prober = asyncio.create_task(self._probe_loop(), name="delivery-prober")
         self._adjust_workers()
         if self._offer is not None:
-            self._unspent = self._settings.worker_count
+            self._unspent = OFFER_PER_WORKER * self._settings.worker_count
             self._offer(self._unspent)
         self._log.info("delivery_started", upstreams=[p.name for p in self._pools], workers=len(self._workers))
 

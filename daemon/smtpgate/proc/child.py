@@ -20,12 +20,12 @@ import sys
 PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def spawn(package: str, pass_fds: tuple[int, ...] = ()) -> subprocess.Popen:
-    """Start `python -P -m <package>` (e.g. "smtpgate.spool") with pipes on
-    its stdin and stdout."""
+def spawn(package: str, pass_fds: tuple[int, ...] = (), args: tuple[str, ...] = ()) -> subprocess.Popen:
+    """Start `python -P -m <package> [args]` (e.g. "smtpgate.spool") with
+    pipes on its stdin and stdout."""
     path = [PACKAGE_PARENT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(path))
-    return subprocess.Popen([sys.executable, "-P", "-m", package], stdin=subprocess.PIPE,
+    return subprocess.Popen([sys.executable, "-P", "-m", package, *args], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, pass_fds=pass_fds, env=env)
 
 

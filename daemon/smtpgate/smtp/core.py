@@ -193,6 +193,19 @@ def prepare_body(data: bytes) -> bytes:
     starting a line is doubled (RFC 5321 4.5.2).  Raises SmtpMessageError if
     a line is longer than 998 octets: a line is never cut or folded here.
     """
+    data = canonical_body(data)
+    if data.startswith(b"."):
+        data = b"." + data
+    if b"\r\n." in data:
+        data = data.replace(b"\r\n.", b"\r\n..")
+    return data + b".\r\n"
+
+
+def canonical_body(data: bytes) -> bytes:
+    """The message with CRLF line ends (every bare CR and LF made one), ending
+    in CRLF unless empty: what BDAT sends as it is (RFC 3030 3), and DATA
+    after dot-stuffing.  Raises SmtpMessageError if a line is longer than
+    998 octets."""
     crlf = data.count(b"\r\n")
     if data.count(b"\r") != crlf or data.count(b"\n") != crlf:
         # Some bare CR or LF.  (Counting first spares the three copies for
@@ -213,11 +226,7 @@ def prepare_body(data: bytes) -> bytes:
                 f"message line {line_no} is longer than {MAX_TEXT_LINE} octets "
                 "(RFC 5321 4.5.3.1.6); fold or encode it before sending"
             )
-    if data.startswith(b"."):
-        data = b"." + data
-    if b"\r\n." in data:
-        data = data.replace(b"\r\n.", b"\r\n..")
-    return data + b".\r\n"
+    return data
 
 
 def message_size(body: bytes) -> int:
@@ -556,7 +565,8 @@ class SmtpClient:
         """Queue one transaction (RSET if needed, MAIL, RCPTs, DATA, body); ends with Delivered.
 
         With PIPELINING (RFC 2920) MAIL, every RCPT and DATA go out in one
-        write.  Raises SmtpMessageError, with nothing sent and the session
+        write; with CHUNKING as well (RFC 3030), MAIL, every RCPT and the
+        body as BDAT ... LAST do, and its reply ends the data.  Raises SmtpMessageError, with nothing sent and the session
         still usable, if the message or an address cannot be sent as given.
         8-bit data to a server without 8BITMIME goes out as it is (as Postfix
         does for non-MIME mail): the transfer encoding is the message
@@ -568,10 +578,17 @@ class SmtpClient:
         for address in (mail_from, *recipients):
             if _BAD_ADDRESS.search(address):
                 raise SmtpMessageError(f"control character or angle bracket in address {address!r}")
-        body = prepare_body(data)
+        pipelined = "PIPELINING" in self.extensions
+        # RFC 3030: with CHUNKING the body goes as one BDAT ... LAST chunk,
+        # its octets as they are, pipelined with MAIL and RCPT (RFC 3030
+        # 4.2): one write and one round trip per message where DATA takes
+        # two (MAIL..DATA, then the body after 354).  Only with PIPELINING:
+        # without it each command waits for its reply anyway.
+        chunking = pipelined and "CHUNKING" in self.extensions
+        body = canonical_body(data) if chunking else prepare_body(data)
         params = []
         if "SIZE" in self.extensions:
-            params.append(f"SIZE={message_size(body)}")
+            params.append(f"SIZE={len(body) if chunking else message_size(body)}")
         if not data.isascii() and "8BITMIME" in self.extensions:
             params.append("BODY=8BITMIME")  # RFC 6152
         if not all(address.isascii() for address in (mail_from, *recipients)):
@@ -580,7 +597,6 @@ class SmtpClient:
                     "an address is not ASCII and the server does not offer SMTPUTF8 (RFC 6531)"
                 )
             params.append("SMTPUTF8")
-        pipelined = "PIPELINING" in self.extensions
         self._txn = txn = _Transaction(mail_from, list(recipients), body, pipelined)
         self.state = State.BUSY
         if self.needs_reset:
@@ -592,7 +608,15 @@ class SmtpClient:
         if pipelined:
             for address in txn.recipients:
                 self._command(f"RCPT TO:<{address}>", "RCPT", self._on_rcpt)
-            self._command("DATA", "DATA", self._on_data)
+            if not chunking:
+                self._command("DATA", "DATA", self._on_data)
+                return
+            # The body leaves before any RCPT reply: if none was accepted,
+            # the server refuses the chunk (RFC 3030 2: 503 or 554) and the
+            # recipients' own replies decide.  Its reply is the end of data's.
+            self._out.append(b"BDAT %d LAST\r\n" % len(body) + body)
+            self._expected.append(("DATA_END", self._on_bdat_last))
+            self.data_end_queued = True
 
     def _queue_mail(self, mail_from: str, params: list[str]) -> None:
         line = " ".join([f"MAIL FROM:<{mail_from}>", *params])
@@ -667,6 +691,16 @@ class SmtpClient:
         _check_class(reply, "end of data")
         txn.data_reply = reply
         self.needs_reset = False  # RFC 5321 4.1.1.4: end of data ends the transaction
+        self._finish()
+
+    def _on_bdat_last(self, reply: Reply) -> None:
+        txn = self._txn
+        assert txn is not None and txn.mail_reply is not None
+        _check_class(reply, "BDAT")
+        if reply.code < 300:
+            self.needs_reset = False  # the last chunk taken ends the transaction
+        if txn.mail_reply.code < 300 and self._any_accepted():
+            txn.data_reply = reply
         self._finish()
 
     def _on_discarded_end(self, reply: Reply) -> None:
