@@ -300,6 +300,32 @@ def test_an_event_survives_a_kill_9_between_the_state_change_and_the_webhook(mak
         receiver.close()
 
 
+def test_a_relay_killed_with_9_while_it_sends_events_loses_none(make_daemon, upstream, receiver, tmp_path):
+    """The sender runs in the delivery process: a kill -9 of it stops the
+    daemon as a lost delivery does (70, delivery_process_lost, for the
+    service manager to restart it), and the event whose answer it was
+    waiting for is sent again, with the same webhook-id."""
+    receiver.delay = 5.0  # the first answers are still on their way at the kill
+    daemon = make_daemon(webhook_url=receiver.url, webhook_secret_file=secret_file(tmp_path))
+    with daemon.client(timeout=40) as client:
+        ids = [client.send(mail(f"r{n}@example.org", subject=f"n{n}")) for n in range(4)]
+        for msg_id in ids:
+            assert final(client, msg_id)["state"] == "sent"
+    receiver.wait(lambda r: len(r.events) >= 1, "a request in flight")
+    logged = len(daemon.log_lines())
+    os.kill(daemon.child_pid("smtpgate-relay"), signal.SIGKILL)
+    assert daemon.proc.wait(60) == 70
+    assert any(line.get("event") == "delivery_process_lost" for line in daemon.log_lines()[logged:])
+    daemon.stop()
+
+    receiver.delay = 0.0
+    daemon.start()
+    receiver.wait(lambda r: all(r.by_message()[msg_id] == ["message.sent"] for msg_id in ids), "every event")
+    sent_ids = [headers["webhook-id"] for headers, _ in receiver.events]
+    assert len(sent_ids) > len(set(sent_ids)), "the event in flight at the kill was not sent again"
+    wait_until(lambda: stats(daemon)["webhooks"]["pending"] == 0, "the outbox empties")
+
+
 def test_a_possible_duplicate_is_told_before_the_deferral_and_the_delivery(make_daemon, receiver, tmp_path):
     server = Scripted("stall-dot")  # takes the message, never answers its final dot
     try:
