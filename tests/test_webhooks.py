@@ -390,6 +390,19 @@ def test_an_event_is_retried_until_answered_2xx_and_kept_its_id(make_daemon, ups
     assert failed and "HTTP 503" in failed[0]["error"]
 
 
+def test_a_410_gone_gives_the_event_up_at_once(make_daemon, upstream, receiver, tmp_path):
+    receiver.answer = 410
+    daemon = make_daemon(webhook_url=receiver.url, webhook_secret_file=secret_file(tmp_path))
+    with daemon.client(timeout=40) as client:
+        msg_id = client.send(mail("kelly@example.org"))
+        assert final(client, msg_id)["state"] == "sent"
+    wait_until(lambda: stats(daemon)["webhooks"] == {"delivered": 0, "failed": 1, "pending": 0},
+               "the event given up")
+    assert [payload["data"]["message_id"] for payload in receiver.payloads()] == [msg_id]  # tried once
+    given_up = [line for line in daemon.log_lines() if line.get("event") == "webhook_given_up"]
+    assert [line["message_id"] for line in given_up] == [msg_id]
+
+
 def test_a_redirect_is_not_followed(make_daemon, upstream, receiver, tmp_path):
     elsewhere = Receiver(SECRET).start()
     try:
