@@ -1,6 +1,6 @@
 """The webhook outbox (schema step 4): the events the writer adds in the
 transaction of the state change that causes them, and the reads and writes
-of the daemon's sender (smtpgate/webhooks/sender.py).
+of the sender (smtpgate/webhooks/sender.py, in the delivery process).
 
 An event is added when a message is sent, failed, deferred for the first
 time (no recipient was deferred before this attempt), or newly marked a

@@ -12,9 +12,9 @@ receiver that is down costs rows on disk, not memory), and writes every
 outcome back through the relay's spool calls, which the daemon passes to
 the spool's one writer (no fsync: losing one in a power cut only sends an
 event again), the 2xx answers of SETTLE seconds in one operation: the
-daemon's loop sees one message per SETTLE, not one per event. At least once and in order per message: an
-event is deleted only after a 2xx, and only the first event of a message
-is ever due.
+daemon's loop sees one message per SETTLE, not one per event. At least
+once and in order per message: an event is deleted only after a 2xx, and
+only the first event of a message is ever due.
 
 A receiver that fails is "down" until a backoff passes (RETRY_BASE doubling
 to RETRY_MAX, with jitter; longer if it sent Retry-After): its events found
