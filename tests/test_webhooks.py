@@ -300,11 +300,15 @@ def test_an_event_survives_a_kill_9_between_the_state_change_and_the_webhook(mak
         receiver.close()
 
 
-def test_a_relay_killed_with_9_while_it_sends_events_loses_none(make_daemon, upstream, receiver, tmp_path):
+@pytest.mark.parametrize("child, status, logged", [("smtpgate-relay", 70, "delivery_process_lost"),
+                                                   ("smtpgate-spool", 73, "spool_failed")])
+def test_a_child_killed_with_9_while_events_are_sent_loses_none(make_daemon, upstream, receiver, tmp_path,
+                                                                  child, status, logged):
     """The sender runs in the delivery process: a kill -9 of it stops the
     daemon as a lost delivery does (70, delivery_process_lost, for the
-    service manager to restart it), and the event whose answer it was
-    waiting for is sent again, with the same webhook-id."""
+    service manager to restart it), one of the spool writer as a lost
+    writer does (73); either way the events whose answers were awaited are
+    sent again after the restart, with the same webhook-id."""
     receiver.delay = 5.0  # the first answers are still on their way at the kill
     daemon = make_daemon(webhook_url=receiver.url, webhook_secret_file=secret_file(tmp_path))
     with daemon.client(timeout=40) as client:
@@ -312,10 +316,10 @@ def test_a_relay_killed_with_9_while_it_sends_events_loses_none(make_daemon, ups
         for msg_id in ids:
             assert final(client, msg_id)["state"] == "sent"
     receiver.wait(lambda r: len(r.events) >= 1, "a request in flight")
-    logged = len(daemon.log_lines())
-    os.kill(daemon.child_pid("smtpgate-relay"), signal.SIGKILL)
-    assert daemon.proc.wait(60) == 70
-    assert any(line.get("event") == "delivery_process_lost" for line in daemon.log_lines()[logged:])
+    lines = len(daemon.log_lines())
+    os.kill(daemon.child_pid(child), signal.SIGKILL)
+    assert daemon.proc.wait(60) == status
+    assert any(line.get("event") == logged for line in daemon.log_lines()[lines:])
     daemon.stop()
 
     receiver.delay = 0.0
