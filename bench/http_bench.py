@@ -1,29 +1,42 @@
 #!/usr/bin/env python3
-"""What the HTTP side costs the line protocol (issue 12's goal: within 10%).
+"""What the HTTP side and webhooks cost the line protocol (issue 12's goal: within 10%).
 
-    python3 bench/http_bench.py [--rounds 5] [--seconds 5] [--hold]
+    flock /work/team/bench.lock python bench/http_bench.py [--rounds 5] [--seconds 5] [--hold]
+        [--webhooks] [--checkout base=/var/tmp/v-main --checkout this=.]
 
-Each round runs the same load twice, alternately in order (off/on, then
-on/off): 16 connections of bench/loadgen.c SENDs for `seconds` while the
+Each round runs the same load once per mode, in an order rotated each
+round: 16 connections of bench/loadgen.c SENDs for `seconds` while the
 daemon relays to Postfix's smtp-sink with 10 pooled connections,
-- off: no `http_listen` (the reference);
-- on: `http_listen` set and a scraper reading /metrics every second
-  (every scrape must be a 200 with the accepted count in it).
+- off@LABEL: no `http_listen` (the reference);
+- http@LABEL: `http_listen` set and a scraper reading /metrics every
+  second (every scrape must be a 200 with the accepted count in it);
+- hooks@LABEL (with --webhooks): the same and a `webhook_url`: every
+  delivered message's `message.sent` event is POSTed to a receiver
+  (aiohttp, answering 204) in a process of its own, so that its CPU is
+  apart from the daemon's.
 With --hold, delivery is on hold instead (intake alone: the daemon's CPU
 per SEND is then the hand-off path's, where the HTTP side adds its
-histogram observe). Per run: SENDs/s, hand-off p50/p99 (loadgen's, from the client's side),
-and the daemon process's CPU per SEND accepted (/proc/PID/stat: the
-figure that moves least on a shared machine, bench/cpu_bench.py).
-Prints one JSON line per run and a Markdown table of the medians.
+histogram observe; no event is made). Each LABEL=PATH of --checkout runs
+that checkout's `daemon/` (PYTHONPATH); the default is this one.
+
+Per run: SENDs/s, hand-off p50/p99 (loadgen's, from the client's side),
+and the CPU per SEND accepted of each process (/proc/PID/stat: the figure
+that moves least on a shared machine, bench/cpu_bench.py), from the start
+of the load until every message is delivered and, with webhooks, every
+event answered (the work a SEND causes, not only what fits in the load's
+seconds). Prints `uptime`, one JSON line per run and a Markdown table of
+the medians.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -31,9 +44,13 @@ import time
 import urllib.request
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cpu_bench import cpu_seconds  # noqa: E402
-from daemon_bench import build_loadgen, free_port, loadgen, running_daemon, start_sink, wait_port  # noqa: E402
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from cpu_bench import cpu_seconds, processes  # noqa: E402
+from daemon_bench import Daemon, build_loadgen, free_port, loadgen, start_sink, wait_port  # noqa: E402
+
+SECRET = "whsec_" + base64.b64encode(os.urandom(32)).decode()
+ROLES = ("daemon", "writer", "delivery", "receiver")
 
 
 class Scraper(threading.Thread):
@@ -57,31 +74,95 @@ class Scraper(threading.Thread):
             self.scrapes += 1
 
 
-def one_run(binary: Path, workdir: Path, sink_port: int, seconds: float, http: bool, hold: bool) -> dict:
+def receive(port: int) -> None:
+    """The webhook receiver (run as `http_bench.py --receiver PORT`): 204 to
+    every POST to /hook; GET /count says how many came."""
+    from aiohttp import web
+
+    received = [0]
+
+    async def hook(request: web.Request) -> web.Response:
+        await request.read()
+        received[0] += 1
+        return web.Response(status=204)
+
+    async def count(_: web.Request) -> web.Response:
+        return web.Response(text=str(received[0]))
+
+    app = web.Application()
+    app.router.add_post("/hook", hook)
+    app.router.add_get("/count", count)
+    web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None)
+
+
+def start_receiver(nice: int) -> tuple[subprocess.Popen, int]:
+    port = free_port()
+    proc = subprocess.Popen(["nice", "-n", str(nice), sys.executable, __file__, "--receiver", str(port)])
+    wait_port(port)
+    return proc, port
+
+
+def received(port: int) -> int:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/count", timeout=10) as reply:
+        return int(reply.read())
+
+
+def drain(daemon: Daemon, accepted: int, webhooks: bool) -> None:
+    """Until every accepted message is delivered and, with webhooks, the
+    outbox is empty (5 minutes at most)."""
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        stats = daemon.stats()
+        if stats["counters"]["delivered"] >= accepted and not (webhooks and stats["webhooks"]["pending"]):
+            return
+        time.sleep(0.2)  # each STATS costs the daemon CPU, which is counted
+    raise RuntimeError(f"not drained in 5 minutes: {daemon.stats()}")
+
+
+def one_run(binary: Path, workdir: Path, env: dict, sink_port: int, seconds: float, kind: str, hold: bool,
+            hooks: dict | None, receiver: tuple[subprocess.Popen, int] | None) -> dict:
+    """One run of `kind` (off, http, hooks); `receiver` only for hooks."""
     settings = {"upstream": [f"127.0.0.1:{sink_port}"], "connections_per_upstream": 10, "hold": hold}
     http_port = free_port()
+    http = kind != "off"
     if http:
         settings["http_listen"] = f"127.0.0.1:{http_port}"
-    with running_daemon(workdir, **settings) as daemon:
+    if kind == "hooks":
+        settings.update(hooks)
+    webhooks = kind == "hooks" and not hold
+    daemon = Daemon(Path(tempfile.mkdtemp(dir=workdir)), env=env, **settings)
+    try:
         if http:
-            wait_port(http_port)  # bound after the line door, which running_daemon waits for
+            wait_port(http_port)  # bound after the line door, which Daemon waits for
         time.sleep(0.5)  # the children are up and idle
+        pids = processes(daemon)
+        if receiver is not None:
+            pids["receiver"] = receiver[0].pid
         scraper = Scraper(http_port) if http else None
         if scraper:
             scraper.start()
-        before = cpu_seconds(daemon.proc.pid)
+        events = received(receiver[1]) if receiver else 0
+        before = {role: cpu_seconds(pid) for role, pid in pids.items()}
         sent = loadgen(binary, daemon.port, 16, seconds)
-        cpu = cpu_seconds(daemon.proc.pid) - before
+        accepted = sent["requests"] - sent["errors"]
+        if not hold:
+            drain(daemon, accepted, webhooks)
+        cpu = {role: cpu_seconds(pid) - before[role] for role, pid in pids.items()}
         if scraper:
             scraper.stopped.set()
             scraper.join(15)
-        accepted = sent["requests"] - sent["errors"]
-        row = {"http": http, "rate": sent["rate"], "p50_us": sent["p50_us"], "p99_us": sent["p99_us"],
-               "daemon_cpu_us_per_send": round(cpu / accepted * 1e6, 1), "errors": sent["errors"]}
+        row = {"kind": kind, "rate": sent["rate"], "p50_us": sent["p50_us"], "p99_us": sent["p99_us"],
+               "accepted": accepted, "errors": sent["errors"],
+               "cpu_us": {role: round(seconds / accepted * 1e6, 1) for role, seconds in cpu.items()}}
         if scraper:
             row["scrapes"] = scraper.scrapes
             row["scrape_ms_max"] = round(max(scraper.seconds) * 1000, 1) if scraper.seconds else None
+        if webhooks:
+            row["events"] = received(receiver[1]) - events
+            assert row["events"] >= accepted, row  # at least once: every message's event came
         return row
+    finally:
+        daemon.stop()
 
 
 def main() -> int:
@@ -89,36 +170,76 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--hold", action="store_true", help="delivery on hold: intake alone")
+    ap.add_argument("--webhooks", action="store_true", help="also the mode hooks: HTTP on and webhooks to a receiver")
+    ap.add_argument("--receiver-nice", type=int, default=0,
+                    help="the receiver's nice level: 0 competes with intake for the 2 cores as a receiver on"
+                         " the same machine would; 10, as delivery, is closer to one on another machine")
+    ap.add_argument("--checkout", action="append", default=[], help="LABEL=PATH (repeat); default this=.")
+    ap.add_argument("--receiver", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.receiver:
+        receive(args.receiver)
+        return 0
     if not shutil.which("smtp-sink"):
         raise SystemExit("http_bench: Postfix's smtp-sink is needed (apt-get install postfix)")
 
+    checkouts = dict(c.split("=", 1) for c in args.checkout) or {"this": str(HERE.parent)}
+    envs = {label: dict(os.environ, PYTHONPATH=str(Path(path).resolve() / "daemon"))
+            for label, path in checkouts.items()}
     binary = build_loadgen()
     workdir = Path(tempfile.mkdtemp(prefix="smtpgate-http-", dir=os.environ.get("SCRATCH", "/var/tmp")))
     sink, sink_port = start_sink()
-    runs = []
+    receiver = hooks = None
+    if args.webhooks:
+        receiver = start_receiver(args.receiver_nice)
+        secret = workdir / "webhook.secret"
+        secret.write_text(SECRET)
+        secret.chmod(0o600)
+        hooks = {"webhook_url": f"http://127.0.0.1:{receiver[1]}/hook", "webhook_secret_file": str(secret)}
+    kinds = ("off", "http", "hooks") if args.webhooks else ("off", "http")
+    modes = [(label, kind) for label in checkouts for kind in kinds]
+    runs: dict[tuple[str, str], list[dict]] = {mode: [] for mode in modes}
+    print("uptime:", os.popen("uptime").read().strip(), flush=True)
     try:
         for r in range(args.rounds):
-            for http in ((False, True) if r % 2 == 0 else (True, False)):
-                runs.append(one_run(binary, workdir, sink_port, args.seconds, http, args.hold))
-                print(json.dumps(runs[-1]), flush=True)
+            shift = r % len(modes)
+            for label, kind in modes[shift:] + modes[:shift]:
+                row = one_run(binary, workdir, envs[label], sink_port, args.seconds, kind, args.hold, hooks,
+                              receiver if kind == "hooks" else None)
+                runs[label, kind].append(row)
+                print(json.dumps({"checkout": label, **row}), flush=True)
     finally:
         sink.terminate()
         sink.wait()
+        if receiver is not None:
+            receiver[0].terminate()
+            receiver[0].wait()
         shutil.rmtree(workdir, ignore_errors=True)
+    print("uptime:", os.popen("uptime").read().strip())
 
-    def med(http: bool, key: str) -> float:
-        return statistics.median(run[key] for run in runs if run["http"] == http)
+    def med(mode: tuple[str, str], key: str, role: str | None = None) -> float | None:
+        values = [run["cpu_us"].get(role) if role else run[key] for run in runs[mode]]
+        return statistics.median(values) if None not in values else None
 
     doing = "delivery on hold" if args.hold else "relaying to smtp-sink"
-    print(f"\n{args.rounds} rounds of {args.seconds:g} s, 16 connections, {doing}; medians\n")
-    print("| figure | HTTP side off | on, /metrics every 1 s | on / off |\n| --- | ---: | ---: | ---: |")
-    for key, what, scale, unit in (("rate", "SENDs/s", 1, ""), ("p50_us", "hand-off p50", 1000, " ms"),
-                                   ("p99_us", "hand-off p99", 1000, " ms"),
-                                   ("daemon_cpu_us_per_send", "daemon CPU per SEND", 1, " us")):
-        off, on = med(False, key), med(True, key)
-        fmt = (lambda v, s=scale, u=unit: f"{v / s:.3f}{u}") if scale != 1 else (lambda v, u=unit: f"{v:,.1f}{u}")
-        print(f"| {what} | {fmt(off)} | {fmt(on)} | {on / off:.2f} |")
+    receiving = f"; the receiver at nice {args.receiver_nice}" if args.webhooks else ""
+    print(f"\n{args.rounds} rounds of {args.seconds:g} s, 16 connections, {doing}{receiving}; medians")
+    print("off: no HTTP side; http: /metrics scraped every 1 s; hooks: that and webhooks; x: the last / off\n")
+    head = "| figure |" + "".join("".join(f" {label} {kind} |" for kind in kinds) + f" {label} x |"
+                                  for label in checkouts)
+    print(head + "\n| --- |" + (" ---: |" * (len(kinds) + 1)) * len(checkouts))
+    figures = [("rate", None, "SENDs/s", 1, ""), ("p50_us", None, "hand-off p50", 1000, " ms"),
+               ("p99_us", None, "hand-off p99", 1000, " ms")]
+    figures += [("cpu", role, f"{role} CPU per SEND", 1, " us") for role in ROLES]
+    for key, role, what, scale, unit in figures:
+        cells = []
+        fmt = (lambda v, s=scale, u=unit: "" if v is None else f"{v / s:.3f}{u}") if scale != 1 else (
+            lambda v, u=unit: "" if v is None else f"{v:,.1f}{u}")
+        for label in checkouts:
+            values = [med((label, kind), key, role) for kind in kinds]
+            ratio = f"{values[-1] / values[0]:.2f}" if values[0] and values[-1] is not None else ""
+            cells.append("".join(f" {fmt(v)} |" for v in values) + f" {ratio} |")
+        print(f"| {what} |" + "".join(cells))
     return 0
 
 

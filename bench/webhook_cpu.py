@@ -8,9 +8,11 @@ off and on: 16 connections of bench/loadgen.c send for `seconds` while the
 daemon relays to Postfix's smtp-sink (10 pooled connections), until every
 message is delivered and, with webhooks on, until the outbox is empty
 (every `message.sent` event answered 204 by an aiohttp receiver in this
-process). CPU microseconds per message of the daemon (which signs and
-posts the events), the spool writer (which writes and deletes them) and
-delivery, from /proc/PID/stat. Prints one JSON line per run and the
+process). CPU microseconds per message of the daemon, the spool writer
+(which writes and deletes the events) and delivery (which signs and posts
+them; the daemon did before issue 12's change, bench/results.md), from
+/proc/PID/stat. bench/http_bench.py --webhooks measures the same with the
+receiver in a process of its own, beside the HTTP side alone. Prints one JSON line per run and the
 medians.
 """
 

@@ -300,6 +300,42 @@ def test_an_event_survives_a_kill_9_between_the_state_change_and_the_webhook(mak
         receiver.close()
 
 
+@pytest.mark.parametrize("child, status, logged", [("smtpgate-relay", 70, "delivery_process_lost"),
+                                                   ("smtpgate-spool", 73, "spool_failed")])
+def test_a_child_killed_with_9_while_events_are_sent_loses_none(make_daemon, upstream, receiver, tmp_path,
+                                                                  child, status, logged):
+    """The sender runs in the delivery process: a kill -9 of it stops the
+    daemon as a lost delivery does (70, delivery_process_lost, for the
+    service manager to restart it), one of the spool writer as a lost
+    writer does (73); either way the events whose answers were awaited are
+    sent again after the restart, with the same webhook-id."""
+    receiver.delay = 5.0  # the first answers are still on their way at the kill
+    daemon = make_daemon(webhook_url=receiver.url, webhook_secret_file=secret_file(tmp_path))
+    with daemon.client(timeout=40) as client:
+        ids = [client.send(mail(f"r{n}@example.org", subject=f"n{n}")) for n in range(4)]
+        for msg_id in ids:
+            assert final(client, msg_id)["state"] == "sent"
+    receiver.wait(lambda r: len(r.events) >= 1, "a request in flight")
+    lines = len(daemon.log_lines())
+    os.kill(daemon.child_pid(child), signal.SIGKILL)
+    assert daemon.proc.wait(60) == status
+    assert any(line.get("event") == logged for line in daemon.log_lines()[lines:])
+    daemon.stop()
+
+    receiver.delay = 0.0
+    with receiver.cond:
+        seen = len(receiver.events)  # those sent before the kill, never answered
+    daemon.start()
+    receiver.wait(lambda r: {p["data"]["message_id"] for _, p in r.events[seen:]} == set(ids),
+                  "every message's event after the restart")
+    with receiver.cond:
+        in_flight = {headers["webhook-id"] for headers, _ in receiver.events[:seen]}
+        again = {headers["webhook-id"] for headers, _ in receiver.events[seen:]}
+    assert in_flight <= again, "an event in flight at the kill was not sent again with its id"
+    assert all(receiver.by_message()[msg_id] == ["message.sent"] for msg_id in ids)
+    wait_until(lambda: stats(daemon)["webhooks"]["pending"] == 0, "the outbox empties")
+
+
 def test_a_possible_duplicate_is_told_before_the_deferral_and_the_delivery(make_daemon, receiver, tmp_path):
     server = Scripted("stall-dot")  # takes the message, never answers its final dot
     try:
@@ -356,6 +392,19 @@ def test_an_event_is_retried_until_answered_2xx_and_kept_its_id(make_daemon, ups
     assert len(ids) == 1 and len(receiver.events) >= 2 and stamps == sorted(stamps)
     failed = [line for line in daemon.log_lines() if line.get("event") == "webhook_failed"]
     assert failed and "HTTP 503" in failed[0]["error"]
+
+
+def test_a_410_gone_gives_the_event_up_at_once(make_daemon, upstream, receiver, tmp_path):
+    receiver.answer = 410
+    daemon = make_daemon(webhook_url=receiver.url, webhook_secret_file=secret_file(tmp_path))
+    with daemon.client(timeout=40) as client:
+        msg_id = client.send(mail("kelly@example.org"))
+        assert final(client, msg_id)["state"] == "sent"
+    wait_until(lambda: stats(daemon)["webhooks"] == {"delivered": 0, "failed": 1, "pending": 0},
+               "the event given up")
+    assert [payload["data"]["message_id"] for payload in receiver.payloads()] == [msg_id]  # tried once
+    given_up = [line for line in daemon.log_lines() if line.get("event") == "webhook_given_up"]
+    assert [line["message_id"] for line in given_up] == [msg_id]
 
 
 def test_a_redirect_is_not_followed(make_daemon, upstream, receiver, tmp_path):

@@ -2,7 +2,8 @@
 
 config -> logging -> spool (locked, recovered before the first connection)
 -> embedded dev upstream (--dev) -> the hand-off and the line door (own or
-systemd sockets, bound) -> SMTP door -> delivery -> READY=1 -> serve. The
+systemd sockets, bound) -> SMTP door -> delivery (and beside it the webhook
+sender) -> READY=1 -> serve. The
 addresses are bound before delivery starts, so an address in use stops
 the start before any message is claimed; a start that fails closes what
 it had started.
@@ -39,6 +40,7 @@ def delivery_settings(config: Config, dev_port: int | None = None):
     """Build the delivery layer's settings (upstreams, pool, retries) from the config."""
     from smtpgate.delivery.settings import DeliverySettings
     from smtpgate.smtp import Timeouts, UpstreamSettings
+    from smtpgate.webhooks.sender import webhook_settings
 
     command = config.upstream_command_timeout
     timeouts = Timeouts(
@@ -71,6 +73,7 @@ def delivery_settings(config: Config, dev_port: int | None = None):
         probe_base=config.upstream_probe_base,
         probe_max=config.upstream_probe_max,
         nice=config.delivery_nice,
+        webhooks=webhook_settings(config),
     )
 
 
@@ -88,7 +91,6 @@ class Daemon:
         self.http = None
         self.exit_code = 0
         self.spool_lost = False
-        self.webhooks = None
 
     async def run(self) -> int:
         from smtpgate import systemd
@@ -139,10 +141,7 @@ class Daemon:
                                      queue_changed=self._queue_changed_here, log=self.log)
                 await self.http.start()
             if not config.hold:
-                await self.delivery.start()
-            from smtpgate.webhooks.sender import WebhookSender
-            self.webhooks = WebhookSender(self.spool, config, self.log)
-            self.webhooks.start()
+                await self.delivery.start()  # and with it the webhook sender
         except BaseException:
             await self._close_started()
             raise
@@ -179,7 +178,6 @@ class Daemon:
             await self.delivery.stop(STOP_GRACE)
         if self.dev_server is not None:
             self.dev_server.close()
-        await self.webhooks.stop()
         await self.spool.close()
         self.log.info("stopped")
         return self.exit_code
@@ -192,8 +190,6 @@ class Daemon:
             await self.http.close()
         if self.delivery is not None:
             await self.delivery.stop(0)
-        if self.webhooks is not None:
-            await self.webhooks.stop()
         if self.dev_server is not None:
             self.dev_server.close()
         await self.spool.close()
@@ -284,7 +280,6 @@ class Daemon:
                                      if k not in ("listen", "socket", "spool", "dev", "smtp_listen", "http_listen")})
         await self.spool.configure(**spool_limits(self.config))
         self.delivery.reload(delivery_settings(self.config, self.dev_port))
-        self.webhooks.reload(self.config)
         if was_held and not self.config.hold:
             await self.delivery.start()
         elif self.config.hold and not was_held:

@@ -15,18 +15,24 @@ intake and the spool's bookkeeping.
 The child runs the very same `Delivery` (scheduler, workers, pools, rate
 limits) as a daemon without this process would; only its spool is a
 stand-in (`SpoolCalls`) whose operations the daemon answers with the real
-spool. Messages on the pipe (named types, each side dispatching on the
+spool. Beside it runs the webhook sender (webhooks/sender.py), the same
+kind of background work: on the daemon's loop it cost intake about 120 us
+of CPU per event; here it shares the relay's nice level, its spool calls
+and its supervision (a lost child stops the daemon, status 70).
+Messages on the pipe (named types, each side dispatching on the
 type with a table):
 - daemon -> child: `Start`, `Wake`, `Deliver`, `ProbeNow`, `Reload`,
   `Stop`, `StopNow`, and the `Answer`s to its calls.
 - child -> daemon: `Started`, `Want`, `Sessions`, and `Call`s of the spool operations
   `ClaimDue`, `RecordAttempts`, `Release`, `RecordUpstreams`, `Expire`,
-  `NextDue`, `CountDue` (spool/ops.py); after `Stop`, the end of its
-  output says its Delivery has stopped.
+  `NextDue`, `CountDue`, and the sender's `WebhookDone`, `WebhookRetry`
+  (spool/ops.py); after `Stop`, the end of its output says
+  its Delivery and sender have stopped.
 The child ignores signals (the daemon decides), and exits when its stdin
 ends: a daemon killed with -9 takes its deliveries with it, and the
 messages they had claimed are 'sending' until the next start puts them
-back to 'queued' (at-least-once).
+back to 'queued' (at-least-once); the events being sent stay in the
+outbox and are sent again (at least once).
 """
 
 from __future__ import annotations
@@ -47,7 +53,7 @@ from smtpgate.proc.pipe import FramedPipe
 from smtpgate.spool.errors import SpoolError
 from smtpgate.spool.ops import (
     Claimed, ClaimDue, CountDue, Expire, NextDue, RecordAttempt, RecordAttempts, RecordUpstreams, Release,
-    UpstreamRow,
+    UpstreamRow, WebhookDone, WebhookRetry,
 )
 from smtpgate.spool.store import Spool
 
@@ -165,7 +171,8 @@ class DeliveryProcess:
         # What the child may ask of the spool: the part of Spool that Delivery uses.
         self._spool_calls = {ClaimDue: self._write, RecordAttempts: self._write, Release: self._write,
                              RecordUpstreams: self._write, Expire: self._write,
-                             NextDue: self._next_due, CountDue: self._count_due}
+                             NextDue: self._next_due, CountDue: self._count_due,
+                             WebhookDone: self._write, WebhookRetry: self._write}
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -397,6 +404,16 @@ class SpoolCalls:
     async def count_due(self, now: float) -> int:
         return await self._call(CountDue(now))
 
+    def webhook_done(self, events: list[tuple[int, str, bool]]) -> asyncio.Future:
+        """Outbox events (seq, message_id, delivered) were delivered (2xx) or
+        given up: delete them; the next event of each one's message becomes due."""
+        return self._call(WebhookDone(time.time(), list(events)))
+
+    def webhook_retry(self, next_attempt: float, events: list[tuple[int, str]], error: str | None) -> asyncio.Future:
+        """Try outbox events (seq, message_id) again at `next_attempt`:
+        after a failed try (`error`), or held while their receiver is down."""
+        return self._call(WebhookRetry(next_attempt, list(events), error))
+
     def answer(self, answer: Answer) -> None:
         self._calls.resolve(answer.token, answer.value, answer.error)
 
@@ -408,6 +425,7 @@ class _Relay:
         loop = asyncio.get_running_loop()
         self.done = loop.create_future()  # set when the child may exit
         self.delivery = None
+        self.webhooks = None
         self.pipe = FramedPipe(self.on_message, self.on_eof)
         self.spool = SpoolCalls(self.pipe.send, loop, before_records=self._send_room)
         self._room = 0  # room for messages claimed at enqueue, not yet offered (Want)
@@ -424,6 +442,8 @@ class _Relay:
     async def _start(self, start: Start) -> None:
         from smtpgate.delivery.scheduler import Delivery  # the daemon, importing this module, needs none of it
         from smtpgate.spool.dots import DotLog
+        from smtpgate.spool.schema import DB_FILE
+        from smtpgate.webhooks.sender import OutboxReader, WebhookSender
 
         setup_logging(start.log_format, start.log_level)
         # A caller waits for its SEND's reply, nobody waits for a relay by
@@ -436,6 +456,10 @@ class _Relay:
             self.delivery = Delivery(self.spool, start.settings, get_logger(), dots=DotLog(start.spool_dir),
                                      offer=self.offer, on_session=self.count_session)
             await self.delivery.start()
+            if start.settings.webhooks is not None:
+                reader = OutboxReader(os.path.join(start.spool_dir, DB_FILE))
+                self.webhooks = WebhookSender(self.spool, reader, start.settings.webhooks, get_logger())
+                self.webhooks.start()
         except Exception:
             get_logger().exception("delivery_start_failed")
             self.done.set_result(None)  # the daemon sees our end and does not start
@@ -483,6 +507,8 @@ class _Relay:
     def reload(self, reload: Reload) -> None:
         if self.delivery is not None:
             self.delivery.reload(reload.settings)
+        if self.webhooks is not None and reload.settings.webhooks is not None:
+            self.webhooks.reload(reload.settings.webhooks)
 
     def stop(self, stop: Stop) -> None:
         asyncio.ensure_future(self._stop(stop.grace))
@@ -493,6 +519,8 @@ class _Relay:
 
     async def _stop(self, grace: float) -> None:
         try:
+            if self.webhooks is not None:
+                await self.webhooks.stop()  # its last outcomes are sent before our end
             if self.delivery is not None:
                 await self.delivery.stop(grace)
             self.send_sessions()  # before the end of our output

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Sequence
 
 if TYPE_CHECKING:
     from smtpgate.smtp import UpstreamSettings
+    from smtpgate.webhooks.sender import WebhookSettings
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,6 +27,7 @@ class DeliverySettings:
     probe_base: float = 1.0  # first probe of a down upstream after about this long, doubling
     probe_max: float = 300.0  # cap of the probe interval
     nice: int = 10  # the delivery process's priority below intake's (os.nice), set when it starts
+    webhooks: WebhookSettings | None = None  # the webhook sender's, which runs beside delivery
 
     @property
     def worker_count(self) -> int:

@@ -4,8 +4,9 @@ They are the messages of two pipes: the daemon's spool (store.py) sends the
 write operations to the writer process (writer.py) as `proc.calls.Call`s,
 and the delivery process asks the daemon's spool for `ClaimDue`,
 `RecordAttempts`, `Release`, `RecordUpstreams`, `Expire`, `NextDue` and
-`CountDue` the same way (delivery/process.py). Each is made and read by
-name on both sides.
+`CountDue`, and its webhook sender for `WebhookDone` and `WebhookRetry`,
+the same way (delivery/process.py). Each is made and read by name on both
+sides.
 
 `now` in an operation is the time it was submitted (the daemon spool's
 clock): the time a message was created, an attempt recorded, a retry made.

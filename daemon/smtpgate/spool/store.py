@@ -40,11 +40,11 @@ from typing import Any, Callable, Iterable
 from smtpgate.proc.calls import PendingCalls
 from smtpgate.proc.child import spawn
 from smtpgate.proc.pipe import FramedPipe
-from smtpgate.spool import outbox, queries
+from smtpgate.spool import queries
 from smtpgate.spool.errors import SpoolError, SpoolFull, SpoolLocked
 from smtpgate.spool.ops import (
     Claimed, ClaimDue, Committed, Configure, Delete, Enqueue, Expire, Limits, Open, Purge, RecipientOutcome,
-    Recount, RecordAttempt, RecordUpstreams, Release, Retry, UpstreamRow, WebhookDone, WebhookRetry,
+    Recount, RecordAttempt, RecordUpstreams, Release, Retry, UpstreamRow,
 )
 from smtpgate.spool.schema import ANONYMOUS_CALLER, DB_FILE, FINAL_STATES, LOCK_FILE, STATES, State
 
@@ -329,16 +329,6 @@ class Spool:
         before `created_before`, their pending recipients with `reply`."""
         return await self.submit(Expire(self._clock(), created_before, reply))
 
-    def webhook_done(self, events: list[tuple[int, str, bool]]) -> asyncio.Future:
-        """Outbox events (seq, message_id, delivered) were delivered (2xx) or
-        given up: delete them; the next event of each one's message becomes due."""
-        return self.submit(WebhookDone(self._clock(), list(events)))
-
-    def webhook_retry(self, next_attempt: float, events: list[tuple[int, str]], error: str | None) -> asyncio.Future:
-        """Try outbox events (seq, message_id) again at `next_attempt`:
-        after a failed try (`error`), or held while their receiver is down."""
-        return self.submit(WebhookRetry(next_attempt, list(events), error))
-
     async def retry(self, msg_id: str | None = None) -> int:
         """Make a deferred message (or every deferred message when msg_id is
         None) due now; returns how many were changed."""
@@ -428,11 +418,6 @@ class Spool:
     async def oldest_due(self) -> float | None:
         """When the oldest message waiting to be tried was created, or None."""
         return await self._read(queries.oldest_due)
-
-    async def webhook_due(self, now: float, limit: int, exclude: tuple[int, ...] = ()) -> list[outbox.OutboxEvent]:
-        """Up to `limit` outbox events due at `now`, each the first of its
-        message, leaving out `exclude` (seqs being sent)."""
-        return await self._read(outbox.due, now, limit, tuple(exclude))
 
     async def spec(self, msg_id: str) -> bytes | None:
         """The stored spec bytes of a message (for `smtpgate queue show`)."""

@@ -467,10 +467,10 @@ class Writer:
         return len(rows)
 
     def webhook_done(self, conn, effects, op: WebhookDone) -> None:
-        for seq, message_id, delivered in op.events:
-            if outbox.done(conn, op.now, seq, message_id):
-                effects.count("webhooks_delivered" if delivered else "webhooks_failed")
-                effects.count("webhooks_pending", -1)
+        for counter, delivered in (("webhooks_delivered", True), ("webhooks_failed", False)):
+            deleted = outbox.done(conn, op.now, [seq for seq, _, d in op.events if d is delivered])
+            effects.count(counter, deleted)
+            effects.count("webhooks_pending", -deleted)
 
     def webhook_retry(self, conn, effects, op: WebhookRetry) -> None:
         outbox.retry(conn, op.next_attempt, op.events, op.error)

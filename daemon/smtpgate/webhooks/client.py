@@ -2,8 +2,8 @@
 HTTP parser, in C) reads the answers, over asyncio streams, with
 keep-alive connections per receiver.
 
-Only what a webhook POST needs, and cheap (the daemon's CPU is shared with
-intake; bench/results.md, "Delivery webhooks"): a request with its
+Only what a webhook POST needs, and cheap (the delivery process's CPU is
+shared with delivery; bench/results.md, "Delivery webhooks"): a request with its
 Content-Length, the answer's status and headers, at most MAX_BODY bytes of
 its body (a longer one closes the connection instead of being read). No
 redirects (a 3xx is an answer like any other), no decompression, no

@@ -1,15 +1,20 @@
-"""The daemon's webhook sender: POSTs the events of the spool's outbox
+"""The webhook sender: POSTs the events of the spool's outbox
 (spool/outbox.py) to their callers' URLs, signed (signing.py), until each
 is answered 2xx or given up after `webhook_retry_for`.
 
-It runs on the daemon's loop beside intake and never holds it: the outbox
-is read by the spool's reader thread, a page of at most CONCURRENCY events
-at a time (so a receiver that is down costs rows on disk, not memory), and
-every outcome is written back by the spool's writer (no fsync: losing one
-in a power cut only sends an event again), the 2xx answers of SETTLE
-seconds in one operation. At least once and in order per message: an
-event is deleted only after a 2xx, and only the first event of a message
-is ever due.
+It runs in the delivery process (smtpgate-relay, delivery/process.py),
+beside delivery: like a relay, an event is background work that nobody
+waits for by the millisecond, and on the daemon's loop it cost intake
+about 120 us of CPU per event (bench/results.md, "Delivery webhooks").
+It reads the outbox itself (OutboxReader: a read-only connection in a
+thread of its own), a page of at most CONCURRENCY events at a time (so a
+receiver that is down costs rows on disk, not memory), and writes every
+outcome back through the relay's spool calls, which the daemon passes to
+the spool's one writer (no fsync: losing one in a power cut only sends an
+event again), the 2xx answers of SETTLE seconds in one operation: the
+daemon's loop sees one message per SETTLE, not one per event. At least
+once and in order per message: an event is deleted only after a 2xx, and
+only the first event of a message is ever due.
 
 A receiver that fails is "down" until a backoff passes (RETRY_BASE doubling
 to RETRY_MAX, with jitter; longer if it sent Retry-After): its events found
@@ -25,17 +30,22 @@ import asyncio
 import contextlib
 import functools
 import random
+import sqlite3
 import time
 import urllib.parse
-from typing import Callable, NamedTuple
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Callable, NamedTuple
 
 from smtpgate import __version__
-from smtpgate.config import Config
 from smtpgate.delivery.retry import retry_delay
+from smtpgate.spool import outbox
 from smtpgate.spool.errors import SpoolError
 from smtpgate.spool.outbox import OutboxEvent
 from smtpgate.webhooks import signing
 from smtpgate.webhooks.client import Client, ProtocolError
+
+if TYPE_CHECKING:
+    from smtpgate.config import Config
 
 CONCURRENCY = 16  # requests at once, and the events read per page
 POLL = 1.0  # seconds between two reads of the outbox when nothing woke the sender
@@ -60,6 +70,21 @@ class _Down(NamedTuple):
     until: float  # no request before this
     failures: int  # in a row
     since: float  # when the last failure was counted
+
+
+class WebhookSettings(NamedTuple):
+    """What the sender needs from the configuration (it crosses the
+    relay's pipe inside DeliverySettings)."""
+
+    own: dict[str, Target]  # the named callers' own targets
+    default: Target | None  # every other caller's
+    retry_for: float  # webhook_retry_for
+    timeout: float  # webhook_timeout
+
+
+def webhook_settings(config: Config) -> WebhookSettings:
+    own, default = targets(config)
+    return WebhookSettings(own, default, config.webhook_retry_for, config.webhook_timeout)
 
 
 def targets(config: Config) -> tuple[dict[str, Target], Target | None]:
@@ -87,12 +112,38 @@ def shown(url: str) -> str:
     return urllib.parse.urlunsplit((parts.scheme, parts.netloc, parts.path, "", ""))
 
 
+class OutboxReader:
+    """The outbox read from the sender's own process: a read-only connection
+    (WAL: a reader never waits for the writer, nor the writer for it) in a
+    thread of its own, so that neither the daemon nor the relay's loop runs
+    the query."""
+
+    def __init__(self, db_path: str):
+        self._conn = sqlite3.connect(db_path, isolation_level=None, check_same_thread=False)
+        self._conn.execute("PRAGMA query_only=1")
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="outbox-reader")
+
+    async def due(self, now: float, limit: int, exclude: tuple[int, ...]) -> list[OutboxEvent]:
+        """Up to `limit` events due at `now`, each the first of its message,
+        leaving out `exclude` (seqs being sent): outbox.due."""
+        return await asyncio.get_running_loop().run_in_executor(
+            self._thread, outbox.due, self._conn, now, limit, exclude)
+
+    def close(self) -> None:
+        self._thread.shutdown(wait=True)
+        self._conn.close()
+
+
 class WebhookSender:
-    def __init__(self, spool, config: Config, log, clock: Callable[[], float] = time.time):
+    def __init__(self, spool, reader: OutboxReader, settings: WebhookSettings, log,
+                 clock: Callable[[], float] = time.time):
+        """`spool` writes the outcomes (webhook_done, webhook_retry:
+        delivery/process.py's SpoolCalls); `reader` reads the due events."""
         self.spool = spool
+        self.reader = reader
         self.log = log
         self._clock = clock
-        self.reload(config)
+        self.reload(settings)
         self._down: dict[str, _Down] = {}  # by URL: bounded by the configuration
         self._inflight: set[int] = set()  # seqs being sent
         self._settling: list[tuple[int, str, bool]] = []  # answered 2xx, to be written
@@ -103,10 +154,8 @@ class WebhookSender:
         self._runner: asyncio.Task | None = None
         self._client = Client(f"smtpgate/{__version__}")
 
-    def reload(self, config: Config) -> None:
-        self._own, self._default = targets(config)
-        self.retry_for = config.webhook_retry_for
-        self.timeout = config.webhook_timeout
+    def reload(self, settings: WebhookSettings) -> None:
+        self._own, self._default, self.retry_for, self.timeout = settings
 
     def start(self) -> None:
         self._runner = asyncio.create_task(self._run())
@@ -119,6 +168,7 @@ class WebhookSender:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._client.close()
+        self.reader.close()
         if self._settle_timer is not None:
             self._settle_timer.cancel()
             self._write_settled()
@@ -147,7 +197,7 @@ class WebhookSender:
         if free < CONCURRENCY // 2 and self._inflight:
             return False  # a read per half page, not per event: each costs a trip to the reader thread
         now = self._clock()
-        events = await self.spool.webhook_due(now, free, (*self._inflight, *self._settled))
+        events = await self.reader.due(now, free, (*self._inflight, *self._settled))
         held: dict[float, list[tuple[int, str]]] = {}
         for event in events:
             target = self._target(event.caller)
