@@ -39,7 +39,7 @@ import time
 
 from smtpgate.proc.calls import Call
 from smtpgate.proc.child import become_child
-from smtpgate.proc.framing import encode, take_messages
+from smtpgate.proc.framing import READ_SIZE, encode, take_messages
 from smtpgate.spool import outbox, queries
 from smtpgate.spool.dots import clear_dots, read_dots
 from smtpgate.spool.errors import CallerFull, SpoolError, SpoolFull
@@ -627,7 +627,7 @@ class _Frames:
         while not self.eof and len(items) < MAX_BATCH:  # a flood never postpones the commit
             if not block and not select.select([self.fd], [], [], 0)[0]:
                 break
-            chunk = os.read(self.fd, 1 << 20)
+            chunk = os.read(self.fd, READ_SIZE)
             if not chunk:
                 self.eof = True
                 break
