@@ -45,7 +45,6 @@ from smtpgate.intake.limits import MAX_AUTH_FAILURES, SMALL_LINE, Limits, Slot
 from smtpgate.intake.peer import Peer
 from smtpgate.log import sockname
 from smtpgate.message.spec import RequestError
-from smtpgate.proc.framing import small_reads
 from smtpgate.protocol import (
     ForeignProtocol, LineDropped, LineParser, LineTooLong, Request, codes, reply_err, reply_ok,
 )
@@ -209,7 +208,6 @@ class Connection(asyncio.Protocol):
 
     def connection_made(self, transport) -> None:
         self.transport = transport
-        small_reads(transport)
         door = self.door
         door.counters["connections"] += 1
         sock = transport.get_extra_info("socket")

@@ -27,24 +27,6 @@ import struct
 
 FRAME = struct.Struct(">I")
 
-# The most one read takes from a pipe or a socket. asyncio's transports read
-# 256 KiB at a time (and the writer read 1 MiB): a bytes object that size
-# is above glibc's mmap threshold (128 KiB), so each read cost an mmap, an
-# mremap to shrink it to what came and a munmap, 20-30 us here, where 64 KiB
-# comes from the heap in 2-4 us (a SEND is ~2 KB; per SEND the daemon reads
-# the caller's socket and the writer's pipe, and the writer its pipe).
-READ_SIZE = 64 * 1024
-
-
-def small_reads(transport) -> None:
-    """Make an asyncio transport read at most READ_SIZE at a time (its
-    `max_size`); other loops' transports (uvloop's read into a buffer of
-    their own) are left as they are."""
-    try:
-        transport.max_size = READ_SIZE
-    except AttributeError:
-        pass
-
 _TYPES: dict[str, type] = {}  # "module.Name" -> message type
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 from typing import Callable
 
-from smtpgate.proc.framing import encode, small_reads, take_messages
+from smtpgate.proc.framing import encode, take_messages
 
 
 class FramedPipe(asyncio.Protocol):
@@ -48,9 +48,6 @@ class FramedPipe(asyncio.Protocol):
         self.flush()
         if self._writer is not None:
             self._writer.close()
-
-    def connection_made(self, transport) -> None:
-        small_reads(transport)
 
     def data_received(self, data: bytes) -> None:
         self._buf += data
