@@ -22,6 +22,7 @@ from smtpgate.spool.errors import SpoolFull, SpoolLocked
 from smtpgate.spool.ops import RecipientOutcome
 from smtpgate.spool.store import Spool
 from smtpgate.spool.ulid import new_ulid
+from smtpgate.spool.writer import WAL_PAGES
 
 SPEC = b'{"from":"app@example.com","to":["a@example.org"],"text":"hi"}'
 RFC3339 = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
@@ -592,3 +593,48 @@ def test_a_search_by_recipient_stops_reading_once_it_has_found_enough(tmp_path):
     assert theirs[0] == 50 and theirs[1] < none[1]
     # Every address matches and none is the caller's: a lookup each.
     assert worst[0] == 0 and worst[1] <= 8 * none[1]
+
+
+# A spec of about the size of a small mail (the benches' is 2.7 KB): a
+# lone caller's commit then writes 4-6 WAL pages.
+MAIL_SPEC = b'{"from":"app@example.com","to":["a@example.org"],"text":"' + b"x" * 2500 + b'"}'
+WAL_FRAME = 24 + 4096  # a WAL frame: its header and one page
+
+
+def wal_after(path, sends) -> tuple[int, int]:
+    """Run `sends(spool)` on a spool in `path`: how long its WAL has been
+    (SQLite overwrites it in place once it starts over, so its file keeps
+    the greatest length it reached, in pages) and the SENDs it accepted."""
+    async def main():
+        spool = await opened(path)
+        await sends(spool)
+        pages = (await asyncio.to_thread(os.path.getsize, path / "spool.sqlite3-wal") - 32) // WAL_FRAME
+        accepted = (await spool.stats())["counters"]["accepted"]
+        await spool.close()
+        return pages, accepted
+
+    return run(main())
+
+
+def test_checkpoints_let_the_wal_start_over_beside_a_lone_caller(tmp_path):
+    # 2,500 commits of 4-6 pages: three times WAL_PAGES without a
+    # checkpoint that lets the WAL start over (the writer's own, when idle).
+    async def one_at_a_time(spool):
+        for i in range(2500):
+            await spool.enqueue(MAIL_SPEC, "s@x.org", [f"r{i}@y.org"])
+
+    pages, accepted = wal_after(tmp_path, one_at_a_time)
+    assert accepted == 2500
+    assert pages < 1.5 * WAL_PAGES
+
+
+def test_the_wal_stays_bounded_under_a_flood_of_sends(tmp_path):
+    # 24,000 SENDs at once (15,000 pages and more) leave the writer no idle
+    # moment: SQLite's own checkpoint bounds the WAL instead (twice
+    # WAL_PAGES, plus the batch that passes it).
+    async def all_at_once(spool):
+        await asyncio.gather(*(spool.enqueue(MAIL_SPEC, "s@x.org", [f"r{i}@y.org"]) for i in range(24_000)))
+
+    pages, accepted = wal_after(tmp_path, all_at_once)
+    assert accepted == 24_000
+    assert pages < 3 * WAL_PAGES

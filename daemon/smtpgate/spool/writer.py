@@ -34,6 +34,7 @@ import dataclasses
 import os
 import select
 import sqlite3
+import threading
 import time
 
 from smtpgate.proc.calls import Call
@@ -55,6 +56,29 @@ from smtpgate.spool.ulid import new_ulid
 # one very large transaction (and the reply latency of the first caller).
 MAX_BATCH = 1024
 SQLITE_FULL = 13  # "database or disk is full": reported to the caller as SpoolFull
+# The most one read of the pipe takes. A 1 MiB read allocated a bytes object
+# above glibc's mmap threshold (128 KiB): an mmap, an mremap to what came and
+# a munmap per batch, 20-30 us here, where 64 KiB comes from the heap in 2-4
+# us (a SEND is ~2 KB).
+READ_SIZE = 64 * 1024
+
+# Checkpoints, off the request path. SQLite's own (wal_autocheckpoint) runs
+# inside the COMMIT that takes the WAL past 1,000 pages: it copies them into
+# the database file and fdatasyncs it before that COMMIT returns. A lone
+# caller's commit writes about 5.5 pages, so one SEND in ~180 waited 1-3 ms
+# longer for its OK (issue 15, bench/results.md). Here a thread with its own
+# connection checkpoints after CHECKPOINT_COMMITS commits or
+# CHECKPOINT_OPERATIONS operations (PASSIVE: it never holds up a commit, and
+# sqlite3 gives up the GIL while it copies and syncs). The WAL starts over
+# from its first page only after a checkpoint that left nothing behind,
+# which one running beside commits seldom is; so once a checkpoint finds
+# the WAL past WAL_PAGES, the writer checkpoints the few pages left itself
+# when no call is waiting. A flood leaves it no such moment: SQLite's own
+# checkpoint then bounds the WAL at twice WAL_PAGES, in the COMMIT that
+# passes that, with only the pages the thread has not copied yet left to do.
+CHECKPOINT_COMMITS = 100
+CHECKPOINT_OPERATIONS = 1000
+WAL_PAGES = 4096  # 16 MiB of 4 KiB pages
 
 
 class _Effects:
@@ -152,6 +176,8 @@ class Writer:
         self.operations = 0
         self.sync_full = True
         self.conn: sqlite3.Connection | None = None
+        self.checkpointer: Checkpointer | None = None
+        self.unchecked = [0, 0]  # commits and operations since the last checkpoint began
 
     def open(self) -> None:
         """Create or upgrade the schema (schema.migrate), put messages left in
@@ -164,6 +190,7 @@ class Writer:
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=FULL")
         conn.execute("PRAGMA journal_size_limit=67108864")  # keep the WAL under 64 MiB
+        conn.execute(f"PRAGMA wal_autocheckpoint={2 * WAL_PAGES}")  # only if the Checkpointer falls behind
         try:
             found, version = migrate(conn)
         except ValueError as exc:
@@ -203,6 +230,13 @@ class Writer:
         finally:
             os.close(dir_fd)
         self.conn = conn
+        self.checkpointer = Checkpointer(self.db_path)
+
+    def close(self) -> None:
+        """The checkpointer's connection first: the last one to close
+        checkpoints the whole WAL and removes it."""
+        self.checkpointer.close()
+        self.conn.close()
 
     def committed(self, outcome: Outcome, all_callers: bool = False) -> Committed:
         """The reply to a batch: its results and errors, and the figures after
@@ -262,6 +296,11 @@ class Writer:
         self.commits += 1
         self.durable_commits += durable
         self.operations += len(batch)
+        unchecked = self.unchecked
+        unchecked[0] += 1
+        unchecked[1] += len(batch)
+        if (unchecked[0] >= CHECKPOINT_COMMITS or unchecked[1] >= CHECKPOINT_OPERATIONS) and self.checkpointer.start():
+            unchecked[:] = [0, 0]
         for state, delta in effects.state_delta.items():
             self.state_counts[state] += delta
         for name, delta in effects.counters.items():
@@ -525,6 +564,73 @@ class Writer:
         return counts
 
 
+class Checkpointer:
+    """Copies the WAL back into the database file beside the writer's
+    commits, on a thread with its own connection (see CHECKPOINT_COMMITS).
+    `wal_pages` is the WAL's length found by the last checkpoint."""
+
+    def __init__(self, db_path: str):
+        self.conn = sqlite3.connect(db_path, isolation_level=None, check_same_thread=False)
+        # The database file is fsynced before the WAL pages it took may be
+        # overwritten (FULL: the WAL is synced first too).
+        self.conn.execute("PRAGMA synchronous=FULL")
+        self.wal_pages = 0
+        self._wanted = threading.Event()
+        self._idle = threading.Event()
+        self._idle.set()
+        self._closing = False
+        self._thread = threading.Thread(target=self._run, name="checkpointer", daemon=True)
+        self._thread.start()
+
+    def start(self) -> bool:
+        """Checkpoint on the thread; False if it is at it already."""
+        if not self._idle.is_set():
+            return False
+        self._idle.clear()
+        self._wanted.set()
+        return True
+
+    def _run(self) -> None:
+        while True:
+            self._wanted.wait()
+            self._wanted.clear()
+            if self._closing:
+                return
+            try:
+                self.checkpoint(self.conn)
+            finally:
+                self._idle.set()
+
+    def checkpoint(self, conn: sqlite3.Connection) -> None:
+        """A PASSIVE checkpoint on `conn`: the thread's, or the writer's
+        own to let the WAL start over. A failure (a full disk) leaves the
+        WAL longer, never a commit undone."""
+        try:
+            _, pages, _ = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        except sqlite3.Error:
+            return
+        self.wal_pages = pages
+
+    def wal_long(self) -> bool:
+        """Whether the last checkpoint found the WAL past WAL_PAGES, and
+        none runs now."""
+        return self.wal_pages >= WAL_PAGES and self._idle.is_set()
+
+    def finish(self, conn: sqlite3.Connection) -> None:
+        """The writer's own checkpoint, when the thread is not at one, of
+        the pages written since the thread's: nothing is appended
+        meanwhile, so the WAL's next commit starts over from its first page."""
+        self.checkpoint(conn)
+        self.wal_pages = 0
+
+    def close(self) -> None:
+        self._idle.wait()
+        self._closing = True
+        self._wanted.set()
+        self._thread.join()
+        self.conn.close()
+
+
 # --- the process -----------------------------------------------------------
 
 
@@ -536,6 +642,11 @@ class _Frames:
         self.buf = bytearray()
         self.eof = False
 
+    def waiting(self) -> bool:
+        """Whether a call is arriving: part of a frame read, or bytes (or
+        EOF) to read."""
+        return bool(self.buf) or bool(select.select([self.fd], [], [], 0)[0])
+
     def read(self, block: bool) -> list[Call]:
         """The calls of every complete frame available; with `block`, wait
         until there is at least one (or EOF)."""
@@ -543,7 +654,7 @@ class _Frames:
         while not self.eof and len(items) < MAX_BATCH:  # a flood never postpones the commit
             if not block and not select.select([self.fd], [], [], 0)[0]:
                 break
-            chunk = os.read(self.fd, 1 << 20)
+            chunk = os.read(self.fd, READ_SIZE)
             if not chunk:
                 self.eof = True
                 break
@@ -581,7 +692,10 @@ def main() -> int:
         return 1
     _send(wfd, writer.committed(Outcome(results={call.token: Opened(writer.caller_key, *writer.schema)}), all_callers=True))
     pending = opening[1:]
+    checkpointer = writer.checkpointer
     while True:
+        if not pending and checkpointer.wal_long() and not frames.waiting():
+            checkpointer.finish(writer.conn)  # idle: no call waits for it
         pending += frames.read(block=not pending)
         if not pending:  # EOF and nothing left to do
             break
@@ -592,6 +706,6 @@ def main() -> int:
             error = SpoolError(f"{type(exc).__name__}: {exc}")
             outcome = Outcome(errors={call.token: error for call in batch})
         _send(wfd, writer.committed(outcome))
-    writer.conn.close()
+    writer.close()
     return 0
 
