@@ -9,22 +9,8 @@
 #include <string.h>
 #include <time.h>
 
+#include "exits.h"
 #include "smtpgate.h"
-
-/* Exit codes (sysexits.h), the same table as `smtpgate send` and `smtpgate
- * sendmail`: docs/exit-codes.md. Scripts depend on them. */
-enum {
-    EX_OK = 0,           /* accepted (and, with --wait, sent) */
-    EX_USAGE = 64,       /* bad command line, bad --server URI */
-    EX_DATAERR = 65,     /* the message: invalid UTF-8, BAD_REQUEST, BAD_HEADER, TOO_LARGE */
-    EX_NOINPUT = 66,     /* an attachment or the token file cannot be read */
-    EX_NOUSER = 67,      /* an address refused: BAD_ADDRESS, DENIED */
-    EX_NOHOST = 68,      /* the daemon's host name does not resolve */
-    EX_UNAVAILABLE = 69, /* refused for another reason; --wait: the message failed */
-    EX_SOFTWARE = 70,    /* the peer does not speak the line protocol */
-    EX_TEMPFAIL = 75,    /* nothing stored: down, busy; --wait: not final in time */
-    EX_NOPERM = 77       /* AUTH_REQUIRED, AUTH_FAILED */
-};
 
 #define DEFAULT_SERVER "tcp://127.0.0.1:2526"
 #define MAX_SERVERS 16
@@ -242,24 +228,6 @@ static int read_body(smtpgate_msg *m, int html)
     }
     free(body);
     return bad ? -1 : 0;
-}
-
-/* The exit code for the daemon's `ERR CODE` (docs/exit-codes.md); a code
- * not in the table (one a newer daemon may add) is a refusal for good. */
-static int exit_for_error(const char *code)
-{
-    static const struct {
-        const char *code;
-        int exit_code;
-    } table[] = {
-        {"BUSY", EX_TEMPFAIL},       {"INTERNAL", EX_TEMPFAIL},   {"BAD_ADDRESS", EX_NOUSER},
-        {"DENIED", EX_NOUSER},       {"BAD_HEADER", EX_DATAERR},  {"TOO_LARGE", EX_DATAERR},
-        {"BAD_REQUEST", EX_DATAERR}, {"AUTH_REQUIRED", EX_NOPERM}, {"AUTH_FAILED", EX_NOPERM},
-    };
-    for (size_t i = 0; i < sizeof table / sizeof table[0]; i++)
-        if (strcmp(code, table[i].code) == 0)
-            return table[i].exit_code;
-    return EX_UNAVAILABLE;
 }
 
 /* The exit code of a failed connect, AUTH or SEND. */

@@ -29,22 +29,9 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "exits.h"
 #include "internal.h"
 #include "smtpgate.h"
-
-/* sysexits.h, spelled out: the values are sendmail's contract with its callers. */
-enum {
-    EX_OK_ = 0,
-    EX_USAGE_ = 64,       /* bad command line, no recipients */
-    EX_DATAERR_ = 65,     /* the message is unusable (too large, refused as BAD_*) */
-    EX_NOUSER_ = 67,      /* an address was refused (BAD_ADDRESS, DENIED) */
-    EX_UNAVAILABLE_ = 69, /* another permanent refusal */
-    EX_SOFTWARE_ = 70,    /* a reply we do not understand */
-    EX_OSERR_ = 71,       /* out of memory, exec of -bs failed */
-    EX_TEMPFAIL_ = 75,    /* daemon unreachable, BUSY, INTERNAL: nothing stored */
-    EX_NOPERM_ = 77,      /* AUTH_REQUIRED, AUTH_FAILED */
-    EX_CONFIG_ = 78       /* the file named by $SMTPGATE_CONFIG cannot be read */
-};
 
 #define DEFAULT_CONFIG "/etc/smtpgate/smtpgate.toml"
 #define DEFAULT_SERVER "tcp://127.0.0.1:2526"
@@ -81,9 +68,9 @@ static int fail(int code, const char *fmt, const char *arg)
 /* A command line we cannot act on: the reason, then the usage. */
 static int usage_error(const char *fmt, const char *arg)
 {
-    fail(EX_USAGE_, fmt, arg);
+    fail(EX_USAGE, fmt, arg);
     fputs(USAGE, stderr);
-    return EX_USAGE_;
+    return EX_USAGE;
 }
 
 /* True for a -F name that could break the From field: C0 controls, DEL,
@@ -529,30 +516,13 @@ static int build_send(sg_buf *b, const struct options *o, const char *msg, size_
     return b->oom || *bad ? SMTPGATE_ERR : SMTPGATE_OK;
 }
 
-/* The daemon's error CODE -> exit code (docs/operations.md). */
-static int exit_for_code(const char *code)
-{
-    static const struct {
-        const char *code;
-        int exit_code;
-    } map[] = {
-        {"BUSY", EX_TEMPFAIL_},        {"INTERNAL", EX_TEMPFAIL_},  {"BAD_ADDRESS", EX_NOUSER_},
-        {"DENIED", EX_NOUSER_},        {"BAD_HEADER", EX_DATAERR_}, {"TOO_LARGE", EX_DATAERR_},
-        {"BAD_REQUEST", EX_DATAERR_},  {"AUTH_REQUIRED", EX_NOPERM_}, {"AUTH_FAILED", EX_NOPERM_},
-    };
-    for (size_t k = 0; k < sizeof map / sizeof map[0]; k++)
-        if (strcmp(code, map[k].code) == 0)
-            return map[k].exit_code;
-    return EX_UNAVAILABLE_;
-}
-
 /* -bs: the SMTP session is the Python command's (the SMTP door's own
  * handler); a session is long anyway, so its start-up cost does not matter. */
 static int run_smtp_session(int argc, char **argv)
 {
     char **args = calloc((size_t)argc + 2, sizeof *args);
     if (args == NULL)
-        return fail(EX_OSERR_, "%s", "out of memory");
+        return fail(EX_OSERR, "%s", "out of memory");
     args[0] = "smtpgate";
     args[1] = "sendmail";
     for (int k = 1; k < argc; k++)
@@ -560,7 +530,7 @@ static int run_smtp_session(int argc, char **argv)
     execvp(args[0], args);
     int err = errno;
     free(args);
-    return fail(EX_OSERR_, "-bs runs `smtpgate sendmail -bs`: %s", strerror(err));
+    return fail(EX_OSERR, "-bs runs `smtpgate sendmail -bs`: %s", strerror(err));
 }
 
 int main(int argc, char **argv)
@@ -572,7 +542,7 @@ int main(int argc, char **argv)
     if (o.smtp_session)
         return run_smtp_session(argc, argv);
     if (o.n_recipients == 0 && !o.extract)
-        return fail(EX_USAGE_, "%s", "no recipients: give them as arguments, or use -t with To/Cc/Bcc");
+        return fail(EX_USAGE, "%s", "no recipients: give them as arguments, or use -t with To/Cc/Bcc");
 
     static struct config cfg; /* static: 16 KiB, zeroed */
     char why[MAX_VALUE + 128];
@@ -580,7 +550,7 @@ int main(int argc, char **argv)
     if (read_config(config_path && *config_path ? config_path : DEFAULT_CONFIG, &cfg, why,
                     sizeof why) != 0) {
         if (config_path && *config_path)
-            return fail(EX_CONFIG_, "cannot read the configuration %s", why);
+            return fail(EX_CONFIG, "cannot read the configuration %s", why);
         memset(&cfg, 0, sizeof cfg); /* the default file is only a hint */
     }
     char uri[MAX_VALUE + 16];
@@ -599,10 +569,10 @@ int main(int argc, char **argv)
     if (rc == 1) {
         char n[32];
         snprintf(n, sizeof n, "%ld", limit);
-        return fail(EX_DATAERR_, "the message is over max_message_size (%s bytes)", n);
+        return fail(EX_DATAERR, "the message is over max_message_size (%s bytes)", n);
     }
     if (rc != 0)
-        return fail(EX_OSERR_, "cannot read the message from stdin: %s", strerror(errno));
+        return fail(EX_OSERR, "cannot read the message from stdin: %s", strerror(errno));
     char default_sender[600];
     local_sender(default_sender, sizeof default_sender);
     sg_buf send = {NULL, 0, 0, 0};
@@ -611,14 +581,14 @@ int main(int argc, char **argv)
     free(msg);
     if (rc != SMTPGATE_OK) {
         sg_buf_free(&send);
-        return bad ? fail(EX_USAGE_, "%s", "an argument is not UTF-8")
-                   : fail(EX_OSERR_, "%s", "out of memory");
+        return bad ? fail(EX_USAGE, "%s", "an argument is not UTF-8")
+                   : fail(EX_OSERR, "%s", "out of memory");
     }
 
     smtpgate_ctx *c = smtpgate_connect(uri, TIMEOUT_MS);
     if (c == NULL) {
         sg_buf_free(&send);
-        return fail(EX_OSERR_, "%s", "out of memory");
+        return fail(EX_OSERR, "%s", "out of memory");
     }
     char id[SMTPGATE_ID_SIZE];
     if (!c->err && token != NULL)
@@ -627,7 +597,7 @@ int main(int argc, char **argv)
         smtpgate_send_json(c, send.data, id, sizeof id);
     sg_buf_free(&send);
     if (c->err == 0) {
-        code = EX_OK_;
+        code = EX_OK;
         if (o.verbose)
             fprintf(stderr, "smtpgate-sendmail: queued as %s\n", id);
     } else if (c->err == SMTPGATE_ERR_SERVER) {
@@ -637,18 +607,18 @@ int main(int argc, char **argv)
                                ? c->errstr + n + 1 + (c->errstr[n + 1] == ' ')
                                : c->errstr;
         fprintf(stderr, "smtpgate-sendmail: %s %s\n", c->code, text);
-        code = exit_for_code(c->code);
+        code = exit_for_error(c->code);
     } else if (c->err == SMTPGATE_ERR_INVALID) {
-        code = fail(EX_USAGE_, "%s", c->errstr); /* a $SMTPGATE_SERVER that is no URI */
+        code = fail(EX_USAGE, "%s", c->errstr); /* a $SMTPGATE_SERVER that is no URI */
     } else if (c->err == SMTPGATE_ERR_PROTOCOL) {
-        code = fail(EX_SOFTWARE_, "%s", c->errstr);
+        code = fail(EX_SOFTWARE, "%s", c->errstr);
     } else if (c->err == SMTPGATE_ERR_OOM) {
-        code = fail(EX_OSERR_, "%s", c->errstr);
+        code = fail(EX_OSERR, "%s", c->errstr);
     } else {
         /* Refused, no socket file, timed out, closed mid-reply: nothing is
          * known to be stored, so the caller should keep the mail and retry. */
         fprintf(stderr, "smtpgate-sendmail: cannot reach the daemon at %s: %s\n", uri, c->errstr);
-        code = EX_TEMPFAIL_;
+        code = EX_TEMPFAIL;
     }
     smtpgate_free(c);
     return code;
