@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import http.client
 import re
-import time
 from urllib.parse import urlencode
 
-from support import free_port
+from support import free_port, wait_until  # noqa: F401 (for the HTTP tests)
 
 HTTP_TIMEOUT = 10.0
 
@@ -63,12 +62,3 @@ def csrf_of(html: str) -> str:
     return match.group(1)
 
 
-def wait_until(check, timeout: float = 20.0, what: str = "condition"):
-    """Poll `check()` until it returns something true (bounded); return it."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)

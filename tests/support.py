@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import time
 
 
 def free_port() -> int:
@@ -12,6 +13,17 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def wait_until(check, timeout: float = 20.0, what: str = "condition"):
+    """Poll `check()` until it returns something true (bounded); return it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"no {what} within {timeout} s"
+        time.sleep(0.05)
 
 
 def read_line(sock: socket.socket, buffer: bytearray | None = None) -> str:

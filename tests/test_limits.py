@@ -21,7 +21,7 @@ import time
 
 from smtpgate.intake.peer import peer_of_socket
 from smtpgate.protocol import LineDropped, LineParser, LineTooLong, Request
-from support import RawSmtp, children_of, read_line, read_lines
+from support import RawSmtp, children_of, read_line, read_lines, wait_until
 
 TOKEN = "limits-token-5a7c9e1f3b"
 SIMPLE = {"from": "app@example.com", "to": "kelly@example.org", "subject": "hi", "text": "hello"}
@@ -55,14 +55,6 @@ def closed_by_peer(sock: socket.socket, timeout: float = 10.0) -> bytes:
     return data
 
 
-def wait_until(predicate, timeout: float = 20.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"no {what} within {timeout} s"
-        time.sleep(0.05)
 
 
 def connect_from(daemon, source: str, timeout: float = 10.0) -> socket.socket:

@@ -28,6 +28,7 @@ import httptools
 import pytest
 import trustme
 from aiohttp import web
+from support import wait_until
 from test_upstream_health import Scripted
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
@@ -158,11 +159,6 @@ def stats(daemon, token: str | None = None) -> dict:
         return client.stats()
 
 
-def wait_until(condition, what: str) -> None:
-    deadline = time.monotonic() + WAIT
-    while not condition():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.05)
 
 
 def mail(to, subject: str = "hi", **fields) -> dict:
@@ -212,7 +208,7 @@ def test_events_are_signed_and_carry_each_recipients_result(make_daemon, upstrea
     assert first["data"]["recipients"] == [
         {"address": "later@example.org", "state": "deferred", "reply": "451 4.7.1 greylisted, try again"}]
 
-    wait_until(lambda: stats(daemon)["webhooks"]["pending"] == 0, "the outbox empties")
+    wait_until(lambda: stats(daemon)["webhooks"]["pending"] == 0, WAIT, "the outbox empties")
     assert stats(daemon)["webhooks"] == {"delivered": 3, "failed": 0, "pending": 0}
     sent = [line for line in daemon.log_lines() if line.get("event") == "webhook_sent"]
     assert sent and all("source=test" not in line["url"] for line in sent)  # the query may hold a token
@@ -263,7 +259,7 @@ def test_a_receiver_down_for_a_while_gets_every_event_in_order_once_back(make_da
                 ids.append(client.send(mail(f"r{n}@example.org", subject=f"n{n}")))
                 final(client, ids[-1])
         wait_until(lambda: any(line.get("event") == "webhook_failed" for line in daemon.log_lines()),
-                   "a failed try while the receiver is down")
+                   WAIT, "a failed try while the receiver is down")
         assert stats(daemon)["webhooks"]["pending"] == 12 + 6  # six were deferred first
         assert receiver.events == []
 
@@ -275,7 +271,7 @@ def test_a_receiver_down_for_a_while_gets_every_event_in_order_once_back(make_da
         assert {msg_id: events[msg_id] for msg_id in ids} == {
             msg_id: (["message.deferred", "message.sent"] if n % 2 == 0 else ["message.sent"])
             for n, msg_id in enumerate(ids)}
-        wait_until(lambda: stats(daemon)["webhooks"]["pending"] == 0, "the outbox empties")
+        wait_until(lambda: stats(daemon)["webhooks"]["pending"] == 0, WAIT, "the outbox empties")
         assert stats(daemon)["webhooks"]["delivered"] == 18
     finally:
         receiver.close()
@@ -295,7 +291,7 @@ def test_an_event_survives_a_kill_9_between_the_state_change_and_the_webhook(mak
         daemon.start()
         receiver.wait(lambda r: r.by_message()[msg_id] == ["message.sent"], "the event after the restart")
         wait_until(lambda: stats(daemon)["webhooks"] == {"delivered": 1, "failed": 0, "pending": 0},
-                   "the outbox empties")
+                   WAIT, "the outbox empties")
     finally:
         receiver.close()
 
@@ -333,7 +329,7 @@ def test_a_child_killed_with_9_while_events_are_sent_loses_none(make_daemon, ups
         again = {headers["webhook-id"] for headers, _ in receiver.events[seen:]}
     assert in_flight <= again, "an event in flight at the kill was not sent again with its id"
     assert all(receiver.by_message()[msg_id] == ["message.sent"] for msg_id in ids)
-    wait_until(lambda: stats(daemon)["webhooks"]["pending"] == 0, "the outbox empties")
+    wait_until(lambda: stats(daemon)["webhooks"]["pending"] == 0, WAIT, "the outbox empties")
 
 
 def test_a_possible_duplicate_is_told_before_the_deferral_and_the_delivery(make_daemon, receiver, tmp_path):
@@ -384,9 +380,9 @@ def test_an_event_is_retried_until_answered_2xx_and_kept_its_id(make_daemon, ups
     # The receiver reads its answer after it records the event: wait for the
     # daemon to have seen the 503 before the receiver starts saying 200.
     wait_until(lambda: any(line.get("event") == "webhook_failed" for line in daemon.log_lines()),
-               "the 503 seen by the daemon")
+               WAIT, "the 503 seen by the daemon")
     receiver.answer, receiver.headers = 200, {}
-    wait_until(lambda: stats(daemon)["webhooks"]["delivered"] == 1, "delivered once answered 200")
+    wait_until(lambda: stats(daemon)["webhooks"]["delivered"] == 1, WAIT, "delivered once answered 200")
     ids = {headers["webhook-id"] for headers, _ in receiver.events}
     stamps = [int(headers["webhook-timestamp"]) for headers, _ in receiver.events]
     assert len(ids) == 1 and len(receiver.events) >= 2 and stamps == sorted(stamps)
@@ -401,7 +397,7 @@ def test_a_410_gone_gives_the_event_up_at_once(make_daemon, upstream, receiver, 
         msg_id = client.send(mail("kelly@example.org"))
         assert final(client, msg_id)["state"] == "sent"
     wait_until(lambda: stats(daemon)["webhooks"] == {"delivered": 0, "failed": 1, "pending": 0},
-               "the event given up")
+               WAIT, "the event given up")
     assert [payload["data"]["message_id"] for payload in receiver.payloads()] == [msg_id]  # tried once
     given_up = [line for line in daemon.log_lines() if line.get("event") == "webhook_given_up"]
     assert [line["message_id"] for line in given_up] == [msg_id]
@@ -416,7 +412,7 @@ def test_a_redirect_is_not_followed(make_daemon, upstream, receiver, tmp_path):
         with daemon.client(timeout=40) as client:
             final(client, client.send(mail("kelly@example.org")))
         wait_until(lambda: any(line.get("event") == "webhook_failed" for line in daemon.log_lines()),
-                   "the 307 is a failed try")
+                   WAIT, "the 307 is a failed try")
         failed = next(line for line in daemon.log_lines() if line.get("event") == "webhook_failed")
         assert "HTTP 307" in failed["error"] and "redirects are not followed" in failed["error"]
         assert elsewhere.events == [] and stats(daemon)["webhooks"]["pending"] == 1
@@ -508,7 +504,7 @@ def test_each_caller_gets_its_own_url_and_secret_and_others_none(make_daemon, up
             shop_id = shop.send(mail("kelly@example.org"))
             final(blog, blog_id), final(shop, shop_id)
         shop_hooks.wait(lambda r: r.by_message()[shop_id] == ["message.sent"], "the shop's event")
-        wait_until(lambda: stats(daemon, TOKEN_SHOP)["webhooks"]["pending"] == 0, "the outbox empties")
+        wait_until(lambda: stats(daemon, TOKEN_SHOP)["webhooks"]["pending"] == 0, WAIT, "the outbox empties")
         assert [p["data"]["caller"] for p in shop_hooks.payloads()] == ["shop"]
         # Nothing was written for the blog (not even an event given up).
         assert stats(daemon, TOKEN_SHOP)["webhooks"] == {"delivered": 1, "failed": 0, "pending": 0}
