@@ -9,10 +9,12 @@ the same on the SMTP door. docs/security.md has the table of limits.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import resource
 import select
+import signal
 import socket
 import subprocess
 import sys
@@ -288,6 +290,41 @@ def test_max_connections_refuses_one_more_with_busy(make_daemon):
         for sock in held:
             sock.close()
     wait_until(lambda: daemon.request("PING") == "OK PONG", what="a free slot")
+
+
+def test_a_burst_larger_than_128_connections_waits_in_the_queue_while_the_daemon_is_busy(make_daemon):
+    """While the daemon's loop is held (stopped here), 200 callers connect at
+    once: each handshake completes in the listen queue, none is dropped and
+    left to the kernel's 1, 3, 7 s SYN retries, and each is served in turn
+    once the loop runs. (A queue of 128 connected only 129 of them.)"""
+    daemon = make_daemon(max_connections=200, max_connections_per_peer=200)
+    assert daemon.request("PING") == "OK PONG"
+    os.kill(daemon.proc.pid, signal.SIGSTOP)
+    burst = []
+    try:
+        for _ in range(200):
+            sock = socket.socket()
+            sock.setblocking(False)
+            assert sock.connect_ex(daemon.tcp) in (0, errno.EINPROGRESS)
+            burst.append(sock)
+        pending = set(burst)
+        deadline = time.monotonic() + 10
+        while pending and time.monotonic() < deadline:
+            _, writable, _ = select.select([], list(pending), [], 0.5)
+            pending.difference_update(writable)
+        assert not pending, f"{len(pending)} of 200 handshakes not completed while the daemon was busy"
+        assert all(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0 for sock in burst)
+    finally:
+        os.kill(daemon.proc.pid, signal.SIGCONT)
+    try:
+        for sock in burst:
+            sock.setblocking(True)
+            sock.settimeout(10)
+            sock.sendall(b"PING\n")
+        assert [read_line(sock) for sock in burst] == ["OK PONG"] * 200
+    finally:
+        for sock in burst:
+            sock.close()
 
 
 # -- file descriptors ---------------------------------------------------------

@@ -30,7 +30,11 @@ from collections.abc import Callable
 from smtpgate.intake.limits import Gate, Refused, Slot
 from smtpgate.intake.peer import Peer, peer_of_socket
 
-BACKLOG = 128       # the listen() queue
+# The listen() queue: as deep as the kernel allows (net.core.somaxconn caps
+# it). A burst of PHP workers larger than the queue would otherwise have its
+# surplus SYNs dropped and retried 1, 3, 7 s later, behind connections that
+# came after them.
+BACKLOG = socket.SOMAXCONN
 ACCEPT_BATCH = 100  # connections accepted per wake-up at most, as asyncio does
 PAUSE = 1.0         # seconds without accepting when no descriptor is left at all
 
