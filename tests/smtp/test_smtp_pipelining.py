@@ -9,7 +9,7 @@ import asyncio
 import pytest
 from smtp_helpers import run
 
-from smtpgate.smtp import SmtpConnection, SmtpConnectionLost, Timeouts, UpstreamSettings
+from smtpgate.smtp import SmtpConnection, SmtpConnectionLost, SmtpMessageError, Timeouts, UpstreamSettings
 
 SHORT = Timeouts(connect=2, greeting=2, command=2, mail=2, rcpt=2, data_init=2, data_block=2, data_end=2)
 BODY = b"Subject: s\r\n\r\nbody\r\n"
@@ -61,10 +61,10 @@ async def open_to(server: RawServer) -> SmtpConnection:
     return await SmtpConnection.open(settings)
 
 
-async def behind(conn: SmtpConnection, rcpt: str, dots: list[str]) -> asyncio.Task:
+async def behind(conn: SmtpConnection, rcpt: str, dots: list[str], body: bytes = BODY) -> asyncio.Task:
     """A second send() on `conn`, once it waits behind the one in flight."""
     assert conn.takes_next
-    task = asyncio.ensure_future(conn.send("a@example.org", [f"{rcpt}@example.org"], BODY,
+    task = asyncio.ensure_future(conn.send("a@example.org", [f"{rcpt}@example.org"], body,
                                            before_data_end=lambda: dots.append(rcpt)))
     for _ in range(100):  # bounded: it registers on its first step
         if not conn.takes_next:
@@ -212,3 +212,27 @@ def test_no_message_goes_behind_without_pipelining_or_behind_bdat(ehlo):
             return takes_next
 
     assert run(scenario()) is False
+
+
+def test_a_message_refused_behind_another_leaves_that_one_alone():
+    # The second message cannot be sent as given (a line over 998 octets):
+    # its send() fails with nothing sent, the first goes on, the connection
+    # stays usable.
+    async def scenario():
+        async with RawServer() as server:
+            conn = await open_to(server)
+            one = first(conn, [])
+            await server.read()
+            two = await behind(conn, "c", [], b"x" * 1200 + b"\r\n")
+            server.reply(b"250 ok\r\n250 ok\r\n354 go\r\n")
+            assert await server.read() == BODY + b".\r\n"
+            server.reply(b"250 2.0.0 queued\r\n")
+            result = await one
+            refused = await asyncio.gather(two, return_exceptions=True)
+            usable = conn.usable
+            conn.close()
+            return result, refused[0], usable
+
+    result, refused, usable = run(scenario())
+    assert result.data_reply.code == 250
+    assert isinstance(refused, SmtpMessageError) and usable

@@ -90,7 +90,7 @@ class _Behind:
     recipients: list[str]
     data: bytes
     before_data_end: Callable[[], None] | None
-    turn: asyncio.Future  # done when the send() in flight is over: True if we were queued
+    turn: asyncio.Future  # done when the send() in flight is over (or ours was refused)
     queued: bool = False  # its transaction is in the core, behind the other's final dot
 
 
@@ -381,7 +381,8 @@ class SmtpConnection:
                 if self._before_data_end is not None:
                     self._before_data_end()
                     self._before_data_end = None
-                if self._behind is not None and not self._behind.queued and core.takes_next_mail:
+                behind = self._behind
+                if behind is not None and not behind.queued and not behind.turn.done() and core.takes_next_mail:
                     self._queue_behind()  # in this very write
             out = core.data_to_send()
             if out:
