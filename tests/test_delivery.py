@@ -7,6 +7,7 @@ without sockets."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import threading
@@ -92,13 +93,18 @@ def free_port_with_nothing_listening() -> int:
 class DroppingServer:
     """A real SMTP-speaking socket server whose first `drops` connections
     drop the line at `drop_at`: "DATA" (the DATA command arrives, no 354) or
-    "DOT" (the whole message and its final dot arrive, no reply)."""
+    "DOT" (the whole message and its final dot arrive, no reply), at the
+    connection's `nth` message. With `pipelining`, it offers PIPELINING,
+    and `pipelined` keeps the commands that followed a dropped dot."""
 
-    def __init__(self, drop_at: str, drops: int = 1):
+    def __init__(self, drop_at: str, drops: int = 1, nth: int = 1, pipelining: bool = False):
         self.drop_at = drop_at
         self.drops = drops
+        self.nth = nth
+        self.ehlo = b"250-dropper\r\n250 PIPELINING\r\n" if pipelining else b"250-dropper\r\n250 8BITMIME\r\n"
         self.connections = 0
         self.bodies: list[bytes] = []  # every message body that fully arrived
+        self.pipelined: list[bytes] = []
 
     async def start(self) -> int:
         self.server = await asyncio.start_server(self.handle, "127.0.0.1", 0)
@@ -107,19 +113,26 @@ class DroppingServer:
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
         drop = self.connections <= self.drops
+        messages = 0
         writer.write(b"220 dropper ESMTP\r\n")
         try:
             while line := await reader.readline():
                 verb = line[:4].upper()
                 if verb in (b"EHLO", b"HELO"):
-                    writer.write(b"250-dropper\r\n250 8BITMIME\r\n")
+                    writer.write(self.ehlo)
                 elif verb == b"DATA":
-                    if drop and self.drop_at == "DATA":
+                    messages += 1
+                    drop_here = drop and messages == self.nth
+                    if drop_here and self.drop_at == "DATA":
                         return
                     writer.write(b"354 go ahead\r\n")
                     await writer.drain()
                     self.bodies.append(await reader.readuntil(b"\r\n.\r\n"))
-                    if drop:
+                    if drop_here:
+                        # Commands pipelined behind the dot are here already
+                        # (bounded: there may be none).
+                        with contextlib.suppress(asyncio.TimeoutError):
+                            self.pipelined.append(await asyncio.wait_for(reader.readuntil(b"DATA\r\n"), 5))
                         return
                     writer.write(b"250 2.0.0 Ok: queued\r\n")
                 elif verb == b"QUIT":
@@ -287,6 +300,44 @@ def test_lost_connection_defers_and_retries(tmp_path, drop_at, duplicate):
     assert dropper.connections == 2
     assert len(dropper.bodies) == (2 if duplicate else 1)  # after the dot the upstream had it
     assert state.get("possible_duplicate", False) is duplicate
+
+
+def test_line_dropped_after_a_dot_with_a_message_pipelined_behind(tmp_path):
+    # One connection, two messages on it at once: the line drops after the
+    # first one's final dot. That one may have been delivered (a possible
+    # duplicate, sent again); the one behind it never got past DATA: sent
+    # once, on a fresh connection, not flagged.
+    dropper = DroppingServer("DOT", nth=2, pipelining=True)
+
+    async def main():
+        port = await dropper.start()
+        settings = fast(upstream_settings("127.0.0.1", port), connections_per_upstream=1)
+        spool = Spool(tmp_path / "spool", min_free_bytes=0)
+        await spool.open()
+        delivery = Delivery(spool, settings, structlog.get_logger())
+        await delivery.start()
+        try:
+            warm = await spool.wait_final(await send(spool, delivery, subject="warm"), FOREVER)  # pools it
+            ids = []
+            for subject in ("dropped", "behind"):  # claimed together: one wake-up for both
+                spec = validate_send({"from": "app@example.com", "to": "kelly@example.org", "subject": subject,
+                                      "text": "body"}, max_message_bytes=1 << 20)
+                ids.append((await spool.enqueue(spec.to_json(), spec.envelope_from, spec.recipients, None))[0])
+            delivery.wake()
+            return [warm] + [await spool.wait_final(msg_id, FOREVER) for msg_id in ids]
+        finally:
+            await delivery.stop(5)
+            await spool.close()
+            dropper.server.close()
+
+    warm, dropped, behind = asyncio.run(main())
+    assert [warm["state"], dropped["state"], behind["state"]] == ["sent"] * 3
+    assert dropped.get("possible_duplicate") is True and dropped["attempts"] == 2
+    assert behind.get("possible_duplicate", False) is False and behind["attempts"] == 1
+    assert sum(b"Subject: dropped" in body for body in dropper.bodies) == 2
+    assert sum(b"Subject: behind" in body for body in dropper.bodies) == 1
+    # The second was pipelined: its commands followed the dot on the first connection.
+    assert len(dropper.pipelined) == 1 and dropper.pipelined[0].startswith(b"MAIL FROM:<app@example.com>")
 
 
 def test_failover_to_the_second_upstream_when_the_first_refuses(tmp_path, upstream):

@@ -1,7 +1,10 @@
 """The connections to one upstream: a pool of reused SMTP connections, its
 rate limit (a token bucket) and its health (health.py).
 
-- At most `connections_per_upstream` connections in use; NOOP before reusing
+- At most `connections_per_upstream` connections in use; when every one
+  is, a message goes behind one whose upstream offers PIPELINING, its
+  commands pipelined behind the final dot of the message in flight there
+  (smtp/client.py): two messages on it at once. NOOP before reusing
   one idle for more than `idle_noop_after` seconds; QUIT to one idle for
   `idle_timeout`; RSET between messages (the client sends it, pipelined
   with the next MAIL, when a transaction may still be open, RFC 5321
@@ -72,6 +75,7 @@ class UpstreamPool:
         self.name = f"{settings.host}:{settings.port}"
         self.health = Health(self.name)
         self.idle: list[SmtpConnection] = []
+        self.in_use: dict[SmtpConnection, int] = {}  # connection -> messages on it (2 when pipelined)
         self.size = delivery_settings.connections_per_upstream
         self.slots = asyncio.Semaphore(self.size)
         self.retired = False  # removed by a reload: connections close when released
@@ -100,9 +104,20 @@ class UpstreamPool:
 
     async def acquire(self, fresh: bool = False) -> tuple[SmtpConnection, bool]:
         """A usable connection and whether it was reused; opens a new one when
-        no idle one answers (or `fresh`). Raises UpstreamDown while the
-        upstream is down, SmtpSessionError if a session cannot be set up
-        (the upstream is then down)."""
+        no idle one answers (or `fresh`). When every connection is in use,
+        one that takes a message behind the one in flight. Raises
+        UpstreamDown while the upstream is down, SmtpSessionError if a
+        session cannot be set up (the upstream is then down)."""
+        if not fresh and self.slots.locked() and self.health.state == UP:
+            for conn in self.in_use:
+                if conn.takes_next:
+                    self.in_use[conn] += 1
+                    return conn, True
+        conn, reused = await self._acquire_slot(fresh)
+        self.in_use[conn] = 1
+        return conn, reused
+
+    async def _acquire_slot(self, fresh: bool) -> tuple[SmtpConnection, bool]:
         await self.slots.acquire()
         try:
             if self.health.state == DOWN:
@@ -176,8 +191,9 @@ class UpstreamPool:
         MAIL, when the last transaction did not end (RFC 5321 4.1.1.5); and
         a release that never waits cannot be interrupted after a message
         went out (stop would then take it for unsent)."""
-        self._keep(conn)
-        self.slots.release()
+        if self._let_go(conn):
+            self._keep(conn)
+            self.slots.release()
 
     def _keep(self, conn: SmtpConnection) -> None:
         if conn.usable and not self.retired and self.health.state == UP:
@@ -189,7 +205,15 @@ class UpstreamPool:
 
     def discard(self, conn: SmtpConnection) -> None:
         conn.close()
-        self.slots.release()
+        if self._let_go(conn):
+            self.slots.release()
+
+    def _let_go(self, conn: SmtpConnection) -> bool:
+        """One message is done with `conn`: True if it was the last one."""
+        left = self.in_use.pop(conn) - 1
+        if left:
+            self.in_use[conn] = left
+        return not left
 
     def _reap(self) -> None:
         """QUIT the connections idle for `idle_timeout`; look again when the

@@ -16,7 +16,7 @@ class DeliverySettings:
 
     upstreams: Sequence[UpstreamSettings]
     connections_per_upstream: int = 10
-    workers: int | None = None  # concurrent deliveries; None: connections_per_upstream
+    workers: int | None = None  # concurrent deliveries; None: twice connections_per_upstream
     max_age: float = 5 * 86400.0  # seconds after acceptance before pending recipients fail
     retry_base: float = 60.0  # first retry after about this long, doubling each time
     retry_max: float = 3600.0  # cap of the retry interval
@@ -31,4 +31,6 @@ class DeliverySettings:
 
     @property
     def worker_count(self) -> int:
-        return self.workers if self.workers is not None else self.connections_per_upstream
+        # Twice the connections: with every connection busy, a worker's
+        # message is pipelined behind another's final dot (delivery/pool.py).
+        return self.workers if self.workers is not None else 2 * self.connections_per_upstream

@@ -246,6 +246,8 @@ class _Transaction:
     recipients: list[str]
     body: bytes
     pipelined: bool
+    chunking: bool
+    dot_queued: bool = False  # its final dot (or the empty message's) is queued or sent
     mail_reply: Reply | None = None
     rcpt_replies: list[Reply] = field(default_factory=list)
     data_reply: Reply | None = None
@@ -291,7 +293,10 @@ class SmtpClient:
         self._events: deque[object] = deque()
         self._eof = False
         self._error: SmtpSessionError | None = None
-        self._txn: _Transaction | None = None
+        # The transactions in flight, oldest first: replies come in order, so
+        # the oldest is the one every reply handler works on. A second one
+        # only behind the first's final dot (send_mail, takes_next_mail).
+        self._txns: deque[_Transaction] = deque()
         self._pending_mail: tuple[str, list[str]] = ("", [])  # MAIL held behind a lone RSET
 
     # -- I/O side ------------------------------------------------------------
@@ -311,6 +316,29 @@ class SmtpClient:
             self._fail(SmtpProtocolError("server sent plaintext after its 220 to STARTTLS"))
         else:
             self._parser.feed(data)
+
+    @property
+    def mail_in_flight(self) -> bool:
+        """Whether a mail transaction awaits replies."""
+        return bool(self._txns)
+
+    @property
+    def pipelines_next_mail(self) -> bool:
+        """Whether the transaction in flight lets the next message's
+        commands follow its final dot (send_mail, once takes_next_mail)."""
+        if self._error is not None or len(self._txns) != 1:
+            return False
+        txn = self._txns[0]
+        return txn.pipelined and not txn.chunking
+
+    @property
+    def takes_next_mail(self) -> bool:
+        """Whether send_mail() may be called now, a transaction still in
+        flight: its final dot is queued, so the next MAIL, RCPTs and DATA go
+        behind it (RFC 2920 3.1: message content may open a group, DATA must
+        close it). Not behind BDAT: a refused chunk leaves the transaction
+        open (RFC 3030 2), and the next MAIL would be a nested one."""
+        return self.pipelines_next_mail and self._txns[0].dot_queued
 
     def data_to_send(self) -> bytes:
         """The bytes queued since the last call, to go out in one write."""
@@ -566,13 +594,21 @@ class SmtpClient:
 
         With PIPELINING (RFC 2920) MAIL, every RCPT and DATA go out in one
         write; with CHUNKING as well (RFC 3030), MAIL, every RCPT and the
-        body as BDAT ... LAST do, and its reply ends the data.  Raises SmtpMessageError, with nothing sent and the session
-        still usable, if the message or an address cannot be sent as given.
+        body as BDAT ... LAST do, and its reply ends the data.  While
+        `takes_next_mail`, the transaction queues behind the one in flight
+        (no RSET: that one's final dot ends it whatever its reply, RFC 5321
+        4.1.1.4), and its Delivered comes after that one's.  Raises
+        SmtpMessageError, with nothing sent and the session still usable,
+        if the message or an address cannot be sent as given.
         8-bit data to a server without 8BITMIME goes out as it is (as Postfix
         does for non-MIME mail): the transfer encoding is the message
         builder's choice, and refusing would bounce mail most servers take.
         """
-        self._begin("send_mail")
+        behind = self.takes_next_mail
+        if not behind:
+            # (Behind a transaction, the parser may hold replies to its
+            # commands, all sent: nothing to check there.)
+            self._begin("send_mail")
         if not recipients:
             raise SmtpMessageError("no recipients")
         for address in (mail_from, *recipients):
@@ -597,9 +633,10 @@ class SmtpClient:
                     "an address is not ASCII and the server does not offer SMTPUTF8 (RFC 6531)"
                 )
             params.append("SMTPUTF8")
-        self._txn = txn = _Transaction(mail_from, list(recipients), body, pipelined)
+        txn = _Transaction(mail_from, list(recipients), body, pipelined, chunking)
+        self._txns.append(txn)
         self.state = State.BUSY
-        if self.needs_reset:
+        if self.needs_reset and not behind:
             self._command("RSET", "RSET", self._on_txn_rset)
             if not pipelined:
                 self._pending_mail = (mail_from, params)
@@ -616,7 +653,7 @@ class SmtpClient:
             # recipients' own replies decide.  Its reply is the end of data's.
             self._out.append(b"BDAT %d LAST\r\n" % len(body) + body)
             self._expected.append(("DATA_END", self._on_bdat_last))
-            self.data_end_queued = True
+            self.data_end_queued = txn.dot_queued = True
 
     def _queue_mail(self, mail_from: str, params: list[str]) -> None:
         line = " ".join([f"MAIL FROM:<{mail_from}>", *params])
@@ -626,14 +663,12 @@ class SmtpClient:
         if reply.code != 250:
             raise SmtpProtocolError(f"RSET refused: {reply}")
         self.needs_reset = False
-        txn = self._txn
-        assert txn is not None
+        txn = self._txns[0]
         if not txn.pipelined:
             self._queue_mail(*self._pending_mail)
 
     def _on_mail(self, reply: Reply) -> None:
-        txn = self._txn
-        assert txn is not None
+        txn = self._txns[0]
         _check_class(reply, "MAIL")
         txn.mail_reply = reply
         if reply.code < 300:
@@ -644,8 +679,7 @@ class SmtpClient:
             self._finish()
 
     def _on_rcpt(self, reply: Reply) -> None:
-        txn = self._txn
-        assert txn is not None
+        txn = self._txns[0]
         _check_class(reply, "RCPT")
         txn.rcpt_replies.append(reply)
         if txn.pipelined:
@@ -659,23 +693,23 @@ class SmtpClient:
             self._finish()
 
     def _any_accepted(self) -> bool:
-        txn = self._txn
-        assert txn is not None and txn.mail_reply is not None
+        txn = self._txns[0]
+        assert txn.mail_reply is not None
         return txn.mail_reply.code < 300 and any(r.code < 300 for r in txn.rcpt_replies)
 
     def _on_data(self, reply: Reply) -> None:
-        txn = self._txn
-        assert txn is not None
+        txn = self._txns[0]
         if reply.code == 354:
             if self._any_accepted():
                 self._out.append(txn.body)
                 self._expected.append(("DATA_END", self._on_data_end))
-                self.data_end_queued = True
+                self.data_end_queued = txn.dot_queued = True
             else:
                 # RFC 2920 3.1: DATA accepted although no RCPT was; end the
                 # empty message at once, the server has no one to deliver to.
                 self._out.append(b".\r\n")
                 self._expected.append(("DATA_END", self._on_discarded_end))
+                txn.dot_queued = True
             return
         if reply.code < 400:
             # 354 is DATA's only positive reply (RFC 5321 4.3.2); a 250 here
@@ -686,16 +720,15 @@ class SmtpClient:
         self._finish()
 
     def _on_data_end(self, reply: Reply) -> None:
-        txn = self._txn
-        assert txn is not None
+        txn = self._txns[0]
         _check_class(reply, "end of data")
         txn.data_reply = reply
         self.needs_reset = False  # RFC 5321 4.1.1.4: end of data ends the transaction
         self._finish()
 
     def _on_bdat_last(self, reply: Reply) -> None:
-        txn = self._txn
-        assert txn is not None and txn.mail_reply is not None
+        txn = self._txns[0]
+        assert txn.mail_reply is not None
         _check_class(reply, "BDAT")
         if reply.code < 300:
             self.needs_reset = False  # the last chunk taken ends the transaction
@@ -708,9 +741,8 @@ class SmtpClient:
         self._finish()
 
     def _finish(self) -> None:
-        txn = self._txn
-        assert txn is not None and txn.mail_reply is not None
-        self._txn = None
+        txn = self._txns.popleft()
+        assert txn.mail_reply is not None
         results = []
         for index, address in enumerate(txn.recipients):
             if txn.mail_reply.code >= 300:
@@ -722,7 +754,9 @@ class SmtpClient:
             else:
                 decided_by = txn.data_reply
             results.append(RecipientResult(address, _status(decided_by), decided_by))
-        self._emit(Delivered(DeliveryResult(results, txn.mail_reply, txn.data_reply)))
+        # Still BUSY while the next transaction awaits its replies.
+        self._emit(Delivered(DeliveryResult(results, txn.mail_reply, txn.data_reply)),
+                   State.BUSY if self._txns else State.READY)
 
     # -- RSET, NOOP, QUIT ------------------------------------------------------------
 
