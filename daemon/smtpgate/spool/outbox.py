@@ -93,8 +93,10 @@ def unflagged(conn: sqlite3.Connection, msg_ids: list[str]) -> list[tuple[str, s
 def add(conn: sqlite3.Connection, now: float, msg_id: str, caller: str, types: list[str]) -> int:
     """Add the events `types` of `caller`'s message `msg_id` as it stands
     in this transaction; returns how many were added."""
-    made = {event_type: payload(event_type, now, data(conn, msg_id))
-            for event_type in types if event_type not in MADE_WHEN_SENT}
+    made = {event_type: None for event_type in types if event_type not in MADE_WHEN_SENT}
+    if made:
+        data = data_of(conn, [msg_id]).get(msg_id)
+        made = {event_type: payload(event_type, now, data) for event_type in made}
     conn.executemany("INSERT INTO webhook_outbox (id, message_id, caller, type, payload, created, next_attempt)"
                      " VALUES (?, ?, ?, ?, ?, ?, ?)",
                      [("evt_" + new_ulid(now), msg_id, caller, event_type, made.get(event_type), now, now)
@@ -102,30 +104,39 @@ def add(conn: sqlite3.Connection, now: float, msg_id: str, caller: str, types: l
     return len(types)
 
 
-def data(conn: sqlite3.Connection, msg_id: str) -> dict | None:
-    """The `data` of an event of message `msg_id` as its rows stand (None if it is gone)."""
-    row = conn.execute(
-        "SELECT caller, state, envelope_from, idempotency_key, attempts, created, next_attempt,"
-        " possible_duplicate FROM messages WHERE id=?", (msg_id,)).fetchone()
-    if row is None:
-        return None
-    caller, state, envelope_from, key, attempts, created, next_attempt, dup = row
-    recipients = [{"address": address, "state": rstate, "reply": reply} for address, rstate, reply in conn.execute(
-        "SELECT address, state, reply FROM recipients WHERE message_id=? ORDER BY position", (msg_id,))]
-    return {
-        "message_id": msg_id, "caller": caller, "state": state, "from": envelope_from,
-        "idempotency_key": key, "created": iso(created), "attempts": attempts,
-        "next_attempt": iso(next_attempt) if state == State.DEFERRED else None,
-        "possible_duplicate": bool(dup), "recipients": recipients,
-    }
+def data_of(conn: sqlite3.Connection, msg_ids: list[str]) -> dict[str, dict]:
+    """The `data` of an event of each of the messages `msg_ids` as their
+    rows stand, by id (a message that is gone is left out): two statements
+    for a page of events, not two per event."""
+    found: dict[str, dict] = {}
+    for start in range(0, len(msg_ids), 500):  # SQLite's parameter limit
+        chunk = msg_ids[start:start + 500]
+        marks = ",".join("?" * len(chunk))
+        for msg_id, caller, state, envelope_from, key, attempts, created, next_attempt, dup in conn.execute(
+                "SELECT id, caller, state, envelope_from, idempotency_key, attempts, created, next_attempt,"
+                f" possible_duplicate FROM messages WHERE id IN ({marks})", chunk):
+            found[msg_id] = {
+                "message_id": msg_id, "caller": caller, "state": state, "from": envelope_from,
+                "idempotency_key": key, "created": iso(created), "attempts": attempts,
+                "next_attempt": iso(next_attempt) if state == State.DEFERRED else None,
+                "possible_duplicate": bool(dup), "recipients": [],
+            }
+        for msg_id, address, state, reply in conn.execute(
+                f"SELECT message_id, address, state, reply FROM recipients WHERE message_id IN ({marks})"
+                " ORDER BY message_id, position", chunk):
+            if msg_id in found:  # recipients left without their message: only by hand
+                found[msg_id]["recipients"].append({"address": address, "state": state, "reply": reply})
+    return found
+
+
+_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))  # made once: json.dumps makes one per call
 
 
 def payload(event_type: str, when: float, data: dict | None) -> bytes | None:
     """The body of an event (docs/webhooks.md): one line of JSON, UTF-8 as it is."""
     if data is None:
         return None
-    return json.dumps({"type": event_type, "timestamp": iso(when), "data": data},
-                      ensure_ascii=False, separators=(",", ":")).encode()
+    return _JSON.encode({"type": event_type, "timestamp": iso(when), "data": data}).encode()
 
 
 def freeze(conn: sqlite3.Connection, messages: str, params: tuple) -> int:
@@ -135,8 +146,9 @@ def freeze(conn: sqlite3.Connection, messages: str, params: tuple) -> int:
     rows = conn.execute(
         "SELECT o.seq, o.type, o.created, o.message_id FROM webhook_outbox o JOIN messages ON messages.id = o.message_id"
         f" WHERE o.payload IS NULL AND {messages}", params).fetchall()
+    datas = data_of(conn, list({msg_id for *_, msg_id in rows}))
     conn.executemany("UPDATE webhook_outbox SET payload=? WHERE seq=?",
-                     [(payload(event_type, created, data(conn, msg_id)), seq)
+                     [(payload(event_type, created, datas.get(msg_id)), seq)
                       for seq, event_type, created, msg_id in rows])
     return len(rows)
 
@@ -171,9 +183,11 @@ def sendable(conn: sqlite3.Connection, now: float, limit: int, exclude: tuple[in
     payloads made first: `freeze`)."""
     conn.execute("BEGIN")
     try:
+        events = due(conn, now, limit, exclude)
+        datas = data_of(conn, list({event.message_id for event in events if event.payload is None}))
         return [event if event.payload is not None else
-                event._replace(payload=payload(event.type, event.created, data(conn, event.message_id)))
-                for event in due(conn, now, limit, exclude)]
+                event._replace(payload=payload(event.type, event.created, datas.get(event.message_id)))
+                for event in events]
     finally:
         conn.execute("COMMIT")
 
