@@ -19,6 +19,7 @@ from smtpgate.proc.calls import Call
 from smtpgate.spool import outbox
 from smtpgate.spool.ops import (ClaimDue, Delete, Enqueue, Limits, Purge, RecipientOutcome, RecordAttempt,
                                 WebhookDone)
+from smtpgate.spool.admin import SpoolAdmin
 from smtpgate.spool.schema import DB_FILE, MIGRATIONS, SCHEMA_V1
 from smtpgate.spool.writer import Writer
 
@@ -109,21 +110,26 @@ def test_a_deferral_shows_its_own_attempt_after_a_later_one_changed_the_message(
     assert sent["data"]["recipients"] == [{"address": "later@example.org", "state": "sent", "reply": "250 ok"}]
 
 
-def test_a_deleted_or_purged_message_keeps_its_pending_events_whole(spool):
+def test_a_deleted_or_purged_message_keeps_its_pending_events_whole(spool, tmp_path):
     deleted = spool.send(T0, ["a@example.org"])
+    deleted_offline = spool.send(T0, ["d@example.org"])
     purged = spool.send(T0, ["b@example.org"])
     kept = spool.send(T0, ["c@example.org"])
-    for msg_id, to in ((deleted, "a@example.org"), (purged, "b@example.org"), (kept, "c@example.org")):
+    sent = ((deleted, "a@example.org"), (deleted_offline, "d@example.org"), (purged, "b@example.org"),
+            (kept, "c@example.org"))
+    for msg_id, to in sent:
         spool.attempt(T0 + 1, msg_id, (to, "sent", f"250 ok {to}"))
     spool.writer.conn.execute("UPDATE messages SET updated=? WHERE id=?", (T0 + 10 * KEEP_FINAL, kept))
 
     assert spool.run(Delete(deleted)) is True
+    with SpoolAdmin(str(tmp_path), write=True) as queue_tool:  # `smtpgate queue delete` without a daemon
+        assert queue_tool.delete(deleted_offline) == "sent"
     assert spool.run(Purge(T0 + 2 * KEEP_FINAL))[0] == 1  # `purged`; `kept` is younger
     assert spool.writer.conn.execute("SELECT id FROM messages").fetchall() == [(kept,)]
-    assert [p is None for p in spool.stored_payloads()] == [False, False, True]
+    assert [p is None for p in spool.stored_payloads()] == [False, False, False, True]
 
     events = {event["data"]["message_id"]: event for _, event in spool.sendable()}
-    for msg_id, to in ((deleted, "a@example.org"), (purged, "b@example.org"), (kept, "c@example.org")):
+    for msg_id, to in sent:
         assert events[msg_id]["data"]["recipients"] == [{"address": to, "state": "sent", "reply": f"250 ok {to}"}]
         assert events[msg_id]["type"] == "message.sent" and events[msg_id]["data"]["state"] == "sent"
 

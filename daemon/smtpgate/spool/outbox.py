@@ -12,9 +12,10 @@ change left it:
 - a `message.sent` or `message.failed` event's (every message has one,
   the others are rare) is made by the sender (`sendable`), in the delivery
   process, from the message's rows: no attempt changes a final message,
-  and before its rows are deleted (`delete`, `purge`) `freeze` makes the
-  payloads still to be made. The writer, on every message's path, pays
-  for an INSERT of a few fields, not for the reads and the JSON.
+  and before its rows are deleted (queries.delete, the writer's purge)
+  `freeze` makes the payloads still to be made. The writer, on every
+  message's path, pays for an INSERT of a few fields, not for the reads
+  and the JSON.
 Either way the same rows give the same bytes (`payload`), at every try:
 the signature covers these very bytes. A message's events go out in `seq`
 order: only the first of a message is ever due (`due` skips the others),

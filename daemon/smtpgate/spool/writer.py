@@ -528,7 +528,6 @@ class Writer:
         return queries.retry(conn, op.now, op.msg_id)
 
     def delete(self, conn, effects, op: Delete) -> bool:
-        outbox.freeze(conn, "messages.id=?", (op.msg_id,))
         deleted = queries.delete(conn, op.msg_id)
         if deleted is None:
             return False
