@@ -2,7 +2,7 @@
 """What the HTTP side and webhooks cost the line protocol (issue 12's goal: within 10%).
 
     flock /work/team/bench.lock python bench/http_bench.py [--rounds 5] [--seconds 5] [--hold]
-        [--webhooks] [--checkout base=/var/tmp/v-main --checkout this=.]
+        [--webhooks] [--receiver-kind lean|aiohttp] [--receiver-nice N] [--checkout base=/var/tmp/v-main --checkout this=.]
 
 Each round runs the same load once per mode, in an order rotated each
 round: 16 connections of bench/loadgen.c SENDs for `seconds` while the
@@ -11,9 +11,12 @@ daemon relays to Postfix's smtp-sink with 10 pooled connections,
 - http@LABEL: `http_listen` set and a scraper reading /metrics every
   second (every scrape must be a 200 with the accepted count in it);
 - hooks@LABEL (with --webhooks): the same and a `webhook_url`: every
-  delivered message's `message.sent` event is POSTed to a receiver
-  (aiohttp, answering 204) in a process of its own, so that its CPU is
-  apart from the daemon's.
+  delivered message's `message.sent` event is POSTed to a receiver in a
+  process of its own, so that its CPU is apart from the daemon's: by
+  default a lean asyncio protocol answering 204 that verifies every 16th
+  signature (in production the receiver is on another machine; here it
+  shares the 2 cores, so the cheaper the better), or aiohttp's server
+  (`--receiver-kind aiohttp`, the figures before 2026-12-06 evening).
 With --hold, delivery is on hold instead (intake alone: the daemon's CPU
 per SEND is then the hand-off path's, where the HTTP side adds its
 histogram observe; no event is made). Each LABEL=PATH of --checkout runs
@@ -31,7 +34,9 @@ the medians.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import base64
+import hmac
 import json
 import os
 import shutil
@@ -74,9 +79,10 @@ class Scraper(threading.Thread):
             self.scrapes += 1
 
 
-def receive(port: int) -> None:
-    """The webhook receiver (run as `http_bench.py --receiver PORT`): 204 to
-    every POST to /hook; GET /count says how many came."""
+def receive_aiohttp(port: int) -> None:
+    """The first receiver (`--receiver-kind aiohttp`): aiohttp's server,
+    204 to every POST to /hook, no signature checked; GET /count says how
+    many came."""
     from aiohttp import web
 
     received = [0]
@@ -95,16 +101,83 @@ def receive(port: int) -> None:
     web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None)
 
 
-def start_receiver(nice: int) -> tuple[subprocess.Popen, int]:
+class LeanReceiver(asyncio.Protocol):
+    """A receiver as cheap as a correct one can be: HTTP/1.1 keep-alive
+    requests framed by Content-Length (what smtpgate sends; anything else
+    is a 400 and the connection closed), 204 to a POST to /hook, and the
+    Standard Webhooks signature of every VERIFY_EVERY-th event checked
+    (with the JSON parsed), so a wrong one cannot pass unseen. GET /count
+    answers `received bad`."""
+
+    VERIFY_EVERY = 16
+    received = 0
+    bad = 0
+    key = b""
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        self.buffer = b""
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        while True:
+            end = self.buffer.find(b"\r\n\r\n")
+            if end < 0:
+                if len(self.buffer) > 65536:
+                    self.transport.close()
+                return
+            head = self.buffer[:end].decode("latin-1").split("\r\n")
+            headers = {name.lower(): value for name, _, value in (line.partition(": ") for line in head[1:])}
+            length = int(headers.get("content-length", "0"))
+            if len(self.buffer) < end + 4 + length:
+                return
+            body, self.buffer = self.buffer[end + 4:end + 4 + length], self.buffer[end + 4 + length:]
+            if head[0].startswith("POST /hook "):
+                self.event(headers, body)
+                self.transport.write(b"HTTP/1.1 204 No Content\r\n\r\n")
+            elif head[0].startswith("GET /count "):
+                text = f"{LeanReceiver.received} {LeanReceiver.bad}".encode()
+                self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(text), text))
+            else:
+                self.transport.write(b"HTTP/1.1 400 Bad Request\r\nConnection: close\r\n\r\n")
+                self.transport.close()
+                return
+
+    def event(self, headers: dict, body: bytes) -> None:
+        LeanReceiver.received += 1
+        if LeanReceiver.received % self.VERIFY_EVERY:
+            return
+        signed = f"{headers['webhook-id']}.{headers['webhook-timestamp']}.".encode() + body
+        mac = "v1," + base64.b64encode(hmac.digest(LeanReceiver.key, signed, "sha256")).decode()
+        good = any(hmac.compare_digest(mac, one) for one in headers["webhook-signature"].split())
+        if not good or json.loads(body)["data"]["message_id"] is None:
+            LeanReceiver.bad += 1
+
+
+def receive_lean(port: int) -> None:
+    LeanReceiver.key = base64.b64decode(os.environ["HTTP_BENCH_SECRET"][len("whsec_"):])
+
+    async def serve() -> None:
+        server = await asyncio.get_running_loop().create_server(LeanReceiver, "127.0.0.1", port)
+        await server.serve_forever()
+
+    asyncio.run(serve())
+
+
+def start_receiver(nice: int, kind: str) -> tuple[subprocess.Popen, int]:
     port = free_port()
-    proc = subprocess.Popen(["nice", "-n", str(nice), sys.executable, __file__, "--receiver", str(port)])
+    proc = subprocess.Popen(["nice", "-n", str(nice), sys.executable, __file__, "--receiver", str(port),
+                             "--receiver-kind", kind], env=dict(os.environ, HTTP_BENCH_SECRET=SECRET))
     wait_port(port)
     return proc, port
 
 
 def received(port: int) -> int:
+    """How many events the receiver got; it must have found no bad signature."""
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/count", timeout=10) as reply:
-        return int(reply.read())
+        count, *bad = reply.read().split()
+    assert not bad or bad[0] == b"0", f"{bad[0].decode()} events with a bad signature"
+    return int(count)
 
 
 def drain(daemon: Daemon, accepted: int, webhooks: bool) -> None:
@@ -174,11 +247,15 @@ def main() -> int:
     ap.add_argument("--receiver-nice", type=int, default=0,
                     help="the receiver's nice level: 0 competes with intake for the 2 cores as a receiver on"
                          " the same machine would; 10, as delivery, is closer to one on another machine")
+    ap.add_argument("--receiver-kind", choices=("lean", "aiohttp"), default="lean",
+                    help="lean: an asyncio protocol answering 204, verifying every 16th signature (the"
+                         " cheapest correct receiver); aiohttp: aiohttp's server, no signature checked"
+                         " (the receiver of the figures before 2026-12-06 evening)")
     ap.add_argument("--checkout", action="append", default=[], help="LABEL=PATH (repeat); default this=.")
     ap.add_argument("--receiver", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.receiver:
-        receive(args.receiver)
+        (receive_lean if args.receiver_kind == "lean" else receive_aiohttp)(args.receiver)
         return 0
     if not shutil.which("smtp-sink"):
         raise SystemExit("http_bench: Postfix's smtp-sink is needed (apt-get install postfix)")
@@ -191,7 +268,7 @@ def main() -> int:
     sink, sink_port = start_sink()
     receiver = hooks = None
     if args.webhooks:
-        receiver = start_receiver(args.receiver_nice)
+        receiver = start_receiver(args.receiver_nice, args.receiver_kind)
         secret = workdir / "webhook.secret"
         secret.write_text(SECRET)
         secret.chmod(0o600)
@@ -222,7 +299,7 @@ def main() -> int:
         return statistics.median(values) if None not in values else None
 
     doing = "delivery on hold" if args.hold else "relaying to smtp-sink"
-    receiving = f"; the receiver at nice {args.receiver_nice}" if args.webhooks else ""
+    receiving = f"; the {args.receiver_kind} receiver at nice {args.receiver_nice}" if args.webhooks else ""
     print(f"\n{args.rounds} rounds of {args.seconds:g} s, 16 connections, {doing}{receiving}; medians")
     print("off: no HTTP side; http: /metrics scraped every 1 s; hooks: that and webhooks; x: the last / off\n")
     head = "| figure |" + "".join("".join(f" {label} {kind} |" for kind in kinds) + f" {label} x |"

@@ -1,12 +1,13 @@
 #!/usr/bin/env python3
 """CPU per webhook POST of the sender's HTTP client, beside aiohttp's and a floor.
 
-    flock /work/team/bench.lock python3 bench/webhook_post.py [--posts 3000] [--rounds 3]
+    flock /work/team/bench.lock python3 bench/webhook_post.py [--posts 3000] [--rounds 3] [--loop uvloop]
 
 An aiohttp server in a subprocess answers every POST 204. This process
 POSTs a 400-byte JSON body `posts` times, 16 at once over 16 keep-alive
 connections, with: "floor" (fixed request bytes written on an asyncio
 stream, read until the end of the answer's head: no HTTP client at all),
+"protocol_floor" (the same on an asyncio Protocol, no streams),
 "client" (smtpgate.webhooks.client.Client, as the sender uses it) and
 "aiohttp" (a ClientSession as the sender used it before). Prints this
 process's CPU microseconds per POST (time.process_time: user and system),
@@ -81,6 +82,46 @@ async def floor(url: str, port: int, posts: int) -> float:
             idle.get_nowait()[1].close()
 
 
+class _Answered(asyncio.Protocol):
+    """A connection whose `answered` future is set at the end of an answer's head."""
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        self.answered: asyncio.Future | None = None
+        self.buffer = b""
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        if b"\r\n\r\n" in self.buffer and self.answered is not None:
+            self.buffer = b""
+            self.answered.set_result(None)
+
+
+async def protocol_floor(url: str, port: int, posts: int) -> float:
+    """The floor of an asyncio Protocol instead of streams: what a client of
+    our own on a protocol could at best save."""
+    loop = asyncio.get_running_loop()
+    request = b"".join([b"POST /hook HTTP/1.1\r\nHost: 127.0.0.1\r\n",
+                        *(f"{name}: {value}\r\n".encode() for name, value in HEADERS),
+                        b"Content-Length: %d\r\n\r\n" % len(BODY), BODY])
+    idle = asyncio.Queue()
+    for _ in range(CONCURRENCY):
+        idle.put_nowait((await loop.create_connection(_Answered, "127.0.0.1", port))[1])
+
+    async def post():
+        conn = await idle.get()
+        conn.answered = loop.create_future()
+        conn.transport.write(request)
+        await conn.answered
+        idle.put_nowait(conn)
+
+    try:
+        return await timed(post, posts)
+    finally:
+        while not idle.empty():
+            idle.get_nowait().transport.close()
+
+
 async def client(url: str, port: int, posts: int) -> float:
     http = Client("smtpgate/bench")
 
@@ -107,11 +148,17 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--posts", type=int, default=3000)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio",
+                    help="this process's event loop (the delivery process takes uvloop where installed)")
     args = ap.parse_args()
     port = free_port()
     receiver = subprocess.Popen([sys.executable, "-c", RECEIVER, str(port)])
     url = f"http://127.0.0.1:{port}/hook"
-    runs: dict[str, list[float]] = {"floor": [], "client": [], "aiohttp": []}
+    runs: dict[str, list[float]] = {"floor": [], "protocol_floor": [], "client": [], "aiohttp": []}
+    run = asyncio.run
+    if args.loop == "uvloop":
+        import uvloop
+        run = uvloop.run
     try:
         deadline = time.monotonic() + 10
         while True:
@@ -123,8 +170,9 @@ def main() -> int:
                     raise
                 time.sleep(0.1)
         for _ in range(args.rounds):
-            for name, bench in (("floor", floor), ("client", client), ("aiohttp", aiohttp_session)):
-                runs[name].append(round(asyncio.run(bench(url, port, args.posts)), 1))
+            for name, bench in (("floor", floor), ("protocol_floor", protocol_floor), ("client", client),
+                                ("aiohttp", aiohttp_session)):
+                runs[name].append(round(run(bench(url, port, args.posts)), 1))
             print({name: values[-1] for name, values in runs.items()}, flush=True)
     finally:
         receiver.terminate()

@@ -1,14 +1,25 @@
-"""The webhook outbox (schema step 4): the events the writer adds in the
-transaction of the state change that causes them, and the reads and writes
-of the sender (smtpgate/webhooks/sender.py, in the delivery process).
+"""The webhook outbox (schema steps 4 and 5): the events the writer adds in
+the transaction of the state change that causes them, and the reads and
+writes of the sender (smtpgate/webhooks/sender.py, in the delivery process).
 
 An event is added when a message is sent, failed, deferred for the first
 time (no recipient was deferred before this attempt), or newly marked a
-possible duplicate. Its payload (docs/webhooks.md) is made here, once,
-from the rows the transaction has just written, and sent as it is at every
-try: the signature covers these very bytes. A message's events go out in
-`seq` order: only the first of a message is ever due (`due` skips the
-others), and when it is done the next one is made due.
+possible duplicate. Its payload (docs/webhooks.md) is the message as that
+change left it:
+- a `message.deferred` or `message.possible_duplicate` event's is made
+  here, from the rows the transaction has just written: a later attempt
+  changes them;
+- a `message.sent` or `message.failed` event's (every message has one,
+  the others are rare) is made by the sender (`sendable`), in the delivery
+  process, from the message's rows: no attempt changes a final message,
+  and before its rows are deleted (queries.delete, the writer's purge)
+  `freeze` makes the payloads still to be made. The writer, on every
+  message's path, pays for an INSERT of a few fields, not for the reads
+  and the JSON.
+Either way the same rows give the same bytes (`payload`), at every try:
+the signature covers these very bytes. A message's events go out in `seq`
+order: only the first of a message is ever due (`due` skips the others),
+and when it is done the next one is made due.
 """
 
 from __future__ import annotations
@@ -26,6 +37,7 @@ DEFERRED = "message.deferred"
 FAILED = "message.failed"
 POSSIBLE_DUPLICATE = "message.possible_duplicate"
 EVENT_TYPES = (SENT, DEFERRED, FAILED, POSSIBLE_DUPLICATE)
+MADE_WHEN_SENT = (SENT, FAILED)  # their message is final: its rows stay as the event left them
 
 
 class Before(NamedTuple):
@@ -43,7 +55,7 @@ class OutboxEvent(NamedTuple):
     message_id: str
     caller: str
     type: str
-    payload: bytes
+    payload: bytes | None  # None: its message is gone (sendable)
     created: float
     attempts: int
 
@@ -79,30 +91,66 @@ def unflagged(conn: sqlite3.Connection, msg_ids: list[str]) -> list[tuple[str, s
     return found
 
 
-def add(conn: sqlite3.Connection, now: float, msg_id: str, types: list[str]) -> int:
-    """Add the events `types` of message `msg_id` as it stands in this
-    transaction; returns how many were added."""
-    row = conn.execute(
-        "SELECT caller, state, envelope_from, idempotency_key, attempts, created, next_attempt,"
-        " possible_duplicate FROM messages WHERE id=?", (msg_id,)).fetchone()
-    if row is None or not types:
-        return 0
-    caller, state, envelope_from, key, attempts, created, next_attempt, dup = row
-    recipients = [{"address": address, "state": rstate, "reply": reply} for address, rstate, reply in conn.execute(
-        "SELECT address, state, reply FROM recipients WHERE message_id=? ORDER BY position", (msg_id,))]
-    data = {
-        "message_id": msg_id, "caller": caller, "state": state, "from": envelope_from,
-        "idempotency_key": key, "created": iso(created), "attempts": attempts,
-        "next_attempt": iso(next_attempt) if state == State.DEFERRED else None,
-        "possible_duplicate": bool(dup), "recipients": recipients,
-    }
-    rows = []
-    for event_type in types:
-        payload = json.dumps({"type": event_type, "timestamp": iso(now), "data": data},
-                             ensure_ascii=False, separators=(",", ":")).encode()
-        rows.append(("evt_" + new_ulid(now), msg_id, caller, event_type, payload, now, now))
+def add(conn: sqlite3.Connection, now: float, msg_id: str, caller: str, types: list[str]) -> int:
+    """Add the events `types` of `caller`'s message `msg_id` as it stands
+    in this transaction; returns how many were added."""
+    made = {event_type: None for event_type in types if event_type not in MADE_WHEN_SENT}
+    if made:
+        data = data_of(conn, [msg_id]).get(msg_id)
+        made = {event_type: payload(event_type, now, data) for event_type in made}
     conn.executemany("INSERT INTO webhook_outbox (id, message_id, caller, type, payload, created, next_attempt)"
-                     " VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+                     " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                     [("evt_" + new_ulid(now), msg_id, caller, event_type, made.get(event_type), now, now)
+                      for event_type in types])
+    return len(types)
+
+
+def data_of(conn: sqlite3.Connection, msg_ids: list[str]) -> dict[str, dict]:
+    """The `data` of an event of each of the messages `msg_ids` as their
+    rows stand, by id (a message that is gone is left out): two statements
+    for a page of events, not two per event."""
+    found: dict[str, dict] = {}
+    for start in range(0, len(msg_ids), 500):  # SQLite's parameter limit
+        chunk = msg_ids[start:start + 500]
+        marks = ",".join("?" * len(chunk))
+        for msg_id, caller, state, envelope_from, key, attempts, created, next_attempt, dup in conn.execute(
+                "SELECT id, caller, state, envelope_from, idempotency_key, attempts, created, next_attempt,"
+                f" possible_duplicate FROM messages WHERE id IN ({marks})", chunk):
+            found[msg_id] = {
+                "message_id": msg_id, "caller": caller, "state": state, "from": envelope_from,
+                "idempotency_key": key, "created": iso(created), "attempts": attempts,
+                "next_attempt": iso(next_attempt) if state == State.DEFERRED else None,
+                "possible_duplicate": bool(dup), "recipients": [],
+            }
+        for msg_id, address, state, reply in conn.execute(
+                f"SELECT message_id, address, state, reply FROM recipients WHERE message_id IN ({marks})"
+                " ORDER BY message_id, position", chunk):
+            if msg_id in found:  # recipients left without their message: only by hand
+                found[msg_id]["recipients"].append({"address": address, "state": state, "reply": reply})
+    return found
+
+
+_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))  # made once: json.dumps makes one per call
+
+
+def payload(event_type: str, when: float, data: dict | None) -> bytes | None:
+    """The body of an event (docs/webhooks.md): one line of JSON, UTF-8 as it is."""
+    if data is None:
+        return None
+    return _JSON.encode({"type": event_type, "timestamp": iso(when), "data": data}).encode()
+
+
+def freeze(conn: sqlite3.Connection, messages: str, params: tuple) -> int:
+    """Make now the payloads still to be made of the events of the
+    messages the condition `messages` (on the messages table) selects,
+    before their rows are deleted; returns how many were made."""
+    rows = conn.execute(
+        "SELECT o.seq, o.type, o.created, o.message_id FROM webhook_outbox o JOIN messages ON messages.id = o.message_id"
+        f" WHERE o.payload IS NULL AND {messages}", params).fetchall()
+    datas = data_of(conn, list({msg_id for *_, msg_id in rows}))
+    conn.executemany("UPDATE webhook_outbox SET payload=? WHERE seq=?",
+                     [(payload(event_type, created, datas.get(msg_id)), seq)
+                      for seq, event_type, created, msg_id in rows])
     return len(rows)
 
 
@@ -127,6 +175,22 @@ def due(conn: sqlite3.Connection, now: float, limit: int, exclude: tuple[int, ..
         f" WHERE next_attempt <= ?{skip} AND NOT EXISTS (SELECT 1 FROM webhook_outbox p"
         " WHERE p.message_id = o.message_id AND p.seq < o.seq)"
         " ORDER BY next_attempt LIMIT ?", (now, *exclude, limit))]
+
+
+def sendable(conn: sqlite3.Connection, now: float, limit: int, exclude: tuple[int, ...] = ()) -> list[OutboxEvent]:
+    """`due`, each payload made: in one read transaction (`conn` in
+    autocommit mode), so that a payload is made from the rows as they
+    stood when the event was read (a message deleted since had its
+    payloads made first: `freeze`)."""
+    conn.execute("BEGIN")
+    try:
+        events = due(conn, now, limit, exclude)
+        datas = data_of(conn, list({event.message_id for event in events if event.payload is None}))
+        return [event if event.payload is not None else
+                event._replace(payload=payload(event.type, event.created, datas.get(event.message_id)))
+                for event in events]
+    finally:
+        conn.execute("COMMIT")
 
 
 def done(conn: sqlite3.Connection, now: float, seqs: list[int]) -> int:

@@ -20,6 +20,7 @@ import sqlite3
 from datetime import datetime, timezone
 from typing import Any, NamedTuple
 
+from smtpgate.spool import outbox
 from smtpgate.spool.schema import DUE_STATES, IS_DUE, IS_UNFINISHED, State
 
 
@@ -231,7 +232,9 @@ class Deleted(NamedTuple):
 
 def delete(conn: sqlite3.Connection, msg_id: str) -> Deleted | None:
     """Remove a message, its recipients and its idempotency key; None if
-    there was no such message."""
+    there was no such message. Its webhook events stay, their payloads
+    made first (the writer's Delete and the queue tool's both come here)."""
+    outbox.freeze(conn, "messages.id=?", (msg_id,))
     row = conn.execute("DELETE FROM messages WHERE id=? RETURNING state, caller", (msg_id,)).fetchone()
     if row is None:
         return None

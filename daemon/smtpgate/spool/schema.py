@@ -147,6 +147,34 @@ CREATE TABLE webhook_outbox (
 CREATE INDEX webhook_outbox_due ON webhook_outbox (next_attempt);
 CREATE INDEX webhook_outbox_message ON webhook_outbox (message_id, seq);
 """),
+    # 5: a `message.sent` or `message.failed` event's payload is NULL until
+    # it is sent: the sender makes it from the message's rows, which no
+    # attempt changes any more (spool/outbox.py), so that the writer does
+    # not on every message's path. SQLite cannot drop a NOT NULL: the table
+    # is made again, keeping its rows and its sequence (seq never reused).
+    (5, """
+CREATE TABLE webhook_outbox_5 (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL,
+    message_id TEXT NOT NULL,
+    caller TEXT NOT NULL,
+    type TEXT NOT NULL,
+    payload BLOB,                  -- NULL: made from the final message when sent
+    created REAL NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt REAL NOT NULL,
+    last_error TEXT
+);
+INSERT INTO webhook_outbox_5 SELECT * FROM webhook_outbox;
+UPDATE sqlite_sequence SET seq = (SELECT seq FROM sqlite_sequence WHERE name='webhook_outbox')
+    WHERE name='webhook_outbox_5';
+INSERT INTO sqlite_sequence (name, seq) SELECT 'webhook_outbox_5', seq FROM sqlite_sequence
+    WHERE name='webhook_outbox' AND NOT EXISTS (SELECT 1 FROM sqlite_sequence WHERE name='webhook_outbox_5');
+DROP TABLE webhook_outbox;
+ALTER TABLE webhook_outbox_5 RENAME TO webhook_outbox;
+CREATE INDEX webhook_outbox_due ON webhook_outbox (next_attempt);
+CREATE INDEX webhook_outbox_message ON webhook_outbox (message_id, seq);
+"""),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 

@@ -211,8 +211,8 @@ class Writer:
                 "UPDATE messages SET possible_duplicate=1, attempts=attempts+1"
                 f" WHERE state=? AND id IN ({','.join('?' * len(chunk))})", (State.SENDING, *chunk))
         conn.execute("UPDATE messages SET state=? WHERE state=?", (State.QUEUED, State.SENDING))
-        for msg_id in flagged:
-            outbox.add(conn, time.time(), msg_id, [outbox.POSSIBLE_DUPLICATE])
+        for msg_id, caller in flagged:
+            outbox.add(conn, time.time(), msg_id, caller, [outbox.POSSIBLE_DUPLICATE])
         # The health recorded by a delivery process that is gone: nothing is
         # known of the upstreams until the next one records its own.
         conn.execute("DELETE FROM upstreams")
@@ -458,7 +458,7 @@ class Writer:
         if new_state in FINAL_STATES:
             effects.finalized.append(msg_id)
         if was is not None:
-            self._events(conn, effects, now, msg_id, outbox.attempt_events(was, new_state, op.possible_duplicate))
+            self._events(conn, effects, now, msg_id, row[1], outbox.attempt_events(was, new_state, op.possible_duplicate))
         return new_state
 
     def record_attempts(self, conn, effects, op: RecordAttempts) -> list[str | None]:
@@ -476,8 +476,8 @@ class Writer:
             if cur.rowcount:
                 effects.move(State.SENDING, State.QUEUED)
                 released += 1
-        for msg_id in flagged:
-            self._events(conn, effects, time.time(), msg_id, [outbox.POSSIBLE_DUPLICATE])
+        for msg_id, caller in flagged:
+            self._events(conn, effects, time.time(), msg_id, caller, [outbox.POSSIBLE_DUPLICATE])
         return released
 
     def record_upstreams(self, conn, effects, op: RecordUpstreams) -> None:
@@ -502,7 +502,7 @@ class Writer:
             effects.move(state, State.FAILED, caller)
             effects.finalized.append(msg_id)
             if self._hooked(caller):
-                self._events(conn, effects, op.now, msg_id, [outbox.FAILED])
+                self._events(conn, effects, op.now, msg_id, caller, [outbox.FAILED])
         return len(rows)
 
     def webhook_done(self, conn, effects, op: WebhookDone) -> None:
@@ -518,11 +518,11 @@ class Writer:
         """Whether `caller`'s state changes go to the webhook outbox."""
         return self.webhook_callers is None or caller in self.webhook_callers
 
-    def _hooked_of(self, messages: list[tuple[str, str]]) -> list[str]:
-        return [msg_id for msg_id, caller in messages if self._hooked(caller)]
+    def _hooked_of(self, messages: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        return [(msg_id, caller) for msg_id, caller in messages if self._hooked(caller)]
 
-    def _events(self, conn, effects, now: float, msg_id: str, types: list[str]) -> None:
-        effects.count("webhooks_pending", outbox.add(conn, now, msg_id, types))
+    def _events(self, conn, effects, now: float, msg_id: str, caller: str, types: list[str]) -> None:
+        effects.count("webhooks_pending", outbox.add(conn, now, msg_id, caller, types))
 
     def retry(self, conn, effects, op: Retry) -> int:
         return queries.retry(conn, op.now, op.msg_id)
@@ -537,6 +537,7 @@ class Writer:
 
     def purge(self, conn, effects, op: Purge) -> tuple[int, int]:
         purge_at = op.now
+        outbox.freeze(conn, f"{IS_FINAL} AND updated < ?", (purge_at - self.keep_final,))
         rows = conn.execute(
             f"DELETE FROM messages WHERE {IS_FINAL} AND updated < ? RETURNING id, state",
             (purge_at - self.keep_final,),

@@ -8,7 +8,9 @@ waits for by the millisecond, and on the daemon's loop it cost intake
 about 120 us of CPU per event (bench/results.md, "Delivery webhooks").
 It reads the outbox itself (OutboxReader: a read-only connection in a
 thread of its own), a page of at most CONCURRENCY events at a time (so a
-receiver that is down costs rows on disk, not memory), and writes every
+receiver that is down costs rows on disk, not memory), making there the
+payloads of `message.sent` and `message.failed` from their messages' rows
+(spool/outbox.py: not the writer, on every message's path), and writes every
 outcome back through the relay's spool calls, which the daemon passes to
 the spool's one writer (no fsync: losing one in a power cut only sends an
 event again), the 2xx answers of SETTLE seconds in one operation: the
@@ -125,9 +127,10 @@ class OutboxReader:
 
     async def due(self, now: float, limit: int, exclude: tuple[int, ...]) -> list[OutboxEvent]:
         """Up to `limit` events due at `now`, each the first of its message,
-        leaving out `exclude` (seqs being sent): outbox.due."""
+        leaving out `exclude` (seqs being sent), their payloads made:
+        outbox.sendable."""
         return await asyncio.get_running_loop().run_in_executor(
-            self._thread, outbox.due, self._conn, now, limit, exclude)
+            self._thread, outbox.sendable, self._conn, now, limit, exclude)
 
     def close(self) -> None:
         self._thread.shutdown(wait=True)
@@ -200,6 +203,9 @@ class WebhookSender:
         events = await self.reader.due(now, free, (*self._inflight, *self._settled))
         held: dict[float, list[tuple[int, str]]] = {}
         for event in events:
+            if event.payload is None:  # never, unless someone deleted its rows by hand
+                await self._give_up(event, "its message is gone from the spool")
+                continue
             target = self._target(event.caller)
             if target is None:
                 await self._give_up(event, "no webhook_url for its caller any more")

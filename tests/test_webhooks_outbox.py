@@ -1,0 +1,167 @@
+"""The webhook outbox in the spool (spool/outbox.py), its writer driven
+directly on a real SQLite spool: a `message.sent` or `message.failed`
+event is stored without its payload and made when read for sending, from
+the message's rows; a deferral's is made at once (a later attempt changes
+the rows); a message deleted or purged first has its events' payloads made
+before its rows go; the schema step that allows it keeps the outbox's rows
+and sequence.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from itertools import count
+
+import pytest
+
+from smtpgate.proc.calls import Call
+from smtpgate.spool import outbox
+from smtpgate.spool.ops import (ClaimDue, Delete, Enqueue, Limits, Purge, RecipientOutcome, RecordAttempt,
+                                WebhookDone)
+from smtpgate.spool.admin import SpoolAdmin
+from smtpgate.spool.schema import DB_FILE, MIGRATIONS, SCHEMA_V1
+from smtpgate.spool.writer import Writer
+
+T0 = 1_800_000_000.0  # 2027-01-15T08:00:00Z
+KEEP_FINAL = 3600.0
+
+
+class Spool:
+    """A Writer on tmp_path, every caller's events in the outbox, and a
+    read-only connection as the sender's OutboxReader has."""
+
+    def __init__(self, folder):
+        self.writer = Writer(str(folder / DB_FILE), Limits(10**6, KEEP_FINAL, 3600.0, None))
+        self.writer.open()
+        self.reader = sqlite3.connect(str(folder / DB_FILE), isolation_level=None)
+        self.reader.execute("PRAGMA query_only=1")
+        self.tokens = count()
+
+    def run(self, op):
+        call = Call(next(self.tokens), op)
+        outcome = self.writer.run_batch([call])
+        self.writer.committed(outcome)
+        assert call.token not in outcome.errors, outcome.errors
+        return outcome.results[call.token]
+
+    def send(self, now: float, to: list[str], key: str | None = None) -> str:
+        return self.run(Enqueue(now, b"{}", "app@shop.example", to, key, "shop", 0, claim=True)).id
+
+    def attempt(self, now: float, msg_id: str, *outcomes: tuple[str, str, str], next_attempt: float | None = None):
+        return self.run(RecordAttempt(now, msg_id, [RecipientOutcome(*o) for o in outcomes], next_attempt, False))
+
+    def sendable(self) -> list[tuple[str, dict | None]]:
+        return [(e.type, e.payload and json.loads(e.payload)) for e in outbox.sendable(self.reader, T0 + 10**6, 16)]
+
+    def stored_payloads(self) -> list[bytes | None]:
+        return [p for (p,) in self.writer.conn.execute("SELECT payload FROM webhook_outbox ORDER BY seq")]
+
+    def close(self):
+        self.reader.close()
+        self.writer.close()
+
+
+@pytest.fixture
+def spool(tmp_path):
+    spool = Spool(tmp_path)
+    yield spool
+    spool.close()
+
+
+def test_a_final_event_is_stored_without_its_payload_and_made_from_the_message_when_read(spool):
+    msg_id = spool.send(T0, ["kelly@example.org", "gone@example.org"], key="order-17")
+    assert spool.attempt(T0 + 1.5, msg_id, ("kelly@example.org", "sent", "250 ok"),
+                         ("gone@example.org", "failed", "550 5.1.1 no such user")) == "failed"
+    assert spool.stored_payloads() == [None]  # the writer made no JSON
+
+    [(kind, event)] = spool.sendable()
+    assert kind == "message.failed"
+    assert event == {"type": "message.failed", "timestamp": "2027-01-15T08:00:01.500Z", "data": {
+        "message_id": msg_id, "caller": "shop", "state": "failed", "from": "app@shop.example",
+        "idempotency_key": "order-17", "created": "2027-01-15T08:00:00.000Z", "attempts": 1,
+        "next_attempt": None, "possible_duplicate": False, "recipients": [
+            {"address": "kelly@example.org", "state": "sent", "reply": "250 ok"},
+            {"address": "gone@example.org", "state": "failed", "reply": "550 5.1.1 no such user"}]}}
+    # Read again (a retry), the same bytes: the signature covers them.
+    first, again = (outbox.sendable(spool.reader, T0 + 10**6, 16)[0].payload for _ in range(2))
+    assert first == again
+
+
+def test_a_deferral_shows_its_own_attempt_after_a_later_one_changed_the_message(spool):
+    msg_id = spool.send(T0, ["later@example.org"])
+    spool.attempt(T0 + 1, msg_id, ("later@example.org", "deferred", "451 4.7.1 greylisted"), next_attempt=T0 + 60)
+    assert spool.run(ClaimDue(T0 + 60, 10))[0].id == msg_id
+    spool.attempt(T0 + 61, msg_id, ("later@example.org", "sent", "250 ok"))
+    assert [p is None for p in spool.stored_payloads()] == [False, True]  # the deferral's made at once
+
+    [(kind, deferred)] = spool.sendable()  # only a message's first event is due
+    assert kind == "message.deferred" and deferred["data"]["attempts"] == 1
+    assert deferred["data"]["state"] == "deferred" and deferred["data"]["next_attempt"] == "2027-01-15T08:01:00.000Z"
+    assert deferred["data"]["recipients"] == [
+        {"address": "later@example.org", "state": "deferred", "reply": "451 4.7.1 greylisted"}]
+
+    [seq] = [seq for (seq,) in spool.writer.conn.execute("SELECT seq FROM webhook_outbox WHERE type=?",
+                                                         (outbox.DEFERRED,))]
+    spool.run(WebhookDone(T0 + 62, [(seq, msg_id, True)]))
+    [(kind, sent)] = spool.sendable()
+    assert kind == "message.sent" and sent["data"]["attempts"] == 2 and sent["data"]["state"] == "sent"
+    assert sent["timestamp"] == "2027-01-15T08:01:01.000Z"
+    assert sent["data"]["recipients"] == [{"address": "later@example.org", "state": "sent", "reply": "250 ok"}]
+
+
+def test_a_deleted_or_purged_message_keeps_its_pending_events_whole(spool, tmp_path):
+    deleted = spool.send(T0, ["a@example.org"])
+    deleted_offline = spool.send(T0, ["d@example.org"])
+    purged = spool.send(T0, ["b@example.org"])
+    kept = spool.send(T0, ["c@example.org"])
+    sent = ((deleted, "a@example.org"), (deleted_offline, "d@example.org"), (purged, "b@example.org"),
+            (kept, "c@example.org"))
+    for msg_id, to in sent:
+        spool.attempt(T0 + 1, msg_id, (to, "sent", f"250 ok {to}"))
+    spool.writer.conn.execute("UPDATE messages SET updated=? WHERE id=?", (T0 + 10 * KEEP_FINAL, kept))
+
+    assert spool.run(Delete(deleted)) is True
+    with SpoolAdmin(str(tmp_path), write=True) as queue_tool:  # `smtpgate queue delete` without a daemon
+        assert queue_tool.delete(deleted_offline) == "sent"
+    assert spool.run(Purge(T0 + 2 * KEEP_FINAL))[0] == 1  # `purged`; `kept` is younger
+    assert spool.writer.conn.execute("SELECT id FROM messages").fetchall() == [(kept,)]
+    assert [p is None for p in spool.stored_payloads()] == [False, False, False, True]
+
+    events = {event["data"]["message_id"]: event for _, event in spool.sendable()}
+    for msg_id, to in sent:
+        assert events[msg_id]["data"]["recipients"] == [{"address": to, "state": "sent", "reply": f"250 ok {to}"}]
+        assert events[msg_id]["type"] == "message.sent" and events[msg_id]["data"]["state"] == "sent"
+
+
+def test_an_event_whose_message_rows_are_gone_is_read_without_a_payload(spool):
+    msg_id = spool.send(T0, ["a@example.org"])
+    spool.attempt(T0 + 1, msg_id, ("a@example.org", "sent", "250 ok"))
+    spool.writer.conn.execute("DELETE FROM messages WHERE id=?", (msg_id,))  # by hand, not through Delete
+    [event] = outbox.sendable(spool.reader, T0 + 10**6, 16)
+    assert event.payload is None and event.message_id == msg_id  # the sender gives it up, saying so
+
+
+def test_schema_step_5_keeps_the_outbox_rows_and_never_reuses_a_seq(tmp_path):
+    conn = sqlite3.connect(str(tmp_path / DB_FILE), isolation_level=None)
+    conn.executescript(SCHEMA_V1)
+    for step, sql in MIGRATIONS:
+        if step <= 4:
+            conn.executescript(f"BEGIN; {sql}; UPDATE meta SET value='{step}' WHERE key='schema_version'; COMMIT;")
+    insert = ("INSERT INTO webhook_outbox (id, message_id, caller, type, payload, created, next_attempt)"
+              " VALUES (?, 'm1', 'shop', 'message.sent', ?, 1, 1)")
+    for n in range(3):
+        conn.execute(insert, (f"evt_{n}", b'{"n":%d}' % n))
+    conn.execute("DELETE FROM webhook_outbox WHERE seq=3")  # the last one sent: seq 3 is used
+    conn.close()
+
+    spool = Spool(tmp_path)
+    try:
+        assert spool.writer.schema == (4, 5)
+        rows = spool.writer.conn.execute("SELECT seq, id, payload FROM webhook_outbox ORDER BY seq").fetchall()
+        assert rows == [(1, "evt_0", b'{"n":0}'), (2, "evt_1", b'{"n":1}')]
+        msg_id = spool.send(T0, ["a@example.org"])
+        spool.attempt(T0 + 1, msg_id, ("a@example.org", "sent", "250 ok"))
+        assert spool.writer.conn.execute("SELECT MAX(seq) FROM webhook_outbox").fetchone() == (4,)
+    finally:
+        spool.close()
