@@ -75,11 +75,11 @@ CLAIM_AHEAD = 10
 # back reaches the daemon with the attempt records, every few ms
 # (process.py, RECORD_EVERY = 3 ms), and a delivery process at its lower
 # priority falls behind a lone caller's SENDs for a while: with two per
-# worker, 19-31 % of a lone caller's relayed SENDs found no room and took
+# worker, 19-40 % of a lone caller's relayed SENDs found no room and took
 # the wake-and-claim path (a wake-up, a claim through the daemon and the
-# writer, its answer); with five, the pipe writes per relayed SEND fell by
-# a fifth, the writer's commits per SEND from 1.45 to 1.26 (issue 15,
-# bench/results.md).
+# writer, its answer); with five, the daemon's pipe writes per relayed
+# SEND fell from 3.2 to 2.6, delivery's spool calls from 0.75-0.89 to
+# 0.45 (issue 15, bench/results.md).
 OFFER_PER_WORKER = CLAIM_AHEAD // 2
 
 # Specs larger than this are built in a thread.
