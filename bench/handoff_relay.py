@@ -14,10 +14,13 @@ library), `count` SENDs per mode and round, modes rotated each round:
 
 Each LABEL=PATH of --checkout runs its own daemons from that checkout's
 `daemon/` (PYTHONPATH), so a change and its base are measured in the same
-run, interleaved. For the relay modes the bench also reports the CPU per
+run, interleaved. For the daemon modes the bench also reports the CPU per
 SEND of the daemon, its spool writer and its delivery process
-(/proc/PID/stat), and the disk's flush requests and the spool's commits per
-SEND (/proc/diskstats, STATS): every OK must follow a flush of its commit.
+(/proc/PID/stat); how long the daemon's and the writer's main threads
+waited on a run queue per SEND, runnable and not running (the second
+field of /proc/PID/schedstat: the scheduler's share of the hand-off);
+and the disk's flush requests and the spool's commits per SEND
+(/proc/diskstats, STATS): every OK must follow a flush of its commit.
 
     flock /work/team/bench.lock python3 bench/handoff_relay.py \
         --checkout base=/tmp/base --checkout this=. [--rounds 5] [--count 2000]
@@ -84,6 +87,13 @@ def start_floor(directory: Path) -> tuple[subprocess.Popen, int]:
 
 # --- the bench --------------------------------------------------------------------
 
+def run_queue_wait(pid: int) -> float:
+    """Seconds the process's main thread has waited on a run queue
+    (the second field of /proc/PID/schedstat, in ns)."""
+    with open(f"/proc/{pid}/schedstat") as fh:
+        return int(fh.read().split()[1]) / 1e9
+
+
 def gate_open(binary: Path, count: int, uri: str) -> list[float]:
     out = subprocess.run([str(binary), "gate_open", str(count), uri], capture_output=True, text=True,
                          check=True, timeout=600)
@@ -127,18 +137,21 @@ def main() -> int:
         def run(mode: str) -> dict:
             if mode == "floor":
                 lat = gate_open(binary, args.count, f"tcp://127.0.0.1:{floor_port}")
-                return {"p50": percentile(lat, 0.50), "p99": percentile(lat, 0.99)}
+                return {"p50": percentile(lat, 0.50), "p90": percentile(lat, 0.90), "p99": percentile(lat, 0.99)}
             daemon = daemons[mode]
             pids = processes(daemon)
             cpu_before = {role: cpu_seconds(pid) for role, pid in pids.items()}
+            waited_before = {role: run_queue_wait(pids[role]) for role in ("daemon", "writer")}
             stats = daemon.stats()
             commits_before, accepted_before = stats["spool"]["commits"], stats["counters"]["accepted"]
             flushes_before = None if flushes.why_not else flushes.read()
             lat = gate_open(binary, args.count, f"tcp://127.0.0.1:{daemon.port}")
             flushed = None if flushes_before is None else flushes.read() - flushes_before
+            waited = {role: run_queue_wait(pids[role]) - before for role, before in waited_before.items()}
             stats = daemon.stats()
             sends = stats["counters"]["accepted"] - accepted_before  # c_handoff's warm-up SENDs too
-            result = {"p50": percentile(lat, 0.50), "p99": percentile(lat, 0.99), "sends": sends,
+            result = {"p50": percentile(lat, 0.50), "p90": percentile(lat, 0.90), "p99": percentile(lat, 0.99),
+                      "sends": sends, "run_queue_us": {role: round(w / sends * 1e6, 1) for role, w in waited.items()},
                       "commits": stats["spool"]["commits"] - commits_before, "disk_flushes": flushed}
             if mode.startswith("relay"):
                 wait_idle(daemon)  # every message delivered: its CPU counts, the next mode is not charged
@@ -161,23 +174,26 @@ def main() -> int:
     floor_p50 = statistics.median(r["p50"] for r in results["floor"])
     floor_p99 = statistics.median(r["p99"] for r in results["floor"])
     print(f"\nflushes: {flushes.why_not or 'counted on ' + ', '.join(flushes.disks)}")
-    print("| mode | p50 | p99 | p50 / floor | p99 / floor's | CPU per SEND: daemon + writer + delivery "
-          "| commits, disk flushes per SEND | rounds x SENDs (range of p50) |")
-    print("| --- | ---: | ---: | ---: | ---: | --- | --- | --- |")
+    print("| mode | p50 | p90 | p99 | p50 / floor | p99 / floor's | CPU per SEND: daemon + writer + delivery "
+          "| run-queue wait per SEND: daemon + writer | commits, disk flushes per SEND | rounds x SENDs (range of p50) |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | --- | --- | --- | --- |")
     for mode, runs in results.items():
         p50 = statistics.median(r["p50"] for r in runs)
+        p90 = statistics.median(r["p90"] for r in runs)
         p99 = statistics.median(r["p99"] for r in runs)
         lo, hi = min(r["p50"] for r in runs), max(r["p50"] for r in runs)
-        cpu = commits = ""
+        cpu = commits = waits = ""
         if mode != "floor":
             roles = [role for role in ("daemon", "writer", "delivery") if role in runs[0]["cpu_us"]]
             by_role = {role: statistics.median(r["cpu_us"][role] for r in runs) for role in roles}
             cpu = " + ".join(f"{by_role[role]:.0f}" for role in roles) + f" = {sum(by_role.values()):.0f} µs"
+            waits = " + ".join(f'{statistics.median(r["run_queue_us"][role] for r in runs):.0f}'
+                               for role in ("daemon", "writer")) + " µs"
             per = [r["commits"] / r["sends"] for r in runs]
             flushed = [r["disk_flushes"] / r["sends"] for r in runs if r["disk_flushes"] is not None]
             commits = f"{statistics.median(per):.2f}, " + (f"{statistics.median(flushed):.2f}" if flushed else "n/a")
-        print(f"| {mode} | **{p50:.0f} µs** | {p99:.0f} µs | {p50 / floor_p50:.2f}x | {p99 / floor_p99:.2f}x "
-              f"| {cpu} | {commits} | {args.rounds} x {args.count} ({lo:.0f}-{hi:.0f}) |")
+        print(f"| {mode} | **{p50:.0f} µs** | {p90:.0f} µs | {p99:.0f} µs | {p50 / floor_p50:.2f}x | {p99 / floor_p99:.2f}x "
+              f"| {cpu} | {waits} | {commits} | {args.rounds} x {args.count} ({lo:.0f}-{hi:.0f}) |")
     return 0
 
 

@@ -17,6 +17,7 @@ import pytest
 import structlog
 from hypothesis import given
 from hypothesis import strategies as st
+from support import wait_until
 
 from smtpgate.delivery.pool import TokenBucket
 from smtpgate.delivery.retry import next_attempt_at, outcomes_from_result, retry_delay
@@ -621,6 +622,45 @@ def test_a_lone_send_is_claimed_by_its_own_commit(daemon, upstream):
         msg_id = client.send(message)
         assert client.wait(msg_id, 20)["state"] == "sent"
         assert client.stats()["spool"]["operations"] - before == 2
+
+
+def test_sends_are_claimed_at_enqueue_while_delivery_lags_and_the_scheduler_claims_the_rest(
+        make_daemon, upstream):
+    """Both workers held in DATA by the upstream (a delivery process behind
+    a lone caller): the next 8 SENDs are still stored 'sending' by their own
+    commits (5 of room per worker: no wake-up and claim each); the SEND
+    past that room is stored 'queued' and the scheduler claims it. All are
+    delivered once the upstream answers (issue 15)."""
+    holding, gate = threading.Event(), threading.Event()
+    accept_data = upstream.handler.handle_DATA
+
+    async def held_data(server, session, envelope):
+        if holding.is_set():
+            await asyncio.get_running_loop().run_in_executor(None, gate.wait, 30)
+        return await accept_data(server, session, envelope)
+
+    upstream.handler.handle_DATA = held_data  # aiosmtpd takes a connection's hooks when it opens
+    daemon = make_daemon(connections_per_upstream=2)
+    message = {"from": "a@example.com", "to": "b@example.org", "subject": "s", "text": "t"}
+    try:
+        with daemon.client() as client:
+            # The upstream known up and the scheduler's first claim made; the room is back.
+            assert client.wait(client.send(message), 20)["state"] == "sent"
+            holding.set()
+            before = client.stats()["spool"]["operations"]
+            claimed = [client.send(message) for _ in range(10)]
+            wait_until(lambda: upstream.handler.sessions == 2, what="both workers in their sessions")
+            assert [client.status(msg_id)["state"] for msg_id in claimed] == ["sending"] * 10
+            assert client.stats()["spool"]["operations"] - before == 10  # ten Enqueues, no claim
+            past_room = client.send(message)
+            wait_until(lambda: client.status(past_room)["state"] == "sending", what="the scheduler's claim")
+            assert client.stats()["spool"]["operations"] - before == 12  # and one ClaimDue
+            gate.set()
+            for msg_id in [*claimed, past_room]:
+                assert client.wait(msg_id, 20)["state"] == "sent"
+    finally:
+        gate.set()
+    assert len(upstream.messages) == 12
 
 
 def test_a_message_claimed_at_enqueue_and_deferred_is_retried_on_time(daemon, upstream):

@@ -69,13 +69,18 @@ MAX_SCHEDULER_SLEEP = 30.0  # seconds
 # pipes and a commit, a few ms under load); 10 workers' worth of 10 keeps
 # 5,000 messages/s going for 20 ms. A claimed message shows 'sending'.
 CLAIM_AHEAD = 10
-# Room offered to intake for messages claimed at enqueue, per worker. The
-# room an attempt gives back reaches the daemon with the attempt records,
-# every few ms (process.py, RECORD_EVERY = 3 ms): one worker's worth
-# would cap claims at enqueue at 10 / 3 ms = 3,300 messages/s with 10
-# workers, the rest taking the slower wake-and-claim path; two keep them
-# flowing past the relay's rate here.
-OFFER_PER_WORKER = 2
+# Room offered to intake for messages claimed at enqueue, per worker: half
+# of CLAIM_AHEAD, the other half left to the scheduler's own claims (mail
+# that was deferred or queued before the start). The room an attempt gives
+# back reaches the daemon with the attempt records, every few ms
+# (process.py, RECORD_EVERY = 3 ms), and a delivery process at its lower
+# priority falls behind a lone caller's SENDs for a while: with two per
+# worker, 19-40 % of a lone caller's relayed SENDs found no room and took
+# the wake-and-claim path (a wake-up, a claim through the daemon and the
+# writer, its answer); with five, the daemon's pipe writes per relayed
+# SEND fell from 3.2 to 2.6, delivery's spool calls from 0.75-0.89 to
+# 0.45 (issue 15, bench/results.md).
+OFFER_PER_WORKER = CLAIM_AHEAD // 2
 
 # Specs larger than this are built in a thread.
 LARGE_SPEC = 256 * 1024
