@@ -626,8 +626,9 @@ def test_a_lone_send_is_claimed_by_its_own_commit(daemon, upstream):
 
 def test_sends_are_claimed_at_enqueue_while_delivery_lags_and_the_scheduler_claims_the_rest(
         make_daemon, upstream):
-    """Both workers held in DATA by the upstream (a delivery process behind
-    a lone caller): the next 8 SENDs are still stored 'sending' by their own
+    """Both workers held by the upstream (one connection: one message in
+    DATA, the other's pipelined behind it; a delivery process behind a
+    lone caller): the next 10 SENDs are still stored 'sending' by their own
     commits (5 of room per worker: no wake-up and claim each); the SEND
     past that room is stored 'queued' and the scheduler claims it. All are
     delivered once the upstream answers (issue 15)."""
@@ -640,7 +641,7 @@ def test_sends_are_claimed_at_enqueue_while_delivery_lags_and_the_scheduler_clai
         return await accept_data(server, session, envelope)
 
     upstream.handler.handle_DATA = held_data  # aiosmtpd takes a connection's hooks when it opens
-    daemon = make_daemon(connections_per_upstream=2)
+    daemon = make_daemon(connections_per_upstream=1)  # two workers
     message = {"from": "a@example.com", "to": "b@example.org", "subject": "s", "text": "t"}
     try:
         with daemon.client() as client:
@@ -649,7 +650,7 @@ def test_sends_are_claimed_at_enqueue_while_delivery_lags_and_the_scheduler_clai
             holding.set()
             before = client.stats()["spool"]["operations"]
             claimed = [client.send(message) for _ in range(10)]
-            wait_until(lambda: upstream.handler.sessions == 2, what="both workers in their sessions")
+            wait_until(lambda: upstream.handler.sessions == 1, what="the workers' session")
             assert [client.status(msg_id)["state"] for msg_id in claimed] == ["sending"] * 10
             assert client.stats()["spool"]["operations"] - before == 10  # ten Enqueues, no claim
             past_room = client.send(message)
