@@ -330,6 +330,9 @@ def test_raw_line_of_998_octets_passes():
     ({**SIMPLE, "idempotency_key": "a\tb"}, "idempotency_key"),
     ({**SIMPLE, "idempotency_key": 42}, "idempotency_key"),
     ({**SIMPLE, "text": "a\x00b"}, "NUL"),
+    ({**SIMPLE, "html": "é\x00"}, "NUL"),
+    ({**SIMPLE, "text": "é\ud800"}, "surrogate"),
+    ({**SIMPLE, "html": "a\udcffb"}, "surrogate"),
     ({**SIMPLE, "to": ["u%d@example.org" % i for i in range(1001)]}, "1000 recipients"),
 ])
 def test_bad_requests(obj, fragment):
