@@ -92,9 +92,13 @@ class MessageSpec:
         d = json.loads(data)
         d.pop("v", None)
         d["from_"] = tuple(d["from_"])
+        # Most of these lists are empty (a message has no Cc, no attachment):
+        # the JSON's own empty list does, without a comprehension each.
         for key in ("to", "cc", "reply_to", "headers"):
-            d[key] = [tuple(pair) for pair in d[key]]
-        d["attachments"] = [Attachment(**a) for a in d["attachments"]]
+            if d[key]:
+                d[key] = [tuple(pair) for pair in d[key]]
+        if d["attachments"]:
+            d["attachments"] = [Attachment(**a) for a in d["attachments"]]
         return cls(**d)
 
 
