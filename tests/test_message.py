@@ -199,6 +199,16 @@ def test_boundary_marker_in_text_forces_base64():
     assert plain.get_content() == text.replace("\n", "\r\n")  # canonical CRLF inside base64
 
 
+def test_only_printable_ascii_tab_and_lf_go_7bit():
+    # NUL is refused and CR made LF at validation; every other octet decides.
+    for char in [chr(c) for c in range(1, 0x80) if c != 0x0D] + ["\x80", "é", "\u2028", "\U0001F600"]:
+        text = f"a{char}b\nc\n"
+        _, _, msg = build({**SIMPLE, "text": text})
+        seven_bit = char in "\t\n" or " " <= char <= "~"
+        assert msg["Content-Transfer-Encoding"] == ("7bit" if seven_bit else "base64"), repr(char)
+        assert msg.get_content().replace("\r\n", "\n") == text, repr(char)
+
+
 def test_line_endings_normalised_in_bodies():
     _, data, msg = build({**SIMPLE, "text": "a\r\nb\rc\n"})
     assert msg.get_content() == "a\nb\nc\n"
@@ -320,6 +330,9 @@ def test_raw_line_of_998_octets_passes():
     ({**SIMPLE, "idempotency_key": "a\tb"}, "idempotency_key"),
     ({**SIMPLE, "idempotency_key": 42}, "idempotency_key"),
     ({**SIMPLE, "text": "a\x00b"}, "NUL"),
+    ({**SIMPLE, "html": "é\x00"}, "NUL"),
+    ({**SIMPLE, "text": "é\ud800"}, "surrogate"),
+    ({**SIMPLE, "html": "a\udcffb"}, "surrogate"),
     ({**SIMPLE, "to": ["u%d@example.org" % i for i in range(1001)]}, "1000 recipients"),
 ])
 def test_bad_requests(obj, fragment):

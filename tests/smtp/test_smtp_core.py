@@ -254,6 +254,21 @@ def test_without_pipelining_each_command_waits_for_its_reply():
     assert [r.status for r in event.result.recipients] == ["accepted", "permanent"]
 
 
+@pytest.mark.parametrize("data, size, wire", [
+    (b".a\n..b\r\nc\r\n.\r\n", 15, b"..a\r\n...b\r\nc\r\n..\r\n.\r\n"),
+    (b"..\r\n", 4, b"...\r\n.\r\n"),
+    (b"a\r\n.", 6, b"a\r\n..\r\n.\r\n"),
+    (b"", 0, b".\r\n"),
+])
+def test_size_counts_neither_transparency_dots_nor_the_final_dot(data, size, wire):
+    """RFC 1870: SIZE is the message's octets with CRLF line ends, without
+    what DATA adds on the wire (RFC 5321 4.5.2)."""
+    client = ready_client()
+    client.send_mail("a@x.org", ["b@y.org"], data)
+    assert client.data_to_send().split(b"\r\n")[0] == b"MAIL FROM:<a@x.org> SIZE=%d" % size
+    assert converse(client, b"250 ok\r\n250 ok\r\n354 go\r\n", b"250 queued\r\n")[0] == wire
+
+
 def test_mail_refused_gives_every_recipient_the_mail_reply():
     client = ready_client()
     client.send_mail("a@x.org", ["b@y.org", "c@y.org"], b"hi")

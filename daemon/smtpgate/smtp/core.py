@@ -193,12 +193,16 @@ def prepare_body(data: bytes) -> bytes:
     starting a line is doubled (RFC 5321 4.5.2).  Raises SmtpMessageError if
     a line is longer than 998 octets: a line is never cut or folded here.
     """
-    data = canonical_body(data)
-    if data.startswith(b"."):
-        data = b"." + data
-    if b"\r\n." in data:
-        data = data.replace(b"\r\n.", b"\r\n..")
-    return data + b".\r\n"
+    return _dot_stuffed(canonical_body(data))
+
+
+def _dot_stuffed(canonical: bytes) -> bytes:
+    """A canonical body (canonical_body) dot-stuffed and ended by the final dot."""
+    if canonical.startswith(b"."):
+        canonical = b"." + canonical
+    if b"\r\n." in canonical:
+        canonical = canonical.replace(b"\r\n.", b"\r\n..")
+    return canonical + b".\r\n"
 
 
 def canonical_body(data: bytes) -> bytes:
@@ -227,14 +231,6 @@ def canonical_body(data: bytes) -> bytes:
                 "(RFC 5321 4.5.3.1.6); fold or encode it before sending"
             )
     return data
-
-
-def message_size(body: bytes) -> int:
-    """RFC 1870 SIZE of a prepared body: its octets with CRLF line ends, without
-    the transparency dots and the final ".CRLF" (every wire line starting
-    with "." had one added)."""
-    stuffed = body.count(b"\r\n..") + body.startswith(b"..")
-    return len(body) - len(b".\r\n") - stuffed
 
 
 # ---- the state machine -----------------------------------------------------
@@ -621,10 +617,13 @@ class SmtpClient:
         # two (MAIL..DATA, then the body after 354).  Only with PIPELINING:
         # without it each command waits for its reply anyway.
         chunking = pipelined and "CHUNKING" in self.extensions
-        body = canonical_body(data) if chunking else prepare_body(data)
+        canonical = canonical_body(data)
+        body = canonical if chunking else _dot_stuffed(canonical)
         params = []
         if "SIZE" in self.extensions:
-            params.append(f"SIZE={len(body) if chunking else message_size(body)}")
+            # RFC 1870: the octets with CRLF line ends, without DATA's
+            # transparency dots and final ".CRLF".
+            params.append(f"SIZE={len(canonical)}")
         if not data.isascii() and "8BITMIME" in self.extensions:
             params.append("BODY=8BITMIME")  # RFC 6152
         if not all(address.isascii() for address in (mail_from, *recipients)):
