@@ -9,6 +9,7 @@ the same on the SMTP door. docs/security.md has the table of limits.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import json
 import os
@@ -20,6 +21,8 @@ import subprocess
 import sys
 import threading
 import time
+
+import pytest
 
 from smtpgate.intake.peer import peer_of_socket
 from smtpgate.protocol import LineDropped, LineParser, LineTooLong, Request
@@ -521,3 +524,34 @@ def test_smtp_door_over_the_budget_answers_421(make_daemon, upstream):
         holder.close()
     wait_until(lambda: stats(daemon)["limits"]["inflight_bytes"] == 0, what="budget given back")
     assert upstream.messages == []
+
+
+@pytest.mark.parametrize("loop_name", ["asyncio", "uvloop"])
+def test_a_timer_armed_for_now_can_be_moved(loop_name):
+    """Stress mode arms every open connection's timer for now (line_door
+    `_stressed`). uvloop's call_at() for a time already past returns a
+    Handle without when(); the next request on such a connection then
+    raised in data_received and the connection was dropped unanswered (CI
+    saw 9 of 200 under the slowloris test). Run on the real loop."""
+    from smtpgate.eventloop import run
+    from smtpgate.intake.line_door import Connection
+
+    class Timed:  # the part of a Connection that _arm uses
+        timer = None
+        timer_at = 0.0
+        fired = 0
+
+        def _check_timeout(self):
+            self.fired += 1
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        conn = Timed()
+        conn.loop = loop
+        Connection._arm(conn, loop.time())  # as _stressed does
+        Connection._arm(conn, loop.time() + 60)  # a request's first byte: later, kept
+        Connection._arm(conn, loop.time() - 1)  # earlier: replaces it
+        await asyncio.sleep(0.05)
+        return conn.fired
+
+    assert run(main(), loop_name) == 1

@@ -203,6 +203,7 @@ class Connection(asyncio.Protocol):
         self.request_started: float | None = None  # first byte of the partial request
         self.held = 0  # bytes of that partial request counted in limits.inflight
         self.timer = None
+        self.timer_at = 0.0  # when `timer` fires (uvloop's Handle for a past time has no when())
 
     # -- asyncio.Protocol ------------------------------------------------
 
@@ -364,9 +365,10 @@ class Connection(asyncio.Protocol):
     def _arm(self, when: float) -> None:
         """Make the timer fire by `when` (it only ever moves earlier here)."""
         if self.timer is not None:
-            if self.timer.when() <= when:
+            if self.timer_at <= when:
                 return
             self.timer.cancel()
+        self.timer_at = when
         self.timer = self.loop.call_at(when, self._check_timeout)
 
     def _check_timeout(self) -> None:
