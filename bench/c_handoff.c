@@ -17,7 +17,8 @@
  *                              write; the clock stops at the 250 after the dot (QUIT untimed)
  *   smtp_open    (host:port)   the same, MAIL..dot per mail on one connection
  *
- * Prints one JSON object: {"mode", "count", "latencies_us": [...]}.
+ * Prints one JSON object: {"mode", "count", "latencies_us": [...], "starts_us": [...]},
+ * each start on CLOCK_MONOTONIC (bench/handoff_trace.py lines SENDs up with a trace).
  * The mail is the one bench/php_handoff.php sends: a UTF-8 subject and ~1 KiB of text.
  */
 #include <arpa/inet.h>
@@ -173,6 +174,7 @@ int main(int argc, char **argv)
     build_smtp_data();
 
     double *lat = calloc((size_t)count, sizeof *lat);
+    double *starts = calloc((size_t)count, sizeof *starts);
     smtpgate_msg *m = message();
     smtpgate_ctx *open_ctx = NULL;
     struct smtp open_smtp;
@@ -230,15 +232,19 @@ int main(int argc, char **argv)
             smtp_mail(&s);
             double stop = now_us();
             smtp_close(&s); /* QUIT is not timed: the mail is handed over at the 250 */
-            if (i >= 0)
+            if (i >= 0) {
                 lat[i] = stop - start;
+                starts[i] = start;
+            }
             continue;
         } else if (strcmp(mode, "smtp_open") == 0) {
             smtp_mail(&open_smtp);
         } else
             die("unknown mode", mode);
-        if (i >= 0)
+        if (i >= 0) {
             lat[i] = now_us() - start;
+            starts[i] = start;
+        }
     }
     if (open_ctx)
         smtpgate_free(open_ctx);
@@ -253,7 +259,11 @@ int main(int argc, char **argv)
     printf("{\"mode\":\"%s\",\"count\":%d,\"latencies_us\":[", mode, count);
     for (int i = 0; i < count; i++)
         printf("%s%.1f", i ? "," : "", lat[i]);
+    printf("],\"starts_us\":[");
+    for (int i = 0; i < count; i++)
+        printf("%s%.1f", i ? "," : "", starts[i]);
     printf("]}\n");
     free(lat);
+    free(starts);
     return 0;
 }
