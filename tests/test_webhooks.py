@@ -779,22 +779,26 @@ def test_a_receiver_that_closes_after_k_answers_gets_the_rest_on_a_new_connectio
 
 
 def test_a_pipeline_left_unanswered_times_out_per_answer_and_keeps_what_was_answered():
-    async def two_then_silence(writer, nth, body):
-        if nth <= 2:
+    """webhook_timeout bounds each answer from the one before: three answers
+    0.4 s apart all count (1.2 s in all, past the 1 s bound), the two that
+    never come time out."""
+    async def three_slowly_then_silence(writer, nth, body):
+        if nth <= 3:
+            await asyncio.sleep(0.4)
             writer.write(b"HTTP/1.1 204 No Content\r\n\r\n")
             await writer.drain()
         return True
 
     async def main():
         client = Client("smtpgate/test")
-        async with RawReceiver(two_then_silence) as receiver:
-            answers = await client.post(receiver.url, posts(4), 0.5)
+        async with RawReceiver(three_slowly_then_silence) as receiver:
+            answers = await client.post(receiver.url, posts(5), 1.0)
         client.close()
         return answers
 
     answers = asyncio.run(main())
-    assert [a.status for a in answers[:2]] == [204, 204]
-    assert [type(a) for a in answers[2:]] == [TimeoutError, TimeoutError]
+    assert [a.status for a in answers[:3]] == [204, 204, 204]
+    assert [type(a) for a in answers[3:]] == [TimeoutError, TimeoutError]
 
 
 @pytest.mark.parametrize("name, verified", [("localhost", True), ("hooks.example", False)])
