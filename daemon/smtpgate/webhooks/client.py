@@ -1,15 +1,17 @@
 """The webhook sender's HTTP/1.1 client: httptools (llhttp, Node.js's
 HTTP parser, in C) reads the answers, over asyncio streams, with
-keep-alive connections per receiver.
+keep-alive connections per receiver, the requests of one call pipelined
+(RFC 9112 section 9.3.2: written at once, answered in order).
 
 Only what a webhook POST needs, and cheap (the delivery process's CPU is
 shared with delivery; bench/results.md, "Delivery webhooks"): a request with its
 Content-Length, the answer's status and headers, at most MAX_BODY bytes of
 its body (a longer one closes the connection instead of being read). No
 redirects (a 3xx is an answer like any other), no decompression, no
-cookies. A connection goes back to its receiver's pool only after a
-complete answer that keeps it open (no `Connection: close`, RFC 9112
-section 9.6); any error, timeout or cancellation closes it. https is
+cookies. A connection goes back to its receiver's pool only after every
+answer of its pipeline came complete and the last keeps it open (no
+`Connection: close`, RFC 9112 section 9.6); any error, timeout or
+cancellation closes it. https is
 checked as a browser would: the system's CA certificates, and the URL's
 host name against the certificate.
 

@@ -10,7 +10,8 @@ It reads the outbox itself (OutboxReader: a read-only connection in a
 thread of its own), a page of at most CONCURRENCY events at a time (so a
 receiver that is down costs rows on disk, not memory), making there the
 payloads of `message.sent` and `message.failed` from their messages' rows
-(spool/outbox.py: not the writer, on every message's path), and writes every
+(spool/outbox.py: not the writer, on every message's path), sends those
+of one receiver pipelined on a connection (PIPELINE), and writes every
 outcome back through the relay's spool calls, which the daemon passes to
 the spool's one writer (no fsync: losing one in a power cut only sends an
 event again), the 2xx answers of SETTLE seconds in one operation: the
