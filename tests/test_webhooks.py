@@ -611,6 +611,7 @@ class RawReceiver:
         self.connections = 0
         self.closed_by_client = 0
         self.per_read: list[int] = []
+        self.behind = 0  # requests read behind the one being answered
 
     async def __aenter__(self):
         self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
@@ -633,6 +634,7 @@ class RawReceiver:
                 self.per_read.append(len(done) - nth)
                 while nth < len(done):
                     nth += 1
+                    self.behind = len(done) - nth
                     if not await self.answer(writer, nth, done[nth - 1]):
                         writer.close()
                         return
@@ -776,6 +778,50 @@ def test_a_receiver_that_closes_after_k_answers_gets_the_rest_on_a_new_connectio
     assert [a.body for a in answers] == [b'{"n":%d}' % i for i in range(5)]
     assert [a.status for a in answers] == [200, 200, 500, 200, 200]
     assert receiver.connections == 3  # 2 answered on each
+
+
+def test_a_receiver_that_breaks_on_pipelining_gets_one_request_at_a_time():
+    """A server (or a middlebox before it) that drops a connection on which
+    requests came pipelined, unanswered: they go again one at a time, and
+    so do the next ones to that receiver."""
+    async def one_at_a_time_only(writer, nth, body):
+        if breaker.behind:
+            return False
+        writer.write(b"HTTP/1.1 204 No Content\r\n\r\n")
+        await writer.drain()
+        return True
+
+    breaker = RawReceiver(one_at_a_time_only)
+
+    async def main():
+        client = Client("smtpgate/test")
+        async with breaker:
+            first = await client.post(breaker.url, posts(3), 10)
+            again = await client.post(breaker.url, posts(2), 10)
+        client.close()
+        return first, again
+
+    first, again = asyncio.run(main())
+    assert [a.status for a in first + again] == [204] * 5
+    assert breaker.connections == 2  # the one dropped, then one kept for every request after
+
+
+def test_after_a_connection_cut_without_notice_the_next_starts_with_one_request():
+    """RFC 9112 section 9.3.2: retrying after a connection that failed, the
+    client does not pipeline at once on the new one (the first request's
+    answer could be lost again in a reset)."""
+    async def main():
+        client = Client("smtpgate/test")
+        async with RawReceiver(echo(200, close_after=2, notice=False)) as receiver:
+            answers = await client.post(receiver.url, posts(5), 10)
+        client.close()
+        return receiver, answers
+
+    receiver, answers = asyncio.run(main())
+    assert [a.body for a in answers] == [b'{"n":%d}' % i for i in range(5)]
+    # 5 pipelined (2 answered, cut); {"n":2} alone, then 3 and 4 pipelined
+    # (3 answered, cut); {"n":4} alone.
+    assert receiver.per_read == [5, 1, 2, 1]
 
 
 def test_a_pipeline_left_unanswered_times_out_per_answer_and_keeps_what_was_answered():

@@ -112,6 +112,7 @@ class _Connection:
         self.writer = writer
         self.idle_since = 0.0
         self.reusable = False  # every answer came complete and keeps the connection open
+        self.cut = False  # closed after some answers without saying so in the last one
 
     def usable(self, now: float) -> bool:
         """Still open on both sides and not idle too long: a receiver that
@@ -127,7 +128,7 @@ class _Connection:
         at each. Returns early, the connection not reusable, when the
         receiver closes it (with `Connection: close` or not) after some of
         them; raises ProtocolError when it answers none, or breaks HTTP."""
-        self.reusable = False
+        self.reusable = self.cut = False
         self.writer.write(b"".join(requests))
         await self.writer.drain()
         reading = _Reading(answers)
@@ -144,6 +145,7 @@ class _Connection:
                     reading.end()  # a body that ends with the connection
                 elif len(answers) == first:
                     raise ProtocolError("the connection was closed without an answer")
+                self.cut = True
                 return
             had = len(answers)
             reading.now = time.monotonic()
@@ -177,6 +179,7 @@ class Client:
         self._idle: dict[tuple[str, int, bool], list[_Connection]] = {}
         self._tls: ssl.SSLContext | None = None  # made at the first https URL: loading the CAs costs
         self._swept = time.monotonic()
+        self._one_at_a_time: set[tuple[str, int, bool]] = set()  # receivers that reset a pipeline
 
     async def post(self, url: str, requests: list[tuple[list[tuple[str, str]], bytes]],
                    answer_within: float) -> list[Answer | Exception]:
@@ -187,11 +190,17 @@ class Client:
         the call could not give per answer), ProtocolError or OSError
         (ssl.SSLError among them).
 
-        A receiver that closes the connection after some answers (its
-        limit of requests per connection, or a close without notice) gets
-        the rest on a new one; one that answers none on a kept connection
+        A receiver that closes or resets the connection after some answers
+        (its limit of requests per connection, or a close without notice)
+        gets the rest on another one; one that answers none on a kept connection
         (its idle timeout racing the write) gets them once more on a new
-        one. Nothing is sent twice that was answered."""
+        one; one that answers none of a pipeline on a new connection (a
+        server or middlebox that breaks on pipelining) gets them one at a
+        time from then on. After a connection that failed (not closed by
+        the receiver in its last answer), the next one starts with one
+        request alone (RFC 9112 section 9.3.2: its answer could be lost
+        again in a reset, section 9.6). Nothing is sent twice that was
+        answered."""
         origin = self._origins.get(url) or self._origin(url)
         rendered = [b"".join([origin.head, *(f"{name}: {value}\r\n".encode() for name, value in headers),
                               b"Content-Length: %d\r\n\r\n" % len(body), body]) for headers, body in requests]
@@ -205,16 +214,32 @@ class Client:
 
                 conn = self._take(key)
                 kept = conn is not None
+                cut = False  # the last connection failed: the next starts with one request alone
                 while len(answers) < len(rendered):
                     if conn is None:
                         conn = await self._open(origin)
                     done = len(answers)
+                    depth = 1 if cut or key in self._one_at_a_time else len(rendered)
+                    sent = rendered[done:done + depth]
                     try:
-                        await self._exchange(key, conn, rendered[done:], answers, progress)
-                    except (ProtocolError, ConnectionError):
-                        if not kept or len(answers) > done:
+                        await self._exchange(key, conn, sent, answers, progress)
+                        cut = conn.cut
+                    except (ProtocolError, ConnectionError) as exc:
+                        cut = True
+                        if len(answers) > done:
+                            if isinstance(exc, ProtocolError):
+                                raise
+                            # reset after some answers: the rest on another connection
+                        elif kept:
+                            pass  # its idle timeout racing the write: on a new connection
+                        elif len(sent) > 1:
+                            self._one_at_a_time.add(key)
+                        else:
                             raise
-                    conn, kept = None, False
+                    if len(answers) == len(rendered):
+                        break
+                    conn = self._take(key) if len(answers) > done else None
+                    kept = conn is not None
         except (ProtocolError, OSError, TimeoutError) as exc:
             return [*answers, *[exc] * (len(rendered) - len(answers))]
         return answers
