@@ -104,7 +104,8 @@ def receive_aiohttp(port: int) -> None:
 class LeanReceiver(asyncio.Protocol):
     """A receiver as cheap as a correct one can be: HTTP/1.1 keep-alive
     requests framed by Content-Length (what smtpgate sends; anything else
-    is a 400 and the connection closed), 204 to a POST to /hook, and the
+    is a 400 and the connection closed), pipelined or not (the answers to
+    the requests of one read in one write), 204 to a POST to /hook, and the
     Standard Webhooks signature of every VERIFY_EVERY-th event checked
     (with the JSON parsed), so a wrong one cannot pass unseen. GET /count
     answers `received bad`."""
@@ -120,28 +121,32 @@ class LeanReceiver(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
+        answers = []  # to the requests of this read (pipelined ones): one write, as nginx does
         while True:
             end = self.buffer.find(b"\r\n\r\n")
             if end < 0:
                 if len(self.buffer) > 65536:
                     self.transport.close()
-                return
+                break
             head = self.buffer[:end].decode("latin-1").split("\r\n")
             headers = {name.lower(): value for name, _, value in (line.partition(": ") for line in head[1:])}
             length = int(headers.get("content-length", "0"))
             if len(self.buffer) < end + 4 + length:
-                return
+                break
             body, self.buffer = self.buffer[end + 4:end + 4 + length], self.buffer[end + 4 + length:]
             if head[0].startswith("POST /hook "):
                 self.event(headers, body)
-                self.transport.write(b"HTTP/1.1 204 No Content\r\n\r\n")
+                answers.append(b"HTTP/1.1 204 No Content\r\n\r\n")
             elif head[0].startswith("GET /count "):
                 text = f"{LeanReceiver.received} {LeanReceiver.bad}".encode()
-                self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(text), text))
+                answers.append(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(text), text))
             else:
-                self.transport.write(b"HTTP/1.1 400 Bad Request\r\nConnection: close\r\n\r\n")
+                answers.append(b"HTTP/1.1 400 Bad Request\r\nConnection: close\r\n\r\n")
+                self.transport.write(b"".join(answers))
                 self.transport.close()
                 return
+        if answers:
+            self.transport.write(b"".join(answers))
 
     def event(self, headers: dict, body: bytes) -> None:
         LeanReceiver.received += 1

@@ -8,7 +8,9 @@ POSTs a 400-byte JSON body `posts` times, 16 at once over 16 keep-alive
 connections, with: "floor" (fixed request bytes written on an asyncio
 stream, read until the end of the answer's head: no HTTP client at all),
 "protocol_floor" (the same on an asyncio Protocol, no streams),
-"client" (smtpgate.webhooks.client.Client, as the sender uses it) and
+"client" (smtpgate.webhooks.client.Client, one request per call),
+"client_pipelined" (the same, 8 requests pipelined per call on 2 connections,
+as the sender sends the events due together) and
 "aiohttp" (a ClientSession as the sender used it before). Prints this
 process's CPU microseconds per POST (time.process_time: user and system),
 each round's, and the medians.
@@ -30,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from daemon_bench import free_port  # noqa: E402
 
 from smtpgate.webhooks.client import Client  # noqa: E402
+from smtpgate.webhooks.sender import PIPELINE  # noqa: E402
 
 RECEIVER = """
 import sys
@@ -47,9 +50,9 @@ HEADERS = [("Content-Type", "application/json"), ("webhook-id", "evt_01JEXAMPLE0
 CONCURRENCY = 16
 
 
-async def timed(post, posts: int) -> float:
-    """CPU us per POST of `posts` calls of `post`, CONCURRENCY at once (after a warm-up)."""
-    slots = asyncio.Semaphore(CONCURRENCY)
+async def timed(post, posts: int, concurrency: int = CONCURRENCY) -> float:
+    """CPU us per call of `posts` calls of `post`, `concurrency` at once (after a warm-up)."""
+    slots = asyncio.Semaphore(concurrency)
 
     async def one():
         async with slots:
@@ -122,16 +125,22 @@ async def protocol_floor(url: str, port: int, posts: int) -> float:
             idle.get_nowait().transport.close()
 
 
-async def client(url: str, port: int, posts: int) -> float:
+async def client(url: str, port: int, posts: int, pipelined: int = 1) -> float:
+    """`pipelined` requests per call (and connection), CONCURRENCY // pipelined calls at once."""
     http = Client("smtpgate/bench")
 
     async def post():
-        assert (await http.post(url, HEADERS, BODY)).status == 204
+        answers = await http.post(url, [(HEADERS, BODY)] * pipelined, 10)
+        assert all(answer.status == 204 for answer in answers), answers
 
     try:
-        return await timed(post, posts)
+        return await timed(post, posts // pipelined, CONCURRENCY // pipelined) / pipelined
     finally:
         http.close()
+
+
+async def client_pipelined(url: str, port: int, posts: int) -> float:
+    return await client(url, port, posts, PIPELINE)
 
 
 async def aiohttp_session(url: str, port: int, posts: int) -> float:
@@ -154,7 +163,8 @@ def main() -> int:
     port = free_port()
     receiver = subprocess.Popen([sys.executable, "-c", RECEIVER, str(port)])
     url = f"http://127.0.0.1:{port}/hook"
-    runs: dict[str, list[float]] = {"floor": [], "protocol_floor": [], "client": [], "aiohttp": []}
+    runs: dict[str, list[float]] = {"floor": [], "protocol_floor": [], "client": [], "client_pipelined": [],
+                                   "aiohttp": []}
     run = asyncio.run
     if args.loop == "uvloop":
         import uvloop
@@ -171,7 +181,7 @@ def main() -> int:
                 time.sleep(0.1)
         for _ in range(args.rounds):
             for name, bench in (("floor", floor), ("protocol_floor", protocol_floor), ("client", client),
-                                ("aiohttp", aiohttp_session)):
+                                ("client_pipelined", client_pipelined), ("aiohttp", aiohttp_session)):
                 runs[name].append(round(run(bench(url, port, args.posts)), 1))
             print({name: values[-1] for name, values in runs.items()}, flush=True)
     finally:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import re
 import socket
+import struct
 import time
 from urllib.parse import urlencode
 
@@ -451,3 +452,30 @@ def test_a_reload_that_removes_a_token_ends_its_sessions(closed_daemon, tmp_path
     assert request(daemon.http, "GET", "/", cookie=session).status == 401
     assert request(daemon.http, "GET", "/metrics", token=ADMIN).status == 401
     assert request(daemon.http, "GET", "/metrics", token="another-admin-token-0123456789").status == 200
+
+
+def test_a_client_cut_mid_request_or_malformed_is_no_error_in_the_log(make_daemon):
+    """What any client can do at will (close or reset its connection in the
+    middle of a request's head or body, send a header over the limit) is no
+    error of the daemon's: aiohttp logs each as an error with a traceback,
+    which a hostile client could repeat to fill the log. The daemon logs it
+    at debug, in one line without a traceback, and serves the next request."""
+    daemon = http_daemon(make_daemon, log_level="debug")
+    head = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Half: "
+    body = (b"POST /login HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+            b"Content-Length: 1000\r\n\r\ntoken=")
+    for sent, reset in ((head, False), (head, True), (body, False), (body, True)):
+        with socket.create_connection(daemon.http, timeout=10) as cut:
+            if reset:  # SO_LINGER 0: close() sends an RST
+                cut.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            cut.sendall(sent)
+            time.sleep(0.2)  # read, and the handler waiting for the body, before the cut
+    long_header = request(daemon.http, "GET", "/healthz", headers={"X-Long": "y" * 9000})
+    assert long_header.status in (400, 431)
+    assert request(daemon.http, "GET", "/healthz").status == 200
+    lines = daemon.log_lines()
+    assert any(line.get("event") == "listening" for line in lines)  # the log is the daemon's
+    loud = [line for line in lines if line.get("level") not in ("debug", "info") or "exception" in line]
+    assert not loud, loud
+    faults = [line["error"] for line in lines if line.get("event") == "http_client_fault"]
+    assert any("LineTooLong" in fault for fault in faults) and any("Connection" in fault for fault in faults), faults

@@ -21,7 +21,7 @@ import socket
 import ssl
 import threading
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from datetime import datetime, timezone
 
 import httptools
@@ -64,6 +64,9 @@ class Receiver:
         self.delay = 0.0  # seconds each answer takes
         self.handling: set[str] = set()  # message ids of the requests being answered
         self.overlaps: list[str] = []  # a message's event that came before the one before it was answered
+        self.peers: list[int] = []  # the port of each event's connection, beside `events`
+        self.close_every = 0  # the connection closed after every n-th answer (0: kept)
+        self.fail_once: set[str] = set()  # message ids whose event's first try is answered 500
         self.cond = threading.Condition()
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
@@ -89,14 +92,22 @@ class Receiver:
                 self.overlaps.append(msg_id)
             self.handling.add(msg_id)
             self.events.append((dict(request.headers), payload))
+            self.peers.append(request.transport.get_extra_info("peername")[1])
             # Decided as the request is recorded: a test that changes the
             # answer once it saw a request does not change that one's.
             answer, headers = self.answer, self.headers
+            if msg_id in self.fail_once:
+                self.fail_once.discard(msg_id)
+                answer = 500
+            closing = self.close_every and len(self.events) % self.close_every == 0
             self.cond.notify_all()
         await asyncio.sleep(self.delay)
         with self.cond:
             self.handling.discard(msg_id)
-        return web.Response(status=answer, headers=headers)
+        response = web.Response(status=answer, headers=headers)
+        if closing:
+            response.force_close()  # the requests read behind this one are never answered
+        return response
 
     def _run(self, coro):
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(10)
@@ -273,6 +284,43 @@ def test_a_receiver_down_for_a_while_gets_every_event_in_order_once_back(make_da
             for n, msg_id in enumerate(ids)}
         wait_until(lambda: stats(daemon)["webhooks"]["pending"] == 0, WAIT, "the outbox empties")
         assert stats(daemon)["webhooks"]["delivered"] == 18
+    finally:
+        receiver.close()
+
+
+def test_events_due_together_are_pipelined_and_none_is_lost_when_the_receiver_closes_or_fails_one(
+        make_daemon, upstream, tmp_path):
+    """Events of several messages due at once go pipelined on a connection
+    (docs/webhooks.md, "Pipelining"). The receiver closes every connection
+    after its 3rd answer (the requests read behind it are never answered)
+    and answers 500 to one message's first try: each event still arrives,
+    the 500'd one again later with its id, in order per message, none lost."""
+    receiver = Receiver(SECRET)  # down first: the events pile up, and are due together once it is back
+    try:
+        daemon = make_daemon(webhook_url=receiver.url, webhook_secret_file=secret_file(tmp_path))
+        with daemon.client(timeout=40) as client:
+            ids = [client.send(mail(f"r{n}@example.org", subject=f"n{n}")) for n in range(10)]
+            for msg_id in ids:
+                assert final(client, msg_id)["state"] == "sent"
+        wait_until(lambda: any(line.get("event") == "webhook_failed" for line in daemon.log_lines()),
+                   WAIT, "a failed try while the receiver is down")
+        receiver.close_every = 3
+        receiver.fail_once = {ids[4]}
+        receiver.start()
+        wait_until(lambda: stats(daemon)["webhooks"] == {"delivered": 10, "failed": 0, "pending": 0},
+                   WAIT, "every event answered 2xx")
+        assert receiver.rejected == [] and receiver.overlaps == []
+        assert receiver.by_message() == {msg_id: ["message.sent"] for msg_id in ids}
+        with receiver.cond:
+            tries = Counter(payload["data"]["message_id"] for _, payload in receiver.events)
+            ids_of_4 = {headers["webhook-id"] for headers, payload in receiver.events
+                        if payload["data"]["message_id"] == ids[4]}
+            per_connection = max(receiver.peers.count(port) for port in receiver.peers)
+        # Each answered once (those behind a close were read, never handled,
+        # and sent again), but the 500'd one: again later, with its id.
+        assert tries == {msg_id: 1 if msg_id != ids[4] else tries[ids[4]] for msg_id in ids}
+        assert tries[ids[4]] >= 2 and len(ids_of_4) == 1
+        assert per_connection > 1  # several events on a connection
     finally:
         receiver.close()
 
@@ -554,13 +602,16 @@ def test_a_callers_webhook_needs_a_secret_of_its_own_or_the_top_level_one(tmp_pa
 
 class RawReceiver:
     """An asyncio server on 127.0.0.1 that reads each request (httptools)
-    and calls `answer(writer, nth request on this connection)`; counts the
-    connections, and how many were closed by the client."""
+    and calls `answer(writer, nth request on this connection, its body)`;
+    counts the connections, how many were closed by the client, and the
+    requests that each read completed (several: they came pipelined)."""
 
     def __init__(self, answer):
         self.answer = answer
         self.connections = 0
         self.closed_by_client = 0
+        self.per_read: list[int] = []
+        self.behind = 0  # requests read behind the one being answered
 
     async def __aenter__(self):
         self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
@@ -572,15 +623,19 @@ class RawReceiver:
 
     async def _serve(self, reader, writer):
         self.connections += 1
-        done = []
-        parser = httptools.HttpRequestParser(type("On", (), {"on_message_complete": lambda _: done.append(1)})())
+        done, body = [], []
+        parser = httptools.HttpRequestParser(type("On", (), {
+            "on_body": lambda _, data: body.append(data),
+            "on_message_complete": lambda _: (done.append(b"".join(body)), body.clear())})())
         nth = 0
         try:
             while data := await reader.read(65536):
                 parser.feed_data(data)
+                self.per_read.append(len(done) - nth)
                 while nth < len(done):
                     nth += 1
-                    if not await self.answer(writer, nth):
+                    self.behind = len(done) - nth
+                    if not await self.answer(writer, nth, done[nth - 1]):
                         writer.close()
                         return
             self.closed_by_client += 1
@@ -590,16 +645,19 @@ class RawReceiver:
 
 
 async def post(client, url: str):
-    async with asyncio.timeout(10):
-        return await client.post(url, [("Content-Type", "application/json")], b'{"type":"message.sent"}')
+    """One event's POST: its answer, or the exception that left it unanswered, raised."""
+    (answer,) = await client.post(url, [([("Content-Type", "application/json")], b'{"type":"message.sent"}')], 10)
+    if isinstance(answer, Exception):
+        raise answer
+    return answer
 
 
 def test_the_client_keeps_connections_alive_unless_told_to_close():
-    async def keep(writer, nth):
+    async def keep(writer, nth, body):
         writer.write(b"HTTP/1.1 204 No Content\r\n\r\n")
         return True
 
-    async def close(writer, nth):
+    async def close(writer, nth, body):
         writer.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok")
         return True
 
@@ -617,14 +675,14 @@ def test_the_client_keeps_connections_alive_unless_told_to_close():
 
 
 def test_the_client_reads_a_bounded_head_and_body_and_then_drops_the_connection():
-    async def endless_head(writer, nth):
+    async def endless_head(writer, nth, body):
         writer.write(b"HTTP/1.1 200 OK\r\n")
         for _ in range(MAX_HEAD // 1000 + 100):  # bounded: the client stops reading long before
             writer.write(b"X-Pad: " + b"a" * 1000 + b"\r\n")
             await writer.drain()
         return False
 
-    async def long_body(writer, nth):
+    async def long_body(writer, nth, body):
         writer.write(b"HTTP/1.1 500 Oops\r\nContent-Length: 1000000\r\n\r\n" + b"e" * 100_000)
         return True
 
@@ -644,13 +702,13 @@ def test_the_client_reads_a_bounded_head_and_body_and_then_drops_the_connection(
 
 
 def test_a_kept_connection_the_receiver_drops_is_replaced_and_the_event_sent():
-    async def once_per_connection(writer, nth):
+    async def once_per_connection(writer, nth, body):
         if nth > 1:
             return False  # closed on the second request, unanswered: a receiver's idle timeout racing it
         writer.write(b"HTTP/1.1 204 No Content\r\n\r\n")
         return True
 
-    async def mute(writer, nth):
+    async def mute(writer, nth, body):
         return False
 
     async def main():
@@ -664,6 +722,129 @@ def test_a_kept_connection_the_receiver_drops_is_replaced_and_the_event_sent():
 
     racing, statuses = asyncio.run(main())
     assert statuses == [204] * 3 and racing.connections == 3
+
+
+def posts(n: int) -> list[tuple[list[tuple[str, str]], bytes]]:
+    """`n` requests whose bodies say which they are."""
+    return [([("Content-Type", "application/json")], b'{"n":%d}' % i) for i in range(n)]
+
+
+def echo(status: int = 200, close_after: int = 0, notice: bool = True):
+    """An answer that carries its request's body (so each answer shows which
+    request it answers), `status`, but 500 to the request {"n":2}; after the `close_after`-th request of a connection,
+    the connection is closed, said in that answer (`notice`) or not."""
+    async def answer(writer, nth, body):
+        closing = nth == close_after
+        writer.write(b"HTTP/1.1 %d X\r\nContent-Length: %d\r\n%s\r\n%s" % (
+            status if body != b'{"n":2}' else 500, len(body), b"Connection: close\r\n" if closing and notice else b"",
+            body))
+        await writer.drain()
+        return not closing
+    return answer
+
+
+def test_the_client_pipelines_requests_on_one_connection_and_reads_the_answers_in_order():
+    """RFC 9112 section 9.3.2: the requests go in one write, and each answer
+    is its request's (in order), a 500 among them too; the connection is
+    kept for the next ones."""
+    async def main():
+        client = Client("smtpgate/test")
+        async with RawReceiver(echo()) as receiver:
+            first = await client.post(receiver.url, posts(5), 10)
+            again = await client.post(receiver.url, posts(3), 10)
+        client.close()
+        return receiver, first, again
+
+    receiver, first, again = asyncio.run(main())
+    assert [(a.status, a.body) for a in first] == [(200 if i != 2 else 500, b'{"n":%d}' % i) for i in range(5)]
+    assert [a.status for a in again] == [200, 200, 500]
+    assert receiver.connections == 1 and max(receiver.per_read) > 1  # several requests in one read
+
+
+@pytest.mark.parametrize("notice", [True, False], ids=["connection-close", "closed-without-notice"])
+def test_a_receiver_that_closes_after_k_answers_gets_the_rest_on_a_new_connection(notice):
+    """A receiver's limit of requests per connection (nginx's
+    keepalive_requests), said in the k-th answer or not: the requests
+    after it were read but never answered; they go again on a new
+    connection, each answered once, in order."""
+    async def main():
+        client = Client("smtpgate/test")
+        async with RawReceiver(echo(200, close_after=2, notice=notice)) as receiver:
+            answers = await client.post(receiver.url, posts(5), 10)
+        client.close()
+        return receiver, answers
+
+    receiver, answers = asyncio.run(main())
+    assert [a.body for a in answers] == [b'{"n":%d}' % i for i in range(5)]
+    assert [a.status for a in answers] == [200, 200, 500, 200, 200]
+    assert receiver.connections == 3  # 2 answered on each
+
+
+def test_a_receiver_that_breaks_on_pipelining_gets_one_request_at_a_time():
+    """A server (or a middlebox before it) that drops a connection on which
+    requests came pipelined, unanswered: they go again one at a time, and
+    so do the next ones to that receiver."""
+    async def one_at_a_time_only(writer, nth, body):
+        if breaker.behind:
+            return False
+        writer.write(b"HTTP/1.1 204 No Content\r\n\r\n")
+        await writer.drain()
+        return True
+
+    breaker = RawReceiver(one_at_a_time_only)
+
+    async def main():
+        client = Client("smtpgate/test")
+        async with breaker:
+            first = await client.post(breaker.url, posts(3), 10)
+            again = await client.post(breaker.url, posts(2), 10)
+        client.close()
+        return first, again
+
+    first, again = asyncio.run(main())
+    assert [a.status for a in first + again] == [204] * 5
+    assert breaker.connections == 2  # the one dropped, then one kept for every request after
+
+
+def test_after_a_connection_cut_without_notice_the_next_starts_with_one_request():
+    """RFC 9112 section 9.3.2: retrying after a connection that failed, the
+    client does not pipeline at once on the new one (the first request's
+    answer could be lost again in a reset)."""
+    async def main():
+        client = Client("smtpgate/test")
+        async with RawReceiver(echo(200, close_after=2, notice=False)) as receiver:
+            answers = await client.post(receiver.url, posts(5), 10)
+        client.close()
+        return receiver, answers
+
+    receiver, answers = asyncio.run(main())
+    assert [a.body for a in answers] == [b'{"n":%d}' % i for i in range(5)]
+    # 5 pipelined (2 answered, cut); {"n":2} alone, then 3 and 4 pipelined
+    # (3 answered, cut); {"n":4} alone.
+    assert receiver.per_read == [5, 1, 2, 1]
+
+
+def test_a_pipeline_left_unanswered_times_out_per_answer_and_keeps_what_was_answered():
+    """webhook_timeout bounds each answer from the one before: three answers
+    0.4 s apart all count (1.2 s in all, past the 1 s bound), the two that
+    never come time out."""
+    async def three_slowly_then_silence(writer, nth, body):
+        if nth <= 3:
+            await asyncio.sleep(0.4)
+            writer.write(b"HTTP/1.1 204 No Content\r\n\r\n")
+            await writer.drain()
+        return True
+
+    async def main():
+        client = Client("smtpgate/test")
+        async with RawReceiver(three_slowly_then_silence) as receiver:
+            answers = await client.post(receiver.url, posts(5), 1.0)
+        client.close()
+        return answers
+
+    answers = asyncio.run(main())
+    assert [a.status for a in answers[:3]] == [204, 204, 204]
+    assert [type(a) for a in answers[3:]] == [TimeoutError, TimeoutError]
 
 
 @pytest.mark.parametrize("name, verified", [("localhost", True), ("hooks.example", False)])

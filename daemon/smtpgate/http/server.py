@@ -17,12 +17,14 @@ Who may do what: auth.py.
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import time
 from email.parser import HeaderParser
 from email.policy import default as default_policy
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client.exposition import generate_latest
 
 from smtpgate.config import Config, parse_hostport
@@ -104,6 +106,27 @@ class _Bounded(asyncio.Protocol):
         self.inner.resume_writing()
 
 
+class _ServerLog(logging.LoggerAdapter):
+    """aiohttp's server log, less what any client can cause at will: a
+    request that breaks HTTP/1.1 or over a limit (HttpProcessingError, the
+    client has its 400) and a connection cut or reset in the middle of a
+    request (ConnectionError: the handler's read of the body) are one line
+    at debug, not an error with a traceback that a hostile client could
+    repeat to fill the log. Anything else a handler raises is a fault of
+    ours and stays an error."""
+
+    def __init__(self, log):
+        super().__init__(logging.getLogger("aiohttp.server"))
+        self.log = log
+
+    def exception(self, msg, *args, exc_info=True, **kwargs) -> None:
+        if isinstance(exc_info, (HttpProcessingError, ConnectionError)):
+            self.log.debug("http_client_fault", peer=args[0] if args else None,
+                           error=f"{type(exc_info).__name__}: {exc_info}".strip())
+            return
+        super().exception(msg, *args, exc_info=exc_info, **kwargs)
+
+
 class HttpSide:
     """The HTTP side of a running daemon. `door`: the line door (its STATS
     and the hand-off histogram); `callers`: the hand-off's (a reload
@@ -143,7 +166,7 @@ class HttpSide:
         # instead of 2.6 s.
         self.runner = web.AppRunner(app, handle_signals=False, access_log=None, keepalive_timeout=KEEPALIVE,
                                     shutdown_timeout=SHUTDOWN_GRACE, max_line_size=8190, max_field_size=8190,
-                                    max_headers=64)
+                                    max_headers=64, logger=_ServerLog(self.log))
         await self.runner.setup()
         socks = listening_sockets(*parse_hostport(self.config.http_listen, "http_listen"))
         server = self.runner.server
