@@ -9,10 +9,14 @@ load) and answers its attempt records at once, with no spool behind it.
 So the figure is the child's own CPU per message (/proc/PID/stat), without
 the intake that shares the machine in bench/relay_compare.py, and the
 bench's (the daemon's side of the pipe) beside it. Per round, each LABEL
-in rotated order; LABEL=PATH:LOOP, LOOP "asyncio" or "uvloop":
+in rotated order; LABEL=PATH:LOOP[:LEVEL], LOOP "asyncio" or "uvloop",
+LEVEL the child's log level for that run (default --log-level):
 
     flock /work/team/bench.lock python bench/delivery_cpu.py \\
-        --run base=/var/tmp/v-main:asyncio --run std=.:asyncio --run uv=.:uvloop [--rounds 5] [--messages 20000]
+        --run base=/var/tmp/v-main:asyncio --run std=.:asyncio --run uv=.:uvloop [--rounds 5] [--messages 20000] \\
+        [--log-level info]
+    flock /work/team/bench.lock python bench/delivery_cpu.py \\
+        --run info=.:uvloop:info --run warning=.:uvloop:warning
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from daemon_bench import REQUEST, start_sink  # noqa: E402
 
 ROUND = r"""
 import asyncio, json, os, sys, time, resource
-path, loop_name, sink_port, count, spool_dir, spec_json = sys.argv[1:7]
+path, loop_name, sink_port, count, spool_dir, spec_json, log_level = sys.argv[1:8]
 count = int(count)
 import structlog
 from smtpgate.delivery import process
@@ -64,7 +68,7 @@ async def main():
                                                             helo_name="bench.example")], nice=0)
     kwargs = {"loop": loop_name} if loop_name != "-" else {}
     handle = process.DeliveryProcess(spool, settings, structlog.get_logger(), log_format="json",
-                                     log_level="warning", **kwargs)
+                                     log_level=log_level, **kwargs)
     handed = 0
     want = handle._on_want
     def on_want(w):
@@ -90,11 +94,13 @@ asyncio.run(main())
 """
 
 
-def one_round(path: str, loop: str, sink_port: int, count: int, spec_json: str) -> dict:
+def one_round(path: str, loop: str, sink_port: int, count: int, spec_json: str, log_level: str) -> dict:
     env = dict(os.environ, PYTHONPATH=str(Path(path).resolve() / "daemon"))
-    with tempfile.TemporaryDirectory(dir="/var/tmp") as spool_dir:
+    with tempfile.TemporaryDirectory(dir="/var/tmp") as spool_dir, \
+            open(os.path.join(spool_dir, "delivery.log"), "w") as log:  # the lines of --log-level info go here
         proc = subprocess.Popen([sys.executable, "-c", ROUND, path, loop, str(sink_port), str(count), spool_dir,
-                                 spec_json], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+                                 spec_json, log_level], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
+                                text=True, env=env)
         child = json.loads(proc.stdout.readline())["child"]
         time.sleep(0.5)
         before = {"delivery": cpu_seconds(child), "daemon side": cpu_seconds(proc.pid)}
@@ -113,15 +119,17 @@ def one_round(path: str, loop: str, sink_port: int, count: int, spec_json: str) 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--run", action="append", required=True, help="LABEL=PATH:LOOP (repeat)")
+    ap.add_argument("--run", action="append", required=True, help="LABEL=PATH:LOOP[:LEVEL] (repeat)")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--messages", type=int, default=20000)
+    ap.add_argument("--log-level", default="warning",
+                    help="the delivery process's (info: a delivery_attempt line per message, as the default config)")
     args = ap.parse_args()
     runs = {}
     for item in args.run:
         label, _, rest = item.partition("=")
-        path, _, loop = rest.rpartition(":")
-        runs[label] = (path, loop)
+        path, loop, level = (rest.split(":") + [args.log_level])[:3]
+        runs[label] = (path, loop, level)
     from smtpgate.message.validate import validate_send
 
     spec = validate_send(json.loads(REQUEST[5:] % 1), max_message_bytes=1 << 20, message_id_domain="example.com")
@@ -134,7 +142,8 @@ def main() -> int:
     try:
         for r in range(args.rounds):
             for label in labels[r % len(labels):] + labels[:r % len(labels)]:
-                result = one_round(*runs[label], sink_port, args.messages, spec_json)
+                path, loop, level = runs[label]
+                result = one_round(path, loop, sink_port, args.messages, spec_json, level)
                 results[label].append(result)
                 print(f"round={r} {label} {result}", flush=True)
     finally:
@@ -143,10 +152,11 @@ def main() -> int:
     print("uptime:", os.popen("uptime").read().strip())
     med = statistics.median
     print(f"\nmedians of {args.rounds} rounds of {args.messages:,} messages")
-    print("| run | msgs/s | CPU µs per message: delivery process | the daemon's side of its pipe |")
-    print("| --- | ---: | ---: | ---: |")
+    print("| run | log level | msgs/s | CPU µs per message: delivery process | the daemon's side of its pipe |")
+    print("| --- | --- | ---: | ---: | ---: |")
     for label, rs in results.items():
-        print(f"| {label} | {med(r['rate'] for r in rs):,.0f} | {med(r['cpu_us']['delivery'] for r in rs):.0f} "
+        print(f"| {label} | {runs[label][2]} | {med(r['rate'] for r in rs):,.0f} "
+              f"| {med(r['cpu_us']['delivery'] for r in rs):.0f} "
               f"| {med(r['cpu_us']['daemon side'] for r in rs):.0f} |")
     return 0
 

@@ -37,3 +37,32 @@ def test_a_log_line_is_one_write_with_its_newline():
         structlog.reset_defaults()
     [line] = stream.calls  # print() would have written the text and "\n" apart
     assert line.endswith("\n") and json.loads(line)["event"] == "delivery_process_lost"
+
+
+def test_a_json_line_carries_its_fields_level_and_utc_time(monkeypatch):
+    """The JSON renderer and time stamp of log.py (made cheaper than
+    structlog's, as a line per relayed message pays them): the bound and
+    given fields as JSON (text not escaped to ASCII, other objects by
+    repr), the level, and the time in UTC with microseconds."""
+    import time
+    from datetime import datetime, timezone
+
+    stream = Writes()
+    setup_logging("json", "info", stream)
+    try:
+        for now in (1_800_000_000.25, 1_800_000_000.5, 1_800_000_061.000001):
+            monkeypatch.setattr(time, "time", lambda now=now: now)
+            get_logger().bind(message_id="01JD").info("delivery_attempt", replies={"zoë@example.org": "250 ok"},
+                                                      upstream=None, note=object())
+    finally:
+        structlog.reset_defaults()
+    lines = [json.loads(line) for line in stream.calls]
+    assert [line["timestamp"] for line in lines] == [
+        "2027-01-15T08:00:00.250000Z", "2027-01-15T08:00:00.500000Z", "2027-01-15T08:01:01.000001Z"]
+    assert datetime.fromisoformat(lines[0]["timestamp"].replace("Z", "+00:00")) == \
+        datetime.fromtimestamp(1_800_000_000.25, timezone.utc)
+    first = lines[0]
+    assert first["event"] == "delivery_attempt" and first["level"] == "info" and first["message_id"] == "01JD"
+    assert first["replies"] == {"zoë@example.org": "250 ok"} and first["upstream"] is None
+    assert first["note"].startswith("<object object at ")
+    assert "zoë" in stream.calls[0]  # not \\u00eb

@@ -638,3 +638,75 @@ def test_the_wal_stays_bounded_under_a_flood_of_sends(tmp_path):
     pages, accepted = wal_after(tmp_path, all_at_once)
     assert accepted == 24_000
     assert pages < 3 * WAL_PAGES
+
+
+@pytest.mark.parametrize("webhook_callers", [None, frozenset()], ids=["webhooks", "no-webhooks"])
+def test_a_batch_of_attempt_records_stores_what_the_records_one_by_one_store(tmp_path, webhook_callers):
+    """RecordAttempts runs a batch in a few statements (writer.py): each
+    message's state, counters, caller counts and webhook events must be
+    those of the same records run one at a time, unknown ids and one
+    message twice in a batch included."""
+    from smtpgate.proc.calls import Call
+    from smtpgate.spool.ops import Enqueue, Limits, RecordAttempt, RecordAttempts
+    from smtpgate.spool.schema import DB_FILE
+    from smtpgate.spool.writer import Writer
+
+    now = 1_800_000_000.0
+    sent, failed, deferred = "sent", "failed", "deferred"
+    recipients = [["a@y.org"], ["a@y.org", "b@y.org"], ["a@y.org", "b@y.org"], ["a@y.org", "b@y.org"], ["a@y.org"]]
+    before = [(3, [("a@y.org", sent, "250 ok"), ("b@y.org", deferred, "451 later")], now + 5, False)]
+    batches = [
+        [(0, [("a@y.org", sent, "250 ok")], None, False),
+         (1, [("a@y.org", sent, "250 ok"), ("b@y.org", failed, "550 no")], None, False),
+         (2, [("a@y.org", sent, "250 ok"), ("b@y.org", deferred, "451 later")], now + 60, True),
+         (3, [("b@y.org", sent, "250 ok")], None, False),
+         (None, [("a@y.org", sent, "250 ok")], None, False)],
+        [(4, [("a@y.org", deferred, "421 bye")], now + 30, True), (4, [("a@y.org", sent, "250 ok")], None, False)],
+    ]
+
+    def stored(folder, batched: bool):
+        folder.mkdir()
+        writer = Writer(str(folder / DB_FILE), Limits(10**6, 3600.0, 3600.0, webhook_callers))
+        writer.open()
+        tokens = iter(range(10**6))
+
+        def run(op):
+            call = Call(next(tokens), op)
+            outcome = writer.run_batch([call])
+            writer.committed(outcome)
+            assert call.token not in outcome.errors, outcome.errors
+            return outcome.results[call.token]
+
+        ids = [run(Enqueue(now, b"{}", "s@x.org", to, None, "shop", 0, claim=True)).id for to in recipients]
+
+        def record(i, outcomes, next_attempt, dup):
+            msg_id = ids[i] if i is not None else "01JD3Q7Z8K4W6X2V9N5B0C1T00"
+            return RecordAttempt(now + 1, msg_id, [RecipientOutcome(*o) for o in outcomes], next_attempt, dup)
+
+        results = [run(record(*r)) for r in before]
+        for batch in batches:
+            records = [record(*r) for r in batch]
+            results += run(RecordAttempts(records)) if batched else [run(r) for r in records]
+        names = {msg_id: f"m{i}" for i, msg_id in enumerate(ids)}
+        conn = writer.conn
+        rows = {
+            "messages": conn.execute("SELECT id, state, attempts, updated, next_attempt, possible_duplicate"
+                                     " FROM messages").fetchall(),
+            "recipients": conn.execute("SELECT message_id, address, state, reply FROM recipients").fetchall(),
+            "events": conn.execute("SELECT message_id, caller, type, created, next_attempt FROM webhook_outbox"
+                                   " ORDER BY seq").fetchall(),
+        }
+        rows = {table: [tuple(names.get(v, v) for v in row) for row in found] for table, found in rows.items()}
+        rows["messages"].sort()
+        rows["recipients"].sort()
+        figures = (dict(writer.state_counts), dict(writer.counters), dict(writer.pending), writer.caller_counters)
+        writer.close()
+        return results, rows, figures
+
+    one_by_one = stored(tmp_path / "one", batched=False)
+    batched = stored(tmp_path / "batched", batched=True)
+    assert batched == one_by_one
+    results, rows, _ = batched
+    assert results == [deferred, sent, failed, deferred, sent, None, deferred, sent]
+    assert [row[1] for row in rows["messages"]] == [sent, failed, deferred, sent, sent]
+    assert bool(rows["events"]) == (webhook_callers is None)

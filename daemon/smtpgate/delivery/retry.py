@@ -39,8 +39,10 @@ def next_attempt_at(now: float, created: float, attempts: int, settings: Deliver
 
 def outcomes_from_result(result: DeliveryResult) -> list[RecipientOutcome]:
     """Per-recipient outcomes of one transaction: 2xx sent, 5xx failed, 4xx deferred."""
-    states = {"accepted": State.SENT, "permanent": State.FAILED, "temporary": State.DEFERRED}
-    return [RecipientOutcome(r.address, states[r.status], str(r.reply)) for r in result.recipients]
+    return [RecipientOutcome(r.address, _STATES[r.status], str(r.reply)) for r in result.recipients]
+
+
+_STATES = {"accepted": State.SENT, "permanent": State.FAILED, "temporary": State.DEFERRED}
 
 
 def gave_up(reply: str | None, max_age: float) -> str:

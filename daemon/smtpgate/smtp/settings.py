@@ -36,13 +36,12 @@ class Timeouts:
 
     def for_reply(self, verb: str | None) -> float:
         """The timeout for the reply to `verb` (SmtpClient.awaiting)."""
-        return {
-            "GREETING": self.greeting,
-            "MAIL": self.mail,
-            "RCPT": self.rcpt,
-            "DATA": self.data_init,
-            "DATA_END": self.data_end,
-        }.get(verb or "", self.command)
+        return getattr(self, _REPLY_TIMEOUTS.get(verb, "command"))
+
+
+# The command awaiting a reply -> the Timeouts field for it; the others: `command`.
+_REPLY_TIMEOUTS = {"GREETING": "greeting", "MAIL": "mail", "RCPT": "rcpt", "DATA": "data_init",
+                   "DATA_END": "data_end"}
 
 
 @dataclass(frozen=True)
