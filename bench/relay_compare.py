@@ -17,8 +17,10 @@ Per round, in rotated order:
 Each LABEL=PATH of --checkout runs from that checkout's `daemon/`
 (PYTHONPATH); `--setting LABEL:KEY=VALUE` adds a configuration key to
 that label's daemons, so one checkout can run twice, e.g. with and without
-uvloop (`--checkout this=. --checkout std=. --setting std:event_loop=asyncio`). Postfix is set up and torn down by the anchors' scripts, so
-run it under the machine's bench lock:
+uvloop (`--checkout this=. --checkout std=. --setting std:event_loop=asyncio`).
+The daemons run at log level info (their default: one line per delivery
+attempt, as Postfix logs each delivery). Postfix is set up and torn down
+by the anchors' scripts, so run it under the machine's bench lock:
 
     flock /work/team/bench.lock python3 bench/relay_compare.py \
         --checkout base=/tmp/base --checkout this=. [--setting this:KEY=VALUE] \
@@ -110,7 +112,11 @@ def main() -> int:
     checkouts = dict(c.split("=", 1) for c in args.checkout) or {"this": str(ROOT)}
     envs = {label: dict(os.environ, PYTHONPATH=str(Path(path).resolve() / "daemon"))
             for label, path in checkouts.items()}
-    settings: dict[str, dict] = {label: {} for label in checkouts}
+    # At the daemon's default log level, not bench/daemon_bench.py's
+    # warning: the delivery process logs one line per attempt at info, and
+    # the Postfix beside it logs each delivery too (anchors/postfix_setup.sh:
+    # maillog_file). `--setting LABEL:log_level=warning` leaves the line out.
+    settings: dict[str, dict] = {label: {"log_level": "info"} for label in checkouts}
     for item in args.setting:
         label, _, pair = item.partition(":")
         key, _, value = pair.partition("=")
