@@ -35,6 +35,7 @@ from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 from smtpgate.config import ConfigError, load_config
 from smtpgate.webhooks import signing
 from smtpgate.webhooks.client import MAX_BODY, MAX_HEAD, Client, ProtocolError
+from smtpgate.webhooks.sender import PIPELINE, WebhookSender, WebhookSettings
 
 SECRET = "whsec_" + base64.b64encode(b"smtpgate webhook test secret, 32B").decode()
 OTHER_SECRET = "whsec_" + base64.b64encode(b"another secret of at least 24 bytes").decode()
@@ -759,6 +760,20 @@ def test_the_client_pipelines_requests_on_one_connection_and_reads_the_answers_i
     assert [(a.status, a.body) for a in first] == [(200 if i != 2 else 500, b'{"n":%d}' % i) for i in range(5)]
     assert [a.status for a in again] == [200, 200, 500]
     assert receiver.connections == 1 and max(receiver.per_read) > 1  # several requests in one read
+
+
+@pytest.mark.parametrize("pace, depth", [(None, PIPELINE), (0.0, PIPELINE), (0.002, PIPELINE), (0.005, 4), (0.05, 2)],
+                         ids=["not-yet-timed", "answers-at-once", "busy-machine", "5ms", "slow"])
+def test_a_pipeline_holds_what_the_receiver_answers_in_about_20_ms_and_2_at_least(pace, depth):
+    """A receiver answers one connection's requests in turn: a slow one gets
+    2 per connection, not 8 (8 x 50 ms for the last); a fast one slowed to
+    answers 2 ms apart by a busy CPU keeps the whole pipeline, where
+    pipelining saves the most."""
+    sender = WebhookSender(None, None, WebhookSettings({}, None, 60.0, 5.0), log=None)
+    url = "http://127.0.0.1:1/hook"
+    if pace is not None:
+        sender._pace[url] = pace
+    assert sender._depth(url) == depth
 
 
 @pytest.mark.parametrize("notice", [True, False], ids=["connection-close", "closed-without-notice"])

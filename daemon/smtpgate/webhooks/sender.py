@@ -60,8 +60,12 @@ CONCURRENCY = 16  # requests at once, and the events read per page
 # in about PIPELINE_SPAN seconds at its pace (the time between two answers
 # of one pipeline: not our own wait for the CPU, which delays the reads of
 # all of them alike), down to 2 per connection (its pace is still seen).
+# 20 ms, not less: on a busy machine a fast receiver's answers come 1-2 ms
+# apart (its own wait for a CPU), and a 5 ms span cut the depth to 2-3 just
+# when the machine was busiest: the CPU per event rose most of the way back
+# to one request per write (bench/results.md, "The night's main").
 PIPELINE = CONCURRENCY // 2
-PIPELINE_SPAN = 0.005
+PIPELINE_SPAN = 0.02
 POLL = 1.0  # seconds between two reads of the outbox when nothing woke the sender
 RETRY_BASE = 5.0  # seconds before the first retry of a failed receiver
 RETRY_MAX = 1800.0
