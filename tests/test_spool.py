@@ -709,4 +709,6 @@ def test_a_batch_of_attempt_records_stores_what_the_records_one_by_one_store(tmp
     results, rows, _ = batched
     assert results == [deferred, sent, failed, deferred, sent, None, deferred, sent]
     assert [row[1] for row in rows["messages"]] == [sent, failed, deferred, sent, sent]
+    # A deferred message is due at its record's next_attempt, a final one's is the attempt's time.
+    assert [row[4] for row in rows["messages"]] == [now + 1, now + 1, now + 60, now + 1, now + 1]
     assert bool(rows["events"]) == (webhook_callers is None)

@@ -782,6 +782,15 @@ def test_a_receiver_that_closes_after_k_answers_gets_the_rest_on_a_new_connectio
     keepalive_requests), said in the k-th answer or not: the requests
     after it were read but never answered; they go again on a new
     connection, each answered once, in order."""
+    receiver, answers = five_posted_to_one_that_closes_after_2(notice)
+    assert [a.body for a in answers] == [b'{"n":%d}' % i for i in range(5)]
+    assert [a.status for a in answers] == [200, 200, 500, 200, 200]
+    assert receiver.connections == 3  # 2 answered on each
+
+
+def five_posted_to_one_that_closes_after_2(notice: bool):
+    """Five requests posted at once to a receiver that closes each
+    connection after its second answer (`notice`: saying so in it)."""
     async def main():
         client = Client("smtpgate/test")
         async with RawReceiver(echo(200, close_after=2, notice=notice)) as receiver:
@@ -789,10 +798,7 @@ def test_a_receiver_that_closes_after_k_answers_gets_the_rest_on_a_new_connectio
         client.close()
         return receiver, answers
 
-    receiver, answers = asyncio.run(main())
-    assert [a.body for a in answers] == [b'{"n":%d}' % i for i in range(5)]
-    assert [a.status for a in answers] == [200, 200, 500, 200, 200]
-    assert receiver.connections == 3  # 2 answered on each
+    return asyncio.run(main())
 
 
 def test_a_receiver_that_breaks_on_pipelining_gets_one_request_at_a_time():
@@ -825,14 +831,7 @@ def test_after_a_connection_cut_without_notice_the_next_starts_with_one_request(
     """RFC 9112 section 9.3.2: retrying after a connection that failed, the
     client does not pipeline at once on the new one (the first request's
     answer could be lost again in a reset)."""
-    async def main():
-        client = Client("smtpgate/test")
-        async with RawReceiver(echo(200, close_after=2, notice=False)) as receiver:
-            answers = await client.post(receiver.url, posts(5), 10)
-        client.close()
-        return receiver, answers
-
-    receiver, answers = asyncio.run(main())
+    receiver, answers = five_posted_to_one_that_closes_after_2(notice=False)
     assert [a.body for a in answers] == [b'{"n":%d}' % i for i in range(5)]
     # 5 pipelined (2 answered, cut); {"n":2} alone, then 3 and 4 pipelined
     # (3 answered, cut); {"n":4} alone.

@@ -64,8 +64,6 @@ class Reply:
         return 500 <= self.code < 600
 
     def __str__(self) -> str:
-        if len(self.lines) == 1:  # most replies: no generator per line (a str per attempt record)
-            return f"{self.code} {self.lines[0]}".rstrip()
         return "\n".join(f"{self.code} {line}".rstrip() for line in self.lines)
 
 

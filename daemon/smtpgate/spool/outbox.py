@@ -94,10 +94,9 @@ def unflagged(conn: sqlite3.Connection, msg_ids: list[str]) -> list[tuple[str, s
 def add(conn: sqlite3.Connection, now: float, msg_id: str, caller: str, types: list[str]) -> int:
     """Add the events `types` of `caller`'s message `msg_id` as it stands
     in this transaction; returns how many were added."""
-    made = {event_type: None for event_type in types if event_type not in MADE_WHEN_SENT}
-    if made:
-        data = data_of(conn, [msg_id]).get(msg_id)
-        made = {event_type: payload(event_type, now, data) for event_type in made}
+    made_now = [event_type for event_type in types if event_type not in MADE_WHEN_SENT]
+    data = data_of(conn, [msg_id]).get(msg_id) if made_now else None
+    made = {event_type: payload(event_type, now, data) for event_type in made_now}
     conn.executemany("INSERT INTO webhook_outbox (id, message_id, caller, type, payload, created, next_attempt)"
                      " VALUES (?, ?, ?, ?, ?, ?, ?)",
                      [("evt_" + new_ulid(now), msg_id, caller, event_type, made.get(event_type), now, now)

@@ -78,9 +78,9 @@ READ_SIZE = 64 * 1024
 # passes that, with only the pages the thread has not copied yet left to do.
 CHECKPOINT_COMMITS = 100
 CHECKPOINT_OPERATIONS = 1000
-# A RecordAttempts of more records than this (never seen: the delivery
-# process sends its records every few ms) runs record by record, so its
-# IN lists stay far below SQLite's 32,766 parameters.
+# Records stored in one run at most (never reached: the delivery process
+# sends its records every few ms), so that a run's IN lists stay far below
+# SQLite's 32,766 parameters.
 MAX_RECORDS_AT_ONCE = 512
 WAL_PAGES = 4096  # 16 MiB of 4 KiB pages
 
@@ -436,44 +436,33 @@ class Writer:
         return claimed
 
     def record_attempt(self, conn, effects, op: RecordAttempt) -> str | None:
-        msg_id, now = op.msg_id, op.now
-        row = conn.execute("SELECT state, caller FROM messages WHERE id=?", (msg_id,)).fetchone()
-        if row is None:
-            return None
-        was = outbox.before(conn, msg_id) if self._hooked(row[1]) else None
-        conn.executemany(
-            "UPDATE recipients SET state=?, reply=? WHERE message_id=? AND address=?",
-            [(o.state, o.reply, msg_id, o.address) for o in op.outcomes],
-        )
-        new_state = _attempt_state({s for (s,) in conn.execute("SELECT state FROM recipients WHERE message_id=?",
-                                                              (msg_id,))})
-        if new_state == State.DEFERRED:
-            effects.count("deferred", caller=row[1])
-        conn.execute(
-            "UPDATE messages SET state=?, attempts=attempts+1, updated=?, next_attempt=?,"
-            " possible_duplicate=possible_duplicate OR ? WHERE id=?",
-            (new_state, now, op.next_attempt if op.next_attempt is not None else now, op.possible_duplicate, msg_id),
-        )
-        effects.move(row[0], new_state, row[1])
-        if new_state in FINAL_STATES:
-            effects.finalized.append(msg_id)
-        if was is not None:
-            self._events(conn, effects, now, msg_id, row[1], outbox.attempt_events(was, new_state, op.possible_duplicate))
-        return new_state
+        return self._record_run(conn, effects, [op])[0]
 
     def record_attempts(self, conn, effects, op: RecordAttempts) -> list[str | None]:
-        """The records of a batch in four statements whatever its size, not
-        four per message: while relaying, the per-message statements were
-        most of the writer's CPU per delivered message beyond intake's
-        (issue 15). Same effects, results and events, in the records' order."""
-        records = op.records
+        """The records of a batch in runs of distinct messages, four
+        statements a run, not four per message: while relaying, the
+        per-message statements were most of the writer's CPU per delivered
+        message beyond intake's (issue 15). A record naming a message already
+        in the run starts the next one: it must see the record before."""
+        results: list[str | None] = []
+        run: list[RecordAttempt] = []
+        in_run: set[str] = set()
+        for record in op.records:
+            if len(run) == MAX_RECORDS_AT_ONCE or record.msg_id in in_run:
+                results += self._record_run(conn, effects, run)
+                run, in_run = [], set()
+            run.append(record)
+            in_run.add(record.msg_id)
+        return results + (self._record_run(conn, effects, run) if run else [])
+
+    def _record_run(self, conn, effects, records: list[RecordAttempt]) -> list[str | None]:
+        """Records of distinct messages: each message's recipients, its new
+        state (from all its recipients' states), its counters and its
+        webhook events, in the records' order."""
         ids = [record.msg_id for record in records]
-        if not 1 < len(records) <= MAX_RECORDS_AT_ONCE or len(set(ids)) < len(ids):
-            # One message twice in a batch: each record must see the one before.
-            return [self.record_attempt(conn, effects, record) for record in records]
         # The IN list padded to a power of two (repeating an id changes
         # nothing): a few statement texts, which the sqlite3 module keeps
-        # prepared, instead of one per batch size.
+        # prepared, instead of one per run length.
         size = 1 << (len(ids) - 1).bit_length()
         marks = ",".join("?" * size)
         id_list = ids + ids[:1] * (size - len(ids))
