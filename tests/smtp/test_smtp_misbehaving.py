@@ -99,6 +99,29 @@ def test_server_that_never_answers_times_out(silent_at, after_data_end):
     assert isinstance(error, TimeoutError)
 
 
+@pytest.mark.parametrize("loop_name", ["asyncio", "uvloop"])
+def test_a_short_wait_after_a_long_one_times_out_at_its_own_deadline(loop_name):
+    """A connection sets one timer, not one per wait (smtp/client.py): set
+    during the 30 s greeting, it must still end the 0.3 s wait for the
+    EHLO reply, long before the greeting's deadline and the scenario's
+    20 s bound."""
+    if loop_name == "uvloop":
+        uvloop = pytest.importorskip("uvloop")
+    long_then_short = Timeouts(connect=2, greeting=30, command=0.3, mail=30, rcpt=30, data_init=30,
+                               data_block=30, data_end=30)
+
+    async def scenario():
+        async with ScriptedServer(esmtp_responder(EHLO=HANG)) as server:
+            with pytest.raises(SmtpTimeout, match="EHLO within 0.3 s"):
+                await SmtpConnection.open(settings(server.port, timeouts=long_then_short))
+
+    if loop_name == "asyncio":
+        run(scenario())
+    else:
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(asyncio.wait_for(scenario(), 20))
+
+
 def test_silent_greeting_times_out():
     async def scenario():
         async with ScriptedServer(esmtp_responder(), greeting=b"") as server:

@@ -38,6 +38,11 @@ class Timeouts:
         """The timeout for the reply to `verb` (SmtpClient.awaiting)."""
         return getattr(self, _REPLY_TIMEOUTS.get(verb, "command"))
 
+    @property
+    def shortest_wait(self) -> float:
+        """The shortest of the waits bounded by for_reply and data_block."""
+        return min(self.greeting, self.command, self.mail, self.rcpt, self.data_init, self.data_block, self.data_end)
+
 
 # The command awaiting a reply -> the Timeouts field for it; the others: `command`.
 _REPLY_TIMEOUTS = {"GREETING": "greeting", "MAIL": "mail", "RCPT": "rcpt", "DATA": "data_init",
