@@ -29,6 +29,7 @@ from smtpgate.smtp import UpstreamSettings
 from smtpgate.smtp.core import DeliveryResult, RecipientResult
 from smtpgate.smtp.replies import Reply
 from smtpgate.proc.calls import Answer
+from smtpgate.spool import dots as dotlog
 from smtpgate.spool.ops import RecipientOutcome
 from smtpgate.spool.store import Spool
 
@@ -524,6 +525,34 @@ def test_log_lines_carry_the_message_id_and_never_the_password(tmp_path, upstrea
     assert any(e["event"] == "upstream_down" and e["kind"] == "auth" for e in logs)
     assert any(e.get("replies", {}).get("kelly@example.org", "").startswith("250 ") for e in about_message)
     assert "s3cret-pw" not in repr(logs) and "s3cret-pw" not in repr(deferred)
+
+
+def test_the_dot_record_lets_go_of_the_attempts_committed(tmp_path, upstream, monkeypatch):
+    """Each attempt's id leaves the record of final dots (spool/dots.py)
+    once its outcome is committed: the record's files are emptied in turn
+    and hold only the latest ids, not every message ever relayed."""
+    monkeypatch.setattr(dotlog, "ROTATE_AT", 100)  # four ids fill a file
+    settings = fast(upstream_settings(upstream.host, upstream.port))
+    folder = tmp_path / "spool"
+
+    async def main():
+        spool = Spool(folder, min_free_bytes=0)
+        await spool.open()
+        delivery = Delivery(spool, settings, structlog.get_logger(), dots=dotlog.DotLog(str(folder)))
+        await delivery.start()
+        ids = []
+        try:
+            for _ in range(12):
+                ids.append(await send(spool, delivery))
+                assert (await spool.wait_final(ids[-1], FOREVER))["state"] == "sent"
+        finally:
+            await delivery.stop(5)
+            await spool.close()
+        return ids
+
+    ids = asyncio.run(main())
+    recorded = dotlog.read_dots(str(folder))
+    assert recorded and recorded <= set(ids[4:])  # the first file was emptied and written again
 
 
 def test_rset_after_an_unfinished_transaction_on_a_reused_connection(tmp_path, upstream):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import structlog
 
 from smtpgate.log import get_logger, setup_logging
@@ -66,3 +67,45 @@ def test_a_json_line_carries_its_fields_level_and_utc_time(monkeypatch):
     assert first["replies"] == {"zoë@example.org": "250 ok"} and first["upstream"] is None
     assert first["note"].startswith("<object object at ")
     assert "zoë" in stream.calls[0]  # not \\u00eb
+
+
+def test_json_line_writes_the_renderers_line_byte_for_byte(monkeypatch):
+    """log.json_line, the delivery process's way to write its line per
+    attempt: the same bytes as log.info(event, **fields) through structlog
+    (fields in the order given, text not escaped to ASCII, quotes and
+    newlines escaped, other objects by repr), in one write()."""
+    import time
+
+    monkeypatch.setattr(time, "time", lambda: 1_800_000_000.25)
+    note = object()
+    fields = dict(message_id="01JD", state="deferred", attempt=3, upstream=None,
+                  replies={"zoë@example.org": '451 "try" later\n', "b@example.org": "250 ok"},
+                  possible_duplicate=True, known=False, next_attempt=1_800_000_060.5, note=note,
+                  ratio=float("inf"))
+    stream = Writes()
+    setup_logging("json", "info", stream)
+    try:
+        from smtpgate.log import json_line
+
+        json_line("delivery_attempt")(**fields)
+        get_logger().info("delivery_attempt", **fields)
+    finally:
+        structlog.reset_defaults()
+    fast, through_structlog = stream.calls
+    assert fast == through_structlog
+    line = json.loads(fast)
+    assert list(line) == [*fields, "event", "level", "timestamp"]
+    assert line["replies"]["zoë@example.org"] == '451 "try" later\n' and line["timestamp"].endswith(".250000Z")
+
+
+@pytest.mark.parametrize("fmt, level", [("console", "info"), ("json", "warning")])
+def test_json_line_is_none_where_the_logger_writes_no_json_line(fmt, level):
+    """The console format, or info lines not logged: callers fall back to
+    the logger (which then renders for a terminal, or drops the line)."""
+    from smtpgate.log import json_line
+
+    setup_logging(fmt, level, Writes())
+    try:
+        assert json_line("delivery_attempt") is None
+    finally:
+        structlog.reset_defaults()

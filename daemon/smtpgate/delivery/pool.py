@@ -95,12 +95,13 @@ class UpstreamPool:
         rate = delivery_settings.rate_per_minute
         self.bucket = TokenBucket(rate, delivery_settings.rate_burst, time.monotonic()) if rate else None
 
-    async def take_token(self) -> None:
-        """Wait for this upstream's rate limit to allow one more message."""
-        if self.bucket is not None:
-            delay = self.bucket.reserve(time.monotonic())
-            if delay > 0:
-                await asyncio.sleep(delay)
+    def take_token(self) -> float:
+        """Take this upstream's rate limit's next token: the seconds to wait
+        before the message may go (0: now, and no limit set). Not a
+        coroutine: delivery calls it for every message, mostly unlimited."""
+        if self.bucket is None:
+            return 0.0
+        return self.bucket.reserve(time.monotonic())
 
     async def acquire(self, fresh: bool = False) -> tuple[SmtpConnection, bool]:
         """A usable connection and whether it was reused; opens a new one when
@@ -109,9 +110,11 @@ class UpstreamPool:
         UpstreamDown while the upstream is down, SmtpSessionError if a
         session cannot be set up (the upstream is then down)."""
         if not fresh and self.slots.locked() and self.health.state == UP:
-            for conn in self.in_use:
-                if conn.takes_next:
-                    self.in_use[conn] += 1
+            # A connection carrying two has one waiting behind already
+            # (workers are twice the connections: usually all of them).
+            for conn, carried in self.in_use.items():
+                if carried == 1 and conn.takes_next:
+                    self.in_use[conn] = 2
                     return conn, True
         conn, reused = await self._acquire_slot(fresh)
         self.in_use[conn] = 1

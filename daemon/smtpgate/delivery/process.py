@@ -45,7 +45,7 @@ import time
 from typing import Any, Callable, NamedTuple
 
 from smtpgate.delivery.health import DOWN
-from smtpgate.log import get_logger, setup_logging
+from smtpgate.log import get_logger, json_line, setup_logging
 from smtpgate.proc.calls import Answer, Call, PendingCalls
 from smtpgate.proc.child import become_child, spawn
 from smtpgate.proc.framing import message
@@ -454,7 +454,8 @@ class _Relay:
         os.nice(start.settings.nice)
         try:
             self.delivery = Delivery(self.spool, start.settings, get_logger(), dots=DotLog(start.spool_dir),
-                                     offer=self.offer, on_session=self.count_session)
+                                     offer=self.offer, on_session=self.count_session,
+                                     attempt_line=json_line("delivery_attempt"))
             await self.delivery.start()
             if start.settings.webhooks is not None:
                 reader = OutboxReader(os.path.join(start.spool_dir, DB_FILE))

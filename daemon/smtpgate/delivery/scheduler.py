@@ -46,6 +46,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import random
 import time
 from typing import TYPE_CHECKING, Callable
@@ -54,6 +55,9 @@ from smtpgate.delivery.health import DOWN, UP, Health, failure_reason, failure_t
 from smtpgate.delivery.pool import UpstreamDown, UpstreamPool
 from smtpgate.delivery.retry import gave_up, give_up, next_attempt_at, outcomes_from_result
 from smtpgate.delivery.settings import DeliverySettings
+from smtpgate.message.build import build_message
+from smtpgate.message.spec import MessageSpec
+from smtpgate.smtp import SmtpMessageError, SmtpServerRefused, SmtpSessionError
 from smtpgate.spool.ops import Claimed, RecipientOutcome
 from smtpgate.spool.schema import State
 from smtpgate.spool.store import Spool
@@ -101,10 +105,7 @@ STOP_REPORT_EVERY = 5.0  # seconds
 
 
 def default_build(spec_json: bytes) -> bytes:
-    """The RFC 5322 bytes of a stored spec (message/build.py, imported lazily)."""
-    from smtpgate.message.build import build_message
-    from smtpgate.message.spec import MessageSpec
-
+    """The RFC 5322 bytes of a stored spec (message/build.py)."""
     return build_message(MessageSpec.from_json(spec_json))
 
 
@@ -142,6 +143,7 @@ class Delivery:
         dots: DotLog | None = None,
         offer: Callable[[int], None] | None = None,
         on_session: Callable[[str, str | None], None] | None = None,
+        attempt_line: Callable[..., None] | None = None,
     ):
         self._spool = spool
         self._settings = settings
@@ -151,6 +153,9 @@ class Delivery:
         self._dots = dots
         self._offer = offer
         self._on_session = on_session  # each session set up or not (pool.py)
+        # The delivery_attempt line: log.json_line's where the delivery
+        # process writes JSON lines (one per message relayed), else the log's.
+        self._log_attempt = attempt_line or functools.partial(log.info, "delivery_attempt")
         self._unspent = 0  # room offered to intake and not yet used (take)
         self._taken: set[str] = set()  # ids handed over by intake, until attempted
         self._claim_more = True  # the last claim may have left due messages: a finishing worker wakes us
@@ -500,18 +505,20 @@ class Delivery:
         """One attempt at one message, recorded in the spool; if every
         upstream is down, no attempt: it goes back as it was; if cancelled
         (stop after the grace period), it goes back to 'queued'."""
-        log = self._log.bind(message_id=message.id)
+        # The lines about a message name it first (message_id=), as a logger
+        # bound with it would, without a bound logger made per message.
         try:
-            attempt = await self._attempt(message, log)
+            attempt = await self._attempt(message)
         except asyncio.CancelledError:
             dot_sent = message.id in self._dot_sent
             self._dot_sent.discard(message.id)
             release = self._settle(self._spool.release([message.id], possible_duplicate=dot_sent), message.id)
             await asyncio.shield(release)
-            log.info("delivery_interrupted", possible_duplicate=dot_sent, note="stopping; the message stays queued")
+            self._log.info("delivery_interrupted", message_id=message.id, possible_duplicate=dot_sent,
+                           note="stopping; the message stays queued")
             raise
         except Exception:
-            log.exception("delivery_error")
+            self._log.exception("delivery_error", message_id=message.id)
             attempt = _Attempt(
                 [RecipientOutcome(r, State.DEFERRED, "smtpgate: internal error, see the log") for r in message.recipients],
                 possible_duplicate=message.id in self._dot_sent, reason="other",
@@ -536,8 +543,11 @@ class Delivery:
             message.id, outcomes, next_attempt=next_attempt, possible_duplicate=attempt.possible_duplicate,
             upstream=attempt.upstream, reason=attempt.reason,
         )
-        self._settle(record, message.id)
-        record.add_done_callback(lambda done: self._recorded(done, message, attempt, outcomes, next_attempt, log))
+        # One callback per record does what each write that ends an attempt
+        # needs (_settle) and logs the attempt: callbacks are run by the
+        # loop one by one, and the record of every message relayed has them.
+        self._recording.add(record)
+        record.add_done_callback(functools.partial(self._recorded, message, attempt, outcomes, next_attempt))
 
     def _settle(self, write, msg_id: str) -> asyncio.Future:
         """Track a write that ends an attempt; once it is committed, the
@@ -548,14 +558,19 @@ class Delivery:
             write.add_done_callback(lambda done: done.cancelled() or done.exception() or dots.settled(msg_id))
         return write
 
-    def _recorded(self, record: asyncio.Future, message: Claimed, attempt: _Attempt, outcomes, next_attempt, log):
-        """Log one attempt once it is in the spool, with the resulting state."""
+    def _recorded(self, message: Claimed, attempt: _Attempt, outcomes, next_attempt, record: asyncio.Future):
+        """An attempt's record is done: as _settle's callbacks would, untrack
+        it and, once committed, let its final dot's record go; then log the
+        attempt with the resulting state."""
+        self._written(record)
         if record.cancelled() or record.exception() is not None:
             return  # logged by _written; stays 'sending' until restart
+        if self._dots is not None:
+            self._dots.settled(message.id)
         if next_attempt is not None:
             self._wake.set()  # the scheduler's next due time may be this one
-        log.info(
-            "delivery_attempt",
+        self._log_attempt(
+            message_id=message.id,
             state=record.result(),
             attempt=message.attempts + 1,
             upstream=attempt.upstream,
@@ -564,7 +579,7 @@ class Delivery:
             next_attempt=next_attempt,
         )
 
-    async def _attempt(self, message: Claimed, log) -> _Attempt | None:
+    async def _attempt(self, message: Claimed) -> _Attempt | None:
         """One attempt at every pending recipient, in transactions of at most
         MAX_RCPTS_PER_TRANSACTION recipients; never raises for SMTP trouble,
         which becomes per-recipient outcomes. None if no upstream is up to
@@ -577,7 +592,7 @@ class Delivery:
             else:
                 data = self._build(message.spec_json)
         except Exception as exc:
-            log.error("message_build_failed", error=f"{type(exc).__name__}: {exc}")
+            self._log.error("message_build_failed", message_id=message.id, error=f"{type(exc).__name__}: {exc}")
             return _Attempt(
                 [RecipientOutcome(r, State.FAILED, "smtpgate: the message could not be built") for r in message.recipients],
                 reason="message",
@@ -590,7 +605,7 @@ class Delivery:
                   for i in range(0, len(recipients), MAX_RCPTS_PER_TRANSACTION)] or [recipients]
         combined = None
         for part_recipients in chunks:
-            part = await self._transaction(message, part_recipients, data, log)
+            part = await self._transaction(message, part_recipients, data)
             if part is None:
                 if combined is None:
                     return None
@@ -616,15 +631,15 @@ class Delivery:
         if self._dots is not None:
             self._dots.record(msg_id)
 
-    async def _transaction(self, message: Claimed, recipients: list[str], data: bytes, log) -> _Attempt | None:
+    async def _transaction(self, message: Claimed, recipients: list[str], data: bytes) -> _Attempt | None:
         """Try the upstreams that are not down, in order, until one takes one
         transaction for `recipients`; None if none could be tried."""
-        from smtpgate.smtp import SmtpMessageError, SmtpServerRefused, SmtpSessionError
-
         for pool in self._pools:
             if pool.health.state == DOWN:
                 continue
-            await pool.take_token()
+            delay = pool.take_token()
+            if delay:
+                await asyncio.sleep(delay)
             fresh = False
             for _ in range(2):  # a second try only for a reused connection found dead
                 try:
@@ -645,12 +660,12 @@ class Delivery:
                     if reused and not exc.after_data_end and exc.reply is None and not fresh:
                         # An idle pooled connection the server had dropped:
                         # nothing reached it, so a fresh connection is safe.
-                        log.info("pooled_connection_dead", upstream=pool.name, error=str(exc))
+                        self._log.info("pooled_connection_dead", message_id=message.id, upstream=pool.name, error=str(exc))
                         fresh = True
                         continue
                     if isinstance(exc, SmtpServerRefused):
                         pool.session_failed(exc)  # 421: the server closes its door, not just this message's
-                    log.warning("upstream_session_failed", upstream=pool.name, error=failure_text(exc),
+                    self._log.warning("upstream_session_failed", message_id=message.id, upstream=pool.name, error=failure_text(exc),
                                 after_data_end=exc.after_data_end)
                     reply = failure_text(exc) if exc.reply is not None else f"smtpgate: {exc}"
                     return _Attempt(
