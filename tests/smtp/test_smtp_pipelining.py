@@ -236,3 +236,51 @@ def test_a_message_refused_behind_another_leaves_that_one_alone():
     result, refused, usable = run(scenario())
     assert result.data_reply.code == 250
     assert isinstance(refused, SmtpMessageError) and usable
+
+
+def test_the_pool_puts_a_message_behind_a_final_dot_still_to_go():
+    """Every connection busy: the next message goes behind one whose
+    message has not sent its final dot yet, where there is one (its MAIL,
+    RCPT and DATA then leave in that dot's write, not in one of their own),
+    not behind the first connection found."""
+    from smtp_helpers import HANG, ScriptedServer, esmtp_responder
+
+    from smtpgate.delivery.pool import UpstreamPool
+    from smtpgate.delivery.settings import DeliverySettings
+
+    datas = []
+
+    async def scenario():
+        dot_read, second_data_read = asyncio.Event(), asyncio.Event()
+
+        def on_data(line: bytes):
+            datas.append(line)
+            if len(datas) == 1:
+                return b"354 go ahead\r\n"
+            second_data_read.set()
+            return HANG  # the second message waits for its 354
+
+        def on_dot(line: bytes):
+            dot_read.set()
+            return HANG
+
+        responder = esmtp_responder(ehlo=b"250-scripted\r\n250 PIPELINING\r\n", DATA=on_data, **{".": on_dot})
+        async with ScriptedServer(responder) as server:
+            upstream = UpstreamSettings(host="127.0.0.1", port=server.port, tls="none", helo_name="client.example",
+                                        timeouts=SHORT)
+            pool = UpstreamPool(upstream, DeliverySettings(upstreams=[upstream], connections_per_upstream=2))
+            dot_out, _ = await pool.acquire()
+            sending = [asyncio.ensure_future(dot_out.send("a@example.org", ["b@example.org"], BODY))]
+            await dot_read.wait()  # bounded by run()
+            dot_to_go, _ = await pool.acquire()
+            sending.append(asyncio.ensure_future(dot_to_go.send("a@example.org", ["c@example.org"], BODY)))
+            await second_data_read.wait()
+            behind, reused = await pool.acquire()
+            for task in sending:
+                task.cancel()
+            await asyncio.gather(*sending, return_exceptions=True)
+            return dot_out, dot_to_go, behind, reused
+
+    dot_out, dot_to_go, behind, reused = run(scenario())
+    assert dot_out is not dot_to_go and dot_out.usable is False  # (closed by the cancelled send)
+    assert behind is dot_to_go and reused

@@ -143,6 +143,12 @@ class SmtpConnection:
         return self._behind is None and self._transport is not None and self._core.pipelines_next_mail
 
     @property
+    def dot_queued(self) -> bool:
+        """Whether the final dot of the message in flight went out already
+        (then a send() behind it writes its commands alone, not with the dot)."""
+        return self._core.takes_next_mail
+
+    @property
     def extensions(self) -> dict[str, str]:
         """EHLO keywords (upper case) to their parameters, as last announced."""
         return self._core.extensions
