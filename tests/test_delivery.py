@@ -463,6 +463,36 @@ def test_stop_lets_an_in_flight_delivery_finish(tmp_path, upstream):
     assert len(upstream.messages) == 1
 
 
+def test_stop_waits_for_the_record_of_an_attempt_that_finished(tmp_path, upstream):
+    """A worker goes on once its attempt's record is on its way to the
+    spool; stop still returns only once that record is committed, so a
+    message the upstream took is 'sent' after a clean stop, not left
+    'sending' to be sent again at the next start."""
+
+    async def main():
+        spool = Spool(tmp_path / "spool", min_free_bytes=0)
+        await spool.open()
+        committing = spool.record_attempt
+
+        def slow_record(*args, **kwargs):
+            async def later():
+                await asyncio.sleep(0.3)  # the commit outlasts the rest of the stop
+                return await committing(*args, **kwargs)
+            return asyncio.ensure_future(later())
+
+        spool.record_attempt = slow_record
+        delivery = Delivery(spool, fast(upstream_settings(upstream.host, upstream.port)), structlog.get_logger())
+        await delivery.start()
+        msg_id = await send(spool, delivery)
+        await asyncio.to_thread(upstream.wait_for, 1)
+        await delivery.stop(FOREVER)
+        state = await spool.status(msg_id)
+        await spool.close()
+        return state
+
+    assert asyncio.run(main())["state"] == "sent"
+
+
 def test_stop_after_grace_keeps_the_message_queued_for_the_next_start(tmp_path, upstream):
     original = upstream.handler.handle_DATA
     slow = {"on": True}
