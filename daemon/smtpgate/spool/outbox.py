@@ -18,13 +18,14 @@ change left it:
   and the JSON.
 Either way the same rows give the same bytes (`payload`), at every try:
 the signature covers these very bytes. A message's events go out in `seq`
-order: only the first of a message is ever due (`due` skips the others),
-and when it is done the next one is made due.
+order: only the first of a message is ever due (`sendable` skips the others),
+and when it is done the next one is due.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import sqlite3
 from datetime import datetime, timezone
 from typing import NamedTuple
@@ -60,11 +61,15 @@ class OutboxEvent(NamedTuple):
     attempts: int
 
 
-def before(conn: sqlite3.Connection, msg_id: str) -> Before:
-    deferred, dup = conn.execute(
-        "SELECT EXISTS (SELECT 1 FROM recipients WHERE message_id=?1 AND state=?2), possible_duplicate"
-        " FROM messages WHERE id=?1", (msg_id, State.DEFERRED)).fetchone()
-    return Before(bool(deferred), bool(dup))
+def before(conn: sqlite3.Connection, msg_ids: list[str]) -> dict[str, Before]:
+    """What each of `msg_ids` was before the attempts about to be recorded,
+    by id: one statement for a writer's run of records, not one per message
+    (each statement costs the writer more than the rows it reads)."""
+    if not msg_ids:
+        return {}  # no caller of theirs has webhooks
+    return {msg_id: Before(bool(deferred), bool(dup)) for msg_id, deferred, dup in conn.execute(
+        "SELECT id, EXISTS (SELECT 1 FROM recipients WHERE message_id=messages.id AND state=?), possible_duplicate"
+        " FROM messages WHERE id IN (SELECT value FROM json_each(?))", (State.DEFERRED, json.dumps(msg_ids)))}
 
 
 def attempt_events(was: Before, new_state: str, possible_duplicate: bool) -> list[str]:
@@ -91,17 +96,19 @@ def unflagged(conn: sqlite3.Connection, msg_ids: list[str]) -> list[tuple[str, s
     return found
 
 
-def add(conn: sqlite3.Connection, now: float, msg_id: str, caller: str, types: list[str]) -> int:
-    """Add the events `types` of `caller`'s message `msg_id` as it stands
-    in this transaction; returns how many were added."""
-    made_now = [event_type for event_type in types if event_type not in MADE_WHEN_SENT]
-    data = data_of(conn, [msg_id]).get(msg_id) if made_now else None
-    made = {event_type: payload(event_type, now, data) for event_type in made_now}
+def add(conn: sqlite3.Connection, events: list[tuple[float, str, str, str]]) -> int:
+    """Add `events`, each (now, message id, caller, type), in this order
+    (their seqs), each message as it stands in this transaction; returns
+    how many were added. One statement for a writer's run of records, not
+    one per message."""
+    made_now = {msg_id for _, msg_id, _, event_type in events if event_type not in MADE_WHEN_SENT}
+    datas = data_of(conn, list(made_now)) if made_now else {}
     conn.executemany("INSERT INTO webhook_outbox (id, message_id, caller, type, payload, created, next_attempt)"
                      " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                     [("evt_" + new_ulid(now), msg_id, caller, event_type, made.get(event_type), now, now)
-                      for event_type in types])
-    return len(types)
+                     [("evt_" + new_ulid(now), msg_id, caller, event_type,
+                       None if event_type in MADE_WHEN_SENT else payload(event_type, now, datas.get(msg_id)), now, now)
+                      for now, msg_id, caller, event_type in events])
+    return len(events)
 
 
 def data_of(conn: sqlite3.Connection, msg_ids: list[str]) -> dict[str, dict]:
@@ -112,21 +119,29 @@ def data_of(conn: sqlite3.Connection, msg_ids: list[str]) -> dict[str, dict]:
     for start in range(0, len(msg_ids), 500):  # SQLite's parameter limit
         chunk = msg_ids[start:start + 500]
         marks = ",".join("?" * len(chunk))
-        for msg_id, caller, state, envelope_from, key, attempts, created, next_attempt, dup in conn.execute(
-                "SELECT id, caller, state, envelope_from, idempotency_key, attempts, created, next_attempt,"
-                f" possible_duplicate FROM messages WHERE id IN ({marks})", chunk):
-            found[msg_id] = {
-                "message_id": msg_id, "caller": caller, "state": state, "from": envelope_from,
-                "idempotency_key": key, "created": iso(created), "attempts": attempts,
-                "next_attempt": iso(next_attempt) if state == State.DEFERRED else None,
-                "possible_duplicate": bool(dup), "recipients": [],
-            }
+        for row in conn.execute(f"SELECT {_MESSAGE} FROM messages WHERE id IN ({marks})", chunk):
+            found[row[0]] = _data(*row, [])
         for msg_id, address, state, reply in conn.execute(
                 f"SELECT message_id, address, state, reply FROM recipients WHERE message_id IN ({marks})"
                 " ORDER BY message_id, position", chunk):
             if msg_id in found:  # recipients left without their message: only by hand
                 found[msg_id]["recipients"].append({"address": address, "state": state, "reply": reply})
     return found
+
+
+# The columns of a message that go into its events' `data`, as _data takes them.
+_MESSAGE = ("id, caller, state, envelope_from, idempotency_key, attempts, created, next_attempt,"
+            " possible_duplicate")
+
+
+def _data(msg_id: str, caller: str, state: str, envelope_from: str, key: str | None, attempts: int,
+          created: float, next_attempt: float, dup: int, recipients: list[dict]) -> dict:
+    return {
+        "message_id": msg_id, "caller": caller, "state": state, "from": envelope_from,
+        "idempotency_key": key, "created": iso(created), "attempts": attempts,
+        "next_attempt": iso(next_attempt) if state == State.DEFERRED else None,
+        "possible_duplicate": bool(dup), "recipients": recipients,
+    }
 
 
 _JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))  # made once: json.dumps makes one per call
@@ -153,61 +168,77 @@ def freeze(conn: sqlite3.Connection, messages: str, params: tuple) -> int:
     return len(rows)
 
 
+_second = (0, "1970-01-01T00:00:00")  # the last second formatted, and its text
+
+
 def iso(when: float) -> str:
-    """RFC 3339 in UTC to the millisecond: 2026-12-06T13:04:05.123Z."""
-    return datetime.fromtimestamp(when, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    """RFC 3339 in UTC to the millisecond: 2026-12-06T13:04:05.123Z, the
+    same text as datetime's isoformat(timespec="milliseconds") (microseconds
+    rounded half to even, then cut to milliseconds), its date and time of
+    day formatted once a second: a datetime per call cost 3 us, and a
+    payload holds two or three times."""
+    second = math.floor(when)
+    micro = round((when - second) * 1e6)  # when - floor(when) is exact, as datetime's modf
+    if micro == 1_000_000:
+        second, micro = second + 1, 0
+    global _second
+    last, text = _second
+    if second != last:
+        text = datetime.fromtimestamp(second, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
+        _second = (second, text)  # one tuple, swapped whole: the reader thread calls this too
+    return f"{text}.{micro // 1000:03d}Z"
 
 
 def count(conn: sqlite3.Connection) -> int:
     return conn.execute("SELECT COUNT(*) FROM webhook_outbox").fetchone()[0]
 
 
-def due(conn: sqlite3.Connection, now: float, limit: int, exclude: tuple[int, ...] = ()) -> list[OutboxEvent]:
-    """Up to `limit` events due at `now`, each the first of its message,
-    earliest due first, leaving out the events `exclude` (being sent). The
-    index on next_attempt walks only due events: a receiver's held events
-    have their next_attempt in the future (WebhookRetry moves every event
-    of their messages)."""
-    skip = f" AND o.seq NOT IN ({','.join('?' * len(exclude))})" if exclude else ""
-    return [OutboxEvent(*row) for row in conn.execute(
-        "SELECT seq, id, message_id, caller, type, payload, created, attempts FROM webhook_outbox o"
-        f" WHERE next_attempt <= ?{skip} AND NOT EXISTS (SELECT 1 FROM webhook_outbox p"
-        " WHERE p.message_id = o.message_id AND p.seq < o.seq)"
-        " ORDER BY next_attempt LIMIT ?", (now, *exclude, limit))]
+# The events due, each the first of its message (the sender reads them in
+# the reader thread, which gives up the GIL at every statement and row: one
+# statement, a row per event, not three and a transaction), with the
+# message's columns and recipients where the payload is still to be made.
+# The index on next_attempt walks only due events: a receiver's held events
+# have their next_attempt in the future (WebhookRetry moves every event of
+# their messages). The seqs to leave out (being sent) come as one JSON
+# array: one statement text, which stays prepared, whatever their number.
+_SENDABLE = (
+    "SELECT o.seq, o.id, o.message_id, o.caller, o.type, o.payload, o.created, o.attempts,"
+    f" {', '.join('m.' + column.strip() for column in _MESSAGE.split(','))},"
+    " (SELECT json_group_array(json_array(r.position, r.address, r.state, r.reply)) FROM recipients r"
+    "  WHERE r.message_id = m.id)"
+    " FROM webhook_outbox o LEFT JOIN messages m ON o.payload IS NULL AND m.id = o.message_id"
+    " WHERE o.next_attempt <= ?1 AND o.seq NOT IN (SELECT value FROM json_each(?2))"
+    " AND NOT EXISTS (SELECT 1 FROM webhook_outbox p WHERE p.message_id = o.message_id AND p.seq < o.seq)"
+    " ORDER BY o.next_attempt LIMIT ?3")
 
 
 def sendable(conn: sqlite3.Connection, now: float, limit: int, exclude: tuple[int, ...] = ()) -> list[OutboxEvent]:
-    """`due`, each payload made: in one read transaction (`conn` in
-    autocommit mode), so that a payload is made from the rows as they
-    stood when the event was read (a message deleted since had its
-    payloads made first: `freeze`)."""
-    conn.execute("BEGIN")
-    try:
-        events = due(conn, now, limit, exclude)
-        datas = data_of(conn, list({event.message_id for event in events if event.payload is None}))
-        return [event if event.payload is not None else
-                event._replace(payload=payload(event.type, event.created, datas.get(event.message_id)))
-                for event in events]
-    finally:
-        conn.execute("COMMIT")
+    """Up to `limit` events due at `now`, each the first of its message,
+    earliest due first, leaving out the events `exclude` (being sent), each
+    payload made: from the rows as one statement saw them (a message
+    deleted since had its payloads made first: `freeze`)."""
+    events = []
+    for seq, event_id, msg_id, caller, event_type, body, created, attempts, *message, recipients in conn.execute(
+            _SENDABLE, (now, json.dumps(exclude), limit)):
+        if body is None and message[0] is not None:  # None: its message is gone
+            ordered = sorted(json.loads(recipients))  # [position, address, state, reply]
+            body = payload(event_type, created, _data(*message, [
+                {"address": address, "state": state, "reply": reply} for _, address, state, reply in ordered]))
+        events.append(OutboxEvent(seq, event_id, msg_id, caller, event_type, body, created, attempts))
+    return events
 
 
-def done(conn: sqlite3.Connection, now: float, seqs: list[int]) -> int:
-    """Delete events (those not gone already); the next event of each one's
-    message is due now. Returns how many were deleted. A statement per 500
-    events, not two per event: the sender settles its 2xx answers in
-    batches, and a statement costs the writer more than the rows it touches."""
-    deleted = 0
-    for start in range(0, len(seqs), 500):  # SQLite's parameter limit
-        chunk = seqs[start:start + 500]
-        messages = [message_id for (message_id,) in conn.execute(
-            f"DELETE FROM webhook_outbox WHERE seq IN ({','.join('?' * len(chunk))}) RETURNING message_id", chunk)]
-        deleted += len(messages)
-        messages = set(messages)
-        if messages:
-            conn.execute(f"UPDATE webhook_outbox SET next_attempt=? WHERE message_id IN ({','.join('?' * len(messages))})",
-                         (now, *messages))
-    return deleted
+def done(conn: sqlite3.Connection, seqs: list[int]) -> int:
+    """Delete events (those not gone already); returns how many were
+    deleted. One statement for a batch, not one per event: the sender
+    settles its 2xx answers in batches, and a statement costs the writer
+    more than the rows it touches; the seqs as a JSON array, so that it
+    keeps one text and stays prepared. The next event of each one's
+    message is then due as it stands: its next_attempt is its creation,
+    or where `retry` moved it with the whole message's, never later than
+    the first's, which was due when it was sent."""
+    return conn.execute("DELETE FROM webhook_outbox WHERE seq IN (SELECT value FROM json_each(?))",
+                        (json.dumps(seqs),)).rowcount
 
 
 def retry(conn: sqlite3.Connection, next_attempt: float, events: list[tuple[int, str]], error: str | None) -> None:
