@@ -169,10 +169,10 @@ def test_schema_step_5_keeps_the_outbox_rows_and_never_reuses_a_seq(tmp_path):
 
 
 def test_a_payload_read_for_sending_is_the_one_the_writer_would_make_byte_for_byte(spool):
-    # sendable takes a message's recipients from SQLite as JSON in one
-    # statement, freeze and the deferrals make them in Python: the same
-    # rows must give the same bytes either way (the signature covers them).
-    # Twelve recipients: their order is by position as a number (10 after 9).
+    # The sender makes a final event's payload when it reads it, freeze and
+    # the deferrals in the writer: the same rows must give the same bytes
+    # either way (the signature covers them). Twelve recipients: their
+    # order is by position as a number (10 after 9).
     replies = ['250 "quoted" \\ ok', "250 é 记得 ✓", "250 \x01 control", "550 \t tab", None, ""]
     to = [f"r{i}@example.org" for i in range(12)]
     msg_id = spool.send(T0, to)

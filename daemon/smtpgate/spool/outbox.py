@@ -18,7 +18,7 @@ change left it:
   and the JSON.
 Either way the same rows give the same bytes (`payload`), at every try:
 the signature covers these very bytes. A message's events go out in `seq`
-order: only the first of a message is ever due (`sendable` skips the others),
+order: only the first of a message is ever due (`due` skips the others),
 and when it is done the next one is due.
 """
 
@@ -119,29 +119,21 @@ def data_of(conn: sqlite3.Connection, msg_ids: list[str]) -> dict[str, dict]:
     for start in range(0, len(msg_ids), 500):  # SQLite's parameter limit
         chunk = msg_ids[start:start + 500]
         marks = ",".join("?" * len(chunk))
-        for row in conn.execute(f"SELECT {_MESSAGE} FROM messages WHERE id IN ({marks})", chunk):
-            found[row[0]] = _data(*row, [])
+        for msg_id, caller, state, envelope_from, key, attempts, created, next_attempt, dup in conn.execute(
+                "SELECT id, caller, state, envelope_from, idempotency_key, attempts, created, next_attempt,"
+                f" possible_duplicate FROM messages WHERE id IN ({marks})", chunk):
+            found[msg_id] = {
+                "message_id": msg_id, "caller": caller, "state": state, "from": envelope_from,
+                "idempotency_key": key, "created": iso(created), "attempts": attempts,
+                "next_attempt": iso(next_attempt) if state == State.DEFERRED else None,
+                "possible_duplicate": bool(dup), "recipients": [],
+            }
         for msg_id, address, state, reply in conn.execute(
                 f"SELECT message_id, address, state, reply FROM recipients WHERE message_id IN ({marks})"
                 " ORDER BY message_id, position", chunk):
             if msg_id in found:  # recipients left without their message: only by hand
                 found[msg_id]["recipients"].append({"address": address, "state": state, "reply": reply})
     return found
-
-
-# The columns of a message that go into its events' `data`, as _data takes them.
-_MESSAGE = ("id, caller, state, envelope_from, idempotency_key, attempts, created, next_attempt,"
-            " possible_duplicate")
-
-
-def _data(msg_id: str, caller: str, state: str, envelope_from: str, key: str | None, attempts: int,
-          created: float, next_attempt: float, dup: int, recipients: list[dict]) -> dict:
-    return {
-        "message_id": msg_id, "caller": caller, "state": state, "from": envelope_from,
-        "idempotency_key": key, "created": iso(created), "attempts": attempts,
-        "next_attempt": iso(next_attempt) if state == State.DEFERRED else None,
-        "possible_duplicate": bool(dup), "recipients": recipients,
-    }
 
 
 _JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))  # made once: json.dumps makes one per call
@@ -193,39 +185,34 @@ def count(conn: sqlite3.Connection) -> int:
     return conn.execute("SELECT COUNT(*) FROM webhook_outbox").fetchone()[0]
 
 
-# The events due, each the first of its message, with the message's
-# columns and recipients where the payload is still to be made: one
-# statement, a row per event (a tenth less CPU than three statements in a
-# read transaction, and fewer times the reader thread gives up the GIL).
-# The index on next_attempt walks only due events: a receiver's held events
-# have their next_attempt in the future (WebhookRetry moves every event of
-# their messages). The seqs to leave out (being sent) come as one JSON
-# array: one statement text, which stays prepared, whatever their number.
-_SENDABLE = (
-    "SELECT o.seq, o.id, o.message_id, o.caller, o.type, o.payload, o.created, o.attempts,"
-    f" {', '.join('m.' + column.strip() for column in _MESSAGE.split(','))},"
-    " (SELECT json_group_array(json_array(r.position, r.address, r.state, r.reply)) FROM recipients r"
-    "  WHERE r.message_id = m.id)"
-    " FROM webhook_outbox o LEFT JOIN messages m ON o.payload IS NULL AND m.id = o.message_id"
-    " WHERE o.next_attempt <= ?1 AND o.seq NOT IN (SELECT value FROM json_each(?2))"
-    " AND NOT EXISTS (SELECT 1 FROM webhook_outbox p WHERE p.message_id = o.message_id AND p.seq < o.seq)"
-    " ORDER BY o.next_attempt LIMIT ?3")
+def due(conn: sqlite3.Connection, now: float, limit: int, exclude: tuple[int, ...] = ()) -> list[OutboxEvent]:
+    """Up to `limit` events due at `now`, each the first of its message,
+    earliest due first, leaving out the events `exclude` (being sent). The
+    index on next_attempt walks only due events: a receiver's held events
+    have their next_attempt in the future (WebhookRetry moves every event
+    of their messages)."""
+    skip = f" AND o.seq NOT IN ({','.join('?' * len(exclude))})" if exclude else ""
+    return [OutboxEvent(*row) for row in conn.execute(
+        "SELECT seq, id, message_id, caller, type, payload, created, attempts FROM webhook_outbox o"
+        f" WHERE next_attempt <= ?{skip} AND NOT EXISTS (SELECT 1 FROM webhook_outbox p"
+        " WHERE p.message_id = o.message_id AND p.seq < o.seq)"
+        " ORDER BY next_attempt LIMIT ?", (now, *exclude, limit))]
 
 
 def sendable(conn: sqlite3.Connection, now: float, limit: int, exclude: tuple[int, ...] = ()) -> list[OutboxEvent]:
-    """Up to `limit` events due at `now`, each the first of its message,
-    earliest due first, leaving out the events `exclude` (being sent), each
-    payload made: from the rows as one statement saw them (a message
-    deleted since had its payloads made first: `freeze`)."""
-    events = []
-    for seq, event_id, msg_id, caller, event_type, body, created, attempts, *message, recipients in conn.execute(
-            _SENDABLE, (now, json.dumps(exclude), limit)):
-        if body is None and message[0] is not None:  # None: its message is gone
-            ordered = sorted(json.loads(recipients))  # [position, address, state, reply]
-            body = payload(event_type, created, _data(*message, [
-                {"address": address, "state": state, "reply": reply} for _, address, state, reply in ordered]))
-        events.append(OutboxEvent(seq, event_id, msg_id, caller, event_type, body, created, attempts))
-    return events
+    """`due`, each payload made: in one read transaction (`conn` in
+    autocommit mode), so that a payload is made from the rows as they
+    stood when the event was read (a message deleted since had its
+    payloads made first: `freeze`)."""
+    conn.execute("BEGIN")
+    try:
+        events = due(conn, now, limit, exclude)
+        datas = data_of(conn, list({event.message_id for event in events if event.payload is None}))
+        return [event if event.payload is not None else
+                event._replace(payload=payload(event.type, event.created, datas.get(event.message_id)))
+                for event in events]
+    finally:
+        conn.execute("COMMIT")
 
 
 def done(conn: sqlite3.Connection, seqs: list[int]) -> int:
