@@ -87,7 +87,7 @@ def reader(messages: int) -> float:
             spool.batch(settle=False)
         conn = sqlite3.connect(str(Path(folder) / "spool.db"), isolation_level=None)
         conn.execute("PRAGMA query_only=1")
-        read = getattr(outbox, "sendable", outbox.due)
+        read = getattr(outbox, "sendable", None) or outbox.due
         best = float("inf")
         for _ in range(ROUNDS):
             started = time.process_time()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from datetime import datetime, timezone
 from itertools import count
 
 import pytest
@@ -18,7 +19,7 @@ import pytest
 from smtpgate.proc.calls import Call
 from smtpgate.spool import outbox
 from smtpgate.spool.ops import (ClaimDue, Delete, Enqueue, Limits, Purge, RecipientOutcome, RecordAttempt,
-                                WebhookDone)
+                                RecordAttempts, WebhookDone)
 from smtpgate.spool.admin import SpoolAdmin
 from smtpgate.spool.schema import DB_FILE, MIGRATIONS, SCHEMA_V1
 from smtpgate.spool.writer import Writer
@@ -165,3 +166,74 @@ def test_schema_step_5_keeps_the_outbox_rows_and_never_reuses_a_seq(tmp_path):
         assert spool.writer.conn.execute("SELECT MAX(seq) FROM webhook_outbox").fetchone() == (4,)
     finally:
         spool.close()
+
+
+def test_a_payload_read_for_sending_is_the_one_the_writer_would_make_byte_for_byte(spool):
+    # The sender makes a final event's payload when it reads it, freeze and
+    # the deferrals in the writer: the same rows must give the same bytes
+    # either way (the signature covers them). Twelve recipients: their
+    # order is by position as a number (10 after 9).
+    replies = ['250 "quoted" \\ ok', "250 é 记得 ✓", "250 \x01 control", "550 \t tab", None, ""]
+    to = [f"r{i}@example.org" for i in range(12)]
+    msg_id = spool.send(T0, to)
+    spool.attempt(T0 + 1.0004995, msg_id, *[(a, "failed", replies[i % len(replies)] or "550 no") for i, a in
+                                             enumerate(to)])
+    spool.writer.conn.execute("UPDATE recipients SET reply=NULL WHERE address='r4@example.org'")
+    [event] = outbox.sendable(spool.reader, T0 + 10**6, 16)
+    made = outbox.payload(outbox.FAILED, event.created, outbox.data_of(spool.writer.conn, [msg_id])[msg_id])
+    assert event.payload == made
+    data = json.loads(event.payload)["data"]
+    assert [r["address"] for r in data["recipients"]] == to
+    assert data["recipients"][0]["reply"] == replies[0] and data["recipients"][4]["reply"] is None
+
+
+def test_a_page_leaves_out_the_events_being_sent_and_each_message_s_later_events(spool):
+    first, second, third = (spool.send(T0, [f"{n}@example.org"]) for n in ("a", "b", "c"))
+    for msg_id, n in ((first, "a"), (second, "b"), (third, "c")):
+        spool.attempt(T0 + 1, msg_id, (f"{n}@example.org", "deferred", "451 later"), next_attempt=T0 + 60)
+        spool.run(ClaimDue(T0 + 60, 10))
+        spool.attempt(T0 + 61, msg_id, (f"{n}@example.org", "sent", "250 ok"))
+    events = outbox.sendable(spool.reader, T0 + 10**6, 16)
+    assert [(e.message_id, e.type) for e in events] == [(m, outbox.DEFERRED) for m in (first, second, third)]
+    being_sent = (events[0].seq, events[2].seq)
+    assert [e.seq for e in outbox.sendable(spool.reader, T0 + 10**6, 16, being_sent)] == [events[1].seq]
+    assert outbox.sendable(spool.reader, T0 + 10**6, 16, tuple(e.seq for e in events)) == []
+
+
+def test_a_settle_of_more_events_than_sqlite_takes_parameters_deletes_them_all(spool):
+    ids = [spool.run(Enqueue(T0, b"{}", "app@shop.example", ["a@example.org"], None, "shop", 0, claim=True)).id
+           for _ in range(1100)]
+    spool.run(RecordAttempts([RecordAttempt(T0 + 1, msg_id, [RecipientOutcome("a@example.org", "sent", "250 ok")],
+                                            None, False) for msg_id in ids]))
+    rows = spool.writer.conn.execute("SELECT seq, message_id FROM webhook_outbox").fetchall()
+    assert len(rows) == 1100
+    spool.run(WebhookDone(T0 + 2, [(seq, msg_id, True) for seq, msg_id in rows]))
+    assert outbox.count(spool.writer.conn) == 0
+
+
+@pytest.mark.parametrize("when", [
+    T0, T0 + 0.0004995, T0 + 0.0005, T0 + 0.9994999, T0 + 0.9995, T0 + 0.9999994, T0 + 0.9999995,
+    T0 + 0.9999996, T0 + 59.9999999, 1_765_062_245.123456, 1_765_062_245.1234565, 1_765_062_245.999_999_5,
+    *(T0 + i * 0.123_456_789 for i in range(1, 50)),
+])
+def test_an_event_s_time_is_datetime_s_isoformat_to_the_millisecond(when):
+    # iso() formats a second once and rounds the microseconds itself:
+    # it must give datetime's text (half-even microseconds, cut to ms).
+    assert outbox.iso(when) == datetime.fromtimestamp(when, timezone.utc).isoformat(
+        timespec="milliseconds").replace("+00:00", "Z")
+
+
+def test_a_message_marked_a_possible_duplicate_has_that_event_once(spool):
+    # The writer reads what each message of a batch of records was before
+    # it (outbox.before, one statement): marked already, or deferred already.
+    msg_id, other = spool.send(T0, ["a@example.org"]), spool.send(T0, ["b@example.org"])
+    spool.run(RecordAttempts([
+        RecordAttempt(T0 + 1, msg_id, [RecipientOutcome("a@example.org", "deferred", "451 later")], T0 + 60, True),
+        RecordAttempt(T0 + 1, other, [RecipientOutcome("b@example.org", "deferred", "451 later")], T0 + 60, False)]))
+    assert len(spool.run(ClaimDue(T0 + 60, 10))) == 2
+    spool.run(RecordAttempts([
+        RecordAttempt(T0 + 61, msg_id, [RecipientOutcome("a@example.org", "deferred", "451 later")], T0 + 120, True),
+        RecordAttempt(T0 + 61, other, [RecipientOutcome("b@example.org", "sent", "250 ok")], None, True)]))
+    types = spool.writer.conn.execute("SELECT message_id, type FROM webhook_outbox ORDER BY seq").fetchall()
+    assert types == [(msg_id, outbox.POSSIBLE_DUPLICATE), (msg_id, outbox.DEFERRED), (other, outbox.DEFERRED),
+                     (other, outbox.POSSIBLE_DUPLICATE), (other, outbox.SENT)]

@@ -215,8 +215,7 @@ class Writer:
                 "UPDATE messages SET possible_duplicate=1, attempts=attempts+1"
                 f" WHERE state=? AND id IN ({','.join('?' * len(chunk))})", (State.SENDING, *chunk))
         conn.execute("UPDATE messages SET state=? WHERE state=?", (State.QUEUED, State.SENDING))
-        for msg_id, caller in flagged:
-            outbox.add(conn, time.time(), msg_id, caller, [outbox.POSSIBLE_DUPLICATE])
+        outbox.add(conn, [(time.time(), msg_id, caller, outbox.POSSIBLE_DUPLICATE) for msg_id, caller in flagged])
         # The health recorded by a delivery process that is gone: nothing is
         # known of the upstreams until the next one records its own.
         conn.execute("DELETE FROM upstreams")
@@ -468,7 +467,7 @@ class Writer:
         id_list = ids + ids[:1] * (size - len(ids))
         found = {msg_id: (state, caller) for msg_id, state, caller in conn.execute(
             f"SELECT id, state, caller FROM messages WHERE id IN ({marks})", id_list)}
-        was = {msg_id: outbox.before(conn, msg_id) for msg_id, (_, caller) in found.items() if self._hooked(caller)}
+        was = outbox.before(conn, [msg_id for msg_id, (_, caller) in found.items() if self._hooked(caller)])
         conn.executemany(
             "UPDATE recipients SET state=?, reply=? WHERE message_id=? AND address=?",
             [(o.state, o.reply, record.msg_id, o.address)
@@ -498,10 +497,10 @@ class Writer:
         conn.executemany(
             "UPDATE messages SET state=?, attempts=attempts+1, updated=?, next_attempt=?,"
             " possible_duplicate=possible_duplicate OR ? WHERE id=?", updates)
-        for record, new_state in zip(records, results, strict=True):
-            if record.msg_id in was:
-                self._events(conn, effects, record.now, record.msg_id, found[record.msg_id][1],
-                             outbox.attempt_events(was[record.msg_id], new_state, record.possible_duplicate))
+        self._events(conn, effects, [
+            (record.now, record.msg_id, found[record.msg_id][1], event_type)
+            for record, new_state in zip(records, results, strict=True) if record.msg_id in was
+            for event_type in outbox.attempt_events(was[record.msg_id], new_state, record.possible_duplicate)])
         return results
 
     def release(self, conn, effects, op: Release) -> int:
@@ -516,8 +515,7 @@ class Writer:
             if cur.rowcount:
                 effects.move(State.SENDING, State.QUEUED)
                 released += 1
-        for msg_id, caller in flagged:
-            self._events(conn, effects, time.time(), msg_id, caller, [outbox.POSSIBLE_DUPLICATE])
+        self._events(conn, effects, [(time.time(), msg_id, caller, outbox.POSSIBLE_DUPLICATE) for msg_id, caller in flagged])
         return released
 
     def record_upstreams(self, conn, effects, op: RecordUpstreams) -> None:
@@ -541,13 +539,13 @@ class Writer:
         for msg_id, state, caller in rows:
             effects.move(state, State.FAILED, caller)
             effects.finalized.append(msg_id)
-            if self._hooked(caller):
-                self._events(conn, effects, op.now, msg_id, caller, [outbox.FAILED])
+        self._events(conn, effects, [(op.now, msg_id, caller, outbox.FAILED) for msg_id, _, caller in rows
+                                     if self._hooked(caller)])
         return len(rows)
 
     def webhook_done(self, conn, effects, op: WebhookDone) -> None:
         for counter, delivered in (("webhooks_delivered", True), ("webhooks_failed", False)):
-            deleted = outbox.done(conn, op.now, [seq for seq, _, d in op.events if d is delivered])
+            deleted = outbox.done(conn, [seq for seq, _, d in op.events if d is delivered])
             effects.count(counter, deleted)
             effects.count("webhooks_pending", -deleted)
 
@@ -561,8 +559,10 @@ class Writer:
     def _hooked_of(self, messages: list[tuple[str, str]]) -> list[tuple[str, str]]:
         return [(msg_id, caller) for msg_id, caller in messages if self._hooked(caller)]
 
-    def _events(self, conn, effects, now: float, msg_id: str, caller: str, types: list[str]) -> None:
-        effects.count("webhooks_pending", outbox.add(conn, now, msg_id, caller, types))
+    def _events(self, conn, effects, events: list[tuple[float, str, str, str]]) -> None:
+        """Add webhook events, each (now, message id, caller, type)."""
+        if events:
+            effects.count("webhooks_pending", outbox.add(conn, events))
 
     def retry(self, conn, effects, op: Retry) -> int:
         return queries.retry(conn, op.now, op.msg_id)
