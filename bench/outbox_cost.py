@@ -62,7 +62,8 @@ class Driven:
             events = [(seq, msg_id, True) for seq, msg_id in self.writer.conn.execute(
                 "SELECT seq, message_id FROM webhook_outbox")]
             recorded = time.process_time()
-            self.run([WebhookDone(NOW, events)])
+            # Trees before 2026-12-07 (the base of a comparison) still carry `now`.
+            self.run([WebhookDone(**({"now": NOW} if "now" in WebhookDone._fields else {}), events=events)])
         return stored - started, recorded - stored, time.process_time() - recorded
 
 

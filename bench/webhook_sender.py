@@ -77,7 +77,9 @@ class Spool:
         self.left -= len(events)
         if self.left <= 0:
             self.emptied.set()
-        return self._done(WebhookDone(time.time(), list(events)))
+        # Trees before 2026-12-07 (the base of a comparison) still carry `now`.
+        return self._done(WebhookDone(**({"now": time.time()} if "now" in WebhookDone._fields else {}),
+                                      events=list(events)))
 
     def webhook_retry(self, next_attempt, events, error):
         return self._done(WebhookRetry(next_attempt, list(events), error))

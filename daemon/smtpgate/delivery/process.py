@@ -407,7 +407,7 @@ class SpoolCalls:
     def webhook_done(self, events: list[tuple[int, str, bool]]) -> asyncio.Future:
         """Outbox events (seq, message_id, delivered) were delivered (2xx) or
         given up: delete them; the next event of each one's message becomes due."""
-        return self._call(WebhookDone(time.time(), list(events)))
+        return self._call(WebhookDone(list(events)))
 
     def webhook_retry(self, next_attempt: float, events: list[tuple[int, str]], error: str | None) -> asyncio.Future:
         """Try outbox events (seq, message_id) again at `next_attempt`:

@@ -177,10 +177,8 @@ class CountDue(NamedTuple):
 class WebhookDone(NamedTuple):
     """Events of the webhook outbox done with: each one's receiver answered
     2xx (`delivered`), or it was given up. They are deleted, and the next
-    event of each one's message is due as it stands (outbox.done: none is
-    moved, so `now` is no longer read)."""
+    event of each one's message is due as it stands (outbox.done)."""
 
-    now: float
     events: list[tuple[int, str, bool]]  # (seq, message_id, delivered)
 
 
