@@ -521,6 +521,24 @@ def test_every_pipe_message_crosses_the_pipe_as_itself():
     assert received == sent and [type(m) for m in received] == types
 
 
+def test_a_frame_names_the_messages_reconstructor_once():
+    import pickletools
+
+    from smtpgate.proc.calls import Call
+    from smtpgate.proc.framing import encode
+    from smtpgate.spool.ops import RecipientOutcome, RecordAttempt, RecordAttempts
+
+    # A frame of 13 attempt records (40 messages) refers to `_message` once
+    # and then by the pickle's memo: a global looked up per message (an
+    # extension code, never memoized) cost twice the pickling (framing.py).
+    records = [RecordAttempt(1.5, f"id{i}", [RecipientOutcome("a@b", "sent", "250 ok")], None, False)
+               for i in range(13)]
+    _, data = encode([Call(1, RecordAttempts(records))])
+    lookups = [op.name for op, _, _ in pickletools.genops(data) if op.name in
+               ("GLOBAL", "STACK_GLOBAL", "INST", "EXT1", "EXT2", "EXT4")]
+    assert lookups == ["STACK_GLOBAL"]
+
+
 def test_frames_survive_any_split_of_the_pipe():
     from smtpgate.proc.framing import encode, take_messages
 

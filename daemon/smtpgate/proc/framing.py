@@ -16,7 +16,18 @@ pickle.dumps and loads of frames of 1 and of 16 SENDs (a Call and its
 Enqueue to the writer, a Committed with an Enqueued each back), in us per
 SEND across both processes: bare tuples 6.1 / 1.2; each message pickled
 as its class and fields 26.8 / 6.1; as `_message` and its type's name
-15.2 / 5.0 (before the extension code below).
+15.2 / 5.0.
+
+`_message` is pickled as a plain global, which the pickler writes once per
+frame and then names by its memo. Named by a copyreg extension code
+instead (240, PEP 307), the pickler looks it up again for every message (an
+EXT opcode is never memoized: an import and an attribute check each time):
+by timeit, a frame of 13 attempt records took 40.9 us to pickle that way
+against 17.2 as a global, 6 enqueues 17.5 against 8.4, for 0.9 us less to
+unpickle a frame (issue 15, bench/results.md). A relayed message makes
+nine messages on its way (its Call and Enqueue, its Enqueued, its Deliver
+and Claimed, its RecordAttempt and RecipientOutcome to the daemon and on
+to the writer).
 """
 
 from __future__ import annotations
@@ -41,13 +52,6 @@ def message(cls: type) -> type:
 def _message(name: str, fields: tuple) -> tuple:
     # What NamedTuple._make does, without its Python frame.
     return tuple.__new__(_TYPES[name], fields)
-
-
-# A pickle names _message by a one-byte code from copyreg's extension
-# registry (240-255 are for private use, PEP 307), so unpickling a frame
-# takes it from the registry's cache instead of an import lookup: 0.9 us
-# less per frame, in each process.
-copyreg.add_extension(__name__, "_message", 240)
 
 
 def encode(messages: list) -> list[bytes]:
