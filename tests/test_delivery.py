@@ -740,8 +740,9 @@ def test_the_delivery_process_sends_its_attempt_records_together():
     (one Call, one writer operation); each record's future gets its own
     answer, or the operation's error (issue 15)."""
     from smtpgate.delivery.process import SpoolCalls
+    from smtpgate.proc.framing import unpack
     from smtpgate.spool.errors import SpoolError
-    from smtpgate.spool.ops import RecordAttempts
+    from smtpgate.spool.ops import PackedRecords
 
     async def main():
         calls = []
@@ -751,8 +752,8 @@ def test_the_delivery_process_sends_its_attempt_records_together():
         await asyncio.sleep(0.05)
         second = [spool.record_attempt("m3", outcome)]
         await asyncio.sleep(0.05)
-        assert [type(call.op) for call in calls] == [RecordAttempts, RecordAttempts]
-        assert [[r.msg_id for r in call.op.records] for call in calls] == [["m0", "m1", "m2"], ["m3"]]
+        assert [type(call.op) for call in calls] == [PackedRecords, PackedRecords]
+        assert [[r.msg_id for r in unpack(call.op.records)] for call in calls] == [["m0", "m1", "m2"], ["m3"]]
         spool.answer(Answer(calls[0].token, ["sent", "deferred", None], None))
         spool.answer(Answer(calls[1].token, None, SpoolError("the spool failed")))
         assert await asyncio.gather(*first) == ["sent", "deferred", None]
@@ -760,6 +761,58 @@ def test_the_delivery_process_sends_its_attempt_records_together():
             await second[0]
 
     asyncio.run(main())
+
+
+def test_the_daemon_passes_the_childs_attempt_records_to_the_writer_unread(tmp_path, monkeypatch):
+    """The records come packed (PackedRecords): the daemon unpacks them
+    only to count them for /metrics (on_record, while the HTTP side runs),
+    and passes them to the writer as they came (issue 15). Either way the
+    child gets each record's new state. Real pipes and a real spool; the
+    child's end of the pipe is played here."""
+    from smtpgate.delivery import process
+    from smtpgate.proc.calls import Answer, Call
+    from smtpgate.proc.framing import pack
+    from smtpgate.proc.pipe import FramedPipe
+    from smtpgate.spool.ops import PackedRecords, RecordAttempt
+
+    unpacked = []
+    unpack = process.unpack
+    monkeypatch.setattr(process, "unpack", lambda data: unpacked.append(data) or unpack(data))
+
+    async def main():
+        spool = Spool(tmp_path / "spool", min_free_bytes=0)
+        await spool.open()
+        handle = process.DeliveryProcess(spool, None, structlog.get_logger(), log_format="json", log_level="info")
+        answers: asyncio.Queue = asyncio.Queue()
+        to_daemon, from_child = os.pipe()
+        to_child, from_daemon = os.pipe()
+        handle._pipe = FramedPipe(handle._on_message, lambda: None)
+        await handle._pipe.open(os.fdopen(to_daemon, "rb", buffering=0), os.fdopen(from_daemon, "wb", buffering=0))
+        child = FramedPipe(answers.put_nowait, lambda: None)
+        await child.open(os.fdopen(to_child, "rb", buffering=0), os.fdopen(from_child, "wb", buffering=0))
+        told = []
+        states = []
+        for token, on_record in ((1, None), (2, lambda record, state: told.append((record.msg_id, state)))):
+            handle.on_record = on_record
+            ids = [(await spool.enqueue(b"{}", "s@x.org", ["a@y.org", "b@y.org"], claim=True)).id for _ in range(2)]
+            records = [RecordAttempt(time.time(), ids[0], [RecipientOutcome("a@y.org", "sent", "250 ok"),
+                                                           RecipientOutcome("b@y.org", "sent", "250 ok")], None, False),
+                       RecordAttempt(time.time(), ids[1], [RecipientOutcome("a@y.org", "sent", "250 ok"),
+                                                           RecipientOutcome("b@y.org", "deferred", "451 later")],
+                                     time.time() + 60, False)]
+            child.send(Call(token, PackedRecords(pack(records))))
+            answer = await asyncio.wait_for(answers.get(), 10)
+            states.append((answer, [(await spool.status(msg_id))["state"] for msg_id in ids], len(unpacked)))
+            await asyncio.sleep(0)  # the records told to on_record, if any
+        child.close_write()
+        handle._pipe.close_write()
+        await spool.close()
+        return states, told, ids
+
+    states, told, ids = asyncio.run(main())
+    assert states == [(Answer(1, ["sent", "deferred"], None), ["sent", "deferred"], 0),
+                      (Answer(2, ["sent", "deferred"], None), ["sent", "deferred"], 1)]
+    assert told == [(ids[0], "sent"), (ids[1], "deferred")]
 
 
 def test_room_given_back_goes_in_the_frame_of_its_attempt_record():
@@ -770,8 +823,8 @@ def test_room_given_back_goes_in_the_frame_of_its_attempt_record():
     the room by the time the outcome is committed."""
     from smtpgate.delivery.process import RECORD_EVERY, Want, _Relay
     from smtpgate.proc.calls import Call
-    from smtpgate.proc.framing import take_messages
-    from smtpgate.spool.ops import RecordAttempts
+    from smtpgate.proc.framing import take_messages, unpack
+    from smtpgate.spool.ops import PackedRecords
 
     def frames(fd: int) -> list[list]:
         os.set_blocking(fd, False)
@@ -814,5 +867,5 @@ def test_room_given_back_goes_in_the_frame_of_its_attempt_record():
     assert early == []
     assert len(later) == 1 and [type(m) for m in later[0]] == [Want, Call]
     want, call = later[0]
-    assert want == Want(2) and type(call.op) is RecordAttempts
-    assert [record.msg_id for record in call.op.records] == ["m1", "m2"]
+    assert want == Want(2) and type(call.op) is PackedRecords
+    assert [record.msg_id for record in unpack(call.op.records)] == ["m1", "m2"]

@@ -467,8 +467,9 @@ def test_only_batches_with_durable_writes_fsync(tmp_path):
     # stdout, then the fsyncs of the spool until the next marker.
     script = textwrap.dedent(
         f"""
-        import asyncio, sys
-        from smtpgate.spool.ops import RecipientOutcome
+        import asyncio, sys, time
+        from smtpgate.proc.framing import pack
+        from smtpgate.spool.ops import PackedRecords, RecipientOutcome, RecordAttempt
         from smtpgate.spool.store import Spool
         def phase(name):
             sys.stdout.write("phase " + name + "\\n"); sys.stdout.flush()
@@ -479,8 +480,11 @@ def test_only_batches_with_durable_writes_fsync(tmp_path):
             ids = [(await spool.enqueue(b"spec", "s@x.org", ["a@y.org"]))[0] for _ in range(3)]
             phase("deliver")
             await spool.claim_due(1e12, 10)
-            for msg_id in ids:
-                await spool.record_attempt(msg_id, [RecipientOutcome("a@y.org", "sent", "250 ok")])
+            sent = [RecipientOutcome("a@y.org", "sent", "250 ok")]
+            for msg_id in ids[:2]:
+                await spool.record_attempt(msg_id, sent)
+            # as the delivery process sends its records
+            await spool.submit(PackedRecords(pack([RecordAttempt(time.time(), ids[2], sent, None, False)])))
             phase("delete")
             await spool.delete(ids[0])
             phase("end")
@@ -512,7 +516,7 @@ def test_every_pipe_message_crosses_the_pipe_as_itself():
 
     types = [value for module in (calls, ops, process) for value in vars(module).values()
              if isinstance(value, type) and issubclass(value, tuple) and value.__module__ == module.__name__]
-    assert len(types) == 36
+    assert len(types) == 37
     # Each is marked @message (the cheap pickling), and comes back as its own type.
     assert [t.__name__ for t in types if t not in copyreg.dispatch_table] == []
     sent = [t(*(f"{t.__name__}.{field}" for field in t._fields)) for t in types]
@@ -663,9 +667,11 @@ def test_a_batch_of_attempt_records_stores_what_the_records_one_by_one_store(tmp
     """RecordAttempts runs a batch in a few statements (writer.py): each
     message's state, counters, caller counts and webhook events must be
     those of the same records run one at a time, unknown ids and one
-    message twice in a batch included."""
+    message twice in a batch included; and so must the batch packed as the
+    delivery process sends it (PackedRecords)."""
     from smtpgate.proc.calls import Call
-    from smtpgate.spool.ops import Enqueue, Limits, RecordAttempt, RecordAttempts
+    from smtpgate.proc.framing import pack
+    from smtpgate.spool.ops import Enqueue, Limits, PackedRecords, RecordAttempt, RecordAttempts
     from smtpgate.spool.schema import DB_FILE
     from smtpgate.spool.writer import Writer
 
@@ -682,7 +688,7 @@ def test_a_batch_of_attempt_records_stores_what_the_records_one_by_one_store(tmp
         [(4, [("a@y.org", deferred, "421 bye")], now + 30, True), (4, [("a@y.org", sent, "250 ok")], None, False)],
     ]
 
-    def stored(folder, batched: bool):
+    def stored(folder, how: str):
         folder.mkdir()
         writer = Writer(str(folder / DB_FILE), Limits(10**6, 3600.0, 3600.0, webhook_callers))
         writer.open()
@@ -704,7 +710,10 @@ def test_a_batch_of_attempt_records_stores_what_the_records_one_by_one_store(tmp
         results = [run(record(*r)) for r in before]
         for batch in batches:
             records = [record(*r) for r in batch]
-            results += run(RecordAttempts(records)) if batched else [run(r) for r in records]
+            if how == "one by one":
+                results += [run(r) for r in records]
+            else:
+                results += run(RecordAttempts(records) if how == "batched" else PackedRecords(pack(records)))
         names = {msg_id: f"m{i}" for i, msg_id in enumerate(ids)}
         conn = writer.conn
         rows = {
@@ -721,9 +730,10 @@ def test_a_batch_of_attempt_records_stores_what_the_records_one_by_one_store(tmp
         writer.close()
         return results, rows, figures
 
-    one_by_one = stored(tmp_path / "one", batched=False)
-    batched = stored(tmp_path / "batched", batched=True)
+    one_by_one = stored(tmp_path / "one", "one by one")
+    batched = stored(tmp_path / "batched", "batched")
     assert batched == one_by_one
+    assert stored(tmp_path / "packed", "packed") == one_by_one
     results, rows, _ = batched
     assert results == [deferred, sent, failed, deferred, sent, None, deferred, sent]
     assert [row[1] for row in rows["messages"]] == [sent, failed, deferred, sent, sent]

@@ -15,8 +15,9 @@ and a few counts, kept only while the HTTP side runs:
   refused connection), and each attempt's result per upstream and the
   reason of those that did not send every recipient. They come from the
   delivery child's own records, which carry the upstream and the reason
-  and pass through the daemon on their way to the spool
-  (DeliveryProcess.on_record), counted once each, after their commit: a
+  and pass through the daemon on their way to the spool, packed; the
+  daemon unpacks them only while the HTTP side runs
+  (DeliveryProcess.on_record), and counts each once, after its commit: a
   dict increment or two per attempt.
 SMTP sessions set up per upstream, and those that could not be by
 reason, come from the child's `Sessions` messages, which the daemon adds up

@@ -60,6 +60,17 @@ def encode(messages: list) -> list[bytes]:
     return [FRAME.pack(len(data)), data]
 
 
+def pack(value) -> bytes:
+    """`value` pickled on its own, to ride in a message that a process
+    passes on without reading it (spool.ops.PackedRecords)."""
+    return pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def unpack(data: bytes):
+    """What `pack` packed."""
+    return pickle.loads(data)
+
+
 def take_messages(buf: bytearray) -> list:
     """The messages of every complete frame at the start of `buf`, which are
     removed from it; a partial frame stays for the next read."""

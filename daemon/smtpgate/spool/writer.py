@@ -39,13 +39,13 @@ import time
 
 from smtpgate.proc.calls import Call
 from smtpgate.proc.child import become_child
-from smtpgate.proc.framing import encode, take_messages
+from smtpgate.proc.framing import encode, take_messages, unpack
 from smtpgate.spool import outbox, queries
 from smtpgate.spool.dots import clear_dots, read_dots
 from smtpgate.spool.errors import CallerFull, SpoolError, SpoolFull
 from smtpgate.spool.ops import (
-    Claimed, ClaimDue, Committed, Configure, Delete, Enqueue, Enqueued, Expire, Limits, Open, Opened, Purge,
-    Recount, RecordAttempt, RecordAttempts, RecordUpstreams, Release, Retry, WebhookDone, WebhookRetry,
+    Claimed, ClaimDue, Committed, Configure, Delete, Enqueue, Enqueued, Expire, Limits, Open, Opened, PackedRecords,
+    Purge, Recount, RecordAttempt, RecordAttempts, RecordUpstreams, Release, Retry, WebhookDone, WebhookRetry,
 )
 from smtpgate.spool.schema import (
     FINAL_STATES, IS_DUE, IS_FINAL, IS_UNFINISHED, STATES, UNFINISHED_STATES, State, migrate,
@@ -138,8 +138,8 @@ class Outcome:
 # /metrics); each caller's is sent to the daemon after a batch changed it.
 CALLER_COUNTERS = ("delivered", "failed", "deferred")
 
-RELAXED_OPS = frozenset({ClaimDue, RecordAttempt, RecordAttempts, Release, RecordUpstreams, Expire, Configure,
-                         WebhookDone, WebhookRetry})
+RELAXED_OPS = frozenset({ClaimDue, RecordAttempt, RecordAttempts, PackedRecords, Release, RecordUpstreams, Expire,
+                         Configure, WebhookDone, WebhookRetry})
 
 
 class Writer:
@@ -154,6 +154,7 @@ class Writer:
             ClaimDue: self.claim_due,
             RecordAttempt: self.record_attempt,
             RecordAttempts: self.record_attempts,
+            PackedRecords: self.record_packed,
             Release: self.release,
             Retry: self.retry,
             Delete: self.delete,
@@ -453,6 +454,9 @@ class Writer:
             run.append(record)
             in_run.add(record.msg_id)
         return results + (self._record_run(conn, effects, run) if run else [])
+
+    def record_packed(self, conn, effects, op: PackedRecords) -> list[str | None]:
+        return self.record_attempts(conn, effects, RecordAttempts(unpack(op.records)))
 
     def _record_run(self, conn, effects, records: list[RecordAttempt]) -> list[str | None]:
         """Records of distinct messages: each message's recipients, its new
