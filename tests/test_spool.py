@@ -431,6 +431,13 @@ def test_ulid_encoding_is_crockford_base32_of_time_and_randomness(ms, rand):
     assert _encode(ms, rand) == "".join(crockford[(value >> (5 * i)) & 31] for i in range(25, -1, -1))
 
 
+@given(st.integers(0, (1 << 48) - 1), st.integers(0, (1 << 80) - 1))
+def test_a_ulids_time_reads_back_to_the_millisecond(ms, rand):
+    from smtpgate.spool.ulid import _encode, ulid_seconds
+
+    assert ulid_seconds(_encode(ms, rand)) == ms / 1000
+
+
 def test_spool_files_stay_private(tmp_path):
     async def main():
         spool = await opened(tmp_path / "spool")

@@ -33,9 +33,12 @@ def new_ulid(now: float) -> str:
     return _encode(int(now * 1000), int.from_bytes(os.urandom(10), "big"))
 
 
+_TO_BASE32 = str.maketrans(_CROCKFORD, "0123456789ABCDEFGHIJKLMNOPQRSTUV")  # int()'s base-32 digits
+
+
 def ulid_seconds(ulid: str) -> float:
-    """The creation time (unix seconds, to the millisecond) of `ulid`."""
-    ms = 0
-    for char in ulid[:10]:  # 50 bits, the top two 0: the 48 of the milliseconds
-        ms = ms * 32 + _CROCKFORD.index(char)
-    return ms / 1000
+    """The creation time (unix seconds, to the millisecond) of `ulid`, an
+    id this package made: /metrics reads it from the record of every sent
+    message (0.3 us by int() against 1.5 by a loop of index() here)."""
+    # 50 bits, the top two 0: the 48 of the milliseconds
+    return int(ulid[:10].translate(_TO_BASE32), 32) / 1000
