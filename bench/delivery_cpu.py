@@ -45,16 +45,26 @@ import structlog
 from smtpgate.delivery import process
 from smtpgate.delivery.settings import DeliverySettings
 from smtpgate.smtp import UpstreamSettings
-from smtpgate.spool.ops import Claimed, ClaimDue, RecordAttempts
+from smtpgate.spool import ops
+from smtpgate.spool.ops import Claimed, ClaimDue
+
+def records_of(op):  # the records of a checkout's RecordAttempts (PackedRecords since issue 15), or None
+    if type(op) is ops.RecordAttempts:
+        return op.records
+    if type(op) is getattr(ops, "PackedRecords", None):
+        from smtpgate.proc.framing import unpack
+        return unpack(op.records)
+    return None
 
 class Spool:
     path_dir = spool_dir
     def __init__(self): self.recorded = 0; self.done = None
     def submit(self, op):
         fut = asyncio.get_running_loop().create_future()
-        if type(op) is RecordAttempts:
-            fut.set_result(["sent"] * len(op.records))
-            self.recorded += len(op.records)
+        records = records_of(op)
+        if records is not None:
+            fut.set_result(["sent"] * len(records))
+            self.recorded += len(records)
             if self.recorded >= count and not self.done.done(): self.done.set_result(None)
         else:
             fut.set_result([] if type(op) is ClaimDue else 0)

@@ -815,6 +815,33 @@ def test_the_daemon_passes_the_childs_attempt_records_to_the_writer_unread(tmp_p
     assert told == [(ids[0], "sent"), (ids[1], "deferred")]
 
 
+def test_a_message_claimed_at_enqueue_goes_to_the_child_as_its_claimed_row(tmp_path):
+    """hand_over writes the `Claimed` itself in the frame, no message around
+    it (one object less to pickle per relayed message, issue 15). That the
+    child takes it to its Delivery, every relayed test shows."""
+    from smtpgate.delivery import process
+    from smtpgate.proc.framing import take_messages
+    from smtpgate.proc.pipe import FramedPipe
+    from smtpgate.spool.ops import Claimed
+
+    claimed = Claimed("01JD3Q7Z8K4W6X2V9N5B0C1T00", b"{}", "s@x.org", ["a@y.org"], 0, 1.5, False)
+
+    async def main():
+        handle = process.DeliveryProcess(Spool(tmp_path / "spool"), None, structlog.get_logger(),
+                                         log_format="json", log_level="info")
+        to_daemon, _ = os.pipe()
+        from_daemon_r, from_daemon_w = os.pipe()
+        handle._pipe = FramedPipe(handle._on_message, lambda: None)
+        await handle._pipe.open(os.fdopen(to_daemon, "rb", buffering=0), os.fdopen(from_daemon_w, "wb", buffering=0))
+        handle.hand_over(claimed)
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        return take_messages(bytearray(os.read(from_daemon_r, 65536)))
+
+    frame = asyncio.run(main())
+    assert frame == [claimed] and type(frame[0]) is Claimed
+
+
 def test_room_given_back_goes_in_the_frame_of_its_attempt_record():
     """The delivery process's pipe to the daemon: room offered with no record
     waiting goes at once; room an attempt gives back waits for that

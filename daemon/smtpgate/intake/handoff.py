@@ -156,30 +156,32 @@ class Handoff:
                 raise RequestError(codes.BUSY, f"nothing stored: {exc}") from None
             self.log.exception("enqueue_failed", caller=caller.name)
             raise RequestError(codes.INTERNAL, _SPOOL_FAILED) from None
-        claimed = (Claimed(None, spec_json, spec.envelope_from, list(dict.fromkeys(spec.recipients)), 0,
-                           time.time(), False) if claim else None)
-        fut.add_done_callback(lambda stored: self._stored(caller, stored, done, claimed))
+        fut.add_done_callback(lambda stored: self._stored(caller, stored, done, spec, spec_json if claim else None))
 
-    def _stored(self, caller: Caller, fut: asyncio.Future, done: Done, claimed: Claimed | None) -> None:
-        """The enqueue committed or failed: count it, pass the message on, answer."""
+    def _stored(self, caller: Caller, fut: asyncio.Future, done: Done, spec: MessageSpec,
+                claimed_spec: bytes | None) -> None:
+        """The enqueue committed or failed: count it, pass the message on, answer.
+        `claimed_spec`: the spec's JSON of a message stored claimed, which
+        goes to delivery with the id its commit gave it."""
         exc = fut.exception() if not fut.cancelled() else asyncio.CancelledError()
         if exc is None:
             enqueued = fut.result()
             if enqueued.existing:
                 caller.give_back_send()
-                if claimed is not None:
+                if claimed_spec is not None:
                     self.delivery.give_back()  # a repeat: nothing new was claimed
             else:
                 caller.accepted += 1
                 caller.limited = False
-                if claimed is not None:
-                    self.delivery.hand_over(claimed._replace(id=enqueued.id))
+                if claimed_spec is not None:
+                    self.delivery.hand_over(Claimed(enqueued.id, claimed_spec, spec.envelope_from,
+                                                    list(dict.fromkeys(spec.recipients)), 0, time.time(), False))
                 else:
                     self.delivery.wake()
             done(enqueued)
             return
         caller.give_back_send()
-        if claimed is not None:
+        if claimed_spec is not None:
             self.delivery.give_back()
         if isinstance(exc, CallerFull):
             refused = CallerBusy(f"nothing stored: {exc}")

@@ -25,9 +25,8 @@ EXT opcode is never memoized: an import and an attribute check each time):
 by timeit, a frame of 13 attempt records took 40.9 us to pickle that way
 against 17.2 as a global, 6 enqueues 17.5 against 8.4, for 0.9 us less to
 unpickle a frame (issue 15, bench/results.md). A relayed message makes
-nine messages on its way (its Call and Enqueue, its Enqueued, its Deliver
-and Claimed, its RecordAttempt and RecipientOutcome to the daemon and on
-to the writer).
+about seven messages on its way (its Call and Enqueue, its Enqueued, its
+Claimed, its RecordAttempt and RecipientOutcome, and its state back).
 """
 
 from __future__ import annotations
