@@ -24,9 +24,11 @@ instead (240, PEP 307), the pickler looks it up again for every message (an
 EXT opcode is never memoized: an import and an attribute check each time):
 by timeit, a frame of 13 attempt records took 40.9 us to pickle that way
 against 17.2 as a global, 6 enqueues 17.5 against 8.4, for 0.9 us less to
-unpickle a frame (issue 15, bench/results.md). A relayed message makes
-about seven messages on its way (its Call and Enqueue, its Enqueued, its
-Claimed, its RecordAttempt and RecipientOutcome, and its state back).
+unpickle a frame (issue 15, bench/results.md). A relayed message is
+pickled as six messages on its way: its Call and Enqueue to the writer,
+its Enqueued back, its Claimed to the delivery process, its RecordAttempt
+and RecipientOutcome (packed in the delivery process, unpacked by the
+writer).
 """
 
 from __future__ import annotations

@@ -39,6 +39,7 @@ _TO_BASE32 = str.maketrans(_CROCKFORD, "0123456789ABCDEFGHIJKLMNOPQRSTUV")  # in
 def ulid_seconds(ulid: str) -> float:
     """The creation time (unix seconds, to the millisecond) of `ulid`, an
     id this package made: /metrics reads it from the record of every sent
-    message (0.3 us by int() against 1.5 by a loop of index() here)."""
+    message (0.6 us by translate() and int() against 1.5 by a loop of
+    index() here)."""
     # 50 bits, the top two 0: the 48 of the milliseconds
     return int(ulid[:10].translate(_TO_BASE32), 32) / 1000
