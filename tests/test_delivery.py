@@ -833,6 +833,7 @@ def test_a_message_claimed_at_enqueue_goes_to_the_child_as_its_claimed_row(tmp_p
         from_daemon_r, from_daemon_w = os.pipe()
         handle._pipe = FramedPipe(handle._on_message, lambda: None)
         await handle._pipe.open(os.fdopen(to_daemon, "rb", buffering=0), os.fdopen(from_daemon_w, "wb", buffering=0))
+        os.set_blocking(from_daemon_r, False)  # a frame not written fails the read, not the loop
         handle.hand_over(claimed)
         await asyncio.sleep(0)
         await asyncio.sleep(0)
