@@ -90,8 +90,9 @@ class RecordAttempt(NamedTuple):
 
 @message
 class RecordAttempts(NamedTuple):
-    """Several RecordAttempt in one operation (the delivery process sends
-    its records every few milliseconds); answered with their new states."""
+    """Several RecordAttempt in one operation, answered with their new
+    states: the writer's form of the records the delivery process sends
+    every few milliseconds, packed (PackedRecords)."""
 
     records: list[RecordAttempt]
 
