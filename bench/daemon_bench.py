@@ -52,6 +52,21 @@ REQUEST = ('SEND {"from":"app@example.com","to":"kelly@example.org","subject":"b
            '"text":"' + "x" * 1000 + '"}')
 
 
+def records_op(records: list):
+    """The operation that records a batch of attempts in the checkout on
+    PYTHONPATH: a RecordAttempts of the records packed (main since
+    2026-12-07), PackedRecords (da0e510 and the commits just before it),
+    or a RecordAttempts of the list (before those)."""
+    import pickle
+
+    from smtpgate.spool import ops
+    if hasattr(ops, "PackedRecords"):
+        return ops.PackedRecords(pickle.dumps(records, protocol=pickle.HIGHEST_PROTOCOL))
+    if "bytes" in str(ops.RecordAttempts.__annotations__["records"]):
+        return ops.RecordAttempts(pickle.dumps(records, protocol=pickle.HIGHEST_PROTOCOL))
+    return ops.RecordAttempts(records)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

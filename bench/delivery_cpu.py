@@ -38,7 +38,7 @@ from cpu_bench import cpu_seconds  # noqa: E402
 from daemon_bench import REQUEST, start_sink  # noqa: E402
 
 ROUND = r"""
-import asyncio, json, os, sys, time, resource
+import asyncio, json, os, pickle, sys, time, resource
 path, loop_name, sink_port, count, spool_dir, spec_json, log_level = sys.argv[1:8]
 count = int(count)
 import structlog
@@ -48,12 +48,9 @@ from smtpgate.smtp import UpstreamSettings
 from smtpgate.spool import ops
 from smtpgate.spool.ops import Claimed, ClaimDue
 
-def records_of(op):  # the records of a checkout's RecordAttempts (PackedRecords since issue 15), or None
-    if type(op) is ops.RecordAttempts:
-        return op.records
-    if type(op) is getattr(ops, "PackedRecords", None):
-        from smtpgate.proc.framing import unpack
-        return unpack(op.records)
+def records_of(op):  # the records of a checkout's RecordAttempts or PackedRecords (packed since issue 15), or None
+    if type(op) is ops.RecordAttempts or type(op) is getattr(ops, "PackedRecords", None):
+        return pickle.loads(op.records) if isinstance(op.records, bytes) else op.records
     return None
 
 class Spool:

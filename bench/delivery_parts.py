@@ -29,7 +29,7 @@ from smtpgate.message.validate import validate_send  # noqa: E402
 from smtpgate.proc.calls import Call  # noqa: E402
 from smtpgate.proc.framing import encode, pack, take_messages, unpack  # noqa: E402
 from smtpgate.smtp.core import SmtpClient  # noqa: E402
-from smtpgate.spool.ops import Claimed, PackedRecords, RecordAttempt  # noqa: E402
+from smtpgate.spool.ops import Claimed, RecordAttempt, RecordAttempts  # noqa: E402
 
 RECORDS_PER_FRAME = 8
 SINK_EHLO = b"250-smtp-sink\r\n250-PIPELINING\r\n250-8BITMIME\r\n250 ENHANCEDSTATUSCODES\r\n"
@@ -70,7 +70,7 @@ def main() -> int:
         ("the SMTP core, one transaction (MAIL, RCPT, DATA, body)", transaction, 1),
         ("outcomes_from_result", lambda: outcomes_from_result(result), 1),
         (f"attempt records, packed, framed and unpacked {RECORDS_PER_FRAME} per frame",
-         lambda: unpack(take_messages(bytearray(b"".join(encode([Call(1, PackedRecords(pack(records)))]))))[0].op.records),
+         lambda: unpack(take_messages(bytearray(b"".join(encode([Call(1, RecordAttempts(pack(records)))]))))[0].op.records),
          RECORDS_PER_FRAME),
         ("a claimed message handed over, pickled and unpickled", lambda: round_trip([claimed]), 1),
     ]

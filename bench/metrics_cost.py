@@ -32,12 +32,13 @@ import time
 import timeit
 from pathlib import Path
 
+from daemon_bench import records_op
 from smtpgate.http.metrics import DeliveryFigures
 from smtpgate.proc.calls import Call
 from smtpgate.proc.framing import encode, take_messages
 from smtpgate.spool import queries
 from smtpgate.spool.ops import (
-    Committed, Enqueue, Enqueued, Limits, RecipientOutcome, RecordAttempt, RecordAttempts,
+    Committed, Enqueue, Enqueued, Limits, RecipientOutcome, RecordAttempt,
 )
 from smtpgate.spool.schema import migrate
 from smtpgate.spool.ulid import new_ulid
@@ -70,7 +71,7 @@ def frames() -> dict:
             figures.record(record, "sent")
 
     return {"record_fields": len(RecordAttempt._fields),
-            "records_frame_us": best_us(lambda: roundtrip([Call(1, RecordAttempts(records))]), BATCH),
+            "records_frame_us": best_us(lambda: roundtrip([Call(1, records_op(records))]), BATCH),
             "committed_frame_us": best_us(lambda: roundtrip([committed]), BATCH),
             "figures_record_us": best_us(record_all, BATCH)}
 
@@ -91,7 +92,7 @@ def writer() -> dict:
 
         def relay() -> None:
             ids = enqueue(True)
-            outcome = spool.run_batch([Call(next(tokens), RecordAttempts([
+            outcome = spool.run_batch([Call(next(tokens), records_op([
                 RecordAttempt(1.8e9, msg_id, [RecipientOutcome("b@y.org", "sent", "250 ok")], None, False)
                 for msg_id in ids]))])
             spool.committed(outcome)

@@ -25,10 +25,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from daemon_bench import records_op
 from smtpgate.proc.calls import Call
 from smtpgate.proc.framing import encode
 from smtpgate.spool import outbox
-from smtpgate.spool.ops import Enqueue, Limits, RecipientOutcome, RecordAttempt, RecordAttempts, WebhookDone
+from smtpgate.spool.ops import Enqueue, Limits, RecipientOutcome, RecordAttempt, WebhookDone
 from smtpgate.spool.writer import Writer
 
 BATCH = 30
@@ -56,9 +57,9 @@ class Driven:
         ids = [enqueued.id for enqueued in self.run(
             [Enqueue(NOW, b"{}", "a@x.org", ["b@y.org", "c@y.org"], None, "shop", 0, True) for _ in range(BATCH)])]
         stored = time.process_time()
-        self.run([RecordAttempts([RecordAttempt(NOW, msg_id, [RecipientOutcome("b@y.org", "sent", REPLY),
-                                                              RecipientOutcome("c@y.org", "sent", REPLY)], None, False)
-                                  for msg_id in ids])])
+        self.run([records_op([RecordAttempt(NOW, msg_id, [RecipientOutcome("b@y.org", "sent", REPLY),
+                                                          RecipientOutcome("c@y.org", "sent", REPLY)], None, False)
+                               for msg_id in ids])])
         recorded = time.process_time()
         if settle:
             events = [(seq, msg_id, True) for seq, msg_id in self.writer.conn.execute(

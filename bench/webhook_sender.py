@@ -33,10 +33,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import http_bench  # noqa: E402
+from daemon_bench import records_op  # noqa: E402
 
 from smtpgate.proc.calls import Call  # noqa: E402
 from smtpgate.spool.ops import (  # noqa: E402
-    Enqueue, Limits, RecipientOutcome, RecordAttempt, RecordAttempts, WebhookDone, WebhookRetry,
+    Enqueue, Limits, RecipientOutcome, RecordAttempt, WebhookDone, WebhookRetry,
 )
 from smtpgate.spool.schema import DB_FILE  # noqa: E402
 from smtpgate.spool.writer import Writer  # noqa: E402
@@ -90,7 +91,7 @@ class Spool:
         for _ in range(0, events, 100):
             ids = [self.run(Enqueue(NOW, b"{}", "app@shop.example", ["kelly@example.org"], None, "shop", 0, True)).id
                    for _ in range(100)]
-            self.run(RecordAttempts([RecordAttempt(NOW, msg_id, [RecipientOutcome(
+            self.run(records_op([RecordAttempt(NOW, msg_id, [RecipientOutcome(
                 "kelly@example.org", "sent", "250 2.0.0 Ok: queued as 4F2A1")], None, False) for msg_id in ids]))
         self.writer.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 

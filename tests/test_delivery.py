@@ -742,7 +742,7 @@ def test_the_delivery_process_sends_its_attempt_records_together():
     from smtpgate.delivery.process import SpoolCalls
     from smtpgate.proc.framing import unpack
     from smtpgate.spool.errors import SpoolError
-    from smtpgate.spool.ops import PackedRecords
+    from smtpgate.spool.ops import RecordAttempts
 
     async def main():
         calls = []
@@ -752,7 +752,7 @@ def test_the_delivery_process_sends_its_attempt_records_together():
         await asyncio.sleep(0.05)
         second = [spool.record_attempt("m3", outcome)]
         await asyncio.sleep(0.05)
-        assert [type(call.op) for call in calls] == [PackedRecords, PackedRecords]
+        assert [type(call.op) for call in calls] == [RecordAttempts, RecordAttempts]
         assert [[r.msg_id for r in unpack(call.op.records)] for call in calls] == [["m0", "m1", "m2"], ["m3"]]
         spool.answer(Answer(calls[0].token, ["sent", "deferred", None], None))
         spool.answer(Answer(calls[1].token, None, SpoolError("the spool failed")))
@@ -764,7 +764,7 @@ def test_the_delivery_process_sends_its_attempt_records_together():
 
 
 def test_the_daemon_passes_the_childs_attempt_records_to_the_writer_unread(tmp_path, monkeypatch):
-    """The records come packed (PackedRecords): the daemon unpacks them
+    """The records come packed (RecordAttempts): the daemon unpacks them
     only to count them for /metrics (on_record, while the HTTP side runs),
     and passes them to the writer as they came (issue 15). Either way the
     child gets each record's new state. Real pipes and a real spool; the
@@ -773,7 +773,7 @@ def test_the_daemon_passes_the_childs_attempt_records_to_the_writer_unread(tmp_p
     from smtpgate.proc.calls import Answer, Call
     from smtpgate.proc.framing import pack
     from smtpgate.proc.pipe import FramedPipe
-    from smtpgate.spool.ops import PackedRecords, RecordAttempt
+    from smtpgate.spool.ops import RecordAttempt, RecordAttempts
 
     unpacked = []
     unpack = process.unpack
@@ -800,7 +800,7 @@ def test_the_daemon_passes_the_childs_attempt_records_to_the_writer_unread(tmp_p
                        RecordAttempt(time.time(), ids[1], [RecipientOutcome("a@y.org", "sent", "250 ok"),
                                                            RecipientOutcome("b@y.org", "deferred", "451 later")],
                                      time.time() + 60, False)]
-            child.send(Call(token, PackedRecords(pack(records))))
+            child.send(Call(token, RecordAttempts(pack(records))))
             answer = await asyncio.wait_for(answers.get(), 10)
             states.append((answer, [(await spool.status(msg_id))["state"] for msg_id in ids], len(unpacked)))
             await asyncio.sleep(0)  # the records told to on_record, if any
@@ -852,7 +852,7 @@ def test_room_given_back_goes_in_the_frame_of_its_attempt_record():
     from smtpgate.delivery.process import RECORD_EVERY, Want, _Relay
     from smtpgate.proc.calls import Call
     from smtpgate.proc.framing import take_messages, unpack
-    from smtpgate.spool.ops import PackedRecords
+    from smtpgate.spool.ops import RecordAttempts
 
     def frames(fd: int) -> list[list]:
         os.set_blocking(fd, False)
@@ -895,5 +895,5 @@ def test_room_given_back_goes_in_the_frame_of_its_attempt_record():
     assert early == []
     assert len(later) == 1 and [type(m) for m in later[0]] == [Want, Call]
     want, call = later[0]
-    assert want == Want(2) and type(call.op) is PackedRecords
+    assert want == Want(2) and type(call.op) is RecordAttempts
     assert [record.msg_id for record in unpack(call.op.records)] == ["m1", "m2"]

@@ -476,7 +476,7 @@ def test_only_batches_with_durable_writes_fsync(tmp_path):
         f"""
         import asyncio, sys, time
         from smtpgate.proc.framing import pack
-        from smtpgate.spool.ops import PackedRecords, RecipientOutcome, RecordAttempt
+        from smtpgate.spool.ops import RecipientOutcome, RecordAttempt, RecordAttempts
         from smtpgate.spool.store import Spool
         def phase(name):
             sys.stdout.write("phase " + name + "\\n"); sys.stdout.flush()
@@ -491,7 +491,7 @@ def test_only_batches_with_durable_writes_fsync(tmp_path):
             for msg_id in ids[:2]:
                 await spool.record_attempt(msg_id, sent)
             # as the delivery process sends its records
-            await spool.submit(PackedRecords(pack([RecordAttempt(time.time(), ids[2], sent, None, False)])))
+            await spool.submit(RecordAttempts(pack([RecordAttempt(time.time(), ids[2], sent, None, False)])))
             phase("delete")
             await spool.delete(ids[0])
             phase("end")
@@ -523,7 +523,7 @@ def test_every_pipe_message_crosses_the_pipe_as_itself():
 
     types = [value for module in (calls, ops, process) for value in vars(module).values()
              if isinstance(value, type) and issubclass(value, tuple) and value.__module__ == module.__name__]
-    assert len(types) == 36
+    assert len(types) == 35
     # Each is marked @message (the cheap pickling), and comes back as its own type.
     assert [t.__name__ for t in types if t not in copyreg.dispatch_table] == []
     sent = [t(*(f"{t.__name__}.{field}" for field in t._fields)) for t in types]
@@ -537,14 +537,14 @@ def test_a_frame_names_the_messages_reconstructor_once():
 
     from smtpgate.proc.calls import Call
     from smtpgate.proc.framing import encode
-    from smtpgate.spool.ops import RecipientOutcome, RecordAttempt, RecordAttempts
+    from smtpgate.spool.ops import RecipientOutcome, RecordAttempt
 
-    # A frame of 13 attempt records (40 messages) refers to `_message` once
+    # A frame of 13 attempt records (26 messages) refers to `_message` once
     # and then by the pickle's memo: a global looked up per message (an
     # extension code, never memoized) cost twice the pickling (framing.py).
     records = [RecordAttempt(1.5, f"id{i}", [RecipientOutcome("a@b", "sent", "250 ok")], None, False)
                for i in range(13)]
-    _, data = encode([Call(1, RecordAttempts(records))])
+    _, data = encode([Call(1, records)])
     lookups = [op.name for op, _, _ in pickletools.genops(data) if op.name in
                ("GLOBAL", "STACK_GLOBAL", "INST", "EXT1", "EXT2", "EXT4")]
     assert lookups == ["STACK_GLOBAL"]
@@ -674,11 +674,10 @@ def test_a_batch_of_attempt_records_stores_what_the_records_one_by_one_store(tmp
     """RecordAttempts runs a batch in a few statements (writer.py): each
     message's state, counters, caller counts and webhook events must be
     those of the same records run one at a time, unknown ids and one
-    message twice in a batch included; and so must the batch packed as the
-    delivery process sends it (PackedRecords)."""
+    message twice in a batch included."""
     from smtpgate.proc.calls import Call
     from smtpgate.proc.framing import pack
-    from smtpgate.spool.ops import Enqueue, Limits, PackedRecords, RecordAttempt, RecordAttempts
+    from smtpgate.spool.ops import Enqueue, Limits, RecordAttempt, RecordAttempts
     from smtpgate.spool.schema import DB_FILE
     from smtpgate.spool.writer import Writer
 
@@ -720,7 +719,7 @@ def test_a_batch_of_attempt_records_stores_what_the_records_one_by_one_store(tmp
             if how == "one by one":
                 results += [run(r) for r in records]
             else:
-                results += run(RecordAttempts(records) if how == "batched" else PackedRecords(pack(records)))
+                results += run(RecordAttempts(pack(records)))
         names = {msg_id: f"m{i}" for i, msg_id in enumerate(ids)}
         conn = writer.conn
         rows = {
@@ -740,7 +739,6 @@ def test_a_batch_of_attempt_records_stores_what_the_records_one_by_one_store(tmp
     one_by_one = stored(tmp_path / "one", "one by one")
     batched = stored(tmp_path / "batched", "batched")
     assert batched == one_by_one
-    assert stored(tmp_path / "packed", "packed") == one_by_one
     results, rows, _ = batched
     assert results == [deferred, sent, failed, deferred, sent, None, deferred, sent]
     assert [row[1] for row in rows["messages"]] == [sent, failed, deferred, sent, sent]

@@ -17,6 +17,7 @@ from itertools import count
 import pytest
 
 from smtpgate.proc.calls import Call
+from smtpgate.proc.framing import pack
 from smtpgate.spool import outbox
 from smtpgate.spool.ops import (ClaimDue, Delete, Enqueue, Limits, Purge, RecipientOutcome, RecordAttempt,
                                 RecordAttempts, WebhookDone)
@@ -203,8 +204,8 @@ def test_a_page_leaves_out_the_events_being_sent_and_each_message_s_later_events
 def test_a_settle_of_more_events_than_sqlite_takes_parameters_deletes_them_all(spool):
     ids = [spool.run(Enqueue(T0, b"{}", "app@shop.example", ["a@example.org"], None, "shop", 0, claim=True)).id
            for _ in range(1100)]
-    spool.run(RecordAttempts([RecordAttempt(T0 + 1, msg_id, [RecipientOutcome("a@example.org", "sent", "250 ok")],
-                                            None, False) for msg_id in ids]))
+    spool.run(RecordAttempts(pack([RecordAttempt(T0 + 1, msg_id, [RecipientOutcome("a@example.org", "sent", "250 ok")],
+                                            None, False) for msg_id in ids])))
     rows = spool.writer.conn.execute("SELECT seq, message_id FROM webhook_outbox").fetchall()
     assert len(rows) == 1100
     spool.run(WebhookDone([(seq, msg_id, True) for seq, msg_id in rows]))
@@ -227,13 +228,13 @@ def test_a_message_marked_a_possible_duplicate_has_that_event_once(spool):
     # The writer reads what each message of a batch of records was before
     # it (outbox.before, one statement): marked already, or deferred already.
     msg_id, other = spool.send(T0, ["a@example.org"]), spool.send(T0, ["b@example.org"])
-    spool.run(RecordAttempts([
+    spool.run(RecordAttempts(pack([
         RecordAttempt(T0 + 1, msg_id, [RecipientOutcome("a@example.org", "deferred", "451 later")], T0 + 60, True),
-        RecordAttempt(T0 + 1, other, [RecipientOutcome("b@example.org", "deferred", "451 later")], T0 + 60, False)]))
+        RecordAttempt(T0 + 1, other, [RecipientOutcome("b@example.org", "deferred", "451 later")], T0 + 60, False)])))
     assert len(spool.run(ClaimDue(T0 + 60, 10))) == 2
-    spool.run(RecordAttempts([
+    spool.run(RecordAttempts(pack([
         RecordAttempt(T0 + 61, msg_id, [RecipientOutcome("a@example.org", "deferred", "451 later")], T0 + 120, True),
-        RecordAttempt(T0 + 61, other, [RecipientOutcome("b@example.org", "sent", "250 ok")], None, True)]))
+        RecordAttempt(T0 + 61, other, [RecipientOutcome("b@example.org", "sent", "250 ok")], None, True)])))
     types = spool.writer.conn.execute("SELECT message_id, type FROM webhook_outbox ORDER BY seq").fetchall()
     assert types == [(msg_id, outbox.POSSIBLE_DUPLICATE), (msg_id, outbox.DEFERRED), (other, outbox.DEFERRED),
                      (other, outbox.POSSIBLE_DUPLICATE), (other, outbox.SENT)]

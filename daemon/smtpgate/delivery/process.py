@@ -26,7 +26,7 @@ type with a table):
   already claimed ('sending'), on room of a `Want`, as its own `Claimed`
   (no message around it: one object less to pickle per relayed message).
 - child -> daemon: `Started`, `Want`, `Sessions`, and `Call`s of the spool operations
-  `ClaimDue`, `PackedRecords` (its attempt records, which the daemon passes
+  `ClaimDue`, `RecordAttempts` (its attempt records, which the daemon passes
   to the writer unread), `Release`, `RecordUpstreams`, `Expire`,
   `NextDue`, `CountDue`, and the sender's `WebhookDone`, `WebhookRetry`
   (spool/ops.py); after `Stop`, the end of its output says
@@ -55,7 +55,7 @@ from smtpgate.proc.framing import message, pack, unpack
 from smtpgate.proc.pipe import FramedPipe
 from smtpgate.spool.errors import SpoolError
 from smtpgate.spool.ops import (
-    Claimed, ClaimDue, CountDue, Expire, NextDue, PackedRecords, RecordAttempt, RecordUpstreams, Release,
+    Claimed, ClaimDue, CountDue, Expire, NextDue, RecordAttempt, RecordAttempts, RecordUpstreams, Release,
     UpstreamRow, WebhookDone, WebhookRetry,
 )
 from smtpgate.spool.store import Spool
@@ -165,7 +165,7 @@ class DeliveryProcess:
         self._room = 0
         self._all_down = False
         # What the child may ask of the spool: the part of Spool that Delivery uses.
-        self._spool_calls = {ClaimDue: self._write, PackedRecords: self._write, Release: self._write,
+        self._spool_calls = {ClaimDue: self._write, RecordAttempts: self._write, Release: self._write,
                              RecordUpstreams: self._write, Expire: self._write,
                              NextDue: self._next_due, CountDue: self._count_due,
                              WebhookDone: self._write, WebhookRetry: self._write}
@@ -281,10 +281,10 @@ class DeliveryProcess:
             self._answer(call.token, None, exc)
             return
         result.add_done_callback(lambda done: self._answer_from(call.token, done))
-        if self.on_record is not None and type(call.op) is PackedRecords:
+        if self.on_record is not None and type(call.op) is RecordAttempts:
             result.add_done_callback(functools.partial(self._tell_records, call.op))
 
-    def _tell_records(self, op: PackedRecords, stored: asyncio.Future) -> None:
+    def _tell_records(self, op: RecordAttempts, stored: asyncio.Future) -> None:
         """on_record for each attempt of a batch the spool has stored (the
         only reason the daemon unpacks the records)."""
         if stored.cancelled() or stored.exception() is not None or self.on_record is None:
@@ -371,7 +371,7 @@ class SpoolCalls:
     def _send_records(self) -> None:
         self._before_records()
         records, self._records = self._records, []
-        sent = self._call(PackedRecords(pack([record for record, _ in records])))
+        sent = self._call(RecordAttempts(pack([record for record, _ in records])))
         sent.add_done_callback(lambda done: self._recorded(done, [fut for _, fut in records]))
 
     @staticmethod

@@ -63,7 +63,7 @@ def encode(messages: list) -> list[bytes]:
 
 def pack(value) -> bytes:
     """`value` pickled on its own, to ride in a message that a process
-    passes on without reading it (spool.ops.PackedRecords)."""
+    passes on without reading it (spool.ops.RecordAttempts)."""
     return pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
 
 

@@ -3,7 +3,7 @@
 They are the messages of two pipes: the daemon's spool (store.py) sends the
 write operations to the writer process (writer.py) as `proc.calls.Call`s,
 and the delivery process asks the daemon's spool for `ClaimDue`,
-`PackedRecords` (a `RecordAttempts` passed on unread), `Release`,
+`RecordAttempts` (passed on unread), `Release`,
 `RecordUpstreams`, `Expire`, `NextDue` and `CountDue`, and its webhook
 sender for `WebhookDone` and `WebhookRetry`, the same way
 (delivery/process.py). Each is made and read by name on both
@@ -90,21 +90,13 @@ class RecordAttempt(NamedTuple):
 
 @message
 class RecordAttempts(NamedTuple):
-    """Several RecordAttempt in one operation, answered with their new
-    states: the writer's form of the records the delivery process sends
-    every few milliseconds, packed (PackedRecords)."""
-
-    records: list[RecordAttempt]
-
-
-@message
-class PackedRecords(NamedTuple):
-    """A RecordAttempts as the delivery process sends it: its list of
-    RecordAttempt packed once in the child (proc.framing.pack) and unpacked
-    by the writer. The daemon passes it on unread (unpacked only to count
-    the records for /metrics while the HTTP side runs): unpickling the
-    records and pickling them again cost it ~5 us per record in place
-    (issue 15). Answered as RecordAttempts."""
+    """The attempt records the delivery process gathers for a few
+    milliseconds, answered with their new states in order. The list of
+    RecordAttempt is packed once in the child (proc.framing.pack) and
+    unpacked by the writer: the daemon passes it on unread (it unpacks it
+    only to count the records for /metrics while the HTTP side runs), since
+    unpickling the records and pickling them again cost it ~5 us per record
+    (issue 15)."""
 
     records: bytes
 

@@ -44,7 +44,7 @@ from smtpgate.spool import outbox, queries
 from smtpgate.spool.dots import clear_dots, read_dots
 from smtpgate.spool.errors import CallerFull, SpoolError, SpoolFull
 from smtpgate.spool.ops import (
-    Claimed, ClaimDue, Committed, Configure, Delete, Enqueue, Enqueued, Expire, Limits, Open, Opened, PackedRecords,
+    Claimed, ClaimDue, Committed, Configure, Delete, Enqueue, Enqueued, Expire, Limits, Open, Opened,
     Purge, Recount, RecordAttempt, RecordAttempts, RecordUpstreams, Release, Retry, WebhookDone, WebhookRetry,
 )
 from smtpgate.spool.schema import (
@@ -138,7 +138,7 @@ class Outcome:
 # /metrics); each caller's is sent to the daemon after a batch changed it.
 CALLER_COUNTERS = ("delivered", "failed", "deferred")
 
-RELAXED_OPS = frozenset({ClaimDue, RecordAttempt, RecordAttempts, PackedRecords, Release, RecordUpstreams, Expire,
+RELAXED_OPS = frozenset({ClaimDue, RecordAttempt, RecordAttempts, Release, RecordUpstreams, Expire,
                          Configure, WebhookDone, WebhookRetry})
 
 
@@ -154,7 +154,6 @@ class Writer:
             ClaimDue: self.claim_due,
             RecordAttempt: self.record_attempt,
             RecordAttempts: self.record_attempts,
-            PackedRecords: self.record_packed,
             Release: self.release,
             Retry: self.retry,
             Delete: self.delete,
@@ -447,16 +446,13 @@ class Writer:
         results: list[str | None] = []
         run: list[RecordAttempt] = []
         in_run: set[str] = set()
-        for record in op.records:
+        for record in unpack(op.records):
             if len(run) == MAX_RECORDS_AT_ONCE or record.msg_id in in_run:
                 results += self._record_run(conn, effects, run)
                 run, in_run = [], set()
             run.append(record)
             in_run.add(record.msg_id)
         return results + (self._record_run(conn, effects, run) if run else [])
-
-    def record_packed(self, conn, effects, op: PackedRecords) -> list[str | None]:
-        return self.record_attempts(conn, effects, RecordAttempts(unpack(op.records)))
 
     def _record_run(self, conn, effects, records: list[RecordAttempt]) -> list[str | None]:
         """Records of distinct messages: each message's recipients, its new
