@@ -2,7 +2,7 @@
 """What the HTTP side and webhooks cost the line protocol (issue 12's goal: within 10%).
 
     flock /work/team/bench.lock python bench/http_bench.py [--rounds 5] [--seconds 5] [--hold]
-        [--webhooks] [--receiver-kind lean|aiohttp] [--receiver-nice N] [--checkout base=/var/tmp/v-main --checkout this=.]
+        [--webhooks] [--receiver-kind c|lean|aiohttp] [--receiver-nice N] [--checkout base=/var/tmp/v-main --checkout this=.]
 
 Each round runs the same load once per mode, in an order rotated each
 round: 16 connections of bench/loadgen.c SENDs for `seconds` while the
@@ -12,10 +12,13 @@ daemon relays to Postfix's smtp-sink with 10 pooled connections,
   second (every scrape must be a 200 with the accepted count in it);
 - hooks@LABEL (with --webhooks): the same and a `webhook_url`: every
   delivered message's `message.sent` event is POSTed to a receiver in a
-  process of its own, so that its CPU is apart from the daemon's: by
-  default a lean asyncio protocol answering 204 that verifies every 16th
-  signature (in production the receiver is on another machine; here it
-  shares the 2 cores, so the cheaper the better), or aiohttp's server
+  process of its own, so that its CPU is apart from the daemon's. In
+  production the receiver is on another machine; here it shares the 2
+  cores, so the cheaper the better: by default bench/webhook_sink.c, what
+  smtp-sink is to the SMTP side (C, epoll, answering 204 and verifying
+  every 16th signature; the default since 2026-12-07 morning), or
+  `--receiver-kind lean`, the same in an asyncio protocol (the figures of
+  2026-12-06 evening to 2026-12-07 early morning), or aiohttp's server
   (`--receiver-kind aiohttp`, the figures before 2026-12-06 evening).
 With --hold, delivery is on hold instead (intake alone: the daemon's CPU
 per SEND is then the hand-off path's, where the HTTP side adds its
@@ -169,10 +172,18 @@ def receive_lean(port: int) -> None:
     asyncio.run(serve())
 
 
+def build_sink() -> Path:
+    binary = HERE / "out" / "webhook_sink"
+    binary.parent.mkdir(exist_ok=True)
+    subprocess.run(["cc", "-O2", "-o", str(binary), str(HERE / "webhook_sink.c"), "-lcrypto"], check=True)
+    return binary
+
+
 def start_receiver(nice: int, kind: str) -> tuple[subprocess.Popen, int]:
     port = free_port()
-    proc = subprocess.Popen(["nice", "-n", str(nice), sys.executable, __file__, "--receiver", str(port),
-                             "--receiver-kind", kind], env=dict(os.environ, HTTP_BENCH_SECRET=SECRET))
+    command = [str(build_sink()), str(port)] if kind == "c" else [
+        sys.executable, __file__, "--receiver", str(port), "--receiver-kind", kind]
+    proc = subprocess.Popen(["nice", "-n", str(nice), *command], env=dict(os.environ, HTTP_BENCH_SECRET=SECRET))
     wait_port(port)
     return proc, port
 
@@ -252,10 +263,10 @@ def main() -> int:
     ap.add_argument("--receiver-nice", type=int, default=0,
                     help="the receiver's nice level: 0 competes with intake for the 2 cores as a receiver on"
                          " the same machine would; 10, as delivery, is closer to one on another machine")
-    ap.add_argument("--receiver-kind", choices=("lean", "aiohttp"), default="lean",
-                    help="lean: an asyncio protocol answering 204, verifying every 16th signature (the"
-                         " cheapest correct receiver); aiohttp: aiohttp's server, no signature checked"
-                         " (the receiver of the figures before 2026-12-06 evening)")
+    ap.add_argument("--receiver-kind", choices=("c", "lean", "aiohttp"), default="c",
+                    help="c: bench/webhook_sink.c, answering 204 and verifying every 16th signature (the"
+                         " cheapest correct receiver, built with cc and libcrypto); lean: the same as an"
+                         " asyncio protocol; aiohttp: aiohttp's server, no signature checked")
     ap.add_argument("--checkout", action="append", default=[], help="LABEL=PATH (repeat); default this=.")
     ap.add_argument("--receiver", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
