@@ -256,6 +256,28 @@ def test_no_webhook_configured_writes_no_event(make_daemon, upstream):
     assert stats(daemon)["webhooks"] == {"delivered": 0, "failed": 0, "pending": 0}
 
 
+@pytest.mark.parametrize("nice", [None, 3])
+def test_the_outbox_reader_runs_nicer_than_the_relay(make_daemon, upstream, receiver, tmp_path, nice):
+    """Making the events' payloads is most of their CPU, and nobody waits for
+    an event by the millisecond: the reader's thread yields the CPU to the
+    relay's loop, which yields it to intake (issue 12). Linux keeps a nice
+    value per thread; the relay's main thread keeps delivery_nice."""
+    daemon = make_daemon(webhook_url=receiver.url, webhook_secret_file=secret_file(tmp_path),
+                         **({} if nice is None else {"delivery_nice": nice}))
+    with daemon.client(timeout=40) as client:
+        msg_id = client.send(mail("kelly@example.org"))
+        final(client, msg_id)
+    receiver.wait(lambda r: r.by_message()[msg_id] == ["message.sent"], "the event")  # the reader has read
+    intake = os.getpriority(os.PRIO_PROCESS, daemon.proc.pid)
+    relay = daemon.child_pid("smtpgate-relay")
+    steps = 10 if nice is None else nice
+    threads = {int(tid): os.getpriority(os.PRIO_PROCESS, int(tid)) for tid in os.listdir(f"/proc/{relay}/task")}
+    assert threads.pop(relay) == min(intake + steps, 19)
+    # the reader, nicer by 9; any other thread (a resolver's, say) keeps the relay's
+    assert sorted(threads.values()).count(min(intake + steps + 9, 19)) == 1
+    assert set(threads.values()) <= {min(intake + steps, 19), min(intake + steps + 9, 19)}
+
+
 # -- at least once, in order --------------------------------------------------
 
 
