@@ -84,11 +84,16 @@ def wait_port(port: int, timeout: float = 20.0) -> None:
     raise RuntimeError(f"nothing listens on {port}")
 
 
-def build_loadgen() -> Path:
+def build_c(name: str, *flags: str) -> Path:
+    """bench/NAME.c built into bench/out/NAME, with `flags` (libraries) after the source."""
     OUT.mkdir(exist_ok=True)
-    binary = OUT / "loadgen"
-    subprocess.run(["cc", "-O2", "-pthread", "-o", str(binary), str(HERE / "loadgen.c")], check=True)
+    binary = OUT / name
+    subprocess.run(["cc", "-O2", "-o", str(binary), str(HERE / f"{name}.c"), *flags], check=True)
     return binary
+
+
+def build_loadgen() -> Path:
+    return build_c("loadgen", "-pthread")
 
 
 def start_sink() -> tuple[subprocess.Popen, int]:

@@ -55,7 +55,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from cpu_bench import cpu_seconds, processes  # noqa: E402
-from daemon_bench import Daemon, build_loadgen, free_port, loadgen, start_sink, wait_port  # noqa: E402
+from daemon_bench import Daemon, build_c, build_loadgen, free_port, loadgen, start_sink, wait_port  # noqa: E402
 
 SECRET = "whsec_" + base64.b64encode(os.urandom(32)).decode()
 ROLES = ("daemon", "writer", "delivery", "receiver")
@@ -172,16 +172,9 @@ def receive_lean(port: int) -> None:
     asyncio.run(serve())
 
 
-def build_sink() -> Path:
-    binary = HERE / "out" / "webhook_sink"
-    binary.parent.mkdir(exist_ok=True)
-    subprocess.run(["cc", "-O2", "-o", str(binary), str(HERE / "webhook_sink.c"), "-lcrypto"], check=True)
-    return binary
-
-
 def start_receiver(nice: int, kind: str) -> tuple[subprocess.Popen, int]:
     port = free_port()
-    command = [str(build_sink()), str(port)] if kind == "c" else [
+    command = [str(build_c("webhook_sink", "-lcrypto")), str(port)] if kind == "c" else [
         sys.executable, __file__, "--receiver", str(port), "--receiver-kind", kind]
     proc = subprocess.Popen(["nice", "-n", str(nice), *command], env=dict(os.environ, HTTP_BENCH_SECRET=SECRET))
     wait_port(port)
