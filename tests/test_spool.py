@@ -624,6 +624,46 @@ def test_a_search_by_recipient_stops_reading_once_it_has_found_enough(tmp_path):
     assert worst[0] == 0 and worst[1] <= 8 * none[1]
 
 
+def test_the_oldest_waiting_message_is_found_without_reading_every_waiting_one(tmp_path):
+    """/metrics asks at every scrape (queries.oldest_due). Its cost in
+    SQLite's virtual machine steps (deterministic, unlike time) must not
+    grow with the messages waiting: 3,000 cost what 30 do. Messages being
+    sent, or sent, that are older still are not waiting."""
+    import sqlite3
+
+    from smtpgate.spool import queries
+    from smtpgate.spool.schema import migrate
+
+    def spool_of(name: str, waiting: int) -> sqlite3.Connection:
+        conn = sqlite3.connect(tmp_path / name, isolation_level=None)
+        migrate(conn)
+        conn.execute("BEGIN")
+        rows = [("sent", 100.0), ("sending", 200.0)] + [
+            (("queued", "deferred")[n % 2], 1000.0 + n) for n in range(waiting)]
+        for n, (state, created) in enumerate(rows):
+            conn.execute("INSERT INTO messages (id, state, envelope_from, spec, created, updated, next_attempt)"
+                          " VALUES (?, ?, 'a@x.org', ?, ?, ?, ?)",
+                          (new_ulid(1.8e9 + n), state, MAIL_SPEC, created, created, 2e9 - n))
+        conn.execute("COMMIT")
+        return conn
+
+    def steps(conn: sqlite3.Connection) -> tuple[float | None, int]:
+        counted = [0]
+
+        def count() -> int:
+            counted[0] += 1
+            return 0
+
+        conn.set_progress_handler(count, 10)
+        oldest = queries.oldest_due(conn)
+        conn.set_progress_handler(None, 0)
+        return oldest, counted[0]
+
+    few, many = steps(spool_of("few.db", 30)), steps(spool_of("many.db", 3000))
+    assert few[0] == many[0] == 1000.0
+    assert many[1] <= 2 * few[1] + 2
+
+
 # A spec of about the size of a small mail (the benches' is 2.7 KB): a
 # lone caller's commit then writes 4-6 WAL pages.
 MAIL_SPEC = b'{"from":"app@example.com","to":["a@example.org"],"text":"' + b"x" * 2500 + b'"}'

@@ -22,7 +22,7 @@ from smtpgate.spool import outbox
 from smtpgate.spool.ops import (ClaimDue, Delete, Enqueue, Limits, Purge, RecipientOutcome, RecordAttempt,
                                 RecordAttempts, WebhookDone)
 from smtpgate.spool.admin import SpoolAdmin
-from smtpgate.spool.schema import DB_FILE, MIGRATIONS, SCHEMA_V1
+from smtpgate.spool.schema import DB_FILE, MIGRATIONS, SCHEMA_V1, SCHEMA_VERSION
 from smtpgate.spool.writer import Writer
 
 T0 = 1_800_000_000.0  # 2027-01-15T08:00:00Z
@@ -159,7 +159,7 @@ def test_schema_step_5_keeps_the_outbox_rows_and_never_reuses_a_seq(tmp_path):
 
     spool = Spool(tmp_path)
     try:
-        assert spool.writer.schema == (4, 5)
+        assert spool.writer.schema == (4, SCHEMA_VERSION)
         rows = spool.writer.conn.execute("SELECT seq, id, payload FROM webhook_outbox ORDER BY seq").fetchall()
         assert rows == [(1, "evt_0", b'{"n":0}'), (2, "evt_1", b'{"n":1}')]
         msg_id = spool.send(T0, ["a@example.org"])

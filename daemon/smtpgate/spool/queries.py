@@ -199,7 +199,8 @@ def queue_entries(conn: sqlite3.Connection, now: float, *, msg_id: str | None = 
 
 def oldest_due(conn: sqlite3.Connection) -> float | None:
     """When the oldest message waiting (queued or deferred) was created, or
-    None (through the partial index of the due messages: a read of each)."""
+    None: the first entry of the partial index messages_waiting (schema
+    step 6), whatever the number waiting."""
     return conn.execute(f"SELECT MIN(created) FROM messages WHERE {IS_DUE}").fetchone()[0]
 
 
