@@ -305,7 +305,7 @@ class HttpSide:
         states = stats["states"]
         if mine is not None:  # a caller sees its own queue only: the count the spool keeps
             states = {"not final": self.spool.pending.get(mine, 0)}
-        oldest = await self.spool.list_messages(OLDEST_SHOWN, caller=mine)
+        oldest = await self.spool.list_messages(OLDEST_SHOWN, caller=mine, waiting=True)
         return self._html(request, page.index(
             who=self._label(access), csrf=session.csrf if session else None, logout=bool(session and session.token),
             states=states, upstreams=stats["upstreams"], oldest=oldest, query=query, found=found,

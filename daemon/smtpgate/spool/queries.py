@@ -137,7 +137,8 @@ def _recipients(conn: sqlite3.Connection, msg_id: str) -> list[dict]:
 
 def queue_entries(conn: sqlite3.Connection, now: float, *, msg_id: str | None = None,
                   include_final: bool = False, limit: int = -1, live: bool = True,
-                  caller: str | None = None, recipient: str | None = None) -> list[dict]:
+                  caller: str | None = None, recipient: str | None = None,
+                  waiting: bool = False) -> list[dict]:
     """What `smtpgate queue list|show` prints at `now`: the messages oldest
     first (or the one `msg_id`), not final ones unless `include_final`, at
     most `limit` (-1: all). Each is {id, state, attempts, created, updated,
@@ -148,11 +149,19 @@ def queue_entries(conn: sqlite3.Connection, now: float, *, msg_id: str | None = 
     `live`: a daemon runs, so its recorded outage holds due messages.
     `caller`: only that caller's messages. `recipient`: only the messages
     with a recipient whose address contains it (any case; % and _ are
-    themselves; a scan of the recipients, for the queue page's search)."""
+    themselves; a scan of the recipients, for the queue page's search).
+    `waiting`: only the queued and deferred messages, oldest first by their
+    creation, through the index messages_waiting (the queue page's list: in
+    store order, the messages kept final for keep_final came first, and
+    200,000 of them took 0.2 s to skip at every reload of the page)."""
     conditions, params = [], []
+    order = "rowid"
     if msg_id is not None:
         conditions.append("id=?")
         params.append(msg_id)
+    elif waiting:
+        conditions.append(IS_DUE)
+        order = "created, rowid"
     elif not include_final:
         conditions.append(IS_UNFINISHED)
     if caller is not None:
@@ -179,7 +188,7 @@ def queue_entries(conn: sqlite3.Connection, now: float, *, msg_id: str | None = 
         held = outage(conn) if live else None
         rows = conn.execute(
             "SELECT id, state, attempts, created, updated, next_attempt, envelope_from, caller, possible_duplicate"
-            f" FROM messages {where} ORDER BY rowid LIMIT ?",
+            f" FROM messages {where} ORDER BY {order} LIMIT ?",
             (*params, limit),
         ).fetchall()
         for msg_id, state, attempts, created, updated, next_attempt, sender, caller, dup in rows:

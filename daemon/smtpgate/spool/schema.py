@@ -179,9 +179,10 @@ CREATE INDEX webhook_outbox_message ON webhook_outbox (message_id, seq);
     # one has waited (queries.oldest_due) at every scrape, and without this
     # index SQLite read every waiting message's row to find it: 0.18 s of
     # CPU for 100,000, at every scrape, most of all during an outage, when
-    # the figure matters. Partial like messages_pending: a message claimed
-    # at enqueue, being sent or final is not in it, so the usual SEND
-    # never touches it.
+    # the figure matters. The queue page lists the oldest waiting through
+    # it too, instead of skipping the final messages kept before them.
+    # Partial like messages_pending: a message claimed at enqueue, being
+    # sent or final is not in it, so the usual SEND never touches it.
     (6, f"""
 CREATE INDEX messages_waiting ON messages (created) WHERE {IS_DUE};
 """),
