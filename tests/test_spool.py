@@ -709,6 +709,55 @@ def test_the_queue_pages_oldest_waiting_are_read_without_the_final_messages_kept
     assert listed(many, caller="shop")[0] == [("queued", queries.rfc3339(800.0))]
 
 
+def test_expiring_held_messages_reads_only_those_past_their_max_age(tmp_path):
+    """During an outage delivery asks the writer, once a minute, to fail
+    the held messages past max_age (Expire). The writer is on every SEND's
+    way: its cost in VM steps is the same with 3,000 messages held as with
+    30 when none is that old, and it fails exactly those that are."""
+    from smtpgate.proc.calls import Call
+    from smtpgate.spool.ops import Expire, Limits
+    from smtpgate.spool.writer import Writer
+
+    def writer_of(name: str, held: int) -> Writer:
+        (tmp_path / name).mkdir()
+        writer = Writer(str(tmp_path / name / "spool.sqlite3"), Limits(10**6, 3600.0, 3600.0))
+        writer.open()
+        conn = writer.conn
+        conn.execute("BEGIN")
+        for n in range(held):
+            msg_id = new_ulid(1.8e9 + n)
+            conn.execute("INSERT INTO messages (id, state, envelope_from, spec, created, updated, next_attempt)"
+                          " VALUES (?, 'queued', 'a@x.org', ?, ?, ?, ?)", (msg_id, MAIL_SPEC, 1000.0 + n, 1000.0 + n,
+                                                                           1000.0 + n))
+            conn.execute("INSERT INTO recipients VALUES (?, 'r@y.org', 0, 'queued', NULL)", (msg_id,))
+        conn.execute("COMMIT")
+        writer.state_counts["queued"] = held
+        return writer
+
+    def expire(writer: Writer, created_before: float) -> tuple[int, int]:
+        counted = [0]
+
+        def count() -> int:
+            counted[0] += 1
+            return 0
+
+        writer.conn.set_progress_handler(count, 10)
+        outcome = writer.run_batch([Call(1, Expire(1e9, created_before, "550 gave up"))])
+        writer.conn.set_progress_handler(None, 0)
+        return outcome.results[1], counted[0]
+
+    few, many = writer_of("few", 30), writer_of("many", 3000)
+    try:
+        (none_few, few_steps), (none_many, many_steps) = expire(few, 999.0), expire(many, 999.0)
+        assert none_few == none_many == 0
+        assert many_steps <= 2 * few_steps + 5
+        assert expire(many, 1004.0)[0] == 5
+        assert many.state_counts["failed"] == 5 and many.state_counts["queued"] == 2995
+    finally:
+        few.close()
+        many.close()
+
+
 # A spec of about the size of a small mail (the benches' is 2.7 KB): a
 # lone caller's commit then writes 4-6 WAL pages.
 MAIL_SPEC = b'{"from":"app@example.com","to":["a@example.org"],"text":"' + b"x" * 2500 + b'"}'

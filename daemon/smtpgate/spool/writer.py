@@ -526,7 +526,10 @@ class Writer:
     def expire(self, conn, effects, op: Expire) -> int:
         # Their states before (RETURNING would give the new one: each move
         # would be failed to failed, and the counts per state and caller
-        # would not change).
+        # would not change). Through messages_waiting (created <= ?): only
+        # the rows past max_age are read, where messages_pending (every
+        # held one is due) read all 100,000 held in 0.15 s, once a minute,
+        # with every SEND's commit waiting behind it.
         held = f"{IS_DUE} AND next_attempt <= ? AND created <= ?"
         rows = conn.execute(f"SELECT id, state, caller FROM messages WHERE {held}",
                             (op.now, op.created_before)).fetchall()
