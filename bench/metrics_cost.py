@@ -2,7 +2,7 @@
 """What issue 12's metrics work adds per record and per SEND, in process,
 and what a queue search by recipient costs.
 
-    python bench/metrics_cost.py [--search 300000] [--oldest 100000]
+    python bench/metrics_cost.py [--search 300000]
 
 Run it once per checkout (PYTHONPATH=/path/to/checkout/daemon), alternately:
 - records_frame: a RecordAttempts frame of 16 records pickled and read
@@ -19,10 +19,7 @@ Run it once per checkout (PYTHONPATH=/path/to/checkout/daemon), alternately:
 best of 5 repeats, in microseconds. With --search N: a spool of N sent
 messages of one recipient each (in a temporary folder), and the seconds
 of a search matching every address, one address, and none, for an admin
-and for one caller (half of the messages are its own). With --oldest N:
-a spool of N waiting messages (half queued, half deferred) and N sent
-ones, and the seconds of the read /metrics makes at every scrape for the
-age of the oldest waiting message (queries.oldest_due), best of 5.
+and for one caller (half of the messages are its own).
 """
 
 from __future__ import annotations
@@ -129,33 +126,13 @@ def search(n: int) -> dict:
         return out
 
 
-def oldest(n: int) -> dict:
-    with tempfile.TemporaryDirectory() as folder:
-        conn = sqlite3.connect(Path(folder) / "spool.db", isolation_level=None)
-        migrate(conn)
-        spec = b"x" * 1400  # rows of a small mail's size, as a scan of them reads
-        conn.execute("BEGIN")
-        for i in range(2 * n):
-            state = ("sent", "queued", "sent", "deferred")[i % 4]
-            conn.execute("INSERT INTO messages (id, state, envelope_from, spec, created, updated, next_attempt)"
-                         " VALUES (?, ?, 'a@x.org', ?, ?, ?, ?)", (new_ulid(1.8e9 + i), state, spec, 1.8e9 + i,
-                                                                  1.8e9 + i, 1.9e9 + i))
-        conn.execute("COMMIT")
-        seconds = min(timeit.repeat(lambda: queries.oldest_due(conn), number=1, repeat=5))
-        conn.close()
-        return {"oldest_due_s": round(seconds, 6)}
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--search", type=int, default=0, help="recipients in the spool searched (0: no search)")
-    ap.add_argument("--oldest", type=int, default=0, help="waiting messages in the spool (0: no oldest_due)")
     args = ap.parse_args()
     result = frames() | writer()
     if args.search:
         result |= search(args.search)
-    if args.oldest:
-        result |= oldest(args.oldest)
     print(json.dumps(result))
     return 0
 

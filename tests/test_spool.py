@@ -342,6 +342,62 @@ def test_purge_deletes_old_final_messages_and_expired_keys(tmp_path):
     assert stats["states"]["sent"] == 0 and stats["states"]["failed"] == 1
 
 
+def test_a_purge_deletes_in_transactions_of_at_most_its_limit_oldest_first(tmp_path):
+    """A week-old day of mail is purged at once every 5 minutes: one
+    transaction of 30,000 held every SEND 0.5 s. The spool purges `limit`
+    at a time, the oldest first, and goes on until less was left."""
+    clock = Clock()
+
+    async def main():
+        spool = await opened(tmp_path, clock=clock, keep_final=1000, idempotency_window=1000)
+        ids = []
+        for n in range(25):
+            msg_id, _ = await spool.enqueue(SPEC, "s@x.org", ["a@y.org"], f"k{n}")
+            ids.append(msg_id)
+            await spool.claim_due(clock.now, 1)
+            await spool.record_attempt(msg_id, [RecipientOutcome("a@y.org", "sent", "250 ok")])
+            clock.now += 1
+        clock.now += 990  # the first 15 are past keep_final and the window, the last 10 not
+        commits = spool.commits
+        purged = await spool.purge(clock.now, limit=4)
+        chunks = spool.commits - commits
+        left = [m for m in ids if await spool.status(m) is not None]
+        await spool.close()
+        return ids, purged, chunks, left
+
+    ids, purged, chunks, left = run(main())
+    assert purged == (15, 15)
+    assert chunks == 4  # 4 + 4 + 4 + 3
+    assert left == ids[15:]
+
+
+def test_one_purge_deletes_the_oldest_messages_and_keys_up_to_its_limit(tmp_path):
+    from smtpgate.proc.calls import Call
+    from smtpgate.spool.ops import Limits, Purge
+    from smtpgate.spool.writer import Writer
+
+    writer = Writer(str(tmp_path / "spool.sqlite3"), Limits(10**6, 100.0, 100.0))
+    writer.open()
+    conn = writer.conn
+    conn.execute("BEGIN")
+    for n in range(6):  # updated 1..6, in an order that is not their ids'
+        msg_id = new_ulid(1.8e9 + n)
+        conn.execute("INSERT INTO messages (id, state, envelope_from, spec, created, updated, next_attempt)"
+                     " VALUES (?, 'sent', 'a@x.org', x'7b7d', 0, ?, 0)", (msg_id, 1.0 + (n * 5) % 6))
+        conn.execute("INSERT INTO recipients VALUES (?, 'r@y.org', 0, 'sent', '250 ok')", (msg_id,))
+        conn.execute("INSERT INTO idempotency VALUES ('shop', ?, ?, ?)", (f"k{n}", msg_id, 1.0 + (n * 5) % 6))
+    conn.execute("COMMIT")
+    writer.state_counts["sent"] = 6
+    try:
+        assert writer.run_batch([Call(1, Purge(200.0, 4))]).results[1] == (4, 4)
+        assert sorted(u for (u,) in conn.execute("SELECT updated FROM messages")) == [5.0, 6.0]
+        assert sorted(c for (c,) in conn.execute("SELECT created FROM idempotency")) == [5.0, 6.0]
+        assert conn.execute("SELECT COUNT(*) FROM recipients").fetchone() == (2,)
+        assert writer.state_counts["sent"] == 2
+    finally:
+        writer.close()
+
+
 def test_messages_failed_at_max_age_while_held_count_for_their_caller(tmp_path):
     """Expire (every upstream down, max_age passed): the caller's pending
     count (max_pending) goes down, and its failed count up."""

@@ -43,8 +43,8 @@ from smtpgate.proc.pipe import FramedPipe
 from smtpgate.spool import queries
 from smtpgate.spool.errors import SpoolError, SpoolFull, SpoolLocked
 from smtpgate.spool.ops import (
-    Claimed, ClaimDue, Committed, Configure, Delete, Enqueue, Expire, Limits, Open, Purge, RecipientOutcome,
-    Recount, RecordAttempt, RecordUpstreams, Release, Retry, UpstreamRow,
+    PURGE_AT_ONCE, Claimed, ClaimDue, Committed, Configure, Delete, Enqueue, Expire, Limits, Open, Purge,
+    RecipientOutcome, Recount, RecordAttempt, RecordUpstreams, Release, Retry, UpstreamRow,
 )
 from smtpgate.spool.schema import ANONYMOUS_CALLER, DB_FILE, FINAL_STATES, LOCK_FILE, STATES, State
 
@@ -339,10 +339,17 @@ class Spool:
         there was no such message."""
         return await self.submit(Delete(msg_id))
 
-    async def purge(self, now: float) -> tuple[int, int]:
+    async def purge(self, now: float, limit: int = PURGE_AT_ONCE) -> tuple[int, int]:
         """Delete final messages last updated more than keep_final ago and
-        idempotency keys older than the window; returns (messages, keys)."""
-        return await self.submit(Purge(now))
+        idempotency keys older than the window; returns (messages, keys).
+        In transactions of at most `limit` of each, one after the other, so
+        that the SENDs arriving meanwhile never wait behind all of them."""
+        messages = keys = 0
+        while True:
+            some_messages, some_keys = await self.submit(Purge(now, limit))
+            messages, keys = messages + some_messages, keys + some_keys
+            if some_messages < limit and some_keys < limit:
+                return messages, keys
 
     async def recount(self) -> dict[str, int]:
         """Recount the messages per state from the database (after the queue

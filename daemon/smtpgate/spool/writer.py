@@ -579,18 +579,20 @@ class Writer:
         return True
 
     def purge(self, conn, effects, op: Purge) -> tuple[int, int]:
-        purge_at = op.now
-        outbox.freeze(conn, f"{IS_FINAL} AND updated < ?", (purge_at - self.keep_final,))
-        rows = conn.execute(
-            f"DELETE FROM messages WHERE {IS_FINAL} AND updated < ? RETURNING id, state",
-            (purge_at - self.keep_final,),
-        ).fetchall()
+        # The oldest `limit` by the messages_final index (updated, then
+        # rowid): the same ones for freeze and the DELETE, in this transaction.
+        oldest = (f"messages.id IN (SELECT id FROM messages WHERE {IS_FINAL} AND updated < ?"
+                  " ORDER BY updated LIMIT ?)")
+        params = (op.now - self.keep_final, op.limit)
+        outbox.freeze(conn, oldest, params)
+        rows = conn.execute(f"DELETE FROM messages WHERE {oldest} RETURNING id, state", params).fetchall()
         conn.executemany("DELETE FROM recipients WHERE message_id=?", [(msg_id,) for msg_id, _ in rows])
         for _, state in rows:
             effects.move(state, None)
         keys = conn.execute(
-            "DELETE FROM idempotency WHERE created < ?", (purge_at - self.idempotency_window,)
-        ).rowcount
+            "DELETE FROM idempotency WHERE (caller, key) IN"
+            " (SELECT caller, key FROM idempotency WHERE created < ? ORDER BY created LIMIT ?)",
+            (op.now - self.idempotency_window, op.limit)).rowcount
         return len(rows), keys
 
     def configure(self, conn, effects, op: Configure) -> None:
