@@ -156,10 +156,11 @@ class Delete(NamedTuple):
 
 # A purge deletes at most this many messages (and as many idempotency keys)
 # in one transaction, each ~17 us of the writer with its recipients and
-# key: the daemon's spool repeats it until less was left, so that the
-# SENDs that arrive meanwhile wait ~17 ms at most, where one transaction
-# of 30,000 took 0.5 s (a week-old day at 100 messages a second every
-# 5 minutes; bench/results.md).
+# key: the daemon's spool repeats it until less was left, so that a SEND
+# arriving meanwhile waits ~17 ms (the first transaction of a purge, its
+# pages cold, up to ~0.1 s), where one transaction of 30,000 took 0.5 s
+# (a week-old day at 100 messages a second every 5 minutes;
+# bench/housekeeping_cost.py).
 PURGE_AT_ONCE = 1000
 
 

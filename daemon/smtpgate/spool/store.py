@@ -344,6 +344,8 @@ class Spool:
         idempotency keys older than the window; returns (messages, keys).
         In transactions of at most `limit` of each, one after the other, so
         that the SENDs arriving meanwhile never wait behind all of them."""
+        if limit < 1:
+            raise ValueError(f"purge limit {limit}: it would never finish")
         messages = keys = 0
         while True:
             some_messages, some_keys = await self.submit(Purge(now, limit))
