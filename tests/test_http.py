@@ -260,6 +260,29 @@ def test_metrics_need_an_admin_or_metrics_token_and_a_wrong_one_is_counted(close
     assert request(daemon.http, "GET", "/", token=METRICS).status == 403
 
 
+def test_the_pages_oldest_waiting_are_the_queued_and_deferred_not_those_being_sent(make_daemon):
+    # An upstream that takes the connection and never greets (a listening
+    # socket never accepted): the first messages stay claimed, 'sending',
+    # and those past delivery's room wait 'queued'. The page's list, read
+    # oldest first through the index of waiting messages, shows the latter.
+    tarpit = socket.socket()
+    tarpit.bind(("127.0.0.1", 0))
+    tarpit.listen(64)
+    try:
+        daemon = http_daemon(make_daemon, upstream=[f"127.0.0.1:{tarpit.getsockname()[1]}"],
+                             connections_per_upstream=1)
+        with daemon.client() as client:
+            ids = [client.send(message(f"rcpt{n}@example.org")) for n in range(40)]
+            states = wait_until(lambda: (s := [client.status(m)["state"] for m in ids])
+                                and "sending" in s and "queued" in s and s, what="some sending, some queued")
+        listed = request(daemon.http, "GET", "/").text.split("<h2>Oldest waiting", 1)[1]
+        shown = [m for m in ids if m in listed]
+        assert shown == [m for m, state in zip(ids, states, strict=True) if state == "queued"][:len(shown)] and shown
+        assert not any(m in listed for m, state in zip(ids, states, strict=True) if state == "sending")
+    finally:
+        tarpit.close()
+
+
 def test_a_caller_sees_its_own_messages_only_and_may_not_change_them(closed_daemon, upstream):
     daemon = closed_daemon
     upstream.script_rcpt("shop-customer@example.org", "451 4.3.0 greylisted")
