@@ -637,6 +637,40 @@ def test_the_writer_runs_this_package_whatever_the_current_directory(tmp_path, m
     assert run(main())["state"] == "queued"
 
 
+def vm_steps(conn, run, every: int = 10) -> tuple:
+    """run() and its cost on `conn` in SQLite's virtual machine steps (in
+    units of `every`; the progress handler: deterministic, unlike time)."""
+    counted = [0]
+
+    def count() -> int:
+        counted[0] += 1
+        return 0
+
+    conn.set_progress_handler(count, every)
+    try:
+        return run(), counted[0]
+    finally:
+        conn.set_progress_handler(None, 0)
+
+
+def spool_db(path, rows: list[tuple[str, float, str]]):
+    """A spool database at `path` (every schema step) holding a message of
+    MAIL_SPEC for each (state, created, caller) of `rows`, in this order."""
+    import sqlite3
+
+    from smtpgate.spool.schema import migrate
+
+    conn = sqlite3.connect(path, isolation_level=None)
+    migrate(conn)
+    conn.execute("BEGIN")
+    for n, (state, created, caller) in enumerate(rows):
+        conn.execute("INSERT INTO messages (id, state, envelope_from, spec, created, updated, next_attempt, caller)"
+                     " VALUES (?, ?, 'a@x.org', ?, ?, ?, 2e9, ?)",
+                     (new_ulid(1.8e9 + n), state, MAIL_SPEC, created, created, caller))
+    conn.execute("COMMIT")
+    return conn
+
+
 def test_a_search_by_recipient_stops_reading_once_it_has_found_enough(tmp_path):
     """Its cost, in SQLite's virtual machine steps (the progress handler:
     deterministic, unlike time): a search that every address matches costs
@@ -659,17 +693,9 @@ def test_a_search_by_recipient_stops_reading_once_it_has_found_enough(tmp_path):
     conn.execute("COMMIT")
 
     def steps(recipient: str, caller: str | None = None) -> tuple[int, int]:
-        counted = [0]
-
-        def count() -> int:
-            counted[0] += 1
-            return 0
-
-        conn.set_progress_handler(count, 100)
-        found = queries.queue_entries(conn, 2e9, include_final=True, limit=50, live=False,
-                                      recipient=recipient, caller=caller)
-        conn.set_progress_handler(None, 0)
-        return len(found), counted[0]
+        found, steps = vm_steps(conn, lambda: queries.queue_entries(
+            conn, 2e9, include_final=True, limit=50, live=False, recipient=recipient, caller=caller), every=100)
+        return len(found), steps
 
     every, none = steps("example"), steps("nobody")
     assert (every[0], none[0]) == (50, 0)
@@ -685,37 +711,14 @@ def test_the_oldest_waiting_message_is_found_without_reading_every_waiting_one(t
     SQLite's virtual machine steps (deterministic, unlike time) must not
     grow with the messages waiting: 3,000 cost what 30 do. Messages being
     sent, or sent, that are older still are not waiting."""
-    import sqlite3
-
     from smtpgate.spool import queries
-    from smtpgate.spool.schema import migrate
 
-    def spool_of(name: str, waiting: int) -> sqlite3.Connection:
-        conn = sqlite3.connect(tmp_path / name, isolation_level=None)
-        migrate(conn)
-        conn.execute("BEGIN")
-        rows = [("sent", 100.0), ("sending", 200.0)] + [
-            (("queued", "deferred")[n % 2], 1000.0 + n) for n in range(waiting)]
-        for n, (state, created) in enumerate(rows):
-            conn.execute("INSERT INTO messages (id, state, envelope_from, spec, created, updated, next_attempt)"
-                          " VALUES (?, ?, 'a@x.org', ?, ?, ?, ?)",
-                          (new_ulid(1.8e9 + n), state, MAIL_SPEC, created, created, 2e9 - n))
-        conn.execute("COMMIT")
-        return conn
+    def steps(name: str, waiting: int) -> tuple[float | None, int]:
+        conn = spool_db(tmp_path / name, [("sent", 100.0, "shop"), ("sending", 200.0, "shop")] + [
+            (("queued", "deferred")[n % 2], 1000.0 + n, "shop") for n in range(waiting)])
+        return vm_steps(conn, lambda: queries.oldest_due(conn))
 
-    def steps(conn: sqlite3.Connection) -> tuple[float | None, int]:
-        counted = [0]
-
-        def count() -> int:
-            counted[0] += 1
-            return 0
-
-        conn.set_progress_handler(count, 10)
-        oldest = queries.oldest_due(conn)
-        conn.set_progress_handler(None, 0)
-        return oldest, counted[0]
-
-    few, many = steps(spool_of("few.db", 30)), steps(spool_of("many.db", 3000))
+    few, many = steps("few.db", 30), steps("many.db", 3000)
     assert few[0] == many[0] == 1000.0
     assert many[1] <= 2 * few[1] + 2
 
@@ -726,35 +729,16 @@ def test_the_queue_pages_oldest_waiting_are_read_without_the_final_messages_kept
     in VM steps is the same behind 3,000 final messages as behind 30; it
     lists the queued and deferred ones oldest first, for everyone or for
     one caller, and neither those being sent nor final ones."""
-    import sqlite3
-
     from smtpgate.spool import queries
-    from smtpgate.spool.schema import migrate
 
-    def spool_of(name: str, final: int) -> sqlite3.Connection:
-        conn = sqlite3.connect(tmp_path / name, isolation_level=None)
-        migrate(conn)
-        conn.execute("BEGIN")
-        rows = [("sent", 1.0 + n, "shop") for n in range(final)] + [
-            ("deferred", 900.0, "blog"), ("sending", 50.0, "shop"), ("queued", 800.0, "shop"), ("queued", 700.0, "blog")]
-        for n, (state, created, caller) in enumerate(rows):
-            conn.execute("INSERT INTO messages (id, state, envelope_from, spec, created, updated, next_attempt, caller)"
-                          " VALUES (?, ?, 'a@x.org', ?, ?, ?, 2e9, ?)",
-                          (new_ulid(1.8e9 + n), state, MAIL_SPEC, created, created, caller))
-        conn.execute("COMMIT")
-        return conn
+    def spool_of(name: str, final: int):
+        return spool_db(tmp_path / name, [("sent", 1.0 + n, "shop") for n in range(final)] + [
+            ("deferred", 900.0, "blog"), ("sending", 50.0, "shop"), ("queued", 800.0, "shop"), ("queued", 700.0, "blog")])
 
-    def listed(conn: sqlite3.Connection, caller: str | None = None) -> tuple[list, int]:
-        counted = [0]
-
-        def count() -> int:
-            counted[0] += 1
-            return 0
-
-        conn.set_progress_handler(count, 10)
-        entries = queries.queue_entries(conn, 1e9, limit=50, live=False, waiting=True, caller=caller)
-        conn.set_progress_handler(None, 0)
-        return [(e["state"], e["created"]) for e in entries], counted[0]
+    def listed(conn, caller: str | None = None) -> tuple[list, int]:
+        entries, steps = vm_steps(conn, lambda: queries.queue_entries(conn, 1e9, limit=50, live=False, waiting=True,
+                                                                      caller=caller))
+        return [(e["state"], e["created"]) for e in entries], steps
 
     few, many = spool_of("few.db", 30), spool_of("many.db", 3000)
     expected = [("queued", queries.rfc3339(700.0)), ("queued", queries.rfc3339(800.0)),
@@ -791,16 +775,9 @@ def test_expiring_held_messages_reads_only_those_past_their_max_age(tmp_path):
         return writer
 
     def expire(writer: Writer, created_before: float) -> tuple[int, int]:
-        counted = [0]
-
-        def count() -> int:
-            counted[0] += 1
-            return 0
-
-        writer.conn.set_progress_handler(count, 10)
-        outcome = writer.run_batch([Call(1, Expire(1e9, created_before, "550 gave up"))])
-        writer.conn.set_progress_handler(None, 0)
-        return outcome.results[1], counted[0]
+        outcome, steps = vm_steps(writer.conn, lambda: writer.run_batch(
+            [Call(1, Expire(1e9, created_before, "550 gave up"))]))
+        return outcome.results[1], steps
 
     few, many = writer_of("few", 30), writer_of("many", 3000)
     try:
