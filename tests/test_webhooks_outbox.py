@@ -224,9 +224,22 @@ def test_an_event_s_time_is_datetime_s_isoformat_to_the_millisecond(when):
         timespec="milliseconds").replace("+00:00", "Z")
 
 
+def test_an_outcome_for_an_address_the_message_does_not_have_changes_nothing(spool):
+    # The writer works out the message's new state from its recipients as
+    # it read them and the outcomes it applies: an address of no recipient
+    # of the message is no recipient, as the UPDATE that matches no row.
+    msg_id = spool.send(T0, ["kelly@example.org"])
+    assert spool.attempt(T0 + 1, msg_id, ("kelly@example.org", "sent", "250 ok"),
+                         ("stranger@example.org", "deferred", "451 later"), next_attempt=T0 + 60) == "sent"
+    assert spool.writer.conn.execute("SELECT address, state FROM recipients").fetchall() == [
+        ("kelly@example.org", "sent")]
+    assert [kind for kind, _ in spool.sendable()] == [outbox.SENT]
+
+
 def test_a_message_marked_a_possible_duplicate_has_that_event_once(spool):
     # The writer reads what each message of a batch of records was before
-    # it (outbox.before, one statement): marked already, or deferred already.
+    # it (from its reads of the run's messages and recipients, before it
+    # writes them): marked already, or deferred already.
     msg_id, other = spool.send(T0, ["a@example.org"]), spool.send(T0, ["b@example.org"])
     spool.run(RecordAttempts(pack([
         RecordAttempt(T0 + 1, msg_id, [RecipientOutcome("a@example.org", "deferred", "451 later")], T0 + 60, True),

@@ -61,17 +61,6 @@ class OutboxEvent(NamedTuple):
     attempts: int
 
 
-def before(conn: sqlite3.Connection, msg_ids: list[str]) -> dict[str, Before]:
-    """What each of `msg_ids` was before the attempts about to be recorded,
-    by id: one statement for a writer's run of records, not one per message
-    (each statement costs the writer more than the rows it reads)."""
-    if not msg_ids:
-        return {}  # no caller of theirs has webhooks
-    return {msg_id: Before(bool(deferred), bool(dup)) for msg_id, deferred, dup in conn.execute(
-        "SELECT id, EXISTS (SELECT 1 FROM recipients WHERE message_id=messages.id AND state=?), possible_duplicate"
-        " FROM messages WHERE id IN (SELECT value FROM json_each(?))", (State.DEFERRED, json.dumps(msg_ids)))}
-
-
 def attempt_events(was: Before, new_state: str, possible_duplicate: bool) -> list[str]:
     """The events of a recorded attempt, in the order they are sent."""
     events = [POSSIBLE_DUPLICATE] if possible_duplicate and not was.possible_duplicate else []

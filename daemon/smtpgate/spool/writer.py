@@ -465,18 +465,29 @@ class Writer:
         size = 1 << (len(ids) - 1).bit_length()
         marks = ",".join("?" * size)
         id_list = ids + ids[:1] * (size - len(ids))
-        found = {msg_id: (state, caller) for msg_id, state, caller in conn.execute(
-            f"SELECT id, state, caller FROM messages WHERE id IN ({marks})", id_list)}
-        was = outbox.before(conn, [msg_id for msg_id, (_, caller) in found.items() if self._hooked(caller)])
-        conn.executemany(
-            "UPDATE recipients SET state=?, reply=? WHERE message_id=? AND address=?",
-            [(o.state, o.reply, record.msg_id, o.address)
-             for record in records if record.msg_id in found for o in record.outcomes],
-        )
-        states: dict[str, set[str]] = {msg_id: set() for msg_id in found}
-        for msg_id, state in conn.execute(f"SELECT message_id, state FROM recipients WHERE message_id IN ({marks})",
-                                          id_list):
-            states[msg_id].add(state)
+        found = {msg_id: (state, caller, bool(dup)) for msg_id, state, caller, dup in conn.execute(
+            f"SELECT id, state, caller, possible_duplicate FROM messages WHERE id IN ({marks})", id_list)}
+        # Each message's recipients as they were (what decides its webhook
+        # events: was one deferred by an earlier attempt), then as this
+        # record leaves them, from the one read: a second read after the
+        # UPDATE, and one more for the events, cost the writer a statement
+        # each per run.
+        recipients: dict[str, dict[str, str]] = {msg_id: {} for msg_id in found}
+        for msg_id, address, state in conn.execute(
+                f"SELECT message_id, address, state FROM recipients WHERE message_id IN ({marks})", id_list):
+            recipients[msg_id][address] = state
+        was = {msg_id: outbox.Before(State.DEFERRED in recipients[msg_id].values(), dup)
+               for msg_id, (_, caller, dup) in found.items() if self._hooked(caller)}
+        changes = []
+        for record in records:
+            now_states = recipients.get(record.msg_id)
+            if now_states is None:
+                continue
+            for o in record.outcomes:
+                if o.address in now_states:  # the UPDATE matches no other
+                    now_states[o.address] = o.state
+                    changes.append((o.state, o.reply, record.msg_id, o.address))
+        conn.executemany("UPDATE recipients SET state=?, reply=? WHERE message_id=? AND address=?", changes)
         results: list[str | None] = []
         updates = []
         for record in records:
@@ -485,7 +496,7 @@ class Writer:
             if row is None:
                 results.append(None)
                 continue
-            new_state = _attempt_state(states[msg_id])
+            new_state = _attempt_state(set(recipients[msg_id].values()))
             if new_state == State.DEFERRED:
                 effects.count("deferred", caller=row[1])
             updates.append((new_state, record.now, record.next_attempt if record.next_attempt is not None else record.now,
