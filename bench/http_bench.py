@@ -201,6 +201,13 @@ def drain(daemon: Daemon, accepted: int, webhooks: bool) -> None:
     raise RuntimeError(f"not drained in 5 minutes: {daemon.stats()}")
 
 
+def written_bytes(pid: int) -> int:
+    """Bytes a process has had written to the disk so far (/proc/PID/io's
+    write_bytes): the spool writer's WAL frames and checkpoints."""
+    with open(f"/proc/{pid}/io") as fh:
+        return next(int(line.split()[1]) for line in fh if line.startswith("write_bytes:"))
+
+
 def one_run(binary: Path, workdir: Path, env: dict, sink_port: int, seconds: float, kind: str, hold: bool,
             hooks: dict | None, receiver: tuple[subprocess.Popen, int] | None) -> dict:
     """One run of `kind` (off, http, hooks); `receiver` only for hooks."""
@@ -225,17 +232,21 @@ def one_run(binary: Path, workdir: Path, env: dict, sink_port: int, seconds: flo
             scraper.start()
         events = received(receiver[1]) if receiver else 0
         before = {role: cpu_seconds(pid) for role, pid in pids.items()}
+        written = written_bytes(pids["writer"])
         sent = loadgen(binary, daemon.port, 16, seconds)
         accepted = sent["requests"] - sent["errors"]
+        written_in_load = written_bytes(pids["writer"]) - written
         if not hold:
             drain(daemon, accepted, webhooks)
         cpu = {role: cpu_seconds(pid) - before[role] for role, pid in pids.items()}
+        written = written_bytes(pids["writer"]) - written
         if scraper:
             scraper.stopped.set()
             scraper.join(15)
         row = {"kind": kind, "rate": sent["rate"], "p50_us": sent["p50_us"], "p99_us": sent["p99_us"],
                "accepted": accepted, "errors": sent["errors"],
-               "cpu_us": {role: round(seconds / accepted * 1e6, 1) for role, seconds in cpu.items()}}
+               "cpu_us": {role: round(seconds / accepted * 1e6, 1) for role, seconds in cpu.items()},
+               "writer_kb": round(written / accepted / 1024, 2), "writer_kb_in_load": round(written_in_load / accepted / 1024, 2)}
         if scraper:
             row["scrapes"] = scraper.scrapes
             row["scrape_ms_max"] = round(max(scraper.seconds) * 1000, 1) if scraper.seconds else None
