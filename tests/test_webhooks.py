@@ -35,7 +35,11 @@ from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 from smtpgate.config import ConfigError, load_config
 from smtpgate.webhooks import signing
 from smtpgate.webhooks.client import MAX_BODY, MAX_HEAD, Client, ProtocolError
-from smtpgate.webhooks.sender import PIPELINE, WebhookSender, WebhookSettings
+from smtpgate.proc.calls import Call
+from smtpgate.spool.ops import Enqueue, Limits, RecipientOutcome, RecordAttempt, WebhookDone, WebhookRetry
+from smtpgate.spool.schema import DB_FILE
+from smtpgate.spool.writer import Writer
+from smtpgate.webhooks.sender import CONNECTIONS, PIPELINE, OutboxReader, Target, WebhookSender, WebhookSettings
 
 SECRET = "whsec_" + base64.b64encode(b"smtpgate webhook test secret, 32B").decode()
 OTHER_SECRET = "whsec_" + base64.b64encode(b"another secret of at least 24 bytes").decode()
@@ -68,6 +72,8 @@ class Receiver:
         self.peers: list[int] = []  # the port of each event's connection, beside `events`
         self.close_every = 0  # the connection closed after every n-th answer (0: kept)
         self.fail_once: set[str] = set()  # message ids whose event's first try is answered 500
+        self.serving: Counter[int] = Counter()  # requests being answered, by the port of their connection
+        self.most_connections = 0  # connections with a request being answered at once, at most
         self.cond = threading.Condition()
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
@@ -88,7 +94,10 @@ class Receiver:
                 self.cond.notify_all()
             return web.Response(status=401, text="bad signature")
         msg_id = payload["data"]["message_id"]
+        peer = request.transport.get_extra_info("peername")[1]
         with self.cond:
+            self.serving[peer] += 1
+            self.most_connections = max(self.most_connections, len(+self.serving))
             if msg_id in self.handling:
                 self.overlaps.append(msg_id)
             self.handling.add(msg_id)
@@ -105,6 +114,7 @@ class Receiver:
         await asyncio.sleep(self.delay)
         with self.cond:
             self.handling.discard(msg_id)
+            self.serving[peer] -= 1
         response = web.Response(status=answer, headers=headers)
         if closing:
             response.force_close()  # the requests read behind this one are never answered
@@ -784,18 +794,119 @@ def test_the_client_pipelines_requests_on_one_connection_and_reads_the_answers_i
     assert receiver.connections == 1 and max(receiver.per_read) > 1  # several requests in one read
 
 
-@pytest.mark.parametrize("pace, depth", [(None, PIPELINE), (0.0, PIPELINE), (0.002, PIPELINE), (0.005, 4), (0.05, 2)],
+@pytest.mark.parametrize("pace, depth", [(None, PIPELINE), (0.0, PIPELINE), (0.002, 10), (0.005, 4), (0.05, 2)],
                          ids=["not-yet-timed", "answers-at-once", "busy-machine", "5ms", "slow"])
 def test_a_pipeline_holds_what_the_receiver_answers_in_about_20_ms_and_2_at_least(pace, depth):
     """A receiver answers one connection's requests in turn: a slow one gets
-    2 per connection, not 8 (8 x 50 ms for the last); a fast one slowed to
-    answers 2 ms apart by a busy CPU keeps the whole pipeline, where
+    2 per connection, not 32 (32 x 50 ms for the last); a fast one slowed to
+    answers 2 ms apart by a busy CPU keeps 10 (20 ms of its answers), where
     pipelining saves the most."""
     sender = WebhookSender(None, None, WebhookSettings({}, None, 60.0, 5.0), log=None)
     url = "http://127.0.0.1:1/hook"
     if pace is not None:
         sender._pace[url] = pace
     assert sender._depth(url) == depth
+
+
+class SenderSpool:
+    """The sender alone on a real spool: a Writer whose outbox holds `count`
+    sent messages' events, and the relay's spool calls the sender makes
+    (webhook_done, webhook_retry) run by it at once."""
+
+    def __init__(self, folder, count: int):
+        self.path = str(folder / DB_FILE)
+        self.writer = Writer(self.path, Limits(10**6, 3600.0, 3600.0, None))
+        self.writer.open()
+        self.tokens = iter(range(10**9))
+        self.changed: asyncio.Event | None = None  # set at each outcome written
+        now = time.time()
+        ids = [self.run(Enqueue(now, b"{}", "app@shop.example", ["kelly@example.org"], None, "shop", 0, True)).id
+               for _ in range(count)]
+        for msg_id in ids:
+            self.run(RecordAttempt(now, msg_id, [RecipientOutcome("kelly@example.org", "sent", "250 ok")], None, False))
+
+    def run(self, op):
+        call = Call(next(self.tokens), op)
+        outcome = self.writer.run_batch([call])
+        self.writer.committed(outcome)
+        assert call.token not in outcome.errors, outcome.errors
+        return outcome.results[call.token]
+
+    def _done(self, op) -> asyncio.Future:
+        future = asyncio.get_running_loop().create_future()
+        future.set_result(self.run(op))
+        self.changed.set()
+        return future
+
+    def webhook_done(self, events):
+        return self._done(WebhookDone(list(events)))
+
+    def webhook_retry(self, next_attempt, events, error):
+        return self._done(WebhookRetry(next_attempt, list(events), error))
+
+    def outbox(self) -> list[tuple[int, float]]:
+        """(attempts, next_attempt) of each event left."""
+        return self.writer.conn.execute("SELECT attempts, next_attempt FROM webhook_outbox ORDER BY seq").fetchall()
+
+
+class Quiet:
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
+
+
+def send_outbox(spool: SenderSpool, receiver: Receiver, until) -> None:
+    """Run a WebhookSender on `spool` to `receiver`, timed already as one
+    answering a request every 50 ms (2 per pipeline), until `until()`."""
+    async def main():
+        key = signing.parse_secret(SECRET)
+        sender = WebhookSender(spool, OutboxReader(spool.path),
+                               WebhookSettings({}, Target(receiver.url, (key,)), 3600.0, 10.0), Quiet())
+        sender._pace[receiver.url] = 0.05
+        spool.changed = asyncio.Event()
+        sender.start()
+        while not until():  # checked at each outcome the sender writes
+            spool.changed.clear()
+            await asyncio.wait_for(spool.changed.wait(), WAIT)
+        await sender.stop()
+
+    asyncio.run(main())
+
+
+def test_a_slow_receiver_gets_at_most_connections_at_once_and_every_event_once(tmp_path):
+    """40 events due at once to a receiver answering one request per 50 ms
+    (a pipeline of 2 each): 20 pipelines, of which CONNECTIONS at once; the
+    others wait in memory for a connection, none is lost or sent twice."""
+    spool = SenderSpool(tmp_path, 40)
+    receiver = Receiver(SECRET).start()
+    receiver.delay = 0.05
+    try:
+        send_outbox(spool, receiver, lambda: not spool.outbox())
+        assert spool.outbox() == []
+        with receiver.cond:
+            assert Counter(payload["data"]["message_id"] for _, payload in receiver.events).most_common(1)[0][1] == 1
+            assert len(receiver.events) == 40 and receiver.rejected == []
+            assert receiver.most_connections == CONNECTIONS
+    finally:
+        receiver.close()
+        spool.writer.close()
+
+
+def test_events_waiting_for_a_connection_when_their_receiver_fails_are_held_unsent(tmp_path):
+    """The same 40 events to a receiver that answers 500: the 16 on the
+    CONNECTIONS connections fail and mark it down; the 24 waiting are not
+    sent to it then, but left in the outbox and held to its next try."""
+    spool = SenderSpool(tmp_path, 40)
+    receiver = Receiver(SECRET).start()
+    receiver.answer, receiver.delay = 500, 0.05
+    try:
+        send_outbox(spool, receiver, lambda: all(next_attempt > time.time() for _, next_attempt in spool.outbox()))
+        left = spool.outbox()
+        assert len(left) == 40 and all(next_attempt > time.time() for _, next_attempt in left)
+        assert sorted(attempts for attempts, _ in left) == [0] * 24 + [1] * 16
+        assert len(receiver.events) == 2 * CONNECTIONS
+    finally:
+        receiver.close()
+        spool.writer.close()
 
 
 @pytest.mark.parametrize("notice", [True, False], ids=["connection-close", "closed-without-notice"])

@@ -170,8 +170,8 @@ class _Connection:
 
 class Client:
     """POSTs over pooled connections, pipelined. A pool holds at most as
-    many idle connections as were in use at once (the sender's CONCURRENCY
-    bounds those)."""
+    many idle connections as were in use at once (the sender's CONNECTIONS
+    bounds those per receiver)."""
 
     def __init__(self, user_agent: str):
         self.user_agent = user_agent

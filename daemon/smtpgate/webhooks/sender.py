@@ -7,11 +7,12 @@ beside delivery: like a relay, an event is background work that nobody
 waits for by the millisecond, and on the daemon's loop it cost intake
 about 120 us of CPU per event (bench/results.md, "Delivery webhooks").
 It reads the outbox itself (OutboxReader: a read-only connection in a
-thread of its own), a page of at most CONCURRENCY events at a time (so a
+thread of its own), a page of at most WINDOW events at a time (so a
 receiver that is down costs rows on disk, not memory), making there the
 payloads of `message.sent` and `message.failed` from their messages' rows
 (spool/outbox.py: not the writer, on every message's path), sends those
-of one receiver pipelined on a connection (PIPELINE), and writes every
+of one receiver pipelined on a connection (PIPELINE; CONNECTIONS at
+most to one receiver), and writes every
 outcome back through the relay's spool calls, which the daemon passes to
 the spool's one writer (no fsync: losing one in a power cut only sends an
 event again), the 2xx answers of SETTLE seconds in one operation: the
@@ -30,6 +31,7 @@ up at once.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import os
@@ -52,11 +54,18 @@ from smtpgate.webhooks.client import Answer, Client
 if TYPE_CHECKING:
     from smtpgate.config import Config
 
-CONCURRENCY = 16  # requests at once, and the events read per page
+# Events read per page, and in flight at once (sent, or read and waiting
+# for a connection): what a receiver that is down can cost in memory. 64,
+# not 16: a read and a pipeline cost about the same for 16 events as for
+# 64, so the sender's CPU per event fell by a third to a half with a
+# backlog (bench/webhook_sender.py: 67-82 -> 36-44 us alone; in place, at
+# 16 connections relaying, the delivery process's extra per event 63 ->
+# 43 us; bench/results.md, issue 12, 2026-12-07, morning 3).
+WINDOW = 64
 # Requests pipelined on one connection (RFC 9112 section 9.3.2): one write
 # and a read or two for all of them instead of each: the sender's CPU per
 # event halved at saturation (bench/results.md, "Webhooks pipelined"). Half
-# a page: the next page is read and sent while the other half is answered.
+# the window: the next page is read and sent while the other half is answered.
 # A receiver answers a connection's requests one after the other, so a slow
 # one would be slower still: a pipeline is cut to what the receiver answers
 # in about PIPELINE_SPAN seconds at its pace (the time between two answers
@@ -66,7 +75,11 @@ CONCURRENCY = 16  # requests at once, and the events read per page
 # apart (its own wait for a CPU), and a 5 ms span cut the depth to 2-3 just
 # when the machine was busiest: the CPU per event rose most of the way back
 # to one request per write (bench/results.md, "The night's main").
-PIPELINE = CONCURRENCY // 2
+PIPELINE = WINDOW // 2
+# Connections to one receiver at once: a slow one gets at most 16 requests
+# at once (2 on each), the most it got before the window grew; what the
+# window holds beyond that waits in memory for a connection.
+CONNECTIONS = 8
 PIPELINE_SPAN = 0.02
 POLL = 1.0  # seconds between two reads of the outbox when nothing woke the sender
 RETRY_BASE = 5.0  # seconds before the first retry of a failed receiver
@@ -185,11 +198,14 @@ class WebhookSender:
         self.reload(settings)
         self._down: dict[str, _Down] = {}  # by URL: bounded by the configuration
         self._pace: dict[str, float] = {}  # by URL: seconds between two answers of its last pipeline
-        self._inflight: set[int] = set()  # seqs being sent
+        self._inflight: set[int] = set()  # seqs being sent or waiting for a connection
+        self._waiting: dict[str, tuple[Target, collections.deque[OutboxEvent]]] = {}  # by URL: for a connection
+        self._connections: dict[str, int] = {}  # by URL: pipelines in flight
         self._settling: list[tuple[int, str, bool]] = []  # answered 2xx, to be written
         self._settled: set[int] = set()  # their seqs, until written: not read as due again
         self._settle_timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task] = set()
+        self._stopping = False
         self._wake = asyncio.Event()
         self._runner: asyncio.Task | None = None
         self._client = Client(f"smtpgate/{__version__}")
@@ -203,6 +219,7 @@ class WebhookSender:
     async def stop(self) -> None:
         """Stop sending; an event in flight stays in the outbox and is sent
         again by the next start (at least once)."""
+        self._stopping = True  # a pipeline cancelled starts no other (_sent)
         tasks = [t for t in (self._runner, *self._tasks) if t is not None]
         for task in tasks:
             task.cancel()
@@ -217,7 +234,11 @@ class WebhookSender:
         return self._own.get(caller, self._default)
 
     async def _run(self) -> None:
-        while True:
+        # Not `while True`: Python 3.11's wait_for returns the wake instead of
+        # raising a cancellation that comes as the wake does, and the loop
+        # would go on after stop() (seen: stop() called as the settles of
+        # the last events were written hung).
+        while not self._stopping:
             self._wake.clear()
             try:
                 if await self._page():
@@ -233,8 +254,8 @@ class WebhookSender:
         """Start sending the events due now (up to the free slots); hold
         those of a receiver that is down, give up the stale ones. True when
         more may be due at once."""
-        free = CONCURRENCY - len(self._inflight)
-        if free < CONCURRENCY // 2 and self._inflight:
+        free = WINDOW - len(self._inflight)
+        if free < WINDOW // 2 and self._inflight:
             return False  # a read per half page, not per event: each costs a trip to the reader thread
         now = self._clock()
         events = await self.reader.due(now, free, (*self._inflight, *self._settled))
@@ -257,16 +278,13 @@ class WebhookSender:
                 continue
             batches.setdefault(target.url, (target, []))[1].append(event)
         for target, batch in batches.values():
-            depth = self._depth(target.url)
-            for start in range(0, len(batch), depth):
-                self._inflight.update(event.seq for event in batch[start:start + depth])
-                task = asyncio.create_task(self._send(batch[start:start + depth], target))
-                self._tasks.add(task)
-                task.add_done_callback(self._sent)
+            self._inflight.update(event.seq for event in batch)
+            self._waiting.setdefault(target.url, (target, collections.deque()))[1].extend(batch)
+            self._start(target.url)
         for until, ids in held.items():
             await self.spool.webhook_retry(until, ids, None)
         # A full page of which some were not sent: read the next one now.
-        return len(events) == free and len(self._inflight) < CONCURRENCY
+        return len(events) == free and len(self._inflight) < WINDOW
 
     def _depth(self, url: str) -> int:
         """How many requests to pipeline to `url` (PIPELINE for a receiver
@@ -274,8 +292,33 @@ class WebhookSender:
         pace = self._pace.get(url, 0.0)
         return max(2, min(PIPELINE, int(PIPELINE_SPAN / pace))) if pace else PIPELINE
 
-    def _sent(self, task: asyncio.Task) -> None:
+    def _start(self, url: str) -> None:
+        """Send the events waiting for `url`, a pipeline on each connection
+        free (CONNECTIONS at most)."""
+        target, waiting = self._waiting[url]
+        depth = self._depth(url)
+        while waiting and self._connections.get(url, 0) < CONNECTIONS:
+            batch = [waiting.popleft() for _ in range(min(depth, len(waiting)))]
+            self._connections[url] = self._connections.get(url, 0) + 1
+            task = asyncio.create_task(self._send(batch, target))
+            self._tasks.add(task)
+            task.add_done_callback(functools.partial(self._sent, url))
+        if not waiting:
+            del self._waiting[url]
+
+    def _sent(self, url: str, task: asyncio.Task) -> None:
         self._tasks.discard(task)
+        self._connections[url] -= 1
+        if not self._connections[url]:
+            del self._connections[url]
+        if url in self._waiting and not self._stopping:
+            down = self._down.get(url)
+            if down is not None and down.until > self._clock():
+                # Left in the outbox, due: the next page holds them as the
+                # receiver's others (or gives them up), as if never read.
+                self._inflight.difference_update(event.seq for event in self._waiting.pop(url)[1])
+            else:
+                self._start(url)
         self._wake.set()
 
     async def _send(self, events: list[OutboxEvent], target: Target) -> None:
