@@ -30,15 +30,14 @@ import trustme
 from aiohttp import web
 from support import wait_until
 from test_upstream_health import Scripted
+from test_webhooks_outbox import Spool as OutboxSpool
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from smtpgate.config import ConfigError, load_config
 from smtpgate.webhooks import signing
 from smtpgate.webhooks.client import MAX_BODY, MAX_HEAD, Client, ProtocolError
-from smtpgate.proc.calls import Call
-from smtpgate.spool.ops import Enqueue, Limits, RecipientOutcome, RecordAttempt, WebhookDone, WebhookRetry
+from smtpgate.spool.ops import WebhookDone, WebhookRetry
 from smtpgate.spool.schema import DB_FILE
-from smtpgate.spool.writer import Writer
 from smtpgate.webhooks.sender import CONNECTIONS, PIPELINE, OutboxReader, Target, WebhookSender, WebhookSettings
 
 SECRET = "whsec_" + base64.b64encode(b"smtpgate webhook test secret, 32B").decode()
@@ -808,29 +807,18 @@ def test_a_pipeline_holds_what_the_receiver_answers_in_about_20_ms_and_2_at_leas
     assert sender._depth(url) == depth
 
 
-class SenderSpool:
+class SenderSpool(OutboxSpool):
     """The sender alone on a real spool: a Writer whose outbox holds `count`
     sent messages' events, and the relay's spool calls the sender makes
     (webhook_done, webhook_retry) run by it at once."""
 
     def __init__(self, folder, count: int):
+        super().__init__(folder)
         self.path = str(folder / DB_FILE)
-        self.writer = Writer(self.path, Limits(10**6, 3600.0, 3600.0, None))
-        self.writer.open()
-        self.tokens = iter(range(10**9))
         self.changed: asyncio.Event | None = None  # set at each outcome written
         now = time.time()
-        ids = [self.run(Enqueue(now, b"{}", "app@shop.example", ["kelly@example.org"], None, "shop", 0, True)).id
-               for _ in range(count)]
-        for msg_id in ids:
-            self.run(RecordAttempt(now, msg_id, [RecipientOutcome("kelly@example.org", "sent", "250 ok")], None, False))
-
-    def run(self, op):
-        call = Call(next(self.tokens), op)
-        outcome = self.writer.run_batch([call])
-        self.writer.committed(outcome)
-        assert call.token not in outcome.errors, outcome.errors
-        return outcome.results[call.token]
+        for _ in range(count):
+            self.attempt(now, self.send(now, ["kelly@example.org"]), ("kelly@example.org", "sent", "250 ok"))
 
     def _done(self, op) -> asyncio.Future:
         future = asyncio.get_running_loop().create_future()
@@ -888,7 +876,7 @@ def test_a_slow_receiver_gets_at_most_connections_at_once_and_every_event_once(t
             assert receiver.most_connections == CONNECTIONS
     finally:
         receiver.close()
-        spool.writer.close()
+        spool.close()
 
 
 def test_events_waiting_for_a_connection_when_their_receiver_fails_are_held_unsent(tmp_path):
@@ -906,7 +894,7 @@ def test_events_waiting_for_a_connection_when_their_receiver_fails_are_held_unse
         assert len(receiver.events) == 2 * CONNECTIONS
     finally:
         receiver.close()
-        spool.writer.close()
+        spool.close()
 
 
 @pytest.mark.parametrize("notice", [True, False], ids=["connection-close", "closed-without-notice"])
