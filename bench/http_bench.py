@@ -30,7 +30,9 @@ and the CPU per SEND accepted of each process (/proc/PID/stat: the figure
 that moves least on a shared machine, bench/cpu_bench.py), from the start
 of the load until every message is delivered and, with webhooks, every
 event answered (the work a SEND causes, not only what fits in the load's
-seconds). Prints `uptime`, one JSON line per run and a Markdown table of
+seconds), and the spool writer's bytes written to the disk per SEND
+(/proc/PID/io: `writer_kb`, and `writer_kb_in_load` for the load's
+seconds alone: webhooks add the outbox's pages to its commits). Prints `uptime`, one JSON line per run and a Markdown table of
 the medians.
 """
 
