@@ -345,7 +345,10 @@ def make_daemon(tmp_path, upstream):
         workdir.mkdir()
         config = {"listen": ["127.0.0.1:0"], "socket": str(workdir / "smtpgate.sock"),
                   "spool": str(workdir / "spool"), "upstream": [upstream.hostport],
-                  "upstream_tls": "none", "helo_name": "smtpgate.test", **FAST_RETRIES}
+                  "upstream_tls": "none", "helo_name": "smtpgate.test", **FAST_RETRIES,
+                  # The suite's own load must not hold webhook events back (a test
+                  # that wants it sets this).
+                  "webhook_yield_for": 0}
         config.update(settings)
         if "retry_base" in settings and "retry_max" not in settings:
             # retry_max below retry_base is a configuration error

@@ -38,7 +38,9 @@ from smtpgate.webhooks import signing
 from smtpgate.webhooks.client import MAX_BODY, MAX_HEAD, Client, ProtocolError
 from smtpgate.spool.ops import WebhookDone, WebhookRetry
 from smtpgate.spool.schema import DB_FILE
-from smtpgate.webhooks.sender import CONNECTIONS, PIPELINE, OutboxReader, Target, WebhookSender, WebhookSettings
+from smtpgate.webhooks.sender import (
+    CONNECTIONS, PIPELINE, CpuPressure, OutboxReader, Target, WebhookSender, WebhookSettings,
+)
 
 SECRET = "whsec_" + base64.b64encode(b"smtpgate webhook test secret, 32B").decode()
 OTHER_SECRET = "whsec_" + base64.b64encode(b"another secret of at least 24 bytes").decode()
@@ -607,6 +609,7 @@ def test_each_caller_gets_its_own_url_and_secret_and_others_none(make_daemon, up
      "holds 24 to 64 random bytes, this one 5"),
     ({"webhook_url": "http://127.0.0.1:9/h", "secret": SECRET, "mode": 0o644}, "is open to group or others"),
     ({"webhook_url": "http://127.0.0.1:9/h", "secret": SECRET, "webhook_timeout": 0}, "webhook_timeout: must be more"),
+    ({"webhook_url": "http://127.0.0.1:9/h", "secret": SECRET, "webhook_yield_for": -1}, "webhook_yield_for: must not be negative"),
 ])
 def test_the_configuration_refuses_an_unsigned_or_unclear_webhook(tmp_path, settings, error):
     settings = dict(settings, upstream=["127.0.0.1:25"])
@@ -800,7 +803,7 @@ def test_a_pipeline_holds_what_the_receiver_answers_in_about_20_ms_and_2_at_leas
     2 per connection, not 32 (32 x 50 ms for the last); a fast one slowed to
     answers 2 ms apart by a busy CPU keeps 10 (20 ms of its answers), where
     pipelining saves the most."""
-    sender = WebhookSender(None, None, WebhookSettings({}, None, 60.0, 5.0), log=None)
+    sender = WebhookSender(None, None, WebhookSettings({}, None, 60.0, 5.0, 0.0), log=None)
     url = "http://127.0.0.1:1/hook"
     if pace is not None:
         sender._pace[url] = pace
@@ -848,7 +851,7 @@ def send_outbox(spool: SenderSpool, receiver: Receiver, until) -> None:
     async def main():
         key = signing.parse_secret(SECRET)
         sender = WebhookSender(spool, OutboxReader(spool.path),
-                               WebhookSettings({}, Target(receiver.url, (key,)), 3600.0, 10.0), Quiet())
+                               WebhookSettings({}, Target(receiver.url, (key,)), 3600.0, 10.0, 0.0), Quiet())
         sender._pace[receiver.url] = 0.05
         spool.changed = asyncio.Event()
         sender.start()
@@ -892,6 +895,74 @@ def test_events_waiting_for_a_connection_when_their_receiver_fails_are_held_unse
         assert len(left) == 40 and all(next_attempt > time.time() for _, next_attempt in left)
         assert sorted(attempts for attempts, _ in left) == [0] * 24 + [1] * 16
         assert len(receiver.events) == 2 * CONNECTIONS
+    finally:
+        receiver.close()
+        spool.close()
+
+
+def test_the_cpu_is_contended_when_some_task_waited_for_one_more_than_a_quarter_of_the_time(tmp_path):
+    """/proc/pressure/cpu's "some" total (microseconds some runnable task
+    waited) read at each look, 0.1 s apart at least; no file, never."""
+    stall, now = tmp_path / "cpu", [100.0]
+    pressure = CpuPressure(str(stall), clock=lambda: now[0])
+
+    def look(after: float, total: int) -> bool:
+        now[0] += after
+        stall.write_text(f"some avg10=0.00 avg60=0.00 avg300=0.00 total={total}\n"
+                         "full avg10=0.00 avg60=0.00 avg300=0.00 total=0\n")
+        return pressure.contended()
+
+    assert look(0, 5_000_000) is False  # a first look: nothing to compare with
+    assert look(1.0, 5_300_000) is True  # 0.3 s of 1 s
+    assert look(0.05, 5_300_000) is True  # too soon to look again: as said before, not read
+    assert look(1.0, 5_500_000) is False  # 0.2 s of the 1.05 s since the last look read
+    assert CpuPressure(str(tmp_path / "none")).contended() is False
+
+
+class Pressure:
+    def __init__(self, contended: bool):
+        self.said = contended
+
+    def contended(self) -> bool:
+        return self.said
+
+
+YIELD_FOR = 10.0  # webhook_yield_for's default
+
+
+def test_while_the_cpu_is_contended_only_events_older_than_yield_for_are_sent(tmp_path):
+    """A burst's events wait for it to end (the hand-offs and the mail go
+    first), webhook_yield_for at most: read while the CPU is contended, none
+    of 40 fresh events is sent; YIELD_FOR later they all are."""
+    spool = SenderSpool(tmp_path, 40)
+    receiver = Receiver(SECRET).start()
+    clock, reads = [time.time() + 1], []
+
+    class Reader(OutboxReader):
+        async def due(self, now, limit, exclude):
+            events = await super().due(now, limit, exclude)
+            reads.append((clock[0], len(events)))
+            spool.changed.set()
+            return events
+
+    async def main():
+        sender = WebhookSender(spool, Reader(spool.path), WebhookSettings(
+            {}, Target(receiver.url, (signing.parse_secret(SECRET),)), 3600.0, 10.0, YIELD_FOR), Quiet(),
+            clock=lambda: clock[0], pressure=Pressure(True))
+        spool.changed = asyncio.Event()
+        sender.start()
+        while not reads:
+            await asyncio.wait_for(spool.changed.wait(), WAIT)
+        assert reads == [(clock[0], 0)] and receiver.events == []
+        clock[0] += YIELD_FOR
+        while spool.outbox():  # read again at the next poll
+            spool.changed.clear()
+            await asyncio.wait_for(spool.changed.wait(), WAIT)
+        await sender.stop()
+
+    try:
+        asyncio.run(main())
+        assert len(receiver.events) == 40 and receiver.rejected == []
     finally:
         receiver.close()
         spool.close()

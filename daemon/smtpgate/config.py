@@ -117,6 +117,9 @@ class Config:
     webhook_secret_file: str | None = None
     webhook_retry_for: float = 24 * 3600.0
     webhook_timeout: float = 15.0
+    # While the CPU is contended, events wait this long for it to be free
+    # (0: never): the hand-offs and the mail go first (webhooks/sender.py).
+    webhook_yield_for: float = 10.0
     # Delivery's CPU priority (docs/configuration.md, "Delivery priority"):
     # the delivery process runs this much nicer than intake.
     delivery_nice: int = 10

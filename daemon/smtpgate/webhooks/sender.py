@@ -90,6 +90,17 @@ SHOWN_REPLY = 200  # bytes of a failed receiver's body shown in the log
 # (bench/results.md, "Delivery webhooks"); the next event of those
 # messages waits as long.
 SETTLE = 0.02
+# The CPU counts as contended while more than BUSY of the time some
+# runnable task waited for one (the kernel's pressure stall information):
+# then the sender reads only the events older than `webhook_yield_for`
+# (10 s): through a burst, the hand-offs and the mail go first and the
+# events after them, seconds late; a load that lasts longer gets its events
+# that late. At 16 connections relaying, intake took 0.93 of its SENDs/s
+# without webhooks while no event was sent and 0.84 while they were
+# (bench/results.md, issue 12, 2026-12-07, morning 3): nice values did not
+# keep the sending off intake's cores. Saturated by intake, this machine's
+# two cores showed 0.35-0.5; idle, 0.
+BUSY = 0.25
 # The outbox reader's thread runs this many nice steps below the relay
 # (19 at most: 19 with the default delivery_nice of 10). Making the pages'
 # payloads is most of an event's CPU (60-90 us in place), and nobody waits
@@ -120,11 +131,12 @@ class WebhookSettings(NamedTuple):
     default: Target | None  # every other caller's
     retry_for: float  # webhook_retry_for
     timeout: float  # webhook_timeout
+    yield_for: float  # webhook_yield_for
 
 
 def webhook_settings(config: Config) -> WebhookSettings:
     own, default = targets(config)
-    return WebhookSettings(own, default, config.webhook_retry_for, config.webhook_timeout)
+    return WebhookSettings(own, default, config.webhook_retry_for, config.webhook_timeout, config.webhook_yield_for)
 
 
 def targets(config: Config) -> tuple[dict[str, Target], Target | None]:
@@ -175,6 +187,33 @@ class OutboxReader:
         self._conn.close()
 
 
+class CpuPressure:
+    """Whether the CPU was contended since the last look: the share of the
+    time some runnable task waited for a CPU (/proc/pressure/cpu, "some"),
+    above BUSY. Never, where the kernel does not say (no PSI)."""
+
+    SPAN = 0.1  # seconds: a shorter look says the same as the last one
+
+    def __init__(self, path: str = "/proc/pressure/cpu", clock: Callable[[], float] = time.monotonic):
+        self._path = path
+        self._clock = clock
+        self._last: tuple[float, int] | None = None  # (when, the stalled microseconds so far)
+        self._said = False
+
+    def contended(self) -> bool:
+        now = self._clock()
+        if self._last is not None and now - self._last[0] < self.SPAN:
+            return self._said
+        try:
+            with open(self._path) as stall:
+                total = int(stall.readline().rpartition("total=")[2])  # the "some" line
+        except (OSError, ValueError):
+            return False
+        last, self._last = self._last, (now, total)
+        self._said = last is not None and (total - last[1]) / 1e6 / (now - last[0]) > BUSY
+        return self._said
+
+
 def _reader_nicer() -> None:
     """The reader's thread, READER_NICE_STEPS nicer than the relay (Linux
     sets a nice value per thread: the relay's loop keeps its own)."""
@@ -188,13 +227,15 @@ def _reader_nicer() -> None:
 
 class WebhookSender:
     def __init__(self, spool, reader: OutboxReader, settings: WebhookSettings, log,
-                 clock: Callable[[], float] = time.time):
+                 clock: Callable[[], float] = time.time, pressure: CpuPressure | None = None):
         """`spool` writes the outcomes (webhook_done, webhook_retry:
-        delivery/process.py's SpoolCalls); `reader` reads the due events."""
+        delivery/process.py's SpoolCalls); `reader` reads the due events;
+        `pressure` says when to leave the CPU to intake and delivery."""
         self.spool = spool
         self.reader = reader
         self.log = log
         self._clock = clock
+        self._pressure = pressure or CpuPressure()
         self.reload(settings)
         self._down: dict[str, _Down] = {}  # by URL: bounded by the configuration
         self._pace: dict[str, float] = {}  # by URL: seconds between two answers of its last pipeline
@@ -211,7 +252,7 @@ class WebhookSender:
         self._client = Client(f"smtpgate/{__version__}")
 
     def reload(self, settings: WebhookSettings) -> None:
-        self._own, self._default, self.retry_for, self.timeout = settings
+        self._own, self._default, self.retry_for, self.timeout, self.yield_for = settings
 
     def start(self) -> None:
         self._runner = asyncio.create_task(self._run())
@@ -258,7 +299,8 @@ class WebhookSender:
         if free < WINDOW // 2 and self._inflight:
             return False  # a read per half page, not per event: each costs a trip to the reader thread
         now = self._clock()
-        events = await self.reader.due(now, free, (*self._inflight, *self._settled))
+        due = now - self.yield_for if self.yield_for and self._pressure.contended() else now
+        events = await self.reader.due(due, free, (*self._inflight, *self._settled))
         held: dict[float, list[tuple[int, str]]] = {}
         batches: dict[str, tuple[Target, list[OutboxEvent]]] = {}  # by URL, in the order read
         for event in events:
