@@ -241,7 +241,7 @@ class WebhookSender:
         self._pace: dict[str, float] = {}  # by URL: seconds between two answers of its last pipeline
         self._inflight: set[int] = set()  # seqs being sent or waiting for a connection
         self._waiting: dict[str, tuple[Target, collections.deque[OutboxEvent]]] = {}  # by URL: for a connection
-        self._connections: dict[str, int] = {}  # by URL: pipelines in flight
+        self._connections: collections.Counter[str] = collections.Counter()  # by URL: pipelines in flight
         self._settling: list[tuple[int, str, bool]] = []  # answered 2xx, to be written
         self._settled: set[int] = set()  # their seqs, until written: not read as due again
         self._settle_timer: asyncio.TimerHandle | None = None
@@ -339,9 +339,9 @@ class WebhookSender:
         free (CONNECTIONS at most)."""
         target, waiting = self._waiting[url]
         depth = self._depth(url)
-        while waiting and self._connections.get(url, 0) < CONNECTIONS:
+        while waiting and self._connections[url] < CONNECTIONS:
             batch = [waiting.popleft() for _ in range(min(depth, len(waiting)))]
-            self._connections[url] = self._connections.get(url, 0) + 1
+            self._connections[url] += 1
             task = asyncio.create_task(self._send(batch, target))
             self._tasks.add(task)
             task.add_done_callback(functools.partial(self._sent, url))
@@ -351,8 +351,6 @@ class WebhookSender:
     def _sent(self, url: str, task: asyncio.Task) -> None:
         self._tasks.discard(task)
         self._connections[url] -= 1
-        if not self._connections[url]:
-            del self._connections[url]
         if url in self._waiting and not self._stopping:
             down = self._down.get(url)
             if down is not None and down.until > self._clock():
