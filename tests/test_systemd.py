@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from smtpgate import systemd
-from support import read_line
+from support import children_of, process_name, read_line
 
 START_TIMEOUT = 20.0
 
@@ -371,3 +371,45 @@ def test_inherited_sockets_of_other_names_are_served_by_family(make_daemon, tmp_
         conn.connect(daemon.unix)
         conn.sendall(b"PING\n")
         assert read_line(conn) == "OK PONG"
+
+
+def _relays_one(daemon, upstream) -> None:
+    reply = daemon.request("SEND " + json.dumps({"from": "app@example.com", "to": "kelly@example.org",
+                                                 "subject": "filtered", "text": "hi"}))
+    assert reply.startswith("OK ")
+    assert [m.rcpt_tos for m in upstream.wait_for(1)] == [["kelly@example.org"]]
+    state = json.loads(daemon.request(f"WAIT {reply[3:]} 20", timeout=30)[3:])
+    assert state["state"] == "sent"
+
+
+def _nice_of(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[16])
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
+def test_the_daemon_relays_under_the_units_system_call_filter(make_daemon, upstream):
+    """The unit refuses the calls of @privileged and @resources with EPERM,
+    setpriority given back. The daemon, its writer and its relay run under
+    that very filter (tests/unit_filter.py): a SEND is relayed, and the relay
+    runs `delivery_nice` below the daemon."""
+    daemon = make_daemon(start=False, delivery_nice=10)
+    daemon.start(prefix=[sys.executable, str(REPO / "tests" / "unit_filter.py")])
+    _relays_one(daemon, upstream)
+    relay = [pid for pid in children_of(daemon.proc.pid) if process_name(pid) == "smtpgate-relay"]
+    assert len(relay) == 1 and _nice_of(relay[0]) == _nice_of(daemon.proc.pid) + 10
+    assert not [line for line in daemon.log_lines() if line.get("event") == "delivery_nice_not_applied"]
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
+def test_without_setpriority_the_relay_runs_as_intake_and_says_so(make_daemon, upstream, tmp_path):
+    """A unit whose filter keeps setpriority refused (an operator's own, or
+    one from before it was given back): the relay starts all the same, at
+    the daemon's priority, and says once that `delivery_nice` was not applied."""
+    unit = tmp_path / "smtpgate.service"
+    unit.write_text((UNITS / "smtpgate.service").read_text().replace("SystemCallFilter=setpriority\n", ""))
+    daemon = make_daemon(start=False, delivery_nice=10)
+    daemon.start(prefix=[sys.executable, str(REPO / "tests" / "unit_filter.py"), "--unit", str(unit)])
+    _relays_one(daemon, upstream)
+    nice_lines = [line for line in daemon.log_lines() if line.get("event") == "delivery_nice_not_applied"]
+    assert len(nice_lines) == 1 and nice_lines[0]["nice"] == 10
+    assert "Operation not permitted" in nice_lines[0]["error"]

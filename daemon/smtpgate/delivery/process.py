@@ -448,7 +448,11 @@ class _Relay:
         # us per SEND on the run queue behind this process; at +10 (CFS
         # weight 110 against 1024) about 25 us (issue 15; bench/results.md).
         # Not SCHED_IDLE: that starves delivery whenever intake is busy.
-        os.nice(start.settings.nice)
+        try:
+            if start.settings.nice:
+                os.nice(start.settings.nice)
+        except OSError as exc:  # a system call filter without setpriority: delivery runs as intake
+            get_logger().warning("delivery_nice_not_applied", nice=start.settings.nice, error=str(exc))
         try:
             self.delivery = Delivery(self.spool, start.settings, get_logger(), dots=DotLog(start.spool_dir),
                                      offer=self.offer, on_session=self.count_session,
