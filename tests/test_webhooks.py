@@ -919,6 +919,27 @@ def test_the_cpu_is_contended_when_some_task_waited_for_one_more_than_a_quarter_
     assert CpuPressure(str(tmp_path / "none")).contended() is False
 
 
+def test_the_pressure_is_read_from_the_services_own_cgroup_where_it_has_one(tmp_path):
+    """Under systemd (cgroup v2) the unit's cgroup's cpu.pressure: the unit's
+    ProcSubset=pid hides /proc/pressure. Elsewhere (the root cgroup, v1
+    hierarchies only, no such file) the machine's."""
+    from smtpgate.webhooks.sender import pressure_file
+
+    proc, cgroups = tmp_path / "proc", tmp_path / "cgroup"
+    (proc / "self").mkdir(parents=True)
+    service = cgroups / "system.slice" / "smtpgate.service"
+    service.mkdir(parents=True)
+    (proc / "self" / "cgroup").write_text("1:cpu:/\n0::/system.slice/smtpgate.service\n")
+    machine = f"{proc}/pressure/cpu"
+    assert pressure_file(str(proc), str(cgroups)) == machine  # a kernel without PSI for cgroups
+    (service / "cpu.pressure").write_text("some avg10=0.00 avg60=0.00 avg300=0.00 total=0\n")
+    assert pressure_file(str(proc), str(cgroups)) == str(service / "cpu.pressure")
+    (proc / "self" / "cgroup").write_text("1:cpu:/\n0::/\n")
+    assert pressure_file(str(proc), str(cgroups)) == machine
+    (proc / "self" / "cgroup").unlink()
+    assert pressure_file(str(proc), str(cgroups)) == machine
+
+
 class Pressure:
     def __init__(self, contended: bool):
         self.said = contended

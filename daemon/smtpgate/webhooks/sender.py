@@ -187,15 +187,34 @@ class OutboxReader:
         self._conn.close()
 
 
+def pressure_file(proc: str = "/proc", cgroups: str = "/sys/fs/cgroup") -> str:
+    """Where the CPU's pressure stall information is read: the cpu.pressure
+    of this process's own cgroup (v2), whose tasks are the service's under
+    systemd, else the machine's /proc/pressure/cpu. The unit's ProcSubset=pid
+    hides /proc/pressure, and the cgroup's figure counts only the waits of
+    smtpgate's own tasks, not those of whatever else the host runs."""
+    try:
+        with open(f"{proc}/self/cgroup") as groups:
+            for line in groups:
+                hierarchy, controllers, path = line.rstrip("\n").split(":", 2)
+                if hierarchy == "0" and not controllers and path != "/":
+                    own = f"{cgroups}{path}/cpu.pressure"
+                    if os.path.exists(own):
+                        return own
+    except (OSError, ValueError):
+        pass
+    return f"{proc}/pressure/cpu"
+
+
 class CpuPressure:
     """Whether the CPU was contended since the last look: the share of the
-    time some runnable task waited for a CPU (/proc/pressure/cpu, "some"),
-    above BUSY. Never, where the kernel does not say (no PSI)."""
+    time some runnable task waited for a CPU (pressure_file, "some"), above
+    BUSY. Never, where the kernel does not say (no PSI)."""
 
     SPAN = 0.1  # seconds: a shorter look says the same as the last one
 
-    def __init__(self, path: str = "/proc/pressure/cpu", clock: Callable[[], float] = time.monotonic):
-        self._path = path
+    def __init__(self, path: str | None = None, clock: Callable[[], float] = time.monotonic):
+        self._path = path or pressure_file()
         self._clock = clock
         self._last: tuple[float, int] | None = None  # (when, the stalled microseconds so far)
         self._said = False
