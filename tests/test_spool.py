@@ -398,6 +398,54 @@ def test_one_purge_deletes_the_oldest_messages_and_keys_up_to_its_limit(tmp_path
         writer.close()
 
 
+def _may_leave_idle() -> bool:
+    from smtpgate.spool.writer import can_leave_idle
+
+    return can_leave_idle()
+
+
+@pytest.mark.skipif(not _may_leave_idle(), reason="this process may not set a thread to SCHED_IDLE and back")
+def test_checkpoints_after_light_commits_run_at_sched_idle_and_heavy_or_late_ones_do_not(tmp_path):
+    """After commits of one SEND each (a lone caller) the checkpoint runs on
+    a thread at SCHED_IDLE; after commits of many SENDs at the normal policy,
+    and so does one still running when the next is due."""
+    import itertools
+
+    from smtpgate.proc.calls import Call
+    from smtpgate.spool.ops import Enqueue, Limits
+    from smtpgate.spool.writer import CHECKPOINT_COMMITS, CHECKPOINT_OPERATIONS, Writer
+
+    writer = Writer(str(tmp_path / "spool.sqlite3"), Limits(10**6, 3600.0, 3600.0))
+    writer.open()
+    checkpointer, tokens = writer.checkpointer, itertools.count()
+
+    def commits(count: int, sends: int) -> None:
+        for _ in range(count):
+            writer.run_batch([Call(next(tokens), Enqueue(1.8e9, b"{}", "a@x.org", ["b@y.org"], None, "shop", 0, False))
+                              for _ in range(sends)])
+
+    def policy() -> int:
+        checkpointer._idle.wait(10)  # the checkpoint done: what it ran at stays
+        return os.sched_getscheduler(checkpointer._thread.native_id)
+
+    try:
+        assert policy() == os.SCHED_OTHER
+        commits(CHECKPOINT_COMMITS, 1)
+        assert policy() == os.SCHED_IDLE
+        commits(CHECKPOINT_OPERATIONS // 20, 20)
+        assert policy() == os.SCHED_OTHER
+        commits(CHECKPOINT_COMMITS, 1)
+        assert policy() == os.SCHED_IDLE
+        checkpointer._idle.clear()  # as if that checkpoint were still running, starved
+        try:
+            commits(CHECKPOINT_COMMITS, 1)
+            assert os.sched_getscheduler(checkpointer._thread.native_id) == os.SCHED_OTHER
+        finally:
+            checkpointer._idle.set()
+    finally:
+        writer.close()
+
+
 def test_messages_failed_at_max_age_while_held_count_for_their_caller(tmp_path):
     """Expire (every upstream down, max_age passed): the caller's pending
     count (max_pending) goes down, and its failed count up."""

@@ -389,7 +389,7 @@ def _nice_of(pid: int) -> int:
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
 def test_the_daemon_relays_under_the_units_system_call_filter(make_daemon, upstream):
     """The unit refuses the calls of @privileged and @resources with EPERM,
-    setpriority given back. The daemon, its writer and its relay run under
+    setpriority and sched_setscheduler given back. The daemon, its writer and its relay run under
     that very filter (tests/unit_filter.py): a SEND is relayed, and the relay
     runs `delivery_nice` below the daemon."""
     daemon = make_daemon(start=False, delivery_nice=10)
@@ -406,7 +406,7 @@ def test_without_setpriority_the_relay_runs_as_intake_and_says_so(make_daemon, u
     one from before it was given back): the relay starts all the same, at
     the daemon's priority, and says once that `delivery_nice` was not applied."""
     unit = tmp_path / "smtpgate.service"
-    unit.write_text((UNITS / "smtpgate.service").read_text().replace("SystemCallFilter=setpriority\n", ""))
+    unit.write_text((UNITS / "smtpgate.service").read_text().replace("SystemCallFilter=setpriority sched_setscheduler\n", ""))
     daemon = make_daemon(start=False, delivery_nice=10)
     daemon.start(prefix=[sys.executable, str(REPO / "tests" / "unit_filter.py"), "--unit", str(unit)])
     _relays_one(daemon, upstream)

@@ -83,6 +83,18 @@ CHECKPOINT_OPERATIONS = 1000
 # SQLite's 32,766 parameters.
 MAX_RECORDS_AT_ONCE = 512
 WAL_PAGES = 4096  # 16 MiB of 4 KiB pages
+# A checkpoint's copying and its fsync of the database file took the CPU of
+# a lone caller's SEND in the slow ones: on hold, its p99 was 2.1x the fsync
+# floor's with checkpoints at the normal policy, 1.3-1.5x with the thread
+# at SCHED_IDLE, which any other runnable task preempts at once (issue 15,
+# bench/results.md). Always at SCHED_IDLE, a saturated machine starved it
+# and the WAL grew (end to end -19 %). So only a checkpoint after light
+# commits (at most LIGHT_OPERATIONS operations a commit on average) runs
+# at SCHED_IDLE, and one that is still running when the next is due is
+# set back to the normal policy. Setting a thread back needs CAP_SYS_NICE
+# or an RLIMIT_NICE of 20 (the unit's LimitNICE=20): without either, every
+# checkpoint runs at the normal policy.
+LIGHT_OPERATIONS = 3
 
 
 class _Effects:
@@ -302,7 +314,8 @@ class Writer:
         unchecked = self.unchecked
         unchecked[0] += 1
         unchecked[1] += len(batch)
-        if (unchecked[0] >= CHECKPOINT_COMMITS or unchecked[1] >= CHECKPOINT_OPERATIONS) and self.checkpointer.start():
+        if (unchecked[0] >= CHECKPOINT_COMMITS or unchecked[1] >= CHECKPOINT_OPERATIONS) \
+                and self.checkpointer.start(light=unchecked[1] <= LIGHT_OPERATIONS * unchecked[0]):
             unchecked[:] = [0, 0]
         for state, delta in effects.state_delta.items():
             self.state_counts[state] += delta
@@ -638,14 +651,30 @@ class Checkpointer:
         self._closing = False
         self._thread = threading.Thread(target=self._run, name="checkpointer", daemon=True)
         self._thread.start()
+        self._may_idle = can_leave_idle()
+        self.at_idle = False  # the thread's policy is SCHED_IDLE
 
-    def start(self) -> bool:
-        """Checkpoint on the thread; False if it is at it already."""
+    def start(self, light: bool = False) -> bool:
+        """Checkpoint on the thread, at SCHED_IDLE after `light` commits;
+        False if it is at it already, which is then set back to the normal
+        policy (LIGHT_OPERATIONS)."""
         if not self._idle.is_set():
+            self._policy(idle=False)
             return False
+        self._policy(idle=light and self._may_idle)
         self._idle.clear()
         self._wanted.set()
         return True
+
+    def _policy(self, idle: bool) -> None:
+        if idle != self.at_idle:
+            try:
+                os.sched_setscheduler(self._thread.native_id, os.SCHED_IDLE if idle else os.SCHED_OTHER,
+                                      os.sched_param(0))
+            except OSError:  # refused after all: checkpoints as they are from now on
+                self._may_idle = False
+                return
+            self.at_idle = idle
 
     def _run(self) -> None:
         while True:
@@ -686,6 +715,26 @@ class Checkpointer:
         self._wanted.set()
         self._thread.join()
         self.conn.close()
+
+
+def can_leave_idle() -> bool:
+    """Whether a thread of this process may be set to SCHED_IDLE and back
+    (a system call filter may refuse the first, the kernel the second):
+    tried on a thread of its own, which ends either way."""
+    done = []
+
+    def attempt() -> None:
+        try:
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+            os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+            done.append(True)
+        except (OSError, AttributeError):  # AttributeError: a platform without the calls
+            pass
+
+    thread = threading.Thread(target=attempt, name="policy-probe")
+    thread.start()
+    thread.join()
+    return bool(done)
 
 
 # --- the process -----------------------------------------------------------
