@@ -55,3 +55,22 @@ def test_a_real_scrape_passes_promtool_check_metrics(make_daemon, upstream):
                         what="the deferral on /metrics")
     linted = run("check", "metrics", stdin=scrape)
     assert (linted.returncode, linted.stdout + linted.stderr) == (0, b"")
+
+
+def test_process_figures_are_reported_where_proc_stat_is_hidden(tmp_path):
+    """The unit's ProcSubset=pid leaves /proc/self and hides /proc/stat,
+    whose boot time prometheus-client's process collector needs: a /proc of
+    the process's own files alone still gives every process_* family, its
+    start time the same as with the whole /proc."""
+    from prometheus_client.process_collector import ProcessCollector
+
+    from smtpgate.http.metrics import _ProcessCollector
+
+    (tmp_path / "self").symlink_to("/proc/self")
+    assert not (tmp_path / "stat").exists()
+    hidden = {f.name: f for f in _ProcessCollector(proc=str(tmp_path), registry=None).collect()}
+    whole = {f.name: f for f in ProcessCollector(registry=None).collect()}
+    assert set(hidden) == set(whole) >= {"process_cpu_seconds", "process_resident_memory_bytes",
+                                         "process_start_time_seconds", "process_open_fds"}
+    started = [f.samples[0].value for f in (hidden["process_start_time_seconds"], whole["process_start_time_seconds"])]
+    assert abs(started[0] - started[1]) < 1.0

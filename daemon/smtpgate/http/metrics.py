@@ -31,6 +31,7 @@ Labels are bounded by the configuration: callers (configured), upstreams
 
 from __future__ import annotations
 
+import time
 from bisect import bisect_left
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
@@ -116,7 +117,19 @@ class Snapshot:
         return self._families
 
 
-_process = ProcessCollector(registry=None)  # process_cpu_seconds_total, process_resident_memory_bytes, ...
+class _ProcessCollector(ProcessCollector):
+    """prometheus-client's, with the boot time from CLOCK_BOOTTIME where
+    /proc/stat cannot be read: without one it reports nothing, and the
+    unit's ProcSubset=pid hides /proc/stat (the process's own files stay)."""
+
+    def _boot_time(self):
+        try:
+            return super()._boot_time()
+        except OSError:
+            return time.time() - time.clock_gettime(time.CLOCK_BOOTTIME)
+
+
+_process = _ProcessCollector(registry=None)  # process_cpu_seconds_total, process_resident_memory_bytes, ...
 
 
 def families(stats: dict, *, oldest_due: float | None, now: float, handoff: Histogram,
