@@ -413,3 +413,25 @@ def test_without_setpriority_the_relay_runs_as_intake_and_says_so(make_daemon, u
     nice_lines = [line for line in daemon.log_lines() if line.get("event") == "delivery_nice_not_applied"]
     assert len(nice_lines) == 1 and nice_lines[0]["nice"] == 10
     assert "Operation not permitted" in nice_lines[0]["error"]
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None or os.geteuid() != 0,
+                    reason="systemd-analyze not installed, or not root (the unit's /proc needs a mount)")
+def test_metrics_under_the_units_sandbox_keep_the_process_figures(make_daemon, upstream):
+    """Under the unit's filter and its /proc (ProcSubset=pid hides
+    /proc/stat and /proc/pressure), /metrics still has the process_*
+    families docs/http.md lists."""
+    from http_support import http_daemon, request
+
+    sandbox = [sys.executable, str(REPO / "tests" / "unit_filter.py")]
+    seen = subprocess.run([*sandbox, sys.executable, "-c",
+                           "import os; print(os.path.exists('/proc/stat'), os.path.exists('/proc/self/stat'))"],
+                          capture_output=True, text=True, timeout=60, check=True).stdout
+    assert seen.split() == ["False", "True"]
+    daemon = http_daemon(make_daemon, start=False)
+    daemon.start(prefix=sandbox)
+    _relays_one(daemon, upstream)
+    scrape = request(daemon.http, "GET", "/metrics").text
+    for family in ("process_cpu_seconds_total", "process_resident_memory_bytes", "process_start_time_seconds",
+                   "process_open_fds"):
+        assert f"\n{family} " in scrape, family

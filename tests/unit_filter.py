@@ -1,4 +1,5 @@
-"""Run a command under the system-call filter of systemd/smtpgate.service:
+"""Run a command under the system-call filter of systemd/smtpgate.service,
+and, as root, under its view of /proc:
 
     python tests/unit_filter.py [--unit UNIT_FILE] COMMAND [ARG...]
 
@@ -9,6 +10,11 @@ every other call fails with the unit's `SystemCallErrorNumber=` (EPERM).
 The filter is installed with libseccomp (which systemd links too) and the
 command is exec'd under it, so the daemon and its children meet the very
 refusals they meet as a service, without a service manager here.
+
+As root, the unit's `ProcSubset=pid` and `ProtectProc=invisible` are
+applied first, as systemd applies them: in a mount namespace of its own,
+/proc is mounted again with `subset=pid,hidepid=invisible` (the process's
+own files stay; /proc/stat, /proc/pressure and the like are gone).
 """
 
 from __future__ import annotations
@@ -66,6 +72,31 @@ def unit_filter(unit: Path = UNIT) -> tuple[set[str], int]:
     return allowed, error
 
 
+def proc_options(unit: Path = UNIT) -> str | None:
+    """The mount options of the unit's /proc (None: the host's)."""
+    settings = dict(line.partition("=")[::2] for line in unit.read_text().splitlines() if "=" in line)
+    options = []
+    if settings.get("ProcSubset") == "pid":
+        options.append("subset=pid")
+    if settings.get("ProtectProc") in ("invisible", "noaccess", "ptraceable"):
+        options.append(f"hidepid={settings['ProtectProc']}")
+    return ",".join(options) or None
+
+
+def mount_proc(options: str) -> None:
+    """/proc mounted again with `options`, in a mount namespace of this process's own."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
+    clone_newns, ms_rec, ms_private = 0x00020000, 0x4000, 1 << 18
+    if libc.unshare(clone_newns) != 0:
+        raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWNS)")
+    # Nothing of this namespace's mounts may reach the host's.
+    if libc.mount(None, b"/", None, ms_rec | ms_private, None) != 0:
+        raise OSError(ctypes.get_errno(), "mount --make-rprivate /")
+    if libc.mount(b"proc", b"/proc", b"proc", 0, options.encode()) != 0:
+        raise OSError(ctypes.get_errno(), f"mount -t proc -o {options}")
+
+
 def install(allowed: set[str], error: int) -> None:
     lib = ctypes.CDLL("libseccomp.so.2", use_errno=True)
     lib.seccomp_init.restype = ctypes.c_void_p
@@ -88,6 +119,9 @@ def main(argv: list[str]) -> int:
     if argv[:1] == ["--unit"]:
         unit, argv = Path(argv[1]), argv[2:]
     allowed, error = unit_filter(unit)
+    options = proc_options(unit)
+    if options and os.geteuid() == 0:
+        mount_proc(options)
     install(allowed, error)
     os.execvp(argv[0], argv)
     return 127
