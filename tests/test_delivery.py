@@ -646,6 +646,83 @@ def test_delivery_runs_nicer_than_intake_and_the_spool_writer(make_daemon, upstr
     assert os.getpriority(os.PRIO_PROCESS, daemon.child_pid("smtpgate-spool")) == intake
 
 
+def _may_leave_idle() -> bool:
+    from smtpgate.proc.policy import can_leave_idle
+
+    return can_leave_idle()
+
+
+@pytest.mark.skipif(not _may_leave_idle(), reason="this process may not set a thread to SCHED_IDLE and back")
+def test_delivery_runs_at_sched_idle_while_intake_is_light_and_as_before_when_not(make_daemon, upstream):
+    """While at most LIGHT_CLAIMS messages claimed at enqueue are in flight
+    (a lone caller's), every thread of the relay runs at SCHED_IDLE, at its
+    nice value still; with one more, the daemon sets them back (issue 15)."""
+    from smtpgate.delivery.process import LIGHT_CLAIMS
+    from smtpgate.proc.policy import threads_of
+
+    def policies(daemon) -> set[int]:
+        return {os.sched_getscheduler(tid) for tid in threads_of(daemon.child_pid("smtpgate-relay"))}
+
+    light = make_daemon()
+
+    def lone_caller_idle() -> bool:
+        # Each message's record brings room back (Want): a thread started
+        # as the policy changed is set too, at most POLICY_AGAIN later.
+        with light.client() as client:
+            msg_id = client.send({"from": "a@example.com", "to": "b@example.org", "subject": "s", "text": "t"})
+            assert client.wait(msg_id, 20)["state"] == "sent"
+        return policies(light) == {os.SCHED_IDLE}
+
+    wait_until(lone_caller_idle, what="the relay at SCHED_IDLE")
+    relay = light.child_pid("smtpgate-relay")
+    assert os.getpriority(os.PRIO_PROCESS, relay) == os.getpriority(os.PRIO_PROCESS, light.proc.pid) + 10
+
+    # An upstream that never greets: the messages stay in flight.
+    with socket.create_server(("127.0.0.1", 0), backlog=64) as silent:
+        held = make_daemon(upstream=[f"127.0.0.1:{silent.getsockname()[1]}"])
+        with held.client() as client:
+            for n in range(LIGHT_CLAIMS):
+                client.send({"from": "a@example.com", "to": f"b{n}@example.org", "subject": "s", "text": "t"})
+            relay = held.child_pid("smtpgate-relay")
+            wait_until(lambda: os.sched_getscheduler(relay) == os.SCHED_IDLE, what="the relay's loop at SCHED_IDLE")
+            client.send({"from": "a@example.com", "to": "one-more@example.org", "subject": "s", "text": "t"})
+            assert policies(held) == {os.SCHED_OTHER}
+
+
+def test_intake_is_light_for_delivery_with_few_claims_in_flight_and_no_recent_wake():
+    """A Wake means messages were stored 'queued' (intake outran the room,
+    or an upstream is down): those the child claims itself are not counted
+    in flight, so it stays at the normal policy HEAVY_FOR after one."""
+    from smtpgate.delivery.process import HEAVY_FOR, LIGHT_CLAIMS, light
+
+    assert light(0, float("inf")) and light(LIGHT_CLAIMS, HEAVY_FOR + 0.01)
+    assert not light(LIGHT_CLAIMS + 1, float("inf"))
+    assert not light(0, HEAVY_FOR - 0.01)
+
+
+@pytest.mark.skipif(not _may_leave_idle(), reason="this process may not set a thread to SCHED_IDLE and back")
+def test_every_thread_of_a_process_is_set_to_sched_idle_and_back_at_its_nice():
+    """proc/policy.py: another process's threads, all of them, and their nice value kept."""
+    import subprocess
+    import sys
+
+    from smtpgate.proc.policy import set_idle, threads_of
+
+    child = subprocess.Popen([sys.executable, "-c", "import os, threading, time; os.nice(5); "
+                              "[threading.Thread(target=time.sleep, args=(60,), daemon=True).start() for _ in range(3)]; "
+                              "print(flush=True); time.sleep(60)"], stdout=subprocess.PIPE)
+    try:
+        child.stdout.readline()  # its threads are started
+        tids = threads_of(child.pid)
+        assert len(tids) == 4
+        assert set_idle(tids, True) and {os.sched_getscheduler(t) for t in tids} == {os.SCHED_IDLE}
+        assert set_idle(tids, False) and {os.sched_getscheduler(t) for t in tids} == {os.SCHED_OTHER}
+        assert {os.getpriority(os.PRIO_PROCESS, t) for t in tids} == {os.getpriority(os.PRIO_PROCESS, 0) + 5}
+    finally:
+        child.kill()
+        child.wait()
+
+
 def _loads_uvloop(pid: int) -> bool:
     with open(f"/proc/{pid}/maps") as maps:
         return "uvloop" in maps.read()

@@ -399,7 +399,7 @@ def test_one_purge_deletes_the_oldest_messages_and_keys_up_to_its_limit(tmp_path
 
 
 def _may_leave_idle() -> bool:
-    from smtpgate.spool.writer import can_leave_idle
+    from smtpgate.proc.policy import can_leave_idle
 
     return can_leave_idle()
 

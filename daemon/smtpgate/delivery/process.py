@@ -53,6 +53,7 @@ from smtpgate.proc.calls import Answer, Call, PendingCalls
 from smtpgate.proc.child import become_child, spawn
 from smtpgate.proc.framing import message, pack, unpack
 from smtpgate.proc.pipe import FramedPipe
+from smtpgate.proc.policy import can_leave_idle, set_idle, threads_of
 from smtpgate.spool.errors import SpoolError
 from smtpgate.spool.ops import (
     Claimed, ClaimDue, CountDue, Expire, NextDue, RecordAttempt, RecordAttempts, RecordUpstreams, Release,
@@ -70,6 +71,30 @@ STOP_MARGIN = 15.0  # seconds
 # beside the SENDs' (issue 15). A crash loses at most these: their messages
 # stay 'sending' and are sent again after the restart (at-least-once).
 RECORD_EVERY = 0.003  # seconds
+
+# While intake is light the child runs at SCHED_IDLE (proc/policy.py): a
+# lone caller's SEND then never waits for a CPU behind delivery. Light: at
+# most this many messages claimed at enqueue and not yet recorded, a lone
+# caller's (those of the last RECORD_EVERY, about 5 at 1,700 SENDs/s, and
+# the one being sent). Past it, or when messages are stored 'queued' for
+# the child to claim (Wake: intake outran the room, or an upstream is
+# down), it is back at the normal policy, at its nice, and stays there
+# until HEAVY_FOR has passed without a Wake: the messages it claims itself
+# are not in the count.
+LIGHT_CLAIMS = 8
+HEAVY_FOR = 1.0  # seconds
+
+
+def light(in_flight: int, since_wake: float) -> bool:
+    """Whether intake is light for delivery: `in_flight` messages claimed at
+    enqueue and not yet recorded, `since_wake` seconds since the last Wake."""
+    return in_flight <= LIGHT_CLAIMS and since_wake > HEAVY_FOR
+# A thread the child starts takes the policy of the thread that starts it;
+# one started just as its policy changes may miss the change (its pool
+# opens its first connections, and their name lookups start threads, just
+# after Started), so while relaying the policy is set again on every thread
+# at most this often.
+POLICY_AGAIN = 1.0  # seconds
 
 # The child's counts of SMTP sessions go to the daemon at most this often
 # (a scrape every 15 s needs no more): nothing is sent per message.
@@ -164,6 +189,14 @@ class DeliveryProcess:
         # claimed at enqueue: the outage holds new messages with the rest).
         self._room = 0
         self._all_down = False
+        # While it has at most LIGHT_CLAIMS of them in flight, the child runs at
+        # SCHED_IDLE (proc/policy.py): the whole of its room, less the room
+        # left, is what it has in flight.
+        self._whole_room = 0
+        self._may_idle = False
+        self._at_idle = False
+        self._policy_set = 0.0  # monotonic time the policy was last set on every thread
+        self._woken_at = float("-inf")  # monotonic time of the last Wake
         # What the child may ask of the spool: the part of Spool that Delivery uses.
         self._spool_calls = {ClaimDue: self._write, RecordAttempts: self._write, Release: self._write,
                              RecordUpstreams: self._write, Expire: self._write,
@@ -178,6 +211,8 @@ class DeliveryProcess:
         self._started = loop.create_future()
         self._pipe = FramedPipe(self._on_message, self._on_eof)
         await self._pipe.open(self._process.stdout, self._process.stdin)
+        self._whole_room, self._at_idle = 0, False
+        self._may_idle = can_leave_idle()
         self._pipe.send(Start(self._settings, *self._log_setup, self._spool.path_dir))
         await self._started
 
@@ -186,6 +221,8 @@ class DeliveryProcess:
         if self._pipe is None or self._stopping or self._woken:
             return
         self._woken = True
+        self._woken_at = time.monotonic()
+        self._idle(False)  # messages stored 'queued': the child claims them itself
         self._pipe.send(Wake())
         asyncio.get_running_loop().call_soon(self._rearm)
 
@@ -199,6 +236,8 @@ class DeliveryProcess:
         if self._room <= 0 or self._all_down or self._stopping or self._pipe is None:
             return False
         self._room -= 1
+        if self._whole_room - self._room > LIGHT_CLAIMS:
+            self._idle(False)
         return True
 
     def give_back(self) -> None:
@@ -215,6 +254,26 @@ class DeliveryProcess:
 
     def _on_want(self, want: Want) -> None:
         self._room += want.n
+        self._whole_room = max(self._whole_room, self._room)
+        if self._light():
+            self._idle(True)
+
+    def _light(self) -> bool:
+        return light(self._whole_room - self._room, time.monotonic() - self._woken_at)
+
+    def _idle(self, idle: bool) -> None:
+        """The child's threads to SCHED_IDLE, or back. The daemon decides:
+        a child starved at SCHED_IDLE would not run to set itself back."""
+        if not self._may_idle or self._process is None or not self._started.done():
+            return
+        now = time.monotonic()
+        if idle == self._at_idle and now < self._policy_set + POLICY_AGAIN:
+            return
+        if set_idle(threads_of(self._process.pid), idle):
+            self._at_idle, self._policy_set = idle, now
+        else:  # refused after all: at the normal policy from now on
+            set_idle(threads_of(self._process.pid), False)
+            self._may_idle = self._at_idle = False
 
     def _on_sessions(self, sessions: Sessions) -> None:
         for key, n in sessions.counts.items():
@@ -268,6 +327,8 @@ class DeliveryProcess:
     def _on_started(self, _: Started) -> None:
         if not self._started.done():
             self._started.set_result(None)
+        # Not before: threads it starts while it starts up could miss a change.
+        self._idle(self._light())
 
     def _on_call(self, call: Call) -> None:
         if type(call.op) is RecordUpstreams:
@@ -447,7 +508,8 @@ class _Relay:
         # the millisecond: on 2 cores busy relaying, the daemon waited ~250
         # us per SEND on the run queue behind this process; at +10 (CFS
         # weight 110 against 1024) about 25 us (issue 15; bench/results.md).
-        # Not SCHED_IDLE: that starves delivery whenever intake is busy.
+        # Not SCHED_IDLE for good: that starves delivery whenever intake is
+        # busy; the daemon sets it while intake is light (LIGHT_CLAIMS).
         try:
             if start.settings.nice:
                 os.nice(start.settings.nice)

@@ -40,6 +40,7 @@ import time
 from smtpgate.proc.calls import Call
 from smtpgate.proc.child import become_child
 from smtpgate.proc.framing import encode, take_messages, unpack
+from smtpgate.proc.policy import can_leave_idle, set_idle
 from smtpgate.spool import outbox, queries
 from smtpgate.spool.dots import clear_dots, read_dots
 from smtpgate.spool.errors import CallerFull, SpoolError, SpoolFull
@@ -86,14 +87,11 @@ WAL_PAGES = 4096  # 16 MiB of 4 KiB pages
 # A checkpoint's copying and its fsync of the database file took the CPU of
 # a lone caller's SEND in the slow ones: on hold, its p99 was 2.1x the fsync
 # floor's with checkpoints at the normal policy, 1.3-1.5x with the thread
-# at SCHED_IDLE, which any other runnable task preempts at once (issue 15,
-# bench/results.md). Always at SCHED_IDLE, a saturated machine starved it
-# and the WAL grew (end to end -19 %). So only a checkpoint after light
-# commits (at most LIGHT_OPERATIONS operations a commit on average) runs
-# at SCHED_IDLE, and one that is still running when the next is due is
-# set back to the normal policy. Setting a thread back needs CAP_SYS_NICE
-# or an RLIMIT_NICE of 20 (the unit's LimitNICE=20): without either, every
-# checkpoint runs at the normal policy.
+# at SCHED_IDLE (proc/policy.py). Always at SCHED_IDLE, a saturated machine
+# starved it and the WAL grew (end to end -19 %). So only a checkpoint
+# after light commits (at most LIGHT_OPERATIONS operations a commit on
+# average) runs at SCHED_IDLE, and one that is still running when the next
+# is due is set back to the normal policy by the writer's main thread.
 LIGHT_OPERATIONS = 3
 
 
@@ -668,10 +666,7 @@ class Checkpointer:
 
     def _policy(self, idle: bool) -> None:
         if idle != self.at_idle:
-            try:
-                os.sched_setscheduler(self._thread.native_id, os.SCHED_IDLE if idle else os.SCHED_OTHER,
-                                      os.sched_param(0))
-            except OSError:  # refused after all: checkpoints as they are from now on
+            if not set_idle([self._thread.native_id], idle):  # refused after all: as they are from now on
                 self._may_idle = False
                 return
             self.at_idle = idle
@@ -715,26 +710,6 @@ class Checkpointer:
         self._wanted.set()
         self._thread.join()
         self.conn.close()
-
-
-def can_leave_idle() -> bool:
-    """Whether a thread of this process may be set to SCHED_IDLE and back
-    (a system call filter may refuse the first, the kernel the second):
-    tried on a thread of its own, which ends either way."""
-    done = []
-
-    def attempt() -> None:
-        try:
-            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-            os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
-            done.append(True)
-        except (OSError, AttributeError):  # AttributeError: a platform without the calls
-            pass
-
-    thread = threading.Thread(target=attempt, name="policy-probe")
-    thread.start()
-    thread.join()
-    return bool(done)
 
 
 # --- the process -----------------------------------------------------------
