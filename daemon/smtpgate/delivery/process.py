@@ -83,18 +83,19 @@ RECORD_EVERY = 0.003  # seconds
 # are not in the count.
 LIGHT_CLAIMS = 8
 HEAVY_FOR = 1.0  # seconds
-
-
-def light(in_flight: int, since_wake: float) -> bool:
-    """Whether intake is light for delivery: `in_flight` messages claimed at
-    enqueue and not yet recorded, `since_wake` seconds since the last Wake."""
-    return in_flight <= LIGHT_CLAIMS and since_wake > HEAVY_FOR
 # A thread the child starts takes the policy of the thread that starts it;
 # one started just as its policy changes may miss the change (its pool
 # opens its first connections, and their name lookups start threads, just
 # after Started), so while relaying the policy is set again on every thread
 # at most this often.
 POLICY_AGAIN = 1.0  # seconds
+
+
+def light(in_flight: int, since_wake: float) -> bool:
+    """Whether intake is light for delivery: `in_flight` messages claimed at
+    enqueue and not yet recorded, `since_wake` seconds since the last Wake."""
+    return in_flight <= LIGHT_CLAIMS and since_wake > HEAVY_FOR
+
 
 # The child's counts of SMTP sessions go to the daemon at most this often
 # (a scrape every 15 s needs no more): nothing is sent per message.
@@ -264,7 +265,7 @@ class DeliveryProcess:
     def _idle(self, idle: bool) -> None:
         """The child's threads to SCHED_IDLE, or back. The daemon decides:
         a child starved at SCHED_IDLE would not run to set itself back."""
-        if not self._may_idle or self._process is None or not self._started.done():
+        if not self._may_idle or self._process is None or self._started is None or not self._started.done():
             return
         now = time.monotonic()
         if idle == self._at_idle and now < self._policy_set + POLICY_AGAIN:
