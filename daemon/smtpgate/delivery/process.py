@@ -53,7 +53,7 @@ from smtpgate.proc.calls import Answer, Call, PendingCalls
 from smtpgate.proc.child import become_child, spawn
 from smtpgate.proc.framing import message, pack, unpack
 from smtpgate.proc.pipe import FramedPipe
-from smtpgate.proc.policy import can_leave_idle, set_idle, threads_of
+from smtpgate.proc.policy import IdleSwitch, threads_of
 from smtpgate.spool.errors import SpoolError
 from smtpgate.spool.ops import (
     Claimed, ClaimDue, CountDue, Expire, NextDue, RecordAttempt, RecordAttempts, RecordUpstreams, Release,
@@ -194,9 +194,7 @@ class DeliveryProcess:
         # SCHED_IDLE (proc/policy.py): the whole of its room, less the room
         # left, is what it has in flight.
         self._whole_room = 0
-        self._may_idle = False
-        self._at_idle = False
-        self._policy_set = 0.0  # monotonic time the policy was last set on every thread
+        self._policy: IdleSwitch | None = None  # once started
         self._woken_at = float("-inf")  # monotonic time of the last Wake
         # What the child may ask of the spool: the part of Spool that Delivery uses.
         self._spool_calls = {ClaimDue: self._write, RecordAttempts: self._write, Release: self._write,
@@ -212,8 +210,7 @@ class DeliveryProcess:
         self._started = loop.create_future()
         self._pipe = FramedPipe(self._on_message, self._on_eof)
         await self._pipe.open(self._process.stdout, self._process.stdin)
-        self._whole_room, self._at_idle = 0, False
-        self._may_idle = can_leave_idle()
+        self._whole_room, self._policy = 0, None
         self._pipe.send(Start(self._settings, *self._log_setup, self._spool.path_dir))
         await self._started
 
@@ -265,16 +262,8 @@ class DeliveryProcess:
     def _idle(self, idle: bool) -> None:
         """The child's threads to SCHED_IDLE, or back. The daemon decides:
         a child starved at SCHED_IDLE would not run to set itself back."""
-        if not self._may_idle or self._process is None or self._started is None or not self._started.done():
-            return
-        now = time.monotonic()
-        if idle == self._at_idle and now < self._policy_set + POLICY_AGAIN:
-            return
-        if set_idle(threads_of(self._process.pid), idle):
-            self._at_idle, self._policy_set = idle, now
-        else:  # refused after all: at the normal policy from now on
-            set_idle(threads_of(self._process.pid), False)
-            self._may_idle = self._at_idle = False
+        if self._policy is not None:
+            self._policy.set(idle, time.monotonic())
 
     def _on_sessions(self, sessions: Sessions) -> None:
         for key, n in sessions.counts.items():
@@ -329,6 +318,8 @@ class DeliveryProcess:
         if not self._started.done():
             self._started.set_result(None)
         # Not before: threads it starts while it starts up could miss a change.
+        process = self._process
+        self._policy = IdleSwitch(lambda: threads_of(process.pid), again=POLICY_AGAIN)
         self._idle(self._light())
 
     def _on_call(self, call: Call) -> None:

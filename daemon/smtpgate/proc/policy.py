@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import threading
+from typing import Callable
 
 
 def can_leave_idle() -> bool:
@@ -62,3 +63,27 @@ def threads_of(pid: int) -> list[int]:
         return [int(tid) for tid in os.listdir(f"/proc/{pid}/task")]
     except OSError:
         return [pid]
+
+
+class IdleSwitch:
+    """The threads `tids()` at SCHED_IDLE or back, where this process may
+    set them back (else never idle). Set again on every thread at most
+    every `again` seconds while asked for the same (a thread started just
+    as they changed keeps the policy it started with); one refusal after
+    all sets them back and ends it."""
+
+    def __init__(self, tids: Callable[[], list[int]], again: float = float("inf")):
+        self._tids = tids
+        self._again = again
+        self.allowed = can_leave_idle()
+        self.idle = False
+        self._set_at = float("-inf")
+
+    def set(self, idle: bool, now: float) -> None:
+        if not self.allowed or (idle == self.idle and now < self._set_at + self._again):
+            return
+        if set_idle(self._tids(), idle):
+            self.idle, self._set_at = idle, now
+        else:
+            set_idle(self._tids(), False)
+            self.allowed = self.idle = False

@@ -40,7 +40,7 @@ import time
 from smtpgate.proc.calls import Call
 from smtpgate.proc.child import become_child
 from smtpgate.proc.framing import encode, take_messages, unpack
-from smtpgate.proc.policy import can_leave_idle, set_idle
+from smtpgate.proc.policy import IdleSwitch
 from smtpgate.spool import outbox, queries
 from smtpgate.spool.dots import clear_dots, read_dots
 from smtpgate.spool.errors import CallerFull, SpoolError, SpoolFull
@@ -649,27 +649,19 @@ class Checkpointer:
         self._closing = False
         self._thread = threading.Thread(target=self._run, name="checkpointer", daemon=True)
         self._thread.start()
-        self._may_idle = can_leave_idle()
-        self.at_idle = False  # the thread's policy is SCHED_IDLE
+        self.policy = IdleSwitch(lambda: [self._thread.native_id])
 
     def start(self, light: bool = False) -> bool:
         """Checkpoint on the thread, at SCHED_IDLE after `light` commits;
         False if it is at it already, which is then set back to the normal
         policy (LIGHT_OPERATIONS)."""
         if not self._idle.is_set():
-            self._policy(idle=False)
+            self.policy.set(False, 0.0)
             return False
-        self._policy(idle=light and self._may_idle)
+        self.policy.set(light, 0.0)
         self._idle.clear()
         self._wanted.set()
         return True
-
-    def _policy(self, idle: bool) -> None:
-        if idle != self.at_idle:
-            if not set_idle([self._thread.native_id], idle):  # refused after all: as they are from now on
-                self._may_idle = False
-                return
-            self.at_idle = idle
 
     def _run(self) -> None:
         while True:
