@@ -359,6 +359,20 @@ def test_an_open_daemon_refuses_other_sites_forms_and_names(make_daemon, upstrea
                    form={"csrf": csrf}).status == 303
 
 
+def test_callers_known_by_unix_user_alone_close_the_http_side(make_daemon):
+    """No token anywhere, a caller known by its uid: the line door refuses
+    whoever is not that uid, and the HTTP side, which cannot tell who is on
+    the other end of a TCP connection, must not let them in as admin."""
+    port = free_port()
+    daemon = start(make_daemon, callers={"pool": {"uid": 65534}}, http_listen=f"127.0.0.1:{port}")
+    daemon.http = ("127.0.0.1", port)
+    assert request(daemon.http, "GET", "/").status == 401
+    assert request(daemon.http, "GET", "/message/01JF0000000000000000000000").status == 401
+    assert request(daemon.http, "GET", "/metrics").status == 401
+    assert request(daemon.http, "POST", "/login", form={"token": "anything-at-all-0123456789"}).status == 401
+    assert request(daemon.http, "GET", "/healthz").status == 200
+
+
 def test_http_listen_off_loopback_needs_a_token(tmp_path):
     base = {"upstream": ["127.0.0.1:25"], "spool": str(tmp_path)}
     with pytest.raises(ConfigError, match=r"^http_listen: 0\.0\.0\.0:8080 is not a loopback address"):

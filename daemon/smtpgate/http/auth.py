@@ -75,7 +75,13 @@ class Keys:
 
     @property
     def open(self) -> bool:
-        return not has_tokens(self.config)
+        """No token and no caller configured: the daemon's every door is
+        loopback only and every connection of its line door is the
+        anonymous caller, which may send and read everything. Callers known
+        by their Unix user alone close it too: their line door refuses a
+        connection that is none of them, and this side cannot tell who is
+        on the other end of a TCP connection."""
+        return not has_tokens(self.config) and not self.config.callers
 
     def resolve(self, token: str | None) -> Access | None:
         if self.open:
