@@ -81,6 +81,24 @@ def test_send_waits_longer_than_its_io_timeout(make_daemon):
     assert json.loads(state)["state"] == "deferred" and "waiting failed" not in done.stderr
 
 
+def test_serve_reads_the_installed_configuration_unless_told_or_dev(tmp_path, monkeypatch):
+    """`--config`'s help promises /etc/smtpgate/smtpgate.toml when it
+    exists; a development daemon must not pick the installed service's up."""
+    import smtpgate.daemon
+    from smtpgate.tools import cli
+
+    read = []
+    monkeypatch.setattr(smtpgate.daemon, "serve", lambda path, overrides: read.append(path) or 0)
+    installed = tmp_path / "smtpgate.toml"
+    monkeypatch.setattr(cli, "DEFAULT_CONFIG_PATH", str(installed))
+    assert cli.main(["serve"]) == 0  # not installed: no file
+    installed.write_text('upstream = ["127.0.0.1:25"]\n')
+    assert cli.main(["serve"]) == 0
+    assert cli.main(["serve", "--dev"]) == 0
+    assert cli.main(["serve", "--dev", "--config", str(tmp_path / "dev.toml")]) == 0
+    assert read == [None, str(installed), None, str(tmp_path / "dev.toml")]
+
+
 def test_sendmail_help_only_as_the_sole_argument():
     helped = smtpgate("sendmail", "--help")
     assert helped.returncode == 0 and "usage: smtpgate sendmail" in helped.stdout

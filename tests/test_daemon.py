@@ -447,7 +447,8 @@ def test_client_that_never_reads_its_replies_is_cut_off(make_daemon):
 
 
 def test_second_daemon_on_the_same_spool_or_port_stops_with_one_clear_line(daemon, tmp_path):
-    base = ["serve", "--upstream", "127.0.0.1:9", "--upstream-tls", "none", "--log-format", "json"]
+    base = ["serve", "--config", os.devnull, "--upstream", "127.0.0.1:9", "--upstream-tls", "none",
+            "--log-format", "json"]
     same_spool = subprocess.run(
         [sys.executable, "-m", "smtpgate", *base, "--spool", daemon.spool, "--listen", "127.0.0.1:0"],
         capture_output=True, text=True, timeout=30)

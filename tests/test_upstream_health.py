@@ -509,7 +509,8 @@ def test_an_address_in_use_stops_the_start_with_one_line_before_any_delivery(tmp
     with socket.create_server(("127.0.0.1", 0)) as taken:
         port = taken.getsockname()[1]
         run = subprocess.run(
-            [sys.executable, "-m", "smtpgate", "serve", "--upstream", upstream.hostport, "--upstream-tls", "none",
+            [sys.executable, "-m", "smtpgate", "serve", "--config", os.devnull, "--upstream", upstream.hostport,
+             "--upstream-tls", "none",
              "--spool", str(tmp_path / "spool"), "--listen", f"127.0.0.1:{port}", "--log-format", "json"],
             capture_output=True, text=True, timeout=60)
     assert run.returncode == 71

@@ -21,7 +21,8 @@ from smtpgate.tools.exits import (
 # value given before it is not overwritten by the subcommand's default.
 _GLOBALS = {
     "config": (("--config",), dict(
-        metavar="FILE", help=f"TOML configuration file (default {DEFAULT_CONFIG_PATH}, if it exists)")),
+        metavar="FILE", help=f"TOML configuration file (default {DEFAULT_CONFIG_PATH}, if it exists; "
+                             "none for serve --dev)")),
     "spool": (("--spool",), dict(
         metavar="DIR", help="spool directory (overrides the configuration; default /var/lib/smtpgate)")),
     "server": (("--server",), dict(
@@ -60,6 +61,8 @@ def _command(sub, name: str, help: str, exits: str, description: str | None = No
 def _serve_parser(sub) -> None:
     p = _command(sub, "serve", "run the daemon", epilog(
         (EX_OK, "stopped cleanly (SIGTERM, SIGINT)"),
+        (EX_USAGE, "a command-line mistake"),
+        (EX_SOFTWARE, "the delivery process died (restart it: nothing is lost)"),
         (EX_OSERR, "could not listen: an address in use, a socket path it may not create"),
         (EX_CANTCREAT, "the spool is locked by another daemon, of a newer schema, or unusable"),
         (EX_CONFIG, "the configuration (file, options, secret files) is invalid or unreadable")),
@@ -101,7 +104,16 @@ def _serve(args) -> int:
             "upstream_ca_file",
             "smtp_listen", "tokens_file", "dev", "dev_maildir", "log_format", "log_level")
     overrides = {key: getattr(args, key) for key in keys}
-    return serve(args.config, overrides)
+    return serve(_serve_config(args), overrides)
+
+
+def _serve_config(args) -> str | None:
+    """The configuration file `serve` reads: --config, else the installed
+    one where it exists; never that one for --dev, whose daemon would then
+    relay the installed service's configuration to its embedded server."""
+    if args.config or args.dev:
+        return args.config
+    return DEFAULT_CONFIG_PATH if os.path.exists(DEFAULT_CONFIG_PATH) else None
 
 
 def _add_client_args(p) -> None:
