@@ -103,7 +103,8 @@ if live_systemd; then systemctl daemon-reload; fi
 cat <<EOF
 smtpgate installed in $R$venv, linked as $R$prefix/bin/smtpgate.
 Next: set the upstream in /etc/smtpgate/smtpgate.toml (and its password in
-/etc/smtpgate/upstream-password, mode 0600), then
+/etc/credstore/smtpgate.upstream-password, mode 0600, where systemd's
+LoadCredential= finds it), then
   systemctl enable --now smtpgate.service
 or, with socket activation,
   systemctl enable --now smtpgate.socket smtpgate-tcp.socket smtpgate.service

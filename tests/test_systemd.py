@@ -241,6 +241,24 @@ def test_service_exposure_score_is_at_most_1_5(tmp_path):
         assert f"The unit scores **{score[1]}**" in operations
 
 
+def test_credentials_are_the_names_the_daemon_reads_and_a_missing_one_is_no_failure():
+    """systemd.exec(5): LoadCredential=ID:PATH names the credential ID (a
+    leading "-" is part of the name, not "optional"); an absolute PATH that
+    does not exist stops the start (243/CREDENTIALS), a name is looked up in
+    /etc/credstore, /run/credstore and /usr/lib/credstore and skipped when
+    missing. The daemon reads $CREDENTIALS_DIRECTORY/ID (config.py)."""
+    from smtpgate.config import CREDENTIAL_NAME, TOKENS_CREDENTIAL, WEBHOOK_SECRET_CREDENTIAL
+
+    lines = [line.partition("=")[2] for line in (UNITS / "smtpgate.service").read_text().splitlines()
+             if line.startswith("LoadCredential=")]
+    loaded = dict(line.split(":", 1) for line in lines)
+    assert set(loaded) == {CREDENTIAL_NAME, TOKENS_CREDENTIAL, WEBHOOK_SECRET_CREDENTIAL}
+    for name, source in loaded.items():
+        assert not source.startswith("/"), f"{name}: a missing {source} would stop the start"
+        assert source == f"smtpgate.{name}", "the name docs/operations.md gives for /etc/credstore"
+        assert f"/etc/credstore/{source}" in (REPO / "docs" / "operations.md").read_text()
+
+
 def test_units_name_the_sockets_as_the_daemon_expects():
     """intake/line_door.py looks the inherited sockets up by these names."""
     socket_unit = (UNITS / "smtpgate.socket").read_text()
