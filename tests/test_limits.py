@@ -98,10 +98,16 @@ def rss_kib(pid: int) -> int:
 def test_parser_before_auth_reports_a_long_line_at_once_and_holds_none_of_it():
     p = LineParser(max_line=4096, drain=False)
     p.feed(b"PING\nSEND " + b"x" * 5000)
-    assert events(p) == [Request("PING", None), LineTooLong(5005)]
+    assert events(p) == [Request("PING", None), LineTooLong(5005, "SEND")]
     assert p.closed and p.pending_bytes == 0
     p.feed(b"x" * 100_000 + b"\nPING\n")
     assert events(p) == [] and p.pending_bytes == 0
+    # The verb as far as it was read, at most 16 characters, for a line
+    # whose LF came in the same feed too.
+    for data, verb in ((b"auth " + b"t" * 5000 + b"\n", "AUTH"), (b"z" * 5000, "Z" * 16)):
+        p = LineParser(max_line=4096, drain=False)
+        p.feed(data)
+        assert events(p) == [LineTooLong(len(data.rstrip(b"\n")), verb)]
 
 
 def test_parser_after_auth_drains_with_the_new_limit():
@@ -142,8 +148,14 @@ def test_a_long_line_before_auth_is_refused_and_the_connection_closed(make_daemo
         sock.sendall(b"PING\nAUTH wrong-token-0123456789\nSEND " + b"{" * 10_000)
         replies = closed_by_peer(sock).decode().split("\r\n")
     assert replies[:2] == ["OK PONG", "ERR AUTH_FAILED wrong token"]
-    assert replies[2].startswith("ERR TOO_LARGE request line over 4096 bytes before AUTH")
+    # What a SEND without its AUTH gets at any length (a client then says
+    # "set the token", not "the message is too large"), and the close.
+    assert replies[2].startswith("ERR AUTH_REQUIRED send AUTH <token> first (a request line over 4096 bytes")
     assert replies[3:] == [""]
+    # A verb allowed before AUTH (a token of kilobytes) is too large.
+    with daemon.connect() as sock:
+        sock.sendall(b"AUTH " + b"x" * 5_000)
+        assert closed_by_peer(sock).decode() == "ERR TOO_LARGE request line over 4096 bytes before AUTH\r\n"
     # after AUTH the line limit is the message's
     with daemon.connect() as sock:
         sock.sendall(f"AUTH {TOKEN}\n".encode() + b"SEND " + b"{" * 10_000 + b"\nPING\n")

@@ -293,7 +293,11 @@ class Connection(asyncio.Protocol):
     def _too_long(self, event: LineTooLong) -> None:
         if self.parser.closed:  # before AUTH: the line is not held, the connection ends
             self.limits.counters["preauth_too_long"] += 1
-            self._reply(reply_err(codes.TOO_LARGE, f"request line over {SMALL_LINE} bytes before AUTH"))
+            if event.verb in OPEN_VERBS:  # an AUTH with a token of kilobytes, say
+                self._reply(reply_err(codes.TOO_LARGE, f"request line over {SMALL_LINE} bytes before AUTH"))
+            else:  # what a SEND without its AUTH gets at any length: the client says "set the token"
+                self._reply(reply_err(codes.AUTH_REQUIRED, f"send AUTH <token> first (a request line over "
+                                                           f"{SMALL_LINE} bytes before AUTH ends the connection)"))
             self.close_when_idle()
         else:
             self._reply(reply_err(codes.TOO_LARGE, f"request line over {self.config.max_line} bytes "

@@ -44,8 +44,11 @@ class Request:
 @dataclass(frozen=True, slots=True)
 class LineTooLong:
     """A line longer than max_line was drained; `size` counts its bytes without
-    the LF (a CR before it included)."""
+    the LF (a CR before it included). With `drain` off, `verb` is the line's
+    first word as far as it was read (upper-cased, at most 16 characters), so
+    that the caller can answer what the line asked for."""
     size: int
+    verb: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +85,7 @@ FOREIGN_PREFIXES: tuple[bytes, ...] = (
     b"\x16\x03", b"SSH-",
 )
 _LONGEST_PREFIX = max(len(p) for p in FOREIGN_PREFIXES)
+_VERB_SHOWN = 16  # characters of an over-long line's verb reported with drain off
 
 
 def _foreign_verdict(head: bytes) -> bool | None:
@@ -170,7 +174,7 @@ class LineParser:
                 if not checked and line[:_LONGEST_PREFIX].upper().startswith(FOREIGN_PREFIXES):
                     return self._close(line)
                 if not self.drain:
-                    return self._refuse(len(line))
+                    return self._refuse(len(line), line)
                 return LineTooLong(len(line))   # CR counted, as when drained
         if line.endswith(b"\r"):
             line = line[:-1]
@@ -199,7 +203,7 @@ class LineParser:
         # how the bytes were cut.
         if len(buf) > self.max_line + 1 and self._line_checked:
             if not self.drain:
-                return self._refuse(len(buf))
+                return self._refuse(len(buf), bytes(buf[:_VERB_SHOWN + 1]))
             self._start_drain(LineTooLong)
         return None
 
@@ -216,11 +220,12 @@ class LineParser:
         self._drained = 0
         self._drained_line = self._drain_event(size)
 
-    def _refuse(self, size: int) -> LineTooLong:
+    def _refuse(self, size: int, line_start: bytes) -> LineTooLong:
         """An over-long line with `drain` off: report it now, hold nothing, close."""
         self.closed = True
         self._buf.clear()
-        return LineTooLong(size)
+        verb = line_start[:_VERB_SHOWN + 1].partition(b" ")[0][:_VERB_SHOWN]
+        return LineTooLong(size, verb.decode("ascii", "replace").upper())
 
     def _close(self, line_start: bytes) -> ForeignProtocol:
         self.closed = True
