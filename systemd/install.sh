@@ -15,16 +15,19 @@
 #   /etc/smtpgate/smtpgate.toml   from systemd/smtpgate.toml, never over an existing one
 #   PREFIX/share/man/man{5,8}/    smtpgate(8), smtpgate-sendmail(8), smtpgate.toml(5)
 #   PREFIX/share/bash-completion/completions/smtpgate, PREFIX/share/zsh/site-functions/_smtpgate
-# No system user: the unit runs with DynamicUser=yes, a user allocated at start.
+#   PREFIX/lib/sysusers.d/smtpgate.conf
+#                                 the system user smtpgate, which the unit runs as,
+#                                 created now by systemd-sysusers (useradd without it)
 # Nothing is enabled or started; the script prints the commands that do.
 #
 # --uninstall removes all of that but /etc/smtpgate (your configuration and
-# secrets) and /var/lib/smtpgate (the spool: mail not yet delivered); the
-# script says where they are. The C client and smtpgate-send(1) are installed
+# secrets), /var/lib/smtpgate (the spool: mail not yet delivered) and the
+# user that owns it; the script says where they are. The C client and smtpgate-send(1) are installed
 # by `make -C clients/c install`.
 set -euo pipefail
 
 root=/ prefix=/usr/local venv=/opt/smtpgate python=python3 uninstall=0
+[ -x /usr/bin/python3 ] && python=/usr/bin/python3  # the distribution's: outside /root and /home
 usage() { sed -n '2,5p' "$0" | sed 's/^# \{0,1\}//'; }
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -49,23 +52,34 @@ mandir=$prefix/share/man
 pages=(man8/smtpgate.8 man8/smtpgate-sendmail.8 man5/smtpgate.toml.5)
 bashcomp=$prefix/share/bash-completion/completions/smtpgate
 zshcomp=$prefix/share/zsh/site-functions/_smtpgate
+sysusers=$prefix/lib/sysusers.d/smtpgate.conf
 live_systemd() { [ -z "$R" ] && [ -d /run/systemd/system ]; }
 
 if [ "$uninstall" = 1 ]; then
   if live_systemd; then
     systemctl disable --now "${units[@]}" 2>/dev/null || true
   fi
-  rm -f "$R$prefix/bin/smtpgate" "$R$bashcomp" "$R$zshcomp"
+  rm -f "$R$prefix/bin/smtpgate" "$R$bashcomp" "$R$zshcomp" "$R$sysusers"
   for unit in "${units[@]}"; do rm -f "$R$unitdir/$unit"; done
   for page in "${pages[@]}"; do rm -f "$R$mandir/$page"; done
   rm -rf "$R$venv"
   if live_systemd; then systemctl daemon-reload; fi
-  echo "smtpgate removed. Kept: $R/etc/smtpgate (configuration, secrets) and"
-  echo "$R/var/lib/smtpgate (the spool; any mail not yet delivered is in it)."
+  echo "smtpgate removed. Kept: $R/etc/smtpgate (configuration, secrets),"
+  echo "$R/var/lib/smtpgate (the spool; any mail not yet delivered is in it) and"
+  echo "the user smtpgate that owns it (userdel smtpgate once the spool is gone)."
   exit 0
 fi
 
-# 1. The program, in its own virtual environment.
+# 1. The program, in its own virtual environment. Its python is a link to
+# PYTHON's: one under /root or /home (pyenv, say) the service may not run
+# (ProtectHome=yes, and its user cannot enter those directories).
+base=$("$python" -c 'import sys; print(sys.base_prefix)')
+case "$base" in
+  /root|/root/*|/home|/home/*)
+    echo "install.sh: $python lives in $base, which the service cannot reach;" >&2
+    echo "give --python /usr/bin/python3 (or another Python outside /root and /home)" >&2
+    exit 64 ;;
+esac
 "$python" -m venv "$R$venv"
 "$R$venv/bin/python" -m pip install --quiet --disable-pip-version-check "$repo"
 if [ -n "$R" ]; then
@@ -92,7 +106,16 @@ else
   install -m 0644 "$repo/systemd/smtpgate.toml" "$R/etc/smtpgate/smtpgate.toml"
 fi
 
-# 4. Man pages and shell completion.
+# 4. The user the service runs as.
+install -D -m 0644 "$repo/systemd/smtpgate.sysusers" "$R$sysusers"
+if command -v systemd-sysusers >/dev/null; then
+  systemd-sysusers --root="${R:-/}" "$R$sysusers"
+elif ! grep -q '^smtpgate:' "$R/etc/passwd" 2>/dev/null; then
+  useradd ${R:+--root "$R"} --system --user-group --home-dir /var/lib/smtpgate --no-create-home \
+    --shell /usr/sbin/nologin --comment "smtpgate mail relay" smtpgate
+fi
+
+# 5. Man pages and shell completion.
 for page in "${pages[@]}"; do
   install -D -m 0644 "$repo/docs/man/${page#*/}" "$R$mandir/$page"
 done

@@ -72,9 +72,9 @@ def _give_root_a_system(root: Path) -> None:
     shutil.copy2(shutil.which("kill", path="/bin:/usr/bin"), root / "usr/bin/kill")
 
 
-def install(root: Path, *args: str) -> subprocess.CompletedProcess:
+def install(root: Path, *args: str, python: str | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(["bash", str(REPO / "systemd/install.sh"), "--root", str(root),
-                           "--python", distribution_python(), *args],
+                           "--python", python or distribution_python(), *args],
                           capture_output=True, text=True, timeout=170)
 
 
@@ -101,7 +101,14 @@ def test_install_script_into_a_root_passes_systemd_analyze_verify_and_uninstalls
     units = ["smtpgate.service", "smtpgate.socket", "smtpgate-tcp.socket"]
     service = (root / "usr/local/lib/systemd/system/smtpgate.service").read_text()
     assert "ExecStart=/usr/local/bin/smtpgate serve --config /etc/smtpgate/smtpgate.toml" in service
-    assert "DynamicUser=yes" in service  # no system user to create
+    # A user of its own, not DynamicUser= (whose preserved runtime directory
+    # systemd keeps under /run/private, 0700: no caller could reach the socket).
+    assert "\nUser=smtpgate\n" in service
+    assert not any(line.startswith("DynamicUser=") for line in service.splitlines())
+    assert (root / "usr/local/lib/sysusers.d/smtpgate.conf").is_file()
+    if shutil.which("systemd-sysusers") or shutil.which("useradd"):
+        [entry] = [line for line in (root / "etc/passwd").read_text().splitlines() if line.startswith("smtpgate:")]
+        assert entry.split(":")[5:] == ["/var/lib/smtpgate", "/usr/sbin/nologin"]
 
     _give_root_a_system(root)
     verified = subprocess.run(["systemd-analyze", "verify", f"--root={root}", *units], capture_output=True,
@@ -116,8 +123,22 @@ def test_install_script_into_a_root_passes_systemd_analyze_verify_and_uninstalls
     assert "kept" in again.stdout
 
     removed = install(root, "--uninstall")
+    assert "the user smtpgate" in removed.stdout
     assert removed.returncode == 0, removed.stderr
     assert not (root / "opt/smtpgate").exists() and not link.is_symlink()
     assert not (root / "usr/local/lib/systemd/system/smtpgate.service").exists()
     assert not (root / "usr/local/share/man/man8/smtpgate.8").exists()
     assert config.exists(), "the configuration (and its secrets) is the operator's: kept"
+
+
+def test_install_script_refuses_a_python_the_service_cannot_reach(tmp_path):
+    """A venv's python links to the one that made it: under /root or /home
+    (pyenv, say) the unit's ProtectHome=yes and its user could not run it."""
+    base = subprocess.run([sys.executable, "-c", "import sys; print(sys.base_prefix)"],
+                          capture_output=True, text=True).stdout.strip()
+    if not base.startswith(("/root/", "/home/")):
+        pytest.skip(f"the tests' python lives in {base}")
+    done = install(tmp_path / "root", python=sys.executable)
+    assert done.returncode == 64
+    assert f"lives in {base}, which the service cannot reach" in done.stderr
+    assert not (tmp_path / "root" / "opt").exists()

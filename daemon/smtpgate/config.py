@@ -24,8 +24,8 @@ DEFAULT_LISTEN = "127.0.0.1:2526"
 DEFAULT_CONFIG_PATH = "/etc/smtpgate/smtpgate.toml"
 # systemd's LoadCredential= name for the upstream password (smtpgate.service).
 CREDENTIAL_NAME = "upstream-password"
-# ... and for the client tokens: the unit's dynamic user can read no file
-# that others cannot, and a tokens file others can read is refused.
+# ... and for the client tokens: the unit's user (smtpgate) can read no file
+# of root's that others cannot, and a tokens file others can read is refused.
 TOKENS_CREDENTIAL = "tokens"
 # 16 characters of a random token (base64: 96 bits) are beyond guessing
 # through a socket that closes after 3 wrong AUTHs; a short one is a mistake.
