@@ -934,6 +934,12 @@ def test_the_pressure_is_read_from_the_services_own_cgroup_where_it_has_one(tmp_
     assert pressure_file(str(proc), str(cgroups)) == machine  # a kernel without PSI for cgroups
     (service / "cpu.pressure").write_text("some avg10=0.00 avg60=0.00 avg300=0.00 total=0\n")
     assert pressure_file(str(proc), str(cgroups)) == str(service / "cpu.pressure")
+    # The hybrid layout: v2 mounted at unified/, beside the v1 hierarchies.
+    (service / "cpu.pressure").unlink()
+    hybrid = cgroups / "unified" / "system.slice" / "smtpgate.service"
+    hybrid.mkdir(parents=True)
+    (hybrid / "cpu.pressure").write_text("some avg10=0.00 avg60=0.00 avg300=0.00 total=0\n")
+    assert pressure_file(str(proc), str(cgroups)) == str(hybrid / "cpu.pressure")
     (proc / "self" / "cgroup").write_text("1:cpu:/\n0::/\n")
     assert pressure_file(str(proc), str(cgroups)) == machine
     (proc / "self" / "cgroup").unlink()

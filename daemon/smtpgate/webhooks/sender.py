@@ -192,15 +192,17 @@ def pressure_file(proc: str = "/proc", cgroups: str = "/sys/fs/cgroup") -> str:
     of this process's own cgroup (v2), whose tasks are the service's under
     systemd, else the machine's /proc/pressure/cpu. The unit's ProcSubset=pid
     hides /proc/pressure, and the cgroup's figure counts only the waits of
-    smtpgate's own tasks, not those of whatever else the host runs."""
+    smtpgate's own tasks, not those of whatever else the host runs. The v2
+    hierarchy is the root of `cgroups`, or its `unified` beside v1's (the
+    hybrid layout of systemd before 256)."""
     try:
         with open(f"{proc}/self/cgroup") as groups:
             for line in groups:
                 hierarchy, controllers, path = line.rstrip("\n").split(":", 2)
                 if hierarchy == "0" and not controllers and path != "/":
-                    own = f"{cgroups}{path}/cpu.pressure"
-                    if os.path.exists(own):
-                        return own
+                    for own in (f"{cgroups}{path}/cpu.pressure", f"{cgroups}/unified{path}/cpu.pressure"):
+                        if os.path.exists(own):
+                            return own
     except (OSError, ValueError):
         pass
     return f"{proc}/pressure/cpu"
