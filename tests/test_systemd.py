@@ -152,6 +152,55 @@ def spawn_socket_activated(argv, named_sockets, env, **popen_args):
             os.close(fd)
 
 
+def test_an_inherited_socket_on_a_network_without_tokens_stops_the_start(make_daemon, tmp_path):
+    """A socket unit may bind any address: with no token, one that is not
+    loopback would make an open relay of the daemon, as a `listen` in the
+    file would (config.py refuses that one). The socket here is bound to
+    the wildcard but never listens, so nothing can connect to it."""
+    daemon = make_daemon(start=False)
+    daemon.write_config()
+    wildcard = socket.socket()
+    wildcard.bind(("0.0.0.0", 0))
+    port = wildcard.getsockname()[1]
+    with open(tmp_path / "out.log", "wb") as out:
+        proc = spawn_socket_activated(
+            [sys.executable, "-m", "smtpgate", "serve", "--config", str(daemon.config_path),
+             "--log-format", "json"], [("tcp", wildcard)], dict(os.environ), stdout=out, stderr=subprocess.STDOUT)
+        wildcard.close()
+        assert proc.wait(timeout=START_TIMEOUT) == 78
+    [line] = [json.loads(text) for text in (tmp_path / "out.log").read_text().splitlines()
+              if '"start_failed"' in text]
+    assert line["error"].startswith(f"listen: 0.0.0.0:{port} is not a loopback address; set tokens")
+
+
+def test_a_reload_cannot_take_the_last_token_from_a_door_bound_on_a_network(tmp_path):
+    """The doors stay bound where they were: the reload checks those, not
+    the file's (which could name loopback and still take every token away)."""
+    from types import SimpleNamespace
+
+    from smtpgate.config import ConfigError, check_doors, load_config
+    from smtpgate.daemon import Daemon
+
+    wildcard = socket.socket()
+    wildcard.bind(("0.0.0.0", 0))  # never listens
+    unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    base = {"upstream": ["127.0.0.1:25"], "spool": str(tmp_path)}
+    running = load_config(None, dict(base, tokens=["token-0123456789abcdef"], smtp_listen="127.0.0.1:2525"))
+    daemon = Daemon(running, None, {}, "asyncio")
+    daemon.line_door = SimpleNamespace(acceptor=SimpleNamespace(sockets=[wildcard, unix]))
+    try:
+        port = wildcard.getsockname()[1]
+        assert daemon.bound_doors() == [("listen", f"0.0.0.0:{port}", "0.0.0.0"),
+                                        ("smtp_listen", "127.0.0.1:2525", "127.0.0.1")]
+        check_doors(running, daemon.bound_doors())
+        without_tokens = load_config(None, base)  # its own listen is loopback: the file alone passes
+        with pytest.raises(ConfigError, match=rf"^listen: 0\.0\.0\.0:{port} is not a loopback address"):
+            check_doors(without_tokens, daemon.bound_doors())
+    finally:
+        wildcard.close()
+        unix.close()
+
+
 def test_listen_fds_takes_inherited_sockets_by_name(tmp_path):
     tcp = socket.create_server(("127.0.0.1", 0))
     unix_path = str(tmp_path / "smtpgate.sock")

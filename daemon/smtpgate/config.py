@@ -320,18 +320,10 @@ def _validate(config: Config) -> None:
     _read_http_tokens(config)
     if config.http_listen and config.http_listen.isdigit():
         config.http_listen = f"127.0.0.1:{config.http_listen}"
-    callers_have_tokens = bool(config.tokens or any(caller.tokens for caller in config.callers.values()))
     doors = [("listen", v) for v in config.listen] + [("smtp_listen", config.smtp_listen)] * bool(config.smtp_listen)
     if config.http_listen:
-        # The HTTP side is closed by its own tokens too (docs/http.md).
         doors.append(("http_listen", config.http_listen))
-    for key, value in doors:
-        host, _ = parse_hostport(value, key)
-        closed = callers_have_tokens or (key == "http_listen" and has_tokens(config))
-        if not closed and not is_loopback(host):
-            raise ConfigError(
-                f"{key}: {value} is not a loopback address; set tokens (tokens_file, or a "
-                "caller's token_file) before listening on a network")
+    check_doors(config, [(key, value, parse_hostport(value, key)[0]) for key, value in doors])
 
     if config.upstream_oauth2_token_file:
         # XOAUTH2 (Gmail, Outlook): an outside tool refreshes the token file,
@@ -389,6 +381,22 @@ def _validate_limits(config: Config) -> None:
     for key in ("idle_timeout", "request_timeout", "stress_idle_timeout", "stress_request_timeout"):
         if getattr(config, key) <= 0:
             raise ConfigError(f"{key}: must be more than 0 seconds")
+
+
+def check_doors(config: Config, doors: list[tuple[str, str, str]]) -> None:
+    """Refuse a door, (key, address as shown, host), on a non-loopback host
+    while no token closes it: the daemon would take anyone's mail (and the
+    HTTP side would be anyone's admin). Checked for the configured addresses
+    when a file is read, and for the sockets bound (systemd's too) at start
+    and at each reload, which cannot move them."""
+    callers_have_tokens = bool(config.tokens or any(caller.tokens for caller in config.callers.values()))
+    for key, value, host in doors:
+        # The HTTP side is closed by its own tokens too (docs/http.md).
+        closed = callers_have_tokens or (key == "http_listen" and has_tokens(config))
+        if not closed and not is_loopback(host):
+            raise ConfigError(
+                f"{key}: {value} is not a loopback address; set tokens (tokens_file, or a "
+                "caller's token_file) before listening on a network")
 
 
 def has_tokens(config: Config) -> bool:

@@ -19,10 +19,11 @@ import asyncio
 import os
 import resource
 import signal
+import socket
 import time
 
 from smtpgate import __version__
-from smtpgate.config import Config, ConfigError, load_config, parse_hostport
+from smtpgate.config import Config, ConfigError, check_doors, load_config, parse_hostport
 from smtpgate.log import get_logger, setup_logging
 from smtpgate.spool.schema import UNFINISHED_STATES, State
 
@@ -126,6 +127,7 @@ class Daemon:
             limits = Limits(config, self.log)
             self.line_door = LineDoor(config, handoff, self.spool, self.log, limits)
             await self.line_door.start(inherited)
+            check_doors(config, self.bound_doors())  # systemd's sockets are not in the file
             if config.smtp_listen:
                 from smtpgate.intake.smtp_door import start_smtp_intake
                 host, port = parse_hostport(config.smtp_listen, "smtp_listen")
@@ -257,6 +259,18 @@ class Daemon:
             self.delivery.probe_now()
             self.delivery.wake()
 
+    def bound_doors(self) -> list[tuple[str, str, str]]:
+        """The TCP sockets the doors listen on, as check_doors takes them."""
+        doors = []
+        for sock in self.line_door.acceptor.sockets:
+            if sock.family in (socket.AF_INET, socket.AF_INET6):
+                host, port = sock.getsockname()[:2]
+                doors.append(("listen", f"{host}:{port}", host))
+        for key in ("smtp_listen", "http_listen"):
+            if value := getattr(self.config, key):
+                doors.append((key, value, parse_hostport(value, key)[0]))
+        return doors
+
     async def reload(self) -> None:
         from smtpgate import systemd
 
@@ -264,6 +278,9 @@ class Daemon:
         try:
             config = load_config(self.config_path, self.overrides)
             check_descriptors(config, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+            # The doors stay where they were bound: a file that takes every
+            # token away must not open a door that listens on a network.
+            check_doors(config, self.bound_doors())
         except ConfigError as exc:
             self.log.error("reload_refused", error=str(exc))
             systemd.ready()
@@ -353,6 +370,9 @@ def serve(config_path: str | None, overrides: dict) -> int:
     except SpoolError as exc:  # locked by another daemon, wrong schema, unusable directory
         get_logger().error("start_failed", error=str(exc))
         return 73  # EX_CANTCREAT
+    except ConfigError as exc:  # systemd's sockets on a network, and no token
+        get_logger().error("start_failed", error=str(exc))
+        return 78  # EX_CONFIG
     except OSError as exc:  # an address in use, a socket path we may not create
         get_logger().error("start_failed", error=str(exc))
         return 71  # EX_OSERR
