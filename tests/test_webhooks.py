@@ -603,6 +603,9 @@ def test_each_caller_gets_its_own_url_and_secret_and_others_none(make_daemon, up
     ({"webhook_url": "https://user:pw@hooks.example/h", "secret": SECRET}, "webhook_url: a webhook URL carries no user"),
     ({"webhook_url": "http://127.0.0.1:9/h\r\nX-Injected: 1", "secret": SECRET}, "holds a space, a control"),
     ({"webhook_url": "http://127.0.0.1:9/a b", "secret": SECRET}, "holds a space, a control"),
+    # The query may hold a token: not in the error (a refused reload logs it).
+    ({"webhook_url": "http://127.0.0.1:9/h?token=hunter2 x", "secret": SECRET},
+     "'http://127.0.0.1:9/h?...' holds a space"),
     ({"webhook_url": "https://bücher.example/h", "secret": SECRET}, "in its xn-- form"),
     ({"webhook_url": "http://127.0.0.1:9/h", "secret": "s3cret-not-whsec"}, "webhook_secret_file: "),
     ({"webhook_url": "http://127.0.0.1:9/h", "secret": "whsec_" + base64.b64encode(b"short").decode()},
@@ -619,6 +622,7 @@ def test_the_configuration_refuses_an_unsigned_or_unclear_webhook(tmp_path, sett
         load_config(None, settings)
     assert error in str(refused.value)
     assert "whsec_" + "x" not in str(refused.value) and SECRET not in str(refused.value)
+    assert "hunter2" not in str(refused.value)
 
 
 def test_a_callers_webhook_needs_a_secret_of_its_own_or_the_top_level_one(tmp_path):
@@ -1109,3 +1113,18 @@ def test_https_checks_the_receivers_certificate_and_name(tmp_path, monkeypatch, 
 
     assert asyncio.run(main()) == (204 if verified else "Hostname mismatch, certificate is not valid for 'localhost'.")
 
+
+
+def test_retry_after_is_ascii_seconds_or_an_http_date():
+    """RFC 9110 10.2.3. "²" passed str.isdigit() and then failed float():
+    the error skipped the backoff, and the receiver was tried again at once,
+    over and over."""
+    from smtpgate.webhooks.sender import retry_after_seconds
+
+    now = 1445412470.0  # 2015-10-21T07:27:50Z
+    assert retry_after_seconds("120", now) == 120.0
+    assert retry_after_seconds(" 7 ", now) == 7.0
+    assert retry_after_seconds("Wed, 21 Oct 2015 07:28:00 GMT", now) == 10.0
+    assert retry_after_seconds("Wed, 21 Oct 2015 07:27:00 GMT", now) == 0.0  # past: at once, within the backoff
+    for odd in ("²", "1.5", "-3", "", "soon", "Wed, 21 Oct 2015 07:28:00", "9" * 11):
+        assert retry_after_seconds(odd, now) is None, odd

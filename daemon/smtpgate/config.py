@@ -568,16 +568,19 @@ def _validate_webhooks(config: Config) -> None:
 
 
 def _check_webhook_url(key: str, url: str) -> None:
+    # The error names the URL without its query and fragment, which may hold
+    # a token (the log, and the journal, keep what a reload refused).
+    shown = repr(url.partition("?")[0].partition("#")[0] + ("?..." if "?" in url else ""))
     try:
         parts = urllib.parse.urlsplit(url)
         parts.port  # noqa: B018 -- raises ValueError for a port that is not a number
     except ValueError as exc:
-        raise ConfigError(f"{key}: {url!r} is not a URL: {exc}") from None
+        raise ConfigError(f"{key}: {shown} is not a URL: {exc}") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(f"{key}: expected an http:// or https:// URL, got {url!r}")
+        raise ConfigError(f"{key}: expected an http:// or https:// URL, got {shown}")
     if not url.isascii() or not url.isprintable() or " " in url:
         # It goes into the request line and Host header as it is (webhooks/client.py).
-        raise ConfigError(f"{key}: {url!r} holds a space, a control or a non-ASCII character "
+        raise ConfigError(f"{key}: {shown} holds a space, a control or a non-ASCII character "
                           "(percent-encode it; an international domain name in its xn-- form)")
     if parts.username is not None or parts.password is not None:
         # It would be logged with every failed try; the signature is the authentication.

@@ -33,9 +33,11 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import email.utils
 import functools
 import os
 import random
+import re
 import sqlite3
 import threading
 import time
@@ -470,8 +472,9 @@ class WebhookSender:
         failures = (down.failures if down is not None else 0) + 1
         now = self._clock()
         delay = retry_delay(failures, RETRY_BASE, RETRY_MAX, random.random())
-        if retry_after is not None and retry_after.strip().isdigit():
-            delay = max(delay, min(float(retry_after), RETRY_MAX))
+        asked = retry_after_seconds(retry_after, time.time()) if retry_after is not None else None
+        if asked is not None:
+            delay = max(delay, min(asked, RETRY_MAX))
         self._down[url] = _Down(now + delay, failures, now)
         return now + delay
 
@@ -479,6 +482,24 @@ class WebhookSender:
         await self.spool.webhook_done([(event.seq, event.message_id, False)])
         self.log.error("webhook_given_up", webhook_id=event.id, type=event.type, message_id=event.message_id,
                        url=shown(url) if url else None, error=why, attempts=event.attempts)
+
+
+def retry_after_seconds(value: str, now: float) -> float | None:
+    """A Retry-After header's wait in seconds from `now` (Unix time): its
+    delay-seconds or its HTTP-date (RFC 9110 section 10.2.3); None for
+    anything else. ASCII digits only: str.isdigit() takes "²" too, which
+    float() then refuses, and the error skipped the backoff (the receiver
+    was tried again at once, over and over)."""
+    value = value.strip()
+    if re.fullmatch(r"[0-9]{1,10}", value):
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        return None  # an HTTP-date is GMT, and says so
+    return max(0.0, when.timestamp() - now)
 
 
 def webhook_retry_for(seconds: float) -> str:
