@@ -387,6 +387,26 @@ def test_a_reload_applies_to_open_connections(make_daemon, tmp_path):
     assert "caller" in failed and failed["caller"] is None
 
 
+def test_a_token_taken_away_by_a_reload_is_no_good_on_connections_that_showed_it(make_daemon, tmp_path):
+    """A leaked token is rotated out and the daemon reloaded: a connection
+    that AUTHed with it must AUTH again, at both doors, while one whose
+    token is still the caller's goes on as that caller (its counts too)."""
+    port = _free_port()
+    callers = {"shop": {"token_file": token_file(tmp_path, "shop", TOKEN_A, TOKEN_C)}}
+    daemon = start(make_daemon, hold=True, callers=callers, smtp_listen=f"127.0.0.1:{port}")
+    with Line(daemon.tcp, TOKEN_A) as leaked, Line(daemon.tcp, TOKEN_C) as kept, \
+            smtplib.SMTP("127.0.0.1", port, timeout=10) as smtp:
+        smtp.login("shop", TOKEN_A)
+        assert leaked.send(message()).startswith("OK ") and kept.send(message()).startswith("OK ")
+        callers["shop"]["token_file"] = token_file(tmp_path, "shop", TOKEN_C)
+        daemon.reload()
+        assert leaked.send(message()) == "ERR AUTH_REQUIRED send AUTH <token> first"
+        assert leaked.ask(f"AUTH {TOKEN_A}") == "ERR AUTH_FAILED wrong token"
+        assert kept.send(message()).startswith("OK ")
+        assert kept.stats()["callers"]["shop"]["accepted"] == 3
+        assert smtp.mail("app@example.com")[0] == 530  # a new session, a new AUTH
+
+
 # -- the SMTP door ---------------------------------------------------------------
 
 def _free_port() -> int:

@@ -213,6 +213,16 @@ class Caller:
     def __repr__(self) -> str:
         return f"Caller({self.name!r})"
 
+    def successor(self) -> "Caller":
+        """The same caller under credentials a reload changed: its counts and
+        rate windows go on, while this object, which the open connections
+        hold, is revoked (they must show the new credentials)."""
+        fresh = Caller(self.name)
+        fresh.per_minute, fresh.per_day = self.per_minute, self.per_day
+        fresh.accepted, fresh.refused, fresh.limited = self.accepted, self.refused, self.limited
+        self.revoked = True
+        return fresh
+
     def set_policy(self, policy: Policy) -> None:
         self.policy = policy
         self.per_minute = _window(self.per_minute, policy.sends_per_minute, 60.0)
@@ -249,6 +259,7 @@ class Callers:
         self.anonymous: Caller | None = None
         self._tokens: list[tuple[bytes, Caller, bool]] = []  # (keyed digest of the token, caller, named)
         self._unix: dict[tuple[int | None, int | None], Caller] = {}
+        self._credentials: dict[str, tuple] = {}  # by name: what identifies the caller (load)
         self.load(config)
 
     def _digest(self, token: bytes) -> bytes:
@@ -261,7 +272,10 @@ class Callers:
     def load(self, config: Config) -> None:
         """Take the callers of `config` (at start, and at every reload): a
         caller still there keeps its object (and with it its connections,
-        rate windows and counts) with the new policy; one gone is revoked.
+        rate windows and counts) with the new policy; one gone is revoked,
+        and so is the object of one whose tokens or uid and gid changed (a
+        token taken away must not stay good on the connections that showed
+        it: they find their caller again by what they showed, line_door.py).
         Raises ValueError if two unnamed tokens would get one name (a
         48-bit collision: not expected in this universe)."""
         default = Policy(config)
@@ -281,13 +295,19 @@ class Callers:
                 unix[(own.uid, own.gid)] = name
         if not wanted:
             wanted[ANONYMOUS] = default
+        credentials = {name: (frozenset(digest for digest, owner, _ in tokens if owner == name),
+                              next((ids for ids, owner in unix.items() if owner == name), None))
+                       for name in wanted}
         for name, caller in self.by_name.items():
             caller.revoked = name not in wanted
         by_name = {}
         for name, policy in wanted.items():
             caller = self.by_name.get(name) or Caller(name)
+            if name in self._credentials and self._credentials[name] != credentials[name]:
+                caller = caller.successor()
             caller.set_policy(policy)
             by_name[name] = caller
+        self._credentials = credentials
         self.by_name = by_name
         self.anonymous = by_name.get(ANONYMOUS)
         self._tokens = [(digest, by_name[name], named) for digest, name, named in tokens]
@@ -314,7 +334,14 @@ class Callers:
         compared, each as a keyed digest of the same length in constant
         time, so the time taken tells neither which token matched nor how
         long any is."""
-        digest = self._digest(secret)
+        return self.for_digest(self._digest(secret))
+
+    def digest(self, token: bytes) -> bytes:
+        """What a connection keeps of the token it showed (for_digest)."""
+        return self._digest(token)
+
+    def for_digest(self, digest: bytes) -> Caller | None:
+        """The caller whose token has this `digest`, or None (for_token)."""
         found = None
         for token_digest, caller, _ in self._tokens:
             if hmac.compare_digest(digest, token_digest):

@@ -188,6 +188,7 @@ class Connection(asyncio.Protocol):
         self.slot = slot  # our place in the door's connection count, given back at the end
         # None until identified (callers.py): only OPEN_VERBS, and a short line
         self.caller: Caller | None = door.handoff.callers.for_peer(peer)
+        self.token_digest: bytes | None = None  # of the token its AUTH showed (_identify_again)
         if self.caller is not None:
             self.parser = LineParser(max_line=self.config.max_line)
         else:
@@ -418,8 +419,12 @@ class Connection(asyncio.Protocol):
 
     def _identify_again(self) -> Caller | None:
         """Who the peer is now: a reload may have revoked the caller this
-        connection was, or made its peer one (a new unix_user)."""
-        caller = self.handoff.callers.for_peer(self.peer)
+        connection was (gone, or its tokens or uid changed), or made its peer
+        one (a new unix_user). By what it showed: the token of its AUTH, if
+        still a caller's, else its peer."""
+        callers = self.handoff.callers
+        caller = (callers.for_digest(self.token_digest) if self.token_digest is not None else None) \
+            or callers.for_peer(self.peer)
         if caller is not None:
             self._identified(caller)
         else:
@@ -481,6 +486,7 @@ class Connection(asyncio.Protocol):
         # An open daemon: AUTH with anything is OK.
         caller = callers.anonymous or callers.for_token((token or "").encode())
         if caller is not None:
+            self.token_digest = None if callers.anonymous else callers.digest((token or "").encode())
             self._identified(caller)
             self._reply(reply_ok())
             return
