@@ -224,6 +224,42 @@ def test_send_encodes_one_json_line_with_raw_utf8_and_escaped_newlines(scripted)
     assert json.loads(second[5:])["headers"] == {}, "an empty PHP array must still be a JSON object"
 
 
+def test_lists_with_gaps_in_their_keys_travel_as_json_arrays_and_the_daemon_takes_them(daemon, upstream):
+    """array_filter(), array_unique() or unset() leave a PHP list with gaps in its keys, which
+    json_encode() turns into an object {"1":...}: the daemon refuses that (BAD_REQUEST "must be a
+    string or an array of strings"), so to, cc, bcc, reply_to and attachments go as arrays."""
+    result = run_php("""
+        $gate = new Client($args['uri']);
+        $message = [
+            'from' => 'app@example.com', 'subject' => 'gaps', 'text' => 'body',
+            'to' => array_filter(['', 'kelly@example.org', '', 'lee@example.org']),
+            'cc' => array_unique(['cc@example.org', 'cc@example.org', 'dd@example.org']),
+            'bcc' => ['hidden' => 'hidden@example.org'],
+            'reply_to' => [3 => 'orders@example.com'],
+            'attachments' => [2 => Attachment::fromString('note.txt', 'attached', 'text/plain')],
+        ];
+        $raw = "From: app@example.com\r\nSubject: raw gaps\r\n\r\nraw body\r\n";
+        $many = $gate->sendMany(['gaps' => $message]);
+        report([
+            outcome(fn () => $gate->send($message)),
+            outcome(fn () => $gate->sendRaw($raw, 'app@example.com', array_filter(['', 'raw@example.org']),
+                                            ['cc' => [1 => 'rawcc@example.org']])),
+            $many->ok() ? $many->ids : array_map(fn ($e) => $e->getMessage(), $many->errors),
+        ]);
+    """, {"uri": daemon.uri})
+    assert [sorted(r) for r in result] == [["value"], ["value"], ["gaps"]], result
+    mails = upstream.wait_for(3)
+    assert sorted(m.message["Subject"] for m in mails) == ["gaps", "gaps", "raw gaps"]
+    for mail in mails:
+        if mail.message["Subject"] == "raw gaps":
+            assert sorted(mail.rcpt_tos) == ["raw@example.org", "rawcc@example.org"]
+            continue
+        assert sorted(mail.rcpt_tos) == ["cc@example.org", "dd@example.org", "hidden@example.org",
+                                         "kelly@example.org", "lee@example.org"]
+        assert mail.message["Reply-To"] == "orders@example.com"
+        assert [part.get_filename() for part in mail.message.iter_attachments()] == ["note.txt"]
+
+
 def test_request_lines_cannot_be_smuggled_and_bad_utf8_is_refused_before_writing(scripted):
     peer = scripted()
     result = run_php("""

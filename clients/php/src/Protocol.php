@@ -45,6 +45,9 @@ final class Protocol
      */
     private const JSON_FLAGS = JSON_UNESCAPED_UNICODE | JSON_UNESCAPED_SLASHES | JSON_THROW_ON_ERROR;
 
+    /** The fields of SEND that are JSON arrays (docs/protocol.md "SEND"): never sent as objects. */
+    private const LIST_FIELDS = ['to', 'cc', 'bcc', 'reply_to', 'attachments'];
+
     /**
      * One request line, `VERB[ ARGUMENT]\n`. Throws \InvalidArgumentException
      * for a CR or LF in the argument: it would smuggle a second request.
@@ -70,6 +73,13 @@ final class Protocol
         // An empty PHP array encodes as [], but `headers` must be an object.
         if (isset($message['headers']) && is_array($message['headers'])) {
             $message['headers'] = (object) $message['headers'];
+        }
+        // A list with gaps in its keys (array_filter(), array_unique(), unset())
+        // would encode as {"0":...,"2":...}, which the daemon refuses.
+        foreach (self::LIST_FIELDS as $field) {
+            if (isset($message[$field]) && is_array($message[$field]) && !array_is_list($message[$field])) {
+                $message[$field] = array_values($message[$field]);
+            }
         }
         try {
             return json_encode($message, self::JSON_FLAGS);

@@ -20,11 +20,13 @@ use SmtpGate\Exception\WebhookVerificationException;
  *         exit;
  *     }
  *     // $event['type'] === 'message.sent', $event['data']['message_id'], ...
+ *     // $hook->verifiedId(): the signed webhook-id, to skip an event already handled
  *
  * Pass the body exactly as received (php://input): a body decoded and encoded
  * again is not the body that was signed. An event may arrive more than once
- * (smtpgate retries until it gets a 2xx): keep the `webhook-id` header of the
- * events you have handled and skip a repeat.
+ * (smtpgate retries until it gets a 2xx): keep the verifiedId() of the events
+ * you have handled and skip a repeat (not $_SERVER['HTTP_WEBHOOK_ID'] or
+ * another copy of the header: only the one verify() checked is signed).
  */
 final class Webhook
 {
@@ -33,12 +35,29 @@ final class Webhook
 
     private const PREFIX = 'whsec_';
 
+    /** The key's length in bytes, as smtpgate accepts it (the specification: 24 bytes at least). */
+    public const MIN_KEY_BYTES = 24;
+    public const MAX_KEY_BYTES = 64;
+
+    /**
+     * Where each header is looked for: its name in any case (getallheaders(),
+     * PSR-7, frameworks), or its $_SERVER key. No other spelling counts.
+     */
+    private const HEADERS = [
+        'webhook-id' => 'id', 'webhook-timestamp' => 'timestamp', 'webhook-signature' => 'signature',
+    ];
+    private const SERVER_KEYS = [
+        'HTTP_WEBHOOK_ID' => 'id', 'HTTP_WEBHOOK_TIMESTAMP' => 'timestamp', 'HTTP_WEBHOOK_SIGNATURE' => 'signature',
+    ];
+
     private string $key;
+
+    private ?string $verifiedId = null;
 
     /**
      * @param string $secret the webhook secret, `whsec_` and base64 (as in smtpgate's webhook_secret_file)
      * @param int $tolerance seconds a timestamp may differ from now
-     * @throws \InvalidArgumentException for a secret that is not `whsec_` and base64
+     * @throws \InvalidArgumentException for a secret that is not `whsec_` and base64 of 24 to 64 bytes
      */
     public function __construct(string $secret, private int $tolerance = self::DEFAULT_TOLERANCE)
     {
@@ -48,6 +67,14 @@ final class Webhook
             : false;
         if ($key === false || $key === '') {
             throw new \InvalidArgumentException('a webhook secret is whsec_ followed by base64');
+        }
+        if (strlen($key) < self::MIN_KEY_BYTES || strlen($key) > self::MAX_KEY_BYTES) {
+            throw new \InvalidArgumentException(sprintf(
+                'a webhook secret holds %d to %d random bytes after whsec_ (base64), this one %d',
+                self::MIN_KEY_BYTES,
+                self::MAX_KEY_BYTES,
+                strlen($key)
+            ));
         }
         $this->key = $key;
     }
@@ -59,11 +86,13 @@ final class Webhook
      * @param array<string, mixed> $headers the request's headers by name, in any case
      *     (getallheaders(), a framework's), or $_SERVER (HTTP_WEBHOOK_ID, ...)
      * @param int|null $now the current Unix time (tests); null: time()
-     * @return array<string, mixed> the event: type, timestamp, data
-     * @throws WebhookVerificationException when the request is not a genuine, fresh event
+     * @return array<string, mixed> the event: type, timestamp, data (its webhook-id: verifiedId())
+     * @throws WebhookVerificationException when the request is not a genuine, fresh event, or
+     *     carries a webhook-* header twice (say as both Webhook-Id and HTTP_WEBHOOK_ID)
      */
     public function verify(string $body, array $headers, ?int $now = null): array
     {
+        $this->verifiedId = null;
         $found = self::webhookHeaders($headers);
         foreach (['id', 'timestamp', 'signature'] as $name) {
             if (!isset($found[$name]) || $found[$name] === '') {
@@ -96,29 +125,45 @@ final class Webhook
         if (!is_array($event)) {
             throw new WebhookVerificationException('the body is not a JSON object');
         }
+        $this->verifiedId = $found['id'];
         return $event;
     }
 
     /**
+     * The webhook-id of the request the last verify() accepted, the one its
+     * signature covers: the key to skip an event already handled. Null before
+     * any verify() and after one that threw.
+     */
+    public function verifiedId(): ?string
+    {
+        return $this->verifiedId;
+    }
+
+    /**
      * The webhook-* headers' values by their short name (id, timestamp, signature).
+     * A header found under two spellings is refused: which one a caller would
+     * read afterwards (say $_SERVER's) is not known, so neither is trusted.
      *
      * @param array<string, mixed> $headers
      * @return array<string, string>
+     * @throws WebhookVerificationException for a header given twice
      */
     private static function webhookHeaders(array $headers): array
     {
         $found = [];
         foreach ($headers as $name => $value) {
-            $name = strtolower(str_replace('_', '-', (string) $name));
-            if (str_starts_with($name, 'http-')) {
-                $name = substr($name, 5);  // $_SERVER's HTTP_WEBHOOK_ID
+            $name = (string) $name;
+            $short = self::SERVER_KEYS[$name] ?? self::HEADERS[strtolower($name)] ?? null;
+            if ($short === null) {
+                continue;
+            }
+            if (isset($found[$short])) {
+                throw new WebhookVerificationException("the webhook-{$short} header is given more than once");
             }
             if (is_array($value)) {  // PSR-7's getHeaders(): a list per name
                 $value = implode(' ', $value);
             }
-            if (str_starts_with($name, 'webhook-') && is_string($value)) {
-                $found[substr($name, 8)] = trim($value);
-            }
+            $found[$short] = is_string($value) ? trim($value) : '';
         }
         return $found;
     }

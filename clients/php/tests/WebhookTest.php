@@ -100,6 +100,85 @@ final class WebhookTest extends TestCase
         new Webhook('not-a-secret');
     }
 
+    public function testVerifiedIdIsTheSignedIdOfTheLastAcceptedRequest(): void
+    {
+        $now = time();
+        $headers = self::signed(self::SECRET, 'evt_signed', $now, self::BODY);
+        $hook = new Webhook(self::SECRET);
+        self::assertNull($hook->verifiedId());
+        $server = ['HTTP_WEBHOOK_ID' => $headers['webhook-id'],
+                   'HTTP_WEBHOOK_TIMESTAMP' => $headers['webhook-timestamp'],
+                   'HTTP_WEBHOOK_SIGNATURE' => $headers['webhook-signature']];
+        $hook->verify(self::BODY, $server);
+        self::assertSame('evt_signed', $hook->verifiedId());
+        try {
+            $hook->verify(self::BODY . ' ', $server);
+            self::fail('a changed body verified');
+        } catch (WebhookVerificationException) {
+            self::assertNull($hook->verifiedId(), 'a refused request leaves no id behind');
+        }
+    }
+
+    /**
+     * A request signed for evt_A, replayed with a second webhook-id (evt_B) beside the signed one:
+     * the receiver's duplicate check must never look at an id other than the one verified.
+     */
+    public function testAWebhookHeaderUnderASecondSpellingIsRefused(): void
+    {
+        $now = time();
+        $signed = self::signed(self::SECRET, 'evt_A', $now, self::BODY);
+        $rest = ['Webhook-Timestamp' => $signed['webhook-timestamp'],
+                 'Webhook-Signature' => $signed['webhook-signature']];
+        $hook = new Webhook(self::SECRET);
+        $replays = [
+            'Http-Webhook-Id is not a spelling of webhook-id' => [
+                ['Webhook-Id' => 'evt_B', 'Http-Webhook-Id' => 'evt_A'] + $rest,
+                'no signature matches',
+            ],
+            'a $_SERVER key beside a header name' => [
+                ['Webhook-Id' => 'evt_B', 'HTTP_WEBHOOK_ID' => 'evt_A'] + $rest,
+                'the webhook-id header is given more than once',
+            ],
+            'two cases of one name' => [
+                ['webhook-id' => 'evt_A', 'Webhook-Id' => 'evt_A'] + $rest,
+                'the webhook-id header is given more than once',
+            ],
+            'the signature twice' => [
+                ['Webhook-Id' => 'evt_A', 'HTTP_WEBHOOK_SIGNATURE' => 'v1,AAAA'] + $rest,
+                'the webhook-signature header is given more than once',
+            ],
+        ];
+        foreach ($replays as $what => [$headers, $why]) {
+            try {
+                $hook->verify(self::BODY, $headers);
+                self::fail("{$what}: verified as {$hook->verifiedId()}");
+            } catch (WebhookVerificationException $e) {
+                self::assertStringContainsString($why, $e->getMessage(), $what);
+                self::assertNull($hook->verifiedId(), $what);
+            }
+        }
+        // Only the exact spellings count: the request as sent verifies, under its own id.
+        self::assertSame('message.sent', $hook->verify(self::BODY, ['Webhook-Id' => 'evt_A'] + $rest)['type']);
+        self::assertSame('evt_A', $hook->verifiedId());
+    }
+
+    public function testAKeyOf24To64BytesIsRequiredAsSmtpgateDoes(): void
+    {
+        foreach ([24, 64] as $length) {
+            $hook = new Webhook('whsec_' . base64_encode(str_repeat('k', $length)));
+            self::assertInstanceOf(Webhook::class, $hook);
+        }
+        foreach ([1, 23, 65] as $length) {
+            try {
+                new Webhook('whsec_' . base64_encode(str_repeat('k', $length)));
+                self::fail("a key of {$length} bytes was taken");
+            } catch (\InvalidArgumentException $e) {
+                self::assertStringContainsString('24 to 64 random bytes', $e->getMessage());
+                self::assertStringEndsWith("this one {$length}", $e->getMessage());
+            }
+        }
+    }
+
     /**
      * The three headers smtpgate's signer (smtpgate.webhooks.signing) makes.
      *
