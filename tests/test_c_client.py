@@ -25,13 +25,14 @@ import shutil
 import socket
 import subprocess
 import select
+import sys
 import threading
 from pathlib import Path
 
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from support import stuck_listener
+from support import read_line, stuck_listener, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 CDIR = ROOT / "clients" / "c"
@@ -733,3 +734,194 @@ def test_too_large_is_refused_and_the_library_connection_stays_usable(built, lib
     finally:
         lib.lib.smtpgate_free(ctx)
     assert upstream.messages == []
+
+
+# -- review fixes: the token, the id buffer, failover, smtpgate-sendmail --------
+
+SENDMAIL = BUILD / "smtpgate-sendmail"
+SMTPGATE = Path(sys.executable).parent / "smtpgate"  # `smtpgate sendmail -bs` runs it
+TOKEN = "c-client-token-7b3e"
+
+
+def accepted(daemon) -> int:
+    """The daemon's count of SENDs it stored since it started (STATS)."""
+    return json.loads(daemon.request("STATS")[3:])["counters"]["accepted"]
+
+
+def test_busy_at_auth_keeps_the_token_for_the_next_connection(lib, make_daemon, upstream):
+    """A daemon at max_connections answers `ERR BUSY too many connections` to a
+    new connection, whatever it sent: that says nothing of the token, which
+    must still be sent after the reconnect (it was wiped: AUTH_REQUIRED forever)."""
+    daemon = make_daemon(tokens=[TOKEN], max_connections=1)
+    with daemon.connect() as held:  # the daemon's only place
+        held.sendall(b"PING\n")
+        assert read_line(held) == "OK PONG"
+        ctx = lib.connect(daemon.uri)
+        try:
+            assert lib.lib.smtpgate_auth(ctx, TOKEN.encode()) == -1
+            assert (ctx.contents.err, ctx.contents.code) == (ERR_SERVER, b"BUSY"), ctx.contents.errstr
+        except BaseException:
+            lib.lib.smtpgate_free(ctx)
+            raise
+    try:
+        # The place is given back once the daemon sees `held` close (bounded).
+        wait_until(lambda: lib.lib.smtpgate_ping(ctx) == 0 or ctx.contents.code != b"BUSY", 10, "free place")
+        msg_id = lib.send(ctx, {"from": "a@example.com", "to": "b@example.org", "subject": "after BUSY"})
+        assert msg_id, ctx.contents.errstr  # not "AUTH_REQUIRED: send AUTH <token> first"
+        assert lib.state(ctx, "wait", msg_id, 20)[0] == STATE_SENT
+    finally:
+        lib.lib.smtpgate_free(ctx)
+
+
+ID_BUFFER_PROGRAM = r"""
+#include <stdio.h>
+#include <smtpgate.h>
+/* Each send with an id buffer that cannot take every id: what the call says,
+ * and whether the request was written. */
+int main(int argc, char **argv)
+{
+    smtpgate_ctx *c = smtpgate_connect(argv[1], 5000);
+    smtpgate_msg *m = smtpgate_msg_new();
+    smtpgate_msg_set_from(m, "a@example.com");
+    smtpgate_msg_add_to(m, "b@example.org");
+    smtpgate_msg_set_subject(m, "id buffer");
+    char small[10];
+    int rc;
+    (void)argc;
+    rc = smtpgate_send(c, m, small, sizeof small);
+    printf("%d %d %d\n", rc, c->err, c->request_sent);
+    fflush(stdout);
+    rc = smtpgate_send(c, m, NULL, SMTPGATE_ID_SIZE);
+    printf("%d %d %d\n", rc, c->err, c->request_sent);
+    fflush(stdout);
+    rc = smtpgate_send_json(c, "{\"from\":\"a@example.com\",\"to\":\"b@example.org\"}", NULL,
+                            SMTPGATE_ID_SIZE);
+    printf("%d %d %d\n", rc, c->err, c->request_sent);
+    fflush(stdout);
+    rc = smtpgate_ping(c);
+    printf("%d %d\n", rc, c->err);
+    smtpgate_msg_free(m);
+    smtpgate_free(c);
+    return 0;
+}
+"""
+
+
+def test_id_buffer_is_checked_before_the_send_is_written(built, daemon, tmp_path):
+    """A buffer too small for the id (or none) is SMTPGATE_ERR_INVALID, "refused
+    before anything was sent": it was checked only after the daemon had stored
+    the message (a caller's retry queued it twice), and a NULL id crashed."""
+    prog = tmp_path / "id_buffer.c"
+    prog.write_text(ID_BUFFER_PROGRAM)
+    cc = subprocess.run(["cc", "-std=c99", "-Wall", "-Werror", f"-I{CDIR}/include", str(prog),
+                         str(BUILD / "libsmtpgate.a"), "-o", str(tmp_path / "id_buffer")],
+                        capture_output=True, text=True)
+    assert cc.returncode == 0, cc.stderr
+    run = subprocess.run([str(tmp_path / "id_buffer"), daemon.uri], capture_output=True, text=True, timeout=30)
+    # Each refused with nothing written (request_sent 0), and not killed by SIGSEGV.
+    assert run.stdout.splitlines() == [f"-1 {ERR_INVALID} 0"] * 3 + ["0 0"], (run.returncode, run.stderr)
+    assert run.returncode == 0
+    assert accepted(daemon) == 0  # nothing reached the daemon's spool
+
+
+def stalled(daemon):
+    """The daemon frozen (SIGSTOP): the kernel still completes connects and takes
+    the request's bytes, but no reply comes until it is thawed (SIGCONT)."""
+    import signal
+
+    @contextlib.contextmanager
+    def frozen():
+        os.kill(daemon.proc.pid, signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            os.kill(daemon.proc.pid, signal.SIGCONT)
+    return frozen()
+
+
+def test_send_that_went_out_unanswered_is_not_failed_over(built, make_daemon, upstream):
+    """The first daemon takes the SEND's bytes but does not answer in time: it may
+    store the message, so handing it to the second one too would deliver it twice."""
+    first, second = make_daemon(), make_daemon()
+    with stalled(first):
+        proc = run_send(["--server", first.uri, "--server", second.uri, "--timeout", "1",
+                         "-f", "a@example.com", "-t", "b@example.org", "-s", "stalled"], "x")
+    assert (proc.returncode, proc.stdout) == (UNREACHABLE, ""), proc.stderr
+    assert "read timed out" in proc.stderr and "outcome unknown" in proc.stderr
+    assert "may deliver it twice" in proc.stderr and "-k KEY" in proc.stderr
+    assert accepted(second) == 0  # never tried
+    # Thawed, the first daemon reads the SEND and delivers it: once, not twice.
+    assert [m.message["subject"] for m in upstream.wait_for(1)] == ["stalled"]
+    assert accepted(first) == 1 and len(upstream.wait_for(2, timeout=1)) == 1
+
+
+def test_keyed_send_unanswered_is_repeated_to_the_same_daemon_only(built, peer):
+    """With -k, a SEND that went out unanswered is sent once more to the same
+    daemon (a repeat with the key queues nothing new), never to the next one."""
+    sends = []
+
+    def first_send_unanswered(line):
+        if line.startswith(b"SEND "):
+            sends.append(line)
+            return None if len(sends) == 1 else b"OK 01KEYED\r\n"
+        return replies()(line)
+    stalls, other = peer(answer=first_send_unanswered), peer(SEND=b"OK 01OTHER\r\n")
+    proc = run_send(["--server", stalls.uri, "--server", other.uri, "--timeout", "1", "-k", "order-42",
+                     "-f", "a@example.com", "-t", "b@example.org", "-s", "keyed"], "x")
+    assert (proc.returncode, proc.stdout) == (QUEUED, "01KEYED\n"), proc.stderr
+    assert "sending it again with its idempotency key" in proc.stderr
+    assert other.connections == [] and len(stalls.connections) == 2
+    assert sends[0] == sends[1] and json.loads(sends[0][5:])["idempotency_key"] == "order-42"
+
+
+def test_send_help_and_exit_codes_doc_tell_the_unknown_outcome(built):
+    helped = run_send(["--help"]).stdout
+    assert "never\n                   once the SEND went out unanswered" in helped
+    assert "maybe stored" in helped and "same -k to the same daemon" in helped
+    doc = (ROOT / "docs" / "exit-codes.md").read_text()
+    row = next(line for line in doc.splitlines() if line.startswith("| 75 |"))
+    assert "no reply came" in row and "twice" in row
+
+
+def run_sendmail(args: list[str], stdin: bytes = b"", env: dict | None = None):
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("SMTPGATE_")}
+    path = f"{SMTPGATE.parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    return subprocess.run([str(SENDMAIL), *args], input=stdin, capture_output=True, timeout=30,
+                          env={**clean, "PATH": path, "SMTPGATE_CONFIG": os.devnull, **(env or {})})
+
+
+def test_sendmail_unresolvable_host_exits_68_and_help_alone_exits_0(built):
+    proc = run_sendmail(["a@example.org"], b"Subject: s\n\nx\n", {"SMTPGATE_SERVER": "tcp://smtpgate.invalid:2526"})
+    assert proc.returncode == 68, proc.stderr  # EX_NOHOST, as `smtpgate sendmail`
+    assert b"cannot resolve the daemon's host in tcp://smtpgate.invalid:2526" in proc.stderr
+    helped = run_sendmail(["--help"])
+    assert (helped.returncode, helped.stderr) == (0, b"")
+    text = helped.stdout.decode()
+    assert "exit codes (sysexits.h" in text and "68  the daemon's host name does not resolve" in text
+    python = subprocess.run([str(SMTPGATE), "sendmail", "--help"], capture_output=True, text=True, timeout=30)
+    codes = lambda t: re.findall(r"^  (\d\d?)  ", t.split("exit codes")[1], re.M)  # noqa: E731
+    assert set(codes(python.stdout)) <= set(codes(text))  # every code the Python command lists
+    # Not among other words: in a mail() command line it stays an unknown option.
+    assert run_sendmail(["-t", "--help"]).returncode == USAGE
+
+
+BS_INJECTION = (b"EHLO form.test\r\nMAIL FROM:<shop@example.com>\r\nRCPT TO:<victim@example.net>\r\n"
+                b"DATA\r\nSubject: chosen by the form\r\n\r\nspam\r\n.\r\nQUIT\r\n")
+
+
+@pytest.mark.parametrize("args", [["-t", "-i", "-bs"], ["-fx@example.com", "-bs"], ["-bs", "-fx@example.com"],
+                                  ["-bs", "kelly@example.org"], ["-bs", "-i", "-t"]])
+def test_sendmail_bs_is_taken_only_first_with_at_most_i_or_v_after_it(built, daemon, upstream, args):
+    """PHP appends mail()'s fifth parameter split at spaces: `-fx@example.com -bs` made a
+    contact form's text (stdin) SMTP commands choosing their own recipients. Refused by
+    the C command itself, before it runs `smtpgate sendmail -bs` (the Python rule)."""
+    proc = run_sendmail(args, BS_INJECTION, {"SMTPGATE_SERVER": daemon.uri})
+    assert proc.returncode == USAGE, (proc.stdout, proc.stderr)
+    assert proc.stderr.startswith(b"smtpgate-sendmail: -bs (SMTP on stdin) is taken only as the first argument")
+    assert proc.stdout == b"" and accepted(daemon) == 0
+    # As mailers that speak SMTP name it (Symfony "-bs", Laravel "-bs -i"), it is the session it was.
+    for n, ok in enumerate((["-bs"], ["-bs", "-i"]), 1):
+        alone = run_sendmail(ok, BS_INJECTION.replace(b"victim@example.net", b"kelly@example.org"),
+                             {"SMTPGATE_SERVER": daemon.uri})
+        assert alone.returncode == 0 and b"250 2.0.0 OK queued as" in alone.stdout, alone.stderr
+        assert [m.rcpt_tos for m in upstream.wait_for(n)] == [["kelly@example.org"]] * n

@@ -340,6 +340,12 @@ def test_options_mtas_accept_are_accepted_and_ignored(line_server, run):
     ["-t", "-i", "-"],
     ["-t", "-bp"],
     ["-t", "-bd"],
+    # mail()'s fifth parameter "-fx@example.com -bs": the message on stdin,
+    # a form's text, would be read as SMTP commands naming the recipients.
+    ["-t", "-i", "-fx@example.com", "-bs"],
+    ["-i", "-bs"],
+    ["-bs", "-fx@example.com"],
+    ["-bs", "x@example.org"],
 ])
 def test_hostile_arguments_are_refused_before_anything_is_sent(line_server, run, argv):
     server = line_server()

@@ -146,6 +146,10 @@ typedef struct smtpgate_ctx {
     char errstr[SMTPGATE_ERRSTR_SIZE]; /* for people; never contains the token */
     char code[SMTPGATE_CODE_SIZE];     /* the daemon's CODE when err == SMTPGATE_ERR_SERVER */
     int fd;                            /* the socket, -1 while not connected */
+    int request_sent;                  /* 1 once the last call's request was written whole: if
+                                          the call then failed without an `ERR` reply (timeout,
+                                          EOF, a reply that is not the protocol), the daemon
+                                          may have acted on it (a SEND may be stored) */
     /* private */
     char *uri;
     char *token;
@@ -165,12 +169,16 @@ int smtpgate_reconnect(smtpgate_ctx *c);
 /* Time allowed for writing one request and reading its reply (ms, > 0). */
 int smtpgate_set_timeout(smtpgate_ctx *c, int timeout_ms);
 
-/* AUTH <token>. The token is kept (wiped on free) to authenticate again after a reconnect. */
+/* AUTH <token>. The token is kept (wiped on free) to authenticate again after a
+ * reconnect; only an `ERR AUTH_FAILED` drops it (not BUSY, INTERNAL, a timeout). */
 int smtpgate_auth(smtpgate_ctx *c, const char *token);
 int smtpgate_ping(smtpgate_ctx *c);
-/* Sends the message; the daemon's id goes into id (idlen >= SMTPGATE_ID_SIZE is safe). */
+/* Sends the message; the daemon's id goes into id, which must hold
+ * SMTPGATE_ID_SIZE bytes: id NULL or idlen < SMTPGATE_ID_SIZE is
+ * SMTPGATE_ERR_INVALID before anything is sent (afterwards the message could
+ * be stored with its id lost, and a retry would queue it twice). */
 int smtpgate_send(smtpgate_ctx *c, const smtpgate_msg *m, char *id, size_t idlen);
-/* SEND with a JSON object made by the caller (one line: no raw CR/LF). */
+/* SEND with a JSON object made by the caller (one line: no raw CR/LF); id as above. */
 int smtpgate_send_json(smtpgate_ctx *c, const char *json, char *id, size_t idlen);
 /* STATUS <id>: *state set; *json (if not NULL) gets the malloc'd state object. */
 int smtpgate_status(smtpgate_ctx *c, const char *id, smtpgate_state *state, char **json);

@@ -58,6 +58,7 @@ static void clear_error(smtpgate_ctx *c)
     c->err = 0;
     c->errstr[0] = '\0';
     c->code[0] = '\0';
+    c->request_sent = 0;
 }
 
 static void close_socket(smtpgate_ctx *c)
@@ -417,13 +418,17 @@ static int ensure_connected(smtpgate_ctx *c, int *opened)
     return c->token != NULL ? auth_request(c) : SMTPGATE_OK;
 }
 
-/* Writes one complete request line and reads its reply (ERR replies included). */
+/* Writes one complete request line and reads its reply (ERR replies included).
+ * c->request_sent is set once the line is out whole: from then on the daemon
+ * may act on it, whatever happens to the reply. A line cut short (its LF not
+ * written) is no request. */
 static int request_raw(smtpgate_ctx *c, const char *req, size_t len, int extra_ms,
                        smtpgate_reply **out)
 {
     long long deadline = now_ms() + c->io_timeout_ms;
     if (write_all(c, req, len, deadline) != SMTPGATE_OK)
         return SMTPGATE_ERR;
+    c->request_sent = 1;
     return read_reply(c, out, deadline + extra_ms);
 }
 
@@ -438,12 +443,16 @@ static int request(smtpgate_ctx *c, const char *req, size_t len, int extra_ms, i
     int opened;
     clear_error(c);
     *out = NULL;
-    if (ensure_connected(c, &opened) != SMTPGATE_OK)
+    int rc = ensure_connected(c, &opened);
+    c->request_sent = 0; /* the AUTH of a reconnect is not this request */
+    if (rc != SMTPGATE_OK)
         return SMTPGATE_ERR;
-    int rc = request_raw(c, req, len, extra_ms, out);
+    rc = request_raw(c, req, len, extra_ms, out);
     if (rc != SMTPGATE_OK && repeatable && !opened && c->err == SMTPGATE_ERR_EOF) {
         clear_error(c);
-        if (ensure_connected(c, NULL) != SMTPGATE_OK)
+        rc = ensure_connected(c, NULL);
+        c->request_sent = 1; /* the first copy went out */
+        if (rc != SMTPGATE_OK)
             return SMTPGATE_ERR;
         rc = request_raw(c, req, len, extra_ms, out);
     }
@@ -540,8 +549,11 @@ int smtpgate_auth(smtpgate_ctx *c, const char *token)
     c->token = copy;
     /* An open connection needs AUTH now; a new one authenticates in ensure_connected. */
     int rc = c->fd >= 0 && connection_fresh(c) ? auth_request(c) : ensure_connected(c, NULL);
-    if (rc != SMTPGATE_OK && c->err == SMTPGATE_ERR_SERVER)
-        wipe_token(c); /* a refused token is not repeated on reconnect */
+    /* A refused token is not repeated on reconnect. Any other ERR (the BUSY of
+     * a daemon at its connection limit, INTERNAL) says nothing of the token:
+     * dropping it would leave every later request AUTH_REQUIRED. */
+    if (rc != SMTPGATE_OK && c->err == SMTPGATE_ERR_SERVER && strcmp(c->code, "AUTH_FAILED") == 0)
+        wipe_token(c);
     return rc;
 }
 
@@ -558,8 +570,22 @@ int smtpgate_ping(smtpgate_ctx *c)
     return rc;
 }
 
-/* Sends "SEND <json>" held in req (freed) and copies the id from "OK <id>". */
-static int send_line(smtpgate_ctx *c, sg_buf *req, int repeatable, char *id, size_t idlen)
+/* The caller's id buffer, checked before a SEND is written: once the daemon
+ * has answered, the message is stored, and an id that does not fit would be
+ * an error the caller retries (a second copy). Any id check_id accepts fits. */
+static int check_id_buffer(smtpgate_ctx *c, const char *id, size_t idlen)
+{
+    if (id == NULL || idlen < SMTPGATE_ID_SIZE) {
+        set_error(c, SMTPGATE_ERR_INVALID, "id buffer: NULL or under SMTPGATE_ID_SIZE (%d) bytes",
+                  SMTPGATE_ID_SIZE);
+        return SMTPGATE_ERR;
+    }
+    return SMTPGATE_OK;
+}
+
+/* Sends "SEND <json>" held in req (freed) and copies the id from "OK <id>"
+ * into id (checked by check_id_buffer). */
+static int send_line(smtpgate_ctx *c, sg_buf *req, int repeatable, char *id)
 {
     smtpgate_reply *reply = NULL;
     int rc = request_buf(c, req, repeatable, &reply);
@@ -569,11 +595,8 @@ static int send_line(smtpgate_ctx *c, sg_buf *req, int repeatable, char *id, siz
         set_error(c, SMTPGATE_ERR_PROTOCOL, "SEND answered \"OK %.60s\" by %s", reply->payload,
                   c->uri);
         rc = SMTPGATE_ERR;
-    } else if (reply->len >= idlen) {
-        set_error(c, SMTPGATE_ERR_INVALID, "id buffer too small for %zu bytes", reply->len + 1);
-        rc = SMTPGATE_ERR;
     } else
-        memcpy(id, reply->payload, reply->len + 1);
+        memcpy(id, reply->payload, reply->len + 1); /* reply->len < SMTPGATE_ID_SIZE */
     smtpgate_reply_free(reply);
     return rc;
 }
@@ -581,6 +604,8 @@ static int send_line(smtpgate_ctx *c, sg_buf *req, int repeatable, char *id, siz
 int smtpgate_send(smtpgate_ctx *c, const smtpgate_msg *m, char *id, size_t idlen)
 {
     clear_error(c);
+    if (check_id_buffer(c, id, idlen) != SMTPGATE_OK)
+        return SMTPGATE_ERR;
     sg_buf req = {0};
     char why[SMTPGATE_ERRSTR_SIZE];
     sg_buf_puts(&req, "SEND ");
@@ -589,18 +614,18 @@ int smtpgate_send(smtpgate_ctx *c, const smtpgate_msg *m, char *id, size_t idlen
         sg_buf_free(&req);
         return SMTPGATE_ERR;
     }
-    return send_line(c, &req, sg_msg_has_idempotency_key(m), id, idlen);
+    return send_line(c, &req, sg_msg_has_idempotency_key(m), id);
 }
 
 int smtpgate_send_json(smtpgate_ctx *c, const char *json, char *id, size_t idlen)
 {
     clear_error(c);
-    if (check_line(c, "json", json) != SMTPGATE_OK)
+    if (check_line(c, "json", json) != SMTPGATE_OK || check_id_buffer(c, id, idlen) != SMTPGATE_OK)
         return SMTPGATE_ERR;
     sg_buf req = {0};
     sg_buf_puts(&req, "SEND ");
     sg_buf_puts(&req, json);
-    return send_line(c, &req, 0, id, idlen);
+    return send_line(c, &req, 0, id);
 }
 
 /* STATUS or WAIT: the line is built by the caller; the state comes from the payload. */

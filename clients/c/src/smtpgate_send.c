@@ -28,7 +28,8 @@ static void usage(FILE *out)
         "Hands one message to the smtpgate daemon and prints its id.\n"
         "\n"
         "  --server URI     tcp://HOST:PORT or unix:///PATH; repeat it to fail over to\n"
-        "                   the next daemon when one is down or busy\n"
+        "                   the next daemon when one is down, BUSY or INTERNAL; never\n"
+        "                   once the SEND went out unanswered (that one may have it)\n"
         "                   (default: $SMTPGATE_SERVER, else " DEFAULT_SERVER ")\n"
         "  -f, --from       sender address\n"
         "  -t, --to         recipient (repeatable); -c/--cc, -b/--bcc likewise\n"
@@ -36,7 +37,8 @@ static void usage(FILE *out)
         "  -s, --subject    subject (UTF-8)\n"
         "  -a, --attach     attach a file (repeatable)\n"
         "  -H, --header     extra header field 'Name: value' (repeatable)\n"
-        "  -k, --idempotency-key KEY   a repeat with the same key queues nothing new\n"
+        "  -k, --idempotency-key KEY   a repeat with the same key queues nothing new (on\n"
+        "                   the same daemon): an unanswered SEND is sent to it once more\n"
         "      --html       the body on stdin is HTML, not plain text\n"
         "      --wait N     wait up to N seconds for the message to be sent or to fail\n"
         "      --timeout N  connect/read/write timeout in seconds (default 10)\n"
@@ -57,6 +59,9 @@ static void usage(FILE *out)
         "  69  with --wait: the message failed; or refused for another reason\n"
         "  70  the peer does not speak the line protocol (a wrong port?)\n"
         "  75  nothing stored: every daemon down, BUSY or INTERNAL (try again later);\n"
+        "      or the SEND went out and no reply came (timed out, connection lost):\n"
+        "      maybe stored, said on stderr; running again may send it twice, unless\n"
+        "      with the same -k to the same daemon;\n"
         "      with --wait: stored, but not final when the time ran out\n"
         "  77  AUTH_REQUIRED, AUTH_FAILED: the token is missing or wrong\n",
         out);
@@ -67,6 +72,7 @@ struct options {
     int n_servers;
     const char *token_file;
     int html, wait_seconds, timeout_seconds;
+    int keyed; /* -k: a repeat to the same daemon queues nothing new */
 };
 
 static int die_usage(const char *fmt, const char *arg)
@@ -171,7 +177,7 @@ static int parse_args(int argc, char **argv, struct options *opts, smtpgate_msg 
             }
             break;
         case 'K': opts->token_file = value; break;
-        case 'k': smtpgate_msg_set_idempotency_key(m, value); break;
+        case 'k': smtpgate_msg_set_idempotency_key(m, value); opts->keyed = 1; break;
         case 'H':
             if (add_header(m, value) != 0)
                 return die_usage("header '%s' is not 'Name: value'", value);
@@ -243,12 +249,23 @@ static int exit_for_failure(const smtpgate_ctx *c)
     }
 }
 
-/* Hands m to the first server that takes it: a server that is down, busy
- * (BUSY, INTERNAL: nothing was stored) or fails mid-request makes us try the
- * next one. Mid-request failover is at-least-once: a daemon that stored the
- * message but lost the connection before answering may deliver a duplicate.
- * Returns the context that took it (id filled) or NULL with *code set to
- * the exit code of the last failure. */
+/* True when the SEND just tried failed after it went out whole, without an
+ * ERR reply (a timeout, a lost connection, a reply that is not the
+ * protocol): the daemon may have stored the message. */
+static int maybe_stored(const smtpgate_ctx *c)
+{
+    return c->err && c->request_sent && c->err != SMTPGATE_ERR_SERVER &&
+           c->err != SMTPGATE_ERR_INVALID;
+}
+
+/* Hands m to the first server that takes it. A server that cannot be
+ * reached (nothing of the SEND was written) or answers BUSY or INTERNAL
+ * (nothing was stored) makes us try the next one. Once the SEND went out and
+ * no reply came, that daemon may have stored it: another one would make a
+ * duplicate, so none is tried; with -k the same daemon is asked once more (a
+ * repeat with the key queues nothing new, and answers the first one's id).
+ * Returns the context that took it (id filled) or NULL with *code set to the
+ * exit code of the last failure. */
 static smtpgate_ctx *hand_off(const struct options *opts, const smtpgate_msg *m,
                               const char *token, char *id, int *code)
 {
@@ -260,14 +277,40 @@ static smtpgate_ctx *hand_off(const struct options *opts, const smtpgate_msg *m,
             fprintf(stderr, "smtpgate-send: out of memory\n");
             return NULL;
         }
+        int sending = 0;
         if (!c->err && token != NULL)
             smtpgate_auth(c, token);
-        if (!c->err)
+        if (!c->err) {
+            sending = 1;
             smtpgate_send(c, m, id, SMTPGATE_ID_SIZE);
+        }
+        int unanswered = sending && maybe_stored(c);
+        if (unanswered && opts->keyed && c->err != SMTPGATE_ERR_PROTOCOL) {
+            fprintf(stderr, "smtpgate-send: %s; sending it again with its idempotency key\n",
+                    c->errstr);
+            smtpgate_send(c, m, id, SMTPGATE_ID_SIZE); /* reconnects, repeats AUTH */
+            /* A refusal for good (BAD_ADDRESS, ...) stands for the first copy too. */
+            if (c->err == SMTPGATE_ERR_SERVER && exit_for_error(c->code) != EX_TEMPFAIL)
+                unanswered = 0;
+        }
         if (!c->err)
             return c;
         fprintf(stderr, "smtpgate-send: %s\n", c->errstr);
         *code = exit_for_failure(c);
+        if (unanswered) {
+            fprintf(stderr,
+                    "smtpgate-send: outcome unknown: the SEND went out but no usable reply came, "
+                    "so %s may have stored the message; not tried on another server. %s\n",
+                    opts->servers[i],
+                    opts->keyed ? "Sending it again to that daemon with the same -k queues "
+                                  "nothing new."
+                                : "Sending it again may deliver it twice; with -k KEY a repeat "
+                                  "to the same daemon is harmless.");
+            if (*code != EX_SOFTWARE) /* the peer does not speak the protocol: 70 */
+                *code = EX_TEMPFAIL;
+            smtpgate_free(c);
+            return NULL;
+        }
         /* A refusal for good, or our own input: every server would say the same. */
         int retry_elsewhere = c->err != SMTPGATE_ERR_INVALID &&
                               (c->err != SMTPGATE_ERR_SERVER || *code == EX_TEMPFAIL);

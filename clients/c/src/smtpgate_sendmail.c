@@ -19,7 +19,8 @@
  * refused; a -F name with a control character is refused; where the
  * message and the token go comes only from $SMTPGATE_SERVER,
  * $SMTPGATE_CONFIG and the configuration file, never the command line.
- * -bs (an SMTP session on stdin/stdout) runs `smtpgate sendmail -bs`.
+ * -bs (an SMTP session on stdin/stdout) runs `smtpgate sendmail -bs`; it is
+ * taken only first, with at most -i, -oi or -v after it (bs_misplaced).
  */
 #include <ctype.h>
 #include <errno.h>
@@ -41,10 +42,51 @@
 
 static const char USAGE[] =
     "usage: smtpgate-sendmail [-t] [-i] [-f sender] [-F name] [recipient ...] < message\n"
-    "       smtpgate-sendmail -bs   (SMTP on stdin/stdout, through `smtpgate sendmail -bs`)\n"
+    "       smtpgate-sendmail -bs [-i]   (SMTP on stdin/stdout, through `smtpgate sendmail -bs`)\n"
     "The daemon: $SMTPGATE_SERVER (tcp://HOST:PORT, unix:///PATH), else the configuration\n"
     "file ($SMTPGATE_CONFIG, default " DEFAULT_CONFIG "); the token: $SMTPGATE_TOKEN,\n"
     "else the file's tokens.\n";
+
+/* --help, as the sole argument (as `smtpgate sendmail --help`). */
+static const char HELP[] =
+    "usage: smtpgate-sendmail [-t] [-i] [-f sender] [-F name] [recipient ...] < message\n"
+    "       smtpgate-sendmail -bs [-i]\n"
+    "\n"
+    "A sendmail-compatible command in front of the smtpgate daemon, for PHP's mail()\n"
+    "(sendmail_path = \"smtpgate-sendmail -t -i\"), cron and anything else that pipes a\n"
+    "message into /usr/sbin/sendmail. It returns once the daemon has the message on\n"
+    "disk. Options end at the first recipient; an argument starting with '-' where a\n"
+    "recipient or a value is expected is refused. The daemon is $SMTPGATE_SERVER\n"
+    "(tcp://HOST:PORT, unix:///PATH), else the one the configuration file names\n"
+    "($SMTPGATE_CONFIG, default " DEFAULT_CONFIG "); the token is $SMTPGATE_TOKEN,\n"
+    "else the file's first; never from the command line.\n"
+    "\n"
+    "  -t                    take the recipients from To, Cc and Bcc (added to those\n"
+    "                        given), remove Bcc\n"
+    "  -i, -oi               a line of a single '.' does not end the message\n"
+    "  -f SENDER, -r SENDER  the envelope sender (and From, if the message has none)\n"
+    "  -F NAME               the sender's full name, for a From the message lacks\n"
+    "  -bm                   read the message from stdin (the default)\n"
+    "  -bs                   speak SMTP on stdin and stdout (Symfony Mailer, Laravel,\n"
+    "                        SwiftMailer) through `smtpgate sendmail -bs`; only as the\n"
+    "                        first argument, with at most -i, -oi or -v after it\n"
+    "  -v                    print the id the daemon gave on stderr\n"
+    "  --help                this text (only as the sole argument)\n"
+    "\n"
+    "exit codes (sysexits.h; the full table: docs/exit-codes.md):\n"
+    "  0   the daemon has the message (-bs: always; failures are SMTP replies)\n"
+    "  64  the command line, or no recipients\n"
+    "  65  the message: over max_message_size, BAD_REQUEST, BAD_HEADER, TOO_LARGE\n"
+    "  67  an address was refused: BAD_ADDRESS, DENIED\n"
+    "  68  the daemon's host name does not resolve\n"
+    "  69  refused for good for another reason\n"
+    "  70  the peer does not speak the line protocol (a wrong port?)\n"
+    "  71  out of memory, or -bs cannot run `smtpgate sendmail -bs` (not on $PATH)\n"
+    "  74  -bs: stdin or stdout failed\n"
+    "  75  nothing stored: the daemon is unreachable, BUSY or INTERNAL; keep the\n"
+    "      message and try again\n"
+    "  77  AUTH_REQUIRED, AUTH_FAILED: the token is missing or wrong\n"
+    "  78  the file named by $SMTPGATE_CONFIG cannot be read\n";
 
 struct options {
     int extract;         /* -t */
@@ -92,10 +134,31 @@ static int has_control(const char *s)
 /* Flags without a value that change nothing for a hand-off to smtpgate. */
 #define IGNORED "AGUimnvx"
 
+/* True when -bs is anywhere but first, or first with anything after it but
+ * -i, -oi, -v. PHP appends mail()'s fifth parameter to sendmail_path split
+ * at spaces: "x@example.com -bs" there would make the message on stdin, a
+ * contact form's text, SMTP commands naming their own recipients. A mailer
+ * that speaks SMTP names -bs first (Symfony "-bs", Laravel "-bs -i"). The
+ * rule of `smtpgate sendmail`. */
+static int bs_misplaced(int argc, char **argv)
+{
+    for (int k = 1; k < argc; k++) {
+        if (strcmp(argv[k], "-bs") == 0 && k > 1)
+            return 1;
+        if (k > 1 && strcmp(argv[1], "-bs") == 0 && strcmp(argv[k], "-i") != 0 &&
+            strcmp(argv[k], "-oi") != 0 && strcmp(argv[k], "-v") != 0)
+            return 1;
+    }
+    return 0;
+}
+
 /* Fills o from argv; 0, or an exit code with the reason on stderr. */
 static int parse_args(int argc, char **argv, struct options *o)
 {
     int i = 1;
+    if (bs_misplaced(argc, argv))
+        return usage_error("-bs (SMTP on stdin) is taken only as the first argument, with at "
+                           "most -i, -oi or -v after it%s", "");
     for (; i < argc; i++) {
         char *arg = argv[i];
         if (strcmp(arg, "--") == 0) {
@@ -536,6 +599,11 @@ static int run_smtp_session(int argc, char **argv)
 int main(int argc, char **argv)
 {
     struct options o = {0, 1, 0, 0, NULL, NULL, NULL, 0};
+    if (argc == 2 && strcmp(argv[1], "--help") == 0) {
+        /* Only alone: among other words (a mail() parameter) it stays an unknown option. */
+        fputs(HELP, stdout);
+        return EX_OK;
+    }
     int code = parse_args(argc, argv, &o);
     if (code != 0)
         return code;
@@ -614,6 +682,9 @@ int main(int argc, char **argv)
         code = fail(EX_SOFTWARE, "%s", c->errstr);
     } else if (c->err == SMTPGATE_ERR_OOM) {
         code = fail(EX_OSERR, "%s", c->errstr);
+    } else if (strncmp(c->errstr, "resolve ", 8) == 0) {
+        /* net.c words a failed getaddrinfo "resolve URI: reason". */
+        code = fail(EX_NOHOST, "cannot resolve the daemon's host in %s", c->errstr + 8);
     } else {
         /* Refused, no socket file, timed out, closed mid-reply: nothing is
          * known to be stored, so the caller should keep the mail and retry. */

@@ -126,10 +126,16 @@ static void test_send_writes_one_line_and_returns_the_id(void)
     CHECK_STR(wire.data, "SEND {\"from\":\"app@example.com\",\"to\":[\"kelly@example.org\"],"
                          "\"subject\":\"记得收衣服\",\"text\":\"今天我不回家\\n\"}\n");
     CHECK(send_calls == 1);
-    /* An id buffer too small is the caller's error, not a truncated id. */
+    /* An id buffer too small (or none) is the caller's error, found before
+     * the SEND is written: afterwards the message would be stored already. */
     SCRIPT("OK 01JD3Q7Z8K4W6X2V9N5B0C1T\r\n");
     CHECK(smtpgate_send(c, m, id, 10) == SMTPGATE_ERR);
+    CHECK(c->err == SMTPGATE_ERR_INVALID && !c->request_sent);
+    CHECK(smtpgate_send(c, m, NULL, SMTPGATE_ID_SIZE) == SMTPGATE_ERR);
     CHECK(c->err == SMTPGATE_ERR_INVALID);
+    CHECK(smtpgate_send_json(c, "{}", id, SMTPGATE_ID_SIZE - 1) == SMTPGATE_ERR);
+    CHECK(c->err == SMTPGATE_ERR_INVALID);
+    CHECK(wire.len == 0 && send_calls == 0);
     smtpgate_msg_free(m);
     smtpgate_free(c);
 }
@@ -244,6 +250,7 @@ static void test_close_racing_a_request_repeats_only_what_is_safe(void)
     CHECK(smtpgate_send(c, m, id, sizeof id) == SMTPGATE_ERR);
     CHECK(c->err == SMTPGATE_ERR_EOF);
     CHECK(send_calls == 1);
+    CHECK(c->request_sent); /* it went out: the caller must not send it elsewhere */
     /* With a key a repeat queues nothing new, so it is sent again. */
     smtpgate_msg_set_idempotency_key(m, "k-1");
     SCRIPT("OK PONG\r\n", "OK X1\r\n");
@@ -269,6 +276,21 @@ static void test_refused_token_is_not_repeated(void)
     CHECK(smtpgate_ping(c) == SMTPGATE_ERR);
     CHECK_STR(c->code, "AUTH_REQUIRED");
     CHECK_STR(wire.data, "AUTH hunter2\nPING\n");
+    smtpgate_free(c);
+}
+
+static void test_busy_at_auth_keeps_the_token(void)
+{
+    smtpgate_ctx *c = connect_fake();
+    /* A daemon at its connection limit answers BUSY and closes: the token
+     * was never judged, so the next connection authenticates with it. */
+    SCRIPT("ERR BUSY too many connections, try again later\r\n", "OK\r\n", "OK PONG\r\n");
+    CHECK(smtpgate_auth(c, "s3cret") == SMTPGATE_ERR);
+    CHECK_STR(c->code, "BUSY");
+    close(server);
+    server = -1;
+    CHECK(smtpgate_ping(c) == SMTPGATE_OK);
+    CHECK_STR(wire.data, "AUTH s3cret\nAUTH s3cret\nPING\n");
     smtpgate_free(c);
 }
 
@@ -362,6 +384,7 @@ int main(void)
     RUN(test_reconnects_after_idle_close_and_unsolicited_bytes);
     RUN(test_close_racing_a_request_repeats_only_what_is_safe);
     RUN(test_refused_token_is_not_repeated);
+    RUN(test_busy_at_auth_keeps_the_token);
     RUN(test_status_and_wait);
     RUN(test_injection_is_refused_before_sending);
     RUN(test_connect_failures);

@@ -105,7 +105,8 @@ def help_parser():
     p.add_argument("-F", metavar="NAME", help="the sender's full name, for a From the message lacks")
     p.add_argument("-bm", action="store_true", help="read the message from stdin (the default)")
     p.add_argument("-bs", action="store_true",
-                   help="speak SMTP on stdin and stdout (Symfony Mailer, Laravel, SwiftMailer)")
+                   help="speak SMTP on stdin and stdout (Symfony Mailer, Laravel, SwiftMailer); only as the "
+                        "first argument, with at most -i, -oi or -v after it")
     p.add_argument("-v", action="store_true", help="print the id the daemon gave on stderr")
     p.add_argument("recipient", nargs="*", help="recipient addresses (with -t: in addition to the header's)")
     p.add_argument("--help", action="store_true", help="this text (only as the sole argument)")
@@ -127,11 +128,21 @@ class Options:
         self.recipients: list[str] = []
 
 
+_WITH_BS = ("-i", "-oi", "-v")  # what may follow -bs (parse_args)
+
+
 def parse_args(argv: list[str]) -> Options:
     """Parse a sendmail command line; raise UsageError for what we cannot do
     or will not do (module docstring)."""
     opts = Options()
     args = list(argv)
+    if "-bs" in args[1:] or (args[:1] == ["-bs"] and any(arg not in _WITH_BS for arg in args[1:])):
+        # PHP appends mail()'s fifth parameter to sendmail_path, split at
+        # spaces: "x@example.com -bs" there would make the message on stdin,
+        # a contact form's text, SMTP commands naming their own recipients.
+        # A mailer that speaks SMTP names -bs first (Symfony "-bs", Laravel
+        # "-bs -i"), and nothing that takes a value comes with it.
+        raise UsageError("-bs is taken only as the first argument, with at most -i, -oi or -v after it")
     while args:
         arg = args.pop(0)
         if arg == "--":
