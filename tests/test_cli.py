@@ -6,9 +6,11 @@ shell completion made from the same parsers."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -79,6 +81,48 @@ def test_send_waits_longer_than_its_io_timeout(make_daemon):
     assert done.returncode == 75, done.stderr
     msg_id, state = done.stdout.splitlines()
     assert json.loads(state)["state"] == "deferred" and "waiting failed" not in done.stderr
+
+
+@contextlib.contextmanager
+def stalled(daemon):
+    """The daemon frozen (SIGSTOP): the kernel still completes connects and
+    takes the request's bytes, but no reply comes until it is thawed."""
+    os.kill(daemon.proc.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(daemon.proc.pid, signal.SIGCONT)
+
+
+def accepted(daemon) -> int:
+    return json.loads(ok_payload(daemon.request("STATS")))["counters"]["accepted"]
+
+
+def test_send_that_went_out_unanswered_is_not_failed_over(make_daemon, upstream):
+    """The first daemon may have stored a SEND it did not answer in time:
+    handing it to the second too would deliver it twice (as smtpgate-send)."""
+    first, second = make_daemon(), make_daemon()
+    with stalled(first):
+        done = smtpgate("send", "--server", first.uri, "--server", second.uri, "--timeout", "1",
+                        "-f", "a@example.com", "-t", "b@example.org", "-s", "stalled", stdin="x")
+    assert (done.returncode, done.stdout) == (75, ""), done.stderr
+    assert "outcome unknown" in done.stderr and "may deliver it twice" in done.stderr
+    assert accepted(second) == 0
+    assert [m.message["subject"] for m in upstream.wait_for(1)] == ["stalled"]  # thawed: once
+    # With a key, one repeat to the same daemon, which answers it with the first id.
+    with stalled(first):
+        keyed = subprocess.Popen([sys.executable, "-m", "smtpgate", "send", "--server", first.uri,
+                                  "--server", second.uri, "--timeout", "2", "-k", "order-42", "-f",
+                                  "a@example.com", "-t", "b@example.org", "-s", "keyed"],
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        keyed.stdin.write("x")
+        keyed.stdin.close()
+        while "sending it again" not in (line := keyed.stderr.readline()):
+            assert line, "the command ended without sending again"
+    assert keyed.wait(timeout=60) == 0, keyed.stderr.read()
+    assert keyed.stdout.read().strip()
+    assert accepted(first) == 2 and accepted(second) == 0
+    assert [m.message["subject"] for m in upstream.wait_for(2)] == ["stalled", "keyed"]
 
 
 def test_serve_reads_the_installed_configuration_unless_told_or_dev(tmp_path, monkeypatch):

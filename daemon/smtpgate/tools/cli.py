@@ -174,11 +174,16 @@ def _request(args, token: str | None, do):
     from smtpgate.tools.lineclient import LineClient, ProtocolError, RemoteError
 
     failure = None
-    for uri in _servers(args):
+    servers = _servers(args)
+    again = getattr(args, "idempotency_key", None) is not None  # one repeat to the same daemon
+    while servers:
+        uri = servers[0]
         if failure:  # passed over; the last failure is the command's error
             print(f"smtpgate {args.command}: {failure[1]}", file=sys.stderr)
+        client = None
         try:
-            with LineClient(uri, token=token, timeout=args.timeout) as client:
+            client = LineClient(uri, token=token, timeout=args.timeout)
+            with client:
                 return do(client)
         except ValueError as exc:
             raise _CommandError(EX_USAGE, str(exc)) from None
@@ -188,10 +193,24 @@ def _request(args, token: str | None, do):
                 break
         except socket.gaierror as exc:
             failure = (EX_NOHOST, f"cannot resolve the daemon's host in {uri}: {exc.strerror}")
-        except ProtocolError as exc:
-            failure = (EX_SOFTWARE, f"{uri} does not speak the line protocol: {exc}")
-        except OSError as exc:
-            failure = (EX_TEMPFAIL, f"daemon unreachable at {uri}: {exc.strerror or exc or type(exc).__name__}")
+        except (ProtocolError, OSError) as exc:
+            text = str(exc.strerror or exc) if isinstance(exc, OSError) else str(exc)
+            code = EX_SOFTWARE if isinstance(exc, ProtocolError) else EX_TEMPFAIL
+            if client is not None and client.unanswered == "SEND":
+                # The daemon may have stored it without getting to answer: the
+                # next one would deliver it twice. With its key, the same
+                # daemon answers a repeat with the first id.
+                if again:
+                    again = False
+                    print(f"smtpgate {args.command}: {uri}: no reply to the SEND ({text}); "
+                          "sending it again with its idempotency key", file=sys.stderr)
+                    continue
+                raise _CommandError(code, f"{uri}: the SEND went out and no reply came ({text}): outcome "
+                                          "unknown, the daemon may have stored it; sending it again may deliver "
+                                          "it twice, unless with the same -k KEY to the same daemon") from None
+            failure = (code, f"{uri} does not speak the line protocol: {text}" if code == EX_SOFTWARE
+                       else f"daemon unreachable at {uri}: {text or type(exc).__name__}")
+        servers = servers[1:]
     raise _CommandError(*failure)
 
 
@@ -205,7 +224,9 @@ _SEND_EXITS = epilog(
     (EX_UNAVAILABLE, "with --wait: the message failed; or refused for another reason"),
     (EX_SOFTWARE, "the peer does not speak the line protocol (a wrong port?)"),
     (EX_TEMPFAIL, "nothing stored: every daemon down, BUSY or INTERNAL (try again later); "
-                  "with --wait: stored, but not final when the time ran out"),
+                  "or the SEND went out and no reply came: maybe stored, never sent to another "
+                  "--server (again only with the same -k to the same daemon, which this command "
+                  "does once itself); with --wait: stored, but not final when the time ran out"),
     (EX_NOPERM, "AUTH_REQUIRED, AUTH_FAILED: the token is missing or wrong"))
 
 

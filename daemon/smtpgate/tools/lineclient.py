@@ -53,6 +53,7 @@ class LineClient:
         if family != socket.AF_UNIX:
             self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.buffer = b""
+        self.unanswered: str | None = None  # the verb of a request written whole and not yet answered
         if token:
             self.request(f"AUTH {token}")
 
@@ -86,12 +87,16 @@ class LineClient:
             return text[3:]
         if text.startswith("ERR "):
             code, _, message = text[4:].partition(" ")
+            self.unanswered = None
             raise RemoteError(code, message)
         raise ProtocolError(f"malformed reply: {text[:80]!r}")
 
     def request(self, line: str) -> str:
         self.send_lines([line])
-        return self.read_reply()
+        self.unanswered = line.partition(" ")[0]
+        reply = self.read_reply()  # an ERR raises too: answered either way
+        self.unanswered = None
+        return reply
 
     def send(self, message: dict) -> str:
         return self.request("SEND " + json.dumps(message, ensure_ascii=False, separators=(",", ":")))
