@@ -355,6 +355,23 @@ def test_a_message_level_4xx_keeps_its_own_backoff_and_the_upstream_stays_up(mak
     assert final["state"] == "sent" and final["attempts"] == 2
 
 
+def test_a_421_in_a_transaction_downs_the_upstream_showing_only_its_codes_to_others(make_daemon, upstream):
+    """The 421's text may name the message's recipient: the upstream's reason
+    (STATS, and the reply of every caller's held messages) keeps only the
+    codes; the text is in the log."""
+    upstream.script_rcpt("ceo@bank.example", "421 4.7.0 <ceo@bank.example> rate limited, closing")
+    daemon = make_daemon(retry_base=60.0, retry_max=60.0, upstream_probe_base=30.0, upstream_probe_max=30.0)
+    [msg_id] = send(daemon, 1, to="ceo@bank.example")
+    down = until(lambda: (u := upstream_state(daemon))["state"] == "down" and u, "the upstream down")
+    assert down["reason"] == "421 4.7.0 (in a message's transaction: its text is in the log)"
+    own = until(lambda: (s := status(daemon, msg_id))["attempts"] == 1 and s, "the attempt recorded")
+    assert own["recipients"][0]["reply"].endswith(": " + down["reason"])  # the outage it met
+    [other] = send(daemon, 1)  # held while the upstream is down: it shows the upstream's reason
+    reply = status(daemon, other)["recipients"][0]["reply"]
+    assert "421 4.7.0" in reply and "ceo@bank.example" not in reply
+    assert any("ceo@bank.example" in line.get("error", "") for line in events(daemon, "upstream_session_failed"))
+
+
 def test_held_messages_fail_at_max_age_untried_with_the_upstreams_reason(make_daemon):
     daemon = make_daemon(upstream=["127.0.0.1:9"], max_age=1.0, **QUICK_PROBES)
     [msg_id] = send(daemon, 1)

@@ -106,13 +106,21 @@ class Health:
     failures: int = 0  # the failure that took it down, and each failed probe since
     next_probe: float = 0.0  # while down
 
-    def failed(self, now: float, exc: SmtpSessionError, base: float, cap: float, rand: float) -> None:
+    def failed(self, now: float, exc: SmtpSessionError, base: float, cap: float, rand: float,
+               in_transaction: bool = False) -> None:
         """A session could not be had at `now`: down (since now, if it was
-        not), probed next after the backoff step of its failures in a row."""
+        not), probed next after the backoff step of its failures in a row.
+        `in_transaction`: the server's reply came in one message's
+        transaction, and its text may name that message's recipients (say
+        "421 4.7.0 <ceo@bank.example> ..."): the reason, which STATS and
+        every caller's held messages show, keeps only its codes."""
         if self.state != DOWN:
             self.state, self.since = DOWN, now
         self.failures += 1
         self.reason, self.kind = failure_text(exc), failure_kind(exc)
+        if in_transaction and exc.reply is not None:
+            codes = " ".join(str(part) for part in (exc.reply.code, exc.reply.enhanced) if part)
+            self.reason = f"{codes} (in a message's transaction: its text is in the log)"
         self.next_probe = now + retry_delay(self.failures, base, cap, rand)
 
     def succeeded(self, now: float) -> None:

@@ -183,7 +183,7 @@ class UpstreamPool:
             self._on_health(self, previous)
         return conn
 
-    def session_failed(self, exc: SmtpSessionError, probe: bool = False) -> None:
+    def session_failed(self, exc: SmtpSessionError, probe: bool = False, in_transaction: bool = False) -> None:
         """A session could not be set up, or the server ended it with 421:
         the upstream is down, and its idle connections are dropped. Once it
         is down only a probe's failure counts: the others were started
@@ -192,7 +192,7 @@ class UpstreamPool:
         if self.health.state == DOWN and not probe:
             return
         previous = dataclasses.replace(self.health)
-        self.health.failed(time.time(), exc, self.probe_base, self.probe_max, self._rand())
+        self.health.failed(time.time(), exc, self.probe_base, self.probe_max, self._rand(), in_transaction)
         idle, self.idle = self.idle, []
         for conn in idle:
             conn.close()

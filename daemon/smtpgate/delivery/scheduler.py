@@ -664,7 +664,8 @@ class Delivery:
                         fresh = True
                         continue
                     if isinstance(exc, SmtpServerRefused):
-                        pool.session_failed(exc)  # 421: the server closes its door, not just this message's
+                        # 421: the server closes its door, not just this message's
+                        pool.session_failed(exc, in_transaction=True)
                     self._log.warning("upstream_session_failed", message_id=message.id, upstream=pool.name, error=failure_text(exc),
                                 after_data_end=exc.after_data_end)
                     reply = failure_text(exc) if exc.reply is not None else f"smtpgate: {exc}"
