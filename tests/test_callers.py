@@ -405,6 +405,13 @@ def test_a_token_taken_away_by_a_reload_is_no_good_on_connections_that_showed_it
         assert kept.send(message()).startswith("OK ")
         assert kept.stats()["callers"]["shop"]["accepted"] == 3
         assert smtp.mail("app@example.com")[0] == 530  # a new session, a new AUTH
+    # A WAIT that runs through such a reload does not answer the message's state.
+    with Line(daemon.tcp, TOKEN_C) as waiting:
+        msg_id = waiting.send(message())[3:]
+        waiting.sock.sendall(f"WAIT {msg_id} 4\n".encode())  # longer than a reload takes
+        callers["shop"]["token_file"] = token_file(tmp_path, "shop", TOKEN_A)
+        daemon.reload()
+        assert read_line(waiting.sock) == "ERR AUTH_REQUIRED send AUTH <token> first"
 
 
 # -- the SMTP door ---------------------------------------------------------------

@@ -585,6 +585,11 @@ class Connection(asyncio.Protocol):
             state = await self.door.spool.wait_final(parts[0], seconds, caller)
         finally:
             self.door.waits -= 1
+        if (self.caller is None or self.caller.revoked) and \
+                (self._identify_again() is None or self.caller.name != caller):
+            # A reload during the wait took the caller's access away (its
+            # token rotated out, say): the answer is not its to have any more.
+            return reply_err(codes.AUTH_REQUIRED, "send AUTH <token> first")
         if state is None:
             return reply_err(codes.NOT_FOUND, f"no message {parts[0][:64]}")
         return reply_ok(_json(state))
