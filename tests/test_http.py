@@ -491,6 +491,51 @@ def test_a_reload_that_removes_a_token_ends_its_sessions(closed_daemon, tmp_path
     assert request(daemon.http, "GET", "/metrics", token="another-admin-token-0123456789").status == 200
 
 
+def test_wrong_tokens_are_limited_per_address_and_then_not_even_checked(closed_daemon):
+    """Tokens may be guessed at HTTP's pace (hundreds of thousands a second
+    on keep-alive connections): past 10 wrong ones a minute an address gets
+    429 for any token, the right one too; another address is not held up."""
+    import http.client
+
+    daemon = closed_daemon
+    for n in range(10):
+        assert request(daemon.http, "GET", "/metrics", token=f"guess-{n:02d}-0123456789abcdef").status == 401
+    assert request(daemon.http, "POST", "/login", form={"token": "guess-login-0123456789"}).status == 429
+    held = request(daemon.http, "GET", "/metrics", token=METRICS)
+    assert held.status == 429 and 1 <= int(held.headers["Retry-After"]) <= 61
+    other = http.client.HTTPConnection(*daemon.http, timeout=10, source_address=("127.0.0.2", 0))
+    try:
+        other.request("GET", "/metrics", headers={"Authorization": f"Bearer {METRICS}"})
+        assert other.getresponse().status == 200
+    finally:
+        other.close()
+
+
+def test_a_form_aiohttp_cannot_read_is_a_400_and_no_error_in_the_log(closed_daemon):
+    """Before any login: a charset aiohttp does not know, bytes that are not
+    UTF-8, a multipart without its boundary, a gzip body that is not gzip.
+    Each was a handler exception whose logging itself failed (no 500 sent,
+    a traceback a stranger could repeat); each is the client's 400 now."""
+    daemon = closed_daemon
+    urlencoded = "application/x-www-form-urlencoded"
+    for content_type, extra, body in (
+            (urlencoded + "; charset=bogus", {}, b"token=x"),
+            (urlencoded, {}, b"token=\xff\xfe"),
+            ("multipart/form-data", {}, b"--x\r\n\r\n"),
+            (urlencoded, {"Content-Encoding": "gzip"}, b"token=not-gzip")):
+        reply = request(daemon.http, "POST", "/login", headers={"Content-Type": content_type, **extra}, body=body)
+        assert reply.status == 400, (content_type, extra, reply.status, reply.text)
+    # A file where the token's text belongs is no token: a wrong one.
+    multipart = (b"--b\r\nContent-Disposition: form-data; name=token; filename=t.txt\r\n\r\n"
+                 + ADMIN.encode() + b"\r\n--b--\r\n")
+    assert request(daemon.http, "POST", "/login", body=multipart,
+                   headers={"Content-Type": "multipart/form-data; boundary=b"}).status == 401
+    assert request(daemon.http, "GET", "/healthz").status == 200
+    loud = [line for line in daemon.log_lines() if (line.get("level") not in ("debug", "info") or "exception" in line)
+            and line.get("event") != "auth_failed"]  # the wrong token's one line a minute
+    assert not loud, loud
+
+
 def test_a_client_cut_mid_request_or_malformed_is_no_error_in_the_log(make_daemon):
     """What any client can do at will (close or reset its connection in the
     middle of a request's head or body, send a header over the limit) is no

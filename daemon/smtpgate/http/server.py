@@ -25,6 +25,7 @@ from email.policy import default as default_policy
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 from prometheus_client.exposition import generate_latest
 
 from smtpgate.config import Config, parse_hostport
@@ -50,6 +51,11 @@ MAX_QUERY = 320  # characters of a search: an address is at most 254 (RFC 5321 4
 MIN_QUERY = 3
 SEARCHES_PER_MINUTE = 20
 SEARCH_PEERS = 10_000
+# Wrong tokens (a bearer header, the login form) one address may show a
+# minute; past it every token it shows gets 429 unchecked until the minute
+# has room (the line and SMTP doors close a connection after 3). Counted
+# like the searches, with the same bound on addresses.
+WRONG_TOKENS_PER_MINUTE = 10
 # Every page: no script may run, nothing may frame it, no URL leaks on.
 SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; "
@@ -109,7 +115,8 @@ class _Bounded(asyncio.Protocol):
 class _ServerLog(logging.LoggerAdapter):
     """aiohttp's server log, less what any client can cause at will: a
     request that breaks HTTP/1.1 or over a limit (HttpProcessingError, the
-    client has its 400) and a connection cut or reset in the middle of a
+    client has its 400), a body that is not what its headers say
+    (RequestPayloadError: a gzip that is not) and a connection cut or reset in the middle of a
     request (ConnectionError: the handler's read of the body) are one line
     at debug, not an error with a traceback that a hostile client could
     repeat to fill the log. Anything else a handler raises is a fault of
@@ -117,14 +124,34 @@ class _ServerLog(logging.LoggerAdapter):
 
     def __init__(self, log):
         super().__init__(logging.getLogger("aiohttp.server"))
-        self.log = log
+        # Not `self.log`: that would hide LoggerAdapter.log, which
+        # exception() calls, and every handler error became a TypeError
+        # with no 500 sent (a review found it, 2026-12-07).
+        self.smtpgate_log = log
 
     def exception(self, msg, *args, exc_info=True, **kwargs) -> None:
-        if isinstance(exc_info, (HttpProcessingError, ConnectionError)):
-            self.log.debug("http_client_fault", peer=args[0] if args else None,
-                           error=f"{type(exc_info).__name__}: {exc_info}".strip())
+        if isinstance(exc_info, (HttpProcessingError, RequestPayloadError, ConnectionError)):
+            self.smtpgate_log.debug("http_client_fault", peer=args[0] if args else None,
+                                    error=f"{type(exc_info).__name__}: {exc_info}".strip())
             return
         super().exception(msg, *args, exc_info=exc_info, **kwargs)
+
+
+async def _form(request: web.Request) -> dict[str, str]:
+    """A form's text fields. What a client sends that aiohttp cannot parse
+    (a charset it does not know, bytes that are not UTF-8, a multipart
+    without its boundary, a body whose Content-Encoding is a lie) is the
+    client's 400, not an error of ours in the log; a file where text is
+    expected is left out."""
+    try:
+        form = await request.post()
+    except (ValueError, LookupError, UnicodeDecodeError, web.HTTPException) as exc:
+        if isinstance(exc, web.HTTPException) and exc.status != 400:
+            raise
+        raise web.HTTPBadRequest(text="the form cannot be read\n") from None
+    except (HttpProcessingError, RequestPayloadError):  # a body that is not what its headers say
+        raise web.HTTPBadRequest(text="the form cannot be read\n") from None
+    return {name: value for name, value in form.items() if isinstance(value, str)}
 
 
 class HttpSide:
@@ -147,6 +174,7 @@ class HttpSide:
         self.handoff = Histogram(HANDOFF_BOUNDS)
         self.delivery_figures = DeliveryFigures()
         self.searches: dict[str, SlidingCount] = {}  # peer address -> its searches by recipient of the last minute
+        self.wrong_tokens: dict[str, SlidingCount] = {}  # peer address -> its wrong tokens of the last minute
         self.acceptor: Acceptor | None = None
         self.runner: web.AppRunner | None = None
 
@@ -217,10 +245,11 @@ class HttpSide:
         A wrong bearer token is counted, and refused with 401."""
         header = request.headers.get("Authorization")
         if header is not None:
+            self._per_minute(self.wrong_tokens, WRONG_TOKENS_PER_MINUTE, request, "Too many wrong tokens", count=False)
             scheme, _, token = header.partition(" ")
             access = self.keys.resolve(token.strip()) if scheme.lower() == "bearer" else None
             if access is None:
-                self.limits.auth_failed("http", self._peer(request))
+                self._wrong_token(request)
                 raise web.HTTPUnauthorized(text="wrong token\n", headers={"WWW-Authenticate": "Bearer"})
             return access, None
         session = self.sessions.get(request.cookies.get(SESSION_COOKIE))
@@ -314,19 +343,32 @@ class HttpSide:
     def _count_search(self, request: web.Request) -> None:
         """Count a search by recipient against its peer's SEARCHES_PER_MINUTE;
         past it, 429 with the seconds until one more fits."""
+        self._per_minute(self.searches, SEARCHES_PER_MINUTE, request, "Too many searches",
+                         f"At most {SEARCHES_PER_MINUTE} searches by recipient a minute from one address")
+
+    def _wrong_token(self, request: web.Request) -> None:
+        self.limits.auth_failed("http", self._peer(request))
+        self.wrong_tokens[request.remote].add(time.monotonic())  # made by the check before it
+
+    def _per_minute(self, windows: dict[str, SlidingCount], limit: int, request: web.Request, title: str,
+                    what: str | None = None, count: bool = True) -> None:
+        """429, with the seconds until one more fits, once the peer's window
+        of `limit` a minute is full; else count this one (unless not `count`:
+        a wrong token is counted only once it is known to be wrong)."""
         now = time.monotonic()
-        window = self.searches.get(request.remote)
+        window = windows.get(request.remote)
         if window is None:
-            if len(self.searches) >= SEARCH_PEERS:
-                self.searches.clear()
-            window = self.searches[request.remote] = SlidingCount(SEARCHES_PER_MINUTE, 60.0)
+            if len(windows) >= SEARCH_PEERS:
+                windows.clear()
+            window = windows[request.remote] = SlidingCount(limit, 60.0)
         wait = window.wait(now)
         if wait > 0:
+            what = what or f"At most {limit} wrong tokens a minute from one address"
             raise web.HTTPTooManyRequests(
-                text=page.message_page("Too many searches", f"At most {SEARCHES_PER_MINUTE} searches by recipient "
-                                       f"a minute from one address; try again in {math.ceil(wait)} s."),
+                text=page.message_page(title, f"{what}; try again in {math.ceil(wait)} s."),
                 content_type="text/html", headers={"Retry-After": str(math.ceil(wait))})
-        window.add(now)
+        if count:
+            window.add(now)
 
     async def message(self, request: web.Request) -> web.Response:
         access, session, made = self._viewer(request)
@@ -352,7 +394,7 @@ class HttpSide:
         access, session = self._who(request)
         if access is None or not access.may_change:
             raise web.HTTPForbidden(text="only an admin may retry or delete\n")
-        form = await request.post()
+        form = await _form(request)
         if session is not None and not session.csrf_ok(form.get("csrf")):
             raise web.HTTPForbidden(text="stale or missing form token: reload the page and try again\n")
         if session is None and request.headers.get("Authorization") is None:
@@ -377,13 +419,14 @@ class HttpSide:
         return web.Response(text=page.login(None), content_type="text/html")
 
     async def login(self, request: web.Request) -> web.Response:
-        form = await request.post()
+        form = await _form(request)
         token = str(form.get("token", "")).strip()
         if self.keys.open:
             raise web.HTTPSeeOther("/")
+        self._per_minute(self.wrong_tokens, WRONG_TOKENS_PER_MINUTE, request, "Too many wrong tokens", count=False)
         access = self.keys.resolve(token)
         if access is None:
-            self.limits.auth_failed("http", self._peer(request))
+            self._wrong_token(request)
             return web.Response(text=page.login("Wrong token."), content_type="text/html", status=401)
         response = web.HTTPSeeOther("/" if access.may_view else "/metrics")
         self._set_cookie(response, request, self.sessions.new(token))
@@ -391,7 +434,7 @@ class HttpSide:
 
     async def logout(self, request: web.Request) -> web.Response:
         session = self.sessions.get(request.cookies.get(SESSION_COOKIE))
-        form = await request.post()
+        form = await _form(request)
         if session is not None:
             if not session.csrf_ok(form.get("csrf")):
                 raise web.HTTPForbidden(text="stale or missing form token\n")
