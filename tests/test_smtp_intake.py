@@ -356,6 +356,25 @@ def test_smtplib_through_the_daemon_to_the_upstream(make_daemon, upstream):
     assert reply[0] == 250
 
 
+def test_an_address_a_send_would_refuse_is_refused_at_its_rcpt_not_with_the_whole_message(make_daemon, upstream):
+    """A quoted local part (RFC 5321 allows it; a SEND does not take it) got
+    250 at RCPT and then failed the whole message, the good recipients too,
+    with a 553 after DATA. It is refused at its RCPT; the others go."""
+    daemon = make_daemon(smtp_listen=f"127.0.0.1:{_free_port()}", tokens=[TOKEN])
+    port = _smtp_door(daemon)
+    with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+        client.login("app", TOKEN)
+        assert client.mail('"a b"@example.com')[0] == 553
+        assert client.mail("app@example.com")[0] == 250
+        code, text = client.rcpt('"a b&c"@example.com')
+        assert code == 553 and text.startswith(b"5.1.3 RCPT TO: not an address")
+        assert client.rcpt("kelly@example.org")[0] == 250
+        code, text = client.data(MESSAGE)
+        assert code == 250, text
+    [received] = upstream.wait_for(1)
+    assert received.rcpt_tos == ["kelly@example.org"]
+
+
 @swaks
 def test_swaks_through_the_daemon_to_the_upstream(make_daemon, upstream):
     daemon = make_daemon(smtp_listen=f"127.0.0.1:{_free_port()}")

@@ -38,7 +38,8 @@ from smtpgate.intake.callers import Caller, CallerBusy, Callers
 from smtpgate.intake.limits import MAX_AUTH_FAILURES, Gate, Limits, Slot
 from smtpgate.intake.peer import Peer
 from smtpgate.log import sockname
-from smtpgate.message.validate import MAX_RECIPIENTS
+from smtpgate.message.spec import RequestError
+from smtpgate.message.validate import MAX_RECIPIENTS, check_address
 from smtpgate.spool.errors import SpoolFull
 
 # enqueue(caller, envelope_from, recipients, data) -> message id, once durable.
@@ -142,6 +143,11 @@ class IntakeHandler:
             return _AUTH_REQUIRED
         if not caller.policy.sender_allowed(address):
             return f"550 5.7.1 sender {_one_line(address)} is not allowed"
+        if address:  # <>, a bounce's, is the DATA's to judge, as before
+            try:
+                check_address(address, "MAIL FROM")
+            except RequestError as exc:
+                return f"553 5.1.7 {_one_line(exc.text)}"
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         return "250 2.1.0 OK"
@@ -157,6 +163,10 @@ class IntakeHandler:
             return _AUTH_REQUIRED
         if not caller.policy.recipient_allowed(address):
             return f"550 5.7.1 recipient {_one_line(address)} is not allowed"
+        try:
+            check_address(address, "RCPT TO")
+        except RequestError as exc:  # this recipient only: the others still go
+            return f"553 5.1.3 {_one_line(exc.text)}"
         envelope.rcpt_tos.append(address)
         return "250 2.1.5 OK"
 

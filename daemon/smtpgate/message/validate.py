@@ -346,6 +346,13 @@ def _address(value: str, field_name: str) -> tuple[str, bool]:
     return addr, intl
 
 
+def check_address(value: str, field_name: str) -> None:
+    """Raise RequestError(BAD_ADDRESS) for an envelope address a SEND would
+    refuse (the SMTP door asks at MAIL and RCPT, not first at the end of
+    DATA, where one bad recipient failed the whole message)."""
+    _address(value, field_name)
+
+
 def _dedup_key(addr: str) -> str:
     local, _, domain = addr.rpartition("@")
     return f"{local}@{domain.lower()}"
