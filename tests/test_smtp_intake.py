@@ -375,6 +375,21 @@ def test_an_address_a_send_would_refuse_is_refused_at_its_rcpt_not_with_the_whol
     assert received.rcpt_tos == ["kelly@example.org"]
 
 
+def test_aiosmtpd_warnings_a_stranger_causes_are_one_line_a_minute(make_daemon):
+    """Unknown commands before AUTH: aiosmtpd warns about each (five a
+    connection), and connections can follow one another without end."""
+    daemon = make_daemon(smtp_listen=f"127.0.0.1:{_free_port()}", tokens=[TOKEN])
+    port = _smtp_door(daemon)
+    for _ in range(4):
+        with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+            for n in range(5):
+                assert client.docmd(f"XFOO{n}")[0] in (500, 502)  # unrecognised, unimplemented
+    with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+        assert client.noop()[0] == 250  # and it serves
+    lines = [line for line in daemon.log_lines() if "unrecognised" in str(line.get("event"))]
+    assert len(lines) == 1, lines
+
+
 @swaks
 def test_swaks_through_the_daemon_to_the_upstream(make_daemon, upstream):
     daemon = make_daemon(smtp_listen=f"127.0.0.1:{_free_port()}")

@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import time
 from collections.abc import Awaitable, Callable
 from email.utils import formatdate
 
@@ -95,6 +96,29 @@ class _LoginDataDeprecation(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not str(record.msg).startswith("Session.login_data is deprecated")
+
+
+class _PeerWarnings(logging.Filter):
+    """aiosmtpd's own warnings are about what a peer sent ("unrecognised"
+    commands, five a connection, before any AUTH): one line of each kind a
+    minute, as the daemon's own lines about peers (limits.py), so that no
+    stranger writes the log at will. Its errors pass."""
+
+    SPAN = 60.0  # seconds
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic):
+        super().__init__()
+        self.clock = clock
+        self.last: dict[str, float] = {}  # by the line's template: a few, in aiosmtpd's code
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno != logging.WARNING:
+            return True
+        now, key = self.clock(), str(record.msg)
+        if now - self.last.get(key, -self.SPAN) < self.SPAN:
+            return False
+        self.last[key] = now
+        return True
 
 
 class IntakeHandler:
@@ -248,6 +272,7 @@ def session_factory(handler: IntakeHandler, *, max_message_bytes: int, gate: Gat
     aiosmtpd_log = logging.getLogger("mail.log")
     if not any(isinstance(f, _LoginDataDeprecation) for f in aiosmtpd_log.filters):
         aiosmtpd_log.addFilter(_LoginDataDeprecation())
+        aiosmtpd_log.addFilter(_PeerWarnings())
     sessions: set[SmtpSession] = set()
 
     def stressed() -> None:  # the open sessions' timers shrink too
