@@ -511,6 +511,20 @@ def test_wrong_tokens_are_limited_per_address_and_then_not_even_checked(closed_d
         other.close()
 
 
+def test_the_session_cookie_is_secure_behind_a_local_tls_proxy(closed_daemon):
+    """Without Secure, a browser that logged in through https sends the
+    session to any plain-http service of the same host name. A TLS proxy on
+    this machine says https in X-Forwarded-Proto."""
+    daemon = closed_daemon
+    plain = request(daemon.http, "POST", "/login", form={"token": ADMIN})
+    proxied = request(daemon.http, "POST", "/login", form={"token": ADMIN}, headers={"X-Forwarded-Proto": "https"})
+    cookies = [[c for c in reply.headers.get_all("Set-Cookie") if c.startswith("smtpgate_session=")][0]
+               for reply in (plain, proxied)]
+    assert plain.status == proxied.status == 303
+    assert "; Secure" not in cookies[0] and "; Secure" in cookies[1]
+    assert all("HttpOnly" in c and "SameSite=Strict" in c for c in cookies)
+
+
 def test_a_form_aiohttp_cannot_read_is_a_400_and_no_error_in_the_log(closed_daemon):
     """Before any login: a charset aiohttp does not know, bytes that are not
     UTF-8, a multipart without its boundary, a gzip body that is not gzip.

@@ -28,7 +28,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 from prometheus_client.exposition import generate_latest
 
-from smtpgate.config import Config, parse_hostport
+from smtpgate.config import Config, is_loopback, parse_hostport
 from smtpgate.http import page
 from smtpgate.http.auth import SESSION_COOKIE, Access, Keys, Session, Sessions, host_is_loopback
 from smtpgate.http.metrics import HANDOFF_BOUNDS, DeliveryFigures, Histogram, Snapshot, families
@@ -262,8 +262,15 @@ class HttpSide:
         return self.keys.resolve(None), None
 
     def _set_cookie(self, response: web.StreamResponse, request: web.Request, session: Session) -> None:
+        # Secure when the browser's request came by https: ours (never: plain
+        # HTTP), or a TLS reverse proxy's on this machine (docs/http.md),
+        # which says so in X-Forwarded-Proto. Without the flag the browser
+        # would send the session to any plain-http service of this host name
+        # (cookies are not kept apart by port).
+        proxied = is_loopback(request.remote or "") and \
+            request.headers.get("X-Forwarded-Proto", "").strip().lower() == "https"
         response.set_cookie(SESSION_COOKIE, session.id, httponly=True, samesite="Strict", path="/",
-                            secure=request.secure)
+                            secure=request.secure or proxied)
 
     def _viewer(self, request: web.Request) -> tuple[Access, Session | None, Session | None]:
         """For the pages: (access, session, a session just made). No access:
