@@ -511,6 +511,25 @@ def test_wrong_tokens_are_limited_per_address_and_then_not_even_checked(closed_d
         other.close()
 
 
+def test_a_token_logging_in_again_and_again_ends_its_own_oldest_sessions_not_others(closed_daemon):
+    """Sessions are bounded (the oldest goes first); a caller's token that
+    logs in over and over must not push the admin's session out."""
+    daemon = closed_daemon
+
+    def login(token: str) -> str:
+        reply = request(daemon.http, "POST", "/login", form={"token": token})
+        assert reply.status == 303
+        return reply.cookie("smtpgate_session")
+
+    from smtpgate.http.auth import MAX_SESSIONS
+
+    admin = login(ADMIN)
+    shop = [login(SHOP) for _ in range(MAX_SESSIONS + 1)]  # enough to push any first session out
+    assert request(daemon.http, "GET", "/", cookie=admin).status == 200
+    assert request(daemon.http, "GET", "/", cookie=shop[-1]).status == 200
+    assert request(daemon.http, "GET", "/", cookie=shop[0]).status != 200  # its own oldest went
+
+
 def test_the_session_cookie_is_secure_behind_a_local_tls_proxy(closed_daemon):
     """Without Secure, a browser that logged in through https sends the
     session to any plain-http service of the same host name. A TLS proxy on

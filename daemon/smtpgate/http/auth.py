@@ -37,6 +37,9 @@ from smtpgate.config import Config, has_tokens, is_loopback
 ADMIN, METRICS, CALLER = "admin", "metrics", "caller"
 SESSION_COOKIE = "smtpgate_session"
 MAX_SESSIONS = 1000  # the oldest goes first: a flood of logins costs memory for this many
+# Sessions of one token at most, its oldest going first: a caller's token
+# logging in again and again ends its own sessions, not the admin's.
+SESSIONS_PER_TOKEN = 16
 SESSION_LIFETIME = 8 * 3600.0  # seconds: a working day, then log in again
 
 
@@ -128,6 +131,10 @@ class Sessions:
         self._by_id: collections.OrderedDict[str, Session] = collections.OrderedDict()
 
     def new(self, token: str | None) -> Session:
+        if token is not None:  # an open daemon's sessions are everyone's alike
+            mine = [s.id for s in self._by_id.values() if s.token == token]  # oldest first
+            for session_id in mine[:max(0, len(mine) - SESSIONS_PER_TOKEN + 1)]:
+                del self._by_id[session_id]
         while len(self._by_id) >= MAX_SESSIONS:
             self._by_id.popitem(last=False)
         session = Session(secrets.token_urlsafe(32), token, secrets.token_urlsafe(32),
