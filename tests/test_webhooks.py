@@ -560,6 +560,20 @@ def test_while_a_secret_changes_each_request_is_signed_with_both(make_daemon, up
 # -- callers ------------------------------------------------------------------
 
 
+def start_with_callers(daemon, tables: dict[str, dict]) -> None:
+    """Start `daemon` (made with start=False) with these [callers.NAME] tables."""
+    write_plain = daemon.write_config
+
+    def write_config():
+        write_plain()
+        with open(daemon.config_path, "a") as fh:
+            for name, table in tables.items():
+                fh.write(f"\n[callers.{name}]\n")
+                fh.writelines(f"{key} = {json.dumps(value)}\n" for key, value in table.items())
+    daemon.write_config = write_config
+    daemon.start()
+
+
 def test_each_caller_gets_its_own_url_and_secret_and_others_none(make_daemon, upstream, tmp_path):
     shop_hooks = Receiver(OTHER_SECRET).start()
     try:
@@ -570,16 +584,7 @@ def test_each_caller_gets_its_own_url_and_secret_and_others_none(make_daemon, up
                      "webhook_secret_file": secret_file(tmp_path, OTHER_SECRET, "shop.secret")},
             "blog": {"token_file": secret_file(tmp_path, TOKEN_BLOG, "blog.token")},
         }
-        write_plain = daemon.write_config
-
-        def write_config():
-            write_plain()
-            with open(daemon.config_path, "a") as fh:
-                for name, table in tables.items():
-                    fh.write(f"\n[callers.{name}]\n")
-                    fh.writelines(f"{key} = {json.dumps(value)}\n" for key, value in table.items())
-        daemon.write_config = write_config
-        daemon.start()
+        start_with_callers(daemon, tables)
 
         with daemon.client(token=TOKEN_BLOG, timeout=40) as blog, daemon.client(token=TOKEN_SHOP, timeout=40) as shop:
             blog_id = blog.send(mail("kelly@example.org"))
@@ -592,6 +597,40 @@ def test_each_caller_gets_its_own_url_and_secret_and_others_none(make_daemon, up
         assert stats(daemon, TOKEN_SHOP)["webhooks"] == {"delivered": 1, "failed": 0, "pending": 0}
     finally:
         shop_hooks.close()
+
+
+def test_a_slow_receiver_does_not_hold_up_another_callers_events(make_daemon, upstream, tmp_path):
+    """Shop's receiver answers 2xx, two seconds an event; blog's at once.
+    The outbox is read in next_attempt order: without a bound, shop's
+    backlog filled the sender's window for minutes and blog's events waited
+    behind it. A receiver that holds half the window and has answered
+    nothing for SLOW_AFTER seconds no longer counts against the window, and
+    its other events wait in the outbox meanwhile; all of them arrive."""
+    slow, fast = Receiver(OTHER_SECRET).start(), Receiver(SECRET).start()
+    slow.delay = 2.0
+    try:
+        daemon = make_daemon(start=False)
+        tables = {
+            "shop": {"token_file": secret_file(tmp_path, TOKEN_SHOP, "shop.token"), "webhook_url": slow.url,
+                     "webhook_secret_file": secret_file(tmp_path, OTHER_SECRET, "shop.secret")},
+            "blog": {"token_file": secret_file(tmp_path, TOKEN_BLOG, "blog.token"), "webhook_url": fast.url,
+                     "webhook_secret_file": secret_file(tmp_path, SECRET, "blog.secret")},
+        }
+        start_with_callers(daemon, tables)
+        with daemon.client(token=TOKEN_SHOP, timeout=40) as shop:
+            shop_ids = [shop.send(mail("kelly@example.org", f"shop {n}")) for n in range(200)]
+        wait_until(lambda: stats(daemon, TOKEN_SHOP)["webhooks"]["pending"] >= 200, WAIT, "shop's events written")
+        with daemon.client(token=TOKEN_BLOG, timeout=40) as blog:
+            blog_ids = [blog.send(mail("kelly@example.org", f"blog {n}")) for n in range(5)]
+        fast.wait(lambda r: set(r.by_message()) >= set(blog_ids), "blog's events")
+        assert len(slow.payloads()) < 100  # shop's backlog is still being answered
+        assert any(line.get("event") == "webhook_receiver_slow" for line in daemon.log_lines())
+        slow.delay = 0.0
+        slow.wait(lambda r: set(r.by_message()) >= set(shop_ids), "every shop event, once its receiver is fast")
+        assert all(types == ["message.sent"] for types in slow.by_message().values())
+    finally:
+        slow.close()
+        fast.close()
 
 
 # -- configuration ------------------------------------------------------------

@@ -84,6 +84,15 @@ PIPELINE = WINDOW // 2
 CONNECTIONS = 8
 PIPELINE_SPAN = 0.02
 POLL = 1.0  # seconds between two reads of the outbox when nothing woke the sender
+# A receiver that holds half the window or more and has answered nothing for
+# SLOW_AFTER seconds, or would take that long to answer what it holds at
+# its pace (it answers 2xx, but in seconds), is slow: its events
+# in flight no longer count against the window, and its other due events
+# wait SLOW_HOLD seconds in the outbox (held as a down receiver's are), so
+# that the other receivers' events, read after them in next_attempt order,
+# are not held up behind its backlog.
+SLOW_AFTER = 5.0
+SLOW_HOLD = 5.0
 RETRY_BASE = 5.0  # seconds before the first retry of a failed receiver
 RETRY_MAX = 1800.0
 SHOWN_REPLY = 200  # bytes of a failed receiver's body shown in the log
@@ -263,6 +272,9 @@ class WebhookSender:
         self._down: dict[str, _Down] = {}  # by URL: bounded by the configuration
         self._pace: dict[str, float] = {}  # by URL: seconds between two answers of its last pipeline
         self._inflight: set[int] = set()  # seqs being sent or waiting for a connection
+        self._taken: collections.Counter[str] = collections.Counter()  # by URL: of _inflight
+        self._said_slow: set[str] = set()  # slow receivers logged (once each time they become slow)
+        self._progress: dict[str, float] = {}  # by URL: its last answers, or its first event taken since none
         self._waiting: dict[str, tuple[Target, collections.deque[OutboxEvent]]] = {}  # by URL: for a connection
         self._connections: collections.Counter[str] = collections.Counter()  # by URL: pipelines in flight
         self._settling: list[tuple[int, str, bool]] = []  # answered 2xx, to be written
@@ -314,14 +326,34 @@ class WebhookSender:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), POLL)
 
+    def _slow(self, now: float) -> set[str]:
+        """The receivers that are slow (SLOW_AFTER): holding half the window
+        or more, with no answer for SLOW_AFTER seconds or, at the pace of
+        their last answers, SLOW_AFTER seconds of it still to answer."""
+        return {url for url, taken in self._taken.items()
+                if taken >= WINDOW // 2 and (now - self._progress.get(url, now) >= SLOW_AFTER
+                                             or taken * self._pace.get(url, 0.0) / CONNECTIONS >= SLOW_AFTER)}
+
+    def _took(self, url: str, count: int) -> None:
+        if not self._taken[url]:
+            self._progress[url] = self._clock()
+        self._taken[url] += count
+
+    def _gave_back(self, url: str, count: int) -> None:
+        self._taken[url] -= count
+        if self._taken[url] <= 0:
+            del self._taken[url]
+
     async def _page(self) -> bool:
         """Start sending the events due now (up to the free slots); hold
-        those of a receiver that is down, give up the stale ones. True when
-        more may be due at once."""
-        free = WINDOW - len(self._inflight)
-        if free < WINDOW // 2 and self._inflight:
-            return False  # a read per half page, not per event: each costs a trip to the reader thread
+        those of a receiver that is down or slow, give up the stale ones.
+        True when more may be due at once."""
         now = self._clock()
+        slow = self._slow(now)
+        busy = len(self._inflight) - sum(self._taken[url] for url in slow)
+        free = WINDOW - busy
+        if free < WINDOW // 2 and busy:
+            return False  # a read per half page, not per event: each costs a trip to the reader thread
         due = now - self.yield_for if self.yield_for and self._pressure.contended() else now
         events = await self.reader.due(due, free, (*self._inflight, *self._settled))
         held: dict[float, list[tuple[int, str]]] = {}
@@ -335,21 +367,30 @@ class WebhookSender:
                 await self._give_up(event, "no webhook_url for its caller any more")
                 continue
             down = self._down.get(target.url)
-            if down is not None and down.until > now:
-                if down.until - event.created >= self.retry_for:
-                    await self._give_up(event, f"its receiver is down: {webhook_retry_for(self.retry_for)}")
+            until = down.until if down is not None and down.until > now else \
+                now + SLOW_HOLD if target.url in slow else None
+            if until is not None:
+                if until - event.created >= self.retry_for:
+                    why = "down" if down is not None and down.until > now else "slow"
+                    await self._give_up(event, f"its receiver is {why}: {webhook_retry_for(self.retry_for)}")
                 else:
-                    held.setdefault(down.until, []).append((event.seq, event.message_id))
+                    held.setdefault(until, []).append((event.seq, event.message_id))
                 continue
             batches.setdefault(target.url, (target, []))[1].append(event)
         for target, batch in batches.values():
             self._inflight.update(event.seq for event in batch)
+            self._took(target.url, len(batch))
             self._waiting.setdefault(target.url, (target, collections.deque()))[1].extend(batch)
             self._start(target.url)
         for until, ids in held.items():
             await self.spool.webhook_retry(until, ids, None)
+        for url in slow - self._said_slow:
+            self._said_slow.add(url)
+            self.log.warning("webhook_receiver_slow", url=shown(url), in_flight=self._taken[url],
+                             hint=f"no answer for {SLOW_AFTER:g} s: its other events wait, the other receivers' go")
+        self._said_slow &= slow
         # A full page of which some were not sent: read the next one now.
-        return len(events) == free and len(self._inflight) < WINDOW
+        return len(events) == free and len(self._inflight) - sum(self._taken[url] for url in slow) < WINDOW
 
     def _depth(self, url: str) -> int:
         """How many requests to pipeline to `url` (PIPELINE for a receiver
@@ -379,7 +420,9 @@ class WebhookSender:
             if down is not None and down.until > self._clock():
                 # Left in the outbox, due: the next page holds them as the
                 # receiver's others (or gives them up), as if never read.
-                self._inflight.difference_update(event.seq for event in self._waiting.pop(url)[1])
+                left = self._waiting.pop(url)[1]
+                self._inflight.difference_update(event.seq for event in left)
+                self._gave_back(url, len(left))
             else:
                 self._start(url)
         self._wake.set()
@@ -394,6 +437,7 @@ class WebhookSender:
                 ([("Content-Type", "application/json"),
                   *signing.headers(target.keys, event.id, timestamp, event.payload).items()], event.payload)
                 for event in events], self.timeout)
+            self._progress[target.url] = self._clock()
             answered = [answer.received for answer in answers if not isinstance(answer, Exception)]
             if len(answered) > 1:
                 self._pace[target.url] = (answered[-1] - answered[0]) / (len(answered) - 1)
@@ -426,6 +470,7 @@ class WebhookSender:
             self.log.exception("webhook_sender_failed", webhook_ids=[event.id for event in events])
         finally:
             self._inflight.difference_update(event.seq for event in events)
+            self._gave_back(target.url, len(events))
 
     def _judged(self, answer: Answer | Exception) -> tuple[int | None, str, str | None]:
         """An event's answer: (status or None, what went wrong, Retry-After)."""
