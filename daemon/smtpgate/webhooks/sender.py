@@ -78,6 +78,11 @@ WINDOW = 64
 # when the machine was busiest: the CPU per event rose most of the way back
 # to one request per write (bench/results.md, "The night's main").
 PIPELINE = WINDOW // 2
+# A receiver not yet timed (the first pipeline after a start) gets this many:
+# every request of a pipeline carries the timestamp of its start, and 32
+# answers at up to webhook_timeout (15 s) each would take the last ones
+# past the 5 minutes a verifier tolerates; 8 stay within 2 minutes.
+UNTIMED_DEPTH = 8
 # Connections to one receiver at once: a slow one gets at most 16 requests
 # at once (2 on each), the most it got before the window grew; what the
 # window holds beyond that waits in memory for a connection.
@@ -393,9 +398,11 @@ class WebhookSender:
         return len(events) == free and len(self._inflight) - sum(self._taken[url] for url in slow) < WINDOW
 
     def _depth(self, url: str) -> int:
-        """How many requests to pipeline to `url` (PIPELINE for a receiver
-        not yet timed)."""
-        pace = self._pace.get(url, 0.0)
+        """How many requests to pipeline to `url` (UNTIMED_DEPTH for a
+        receiver not yet timed, PIPELINE for one that answers at once)."""
+        pace = self._pace.get(url)
+        if pace is None:
+            return UNTIMED_DEPTH
         return max(2, min(PIPELINE, int(PIPELINE_SPAN / pace))) if pace else PIPELINE
 
     def _start(self, url: str) -> None:
