@@ -484,9 +484,10 @@ class Connection(asyncio.Protocol):
     def _auth(self, token: str | None) -> None:
         callers = self.handoff.callers
         # An open daemon: AUTH with anything is OK.
-        caller = callers.anonymous or callers.for_token((token or "").encode())
+        digest = None if callers.anonymous else callers.digest((token or "").encode())
+        caller = callers.anonymous or callers.for_digest(digest)
         if caller is not None:
-            self.token_digest = None if callers.anonymous else callers.digest((token or "").encode())
+            self.token_digest = digest
             self._identified(caller)
             self._reply(reply_ok())
             return

@@ -392,7 +392,8 @@ class WebhookSender:
         for url in slow - self._said_slow:
             self._said_slow.add(url)
             self.log.warning("webhook_receiver_slow", url=shown(url), in_flight=self._taken[url],
-                             hint=f"no answer for {SLOW_AFTER:g} s: its other events wait, the other receivers' go")
+                             hint=f"no answer for {SLOW_AFTER:g} s, or as long to answer what it holds: "
+                                  "its other events wait, the other receivers' go")
         self._said_slow &= slow
         # A full page of which some were not sent: read the next one now.
         return len(events) == free and len(self._inflight) - sum(self._taken[url] for url in slow) < WINDOW
