@@ -369,6 +369,23 @@ def test_max_pending_counts_from_the_spool_across_a_restart(make_daemon, upstrea
         assert shop.send(message("three")).startswith("OK ")
 
 
+def test_a_send_refused_at_commit_keeps_its_place_before_a_repeat(make_daemon, tmp_path):
+    """The spool's writer answers a connection's SENDs itself (spool/lent.py)
+    but not the ones it refuses: a SEND over max_pending, pipelined before
+    the repeat of a stored one (which the writer could answer at once),
+    still gets its ERR first."""
+    callers = {"shop": {"token_file": token_file(tmp_path, "shop", TOKEN_A), "max_pending": 1}}
+    daemon = start(make_daemon, hold=True, callers=callers)
+    cap = "ERR BUSY nothing stored: caller shop has 1 messages not yet final (max_pending); " \
+          "retry once some are delivered"
+    with Line(daemon.tcp, TOKEN_A) as shop:
+        first = shop.sent_id(message("one", idempotency_key="k-one"))
+        for _ in range(3):
+            shop.sock.sendall((send_line(message("two")) + "\n"
+                               + send_line(message("one", idempotency_key="k-one")) + "\n").encode())
+            assert read_lines(shop.sock, 2) == [cap, f"OK {first}"]
+
+
 def test_a_reload_applies_to_open_connections(make_daemon, tmp_path):
     callers = {"shop": {"token_file": token_file(tmp_path, "shop", TOKEN_A)},
                "blog": {"token_file": token_file(tmp_path, "blog", TOKEN_B)}}

@@ -54,7 +54,7 @@ async def send(spool: Spool, delivery: Delivery, **fields) -> str:
     fields.setdefault("subject", "hello")
     fields.setdefault("text", "body")
     spec = validate_send(fields, max_message_bytes=1 << 20)
-    msg_id, _ = await spool.enqueue(spec.to_json(), spec.envelope_from, spec.recipients, None)
+    msg_id, *_ = await spool.enqueue(spec.to_json(), spec.envelope_from, spec.recipients, None)
     delivery.wake()
     return msg_id
 

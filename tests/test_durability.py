@@ -119,6 +119,10 @@ def test_every_ok_follows_an_fsync_of_its_write_and_concurrent_sends_share_them(
     assert acknowledged <= seen.keys(), f"strace missed {len(acknowledged - seen.keys())} OKs"
     broken = trace.broken_promises()
     assert not broken, f"{len(broken)} of {len(seen)} OKs before their fsync:\n" + "\n".join(broken[:5])
+    # One SEND in flight per connection: each OK is written by the spool's
+    # writer itself, the process that fsyncs (spool/lent.py).
+    senders = {seen[msg_id].pid for msg_id in acknowledged}
+    assert len(senders) == 1 and senders <= {call.pid for call in trace.flushes()}, senders
     # Group commit: 16 callers waiting at once are made durable by shared
     # fsyncs. One fsync per SEND would be 240; this allows half of that
     # (about 45 are measured).

@@ -105,7 +105,7 @@ def stopped_daemons_spool(folder, deferred_for: float | None = None) -> str:
     async def main():
         spool = Spool(folder, min_free_bytes=0)
         await spool.open()
-        msg_id, _ = await spool.enqueue(b"{}", "app@example.com", ["kelly@example.org"])
+        msg_id, *_ = await spool.enqueue(b"{}", "app@example.com", ["kelly@example.org"])
         if deferred_for is not None:
             await spool.claim_due(time.time(), 1)
             await spool.record_attempt(msg_id, [RecipientOutcome("kelly@example.org", "deferred", "451 later")],

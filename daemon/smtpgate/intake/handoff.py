@@ -30,7 +30,7 @@ from smtpgate.message.spec import MessageSpec, RequestError, raw_send
 from smtpgate.message.validate import validate_send
 from smtpgate.protocol import codes
 from smtpgate.spool.errors import CallerFull, SpoolFull
-from smtpgate.spool.ops import Claimed, Enqueued
+from smtpgate.spool.ops import Claimed, Enqueued, ReplyTo
 
 # Requests (a SEND's argument, an SMTP message) of more characters than this
 # are validated in a thread: decoding and checking megabytes of attachments
@@ -57,12 +57,13 @@ class Handoff:
 
     # -- a message -----------------------------------------------------------
 
-    def take_send(self, caller: Caller, arg: str | None, done: Done) -> None:
+    def take_send(self, caller: Caller, arg: str | None, done: Done, reply_to: ReplyTo | None = None) -> None:
         """A SEND's argument (PROTOCOL.md) from `caller`: check it and store
         it. Raises RequestError at once for what is refused before anything
         is stored (`done` is not called then); otherwise `done` gets the
-        Enqueued once it is durable, or the RequestError that refused it."""
-        self._take(caller, len(arg or ""), done, self.check_send, arg)
+        Enqueued once it is durable, or the RequestError that refused it.
+        `reply_to`: where the spool's writer writes the OK itself (spool/lent.py)."""
+        self._take(caller, len(arg or ""), done, self.check_send, arg, reply_to=reply_to)
 
     async def take_raw(self, caller: Caller, envelope_from: str, recipients: list[str], data: bytes) -> str:
         """A message as SMTP carries it (the SMTP door's enqueue): the id once
@@ -104,23 +105,24 @@ class Handoff:
             policy.check(spec)
         return spec
 
-    def _take(self, caller: Caller, size: int, done: Done, check: Callable[..., MessageSpec], *args) -> None:
+    def _take(self, caller: Caller, size: int, done: Done, check: Callable[..., MessageSpec], *args,
+              reply_to: ReplyTo | None = None) -> None:
         try:
             if size > LARGE_REQUEST:
                 checked = asyncio.ensure_future(asyncio.to_thread(check, caller, *args))
-                checked.add_done_callback(lambda fut: self._checked(caller, fut, done))
+                checked.add_done_callback(lambda fut: self._checked(caller, fut, done, reply_to))
             else:
-                self._store(caller, check(caller, *args), done)
+                self._store(caller, check(caller, *args), done, reply_to)
         except RequestError as exc:
             self._refused(caller, exc)
             raise
 
-    def _checked(self, caller: Caller, fut: asyncio.Future, done: Done) -> None:
+    def _checked(self, caller: Caller, fut: asyncio.Future, done: Done, reply_to: ReplyTo | None) -> None:
         """A large request came back from its thread: store it, or say why not."""
         exc = fut.exception()
         if exc is None:
             try:
-                self._store(caller, fut.result(), done)
+                self._store(caller, fut.result(), done, reply_to)
                 return
             except RequestError as refused:
                 exc = refused
@@ -130,7 +132,7 @@ class Handoff:
         self._refused(caller, exc)
         done(exc)
 
-    def _store(self, caller: Caller, spec: MessageSpec, done: Done) -> None:
+    def _store(self, caller: Caller, spec: MessageSpec, done: Done, reply_to: ReplyTo | None = None) -> None:
         """Count the SEND against the caller's rate and enqueue it; `done`
         follows the commit. Raises RequestError when refused at once."""
         if caller.per_minute is not None or caller.per_day is not None:
@@ -147,7 +149,7 @@ class Handoff:
         claim = self.delivery.reserve()
         try:
             fut = self.spool.enqueue(spec_json, spec.envelope_from, spec.recipients, spec.idempotency_key,
-                                     caller.name, caller.policy.max_pending, claim=claim)
+                                     caller.name, caller.policy.max_pending, claim=claim, reply_to=reply_to)
         except Exception as exc:
             caller.give_back_send()
             if claim:

@@ -48,13 +48,16 @@ from smtpgate.message.spec import RequestError
 from smtpgate.protocol import (
     ForeignProtocol, LineDropped, LineParser, LineTooLong, Request, codes, reply_err, reply_ok,
 )
-from smtpgate.spool.ops import Enqueued
+from smtpgate.spool.ops import Enqueued, ReplyTo
 
 OPEN_VERBS = frozenset({"PING", "HELLO", "HELP", "AUTH", "QUIT"})
 # Replies queued but not yet written, per connection. Past this the reader
 # stops reading, so a client that pipelines without reading cannot grow our
 # memory without bound.
 MAX_PIPELINE = 1024
+# Connections lent to the spool's writer at once (spool/lent.py): each is a
+# descriptor in the writer. Past this a connection's OKs come from the daemon.
+MAX_LENT = 256
 MAX_WAIT_SECONDS = 3600.0
 DEFAULT_WAIT_SECONDS = 30.0
 _BUDGET_FULL = "nothing stored: the daemon holds its limit of requests in flight, try again later"
@@ -86,6 +89,7 @@ class LineDoor:
         self.started = time.time()
         self.own_socket_path: str | None = None
         self.waits = 0  # WAIT requests in progress
+        self.lent = 0  # connections lent to the spool's writer now
         # Set by the HTTP side (http/metrics.py): each stored SEND's time
         # from its request line to its OK, observed when it is answered.
         self.handoff_seconds = None
@@ -205,6 +209,12 @@ class Connection(asyncio.Protocol):
         self.held = 0  # bytes of that partial request counted in limits.inflight
         self.timer = None
         self.timer_at = 0.0  # when `timer` fires (uvloop's Handle for a past time has no when())
+        # The spool's writer answers this connection's SENDs itself while
+        # their replies are the only ones waiting (spool/lent.py):
+        self.lent_key: int | None = None  # the key it was lent by, once lent
+        self.lend_tried = False
+        self.writer_seq = 0  # the number of the last SEND the writer was to answer
+        self.writer_waiting = 0  # those of them not answered yet (all at the head of `slots`)
 
     # -- asyncio.Protocol ------------------------------------------------
 
@@ -226,6 +236,10 @@ class Connection(asyncio.Protocol):
         if not self.door.connections and not self.door.accepting:
             self.door.all_closed.set()
         self.slot.release()
+        if self.lent_key is not None:
+            self.door.spool.unlend(self.lent_key)
+            self.door.lent -= 1
+            self.lent_key = None
         self.limits.inflight -= self.held
         self.held = 0
         self.closing = True
@@ -350,7 +364,9 @@ class Connection(asyncio.Protocol):
         out = []
         while slots and slots[0][0] is not None:
             out.append(slots.popleft()[0])
-        self.transport.write(b"".join(out))
+        data = b"".join(out)
+        if data:  # empty when the spool's writer wrote them all
+            self.transport.write(data)
         if slots:
             self._start_head()
         if self.closing and not slots:
@@ -508,19 +524,54 @@ class Connection(asyncio.Protocol):
             return
         limits.inflight += size  # until the reply: the request and what is made of it
         start = time.monotonic() if self.door.handoff_seconds is not None else 0.0
+        reply_to = self._writer_replies()
         try:
-            self.handoff.take_send(self.caller, arg, lambda result: self._sent(slot, result, size, start))
-        except RequestError as exc:
+            self.handoff.take_send(self.caller, arg, lambda result: self._sent(slot, result, size, start, reply_to),
+                                   reply_to)
+        except BaseException as exc:
             limits.inflight -= size
+            if reply_to is not None:  # never reached the writer
+                self.writer_waiting -= 1
+                self.writer_seq -= 1
+            if not isinstance(exc, RequestError):  # a bug: data_received answers it in this slot's place
+                self.slots.pop()
+                raise
             self._refused(slot, exc)  # written with the other replies to this read
-        except BaseException:  # a bug: data_received answers it in this slot's place
-            limits.inflight -= size
-            self.slots.pop()
-            raise
 
-    def _sent(self, slot: list, result: Enqueued | RequestError, size: int, start: float) -> None:
+    def _writer_replies(self) -> ReplyTo | None:
+        """Where the spool's writer is to write this SEND's OK itself
+        (spool/lent.py), or None: the daemon writes it. Only while every
+        reply before it is the writer's too and none waits in our buffer.
+        Never for a caller with a rate: the caller has its OK before the
+        daemon reads the outcome, and a repeat (which does not count) must
+        have given its share of the rate back before the next SEND is
+        admitted."""
+        caller = self.caller
+        if self.writer_waiting != len(self.slots) - 1 or self.write_paused \
+                or caller.per_minute is not None or caller.per_day is not None \
+                or self.transport.get_write_buffer_size():
+            return None
+        if self.lent_key is None:
+            door = self.door
+            if self.lend_tried or door.lent >= MAX_LENT:
+                return None
+            self.lend_tried = True
+            sock = self.transport.get_extra_info("socket")
+            if sock is None or (key := door.spool.lend(sock.fileno())) is None:
+                return None
+            self.lent_key = key
+            door.lent += 1
+        after = self.writer_seq if self.writer_waiting else 0
+        self.writer_seq += 1
+        self.writer_waiting += 1
+        return ReplyTo(self.lent_key, self.writer_seq, after)
+
+    def _sent(self, slot: list, result: Enqueued | RequestError, size: int, start: float,
+              reply_to: ReplyTo | None) -> None:
         """The hand-off's outcome: OK <id> once durable, or why nothing was stored."""
         self.limits.inflight -= size
+        if reply_to is not None:
+            self.writer_waiting -= 1
         if isinstance(result, RequestError):
             self._refused(slot, result)
             self._flush()
@@ -529,7 +580,8 @@ class Connection(asyncio.Protocol):
             self.door.counters["sends_accepted"] += 1
         if start:
             self.door.handoff_seconds.observe(time.monotonic() - start)
-        self._fill(slot, reply_ok(result.id))
+        # What the writer did not write of it, if it was to write it.
+        self._fill(slot, reply_ok(result.id)[result.sent:])
 
     def _refused(self, slot: list, exc: RequestError) -> None:
         self.door.counters["sends_refused"] += 1

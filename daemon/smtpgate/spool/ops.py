@@ -52,7 +52,9 @@ class Enqueue(NamedTuple):
     """Store a message for `caller`; answered with `Enqueued`, or CallerFull
     when the caller has `max_pending` (0: no cap) messages not yet final.
     With `claim`, a new message is stored 'sending', claimed for delivery
-    in the same transaction (the daemon hands it to delivery itself)."""
+    in the same transaction (the daemon hands it to delivery itself).
+    With `reply_to`, the writer answers `OK <id>` on the caller's connection
+    itself once the commit returns (spool/lent.py)."""
 
     now: float
     spec_json: bytes
@@ -62,6 +64,27 @@ class Enqueue(NamedTuple):
     caller: str
     max_pending: int
     claim: bool = False
+    reply_to: ReplyTo | None = None
+
+
+@message
+class ReplyTo(NamedTuple):
+    """Where the writer answers an Enqueue (spool/lent.py): the connection
+    the daemon lent it as `key`, the SEND's number `seq` on it, and `after`,
+    the number of the SEND before it whose OK the writer must have written
+    first (0: none is waiting)."""
+
+    key: int
+    seq: int
+    after: int
+
+
+@message
+class Unlend(NamedTuple):
+    """The daemon is done with the connection it lent as `key` (not a call:
+    the writer closes its copy as soon as it reads this)."""
+
+    key: int
 
 
 @message
@@ -229,6 +252,7 @@ class Opened(NamedTuple):
 class Enqueued(NamedTuple):
     id: str
     existing: bool  # the idempotency key was seen within the window: nothing stored
+    sent: int = 0  # bytes of its `OK <id>` the writer wrote on the caller's connection (ReplyTo)
 
 
 @message

@@ -29,7 +29,9 @@ import asyncio
 import contextlib
 import fcntl
 import functools
+import itertools
 import os
+import socket
 import sqlite3
 import stat
 import subprocess
@@ -44,8 +46,9 @@ from smtpgate.spool import queries
 from smtpgate.spool.errors import SpoolError, SpoolFull, SpoolLocked
 from smtpgate.spool.ops import (
     PURGE_AT_ONCE, Claimed, ClaimDue, Committed, Configure, Delete, Enqueue, Expire, Limits, Open, Purge,
-    RecipientOutcome, Recount, RecordAttempt, RecordUpstreams, Release, Retry, UpstreamRow,
+    RecipientOutcome, Recount, RecordAttempt, RecordUpstreams, Release, ReplyTo, Retry, Unlend, UpstreamRow,
 )
+from smtpgate.spool.lent import lend
 from smtpgate.spool.schema import ANONYMOUS_CALLER, DB_FILE, FINAL_STATES, LOCK_FILE, STATES, State
 
 DISK_CHECK_INTERVAL = 1.0  # seconds between two statvfs calls
@@ -87,6 +90,8 @@ class Spool:
         self._reader: ThreadPoolExecutor | None = None
         self._read_conn: sqlite3.Connection | None = None
         self._lock_fd: int | None = None
+        self._lending: socket.socket | None = None  # to lend the writer callers' connections (lent.py)
+        self._lent_keys = itertools.count(1)
         self.modes_fixed: list[tuple[str, int]] = []  # (path, mode it had) made private by open()
         self._waiters: dict[str, set[asyncio.Future]] = {}
         self._disk_checked_at = float("-inf")
@@ -165,14 +170,24 @@ class Spool:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._lock_fd = fd
-        # The writer keeps the lock (pass_fds) as long as it lives.
-        self._process = spawn("smtpgate.spool", pass_fds=(fd,))
+        # The writer keeps the lock (pass_fds) as long as it lives. It gets
+        # callers' connections lent over a socket pair (lent.py).
+        self._lending, writer_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self._lending.setblocking(False)
+        try:
+            self._process = spawn("smtpgate.spool", pass_fds=(fd, writer_end.fileno()),
+                                  args=(str(writer_end.fileno()),))
+        finally:
+            writer_end.close()
 
     async def close(self) -> None:
         """Finish the pending writes, stop the writer and the reader, release the lock."""
         if self._process is None:
             return
         await self._shut_writer()
+        if self._lending is not None:
+            self._lending.close()
+            self._lending = None
         if self._reader is not None:
             self._reader.shutdown(wait=True)
             self._read_conn.close()
@@ -217,6 +232,19 @@ class Spool:
         call, fut = self._calls.new(op)
         self._pipe.send(call)
         return fut
+
+    def lend(self, fd: int) -> int | None:
+        """Lend the writer a caller's connection (its socket `fd`), so that it
+        answers the SENDs enqueued with a ReplyTo of the key returned (None:
+        not lent, the daemon answers). `unlend` the key when done with it."""
+        if self._lending is None or self._broken is not None or self._closing:
+            return None
+        key = next(self._lent_keys)
+        return key if lend(self._lending, key, fd) else None
+
+    def unlend(self, key: int) -> None:
+        if self._pipe is not None and self._broken is None:
+            self._pipe.send(Unlend(key))
 
     def _on_committed(self, committed: Committed) -> None:
         """A committed batch: update the figures, resolve the callers, wake WAIT."""
@@ -263,6 +291,7 @@ class Spool:
         caller: str = ANONYMOUS_CALLER,
         max_pending: int = 0,
         claim: bool = False,
+        reply_to: ReplyTo | None = None,
     ) -> asyncio.Future:
         """Store a message of `caller` durably: a future of Enqueued(id,
         existing), done once committed. existing is True when the caller's
@@ -278,7 +307,7 @@ class Spool:
         of paying for a task per SEND."""
         self._check_disk()
         return self.submit(Enqueue(self._clock(), spec_json, envelope_from, recipients, idempotency_key,
-                                   caller, max_pending, claim))
+                                   caller, max_pending, claim, reply_to))
 
     def _check_disk(self) -> None:
         now = time.monotonic()

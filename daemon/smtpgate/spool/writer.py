@@ -19,9 +19,12 @@ the load.
 
 The wire: frames (proc/framing.py) over the writer's stdin and stdout.
 - daemon -> writer: `Call(token, op)`, op one of the operations of ops.py;
-  the first is `Open`.
+  the first is `Open`; and `Unlend(key)`, not a call (lent.py).
 - writer -> daemon: one `Committed` per committed batch, holding the
   result or the error of each of its calls by token.
+- callers' connections, lent by the daemon over the socket named by the
+  writer's one argument: the writer writes the OK of an Enqueue with a
+  ReplyTo itself, before the Committed (lent.py).
 At EOF on stdin (the daemon closed the spool, or died) the writer finishes
 what it has read and exits, so a `kill -9` of the daemon leaves no writer
 behind; it inherits the spool's lock, so no new daemon opens the spool
@@ -33,6 +36,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import select
+import socket
 import sqlite3
 import threading
 import time
@@ -44,9 +48,11 @@ from smtpgate.proc.policy import IdleSwitch
 from smtpgate.spool import outbox, queries
 from smtpgate.spool.dots import clear_dots, read_dots
 from smtpgate.spool.errors import CallerFull, SpoolError, SpoolFull
+from smtpgate.spool.lent import Lent
 from smtpgate.spool.ops import (
     Claimed, ClaimDue, Committed, Configure, Delete, Enqueue, Enqueued, Expire, Limits, Open, Opened,
-    Purge, Recount, RecordAttempt, RecordAttempts, RecordUpstreams, Release, Retry, WebhookDone, WebhookRetry,
+    Purge, Recount, RecordAttempt, RecordAttempts, RecordUpstreams, Release, Retry, Unlend, WebhookDone,
+    WebhookRetry,
 )
 from smtpgate.spool.schema import (
     FINAL_STATES, IS_DUE, IS_FINAL, IS_UNFINISHED, STATES, UNFINISHED_STATES, State, migrate,
@@ -192,6 +198,7 @@ class Writer:
         self.conn: sqlite3.Connection | None = None
         self.checkpointer: Checkpointer | None = None
         self.unchecked = [0, 0]  # commits and operations since the last checkpoint began
+        self.lent: Lent | None = None  # callers' connections to answer SENDs on (lent.py)
 
     def open(self) -> None:
         """Create or upgrade the schema (schema.migrate), put messages left in
@@ -306,6 +313,8 @@ class Writer:
                 outcome.callers |= one.callers
                 outcome.counted |= one.counted
             return outcome
+        if self.lent is not None:  # first: the callers wait for nothing else
+            self.lent.answer(batch, outcome.results)
         self.commits += 1
         self.durable_commits += durable
         self.operations += len(batch)
@@ -708,12 +717,14 @@ class Checkpointer:
 
 
 class _Frames:
-    """Reads the daemon's frames of operations from a file descriptor."""
+    """Reads the daemon's frames of operations from a file descriptor;
+    `Unlend`s among them go to `lent` at once."""
 
-    def __init__(self, fd: int):
+    def __init__(self, fd: int, lent: Lent | None = None):
         self.fd = fd
         self.buf = bytearray()
         self.eof = False
+        self.lent = lent
 
     def waiting(self) -> bool:
         """Whether a call is arriving: part of a frame read, or bytes (or
@@ -732,7 +743,11 @@ class _Frames:
                 self.eof = True
                 break
             self.buf += chunk
-            items += take_messages(self.buf)
+            for item in take_messages(self.buf):
+                if type(item) is Unlend:
+                    self.lent.unlend(item.key)
+                else:
+                    items.append(item)
             if items:
                 block = False
         return items
@@ -754,18 +769,21 @@ def _send(fd: int, committed: Committed) -> None:
         view = view[os.write(fd, view):]
 
 
-def main() -> int:
+def main(argv: list[str]) -> int:
     rfd, wfd = become_child("smtpgate-spool")
     # The database, -wal and -shm hold message bodies: 0600 whatever the
     # umask the daemon was started with (SQLite creates them 0644 & ~umask).
     os.umask(0o077)
-    frames = _Frames(rfd)
+    # The socket the daemon lends callers' connections by (lent.py), if any.
+    lent = Lent(socket.socket(fileno=int(argv[0]))) if argv else None
+    frames = _Frames(rfd, lent)
     opening = frames.read(block=True)
     if not opening:
         return 0
     call = opening[0]
     assert type(call.op) is Open, call
     writer = Writer(call.op.db_path, call.op.limits)
+    writer.lent = lent
     try:
         writer.open()
     except (sqlite3.Error, OSError, SpoolError) as exc:
@@ -789,5 +807,7 @@ def main() -> int:
             outcome = Outcome(errors={call.token: error for call in batch})
         _send(wfd, writer.committed(outcome))
     writer.close()
+    if lent is not None:
+        lent.close()
     return 0
 
