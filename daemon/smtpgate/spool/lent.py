@@ -26,6 +26,7 @@ in its place.
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
 
@@ -79,6 +80,7 @@ class Lent:
     def answer(self, batch: list, results: dict) -> None:
         """Write the OK of each committed Enqueue of `batch` that has a
         ReplyTo, in order; record in its result how much was written."""
+        wrote = False
         for call in batch:
             op = call.op
             if type(op) is not Enqueue or op.reply_to is None:
@@ -103,6 +105,15 @@ class Lent:
             results[call.token] = Enqueued(result.id, result.existing, sent)
             if sent == len(data):
                 self.written[key] = seq
+            wrote = True
+        if wrote:
+            # The caller an OK wakes is often queued on the writer's own CPU
+            # (the kernel places a woken task near its waker) while the other
+            # runs delivery, and would wait there for the writer to make and
+            # send its Committed. Yielded to, the relaying p99 of a lone
+            # caller was 1.92-1.99x the fsync floor in three runs, against
+            # 2.06-2.38x without (bench/results.md).
+            os.sched_yield()
 
     def close(self) -> None:
         for sock in self.socks.values():
