@@ -9,12 +9,17 @@ test_durability.py, which also checks that they come from the writer.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import resource
+import shutil
 import socket
+import subprocess
 import threading
+
+import pytest
 
 from support import read_line, read_lines, wait_until
 
@@ -28,6 +33,16 @@ def send_line(message: dict) -> bytes:
 
 def stats(daemon) -> dict:
     return json.loads(daemon.request("STATS")[3:])
+
+
+def sockets_of(pid: int) -> int:
+    """The sockets a process holds: the writer's are its lending channel and
+    the callers' connections lent to it."""
+    count = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(FileNotFoundError):
+            count += os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:")
+    return count
 
 
 def test_a_caller_that_does_not_read_gets_every_reply_whole_and_in_order(make_daemon):
@@ -76,13 +91,17 @@ def test_quit_on_a_lent_connection_ends_it(make_daemon):
     """After SENDs the writer answered, QUIT still gives the caller its EOF:
     the writer lets go of its copy of the connection when the daemon does."""
     daemon = make_daemon(hold=True)
+    writer = daemon.child_pid("smtpgate-spool")
+    before = sockets_of(writer)
     with daemon.connect() as sock:
         for i in range(3):
             sock.sendall(send_line(dict(SIMPLE, subject=f"q{i}")))
             assert OK_ID.fullmatch(read_line(sock))
+        assert sockets_of(writer) == before + 1  # lent: the writer holds a copy
         sock.sendall(b"QUIT\n")
         assert read_line(sock) == "OK BYE"
         assert sock.recv(1) == b""  # EOF, not a timeout
+    wait_until(lambda: sockets_of(writer) == before, what="the writer's copy closed")
 
 
 def test_a_caller_that_hangs_up_before_its_ok_leaves_nothing_open(make_daemon):
@@ -98,9 +117,8 @@ def test_a_caller_that_hangs_up_before_its_ok_leaves_nothing_open(make_daemon):
     with daemon.connect() as sock:
         sock.sendall(send_line(dict(SIMPLE, subject="last")))
         assert OK_ID.fullmatch(read_line(sock))
-    assert stats(daemon)["states"]["queued"] == 51
-    # The last connection is still open on our side: at most its copy is left.
-    assert len(os.listdir(f"/proc/{writer}/fd")) <= before + 1
+        assert stats(daemon)["states"]["queued"] == 51
+    wait_until(lambda: len(os.listdir(f"/proc/{writer}/fd")) == before, what="the writer's copies closed")
 
 
 def test_a_writer_out_of_descriptors_leaves_the_answers_to_the_daemon(make_daemon):
@@ -113,6 +131,7 @@ def test_a_writer_out_of_descriptors_leaves_the_answers_to_the_daemon(make_daemo
     in_use = len(os.listdir(f"/proc/{writer}/fd"))
     resource.prlimit(writer, resource.RLIMIT_NOFILE, (in_use + 2, hard))
     socks = []
+    lent_before = sockets_of(writer)
     try:
         for i in range(12):
             sock = daemon.connect()
@@ -120,6 +139,7 @@ def test_a_writer_out_of_descriptors_leaves_the_answers_to_the_daemon(make_daemo
             for j in range(2):
                 sock.sendall(send_line(dict(SIMPLE, subject=f"d{i}-{j}")))
                 assert OK_ID.fullmatch(read_line(sock))
+        assert sockets_of(writer) - lent_before < 12  # it took what it could: the others, the daemon answers
     finally:
         for sock in socks:
             sock.close()
@@ -206,3 +226,35 @@ def test_the_writer_skips_a_reply_whose_predecessor_it_did_not_write():
     assert results[4].sent == 0
     lent.close()
     daemon_end.close()
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="strace is not installed (tests/setup.sh installs it)")
+def test_a_writer_killed_after_its_ok_leaves_the_caller_that_ok_alone(make_daemon, tmp_path):
+    """The writer dies between the OK it wrote and the Committed it owes the
+    daemon (strace kills it at that write). The daemon cannot know the OK
+    went out: it cuts the connection rather than answer the same SEND with
+    `ERR INTERNAL nothing stored`, which would make the caller send it again."""
+    daemon = make_daemon(hold=True)
+    writer = daemon.child_pid("smtpgate-spool")
+    with daemon.connect() as sock:
+        sock.sendall(send_line(dict(SIMPLE, subject="first")))
+        assert OK_ID.fullmatch(read_line(sock))  # the connection is lent from here on
+        tracer = subprocess.Popen(["strace", "-qq", "-o", str(tmp_path / "strace.txt"), "-p", str(writer),
+                                   "-e", "trace=write", "-e", "inject=write:signal=SIGKILL"])
+        try:
+            wait_until(lambda: _traced(writer), what="strace attached to the writer")
+            sock.sendall(send_line(dict(SIMPLE, subject="second")))
+            received = b""
+            with contextlib.suppress(ConnectionResetError):
+                while chunk := sock.recv(4096):
+                    received += chunk
+        finally:
+            tracer.wait(30)
+    assert b"ERR" not in received, received
+    assert received == b"" or OK_ID.fullmatch(received.decode()[:-2]), received
+    assert daemon.proc.wait(30) == 73  # the writer is gone: the daemon ends for its supervisor
+
+
+def _traced(pid: int) -> bool:
+    with open(f"/proc/{pid}/status") as status:
+        return any(line.startswith("TracerPid:") and line.split()[1] != "0" for line in status)

@@ -573,6 +573,13 @@ class Connection(asyncio.Protocol):
         if reply_to is not None:
             self.writer_waiting -= 1
         if isinstance(result, RequestError):
+            if reply_to is not None and self.door.spool.writer_lost:
+                # The writer died: it may have written this OK before. No
+                # reply is true now ("nothing stored" may not be): the caller
+                # sees the connection cut, an unknown outcome, as on a crash.
+                self.closing = True
+                self.transport.abort()
+                return
             self._refused(slot, result)
             self._flush()
             return

@@ -221,6 +221,11 @@ class Spool:
         """Whether the writer runs and takes operations (/healthz)."""
         return self._process is not None and self._broken is None and not self._closing
 
+    @property
+    def writer_lost(self) -> bool:
+        """Whether the writer exited unexpectedly (its pending calls failed)."""
+        return self._broken is not None
+
     # --- the pipe to the writer --------------------------------------------
 
     def submit(self, op) -> asyncio.Future:

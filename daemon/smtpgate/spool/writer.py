@@ -198,7 +198,6 @@ class Writer:
         self.conn: sqlite3.Connection | None = None
         self.checkpointer: Checkpointer | None = None
         self.unchecked = [0, 0]  # commits and operations since the last checkpoint began
-        self.lent: Lent | None = None  # callers' connections to answer SENDs on (lent.py)
 
     def open(self) -> None:
         """Create or upgrade the schema (schema.migrate), put messages left in
@@ -313,8 +312,6 @@ class Writer:
                 outcome.callers |= one.callers
                 outcome.counted |= one.counted
             return outcome
-        if self.lent is not None:  # first: the callers wait for nothing else
-            self.lent.answer(batch, outcome.results)
         self.commits += 1
         self.durable_commits += durable
         self.operations += len(batch)
@@ -783,7 +780,6 @@ def main(argv: list[str]) -> int:
     call = opening[0]
     assert type(call.op) is Open, call
     writer = Writer(call.op.db_path, call.op.limits)
-    writer.lent = lent
     try:
         writer.open()
     except (sqlite3.Error, OSError, SpoolError) as exc:
@@ -805,6 +801,11 @@ def main(argv: list[str]) -> int:
         except Exception as exc:  # e.g. ROLLBACK failed: fail the batch, keep serving
             error = SpoolError(f"{type(exc).__name__}: {exc}")
             outcome = Outcome(errors={call.token: error for call in batch})
+        else:
+            # Only here, once nothing can fail the batch any more: an OK
+            # written must never be followed by an error for the same call.
+            if lent is not None:
+                lent.answer(batch, outcome.results)
         _send(wfd, writer.committed(outcome))
     writer.close()
     if lent is not None:
