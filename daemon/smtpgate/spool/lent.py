@@ -1,5 +1,5 @@
 """Callers' connections lent to the writer, so that it answers a SEND's
-`OK <id>` itself the moment its commit returns.
+`OK <id>` itself as soon as its batch is committed.
 
 Why: otherwise the OK waits for the writer to send the daemon its
 `Committed`, for the daemon to be woken and scheduled, to unpickle it and
