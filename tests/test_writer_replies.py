@@ -258,3 +258,26 @@ def test_a_writer_killed_after_its_ok_leaves_the_caller_that_ok_alone(make_daemo
 def _traced(pid: int) -> bool:
     with open(f"/proc/{pid}/status") as status:
         return any(line.startswith("TracerPid:") and line.split()[1] != "0" for line in status)
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="strace is not installed (tests/setup.sh installs it)")
+def test_figures_asked_for_after_an_ok_count_its_message(make_daemon, tmp_path):
+    """The writer's Committed held back 0.3 s (strace delays its writes): the
+    caller has its OK long before the daemon has read the commit. STATS,
+    asked at once on another connection, still counts the message."""
+    daemon = make_daemon(hold=True)
+    writer = daemon.child_pid("smtpgate-spool")
+    before = stats(daemon)
+    tracer = subprocess.Popen(["strace", "-qq", "-o", str(tmp_path / "strace.txt"), "-p", str(writer),
+                               "-e", "trace=write", "-e", "inject=write:delay_enter=300000"])
+    try:
+        wait_until(lambda: _traced(writer), what="strace attached to the writer")
+        with daemon.connect() as sock:
+            sock.sendall(send_line(dict(SIMPLE, subject="counted")))
+            assert OK_ID.fullmatch(read_line(sock))
+            after = stats(daemon)
+    finally:
+        tracer.terminate()
+        tracer.wait(30)
+    assert after["counters"]["accepted"] == before["counters"]["accepted"] + 1
+    assert after["states"]["queued"] == before["states"]["queued"] + 1

@@ -173,6 +173,10 @@ class Handoff:
                 if claimed_spec is not None:
                     self.delivery.give_back()  # a repeat: nothing new was claimed
             else:
+                if caller.revoked:
+                    # The caller has had its OK from the spool's writer and a
+                    # reload gave it a new identity since: count it there.
+                    caller = self.callers.by_name.get(caller.name, caller)
                 caller.accepted += 1
                 caller.limited = False
                 if claimed_spec is not None:

@@ -72,6 +72,10 @@ class PendingCalls:
         else:
             fut.set_exception(error)
 
+    def waiting(self) -> list[asyncio.Future]:
+        """The futures of the calls not answered yet."""
+        return list(self._futures.values())
+
     def fail_all(self, error: Callable[[], BaseException]) -> None:
         """The other end is gone: every call still waiting fails with a new
         `error()` (one exception object per waiter: a raised exception

@@ -55,6 +55,7 @@ DISK_CHECK_INTERVAL = 1.0  # seconds between two statvfs calls
 # After a kill -9 of a daemon its writer still holds the lock for the
 # moment it takes to finish its last commit and see the end of its pipe.
 LOCK_WAIT = 5.0  # seconds
+SETTLE_WAIT = 1.0  # seconds the figures wait at most for writes in flight (settled)
 
 
 class Spool:
@@ -434,6 +435,7 @@ class Spool:
         upstream's health (queries.upstreams), and the webhook events
         delivered and given up since open() and in the outbox now. While
         every upstream is down, the queued messages are held (shown deferred)."""
+        await self.settled()
         counters = dict(self.counters)
         webhooks = {name: counters.pop(f"webhooks_{name}", 0) for name in ("delivered", "failed", "pending")}
         states = dict(self._state_counts)
@@ -442,6 +444,14 @@ class Spool:
             states[State.DEFERRED] += states[State.QUEUED]  # a queued message is always due
             states[State.QUEUED] = 0
         return {"states": states, "counters": counters, "upstreams": upstreams, "webhooks": webhooks}
+
+    async def settled(self) -> None:
+        """Once the writer's answers to the writes sent to it so far are read
+        (at most SETTLE_WAIT): a caller that has its OK from the writer
+        itself (lent.py) may ask for the figures before the daemon has read
+        that commit, and must find its message counted."""
+        if self._calls and self._broken is None:
+            await asyncio.wait(self._calls.waiting(), timeout=SETTLE_WAIT)
 
     async def next_due(self) -> float | None:
         """When the earliest queued or deferred message is due, or None."""
