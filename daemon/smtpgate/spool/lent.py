@@ -79,10 +79,8 @@ class Lent:
 
     def answer(self, batch: list, results: dict) -> None:
         """Write the OK of each committed Enqueue of `batch` that has a
-        ReplyTo, in order, one `send` per connection (a pipelining caller's
-        OKs of one batch leave together, as the daemon would write them);
-        record in each result how much of its OK was written."""
-        runs: dict[int, list] = {}  # key -> [(token, seq, data, result), ...] in order
+        ReplyTo, in order; record in its result how much was written."""
+        wrote = False
         for call in batch:
             op = call.op
             if type(op) is not Enqueue or op.reply_to is None:
@@ -91,36 +89,30 @@ class Lent:
             if type(result) is not Enqueued:
                 continue
             key, seq, after = op.reply_to
-            run = runs.get(key)
-            written = run[-1][1] if run else self.written.get(key)
-            if after and written != after:
+            if after and self.written.get(key) != after:
                 continue  # the OK before it is not (all) out: the daemon writes both
-            runs.setdefault(key, []).append((call.token, seq, reply_ok(result.id), result))
-        for key, run in runs.items():
             sock = self.socks.get(key)
             if sock is None:
                 self._take_lent()
                 sock = self.socks.get(key)
                 if sock is None:
                     continue
+            data = reply_ok(result.id)
             try:
-                sent = sock.send(b"".join(data for _, _, data, _ in run), _FLAGS)
+                sent = sock.send(data, _FLAGS)
             except OSError:  # full (a caller not reading), or gone
                 continue
-            for token, seq, data, result in run:
-                if sent <= 0:
-                    break
-                results[token] = Enqueued(result.id, result.existing, min(sent, len(data)))
-                if sent >= len(data):
-                    self.written[key] = seq
-                sent -= len(data)
-        if runs:
+            results[call.token] = Enqueued(result.id, result.existing, sent)
+            if sent == len(data):
+                self.written[key] = seq
+            wrote = True
+        if wrote:
             # The caller an OK wakes is often queued on the writer's own CPU
             # (the kernel places a woken task near its waker) while the other
             # runs delivery, and would wait there for the writer to make and
             # send its Committed. Yielded to, the relaying p99 of a lone
-            # caller was 1.80-2.04x the fsync floor over seven runs (median
-            # 1.97x), against 2.06-2.38x without (bench/results.md).
+            # caller was 1.92-1.99x the fsync floor in three runs, against
+            # 2.06-2.38x without (bench/results.md).
             os.sched_yield()
 
     def close(self) -> None:
