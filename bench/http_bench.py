@@ -2,7 +2,7 @@
 """What the HTTP side and webhooks cost the line protocol (issue 12's goal: within 10%).
 
     flock /work/team/bench.lock python bench/http_bench.py [--rounds 5] [--seconds 5] [--hold]
-        [--webhooks] [--receiver-kind c|lean|aiohttp] [--receiver-nice N] [--checkout base=/var/tmp/v-main --checkout this=.]
+        [--webhooks [--no-http]] [--receiver-kind c|lean|aiohttp] [--receiver-nice N] [--checkout base=/var/tmp/v-main --checkout this=.]
 
 Each round runs the same load once per mode, in an order rotated each
 round: 16 connections of bench/loadgen.c SENDs for `seconds` while the
@@ -265,6 +265,9 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--hold", action="store_true", help="delivery on hold: intake alone")
+    ap.add_argument("--no-http", action="store_true",
+                    help="leave out the mode http: with --webhooks, only off and hooks (the goal's pair), so"
+                         " that the same time holds more rounds")
     ap.add_argument("--webhooks", action="store_true", help="also the mode hooks: HTTP on and webhooks to a receiver")
     ap.add_argument("--receiver-nice", type=int, default=0,
                     help="the receiver's nice level: 0 competes with intake for the 2 cores as a receiver on"
@@ -296,6 +299,10 @@ def main() -> int:
         secret.chmod(0o600)
         hooks = {"webhook_url": f"http://127.0.0.1:{receiver[1]}/hook", "webhook_secret_file": str(secret)}
     kinds = ("off", "http", "hooks") if args.webhooks else ("off", "http")
+    if args.no_http:
+        if not args.webhooks:
+            raise SystemExit("http_bench: --no-http leaves only off: give --webhooks too")
+        kinds = ("off", "hooks")
     modes = [(label, kind) for label in checkouts for kind in kinds]
     runs: dict[tuple[str, str], list[dict]] = {mode: [] for mode in modes}
     print("uptime:", os.popen("uptime").read().strip(), flush=True)
