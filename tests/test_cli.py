@@ -59,6 +59,24 @@ def test_queue_list_has_a_header_and_totals_by_state(make_daemon):
     assert smtpgate("queue", "list", "--spool", daemon.spool, "--json").stdout.startswith("[")
 
 
+def test_queue_tools_print_an_upstreams_control_characters_escaped(make_daemon, upstream):
+    """A reply is another server's text: an escape sequence in it must not
+    reach the operator's terminal (it could clear the screen or retitle the
+    window), and the JSON stays the same value."""
+    reply = "450 4.2.0 \x1b]0;owned\x07busy \x1b[2J\x9b2J, try later"
+    upstream.script_rcpt("kelly@example.org", *[reply] * 3)
+    daemon = make_daemon(upstream=[upstream.hostport], retry_base=600.0, retry_max=600.0)
+    msg_id = ok_payload(daemon.request(send_line(SIMPLE)))
+    assert wait_state(daemon, msg_id, "deferred")["state"] == "deferred"
+    listed = smtpgate("queue", "list", "--spool", daemon.spool).stdout
+    assert "450 4.2.0 \\x1b]0;owned\\x07busy \\x1b[2J\\x9b2J, try later" in listed, listed
+    for how in (["list", "--json"], ["show", msg_id]):
+        text = smtpgate("queue", *how, "--spool", daemon.spool).stdout
+        assert not re.search("[\x00-\x09\x0b-\x1f\x7f-\x9f]", text), text
+        found = json.loads(text)
+        assert (found[0] if isinstance(found, list) else found)["recipients"][0]["reply"] == reply
+
+
 def test_stats_is_readable_and_names_the_daemon_it_cannot_reach(daemon, upstream, tmp_path):
     ok_payload(daemon.request(send_line(SIMPLE)))
     upstream.wait_for(1)
