@@ -186,11 +186,12 @@ def test_webhook_figures_follow_stats_and_are_absent_without_the_key(make_daemon
         return generate_latest(Snapshot(made)).decode()
 
     assert "smtpgate_webhook" not in text(stats)
-    stats["webhooks"] = {"delivered": 7, "failed": 2, "pending": 3}
+    stats["webhooks"] = {"delivered": 7, "failed": 2, "retried": 5, "pending": 3}
     samples = {(s.name, frozenset(s.labels.items())): s.value
                for f in text_string_to_metric_families(text(stats)) for s in f.samples}
     assert value(samples, "smtpgate_webhook_deliveries_total", result="delivered") == 7
     assert value(samples, "smtpgate_webhook_deliveries_total", result="failed") == 2
+    assert value(samples, "smtpgate_webhook_retries_total") == 5
     assert value(samples, "smtpgate_webhook_pending") == 3
 
 

@@ -28,6 +28,8 @@ import httptools
 import pytest
 import trustme
 from aiohttp import web
+from http_support import http_daemon, request
+from prometheus_client.parser import text_string_to_metric_families
 from support import wait_until
 from test_upstream_health import Scripted
 from test_webhooks_outbox import Spool as OutboxSpool
@@ -39,7 +41,7 @@ from smtpgate.webhooks.client import MAX_BODY, MAX_HEAD, Client, ProtocolError
 from smtpgate.spool.ops import WebhookDone, WebhookRetry
 from smtpgate.spool.schema import DB_FILE
 from smtpgate.webhooks.sender import (
-    CONNECTIONS, PIPELINE, UNTIMED_DEPTH, CpuPressure, OutboxReader, Target, WebhookSender, WebhookSettings,
+    CONNECTIONS, PIPELINE, UNTIMED_DEPTH, WINDOW, CpuPressure, OutboxReader, Target, WebhookSender, WebhookSettings,
 )
 
 SECRET = "whsec_" + base64.b64encode(b"smtpgate webhook test secret, 32B").decode()
@@ -232,7 +234,7 @@ def test_events_are_signed_and_carry_each_recipients_result(make_daemon, upstrea
         {"address": "later@example.org", "state": "deferred", "reply": "451 4.7.1 greylisted, try again"}]
 
     wait_until(lambda: stats(daemon)["webhooks"]["pending"] == 0, WAIT, "the outbox empties")
-    assert stats(daemon)["webhooks"] == {"delivered": 3, "failed": 0, "pending": 0}
+    assert stats(daemon)["webhooks"] == {"delivered": 3, "failed": 0, "retried": 0, "pending": 0}
     sent = [line for line in daemon.log_lines() if line.get("event") == "webhook_sent"]
     assert sent and all("source=test" not in line["url"] for line in sent)  # the query may hold a token
 
@@ -264,7 +266,7 @@ def test_no_webhook_configured_writes_no_event(make_daemon, upstream):
     daemon = make_daemon()
     with daemon.client(timeout=40) as client:
         final(client, client.send(mail("kelly@example.org")))
-    assert stats(daemon)["webhooks"] == {"delivered": 0, "failed": 0, "pending": 0}
+    assert stats(daemon)["webhooks"] == {"delivered": 0, "failed": 0, "retried": 0, "pending": 0}
 
 
 @pytest.mark.parametrize("nice", [None, 3])
@@ -341,8 +343,9 @@ def test_events_due_together_are_pipelined_and_none_is_lost_when_the_receiver_cl
         receiver.close_every = 3
         receiver.fail_once = {ids[4]}
         receiver.start()
-        wait_until(lambda: stats(daemon)["webhooks"] == {"delivered": 10, "failed": 0, "pending": 0},
-                   WAIT, "every event answered 2xx")
+        wait_until(lambda: {k: n for k, n in stats(daemon)["webhooks"].items() if k != "retried"}
+                   == {"delivered": 10, "failed": 0, "pending": 0}, WAIT, "every event answered 2xx")
+        assert stats(daemon)["webhooks"]["retried"] >= 2  # tried while down, and the one answered 500
         assert receiver.rejected == [] and receiver.overlaps == []
         assert receiver.by_message() == {msg_id: ["message.sent"] for msg_id in ids}
         with receiver.cond:
@@ -372,7 +375,7 @@ def test_an_event_survives_a_kill_9_between_the_state_change_and_the_webhook(mak
         receiver.start()
         daemon.start()
         receiver.wait(lambda r: r.by_message()[msg_id] == ["message.sent"], "the event after the restart")
-        wait_until(lambda: stats(daemon)["webhooks"] == {"delivered": 1, "failed": 0, "pending": 0},
+        wait_until(lambda: stats(daemon)["webhooks"] == {"delivered": 1, "failed": 0, "retried": 0, "pending": 0},
                    WAIT, "the outbox empties")
     finally:
         receiver.close()
@@ -478,11 +481,66 @@ def test_a_410_gone_gives_the_event_up_at_once(make_daemon, upstream, receiver, 
     with daemon.client(timeout=40) as client:
         msg_id = client.send(mail("kelly@example.org"))
         assert final(client, msg_id)["state"] == "sent"
-    wait_until(lambda: stats(daemon)["webhooks"] == {"delivered": 0, "failed": 1, "pending": 0},
+    wait_until(lambda: stats(daemon)["webhooks"] == {"delivered": 0, "failed": 1, "retried": 0, "pending": 0},
                WAIT, "the event given up")
     assert [payload["data"]["message_id"] for payload in receiver.payloads()] == [msg_id]  # tried once
     given_up = [line for line in daemon.log_lines() if line.get("event") == "webhook_given_up"]
     assert [line["message_id"] for line in given_up] == [msg_id]
+
+
+def test_events_a_receiver_never_answers_are_retried_then_given_up_after_retry_for(make_daemon, upstream, tmp_path):
+    """webhook_retry_for bounds how long an event is tried: with the
+    receiver's port closed, the first try fails, the retry (2.5-5 s later,
+    backoff) fails too, and the next would come past the 6 s: the events
+    are given up then (those that came while it was marked down were held,
+    then tried with it). STATS, /metrics (from real events) and the log say so."""
+    down = Receiver(SECRET)  # never started: connections are refused
+    daemon = http_daemon(make_daemon, webhook_url=down.url, webhook_secret_file=secret_file(tmp_path),
+                         webhook_retry_for=6.0)
+    try:
+        with daemon.client(timeout=40) as client:
+            ids = [client.send(mail(f"r{n}@example.org")) for n in range(3)]
+            for msg_id in ids:
+                assert final(client, msg_id)["state"] == "sent"
+        wait_until(lambda: stats(daemon)["webhooks"]["failed"] == 3, WAIT, "every event given up")
+        webhooks = stats(daemon)["webhooks"]
+        assert webhooks["delivered"] == 0 and webhooks["pending"] == 0
+        assert webhooks["retried"] >= 1  # the first event's first try, at least, was made again
+        given_up = [line for line in daemon.log_lines() if line.get("event") == "webhook_given_up"]
+        assert sorted(line["message_id"] for line in given_up) == sorted(ids)
+        assert all("given up after webhook_retry_for (6 s)" in line["error"] and line["attempts"] >= 1
+                   for line in given_up), given_up
+        assert max(line["attempts"] for line in given_up) >= 2, given_up  # the tries counted, the last included
+        metrics = {(s.name, frozenset(s.labels.items())): s.value for family in text_string_to_metric_families(
+            request(daemon.http, "GET", "/metrics").text) for s in family.samples}
+        assert metrics[("smtpgate_webhook_deliveries_total", frozenset({("result", "failed")}))] == 3
+        assert metrics[("smtpgate_webhook_deliveries_total", frozenset({("result", "delivered")}))] == 0
+        assert metrics[("smtpgate_webhook_retries_total", frozenset())] == webhooks["retried"]
+        assert metrics[("smtpgate_webhook_pending", frozenset())] == 0
+    finally:
+        down.close()
+
+
+def test_metrics_count_the_events_answered_and_the_tries_that_failed(make_daemon, upstream, receiver, tmp_path):
+    """/metrics from real events: the first event's first try is answered
+    500 (a try that failed, made again), the second comes while the
+    receiver is marked down (held unsent: not a try), then both are answered."""
+    daemon = http_daemon(make_daemon, webhook_url=receiver.url, webhook_secret_file=secret_file(tmp_path))
+    receiver.answer = 500
+    with daemon.client(timeout=40) as client:
+        first = client.send(mail("kelly@example.org"))
+        final(client, first)
+        wait_until(lambda: any(line.get("event") == "webhook_failed" for line in daemon.log_lines()),
+                   WAIT, "the first try answered 500")
+        receiver.answer = 204
+        final(client, client.send(mail("lee@example.org")))
+    wait_until(lambda: stats(daemon)["webhooks"] == {"delivered": 2, "failed": 0, "retried": 1, "pending": 0},
+               WAIT, "both answered 2xx, the first after a retry")
+    metrics = {(s.name, frozenset(s.labels.items())): s.value for family in text_string_to_metric_families(
+        request(daemon.http, "GET", "/metrics").text) for s in family.samples}
+    assert metrics[("smtpgate_webhook_deliveries_total", frozenset({("result", "delivered")}))] == 2
+    assert metrics[("smtpgate_webhook_deliveries_total", frozenset({("result", "failed")}))] == 0
+    assert metrics[("smtpgate_webhook_retries_total", frozenset())] == 1
 
 
 def test_a_redirect_is_not_followed(make_daemon, upstream, receiver, tmp_path):
@@ -594,7 +652,7 @@ def test_each_caller_gets_its_own_url_and_secret_and_others_none(make_daemon, up
         wait_until(lambda: stats(daemon, TOKEN_SHOP)["webhooks"]["pending"] == 0, WAIT, "the outbox empties")
         assert [p["data"]["caller"] for p in shop_hooks.payloads()] == ["shop"]
         # Nothing was written for the blog (not even an event given up).
-        assert stats(daemon, TOKEN_SHOP)["webhooks"] == {"delivered": 1, "failed": 0, "pending": 0}
+        assert stats(daemon, TOKEN_SHOP)["webhooks"] == {"delivered": 1, "failed": 0, "retried": 0, "pending": 0}
     finally:
         shop_hooks.close()
 
@@ -941,6 +999,55 @@ def test_events_waiting_for_a_connection_when_their_receiver_fails_are_held_unse
         assert len(receiver.events) == 2 * CONNECTIONS
     finally:
         receiver.close()
+        spool.close()
+
+
+def test_a_receiver_that_is_down_costs_rows_on_disk_not_memory(tmp_path):
+    """1,000 events due to a receiver whose port is closed: the sender reads
+    them a page at a time and never holds more than WINDOW of them; the
+    first ones tried fail and mark it down, and every other one is held in
+    the outbox, unsent, for its next try."""
+    spool = SenderSpool(tmp_path, 1000)
+    down = Receiver(SECRET)  # never started: connections are refused
+    held: list[int] = []  # events in memory as each outcome is written
+    pages: list[int] = []
+
+    async def main():
+        reader = OutboxReader(spool.path)
+        read = reader.due
+
+        async def due(now, limit, exclude):
+            events = await read(now, limit, exclude)
+            pages.append(len(events))
+            return events
+
+        reader.due = due
+        sender = WebhookSender(spool, reader, WebhookSettings(
+            {}, Target(down.url, (signing.parse_secret(SECRET),)), 3600.0, 10.0, 0.0), Quiet())
+        retry = spool.webhook_retry
+
+        def sampled(next_attempt, events, error):
+            held.append(len(sender._inflight))  # being sent, or read and waiting for a connection
+            return retry(next_attempt, events, error)
+
+        spool.webhook_retry = sampled
+        spool.changed = asyncio.Event()
+        sender.start()
+        while not all(next_attempt > time.time() for _, next_attempt in spool.outbox()):
+            spool.changed.clear()
+            await asyncio.wait_for(spool.changed.wait(), WAIT)
+        await sender.stop()
+
+    try:
+        asyncio.run(main())
+        left = spool.outbox()
+        assert len(left) == 1000 and all(next_attempt > time.time() for _, next_attempt in left)
+        tried = sum(attempts for attempts, _ in left)
+        assert 1 <= tried <= WINDOW  # one page was tried; the rest were held without a request
+        assert max(pages) <= WINDOW and sum(pages) >= 1000
+        assert 1 <= max(held) <= WINDOW
+    finally:
+        down.close()
         spool.close()
 
 

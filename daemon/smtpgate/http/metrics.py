@@ -234,5 +234,7 @@ def families(stats: dict, *, oldest_due: float | None, now: float, handoff: Hist
     if webhooks is not None:
         counter("smtpgate_webhook_deliveries", "Webhook events since start, by result.", labels=("result",),
                 samples=[(("delivered", ), webhooks["delivered"]), (("failed", ), webhooks["failed"])])
+        counter("smtpgate_webhook_retries", "Webhook tries that failed (an answer other than 2xx, or none) and"
+                " are made again, since start.", value=webhooks["retried"])
         gauge("smtpgate_webhook_pending", "Webhook events waiting in the outbox.", value=webhooks["pending"])
     return out

@@ -286,8 +286,9 @@ class Committed(NamedTuple):
     finalized: list[str]  # messages that became sent or failed (or were deleted): WAIT returns
     state_counts: dict[str, int]  # messages per state, now
     # accepted, delivered, failed, deferred since the writer started; and
-    # the webhook outbox's webhooks_delivered, webhooks_failed (since then)
-    # and webhooks_pending (events in it now)
+    # the webhook outbox's webhooks_delivered, webhooks_failed, webhooks_retried
+    # (tries that failed and are made again; since then) and webhooks_pending
+    # (events in it now)
     counters: dict[str, int]
     pending: dict[str, int]  # caller -> its messages not yet final, for the callers this batch changed
     commits: int

@@ -431,13 +431,14 @@ class Spool:
     async def stats(self) -> dict:
         """{'states': {state: count}, 'counters': {accepted, delivered, failed,
         deferred}, 'upstreams': [...], 'webhooks': {delivered, failed,
-        pending}}: messages per state now, counts since open(), each
+        retried, pending}}: messages per state now, counts since open(), each
         upstream's health (queries.upstreams), and the webhook events
-        delivered and given up since open() and in the outbox now. While
+        delivered and given up since open(), their tries that failed and
+        are made again, and the events in the outbox now. While
         every upstream is down, the queued messages are held (shown deferred)."""
         await self.settled()
         counters = dict(self.counters)
-        webhooks = {name: counters.pop(f"webhooks_{name}", 0) for name in ("delivered", "failed", "pending")}
+        webhooks = {name: counters.pop(f"webhooks_{name}", 0) for name in ("delivered", "failed", "retried", "pending")}
         states = dict(self._state_counts)
         upstreams = await self._read(queries.upstreams, self._clock())
         if upstreams and all(u["state"] == "down" for u in upstreams):

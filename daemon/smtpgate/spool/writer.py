@@ -190,7 +190,7 @@ class Writer:
         self.caller_key = ""
         self.schema = (0, 0)  # the schema version found at open, and now
         self.counters = {"accepted": 0, "delivered": 0, "failed": 0, "deferred": 0,
-                         "webhooks_delivered": 0, "webhooks_failed": 0, "webhooks_pending": 0}
+                         "webhooks_delivered": 0, "webhooks_failed": 0, "webhooks_retried": 0, "webhooks_pending": 0}
         self.commits = 0
         self.durable_commits = 0  # those with an fsync (synchronous=FULL)
         self.operations = 0
@@ -582,6 +582,8 @@ class Writer:
 
     def webhook_retry(self, conn, effects, op: WebhookRetry) -> None:
         outbox.retry(conn, op.next_attempt, op.events, op.error)
+        if op.error is not None:  # tried and failed (not held unsent behind a down receiver)
+            effects.count("webhooks_retried", len(op.events))
 
     def _hooked(self, caller: str) -> bool:
         """Whether `caller`'s state changes go to the webhook outbox."""

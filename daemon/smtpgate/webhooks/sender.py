@@ -460,11 +460,11 @@ class WebhookSender:
                                    attempts=event.attempts + 1)
                     continue
                 if status == 410:  # Gone: the receiver wants no more of this
-                    await self._give_up(event, error, target.url)
+                    await self._give_up(event, error, target.url, tried=True)
                     continue
                 until = self._failed(target.url, started, retry_after)
                 if until - event.created >= self.retry_for:
-                    await self._give_up(event, f"{error}; {webhook_retry_for(self.retry_for)}", target.url)
+                    await self._give_up(event, f"{error}; {webhook_retry_for(self.retry_for)}", target.url, tried=True)
                     continue
                 retries.setdefault((until, error), []).append((event.seq, event.message_id))
                 self.log.warning("webhook_failed", webhook_id=event.id, type=event.type, message_id=event.message_id,
@@ -531,10 +531,12 @@ class WebhookSender:
         self._down[url] = _Down(now + delay, failures, now)
         return now + delay
 
-    async def _give_up(self, event: OutboxEvent, why: str, url: str | None = None) -> None:
+    async def _give_up(self, event: OutboxEvent, why: str, url: str | None = None, tried: bool = False) -> None:
+        """Give `event` up; `tried`: after a try of it that failed, which its
+        `attempts` (the outbox's count before the try) does not hold yet."""
         await self.spool.webhook_done([(event.seq, event.message_id, False)])
         self.log.error("webhook_given_up", webhook_id=event.id, type=event.type, message_id=event.message_id,
-                       url=shown(url) if url else None, error=why, attempts=event.attempts)
+                       url=shown(url) if url else None, error=why, attempts=event.attempts + tried)
 
 
 def retry_after_seconds(value: str, now: float) -> float | None:
