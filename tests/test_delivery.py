@@ -841,25 +841,29 @@ def test_the_delivery_process_sends_its_attempt_records_together():
 
 
 def test_the_daemon_passes_the_childs_attempt_records_to_the_writer_unread(tmp_path, monkeypatch):
-    """The records come packed (RecordAttempts): the daemon unpacks them
-    only to count them for /metrics (on_record, while the HTTP side runs),
-    and passes them to the writer as they came (issue 15). Either way the
-    child gets each record's new state. Real pipes and a real spool; the
-    child's end of the pipe is played here."""
+    """The records come packed (RecordAttempts) and go to the writer as they
+    came (issue 15): the daemon never unpacks them, not even for /metrics,
+    whose figures the child counts and sends as `Figures` (once a second at
+    most). The child gets each record's new state. Real pipes and a real
+    spool; the child's end of the pipe is played here."""
     from smtpgate.delivery import process
+    from smtpgate.delivery.figures import DeliveryFigures
+    from smtpgate.proc import framing
     from smtpgate.proc.calls import Answer, Call
-    from smtpgate.proc.framing import pack
     from smtpgate.proc.pipe import FramedPipe
     from smtpgate.spool.ops import RecordAttempt, RecordAttempts
 
     unpacked = []
-    unpack = process.unpack
-    monkeypatch.setattr(process, "unpack", lambda data: unpacked.append(data) or unpack(data))
+    unpack = framing.unpack
+    monkeypatch.setattr(framing, "unpack", lambda data: unpacked.append(data) or unpack(data))
 
     async def main():
         spool = Spool(tmp_path / "spool", min_free_bytes=0)
         await spool.open()
         handle = process.DeliveryProcess(spool, None, structlog.get_logger(), log_format="json", log_level="info")
+        added: asyncio.Queue = asyncio.Queue()  # a Figures added up
+        on_figures = handle._handlers[process.Figures]
+        handle._handlers[process.Figures] = lambda figures: (on_figures(figures), added.put_nowait(None))
         answers: asyncio.Queue = asyncio.Queue()
         to_daemon, from_child = os.pipe()
         to_child, from_daemon = os.pipe()
@@ -867,29 +871,37 @@ def test_the_daemon_passes_the_childs_attempt_records_to_the_writer_unread(tmp_p
         await handle._pipe.open(os.fdopen(to_daemon, "rb", buffering=0), os.fdopen(from_daemon, "wb", buffering=0))
         child = FramedPipe(answers.put_nowait, lambda: None)
         await child.open(os.fdopen(to_child, "rb", buffering=0), os.fdopen(from_child, "wb", buffering=0))
-        told = []
-        states = []
-        for token, on_record in ((1, None), (2, lambda record, state: told.append((record.msg_id, state)))):
-            handle.on_record = on_record
-            ids = [(await spool.enqueue(b"{}", "s@x.org", ["a@y.org", "b@y.org"], claim=True)).id for _ in range(2)]
-            records = [RecordAttempt(time.time(), ids[0], [RecipientOutcome("a@y.org", "sent", "250 ok"),
-                                                           RecipientOutcome("b@y.org", "sent", "250 ok")], None, False),
-                       RecordAttempt(time.time(), ids[1], [RecipientOutcome("a@y.org", "sent", "250 ok"),
-                                                           RecipientOutcome("b@y.org", "deferred", "451 later")],
-                                     time.time() + 60, False)]
-            child.send(Call(token, RecordAttempts(pack(records))))
-            answer = await asyncio.wait_for(answers.get(), 10)
-            states.append((answer, [(await spool.status(msg_id))["state"] for msg_id in ids], len(unpacked)))
-            await asyncio.sleep(0)  # the records told to on_record, if any
+        ids = [(await spool.enqueue(b"{}", "s@x.org", ["a@y.org", "b@y.org"], claim=True)).id for _ in range(2)]
+        records = [RecordAttempt(time.time(), ids[0], [RecipientOutcome("a@y.org", "sent", "250 ok"),
+                                                       RecipientOutcome("b@y.org", "sent", "250 ok")], None, False,
+                                 "up.example:25"),
+                   RecordAttempt(time.time(), ids[1], [RecipientOutcome("a@y.org", "sent", "250 ok"),
+                                                       RecipientOutcome("b@y.org", "deferred", "451 later")],
+                                 time.time() + 60, False, "up.example:25", "reply_4xx")]
+        child.send(Call(1, RecordAttempts(framing.pack(records))))
+        answer = await asyncio.wait_for(answers.get(), 10)
+        states = [(await spool.status(msg_id))["state"] for msg_id in ids]
+        before = handle.figures.upstream_results.copy()
+        counted = DeliveryFigures()  # what the child counts from the states it got back
+        for record, state in zip(records, answer.value, strict=True):
+            counted.record(record, state)
+        child.send(process.Figures(counted))
+        child.send(process.Figures(counted))  # two of them: added up
+        for _ in range(2):
+            await asyncio.wait_for(added.get(), 10)
         child.close_write()
         handle._pipe.close_write()
         await spool.close()
-        return states, told, ids
+        return answer, states, before, handle.figures
 
-    states, told, ids = asyncio.run(main())
-    assert states == [(Answer(1, ["sent", "deferred"], None), ["sent", "deferred"], 0),
-                      (Answer(2, ["sent", "deferred"], None), ["sent", "deferred"], 1)]
-    assert told == [(ids[0], "sent"), (ids[1], "deferred")]
+    answer, states, before, figures = asyncio.run(main())
+    assert answer == Answer(1, ["sent", "deferred"], None) and states == ["sent", "deferred"]
+    assert unpacked == []
+    assert before == {}  # the records alone counted nothing in the daemon
+    assert figures.upstream_results == {("up.example:25", "delivered"): 2, ("up.example:25", "deferred"): 2}
+    assert figures.failures == {("up.example:25", "reply_4xx"): 2}
+    assert figures.outcomes[("sent", "2xx")] == 6 and figures.outcomes[("deferred", "4xx")] == 2
+    assert sum(figures.seconds.counts) == 2
 
 
 def test_a_message_claimed_at_enqueue_goes_to_the_child_as_its_claimed_row(tmp_path):

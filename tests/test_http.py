@@ -65,8 +65,11 @@ def test_metrics_move_with_real_sends_and_deliveries(make_daemon, upstream):
         deferred = client.send(message("later@example.org"))
     upstream.wait_for(5)
     wait_until(lambda: daemon.client().status(deferred)["state"] == "deferred", what="the deferral")
-    samples = wait_until(lambda: (s := scrape(daemon))
-                         and value(s, "smtpgate_messages_delivered_total") == 5 and s, what="5 delivered")
+    # The delivery figures come from the delivery process, once a second at most.
+    samples = wait_until(lambda: (s := scrape(daemon)) and value(s, "smtpgate_messages_delivered_total") == 5
+                         and value(s, "smtpgate_delivery_seconds_count") == 5
+                         and value(s, "smtpgate_recipient_attempts_total", result="deferred", reply="4xx") == 1
+                         and s, what="5 delivered, 1 deferred")
 
     assert value(samples, "smtpgate_messages_accepted_total", caller="anonymous") == 6
     assert value(samples, "smtpgate_handoff_seconds_count") == 6

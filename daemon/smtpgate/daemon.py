@@ -75,6 +75,7 @@ def delivery_settings(config: Config, dev_port: int | None = None):
         probe_max=config.upstream_probe_max,
         nice=config.delivery_nice,
         webhooks=webhook_settings(config),
+        figures=bool(config.http_listen),
     )
 
 

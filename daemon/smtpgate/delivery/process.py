@@ -25,7 +25,7 @@ type with a table):
   `StopNow`, the `Answer`s to its calls, and each message intake stored
   already claimed ('sending'), on room of a `Want`, as its own `Claimed`
   (no message around it: one object less to pickle per relayed message).
-- child -> daemon: `Started`, `Want`, `Sessions`, and `Call`s of the spool operations
+- child -> daemon: `Started`, `Want`, `Sessions`, `Figures`, and `Call`s of the spool operations
   `ClaimDue`, `RecordAttempts` (its attempt records, which the daemon passes
   to the writer unread), `Release`, `RecordUpstreams`, `Expire`,
   `NextDue`, `CountDue`, and the sender's `WebhookDone`, `WebhookRetry`
@@ -47,11 +47,12 @@ import subprocess
 import time
 from typing import Any, Callable, NamedTuple
 
+from smtpgate.delivery.figures import DeliveryFigures
 from smtpgate.delivery.health import DOWN
 from smtpgate.log import get_logger, json_line, setup_logging
 from smtpgate.proc.calls import Answer, Call, PendingCalls
 from smtpgate.proc.child import become_child, spawn
-from smtpgate.proc.framing import message, pack, unpack
+from smtpgate.proc.framing import message, pack
 from smtpgate.proc.pipe import FramedPipe
 from smtpgate.proc.policy import IdleSwitch, threads_of
 from smtpgate.spool.errors import SpoolError
@@ -97,8 +98,9 @@ def light(in_flight: int, since_wake: float) -> bool:
     return in_flight <= LIGHT_CLAIMS and since_wake > HEAVY_FOR
 
 
-# The child's counts of SMTP sessions go to the daemon at most this often
-# (a scrape every 15 s needs no more): nothing is sent per message.
+# The child's counts of SMTP sessions, and of what its attempts tell
+# /metrics (Figures), go to the daemon at most this often (a scrape every
+# 15 s needs no more): nothing is sent per message.
 SESSIONS_EVERY = 1.0  # seconds
 
 
@@ -136,6 +138,14 @@ class Sessions(NamedTuple):
     could not be (probes included)."""
 
     counts: dict[tuple[str, str | None], int]
+
+
+@message
+class Figures(NamedTuple):
+    """What the attempts recorded since the last `Figures` tell /metrics
+    (delivery/figures.py), while the HTTP side runs."""
+
+    counted: DeliveryFigures
 
 
 @message
@@ -179,10 +189,9 @@ class DeliveryProcess:
         self._interrupt = False  # stop_now() was asked for
         self._woken = False
         self._handlers = {Started: self._on_started, Call: self._on_call, Want: self._on_want,
-                          Sessions: self._on_sessions}
-        # Told of each attempt the child records, with its new state: the
-        # HTTP side's delivery figures (http/metrics.py).
-        self.on_record: Callable[[RecordAttempt, str | None], None] | None = None
+                          Sessions: self._on_sessions, Figures: self._on_figures}
+        # The child's `Figures`, added up since start (/metrics).
+        self.figures = DeliveryFigures()
         # The child's `Sessions`, added up since start: (upstream, reason) -> count.
         self.sessions: dict[tuple[str, str | None], int] = {}
         # Claim at enqueue: the room delivery offered (Want) and intake has
@@ -269,6 +278,9 @@ class DeliveryProcess:
         for key, n in sessions.counts.items():
             self.sessions[key] = self.sessions.get(key, 0) + n
 
+    def _on_figures(self, figures: Figures) -> None:
+        self.figures.add(figures.counted)
+
     def probe_now(self) -> None:
         """Probe every down upstream at once."""
         if self._pipe is not None and not self._stopping:
@@ -334,16 +346,6 @@ class DeliveryProcess:
             self._answer(call.token, None, exc)
             return
         result.add_done_callback(lambda done: self._answer_from(call.token, done))
-        if self.on_record is not None and type(call.op) is RecordAttempts:
-            result.add_done_callback(functools.partial(self._tell_records, call.op))
-
-    def _tell_records(self, op: RecordAttempts, stored: asyncio.Future) -> None:
-        """on_record for each attempt of a batch the spool has stored (the
-        only reason the daemon unpacks the records)."""
-        if stored.cancelled() or stored.exception() is not None or self.on_record is None:
-            return
-        for record, state in zip(unpack(op.records), stored.result(), strict=True):
-            self.on_record(record, state)
 
     @property
     def alive(self) -> bool:
@@ -398,6 +400,9 @@ class SpoolCalls:
         self._calls = PendingCalls(loop)
         self._records: list[tuple[RecordAttempt, asyncio.Future]] = []  # until RECORD_EVERY is over
         self._before_records = before_records  # called just before the records go, in their frame
+        # Told of each attempt the spool has stored, with its message's new
+        # state (None: deleted meanwhile): the figures of /metrics.
+        self.on_recorded: Callable[[RecordAttempt, str | None], None] | None = None
 
     @property
     def records_waiting(self) -> bool:
@@ -425,13 +430,15 @@ class SpoolCalls:
         self._before_records()
         records, self._records = self._records, []
         sent = self._call(RecordAttempts(pack([record for record, _ in records])))
-        sent.add_done_callback(lambda done: self._recorded(done, [fut for _, fut in records]))
+        sent.add_done_callback(lambda done: self._recorded(done, records))
 
-    @staticmethod
-    def _recorded(done: asyncio.Future, futures: list[asyncio.Future]) -> None:
+    def _recorded(self, done: asyncio.Future, records: list[tuple[RecordAttempt, asyncio.Future]]) -> None:
         """Each record's future gets its own state, or the operation's error."""
         error = done.exception() if not done.cancelled() else SpoolError("cancelled")
-        for i, fut in enumerate(futures):
+        if error is None and self.on_recorded is not None:
+            for (record, _), state in zip(records, done.result(), strict=True):
+                self.on_recorded(record, state)
+        for i, (_, fut) in enumerate(records):
             if fut.done():
                 continue
             if error is not None:
@@ -480,6 +487,7 @@ class _Relay:
         self.spool = SpoolCalls(self.pipe.send, loop, before_records=self._send_room)
         self._room = 0  # room for messages claimed at enqueue, not yet offered (Want)
         self.sessions: dict[tuple[str, str | None], int] = {}  # since the last Sessions sent
+        self.figures = DeliveryFigures()  # since the last Figures sent
         self.handlers = {Start: self.start, Wake: self.wake, Claimed: self.deliver, ProbeNow: self.probe_now,
                          Reload: self.reload, Stop: self.stop, StopNow: self.stop_now, Answer: self.spool.answer}
 
@@ -507,6 +515,8 @@ class _Relay:
                 os.nice(start.settings.nice)
         except OSError as exc:  # a system call filter without setpriority: delivery runs as intake
             get_logger().warning("delivery_nice_not_applied", nice=start.settings.nice, error=str(exc))
+        if start.settings.figures:
+            self.spool.on_recorded = self.count_attempt
         try:
             self.delivery = Delivery(self.spool, start.settings, get_logger(), dots=DotLog(start.spool_dir),
                                      offer=self.offer, on_session=self.count_session,
@@ -533,6 +543,19 @@ class _Relay:
         if self.sessions:
             sessions, self.sessions = self.sessions, {}
             self.pipe.send(Sessions(sessions))
+
+    def count_attempt(self, record: RecordAttempt, state: str | None) -> None:
+        """An attempt the spool has stored: counted for /metrics, and sent
+        with the others of SESSIONS_EVERY (the daemon's loop counts nothing
+        per relayed message)."""
+        if not self.figures.attempts:
+            asyncio.get_running_loop().call_later(SESSIONS_EVERY, self.send_figures)
+        self.figures.record(record, state)
+
+    def send_figures(self) -> None:
+        if self.figures.attempts:
+            figures, self.figures = self.figures, DeliveryFigures()
+            self.pipe.send(Figures(figures))
 
     def offer(self, n: int) -> None:
         """Room for `n` more messages claimed at enqueue. Room an attempt

@@ -28,6 +28,7 @@ class DeliverySettings:
     probe_max: float = 300.0  # cap of the probe interval
     nice: int = 10  # the delivery process's priority below intake's (os.nice), set when it starts
     webhooks: WebhookSettings | None = None  # the webhook sender's, which runs beside delivery
+    figures: bool = False  # count what the attempts tell /metrics (the HTTP side runs): process.Figures
 
     @property
     def worker_count(self) -> int:

@@ -13,12 +13,10 @@ and a few counts, kept only while the HTTP side runs:
   that sent it, and each recipient's outcome of every attempt by the
   class of its reply (2xx, 4xx, 5xx, or none: no SMTP reply, such as a
   refused connection), and each attempt's result per upstream and the
-  reason of those that did not send every recipient. They come from the
-  delivery child's own records, which carry the upstream and the reason
-  and pass through the daemon on their way to the spool, packed; the
-  daemon unpacks them only while the HTTP side runs
-  (DeliveryProcess.on_record), and counts each once, after its commit: a
-  dict increment or two per attempt.
+  reason of those that did not send every recipient. The delivery child
+  counts them from its own records once the spool has each, and sends
+  what it counted at most once a second (delivery/figures.py,
+  DeliveryProcess.figures): the records pass through the daemon unread.
 SMTP sessions set up per upstream, and those that could not be by
 reason, come from the child's `Sessions` messages, which the daemon adds up
 whether the HTTP side runs or not (DeliveryProcess.sessions: at most one
@@ -32,78 +30,24 @@ Labels are bounded by the configuration: callers (configured), upstreams
 from __future__ import annotations
 
 import time
-from bisect import bisect_left
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.process_collector import ProcessCollector
 
-from smtpgate.spool.ops import RecordAttempt
-from smtpgate.spool.schema import STATES, State
-from smtpgate.spool.ulid import ulid_seconds
+from smtpgate.delivery.figures import RESULTS, DeliveryFigures, Histogram
+from smtpgate.spool.schema import STATES
 
 # Seconds. A hand-off is an fsync away (0.5 to 20 ms on the disks of
 # anchors/); a delivery from a second (a near upstream) to days (retries).
 HANDOFF_BOUNDS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-DELIVERY_BOUNDS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 21600.0, 86400.0)
-REPLY_CLASSES = ("2xx", "4xx", "5xx", "none")
-RESULTS = {State.SENT: "delivered", State.DEFERRED: "deferred", State.FAILED: "failed"}  # a message's state after an attempt
 
 
-class Histogram:
-    """Counts per bucket and a sum: observe() is a bisect and two adds."""
-
-    __slots__ = ("bounds", "counts", "sum")
-
-    def __init__(self, bounds: tuple[float, ...]):
-        self.bounds = bounds
-        self.counts = [0] * (len(bounds) + 1)  # the last: above every bound (+Inf)
-        self.sum = 0.0
-
-    def observe(self, value: float) -> None:
-        self.counts[bisect_left(self.bounds, value)] += 1  # first bound >= value: Prometheus' le
-        self.sum += value
-
-    def family(self, name: str, doc: str) -> HistogramMetricFamily:
-        buckets, total = [], 0
-        for bound, count in zip((*map(str, self.bounds), "+Inf"), self.counts, strict=True):
-            total += count
-            buckets.append((bound, total))
-        return HistogramMetricFamily(name, doc, buckets=buckets, sum_value=self.sum)
-
-
-def reply_class(reply: str | None) -> str:
-    """2xx, 4xx, 5xx for an SMTP reply; none for what is not one."""
-    if reply and len(reply) >= 3 and reply[:3].isdigit() and reply[0] in "245":
-        return reply[0] + "xx"
-    return "none"
-
-
-class DeliveryFigures:
-    """What the delivery child's records tell, counted as they pass."""
-
-    def __init__(self) -> None:
-        self.seconds = Histogram(DELIVERY_BOUNDS)
-        self.outcomes = {(state, cls): 0 for state in (State.SENT, State.DEFERRED, State.FAILED)
-                         for cls in REPLY_CLASSES}
-        self.upstream_results: dict[tuple[str, str], int] = {}  # (upstream, RESULTS value) -> attempts
-        self.failures: dict[tuple[str, str], int] = {}  # (upstream, health.REASONS word) -> attempts
-
-    def record(self, op: RecordAttempt, state: str | None) -> None:
-        """One attempt, once the spool has it, and the message's new state
-        (DeliveryProcess.on_record)."""
-        for outcome in op.outcomes:
-            key = (outcome.state, reply_class(outcome.reply))
-            if key in self.outcomes:
-                self.outcomes[key] += 1
-        if state == State.SENT:
-            self.seconds.observe(max(0.0, op.now - ulid_seconds(op.msg_id)))
-        upstream = op.upstream
-        if upstream is not None and state is not None:  # None: deleted meanwhile
-            key = (upstream, RESULTS[state])
-            self.upstream_results[key] = self.upstream_results.get(key, 0) + 1
-            if op.reason is not None:
-                key = (upstream, op.reason)
-                self.failures[key] = self.failures.get(key, 0) + 1
+def histogram(name: str, doc: str, counts: Histogram) -> HistogramMetricFamily:
+    buckets, total = [], 0
+    for bound, count in zip((*map(str, counts.bounds), "+Inf"), counts.counts, strict=True):
+        total += count
+        buckets.append((bound, total))
+    return HistogramMetricFamily(name, doc, buckets=buckets, sum_value=counts.sum)
 
 
 class Snapshot:
@@ -184,10 +128,10 @@ def families(stats: dict, *, oldest_due: float | None, now: float, handoff: Hist
     gauge("smtpgate_queue_oldest_age_seconds", "Age of the oldest message waiting (queued or deferred); "
           "0 when none waits.", value=0.0 if oldest_due is None else max(0.0, now - oldest_due))
 
-    out.append(handoff.family("smtpgate_handoff_seconds",
-                              "A stored SEND's time from its request line to its OK, on the line door."))
-    out.append(delivery.seconds.family("smtpgate_delivery_seconds",
-                                       "A sent message's time from its acceptance to the attempt that sent it."))
+    out.append(histogram("smtpgate_handoff_seconds",
+                         "A stored SEND's time from its request line to its OK, on the line door.", handoff))
+    out.append(histogram("smtpgate_delivery_seconds",
+                         "A sent message's time from its acceptance to the attempt that sent it.", delivery.seconds))
 
     upstreams = stats["upstreams"]
     gauge("smtpgate_upstream_up", "1 while the upstream takes mail, 0 while it is down "

@@ -31,7 +31,7 @@ from prometheus_client.exposition import generate_latest
 from smtpgate.config import Config, is_loopback, parse_hostport
 from smtpgate.http import page
 from smtpgate.http.auth import SESSION_COOKIE, Access, Keys, Session, Sessions, host_is_loopback
-from smtpgate.http.metrics import HANDOFF_BOUNDS, DeliveryFigures, Histogram, Snapshot, families
+from smtpgate.http.metrics import HANDOFF_BOUNDS, Histogram, Snapshot, families
 from smtpgate.intake.acceptor import Acceptor, listening_sockets
 from smtpgate.intake.callers import SlidingCount
 from smtpgate.intake.peer import Peer
@@ -170,7 +170,6 @@ class HttpSide:
         self.sessions = Sessions()
         self.gate = limits.gate("http")
         self.handoff = Histogram(HANDOFF_BOUNDS)
-        self.delivery_figures = DeliveryFigures()
         self.searches: dict[str, SlidingCount] = {}  # peer address -> its searches by recipient of the last minute
         self.wrong_tokens: dict[str, SlidingCount] = {}  # peer address -> its wrong tokens of the last minute
         self.acceptor: Acceptor | None = None
@@ -203,14 +202,12 @@ class HttpSide:
             host, port = sock.getsockname()[:2]
             self.log.info("listening", address=f"{host}:{port}", side="http")
         self.door.handoff_seconds = self.handoff
-        self.delivery.on_record = self.delivery_figures.record
 
     async def start_serving(self) -> None:
         await self.acceptor.start_serving()
 
     async def close(self) -> None:
         self.door.handoff_seconds = None
-        self.delivery.on_record = None
         if self.acceptor is not None:
             self.acceptor.close()
         if self.runner is not None:
@@ -315,7 +312,7 @@ class HttpSide:
         stats = await self.door.stats()
         oldest = await self.spool.oldest_due()
         body = generate_latest(Snapshot(families(stats, oldest_due=oldest, now=time.time(),
-                                                 handoff=self.handoff, delivery=self.delivery_figures,
+                                                 handoff=self.handoff, delivery=self.delivery.figures,
                                                  sessions=self.delivery.sessions)))
         return web.Response(body=body, headers={"Content-Type": METRICS_TYPE})
 
