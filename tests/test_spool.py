@@ -627,7 +627,7 @@ def test_every_pipe_message_crosses_the_pipe_as_itself():
 
     types = [value for module in (calls, ops, process) for value in vars(module).values()
              if isinstance(value, type) and issubclass(value, tuple) and value.__module__ == module.__name__]
-    assert len(types) == 37
+    assert len(types) == 38
     # Each is marked @message (the cheap pickling), and comes back as its own type.
     assert [t.__name__ for t in types if t not in copyreg.dispatch_table] == []
     sent = [t(*(f"{t.__name__}.{field}" for field in t._fields)) for t in types]
