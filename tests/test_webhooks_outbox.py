@@ -20,7 +20,7 @@ from smtpgate.proc.calls import Call
 from smtpgate.proc.framing import pack
 from smtpgate.spool import outbox
 from smtpgate.spool.ops import (ClaimDue, Delete, Enqueue, Limits, Purge, RecipientOutcome, RecordAttempt,
-                                RecordAttempts, WebhookDone, WebhookRetry)
+                                RecordAttempts, WebhookDone)
 from smtpgate.spool.admin import SpoolAdmin
 from smtpgate.spool.schema import DB_FILE, MIGRATIONS, SCHEMA_V1, SCHEMA_VERSION
 from smtpgate.spool.writer import Writer
@@ -165,53 +165,6 @@ def test_schema_step_5_keeps_the_outbox_rows_and_never_reuses_a_seq(tmp_path):
         msg_id = spool.send(T0, ["a@example.org"])
         spool.attempt(T0 + 1, msg_id, ("a@example.org", "sent", "250 ok"))
         assert spool.writer.conn.execute("SELECT MAX(seq) FROM webhook_outbox").fetchone() == (4,)
-    finally:
-        spool.close()
-
-
-def test_schema_step_7_keys_the_outbox_by_message_and_keeps_its_rows_and_order(tmp_path):
-    """The outbox of steps 4-6 (a rowid, an AUTOINCREMENT, an index by
-    message) made again WITHOUT ROWID, keyed (message_id, seq): every
-    column of every row kept, a message's later event still held behind
-    its first, a settle and a retry finding their rows by message, and new
-    seqs above every seq the AUTOINCREMENT gave (one deleted included)."""
-    conn = sqlite3.connect(str(tmp_path / DB_FILE), isolation_level=None)
-    conn.executescript(SCHEMA_V1)
-    for step, sql in MIGRATIONS:
-        if step <= 6:
-            conn.executescript(f"BEGIN; {sql}; UPDATE meta SET value='{step}' WHERE key='schema_version'; COMMIT;")
-    insert = ("INSERT INTO webhook_outbox (id, message_id, caller, type, payload, created, attempts, next_attempt,"
-              " last_error) VALUES (?, ?, 'shop', ?, ?, ?, ?, ?, ?)")
-    rows = [("evt_a", "m1", "message.deferred", b'{"n":1}', T0, 2, T0 + 5, "HTTP 500 oops"),
-            ("evt_b", "m2", "message.sent", None, T0 + 1, 0, T0 + 1, None),
-            ("evt_c", "m1", "message.sent", None, T0 + 2, 0, T0 + 2, None),
-            ("evt_d", "m3", "message.sent", None, T0 + 3, 0, T0 + 3, None)]
-    for row in rows:
-        conn.execute(insert, row)
-    conn.execute("DELETE FROM webhook_outbox WHERE seq=4")  # the last one sent: seq 4 is used
-    conn.close()
-
-    spool = Spool(tmp_path)
-    try:
-        conn = spool.writer.conn
-        assert spool.writer.schema == (6, SCHEMA_VERSION)
-        assert "WITHOUT ROWID" in conn.execute("SELECT sql FROM sqlite_master WHERE name='webhook_outbox'").fetchone()[0]
-        assert {name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE tbl_name='webhook_outbox'")} \
-            == {"webhook_outbox", "webhook_outbox_due"}  # the table is its key's b-tree
-        assert conn.execute("SELECT * FROM sqlite_sequence WHERE name='webhook_outbox'").fetchall() == []
-        kept = conn.execute("SELECT id, message_id, type, payload, created, attempts, next_attempt, last_error, seq"
-                            " FROM webhook_outbox ORDER BY seq").fetchall()
-        assert kept == [(*row, seq) for seq, row in zip((1, 2, 3), rows[:3], strict=True)]
-        due = outbox.due(spool.reader, T0 + 10, 16)
-        assert [(e.seq, e.message_id) for e in due] == [(2, "m2"), (1, "m1")]  # m1's later event waits for its first
-        spool.run(WebhookDone([(1, "m1", True), (2, "m2", True), (2, "m1", True)]))  # (2, m1) is no event
-        assert [(e.seq, e.message_id) for e in outbox.due(spool.reader, T0 + 10, 16)] == [(3, "m1")]
-        spool.run(WebhookRetry(T0 + 60, [(3, "m1")], "HTTP 503"))
-        assert conn.execute("SELECT seq, attempts, next_attempt, last_error FROM webhook_outbox").fetchall() == [
-            (3, 1, T0 + 60, "HTTP 503")]
-        msg_id = spool.send(T0, ["a@example.org"])
-        spool.attempt(T0 + 1, msg_id, ("a@example.org", "sent", "250 ok"))
-        assert conn.execute("SELECT seq FROM webhook_outbox WHERE message_id=?", (msg_id,)).fetchall() == [(5,)]
     finally:
         spool.close()
 

@@ -85,28 +85,19 @@ def unflagged(conn: sqlite3.Connection, msg_ids: list[str]) -> list[tuple[str, s
     return found
 
 
-def add(conn: sqlite3.Connection, events: list[tuple[float, str, str, str]], first_seq: int) -> int:
+def add(conn: sqlite3.Connection, events: list[tuple[float, str, str, str]]) -> int:
     """Add `events`, each (now, message id, caller, type), in this order
-    (their seqs: `first_seq` and up, the writer's count), each message as
-    it stands in this transaction; returns how many were added. One
-    statement for a writer's run of records, not one per message."""
+    (their seqs), each message as it stands in this transaction; returns
+    how many were added. One statement for a writer's run of records, not
+    one per message."""
     made_now = {msg_id for _, msg_id, _, event_type in events if event_type not in MADE_WHEN_SENT}
     datas = data_of(conn, list(made_now)) if made_now else {}
-    conn.executemany("INSERT INTO webhook_outbox (message_id, seq, id, caller, type, payload, created, next_attempt)"
-                     " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                     [(msg_id, seq, "evt_" + new_ulid(now), caller, event_type,
+    conn.executemany("INSERT INTO webhook_outbox (id, message_id, caller, type, payload, created, next_attempt)"
+                     " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                     [("evt_" + new_ulid(now), msg_id, caller, event_type,
                        None if event_type in MADE_WHEN_SENT else payload(event_type, now, datas.get(msg_id)), now, now)
-                      for seq, (now, msg_id, caller, event_type) in enumerate(events, first_seq)])
+                      for now, msg_id, caller, event_type in events])
     return len(events)
-
-
-def last_seq(conn: sqlite3.Connection) -> int:
-    """The highest seq given so far, as far as the spool tells: of the
-    events in it, and of those the AUTOINCREMENT of schema steps 4-6 gave
-    (meta's webhook_seq_floor). The writer counts on from it."""
-    (in_table,) = conn.execute("SELECT MAX(seq) FROM webhook_outbox").fetchone()
-    floor = conn.execute("SELECT value FROM meta WHERE key='webhook_seq_floor'").fetchone()
-    return max(in_table or 0, int(floor[0]) if floor else 0)
 
 
 def data_of(conn: sqlite3.Connection, msg_ids: list[str]) -> dict[str, dict]:
@@ -152,8 +143,8 @@ def freeze(conn: sqlite3.Connection, messages: str, params: tuple) -> int:
         "SELECT o.seq, o.type, o.created, o.message_id FROM webhook_outbox o JOIN messages ON messages.id = o.message_id"
         f" WHERE o.payload IS NULL AND {messages}", params).fetchall()
     datas = data_of(conn, list({msg_id for *_, msg_id in rows}))
-    conn.executemany("UPDATE webhook_outbox SET payload=? WHERE message_id=? AND seq=?",
-                     [(payload(event_type, created, datas.get(msg_id)), msg_id, seq)
+    conn.executemany("UPDATE webhook_outbox SET payload=? WHERE seq=?",
+                     [(payload(event_type, created, datas.get(msg_id)), seq)
                       for seq, event_type, created, msg_id in rows])
     return len(rows)
 
@@ -185,16 +176,16 @@ def count(conn: sqlite3.Connection) -> int:
 
 def due(conn: sqlite3.Connection, now: float, limit: int, exclude: tuple[int, ...] = ()) -> list[OutboxEvent]:
     """Up to `limit` events due at `now`, each the first of its message,
-    earliest due first (then in the order they were made), leaving out the
-    events `exclude` (being sent). The index on next_attempt walks only
-    due events: a receiver's held events have their next_attempt in the
-    future (WebhookRetry moves every event of their messages)."""
+    earliest due first, leaving out the events `exclude` (being sent). The
+    index on next_attempt walks only due events: a receiver's held events
+    have their next_attempt in the future (WebhookRetry moves every event
+    of their messages)."""
     skip = f" AND o.seq NOT IN ({','.join('?' * len(exclude))})" if exclude else ""
     return [OutboxEvent(*row) for row in conn.execute(
         "SELECT seq, id, message_id, caller, type, payload, created, attempts FROM webhook_outbox o"
         f" WHERE next_attempt <= ?{skip} AND NOT EXISTS (SELECT 1 FROM webhook_outbox p"
         " WHERE p.message_id = o.message_id AND p.seq < o.seq)"
-        " ORDER BY next_attempt, seq LIMIT ?", (now, *exclude, limit))]
+        " ORDER BY next_attempt LIMIT ?", (now, *exclude, limit))]
 
 
 def sendable(conn: sqlite3.Connection, now: float, limit: int, exclude: tuple[int, ...] = ()) -> list[OutboxEvent]:
@@ -213,19 +204,17 @@ def sendable(conn: sqlite3.Connection, now: float, limit: int, exclude: tuple[in
         conn.execute("COMMIT")
 
 
-def done(conn: sqlite3.Connection, events: list[tuple[int, str]]) -> int:
-    """Delete events, each (seq, message id), those not gone already;
-    returns how many were deleted. One statement for a batch, not one per
-    event: the sender settles its 2xx answers in batches, and a statement
-    costs the writer more than the rows it touches; the keys as a JSON
-    array, so that it keeps one text and stays prepared (each a search of
-    the primary key). The next event of each one's message is then due as
-    it stands: its next_attempt is its creation, or where `retry` moved it
-    with the whole message's, never later than the first's, which was due
-    when it was sent."""
-    return conn.execute("DELETE FROM webhook_outbox WHERE (message_id, seq) IN"
-                        " (SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]') FROM json_each(?))",
-                        (json.dumps([[message_id, seq] for seq, message_id in events]),)).rowcount
+def done(conn: sqlite3.Connection, seqs: list[int]) -> int:
+    """Delete events (those not gone already); returns how many were
+    deleted. One statement for a batch, not one per event: the sender
+    settles its 2xx answers in batches, and a statement costs the writer
+    more than the rows it touches; the seqs as a JSON array, so that it
+    keeps one text and stays prepared. The next event of each one's
+    message is then due as it stands: its next_attempt is its creation,
+    or where `retry` moved it with the whole message's, never later than
+    the first's, which was due when it was sent."""
+    return conn.execute("DELETE FROM webhook_outbox WHERE seq IN (SELECT value FROM json_each(?))",
+                        (json.dumps(seqs),)).rowcount
 
 
 def retry(conn: sqlite3.Connection, next_attempt: float, events: list[tuple[int, str]], error: str | None) -> None:
@@ -234,5 +223,5 @@ def retry(conn: sqlite3.Connection, next_attempt: float, events: list[tuple[int,
     conn.executemany("UPDATE webhook_outbox SET next_attempt=? WHERE message_id=?",
                      [(next_attempt, message_id) for _, message_id in events])
     if error is not None:
-        conn.executemany("UPDATE webhook_outbox SET attempts=attempts+1, last_error=? WHERE message_id=? AND seq=?",
-                         [(error, message_id, seq) for seq, message_id in events])
+        conn.executemany("UPDATE webhook_outbox SET attempts=attempts+1, last_error=? WHERE seq=?",
+                         [(error, seq) for seq, _ in events])

@@ -186,43 +186,6 @@ CREATE INDEX webhook_outbox_message ON webhook_outbox (message_id, seq);
     (6, f"""
 CREATE INDEX messages_waiting ON messages (created) WHERE {IS_DUE};
 """),
-    # 7: the outbox keyed by its message, WITHOUT ROWID: an event is
-    # written to two b-trees (the table, and the sender's index of due
-    # events), not four (a rowid table, the index by message, the due index
-    # and the AUTOINCREMENT's sqlite_sequence row), at the state change that
-    # makes it and again at its settle; each commit that held events
-    # rewrote the last page of all four. Relaying at 16 connections with
-    # webhooks on, a probe of this shape took the writer's extra per SEND
-    # from 32 to 13 us and its extra bytes written from 1.6 to 0.8 KiB
-    # (bench/results.md, issue 12, session 29). `seq` is now the writer's
-    # count (Writer.outbox_seq): above every event in the table and, from
-    # meta's webhook_seq_floor, every seq the AUTOINCREMENT gave before.
-    # The due index holds it after next_attempt so that events due at the
-    # same time still go in the order they were made (its entries would
-    # otherwise end in the key, ordering them by message id).
-    (7, """
-CREATE TABLE webhook_outbox_7 (
-    message_id TEXT NOT NULL,
-    seq INTEGER NOT NULL,          -- the events' order (a message's first goes first)
-    id TEXT NOT NULL,              -- the webhook-id header: evt_ and a ULID
-    caller TEXT NOT NULL,          -- whose webhook_url it goes to (read when sent)
-    type TEXT NOT NULL,            -- message.sent|deferred|failed|possible_duplicate
-    payload BLOB,                  -- NULL: made from the final message when sent
-    created REAL NOT NULL,         -- unix seconds: when the state changed
-    attempts INTEGER NOT NULL DEFAULT 0,
-    next_attempt REAL NOT NULL,    -- a message's later events wait with its first
-    last_error TEXT,
-    PRIMARY KEY (message_id, seq)
-) WITHOUT ROWID;
-INSERT INTO webhook_outbox_7 (message_id, seq, id, caller, type, payload, created, attempts, next_attempt, last_error)
-    SELECT message_id, seq, id, caller, type, payload, created, attempts, next_attempt, last_error FROM webhook_outbox;
-INSERT INTO meta (key, value) SELECT 'webhook_seq_floor', seq FROM sqlite_sequence
-    WHERE name='webhook_outbox' AND seq IS NOT NULL;
-DROP TABLE webhook_outbox;
-DELETE FROM sqlite_sequence WHERE name='webhook_outbox';
-ALTER TABLE webhook_outbox_7 RENAME TO webhook_outbox;
-CREATE INDEX webhook_outbox_due ON webhook_outbox (next_attempt, seq);
-"""),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 

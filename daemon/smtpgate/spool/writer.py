@@ -189,7 +189,6 @@ class Writer:
         self.caller_counters: dict[str, dict[str, int]] = {}  # caller -> CALLER_COUNTERS since start
         self.caller_key = ""
         self.schema = (0, 0)  # the schema version found at open, and now
-        self.outbox_seq = 0  # the last webhook event's seq (outbox.last_seq at open)
         self.counters = {"accepted": 0, "delivered": 0, "failed": 0, "deferred": 0,
                          "webhooks_delivered": 0, "webhooks_failed": 0, "webhooks_retried": 0, "webhooks_pending": 0}
         self.commits = 0
@@ -232,8 +231,7 @@ class Writer:
                 "UPDATE messages SET possible_duplicate=1, attempts=attempts+1"
                 f" WHERE state=? AND id IN ({','.join('?' * len(chunk))})", (State.SENDING, *chunk))
         conn.execute("UPDATE messages SET state=? WHERE state=?", (State.QUEUED, State.SENDING))
-        self.outbox_seq = outbox.last_seq(conn)
-        self._add_events(conn, [(time.time(), msg_id, caller, outbox.POSSIBLE_DUPLICATE) for msg_id, caller in flagged])
+        outbox.add(conn, [(time.time(), msg_id, caller, outbox.POSSIBLE_DUPLICATE) for msg_id, caller in flagged])
         # The health recorded by a delivery process that is gone: nothing is
         # known of the upstreams until the next one records its own.
         conn.execute("DELETE FROM upstreams")
@@ -578,7 +576,7 @@ class Writer:
 
     def webhook_done(self, conn, effects, op: WebhookDone) -> None:
         for counter, delivered in (("webhooks_delivered", True), ("webhooks_failed", False)):
-            deleted = outbox.done(conn, [(seq, msg_id) for seq, msg_id, d in op.events if d is delivered])
+            deleted = outbox.done(conn, [seq for seq, _, d in op.events if d is delivered])
             effects.count(counter, deleted)
             effects.count("webhooks_pending", -deleted)
 
@@ -597,14 +595,7 @@ class Writer:
     def _events(self, conn, effects, events: list[tuple[float, str, str, str]]) -> None:
         """Add webhook events, each (now, message id, caller, type)."""
         if events:
-            effects.count("webhooks_pending", self._add_events(conn, events))
-
-    def _add_events(self, conn, events: list[tuple[float, str, str, str]]) -> int:
-        """outbox.add, their seqs counted on from the last (a transaction
-        rolled back leaves its seqs unused: only their order matters)."""
-        added = outbox.add(conn, events, self.outbox_seq + 1)
-        self.outbox_seq += added
-        return added
+            effects.count("webhooks_pending", outbox.add(conn, events))
 
     def retry(self, conn, effects, op: Retry) -> int:
         return queries.retry(conn, op.now, op.msg_id)
