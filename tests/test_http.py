@@ -86,6 +86,22 @@ def test_metrics_move_with_real_sends_and_deliveries(make_daemon, upstream):
     assert value(samples, "smtpgate_connections", door="http") == 1  # this scrape's own
 
 
+def test_delivery_figures_counted_just_before_delivery_stops_are_not_lost(make_daemon, upstream):
+    """The delivery process sends its counts once a second; a reload to
+    `hold = true` that stops it right after three deliveries still gets
+    them to /metrics (sent before the end of its output)."""
+    daemon = http_daemon(make_daemon)
+    with daemon.client() as client:
+        ids = [client.send(message(f"rcpt{n}@example.org")) for n in range(3)]
+        for msg_id in ids:
+            assert client.wait(msg_id, 20)["state"] == "sent"
+    daemon.settings["hold"] = True
+    daemon.reload()  # returns once delivery has stopped
+    samples = scrape(daemon)
+    assert value(samples, "smtpgate_delivery_seconds_count") == 3
+    assert value(samples, "smtpgate_recipient_attempts_total", result="sent", reply="2xx") == 3
+
+
 def test_outcomes_count_per_upstream_and_caller_and_failures_by_reason(make_daemon, make_upstream, tmp_path):
     """Three real upstreams in order: one not listening, one that refuses
     with a 4xx and a 5xx (then stops), one that takes mail; two callers."""

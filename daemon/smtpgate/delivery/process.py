@@ -603,6 +603,7 @@ class _Relay:
             if self.delivery is not None:
                 await self.delivery.stop(grace)
             self.send_sessions()  # before the end of our output
+            self.send_figures()
         except Exception:  # e.g. the spool failed: what is unrecorded stays 'sending' until restart
             get_logger().exception("delivery_stop_failed")
         finally:
