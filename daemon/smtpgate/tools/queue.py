@@ -24,7 +24,7 @@ from smtpgate.spool.admin import SpoolAdmin
 from smtpgate.spool.errors import SpoolError
 from smtpgate.spool.schema import FINAL_STATES, STATES
 from smtpgate.tools.exits import EX_CONFIG, EX_NOINPUT
-from smtpgate.tools.terminal import shown, shown_json
+from smtpgate.tools.terminal import escaped, escaped_json
 
 
 class _QueueError(Exception):
@@ -67,7 +67,7 @@ def run_queue_command(args) -> int:
             if not found:
                 print(f"smtpgate queue: no message {args.id}", file=sys.stderr)
                 return 1
-            print(shown_json(found[0], indent=2))
+            print(escaped_json(found[0], indent=2))
             return 0
         if command == "list":
             if not args.json:
@@ -111,7 +111,7 @@ def _print_upstreams(upstreams: list[dict] | None, only_trouble: bool) -> None:
     for u in upstreams:
         line = f"upstream {u['name']}: {u['state']} since {u['since']}"
         if u["state"] == "down":
-            line += (f" ({shown(u['reason'])}); {_count(u['failures'], 'failed try', 'failed tries')}, "
+            line += (f" ({escaped(u['reason'])}); {_count(u['failures'], 'failed try', 'failed tries')}, "
                      f"next probe {u['next_probe']}, {_count(u['waiting'], 'message')} waiting")
         print(line)
 
@@ -124,7 +124,7 @@ def _print_list(entries: list[dict], as_json: bool) -> None:
     """A header line, one line per message (and one per recipient not yet
     final, with its last reply), then the totals by state."""
     if as_json:
-        print(shown_json(entries))
+        print(escaped_json(entries))
         return
     if entries:
         print(f"{'ID':<26}  {'STATE':<8} {'TRIES':>5}  {'NEXT TRY OR LAST CHANGE':<24}  FROM  (CALLER)")
@@ -133,7 +133,7 @@ def _print_list(entries: list[dict], as_json: bool) -> None:
         when = m.get("next_attempt", m["updated"])
         print(f"{m['id']:<26}  {m['state']:<8} {m['attempts']:>5}  {when:<24}  {m['from']}  ({m['caller']})")
         for r in pending:
-            print(f"    {r['address']:<40} {r['state']:<8} {shown(r['reply'] or '')}")
+            print(f"    {r['address']:<40} {r['state']:<8} {escaped(r['reply'] or '')}")
     by_state = Counter(m["state"] for m in entries)
     totals = ", ".join(f"{by_state[state]} {state}" for state in STATES if by_state[state])
     print(f"-- {_count(len(entries), 'message')}" + (f": {totals}" if totals else ""))

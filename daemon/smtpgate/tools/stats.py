@@ -7,7 +7,7 @@ value ..." so that nothing the daemon reports is hidden.
 
 from __future__ import annotations
 
-from smtpgate.tools.terminal import shown
+from smtpgate.tools.terminal import escaped
 
 _SHOWN = {"version", "protocol", "uptime", "states", "counters", "intake", "spool", "callers", "upstreams"}
 
@@ -57,7 +57,7 @@ def format_stats(stats: dict) -> str:
         for u in upstreams:
             line = f"  {u['name']}  {u['state']} since {u.get('since', '?')}"
             if u["state"] == "down":
-                line += (f"  ({shown(u.get('reason', ''))}); {u.get('failures', 0)} failures, "
+                line += (f"  ({escaped(u.get('reason', ''))}); {u.get('failures', 0)} failures, "
                          f"next probe {u.get('next_probe', '?')}, {u.get('waiting', 0)} waiting")
             lines.append(line)
     return "\n".join(lines)

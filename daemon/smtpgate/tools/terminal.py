@@ -18,7 +18,7 @@ import re
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
 
 
-def shown(text: str) -> str:
+def escaped(text: str) -> str:
     """`text` with each control character written as \\xNN."""
     return _CONTROL.sub(lambda found: f"\\x{ord(found[0]):02x}", text)
 
@@ -26,7 +26,7 @@ def shown(text: str) -> str:
 _JSON_UNESCAPED = re.compile("[\x7f-\x9f]")  # json.dumps escapes C0 itself, not DEL and C1
 
 
-def shown_json(value, indent: int | None = None) -> str:
+def escaped_json(value, indent: int | None = None) -> str:
     """`value` as JSON, UTF-8 as it is, with no control character left raw:
     the same JSON (DEL and C1 inside its strings as \\u escapes)."""
     return _JSON_UNESCAPED.sub(lambda found: f"\\u{ord(found[0]):04x}", json.dumps(value, ensure_ascii=False, indent=indent))
