@@ -182,12 +182,16 @@ class DiskFlushes:
         return sum(int(line.split()[18]) for line in self._lines())
 
 
-def loadgen(binary: Path, port: int, conns: int, seconds: float, first_line: str | None = None) -> dict:
+def loadgen(binary: Path, port: int, conns: int, seconds: float, first_line: str | None = None,
+            rate: float | None = None) -> dict:
     """Run loadgen.c: `conns` connections of SENDs for `seconds`; `first_line`
-    (an AUTH) is sent once on each connection first."""
+    (an AUTH) is sent once on each connection first; `rate`: paced at that
+    many SENDs a second in all instead of each connection's next SEND
+    following its last reply (LOADGEN_RATE)."""
+    env = dict(os.environ, LOADGEN_RATE=str(rate)) if rate else None
     out = subprocess.run([str(binary), "127.0.0.1", str(port), str(conns), str(seconds), REQUEST,
                           *([first_line] if first_line else [])],
-                         capture_output=True, text=True, check=True)
+                         capture_output=True, text=True, check=True, env=env)
     return json.loads(out.stdout)
 
 

@@ -2,7 +2,8 @@
 """What the HTTP side and webhooks cost the line protocol (issue 12's goal: within 10%).
 
     flock /work/team/bench.lock python bench/http_bench.py [--rounds 5] [--seconds 5] [--hold]
-        [--webhooks [--no-http]] [--receiver-kind c|lean|aiohttp] [--receiver-nice N] [--checkout base=/var/tmp/v-main --checkout this=.]
+        [--webhooks [--no-http]] [--rate N] [--receiver-kind c|lean|aiohttp] [--receiver-nice N]
+        [--checkout base=/var/tmp/v-main --checkout this=.]
 
 Each round runs the same load once per mode, in an order rotated each
 round: 16 connections of bench/loadgen.c SENDs for `seconds` while the
@@ -20,6 +21,11 @@ daemon relays to Postfix's smtp-sink with 10 pooled connections,
   `--receiver-kind lean`, the same in an asyncio protocol (the figures of
   2026-12-06 evening to 2026-12-07 early morning), or aiohttp's server
   (`--receiver-kind aiohttp`, the figures before 2026-12-06 evening).
+With --rate N, the 16 connections send N SENDs a second in all, each on
+a fixed schedule (loadgen.c's LOADGEN_RATE: the hand-off counted from the
+scheduled time), a load the machine can carry: without it each
+connection sends its next SEND when the last is answered, which
+saturates the 2 cores, and SENDs/s is then the machine's capacity.
 With --hold, delivery is on hold instead (intake alone: the daemon's CPU
 per SEND is then the hand-off path's, where the HTTP side adds its
 histogram observe; no event is made). Each LABEL=PATH of --checkout runs
@@ -211,7 +217,7 @@ def written_bytes(pid: int) -> int:
 
 
 def one_run(binary: Path, workdir: Path, env: dict, sink_port: int, seconds: float, kind: str, hold: bool,
-            hooks: dict | None, receiver: tuple[subprocess.Popen, int] | None) -> dict:
+            hooks: dict | None, receiver: tuple[subprocess.Popen, int] | None, rate: float | None = None) -> dict:
     """One run of `kind` (off, http, hooks); `receiver` only for hooks."""
     settings = {"upstream": [f"127.0.0.1:{sink_port}"], "connections_per_upstream": 10, "hold": hold}
     http_port = free_port()
@@ -235,7 +241,7 @@ def one_run(binary: Path, workdir: Path, env: dict, sink_port: int, seconds: flo
         events = received(receiver[1]) if receiver else 0
         before = {role: cpu_seconds(pid) for role, pid in pids.items()}
         written = written_bytes(pids["writer"])
-        sent = loadgen(binary, daemon.port, 16, seconds)
+        sent = loadgen(binary, daemon.port, 16, seconds, rate=rate)
         accepted = sent["requests"] - sent["errors"]
         written_in_load = written_bytes(pids["writer"]) - written
         if not hold:
@@ -269,6 +275,7 @@ def main() -> int:
                     help="leave out the mode http: with --webhooks, only off and hooks (the goal's pair), so"
                          " that the same time holds more rounds")
     ap.add_argument("--webhooks", action="store_true", help="also the mode hooks: HTTP on and webhooks to a receiver")
+    ap.add_argument("--rate", type=float, help="paced: this many SENDs a second in all (default: as fast as answered)")
     ap.add_argument("--receiver-nice", type=int, default=0,
                     help="the receiver's nice level: 0 competes with intake for the 2 cores as a receiver on"
                          " the same machine would; 10, as delivery, is closer to one on another machine")
@@ -311,7 +318,7 @@ def main() -> int:
             shift = r % len(modes)
             for label, kind in modes[shift:] + modes[:shift]:
                 row = one_run(binary, workdir, envs[label], sink_port, args.seconds, kind, args.hold, hooks,
-                              receiver if kind == "hooks" else None)
+                              receiver if kind == "hooks" else None, args.rate)
                 runs[label, kind].append(row)
                 print(json.dumps({"checkout": label, **row}), flush=True)
     finally:
@@ -329,7 +336,8 @@ def main() -> int:
 
     doing = "delivery on hold" if args.hold else "relaying to smtp-sink"
     receiving = f"; the {args.receiver_kind} receiver at nice {args.receiver_nice}" if args.webhooks else ""
-    print(f"\n{args.rounds} rounds of {args.seconds:g} s, 16 connections, {doing}{receiving}; medians")
+    pace = f" paced at {args.rate:g} SENDs/s" if args.rate else ""
+    print(f"\n{args.rounds} rounds of {args.seconds:g} s, 16 connections{pace}, {doing}{receiving}; medians")
     print("off: no HTTP side; http: /metrics scraped every 1 s; hooks: that and webhooks; x: the last / off\n")
     head = "| figure |" + "".join("".join(f" {label} {kind} |" for kind in kinds) + f" {label} x |"
                                   for label in checkouts)

@@ -13,6 +13,14 @@
  * The request may contain "%d", replaced by a per-request counter (for
  * distinct subjects or idempotency keys). A sixth argument is sent once on
  * each connection before the timed requests (its reply must be OK).
+ *
+ * LOADGEN_RATE=N in the environment paces the load instead: N requests a
+ * second in all, each connection sending its next one at a fixed schedule
+ * (its share of N, the connections' schedules staggered), the latency
+ * counted from the scheduled time, not from when the previous reply let
+ * the thread send (a daemon that falls behind shows it in the figures
+ * rather than slowing the load: no coordinated omission). A load the
+ * machine can carry, where a closed loop measures only saturation.
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -33,6 +41,8 @@ static int port;
 static double seconds;
 static const char *request;
 static const char *first_line; /* sent once per connection, untimed (AUTH) */
+static double interval; /* seconds between two requests of one connection when paced, else 0 */
+static int conns;
 static volatile int stop;
 static unsigned *samples; /* latency in microseconds */
 static long nsamples;
@@ -86,10 +96,20 @@ static void *worker(void *arg) {
     }
     unsigned *mine = malloc(sizeof(unsigned) * 1000000);
     long n = 0, errs = 0;
+    double next = now() + interval * id / conns; /* paced: this connection's next scheduled send */
     while (!stop && n < 1000000) {
         int len = snprintf(line, cap - 1, request, (int)(id * 1000000 + n));
         line[len++] = '\n';
         double t0 = now();
+        if (interval > 0) {
+            if (next > t0) {
+                struct timespec until = {(time_t)next, (long)((next - (time_t)next) * 1e9)};
+                clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &until, NULL);
+                if (stop) break;
+            }
+            t0 = next;
+            next += interval;
+        }
         for (int off = 0; off < len;) {
             ssize_t w = write(fd, line + off, len - off);
             if (w <= 0) { perror("write"); exit(2); }
@@ -117,7 +137,9 @@ int main(int argc, char **argv) {
     first_line = argc == 7 ? argv[6] : NULL;
     host = argv[1];
     port = atoi(argv[2]);
-    int conns = atoi(argv[3]);
+    conns = atoi(argv[3]);
+    const char *rate = getenv("LOADGEN_RATE");
+    interval = rate && atof(rate) > 0 ? conns / atof(rate) : 0;
     seconds = atof(argv[4]);
     request = argv[5];
     samples = malloc(sizeof(unsigned) * MAX_SAMPLES);
