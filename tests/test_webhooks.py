@@ -36,6 +36,7 @@ from test_webhooks_outbox import Spool as OutboxSpool
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from smtpgate.config import ConfigError, load_config
+from smtpgate.webhooks import sender as sender_module
 from smtpgate.webhooks import signing
 from smtpgate.webhooks.client import MAX_BODY, MAX_HEAD, Client, ProtocolError
 from smtpgate.spool.ops import WebhookDone, WebhookRetry
@@ -1048,6 +1049,76 @@ def test_a_receiver_that_is_down_costs_rows_on_disk_not_memory(tmp_path):
         assert 1 <= max(held) <= WINDOW
     finally:
         down.close()
+        spool.close()
+
+
+def read_and_sent(spool: SenderSpool, receiver: Receiver, more: int = 0) -> list[tuple[float, int]]:
+    """Run a WebhookSender on `spool` to a `receiver` answering at once
+    until the outbox is empty; `more` events are added as the first read
+    returns (mail that goes on arriving). Returns each read's
+    (time.monotonic() as it began, events found) up to then."""
+    reads: list[tuple[float, int]] = []
+
+    class Reader(OutboxReader):
+        async def due(self, now, limit, exclude):
+            began = time.monotonic()
+            events = await super().due(now, limit, exclude)
+            reads.append((began, len(events)))
+            if len(reads) == 1:
+                stamp = time.time()
+                for _ in range(more):
+                    spool.attempt(stamp, spool.send(stamp, ["kelly@example.org"]),
+                                  ("kelly@example.org", "sent", "250 ok"))
+            return events
+
+    async def main():
+        sender = WebhookSender(spool, Reader(spool.path), WebhookSettings(
+            {}, Target(receiver.url, (signing.parse_secret(SECRET),)), 3600.0, 10.0, 0.0), Quiet())
+        spool.changed = asyncio.Event()
+        sender.start()
+        while spool.outbox():  # checked at each outcome the sender writes
+            spool.changed.clear()
+            await asyncio.wait_for(spool.changed.wait(), WAIT)
+        await sender.stop()
+
+    asyncio.run(main())
+    return reads
+
+
+def test_after_a_read_that_found_every_due_event_the_next_waits_read_pause(tmp_path, monkeypatch):
+    """Mail that goes on arriving: 3 events, then 3 more as they are read.
+    The first read finds the 3 (less than a page), and the sender, woken by
+    their answers and their settle, waits READ_PAUSE after that read before
+    the next, which finds the 3 new ones together: a steady stream is sent
+    in pages, not an event or two per read."""
+    monkeypatch.setattr(sender_module, "READ_PAUSE", 0.5)
+    spool = SenderSpool(tmp_path, 3)
+    receiver = Receiver(SECRET).start()
+    try:
+        reads = read_and_sent(spool, receiver, more=3)
+        assert [found for _, found in reads[:2]] == [3, 3]
+        # The pause runs from just before the first read began (a sleep is
+        # never shorter); without it the next read came within milliseconds.
+        assert reads[1][0] - reads[0][0] >= 0.45
+        assert len(receiver.events) == 6 and receiver.rejected == []
+    finally:
+        receiver.close()
+        spool.close()
+
+
+def test_a_backlog_is_read_as_the_window_frees_without_a_pause(tmp_path, monkeypatch):
+    """300 events due at once (a receiver back after an outage): every read
+    but the last fills the window's free half or more, and the next waits
+    for no READ_PAUSE (an hour here: the events would still be waiting)."""
+    monkeypatch.setattr(sender_module, "READ_PAUSE", 3600.0)
+    spool = SenderSpool(tmp_path, 300)
+    receiver = Receiver(SECRET).start()
+    try:
+        reads = read_and_sent(spool, receiver)
+        assert sum(found for _, found in reads) >= 300 and len(reads) >= 300 // WINDOW
+        assert len(receiver.events) == 300 and receiver.rejected == []
+    finally:
+        receiver.close()
         spool.close()
 
 
