@@ -1052,7 +1052,7 @@ def test_a_receiver_that_is_down_costs_rows_on_disk_not_memory(tmp_path):
         spool.close()
 
 
-def read_and_sent(spool: SenderSpool, receiver: Receiver, more: int = 0) -> list[tuple[float, int]]:
+def send_and_watch_reads(spool: SenderSpool, receiver: Receiver, more: int = 0) -> list[tuple[float, int]]:
     """Run a WebhookSender on `spool` to a `receiver` answering at once
     until the outbox is empty; `more` events are added as the first read
     returns (mail that goes on arriving). Returns each read's
@@ -1095,7 +1095,7 @@ def test_after_a_read_that_found_every_due_event_the_next_waits_read_pause(tmp_p
     spool = SenderSpool(tmp_path, 3)
     receiver = Receiver(SECRET).start()
     try:
-        reads = read_and_sent(spool, receiver, more=3)
+        reads = send_and_watch_reads(spool, receiver, more=3)
         assert [found for _, found in reads[:2]] == [3, 3]
         # The pause runs from just before the first read began (a sleep is
         # never shorter); without it the next read came within milliseconds.
@@ -1114,7 +1114,7 @@ def test_a_backlog_is_read_as_the_window_frees_without_a_pause(tmp_path, monkeyp
     spool = SenderSpool(tmp_path, 300)
     receiver = Receiver(SECRET).start()
     try:
-        reads = read_and_sent(spool, receiver)
+        reads = send_and_watch_reads(spool, receiver)
         assert sum(found for _, found in reads) >= 300 and len(reads) >= 300 // WINDOW
         assert len(receiver.events) == 300 and receiver.rejected == []
     finally:
