@@ -435,9 +435,6 @@ class SpoolCalls:
     def _recorded(self, done: asyncio.Future, records: list[tuple[RecordAttempt, asyncio.Future]]) -> None:
         """Each record's future gets its own state, or the operation's error."""
         error = done.exception() if not done.cancelled() else SpoolError("cancelled")
-        if error is None and self.on_recorded is not None:
-            for (record, _), state in zip(records, done.result(), strict=True):
-                self.on_recorded(record, state)
         for i, (_, fut) in enumerate(records):
             if fut.done():
                 continue
@@ -445,6 +442,11 @@ class SpoolCalls:
                 fut.set_exception(error)
             else:
                 fut.set_result(done.result()[i])
+        # Counted once every attempt has its state: a fault in the figures
+        # then costs /metrics a count, never delivery a record's answer.
+        if error is None and self.on_recorded is not None:
+            for (record, _), state in zip(records, done.result(), strict=True):
+                self.on_recorded(record, state)
 
     async def release(self, msg_ids, possible_duplicate: bool = False) -> int:
         return await self._call(Release(list(msg_ids), possible_duplicate))
